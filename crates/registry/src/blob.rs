@@ -1,0 +1,706 @@
+//! Random access to one blob: size discovery, single and multi-range reads
+//! with coalescing, fallbacks for registries that mishandle ranges, and
+//! verified whole-blob reads.
+
+use std::ops::Range;
+use std::sync::{Arc, Mutex};
+use std::time::Instant;
+
+use bytes::{Bytes, BytesMut};
+use futures::FutureExt;
+use reqwest::header::{HeaderMap, HeaderValue, CONTENT_RANGE, CONTENT_TYPE, RANGE};
+use reqwest::{Method, Response};
+use tokio::io::{AsyncWrite, AsyncWriteExt};
+use tokio::sync::OnceCell;
+use url::Url;
+
+use crate::client::{Client, Endpoint, Scope, Spec, Subject};
+use crate::digest::Digest;
+use crate::error::{Error, Result};
+use crate::reference::Reference;
+
+/// Reads one blob of one repository. Cheap to share behind an `Arc`; all
+/// methods take `&self` and may run concurrently.
+pub struct BlobReader {
+    client: Client,
+    reference: Reference,
+    digest: Digest,
+    scope: Scope,
+    size: OnceCell<u64>,
+    endpoint: OnceCell<Endpoint>,
+    redirect: Mutex<Option<(Url, Instant)>>,
+}
+
+impl Client {
+    /// A reader for `digest` in the repository of `r` (its tag/digest are ignored).
+    pub fn blob_reader(&self, r: &Reference, digest: Digest, size: Option<u64>) -> BlobReader {
+        let cell = OnceCell::new();
+        if let Some(s) = size {
+            let _ = cell.set(s);
+        }
+        BlobReader {
+            client: self.clone(),
+            scope: Scope::pull(r.repository()),
+            reference: r.clone(),
+            digest,
+            size: cell,
+            endpoint: OnceCell::new(),
+            redirect: Mutex::new(None),
+        }
+    }
+}
+
+/// What a ranged GET produced.
+enum Parts {
+    /// (offset, bytes) pieces of the blob.
+    Got(Vec<(u64, Bytes)>, RangeSupport),
+    /// The server refused a multi-range request (400/416).
+    Refused,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+enum RangeSupport {
+    Multi,
+    SingleOnly,
+    Ignored,
+}
+
+impl BlobReader {
+    /// The blob's digest.
+    pub fn digest(&self) -> &Digest {
+        &self.digest
+    }
+
+    async fn endpoint(&self) -> Result<&Endpoint> {
+        self.endpoint
+            .get_or_try_init(|| async {
+                // The first endpoint that knows the blob serves all later reads.
+                let mut last = None;
+                for ep in self.client.endpoints(self.reference.registry())? {
+                    match self.head_size(&ep).await {
+                        Ok(s) => {
+                            let _ = self.size.set(s);
+                            return Ok(ep);
+                        }
+                        Err(e) => {
+                            tracing::debug!(endpoint = %ep.host, error = %e, "endpoint cannot serve blob");
+                            last = Some(e);
+                        }
+                    }
+                }
+                Err(last.unwrap_or_else(|| Error::Config("no endpoint".into())))
+            })
+            .await
+    }
+
+    fn url(&self, ep: &Endpoint) -> Result<Url> {
+        ep.base
+            .join(&format!(
+                "{}/blobs/{}",
+                self.reference.repository(),
+                self.digest
+            ))
+            .map_err(|e| Error::Config(e.to_string()))
+    }
+
+    fn spec(
+        &self,
+        ep: &Endpoint,
+        method: Method,
+        headers: HeaderMap,
+        pass: &'static [u16],
+    ) -> Result<Spec<'_>> {
+        let fetch = std::time::Duration::from_secs(self.client.inner.blob.fetching_timeout_sec);
+        Ok(Spec {
+            method,
+            url: self.url(ep)?,
+            headers,
+            body: None,
+            subject: Subject::Blob {
+                repository: self.reference.repository().to_string(),
+                digest: self.digest.to_string(),
+            },
+            scope: &self.scope,
+            // Data transfers may legitimately take long; stalls are caught by the idle read timeout.
+            attempt_timeout: Some(fetch),
+            deadline: Instant::now() + fetch,
+            redirect_cache: Some(&self.redirect),
+            pass_status: pass,
+        })
+    }
+
+    /// The blob's size: HEAD, or `GET Range: bytes=0-0` where HEAD is refused.
+    pub async fn size(&self) -> Result<u64> {
+        if let Some(s) = self.size.get() {
+            return Ok(*s);
+        }
+        self.endpoint().await?;
+        self.size
+            .get()
+            .copied()
+            .ok_or_else(|| Error::protocol(self.reference.registry(), "size unknown"))
+    }
+
+    async fn head_size(&self, ep: &Endpoint) -> Result<u64> {
+        let mut spec = self.spec(ep, Method::HEAD, HeaderMap::new(), &[400, 403, 405, 501])?;
+        // Metadata requests use the endpoint's request timeout.
+        spec.attempt_timeout = None;
+        let read = |resp: Response| {
+            async move {
+                Ok(if resp.status().is_success() {
+                    resp.content_length()
+                } else {
+                    None
+                })
+            }
+            .boxed()
+        };
+        let len = match self.client.execute(ep, &spec, &read).await? {
+            Some(l) if l > 0 || self.known_empty() => Some(l),
+            _ => None,
+        };
+        if let Some(l) = len {
+            return Ok(l);
+        }
+        tracing::debug!(endpoint = %ep.host, "HEAD gave no size; asking with a one-byte range");
+        let mut h = HeaderMap::new();
+        h.insert(RANGE, HeaderValue::from_static("bytes=0-0"));
+        let mut spec = self.spec(ep, Method::GET, h, &[])?;
+        spec.attempt_timeout = None;
+        let host = ep.host.clone();
+        let read = move |resp: Response| {
+            let host = host.clone();
+            async move {
+                if resp.status().as_u16() == 206 {
+                    let cr = resp
+                        .headers()
+                        .get(CONTENT_RANGE)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(parse_content_range);
+                    match cr {
+                        Some((_, _, Some(total))) => Ok(total),
+                        _ => Err(Error::protocol(
+                            &host,
+                            "206 without a usable Content-Range total",
+                        )),
+                    }
+                } else {
+                    resp.content_length()
+                        .ok_or_else(|| Error::protocol(&host, "no Content-Length on blob"))
+                }
+            }
+            .boxed()
+        };
+        self.client.execute(ep, &spec, &read).await
+    }
+
+    fn known_empty(&self) -> bool {
+        // sha256 of the empty string: a zero size is genuine only for it.
+        self.digest.hex() == "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855"
+    }
+
+    /// Reads `len` bytes at `offset` (clamped to the blob's end).
+    pub async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
+        let mut v = self
+            .read_ranges(&[offset..offset.saturating_add(len)])
+            .await?;
+        Ok(v.pop().unwrap_or_default())
+    }
+
+    /// Reads several ranges; returns one `Bytes` per requested range, in order.
+    /// Ranges are clamped to the blob's end; empty ranges give empty bytes.
+    pub async fn read_ranges(&self, ranges: &[Range<u64>]) -> Result<Vec<Bytes>> {
+        let size = self.size().await?;
+        let ep = self.endpoint().await?.clone();
+        let wanted: Vec<Range<u64>> = ranges
+            .iter()
+            .map(|r| r.start.min(size)..r.end.min(size).max(r.start.min(size)))
+            .collect();
+        let groups = coalesce(&wanted, self.client.inner.blob.coalesce_gap_bytes);
+        if groups.is_empty() {
+            return Ok(wanted.iter().map(|_| Bytes::new()).collect());
+        }
+        let fetched = self.fetch_groups(&ep, &groups, size).await?;
+        // fetched[i] holds group i; slice each wanted range out of its group.
+        let mut out = Vec::with_capacity(wanted.len());
+        for r in &wanted {
+            if r.is_empty() {
+                out.push(Bytes::new());
+                continue;
+            }
+            let gi = groups.partition_point(|g| g.end <= r.start);
+            let g = groups
+                .get(gi)
+                .ok_or_else(|| Error::protocol(&ep.host, "range bookkeeping"))?;
+            let data = &fetched[gi];
+            let s = (r.start - g.start) as usize;
+            let e = (r.end - g.start) as usize;
+            if e > data.len() {
+                return Err(Error::protocol(&ep.host, "short range data"));
+            }
+            out.push(data.slice(s..e));
+        }
+        Ok(out)
+    }
+
+    async fn fetch_groups(
+        &self,
+        ep: &Endpoint,
+        groups: &[Range<u64>],
+        size: u64,
+    ) -> Result<Vec<Bytes>> {
+        let blob = &self.client.inner.blob;
+        let multi_ok = !blob.force_single_range_mode
+            && groups.len() > 1
+            && !self
+                .client
+                .inner
+                .no_multi_range
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&ep.host);
+        if !multi_ok {
+            return self.fetch_singles(ep, groups, size).await;
+        }
+        let mut results: Vec<Option<Bytes>> = vec![None; groups.len()];
+        let batches: Vec<(usize, &[Range<u64>])> = groups
+            .chunks(blob.max_ranges_per_request)
+            .enumerate()
+            .map(|(i, c)| (i * blob.max_ranges_per_request, c))
+            .collect();
+        let replies = futures::future::try_join_all(
+            batches.iter().map(|(_, b)| self.get_ranges(ep, b, size)),
+        )
+        .await?;
+        let mut degraded = None;
+        for ((first, batch), reply) in batches.iter().zip(replies) {
+            match reply {
+                Parts::Refused => degraded = Some("refused multi-range request"),
+                Parts::Got(parts, support) => {
+                    match support {
+                        RangeSupport::Ignored => {
+                            degraded = Some("ignored Range and sent the whole blob")
+                        }
+                        RangeSupport::SingleOnly => {
+                            degraded = Some("answered a multi-range request with one range")
+                        }
+                        RangeSupport::Multi => {}
+                    }
+                    for (j, g) in batch.iter().enumerate() {
+                        results[first + j] = cut(&parts, g);
+                    }
+                }
+            }
+        }
+        if let Some(why) = degraded {
+            tracing::warn!(host = %ep.host, why, "registry does not do multi-range; using concurrent single-range requests for it from now on");
+            self.client
+                .inner
+                .no_multi_range
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert(ep.host.clone());
+        }
+        let missing: Vec<usize> = (0..groups.len())
+            .filter(|i| results[*i].is_none())
+            .collect();
+        if !missing.is_empty() {
+            let rs: Vec<Range<u64>> = missing.iter().map(|i| groups[*i].clone()).collect();
+            let got = self.fetch_singles(ep, &rs, size).await?;
+            for (i, b) in missing.into_iter().zip(got) {
+                results[i] = Some(b);
+            }
+        }
+        Ok(results.into_iter().map(Option::unwrap_or_default).collect())
+    }
+
+    async fn fetch_singles(
+        &self,
+        ep: &Endpoint,
+        groups: &[Range<u64>],
+        size: u64,
+    ) -> Result<Vec<Bytes>> {
+        futures::future::try_join_all(groups.iter().map(|g| async move {
+            match self.get_ranges(ep, std::slice::from_ref(g), size).await? {
+                Parts::Got(parts, _) => cut(&parts, g).ok_or_else(|| {
+                    Error::protocol(
+                        &ep.host,
+                        format!("reply does not cover bytes {}-{}", g.start, g.end - 1),
+                    )
+                }),
+                Parts::Refused => Err(Error::protocol(
+                    &ep.host,
+                    format!("range {}-{} refused", g.start, g.end - 1),
+                )),
+            }
+        }))
+        .await
+    }
+
+    /// One GET with one or more ranges.
+    async fn get_ranges(&self, ep: &Endpoint, ranges: &[Range<u64>], size: u64) -> Result<Parts> {
+        let spec_str = ranges
+            .iter()
+            .map(|r| format!("{}-{}", r.start, r.end - 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut h = HeaderMap::new();
+        h.insert(
+            RANGE,
+            HeaderValue::from_str(&format!("bytes={spec_str}"))
+                .map_err(|e| Error::Config(e.to_string()))?,
+        );
+        let multi = ranges.len() > 1;
+        let spec = self.spec(ep, Method::GET, h, if multi { &[400, 416] } else { &[] })?;
+        let host = ep.host.clone();
+        let need_end = ranges.iter().map(|r| r.end).max().unwrap_or(0);
+        let read = move |resp: Response| {
+            let host = host.clone();
+            async move {
+                let status = resp.status().as_u16();
+                if status == 400 || status == 416 {
+                    return Ok(Parts::Refused);
+                }
+                if status == 200 {
+                    tracing::warn!(%host, "registry ignored Range and sent the whole blob; reading only the needed prefix");
+                    let body = read_body(resp, &host, Some(need_end), true).await?;
+                    return Ok(Parts::Got(vec![(0, body)], RangeSupport::Ignored));
+                }
+                let ct = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
+                if ct.to_ascii_lowercase().starts_with("multipart/byteranges") {
+                    let boundary = boundary_of(&ct).ok_or_else(|| Error::protocol(&host, "multipart reply without boundary"))?;
+                    let body = read_body(resp, &host, None, false).await?;
+                    let parts = parse_multipart(&body, &boundary, size).map_err(|d| Error::protocol(&host, d))?;
+                    return Ok(Parts::Got(parts, RangeSupport::Multi));
+                }
+                let (start, end, _) = resp
+                    .headers()
+                    .get(CONTENT_RANGE)
+                    .and_then(|v| v.to_str().ok())
+                    .and_then(parse_content_range)
+                    .ok_or_else(|| Error::protocol(&host, "206 without Content-Range"))?;
+                let body = read_body(resp, &host, Some(end + 1 - start), false).await?;
+                Ok(Parts::Got(vec![(start, body)], if multi { RangeSupport::SingleOnly } else { RangeSupport::Multi }))
+            }
+            .boxed()
+        };
+        self.client.execute(ep, &spec, &read).await
+    }
+
+    /// Reads the whole blob and verifies its digest.
+    pub async fn read_all(&self) -> Result<Bytes> {
+        let mut buf =
+            Vec::with_capacity(self.size.get().copied().unwrap_or(0).min(1 << 30) as usize);
+        self.copy_to(&mut buf).await?;
+        Ok(Bytes::from(buf))
+    }
+
+    /// Streams the whole blob into `w`, resuming with a range after a broken
+    /// connection, and verifies the digest at the end. Returns the byte count.
+    ///
+    /// On a digest mismatch the bytes have already been written; callers
+    /// writing to files should discard them.
+    pub async fn copy_to<W: AsyncWrite + Unpin + Send>(&self, w: &mut W) -> Result<u64> {
+        let ep = self.endpoint().await?.clone();
+        let size = self.size().await?;
+        let mut hasher = self.digest.hasher();
+        let mut written: u64 = 0;
+        let retries = self.client.inner.blob.max_retries;
+        let mut failures = 0;
+        let deadline = self.client.deadline();
+        while written < size {
+            let mut h = HeaderMap::new();
+            if written > 0 {
+                h.insert(
+                    RANGE,
+                    HeaderValue::from_str(&format!("bytes={written}-"))
+                        .map_err(|e| Error::Config(e.to_string()))?,
+                );
+            }
+            let spec = self.spec(&ep, Method::GET, h, &[])?;
+            let (tx, mut rx) = tokio::sync::mpsc::channel::<Bytes>(16);
+            let host = ep.host.clone();
+            let skip_to = written;
+            // The response is handed over through a channel so the body can be
+            // streamed to `w` while the request machinery owns the response.
+            let tx = Arc::new(tx);
+            let read = move |mut resp: Response| {
+                let tx = tx.clone();
+                let host = host.clone();
+                async move {
+                    let mut pos = 0u64;
+                    let mut skip = 0u64;
+                    if skip_to > 0 && resp.status().as_u16() == 200 {
+                        tracing::warn!(%host, "registry ignored Range on resume; skipping the part already read");
+                        skip = skip_to;
+                    }
+                    while let Some(chunk) = resp.chunk().await.map_err(|e| Error::Connection { host: host.clone(), detail: crate::error::error_chain(&e) })? {
+                        let n = chunk.len() as u64;
+                        let piece = if pos + n <= skip {
+                            None
+                        } else if pos < skip {
+                            Some(chunk.slice((skip - pos) as usize..))
+                        } else {
+                            Some(chunk)
+                        };
+                        pos += n;
+                        if let Some(p) = piece {
+                            if tx.send(p).await.is_err() {
+                                return Ok(());
+                            }
+                        }
+                    }
+                    Ok(())
+                }
+                .boxed()
+            };
+            let fut = self.client.execute(&ep, &spec, &read);
+            tokio::pin!(fut);
+            let mut result = None;
+            loop {
+                tokio::select! {
+                    r = &mut fut, if result.is_none() => { result = Some(r); }
+                    chunk = rx.recv() => match chunk {
+                        Some(c) => {
+                            let room = size - written;
+                            let c = if c.len() as u64 > room { c.slice(..room as usize) } else { c };
+                            hasher.update(&c);
+                            w.write_all(&c).await.map_err(|e| Error::Io { path: "output".into(), source: e })?;
+                            written += c.len() as u64;
+                        }
+                        None => break,
+                    },
+                }
+                if result.is_some() && rx.is_empty() {
+                    // Drain whatever is left, then stop.
+                    while let Ok(c) = rx.try_recv() {
+                        let room = size - written;
+                        let c = if c.len() as u64 > room {
+                            c.slice(..room as usize)
+                        } else {
+                            c
+                        };
+                        hasher.update(&c);
+                        w.write_all(&c).await.map_err(|e| Error::Io {
+                            path: "output".into(),
+                            source: e,
+                        })?;
+                        written += c.len() as u64;
+                    }
+                    break;
+                }
+            }
+            match result {
+                Some(Ok(())) if written >= size => break,
+                Some(Ok(()))
+                | Some(Err(Error::Connection { .. }))
+                | Some(Err(Error::Timeout { .. })) => {
+                    failures += 1;
+                    if failures > retries || Instant::now() >= deadline {
+                        return Err(match result {
+                            Some(Err(e)) => e,
+                            _ => Error::Connection {
+                                host: ep.host.clone(),
+                                detail: format!("body ended after {written} of {size} bytes"),
+                            },
+                        });
+                    }
+                    tracing::warn!(host = %ep.host, written, size, "blob body broke off; resuming");
+                }
+                Some(Err(e)) => return Err(e),
+                None => return Err(Error::protocol(&ep.host, "blob request vanished")),
+            }
+        }
+        w.flush().await.map_err(|e| Error::Io {
+            path: "output".into(),
+            source: e,
+        })?;
+        hasher.finish_verify(
+            &self.digest,
+            &format!("blob {}/{}", self.reference.repository(), self.digest),
+        )?;
+        Ok(written)
+    }
+}
+
+/// Reads a body fully (or its first `limit` bytes when `prefix`), failing
+/// on a body shorter than `limit`.
+async fn read_body(
+    mut resp: Response,
+    host: &str,
+    limit: Option<u64>,
+    prefix: bool,
+) -> Result<Bytes> {
+    let mut buf = BytesMut::with_capacity(
+        limit.or(resp.content_length()).unwrap_or(0).min(256 << 20) as usize,
+    );
+    while let Some(c) = resp.chunk().await.map_err(|e| Error::Connection {
+        host: host.to_string(),
+        detail: crate::error::error_chain(&e),
+    })? {
+        buf.extend_from_slice(&c);
+        if prefix && limit.is_some_and(|l| buf.len() as u64 >= l) {
+            // Dropping the response closes the connection instead of reading the rest.
+            break;
+        }
+    }
+    if let Some(l) = limit {
+        if (buf.len() as u64) < l {
+            return Err(Error::Connection {
+                host: host.to_string(),
+                detail: format!("body ended after {} of {l} bytes", buf.len()),
+            });
+        }
+        if prefix {
+            buf.truncate(l as usize);
+        }
+    }
+    Ok(buf.freeze())
+}
+
+/// Finds the bytes of `g` within the parts of a reply.
+fn cut(parts: &[(u64, Bytes)], g: &Range<u64>) -> Option<Bytes> {
+    parts.iter().find_map(|(start, data)| {
+        let end = start + data.len() as u64;
+        (*start <= g.start && g.end <= end)
+            .then(|| data.slice((g.start - start) as usize..(g.end - start) as usize))
+    })
+}
+
+/// Merges ranges (sorted by start) whose gap is at most `gap` bytes.
+pub fn coalesce(ranges: &[Range<u64>], gap: u64) -> Vec<Range<u64>> {
+    let mut v: Vec<Range<u64>> = ranges.iter().filter(|r| !r.is_empty()).cloned().collect();
+    v.sort_by_key(|r| r.start);
+    let mut out: Vec<Range<u64>> = Vec::with_capacity(v.len());
+    for r in v {
+        match out.last_mut() {
+            Some(last) if r.start <= last.end.saturating_add(gap) => last.end = last.end.max(r.end),
+            _ => out.push(r),
+        }
+    }
+    out
+}
+
+/// Parses `bytes START-END/TOTAL` (TOTAL may be `*`).
+pub(crate) fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes")?.trim_start();
+    let (range, total) = rest.split_once('/')?;
+    let (s, e) = range.split_once('-')?;
+    let (s, e) = (s.trim().parse().ok()?, e.trim().parse().ok()?);
+    if e < s {
+        return None;
+    }
+    let total = if total.trim() == "*" {
+        None
+    } else {
+        Some(total.trim().parse().ok()?)
+    };
+    Some((s, e, total))
+}
+
+fn boundary_of(ct: &str) -> Option<String> {
+    ct.split(';').skip(1).find_map(|p| {
+        let (k, v) = p.trim().split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case("boundary")
+            .then(|| v.trim().trim_matches('"').to_string())
+    })
+}
+
+/// Parses a `multipart/byteranges` body. Part lengths come from each part's
+/// Content-Range, so blob bytes that happen to look like a boundary are harmless.
+fn parse_multipart(
+    body: &Bytes,
+    boundary: &str,
+    size: u64,
+) -> std::result::Result<Vec<(u64, Bytes)>, String> {
+    let delim = format!("--{boundary}");
+    let d = delim.as_bytes();
+    let mut parts = Vec::new();
+    let mut pos = find(body, d, 0).ok_or("no multipart boundary in body")?;
+    loop {
+        pos += d.len();
+        if body.get(pos..pos + 2) == Some(b"--") {
+            break;
+        }
+        let hdr_end = find(body, b"\r\n\r\n", pos).ok_or("unterminated part headers")?;
+        let headers =
+            std::str::from_utf8(&body[pos..hdr_end]).map_err(|_| "non-UTF-8 part headers")?;
+        let cr = headers
+            .split("\r\n")
+            .find_map(|l| {
+                l.split_once(':')
+                    .filter(|(k, _)| k.trim().eq_ignore_ascii_case("content-range"))
+                    .map(|(_, v)| v.trim())
+            })
+            .ok_or("part without Content-Range")?;
+        let (s, e, _) = parse_content_range(cr).ok_or("bad part Content-Range")?;
+        if e >= size {
+            return Err(format!("part range {s}-{e} beyond blob size {size}"));
+        }
+        let data_start = hdr_end + 4;
+        let data_end = data_start + (e - s + 1) as usize;
+        if data_end > body.len() {
+            return Err("multipart part cut short".into());
+        }
+        parts.push((s, body.slice(data_start..data_end)));
+        pos = find(body, d, data_end).ok_or("missing closing boundary")?;
+    }
+    Ok(parts)
+}
+
+fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
+    if from > hay.len() {
+        return None;
+    }
+    hay[from..]
+        .windows(needle.len())
+        .position(|w| w == needle)
+        .map(|p| p + from)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn coalescing() {
+        assert_eq!(
+            coalesce(&[10..20, 0..5, 22..30, 100..110], 2),
+            vec![0..5, 10..30, 100..110]
+        );
+        assert_eq!(coalesce(&[0..10, 5..8], 0), vec![0..10]);
+        assert_eq!(coalesce(&[0..0], 0), Vec::<Range<u64>>::new());
+    }
+
+    #[test]
+    fn content_range() {
+        assert_eq!(
+            parse_content_range("bytes 0-0/1234"),
+            Some((0, 0, Some(1234)))
+        );
+        assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, 9, None)));
+        assert_eq!(parse_content_range("bytes 9-5/10"), None);
+        assert_eq!(parse_content_range("items 0-1/2"), None);
+    }
+
+    #[test]
+    fn multipart() {
+        let body = Bytes::from_static(
+            b"\r\n--XyZ\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes 0-3/20\r\n\r\n--Xy\r\n--XyZ\r\nContent-Range: bytes 10-11/20\r\n\r\nab\r\n--XyZ--\r\n",
+        );
+        let parts = parse_multipart(&body, "XyZ", 20).expect("parse");
+        assert_eq!(
+            parts,
+            vec![
+                (0, Bytes::from_static(b"--Xy")),
+                (10, Bytes::from_static(b"ab"))
+            ]
+        );
+        assert_eq!(
+            boundary_of("multipart/byteranges; boundary=\"XyZ\""),
+            Some("XyZ".into())
+        );
+        assert!(parse_multipart(&body, "XyZ", 5).is_err());
+    }
+}

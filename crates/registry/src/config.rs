@@ -1,0 +1,239 @@
+//! Host and blob-fetching configuration, in the TOML shape of the reference
+//! snapshotter (`[[resolver.host."HOST".mirrors]]`, `[blob]`).
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+/// Default per-request timeout for registry API calls, as in the reference resolver.
+pub const DEFAULT_REQUEST_TIMEOUT_SEC: i64 = 30;
+
+/// `[resolver]`: per-host mirrors and TLS settings.
+///
+/// ```toml
+/// [[resolver.host."docker.io".mirrors]]
+/// host = "mirror.example.com:5000"
+/// insecure = false
+/// request_timeout_sec = 10
+/// header = { "x-team" = ["storage"] }
+/// ```
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct ResolverConfig {
+    /// Keyed by the registry host of the reference (`docker.io`, `ghcr.io`, `127.0.0.1:5000`).
+    pub host: BTreeMap<String, HostConfig>,
+    /// CA bundle (PEM) trusted for every host, on top of the system roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+/// Settings for one registry host.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct HostConfig {
+    /// Tried in order before the host itself.
+    pub mirrors: Vec<MirrorConfig>,
+    /// CA bundle (PEM) trusted for this host (and its mirrors), on top of the system roots.
+    pub ca_file: Option<PathBuf>,
+    /// Settings for the host itself (when it is finally tried): `insecure`,
+    /// `request_timeout_sec`, `header`. `host` is ignored there.
+    #[serde(rename = "self")]
+    pub self_: Option<MirrorConfig>,
+}
+
+/// One endpoint to try.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct MirrorConfig {
+    /// `host[:port]` of the mirror.
+    pub host: String,
+    /// Plain HTTP instead of HTTPS.
+    pub insecure: bool,
+    /// Timeout of each request in seconds: 0 means the default (30 s), negative means none.
+    pub request_timeout_sec: i64,
+    /// Extra headers sent to this endpoint only (never to redirect targets).
+    pub header: BTreeMap<String, Vec<String>>,
+    /// CA bundle (PEM) trusted for this endpoint, on top of the system roots.
+    pub ca_file: Option<PathBuf>,
+}
+
+impl MirrorConfig {
+    /// The effective request timeout, `None` when disabled.
+    pub fn request_timeout(&self) -> Option<Duration> {
+        match self.request_timeout_sec {
+            0 => Some(Duration::from_secs(DEFAULT_REQUEST_TIMEOUT_SEC as u64)),
+            n if n < 0 => None,
+            n => Some(Duration::from_secs(n as u64)),
+        }
+    }
+}
+
+/// `[blob]`: knobs for blob readers. Zero values mean "use the default",
+/// matching the reference snapshotter.
+#[derive(Clone, Debug, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct BlobConfig {
+    /// Upper bound on the time one blob fetch (including its retries) may take.
+    pub fetching_timeout_sec: u64,
+    /// How many times a failed request is retried.
+    pub max_retries: u32,
+    /// Smallest backoff between retries.
+    pub min_wait_msec: u64,
+    /// Largest backoff between retries.
+    pub max_wait_msec: u64,
+    /// Ranges closer than this many bytes are fetched as one.
+    pub coalesce_gap_bytes: u64,
+    /// Most ranges put in one multi-range request.
+    pub max_ranges_per_request: usize,
+    /// Never send multi-range requests.
+    pub force_single_range_mode: bool,
+    /// Most concurrent requests per host.
+    pub max_concurrent_requests_per_host: usize,
+    /// How long a redirect target URL is reused before asking the registry again.
+    pub redirect_cache_sec: u64,
+    /// Connect timeout in seconds.
+    pub connect_timeout_sec: u64,
+    /// A body read that makes no progress for this long fails (seconds).
+    pub read_idle_timeout_sec: u64,
+}
+
+impl Default for BlobConfig {
+    fn default() -> Self {
+        BlobConfig {
+            fetching_timeout_sec: 300,
+            max_retries: 5,
+            min_wait_msec: 30,
+            max_wait_msec: 300_000,
+            coalesce_gap_bytes: 16 * 1024,
+            max_ranges_per_request: 64,
+            force_single_range_mode: false,
+            max_concurrent_requests_per_host: 16,
+            redirect_cache_sec: 600,
+            connect_timeout_sec: 10,
+            read_idle_timeout_sec: 30,
+        }
+    }
+}
+
+impl BlobConfig {
+    /// Replaces zero values with defaults, like the reference does.
+    pub fn normalized(&self) -> BlobConfig {
+        let d = BlobConfig::default();
+        let pick = |v: u64, dv: u64| if v == 0 { dv } else { v };
+        BlobConfig {
+            fetching_timeout_sec: pick(self.fetching_timeout_sec, d.fetching_timeout_sec),
+            max_retries: if self.max_retries == 0 {
+                d.max_retries
+            } else {
+                self.max_retries
+            },
+            min_wait_msec: pick(self.min_wait_msec, d.min_wait_msec),
+            max_wait_msec: pick(self.max_wait_msec, d.max_wait_msec)
+                .max(pick(self.min_wait_msec, d.min_wait_msec)),
+            coalesce_gap_bytes: self.coalesce_gap_bytes,
+            max_ranges_per_request: if self.max_ranges_per_request == 0 {
+                d.max_ranges_per_request
+            } else {
+                self.max_ranges_per_request
+            },
+            force_single_range_mode: self.force_single_range_mode,
+            max_concurrent_requests_per_host: if self.max_concurrent_requests_per_host == 0 {
+                d.max_concurrent_requests_per_host
+            } else {
+                self.max_concurrent_requests_per_host
+            },
+            redirect_cache_sec: pick(self.redirect_cache_sec, d.redirect_cache_sec),
+            connect_timeout_sec: pick(self.connect_timeout_sec, d.connect_timeout_sec),
+            read_idle_timeout_sec: pick(self.read_idle_timeout_sec, d.read_idle_timeout_sec),
+        }
+    }
+}
+
+/// Everything a [`crate::Client`] needs besides credentials; embeddable in a
+/// daemon config as `[resolver]` and `[blob]`.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default)]
+pub struct RegistryConfig {
+    pub resolver: ResolverConfig,
+    pub blob: BlobConfig,
+}
+
+impl RegistryConfig {
+    /// Parses the TOML form.
+    pub fn from_toml(s: &str) -> crate::Result<Self> {
+        toml::from_str(s).map_err(|e| crate::Error::Config(e.to_string()))
+    }
+}
+
+/// Whether a host defaults to plain HTTP: loopback names and addresses, any port.
+pub fn is_local_host(host: &str) -> bool {
+    if let Ok(ip) = host.parse::<std::net::IpAddr>() {
+        return ip.is_loopback();
+    }
+    let bare = if let Some(rest) = host.strip_prefix('[') {
+        rest.split_once(']').map(|(h, _)| h).unwrap_or(rest)
+    } else {
+        host.rsplit_once(':').map(|(h, _)| h).unwrap_or(host)
+    };
+    bare == "localhost"
+        || bare == "::1"
+        || bare
+            .parse::<std::net::Ipv4Addr>()
+            .map(|a| a.is_loopback())
+            .unwrap_or(false)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_reference_shape() {
+        let cfg = RegistryConfig::from_toml(
+            r#"
+[[resolver.host."docker.io".mirrors]]
+host = "mirror.example.com:5000"
+insecure = true
+request_timeout_sec = 5
+header = { "x-a" = ["1", "2"] }
+
+[[resolver.host."docker.io".mirrors]]
+host = "second.example.com"
+
+[blob]
+max_retries = 3
+"#,
+        )
+        .expect("parse");
+        let h = &cfg.resolver.host["docker.io"];
+        assert_eq!(h.mirrors.len(), 2);
+        assert!(h.mirrors[0].insecure);
+        assert_eq!(h.mirrors[0].request_timeout(), Some(Duration::from_secs(5)));
+        assert_eq!(
+            h.mirrors[1].request_timeout(),
+            Some(Duration::from_secs(30))
+        );
+        assert_eq!(h.mirrors[0].header["x-a"], vec!["1", "2"]);
+        assert_eq!(cfg.blob.max_retries, 3);
+        assert_eq!(cfg.blob.fetching_timeout_sec, 300);
+        assert!(RegistryConfig::from_toml("[resolver]\nbogus = 1").is_err());
+    }
+
+    #[test]
+    fn local_hosts() {
+        for h in [
+            "localhost",
+            "localhost:5000",
+            "127.0.0.1",
+            "127.0.0.1:1",
+            "[::1]:5000",
+            "::1",
+        ] {
+            assert!(is_local_host(h), "{h}");
+        }
+        for h in ["docker.io", "10.0.0.1:5000", "localhost.example.com"] {
+            assert!(!is_local_host(h), "{h}");
+        }
+    }
+}

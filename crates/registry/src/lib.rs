@@ -1,0 +1,47 @@
+//! An OCI distribution client: references, host configuration, credentials,
+//! token and basic authentication, manifests and indexes, pushes, and a blob
+//! reader built for random access (multi-range requests, redirects, retries).
+//!
+//! It knows nothing of eStargz. Built on `reqwest` (rustls, HTTP/2 over TLS),
+//! `tokio`, `serde`, `thiserror`, `tracing` and `docker_credential`.
+//!
+//! ```no_run
+//! # async fn demo() -> registry::Result<()> {
+//! use std::sync::Arc;
+//! use registry::{Client, DockerConfigKeychain, Platform, Reference, RegistryConfig};
+//! let client = Client::new(RegistryConfig::default(), Arc::new(DockerConfigKeychain::from_env()))?;
+//! let r = Reference::parse("ghcr.io/org/app:1.0")?;
+//! let img = client.resolve_image(&r, &Platform::host()).await?;
+//! let layer = client.blob_reader(&r, img.manifest.layers[0].digest.clone(), Some(img.manifest.layers[0].size));
+//! let head = layer.read_ranges(&[0..512, 4096..8192]).await?;
+//! # let _ = head; Ok(()) }
+//! ```
+
+mod auth;
+mod blob;
+mod client;
+mod config;
+mod digest;
+mod error;
+mod keychain;
+mod manifest;
+mod reference;
+
+pub use blob::{coalesce, BlobReader};
+pub use client::Client;
+pub use config::{
+    is_local_host, BlobConfig, HostConfig, MirrorConfig, RegistryConfig, ResolverConfig,
+    DEFAULT_REQUEST_TIMEOUT_SEC,
+};
+pub use digest::{Digest, DigestHasher};
+pub use error::{Error, Result};
+pub use keychain::{
+    Anonymous, ChainKeychain, Credential, DockerConfigKeychain, Keychain, KeychainFuture,
+    StaticKeychain,
+};
+pub use manifest::{
+    select_platform, Descriptor, FetchedManifest, ImageIndex, ImageManifest, Manifest, Platform,
+    PushBlobOptions, PushOutcome, ResolvedImage, DOCKER_CONFIG, DOCKER_LAYER_GZIP, DOCKER_MANIFEST,
+    DOCKER_MANIFEST_LIST, OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST,
+};
+pub use reference::{Reference, DOCKER_HUB};
