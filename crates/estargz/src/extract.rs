@@ -1,0 +1,140 @@
+//! Unpacking a blob into a directory, through the index, so that names are already
+//! validated and nothing is written outside the destination.
+
+use std::collections::HashMap;
+use std::ffi::CString;
+use std::fs;
+use std::os::unix::ffi::OsStrExt;
+use std::os::unix::fs::{symlink, PermissionsExt};
+use std::path::{Path, PathBuf};
+
+use crate::error::{Error, Result};
+use crate::reader::{BlobSource, NodeId, NodeKind, Reader, ROOT};
+
+/// Options for [`extract`].
+#[derive(Debug, Clone, Default)]
+pub struct ExtractOptions {
+    /// Apply uid/gid (needs root).
+    pub chown: bool,
+}
+
+/// Extracts every file of the blob under `dest`, which must not exist or be empty.
+/// Device nodes need root; where mknod fails they are skipped with a warning.
+pub fn extract(
+    reader: &Reader,
+    src: &dyn BlobSource,
+    dest: &Path,
+    opts: &ExtractOptions,
+) -> Result<usize> {
+    fs::create_dir_all(dest)
+        .map_err(|e| Error::io_at(format!("creating {}", dest.display()), e))?;
+    if fs::read_dir(dest)
+        .map_err(|e| Error::io_at(format!("reading {}", dest.display()), e))?
+        .next()
+        .is_some()
+    {
+        return Err(Error::InvalidOption(format!(
+            "{} is not empty",
+            dest.display()
+        )));
+    }
+    let mut first_path: HashMap<NodeId, PathBuf> = HashMap::new();
+    let mut count = 0;
+    let mut dirs = Vec::new();
+    let mut stack = vec![(ROOT, dest.to_path_buf())];
+    while let Some((dir, dir_path)) = stack.pop() {
+        dirs.push((dir, dir_path.clone()));
+        for (name, &id) in &reader.index.node(dir).children {
+            let path = dir_path.join(name);
+            let node = reader.index.node(id);
+            let io = |e| Error::io_at(format!("creating {}", path.display()), e);
+            if let Some(existing) = first_path.get(&id) {
+                fs::hard_link(existing, &path).map_err(io)?;
+                count += 1;
+                continue;
+            }
+            match node.kind {
+                NodeKind::Dir => {
+                    fs::create_dir(&path).map_err(io)?;
+                    stack.push((id, path.clone()));
+                }
+                NodeKind::Reg => {
+                    let data = reader.read_file(src, id)?;
+                    fs::write(&path, data).map_err(io)?;
+                }
+                NodeKind::Symlink => symlink(&node.link_target, &path).map_err(io)?,
+                NodeKind::Char | NodeKind::Block | NodeKind::Fifo => {
+                    let kind = match node.kind {
+                        NodeKind::Char => libc::S_IFCHR,
+                        NodeKind::Block => libc::S_IFBLK,
+                        _ => libc::S_IFIFO,
+                    };
+                    let c = cstr(&path)?;
+                    let dev = libc::makedev(node.dev_major, node.dev_minor);
+                    // SAFETY: c is a valid NUL-terminated path; mknod has no other preconditions.
+                    if unsafe { libc::mknod(c.as_ptr(), kind | (node.mode & 0o7777), dev) } != 0 {
+                        tracing::warn!(path = %path.display(), error = %std::io::Error::last_os_error(), "cannot create device or fifo; skipped");
+                        continue;
+                    }
+                }
+            }
+            if node.kind != NodeKind::Dir {
+                apply_attrs(&path, node, opts)?;
+            }
+            first_path.insert(id, path);
+            count += 1;
+        }
+    }
+    // Directories last, deepest first, so their permissions do not block the writes.
+    for (id, path) in dirs.into_iter().rev() {
+        apply_attrs(&path, reader.index.node(id), opts)?;
+    }
+    Ok(count)
+}
+
+fn cstr(p: &Path) -> Result<CString> {
+    CString::new(p.as_os_str().as_bytes())
+        .map_err(|_| Error::InvalidOption(format!("{} has a NUL byte", p.display())))
+}
+
+fn apply_attrs(path: &Path, node: &crate::reader::Node, opts: &ExtractOptions) -> Result<()> {
+    let io = |e| Error::io_at(format!("setting attributes of {}", path.display()), e);
+    let c = cstr(path)?;
+    for (k, v) in &node.xattrs {
+        let Ok(key) = CString::new(k.as_bytes()) else {
+            continue;
+        };
+        // SAFETY: valid C strings and a buffer with its length.
+        let rc =
+            unsafe { libc::lsetxattr(c.as_ptr(), key.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
+        if rc != 0 {
+            tracing::warn!(path = %path.display(), xattr = %k, error = %std::io::Error::last_os_error(), "cannot set xattr");
+        }
+    }
+    if opts.chown {
+        std::os::unix::fs::lchown(path, Some(node.uid), Some(node.gid)).map_err(io)?;
+    }
+    if node.kind != NodeKind::Symlink {
+        fs::set_permissions(path, fs::Permissions::from_mode(node.mode)).map_err(io)?;
+    }
+    let times = [
+        libc::timespec {
+            tv_sec: node.mtime as libc::time_t,
+            tv_nsec: 0,
+        },
+        libc::timespec {
+            tv_sec: node.mtime as libc::time_t,
+            tv_nsec: 0,
+        },
+    ];
+    // SAFETY: valid path and a two-element timespec array, as utimensat requires.
+    unsafe {
+        libc::utimensat(
+            libc::AT_FDCWD,
+            c.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    };
+    Ok(())
+}
