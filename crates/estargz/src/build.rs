@@ -259,7 +259,13 @@ pub fn build_from_file(input: &File, out: impl Write, opts: &BuildOptions) -> Re
 /// parents and hardlink targets) and a landmark first, then everything else in tar
 /// order; for duplicate names the last entry wins.
 fn plan_order(input: &File, opts: &BuildOptions) -> Result<(Vec<Source>, Vec<String>)> {
-    let mut scanner = TarScanner::new(BufReader::with_capacity(256 << 10, input));
+    let mut scanner = TarScanner::new(BufReader::with_capacity(
+        256 << 10,
+        PositionedReader {
+            file: input,
+            pos: 0,
+        },
+    ));
     let mut slots: Vec<Option<TarEntry>> = Vec::new();
     let mut by_name: HashMap<String, usize> = HashMap::new();
     while let Some(e) = scanner.next_entry()? {
@@ -546,6 +552,20 @@ fn read_exact_at(f: &File, buf: &mut [u8], offset: u64) -> Result<()> {
         },
         _ => Error::io_at(format!("reading the tar at offset {offset}"), e),
     })
+}
+
+/// Reads a file from the start with positioned reads, whatever its cursor says.
+struct PositionedReader<'a> {
+    file: &'a File,
+    pos: u64,
+}
+
+impl Read for PositionedReader<'_> {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        let n = self.file.read_at(buf, self.pos)?;
+        self.pos += n as u64;
+        Ok(n)
+    }
 }
 
 struct CountingWriter<W> {
