@@ -158,7 +158,7 @@ impl Client {
         list.push(own);
         let mut out = Vec::with_capacity(list.len());
         for m in list {
-            let insecure = m.insecure || is_local_host(&m.host);
+            let insecure = m.insecure.unwrap_or_else(|| is_local_host(&m.host));
             let scheme = if insecure { "http" } else { "https" };
             let base = Url::parse(&format!("{scheme}://{}/v2/", m.host))
                 .map_err(|e| Error::Config(format!("bad host {:?}: {e}", m.host)))?;
@@ -260,7 +260,8 @@ impl Client {
         let ms = rand::rng().random_range(base / 2..=base.max(1));
         let d = Duration::from_millis(ms);
         match hint {
-            Some(h) => h.min(Duration::from_millis(b.max_wait_msec)).max(d),
+            // The server's Retry-After wins over our own schedule; the overall deadline still bounds it.
+            Some(h) => h.max(d),
             None => d,
         }
     }

@@ -48,8 +48,9 @@ pub struct HostConfig {
 pub struct MirrorConfig {
     /// `host[:port]` of the mirror.
     pub host: String,
-    /// Plain HTTP instead of HTTPS.
-    pub insecure: bool,
+    /// Plain HTTP instead of HTTPS. Unset: HTTPS, except loopback hosts
+    /// (`localhost`, `127.0.0.1`, `::1`, any port), which default to HTTP.
+    pub insecure: Option<bool>,
     /// Timeout of each request in seconds: 0 means the default (30 s), negative means none.
     pub request_timeout_sec: i64,
     /// Extra headers sent to this endpoint only (never to redirect targets).
@@ -208,7 +209,7 @@ max_retries = 3
         .expect("parse");
         let h = &cfg.resolver.host["docker.io"];
         assert_eq!(h.mirrors.len(), 2);
-        assert!(h.mirrors[0].insecure);
+        assert_eq!(h.mirrors[0].insecure, Some(true));
         assert_eq!(h.mirrors[0].request_timeout(), Some(Duration::from_secs(5)));
         assert_eq!(
             h.mirrors[1].request_timeout(),

@@ -1,1 +1,18 @@
-pub fn x() {}
+//! Test fixtures shared by the workspace: a real CNCF distribution registry
+//! process (`docker-registry`), TLS material, htpasswd files, a JWT token
+//! issuer, and fault-injecting HTTP fronts. Everything listens on loopback,
+//! lives in temp dirs, and is torn down on `Drop`.
+
+mod front;
+mod http;
+mod issuer;
+mod registry;
+mod tls;
+
+pub use front::{Front, FrontOpts, FrontStats};
+pub use issuer::{IssuerOpts, TokenIssuer};
+pub use registry::{free_port, require_tool, Registry, RegistryOpts, TokenAuthConfig};
+pub use tls::{Tls, TokenSigner};
+
+mod push;
+pub use push::{push_blob, push_image, random_bytes, PushedImage};

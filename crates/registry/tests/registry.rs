@@ -1,0 +1,880 @@
+//! Integration tests against a real CNCF distribution registry, directly and
+//! behind fault-injecting fronts. They skip loudly (or fail under CI=true)
+//! when `docker-registry` is not installed.
+
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use bytes::Bytes;
+use registry::{
+    Anonymous, BlobConfig, Client, Credential, Descriptor, Digest, Error, ImageIndex,
+    ImageManifest, Keychain, MirrorConfig, Platform, PushBlobOptions, PushOutcome, Reference,
+    RegistryConfig, StaticKeychain, OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST,
+};
+use testenv::{random_bytes, Front, FrontOpts, IssuerOpts, Registry, RegistryOpts, TokenIssuer};
+
+fn init_logs() {
+    let _ = tracing_subscriber::fmt()
+        .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+        .with_test_writer()
+        .try_init();
+}
+
+fn fast_blob() -> BlobConfig {
+    BlobConfig {
+        max_retries: 4,
+        min_wait_msec: 10,
+        max_wait_msec: 300,
+        fetching_timeout_sec: 30,
+        ..BlobConfig::default()
+    }
+}
+
+fn client_with(cfg: RegistryConfig, k: Arc<dyn Keychain>) -> Client {
+    Client::new(cfg, k).expect("client")
+}
+
+fn anon() -> Client {
+    client_with(
+        RegistryConfig {
+            blob: fast_blob(),
+            ..Default::default()
+        },
+        Arc::new(Anonymous),
+    )
+}
+
+fn reference(host: &str, repo: &str) -> Reference {
+    Reference::parse(&format!("{host}/{repo}:latest")).expect("reference")
+}
+
+/// Pushes a one-layer image through the client under test.
+async fn push_simple(c: &Client, r: &Reference, layer: &[u8]) -> (Digest, ImageManifest) {
+    let config = Bytes::from_static(
+        br#"{"architecture":"amd64","os":"linux","rootfs":{"type":"layers","diff_ids":[]}}"#,
+    );
+    c.push_blob(r, config.clone(), &PushBlobOptions::default())
+        .await
+        .expect("push config");
+    c.push_blob(
+        r,
+        Bytes::copy_from_slice(layer),
+        &PushBlobOptions::default(),
+    )
+    .await
+    .expect("push layer");
+    let m = ImageManifest {
+        schema_version: 2,
+        media_type: Some(OCI_MANIFEST.into()),
+        config: Descriptor::for_bytes(OCI_CONFIG, &config),
+        layers: vec![Descriptor::for_bytes(OCI_LAYER_GZIP, layer)],
+        annotations: None,
+        subject: None,
+        artifact_type: None,
+    };
+    let (d, _) = c
+        .push_manifest_json(r, OCI_MANIFEST, &m)
+        .await
+        .expect("push manifest");
+    (d, m)
+}
+
+#[tokio::test]
+async fn push_pull_index_mount_and_errors() {
+    init_logs();
+    let Some(reg) = Registry::start(RegistryOpts::default()) else {
+        return;
+    };
+    let c = anon();
+    let r = reference(&reg.host(), "app/one");
+
+    // Monolithic and chunked uploads, then skip-if-exists.
+    let a = Bytes::from(random_bytes(300_000, 1));
+    let (da, out) = c
+        .push_blob(&r, a.clone(), &PushBlobOptions::default())
+        .await
+        .expect("push a");
+    assert_eq!(out, PushOutcome::Uploaded);
+    let b = Bytes::from(random_bytes(250_000, 2));
+    let (db, out) = c
+        .push_blob(
+            &r,
+            b.clone(),
+            &PushBlobOptions {
+                chunk_size: Some(100_000),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("push b");
+    assert_eq!(out, PushOutcome::UploadedChunked(3));
+    assert_eq!(
+        c.push_blob(&r, a.clone(), &PushBlobOptions::default())
+            .await
+            .expect("again")
+            .1,
+        PushOutcome::AlreadyExists
+    );
+    assert_eq!(c.get_blob(&r, &db).await.expect("get b"), b);
+    assert_eq!(
+        c.blob_exists(&r, &da).await.expect("exists"),
+        Some(a.len() as u64)
+    );
+
+    // Cross-repository mount.
+    let other = reference(&reg.host(), "app/two");
+    let (_, out) = c
+        .push_blob(
+            &other,
+            a.clone(),
+            &PushBlobOptions {
+                mount_from: Some("app/one".into()),
+                ..Default::default()
+            },
+        )
+        .await
+        .expect("mount");
+    assert_eq!(out, PushOutcome::Mounted);
+    assert_eq!(c.get_blob(&other, &da).await.expect("mounted blob"), a);
+
+    // Two platform images and an index.
+    let (d_amd, _) = push_simple(&c, &r.at_tag("amd").expect("tag"), &a).await;
+    let (d_arm, m_arm) = push_simple(&c, &r.at_tag("arm").expect("tag"), &b).await;
+    let plat = |arch: &str, variant: Option<&str>| Platform {
+        os: "linux".into(),
+        architecture: arch.into(),
+        variant: variant.map(Into::into),
+        os_version: None,
+        os_features: None,
+    };
+    let desc = |d: &Digest, p: Platform| Descriptor {
+        media_type: OCI_MANIFEST.into(),
+        digest: d.clone(),
+        size: 0,
+        urls: None,
+        annotations: None,
+        platform: Some(p),
+        artifact_type: None,
+    };
+    let mut m_amd_desc = desc(&d_amd, plat("amd64", None));
+    m_amd_desc.size = c
+        .get_manifest(&r.at_digest(d_amd.clone()))
+        .await
+        .expect("amd manifest")
+        .bytes
+        .len() as u64;
+    let mut m_arm_desc = desc(&d_arm, plat("arm64", Some("v8")));
+    m_arm_desc.size = c
+        .get_manifest(&r.at_digest(d_arm.clone()))
+        .await
+        .expect("arm manifest")
+        .bytes
+        .len() as u64;
+    let idx = ImageIndex {
+        schema_version: 2,
+        media_type: Some(OCI_INDEX.into()),
+        manifests: vec![m_amd_desc, m_arm_desc],
+        annotations: None,
+    };
+    let (d_idx, _) = c
+        .push_manifest_json(&r, OCI_INDEX, &idx)
+        .await
+        .expect("push index");
+
+    let by_tag = c.get_manifest(&r).await.expect("index by tag");
+    assert_eq!(by_tag.digest, d_idx);
+    let by_digest = c
+        .get_manifest(&r.at_digest(d_idx.clone()))
+        .await
+        .expect("index by digest");
+    assert_eq!(by_digest.bytes, by_tag.bytes);
+    let img = c
+        .resolve_image(&r, &Platform::parse("linux/arm64").expect("platform"))
+        .await
+        .expect("resolve arm64");
+    assert_eq!(img.digest, d_arm);
+    assert_eq!(img.manifest, m_arm);
+    assert_eq!(
+        img.index.as_ref().map(|(d, _)| d.clone()),
+        Some(d_idx.clone())
+    );
+    let cfg = c
+        .get_blob(&r, &img.manifest.config.digest)
+        .await
+        .expect("config");
+    assert!(cfg.starts_with(b"{\"architecture\""));
+    match c
+        .resolve_image(&r, &Platform::parse("linux/s390x").expect("p"))
+        .await
+    {
+        Err(Error::PlatformNotFound { .. }) => {}
+        other => panic!("expected PlatformNotFound, got {other:?}"),
+    }
+
+    // 404s name what is missing.
+    let e = c
+        .get_manifest(&r.at_tag("nope").expect("tag"))
+        .await
+        .expect_err("missing manifest");
+    assert!(matches!(e, Error::ManifestNotFound { .. }), "{e}");
+    assert!(
+        e.to_string().contains("manifest") && e.to_string().contains(":nope"),
+        "{e}"
+    );
+    let missing = Digest::sha256(b"not there");
+    let e = c.get_blob(&r, &missing).await.expect_err("missing blob");
+    assert!(matches!(e, Error::BlobNotFound { .. }), "{e}");
+    assert!(
+        e.to_string().contains("blob") && e.to_string().contains(&missing.to_string()),
+        "{e}"
+    );
+    let e = c
+        .get_manifest(&r.at_digest(missing.clone()))
+        .await
+        .expect_err("missing by digest");
+    assert!(matches!(e, Error::ManifestNotFound { .. }), "{e}");
+
+    // A blob whose stored bytes were corrupted fails verification.
+    let path = reg.blob_data_path(db.hex());
+    let mut bad = std::fs::read(&path).expect("read stored blob");
+    bad[10] ^= 0xff;
+    std::fs::write(&path, &bad).expect("corrupt blob");
+    let e = anon().get_blob(&r, &db).await.expect_err("corrupt blob");
+    assert!(matches!(e, Error::DigestMismatch { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn ranges_match_whole_blob() {
+    init_logs();
+    let Some(reg) = Registry::start(RegistryOpts::default()) else {
+        return;
+    };
+    let data = random_bytes(3 << 20, 7);
+    let pushed = testenv::push_image(
+        &reg.base_url(),
+        "ranges/x",
+        "v1",
+        std::slice::from_ref(&data),
+    )
+    .await;
+    let counter = Front::start(FrontOpts {
+        upstream: reg.base_url(),
+        ..Default::default()
+    })
+    .await;
+    let c = anon();
+    let r = reference(&counter.host(), "ranges/x");
+    let reader = c.blob_reader(
+        &r,
+        Digest::parse(&pushed.layer_digests[0]).expect("digest"),
+        None,
+    );
+    assert_eq!(reader.size().await.expect("size"), data.len() as u64);
+    let whole = reader.read_all().await.expect("whole");
+    assert_eq!(&whole[..], &data[..]);
+
+    let mut rng = 12345u64;
+    let mut next = |m: u64| {
+        rng ^= rng << 13;
+        rng ^= rng >> 7;
+        rng ^= rng << 17;
+        rng % m
+    };
+    for _ in 0..20 {
+        let off = next(data.len() as u64);
+        let len = next(200_000) + 1;
+        let got = reader.read_at(off, len).await.expect("read_at");
+        let end = (off + len).min(data.len() as u64) as usize;
+        assert_eq!(&got[..], &whole[off as usize..end], "read_at({off}, {len})");
+    }
+    let ranges: Vec<std::ops::Range<u64>> = (0..64)
+        .map(|_| {
+            let s = next(data.len() as u64 - 70_000);
+            s..s + 1 + next(65_536)
+        })
+        .collect();
+    let got = reader.read_ranges(&ranges).await.expect("read_ranges");
+    assert_eq!(got.len(), ranges.len());
+    for (g, rg) in got.iter().zip(&ranges) {
+        assert_eq!(
+            &g[..],
+            &whole[rg.start as usize..rg.end as usize],
+            "range {rg:?}"
+        );
+    }
+    assert!(
+        counter.stats.multi_range_gets.load(Ordering::SeqCst) >= 1,
+        "multi-range requests were used"
+    );
+    // Past-the-end and empty ranges are clamped, not errors.
+    let got = reader
+        .read_ranges(&[(data.len() as u64 - 3)..(data.len() as u64 + 100), 5..5])
+        .await
+        .expect("clamped");
+    assert_eq!(&got[0][..], &data[data.len() - 3..]);
+    assert!(got[1].is_empty());
+}
+
+#[tokio::test]
+async fn tls_with_self_signed_ca() {
+    init_logs();
+    let Some(reg) = Registry::start(RegistryOpts {
+        tls: true,
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let ca = reg.tls.as_ref().expect("tls").ca_cert.clone();
+    // Loopback hosts default to plain HTTP; `insecure = false` asks for HTTPS.
+    let toml = format!(
+        "[resolver.host.\"{}\"]\nca_file = {:?}\n[resolver.host.\"{}\".self]\ninsecure = false\n",
+        reg.host(),
+        ca.display().to_string(),
+        reg.host()
+    );
+    let mut cfg = RegistryConfig::from_toml(&toml).expect("cfg");
+    cfg.blob = fast_blob();
+    let c = client_with(cfg, Arc::new(Anonymous));
+    let r = reference(&reg.host(), "tls/x");
+    let layer = random_bytes(100_000, 3);
+    let (d, m) = push_simple(&c, &r, &layer).await;
+    assert_eq!(
+        c.get_manifest(&r.at_digest(d))
+            .await
+            .expect("manifest over TLS")
+            .bytes
+            .is_empty(),
+        false
+    );
+    assert_eq!(
+        c.get_blob(&r, &m.layers[0].digest)
+            .await
+            .expect("blob over TLS"),
+        Bytes::from(layer)
+    );
+
+    // Without the CA the certificate is untrusted: a clear TLS error, not a retry loop.
+    let mut cfg = RegistryConfig {
+        blob: fast_blob(),
+        ..Default::default()
+    };
+    cfg.resolver.host.insert(
+        reg.host(),
+        registry::HostConfig {
+            self_: Some(MirrorConfig {
+                insecure: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    let started = Instant::now();
+    let e = client_with(cfg, Arc::new(Anonymous))
+        .get_manifest(&r)
+        .await
+        .expect_err("untrusted");
+    assert!(matches!(e, Error::Tls { .. }), "{e}");
+    assert!(e.to_string().contains("TLS"), "{e}");
+    assert!(started.elapsed() < Duration::from_secs(5));
+}
+
+#[tokio::test]
+async fn htpasswd_basic_auth_over_tls() {
+    init_logs();
+    let Some(reg) = Registry::start(RegistryOpts {
+        tls: true,
+        htpasswd: Some(("alice".into(), "wonder land".into())),
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let ca = reg.tls.as_ref().expect("tls").ca_cert.clone();
+    let mut cfg = RegistryConfig {
+        blob: fast_blob(),
+        ..Default::default()
+    };
+    cfg.resolver.ca_file = Some(ca);
+    cfg.resolver.host.insert(
+        reg.host(),
+        registry::HostConfig {
+            self_: Some(MirrorConfig {
+                insecure: Some(false),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    let r = reference(&reg.host(), "private/app");
+    let good = StaticKeychain::new(
+        Some(&reg.host()),
+        Credential::Basic {
+            username: "alice".into(),
+            password: "wonder land".into(),
+        },
+    );
+    let c = client_with(cfg.clone(), Arc::new(good));
+    let layer = random_bytes(200_000, 4);
+    let (d, m) = push_simple(&c, &r, &layer).await;
+    let got = c.get_manifest(&r).await.expect("manifest with basic auth");
+    assert_eq!(got.digest, d);
+    let reader = c.blob_reader(&r, m.layers[0].digest.clone(), None);
+    assert_eq!(
+        reader.read_at(1000, 10).await.expect("range"),
+        Bytes::copy_from_slice(&layer[1000..1010])
+    );
+
+    let bad = StaticKeychain::new(
+        None,
+        Credential::Basic {
+            username: "alice".into(),
+            password: "wrong-secret-xyz".into(),
+        },
+    );
+    let e = client_with(cfg.clone(), Arc::new(bad))
+        .get_manifest(&r)
+        .await
+        .expect_err("wrong password");
+    assert!(matches!(e, Error::Unauthorized { .. }), "{e}");
+    let msg = e.to_string();
+    assert!(
+        msg.contains("static credentials") && !msg.contains("wrong-secret-xyz"),
+        "{msg}"
+    );
+    let e = client_with(cfg, Arc::new(Anonymous))
+        .get_manifest(&r)
+        .await
+        .expect_err("anonymous");
+    assert!(matches!(e, Error::Unauthorized { .. }), "{e}");
+    assert!(e.to_string().contains("anonymous"), "{e}");
+}
+
+#[tokio::test]
+async fn bearer_tokens_refresh_and_identity_tokens() {
+    init_logs();
+    if testenv::require_tool("docker-registry").is_none() {
+        return;
+    }
+    let dir = tempfile::tempdir().expect("tmp");
+    // First token is already expired for the registry: the client must refresh on 401.
+    let issuer = TokenIssuer::start(
+        dir.path(),
+        IssuerOpts {
+            user: Some(("bob".into(), "pw".into())),
+            refresh_tokens: vec!["refresh-abc".into()],
+            expires_in: 2,
+            stale_first: 1,
+        },
+    )
+    .await;
+    let Some(reg) = Registry::start(RegistryOpts {
+        token: Some(issuer.registry_config()),
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let r = reference(&reg.host(), "tok/app");
+    let cfg = RegistryConfig {
+        blob: fast_blob(),
+        ..Default::default()
+    };
+    let c = client_with(
+        cfg.clone(),
+        Arc::new(StaticKeychain::new(
+            None,
+            Credential::Basic {
+                username: "bob".into(),
+                password: "pw".into(),
+            },
+        )),
+    );
+    let layer = random_bytes(50_000, 5);
+    let (d, _) = push_simple(&c, &r, &layer).await;
+    assert!(issuer.tokens_issued() >= 2, "stale token was replaced");
+    let got = c.get_manifest(&r).await.expect("pull with token");
+    assert_eq!(got.digest, d);
+    // Tokens live 2 s (minus a margin): after that a new one is fetched.
+    let before = issuer.tokens_issued();
+    c.get_manifest(&r).await.expect("cached token");
+    assert_eq!(issuer.tokens_issued(), before, "token reused while valid");
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    c.get_manifest(&r).await.expect("after expiry");
+    assert_eq!(
+        issuer.tokens_issued(),
+        before + 1,
+        "token refreshed after expiry"
+    );
+
+    // Identity token: OAuth2 POST with the refresh token.
+    let ci = client_with(
+        cfg.clone(),
+        Arc::new(StaticKeychain::new(
+            None,
+            Credential::IdentityToken("refresh-abc".into()),
+        )),
+    );
+    assert_eq!(
+        ci.get_manifest(&r)
+            .await
+            .expect("identity token pull")
+            .digest,
+        d
+    );
+
+    // Wrong password and a bad identity token are 401 naming the source.
+    let cw = client_with(
+        cfg.clone(),
+        Arc::new(StaticKeychain::new(
+            None,
+            Credential::Basic {
+                username: "bob".into(),
+                password: "nope".into(),
+            },
+        )),
+    );
+    let e = cw.get_manifest(&r).await.expect_err("bad password");
+    assert!(matches!(e, Error::Unauthorized { .. }), "{e}");
+    let e = client_with(
+        cfg,
+        Arc::new(StaticKeychain::new(
+            None,
+            Credential::IdentityToken("bad".into()),
+        )),
+    )
+    .get_manifest(&r)
+    .await
+    .expect_err("bad refresh");
+    assert!(matches!(e, Error::Unauthorized { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn redirects_never_carry_credentials_and_expire() {
+    init_logs();
+    let Some(reg) = Registry::start(RegistryOpts::default()) else {
+        return;
+    };
+    let data = random_bytes(1 << 20, 9);
+    let pushed = testenv::push_image(
+        &reg.base_url(),
+        "redir/x",
+        "v1",
+        std::slice::from_ref(&data),
+    )
+    .await;
+    let target = Front::start(FrontOpts {
+        upstream: reg.base_url(),
+        target_uses_per_sig: Some(2),
+        ..Default::default()
+    })
+    .await;
+    let front = Front::start(FrontOpts {
+        upstream: reg.base_url(),
+        require_basic: Some(("carol".into(), "secret".into())),
+        redirect_blobs_to: Some(target.url()),
+        ..Default::default()
+    })
+    .await;
+    let k = StaticKeychain::new(
+        Some(&front.host()),
+        Credential::Basic {
+            username: "carol".into(),
+            password: "secret".into(),
+        },
+    );
+    let c = client_with(
+        RegistryConfig {
+            blob: fast_blob(),
+            ..Default::default()
+        },
+        Arc::new(k),
+    );
+    let r = reference(&front.host(), "redir/x");
+    let reader = c.blob_reader(
+        &r,
+        Digest::parse(&pushed.layer_digests[0]).expect("d"),
+        None,
+    );
+    for i in 0..7u64 {
+        let off = i * 100_000;
+        assert_eq!(
+            &reader.read_at(off, 5000).await.expect("read via redirect")[..],
+            &data[off as usize..off as usize + 5000]
+        );
+    }
+    let whole = reader.read_all().await.expect("whole via redirect");
+    assert_eq!(&whole[..], &data[..]);
+    assert!(
+        FrontStats::get(&front.stats.with_authorization) > 0,
+        "the registry front got credentials"
+    );
+    assert_eq!(
+        FrontStats::get(&target.stats.with_authorization),
+        0,
+        "credentials leaked to the redirect target"
+    );
+    assert!(
+        FrontStats::get(&target.stats.forbidden) >= 1,
+        "target expired at least once"
+    );
+    // 8 reads at 2 uses per redirect: the registry was asked again after each expiry.
+    assert!(
+        FrontStats::get(&front.stats.redirects) >= 4,
+        "redirects: {}",
+        FrontStats::get(&front.stats.redirects)
+    );
+}
+
+use testenv::FrontStats;
+
+async fn front_reader(
+    reg: &Registry,
+    opts: FrontOpts,
+    blob: BlobConfig,
+    size: usize,
+    seed: u64,
+) -> (Front, registry::BlobReader, Vec<u8>) {
+    let data = random_bytes(size, seed);
+    let repo = format!("front/s{seed}");
+    let pushed =
+        testenv::push_image(&reg.base_url(), &repo, "v1", std::slice::from_ref(&data)).await;
+    let front = Front::start(FrontOpts {
+        upstream: reg.base_url(),
+        ..opts
+    })
+    .await;
+    let c = client_with(
+        RegistryConfig {
+            blob,
+            ..Default::default()
+        },
+        Arc::new(Anonymous),
+    );
+    let r = reference(&front.host(), &repo);
+    let reader = c.blob_reader(
+        &r,
+        Digest::parse(&pushed.layer_digests[0]).expect("d"),
+        None,
+    );
+    (front, reader, data)
+}
+
+#[tokio::test]
+async fn head_refused_falls_back_to_range_probe() {
+    init_logs();
+    let Some(reg) = Registry::start(RegistryOpts::default()) else {
+        return;
+    };
+    let (front, reader, data) = front_reader(
+        &reg,
+        FrontOpts {
+            refuse_head: true,
+            ..Default::default()
+        },
+        fast_blob(),
+        200_000,
+        11,
+    )
+    .await;
+    assert_eq!(
+        reader.size().await.expect("size via range"),
+        data.len() as u64
+    );
+    assert!(FrontStats::get(&front.stats.head_refused) >= 1);
+    assert_eq!(
+        &reader.read_at(10, 10).await.expect("read")[..],
+        &data[10..20]
+    );
+}
+
+#[tokio::test]
+async fn multi_range_rejected_falls_back_to_single_ranges() {
+    init_logs();
+    let Some(reg) = Registry::start(RegistryOpts::default()) else {
+        return;
+    };
+    let (front, reader, data) = front_reader(
+        &reg,
+        FrontOpts {
+            reject_multi_range: true,
+            ..Default::default()
+        },
+        fast_blob(),
+        1 << 20,
+        12,
+    )
+    .await;
+    let ranges: Vec<_> = (0..10u64)
+        .map(|i| i * 100_000..i * 100_000 + 1000)
+        .collect();
+    for _ in 0..2 {
+        let got = reader.read_ranges(&ranges).await.expect("ranges");
+        for (g, rg) in got.iter().zip(&ranges) {
+            assert_eq!(&g[..], &data[rg.start as usize..rg.end as usize]);
+        }
+    }
+    assert_eq!(
+        FrontStats::get(&front.stats.multi_rejected),
+        1,
+        "host remembered as single-range only"
+    );
+}
+
+#[tokio::test]
+async fn range_ignored_whole_body_copes() {
+    init_logs();
+    let Some(reg) = Registry::start(RegistryOpts::default()) else {
+        return;
+    };
+    let (_front, reader, data) = front_reader(
+        &reg,
+        FrontOpts {
+            ignore_range: true,
+            ..Default::default()
+        },
+        fast_blob(),
+        300_000,
+        13,
+    )
+    .await;
+    let got = reader
+        .read_ranges(&[100..200, 250_000..250_100])
+        .await
+        .expect("ranges");
+    assert_eq!(&got[0][..], &data[100..200]);
+    assert_eq!(&got[1][..], &data[250_000..250_100]);
+    assert_eq!(
+        &reader.read_at(5, 5).await.expect("single")[..],
+        &data[5..10]
+    );
+}
+
+#[tokio::test]
+async fn body_cut_mid_way_is_retried() {
+    init_logs();
+    let Some(reg) = Registry::start(RegistryOpts::default()) else {
+        return;
+    };
+    let (front, reader, data) = front_reader(
+        &reg,
+        FrontOpts {
+            drop_mid_body: 2,
+            ..Default::default()
+        },
+        fast_blob(),
+        500_000,
+        14,
+    )
+    .await;
+    assert_eq!(
+        &reader.read_at(1000, 100_000).await.expect("read after cut")[..],
+        &data[1000..101_000]
+    );
+    assert_eq!(
+        &reader.read_all().await.expect("whole after cut")[..],
+        &data[..]
+    );
+    assert_eq!(FrontStats::get(&front.stats.dropped), 2);
+}
+
+#[tokio::test]
+async fn service_unavailable_twice_then_ok() {
+    init_logs();
+    let Some(reg) = Registry::start(RegistryOpts::default()) else {
+        return;
+    };
+    let (front, reader, data) = front_reader(
+        &reg,
+        FrontOpts {
+            fail_503: 2,
+            ..Default::default()
+        },
+        fast_blob(),
+        100_000,
+        15,
+    )
+    .await;
+    let started = Instant::now();
+    assert_eq!(
+        &reader.read_at(0, 10).await.expect("read after 503s")[..],
+        &data[..10]
+    );
+    assert_eq!(FrontStats::get(&front.stats.failed_503), 2);
+    // Retry-After: 1 was honoured.
+    assert!(started.elapsed() >= Duration::from_millis(900));
+}
+
+#[tokio::test]
+async fn server_that_never_answers_times_out() {
+    init_logs();
+    let Some(reg) = Registry::start(RegistryOpts::default()) else {
+        return;
+    };
+    let front = Front::start(FrontOpts {
+        upstream: reg.base_url(),
+        never_answer: true,
+        ..Default::default()
+    })
+    .await;
+    let mut cfg = RegistryConfig {
+        blob: BlobConfig {
+            max_retries: 1,
+            min_wait_msec: 10,
+            max_wait_msec: 50,
+            fetching_timeout_sec: 3,
+            read_idle_timeout_sec: 1,
+            ..BlobConfig::default()
+        },
+        ..Default::default()
+    };
+    cfg.resolver.host.insert(
+        front.host(),
+        registry::HostConfig {
+            self_: Some(MirrorConfig {
+                request_timeout_sec: 1,
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    let c = client_with(cfg, Arc::new(Anonymous));
+    let r = reference(&front.host(), "slow/x");
+    let started = Instant::now();
+    let e = c
+        .blob_reader(&r, Digest::sha256(b"x"), Some(100))
+        .read_at(0, 10)
+        .await
+        .expect_err("must time out");
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+    assert!(
+        started.elapsed() < Duration::from_secs(8),
+        "took {:?}",
+        started.elapsed()
+    );
+    let e = c
+        .get_manifest(&r)
+        .await
+        .expect_err("manifest must time out");
+    assert!(matches!(e, Error::Timeout { .. }), "{e}");
+}
+
+#[tokio::test]
+async fn connection_refused_is_reported() {
+    let port = testenv::free_port();
+    let c = client_with(
+        RegistryConfig {
+            blob: BlobConfig {
+                max_retries: 1,
+                min_wait_msec: 5,
+                max_wait_msec: 10,
+                ..BlobConfig::default()
+            },
+            ..Default::default()
+        },
+        Arc::new(Anonymous),
+    );
+    let e = c
+        .get_manifest(&reference(&format!("127.0.0.1:{port}"), "x"))
+        .await
+        .expect_err("refused");
+    assert!(matches!(e, Error::ConnectionRefused { .. }), "{e}");
+}

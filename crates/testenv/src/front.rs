@@ -1,0 +1,267 @@
+//! Fault-injecting HTTP fronts placed in front of a real registry: redirects
+//! (with expiring targets), refused HEAD, refused multi-range, ignored
+//! Range, bodies cut mid-way, 503 bursts, and a server that never answers.
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+
+use base64::Engine;
+use bytes::Bytes;
+use http_body_util::{BodyExt, StreamBody};
+use hyper::body::Frame;
+use hyper::{Method, Request, Response};
+
+use crate::http::{respond, serve, Body, BoxError, Handler};
+
+/// What the front does. Counters (`fail_503`, `drop_mid_body`) count down.
+#[derive(Clone, Default)]
+pub struct FrontOpts {
+    /// `http://127.0.0.1:PORT` of the registry.
+    pub upstream: String,
+    /// Demand these basic credentials on every request (then strip them).
+    pub require_basic: Option<(String, String)>,
+    /// Answer blob GETs with 307 to this base URL (+ path + `?sig=N`).
+    pub redirect_blobs_to: Option<String>,
+    /// As a redirect target: each `sig` serves this many requests, then 403.
+    pub target_uses_per_sig: Option<usize>,
+    /// Answer HEAD with 405.
+    pub refuse_head: bool,
+    /// Answer multi-range GETs with 400.
+    pub reject_multi_range: bool,
+    /// Drop Range headers so the registry sends whole blobs with 200.
+    pub ignore_range: bool,
+    /// Cut this many blob bodies half-way.
+    pub drop_mid_body: usize,
+    /// Answer this many blob requests with 503 (`Retry-After: 1` on the first).
+    pub fail_503: usize,
+    /// Accept connections and never answer.
+    pub never_answer: bool,
+}
+
+/// What the front saw and did.
+#[derive(Default, Debug)]
+pub struct FrontStats {
+    pub requests: AtomicUsize,
+    pub with_authorization: AtomicUsize,
+    pub blob_gets: AtomicUsize,
+    pub multi_range_gets: AtomicUsize,
+    pub redirects: AtomicUsize,
+    pub forbidden: AtomicUsize,
+    pub dropped: AtomicUsize,
+    pub failed_503: AtomicUsize,
+    pub head_refused: AtomicUsize,
+    pub multi_rejected: AtomicUsize,
+}
+
+impl FrontStats {
+    pub fn get(c: &AtomicUsize) -> usize {
+        c.load(Ordering::SeqCst)
+    }
+}
+
+/// A running front; aborted on drop.
+pub struct Front {
+    addr: SocketAddr,
+    task: tokio::task::JoinHandle<()>,
+    pub stats: Arc<FrontStats>,
+}
+
+struct State {
+    opts: FrontOpts,
+    stats: Arc<FrontStats>,
+    left_503: AtomicUsize,
+    left_drop: AtomicUsize,
+    sig_uses: Mutex<HashMap<String, usize>>,
+    http: reqwest::Client,
+}
+
+impl Front {
+    pub async fn start(opts: FrontOpts) -> Front {
+        let stats = Arc::new(FrontStats::default());
+        let http = reqwest::Client::builder()
+            .redirect(reqwest::redirect::Policy::none())
+            .build()
+            .expect("client");
+        let st = Arc::new(State {
+            left_503: AtomicUsize::new(opts.fail_503),
+            left_drop: AtomicUsize::new(opts.drop_mid_body),
+            opts,
+            stats: stats.clone(),
+            sig_uses: Mutex::new(HashMap::new()),
+            http,
+        });
+        let handler: Handler = Arc::new(move |req| {
+            let st = st.clone();
+            Box::pin(async move { handle(&st, req).await })
+        });
+        let (addr, task) = serve(handler).await;
+        Front { addr, task, stats }
+    }
+
+    /// `127.0.0.1:PORT`
+    pub fn host(&self) -> String {
+        self.addr.to_string()
+    }
+
+    /// `http://127.0.0.1:PORT`
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+}
+
+impl Drop for Front {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+fn take(c: &AtomicUsize) -> bool {
+    c.fetch_update(Ordering::SeqCst, Ordering::SeqCst, |v| v.checked_sub(1))
+        .is_ok()
+}
+
+async fn handle(st: &State, req: Request<hyper::body::Incoming>) -> Response<Body> {
+    let s = &st.stats;
+    s.requests.fetch_add(1, Ordering::SeqCst);
+    if st.opts.never_answer {
+        tokio::time::sleep(std::time::Duration::from_secs(3600)).await;
+    }
+    if req.headers().contains_key("authorization") {
+        s.with_authorization.fetch_add(1, Ordering::SeqCst);
+    }
+    let path = req.uri().path().to_string();
+    let query = req.uri().query().map(str::to_string);
+    let is_blob = path.contains("/blobs/sha256:");
+    let range = req
+        .headers()
+        .get("range")
+        .and_then(|v| v.to_str().ok())
+        .map(str::to_string);
+    if let Some((u, p)) = &st.opts.require_basic {
+        let want = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+        );
+        if req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            != Some(want.as_str())
+        {
+            let mut r = respond(401, "");
+            r.headers_mut().insert(
+                "www-authenticate",
+                hyper::header::HeaderValue::from_static("Basic realm=\"front\""),
+            );
+            return r;
+        }
+    }
+    if req.method() == Method::HEAD && st.opts.refuse_head {
+        s.head_refused.fetch_add(1, Ordering::SeqCst);
+        return respond(405, "");
+    }
+    if is_blob && req.method() == Method::GET {
+        s.blob_gets.fetch_add(1, Ordering::SeqCst);
+        if range.as_deref().is_some_and(|r| r.contains(',')) {
+            s.multi_range_gets.fetch_add(1, Ordering::SeqCst);
+            if st.opts.reject_multi_range {
+                s.multi_rejected.fetch_add(1, Ordering::SeqCst);
+                return respond(400, "multi-range not supported here");
+            }
+        }
+        if let Some(base) = &st.opts.redirect_blobs_to {
+            let n = s.redirects.fetch_add(1, Ordering::SeqCst);
+            let mut r = respond(307, "");
+            let loc = format!("{base}{path}?sig={n}");
+            r.headers_mut().insert(
+                "location",
+                hyper::header::HeaderValue::from_str(&loc).expect("location"),
+            );
+            return r;
+        }
+        if let Some(max) = st.opts.target_uses_per_sig {
+            let sig = query.clone().unwrap_or_default();
+            let mut uses = st.sig_uses.lock().unwrap_or_else(|p| p.into_inner());
+            let u = uses.entry(sig).or_insert(0);
+            *u += 1;
+            if *u > max {
+                s.forbidden.fetch_add(1, Ordering::SeqCst);
+                return respond(403, "<Error><Code>AccessDenied</Code><Message>Request has expired</Message></Error>");
+            }
+        }
+    }
+    if is_blob && take(&st.left_503) {
+        let n = s.failed_503.fetch_add(1, Ordering::SeqCst);
+        let mut r = respond(503, "busy");
+        if n == 0 {
+            r.headers_mut()
+                .insert("retry-after", hyper::header::HeaderValue::from_static("1"));
+        }
+        return r;
+    }
+    // Forward to the registry.
+    let url = format!(
+        "{}{}{}",
+        st.opts.upstream,
+        path,
+        query
+            .as_deref()
+            .filter(|_| st.opts.target_uses_per_sig.is_none())
+            .map(|q| format!("?{q}"))
+            .unwrap_or_default()
+    );
+    let method = req.method().clone();
+    let mut headers = req.headers().clone();
+    headers.remove("host");
+    if st.opts.require_basic.is_some() {
+        headers.remove("authorization");
+    }
+    if st.opts.ignore_range {
+        headers.remove("range");
+    }
+    let body = req
+        .into_body()
+        .collect()
+        .await
+        .map(|b| b.to_bytes())
+        .unwrap_or_default();
+    let up = match st
+        .http
+        .request(method.clone(), url)
+        .headers(headers)
+        .body(body)
+        .send()
+        .await
+    {
+        Ok(r) => r,
+        Err(e) => return respond(502, format!("upstream: {e}")),
+    };
+    let status = up.status().as_u16();
+    let up_headers = up.headers().clone();
+    let data = up.bytes().await.unwrap_or_default();
+    let cut = is_blob
+        && method == Method::GET
+        && data.len() > 1
+        && (status == 200 || status == 206)
+        && take(&st.left_drop);
+    let body: Body = if cut {
+        s.dropped.fetch_add(1, Ordering::SeqCst);
+        let half = data.slice(..data.len() / 2);
+        let chunks: Vec<Result<Frame<Bytes>, BoxError>> =
+            vec![Ok(Frame::data(half)), Err("cut by front".into())];
+        BodyExt::boxed(StreamBody::new(futures::stream::iter(chunks)))
+    } else {
+        crate::http::full(data)
+    };
+    let mut r = Response::new(body);
+    *r.status_mut() = hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_GATEWAY);
+    for (k, v) in up_headers.iter() {
+        if k == "transfer-encoding" || k == "connection" {
+            continue;
+        }
+        r.headers_mut().append(k.clone(), v.clone());
+    }
+    r
+}
