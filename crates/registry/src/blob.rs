@@ -202,7 +202,7 @@ impl BlobReader {
     /// Reads `len` bytes at `offset` (clamped to the blob's end).
     pub async fn read_at(&self, offset: u64, len: u64) -> Result<Bytes> {
         let mut v = self
-            .read_ranges(&[offset..offset.saturating_add(len)])
+            .read_ranges(std::slice::from_ref(&(offset..offset.saturating_add(len))))
             .await?;
         Ok(v.pop().unwrap_or_default())
     }
@@ -670,7 +670,10 @@ mod tests {
             vec![0..5, 10..30, 100..110]
         );
         assert_eq!(coalesce(&[0..10, 5..8], 0), vec![0..10]);
-        assert_eq!(coalesce(&[0..0], 0), Vec::<Range<u64>>::new());
+        assert_eq!(
+            coalesce(std::slice::from_ref(&(0..0)), 0),
+            Vec::<Range<u64>>::new()
+        );
     }
 
     #[test]

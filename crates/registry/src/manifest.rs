@@ -194,7 +194,7 @@ pub struct FetchedManifest {
 /// A fetched manifest, decoded.
 #[derive(Clone, Debug)]
 pub enum Manifest {
-    Image(ImageManifest),
+    Image(Box<ImageManifest>),
     Index(ImageIndex),
 }
 
@@ -373,7 +373,7 @@ impl Client {
         match top.parse()? {
             Manifest::Image(m) => Ok(ResolvedImage {
                 digest: top.digest,
-                manifest: m,
+                manifest: *m,
                 raw: top.bytes,
                 index: None,
             }),
@@ -386,7 +386,7 @@ impl Client {
                 match child.parse()? {
                     Manifest::Image(m) => Ok(ResolvedImage {
                         digest: child.digest,
-                        manifest: m,
+                        manifest: *m,
                         raw: child.bytes,
                         index: Some((top.digest, idx)),
                     }),

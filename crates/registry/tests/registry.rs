@@ -339,14 +339,11 @@ async fn tls_with_self_signed_ca() {
     let r = reference(&reg.host(), "tls/x");
     let layer = random_bytes(100_000, 3);
     let (d, m) = push_simple(&c, &r, &layer).await;
-    assert_eq!(
-        c.get_manifest(&r.at_digest(d))
-            .await
-            .expect("manifest over TLS")
-            .bytes
-            .is_empty(),
-        false
-    );
+    let got = c
+        .get_manifest(&r.at_digest(d.clone()))
+        .await
+        .expect("manifest over TLS");
+    assert_eq!(got.digest, d);
     assert_eq!(
         c.get_blob(&r, &m.layers[0].digest)
             .await
