@@ -424,7 +424,12 @@ fn produce_members(
             if remain >= opts.chunk_size {
                 entry.chunk_size = opts.chunk_size;
             }
-            if opts.min_chunk_size == 0 || p.cur.len() as u64 >= opts.min_chunk_size {
+            // Data never starts in the blob's first member: readers take offset 0 to
+            // mean "no data", as the reference does.
+            if opts.min_chunk_size == 0
+                || p.members == 0
+                || p.cur.len() as u64 >= opts.min_chunk_size
+            {
                 p.finish_member()?;
             }
             entry.chunk_offset = written;
