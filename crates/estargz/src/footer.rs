@@ -245,13 +245,8 @@ mod tests {
         );
         let mut blob = vec![0u8; 0x1300];
         blob.extend(f.encode());
-        assert_eq!(
-            Footer::detect(&blob[blob.len() - 47..], blob.len() as u64)
-                .unwrap_err()
-                .to_string()
-                .contains("footer"),
-            true
-        );
+        let err = Footer::detect(&blob[blob.len() - 47..], blob.len() as u64).unwrap_err();
+        assert!(err.to_string().contains("footer"), "{err}");
         assert_eq!(
             Footer::detect(&blob[blob.len() - 51..], blob.len() as u64).unwrap(),
             f
