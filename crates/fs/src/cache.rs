@@ -1,0 +1,229 @@
+//! The chunk cache: decompressed, verified chunks keyed by their sha256, in a
+//! byte-bounded memory LRU in front of an optional content-addressed directory
+//! (`<dir>/<2 hex>/<64 hex>`), plus whole files (`<dir>/files/<64 hex>`) for passthrough.
+//! The directory survives restarts and may be shared by every layer.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs;
+use std::io::{self, Write};
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+
+use sha2::{Digest as _, Sha256};
+use tracing::warn;
+
+use crate::error::{Error, Result};
+
+/// Cache key: the chunk's sha256 (or a synthetic one for unverified chunks).
+pub type Key = [u8; 32];
+
+struct Lru {
+    max_bytes: u64,
+    bytes: u64,
+    tick: u64,
+    entries: HashMap<Key, (Arc<Vec<u8>>, u64)>,
+    order: BTreeMap<u64, Key>,
+}
+
+impl Lru {
+    fn get(&mut self, key: &Key) -> Option<Arc<Vec<u8>>> {
+        let tick = self.tick + 1;
+        let (data, t) = self.entries.get_mut(key)?;
+        self.order.remove(t);
+        *t = tick;
+        self.tick = tick;
+        self.order.insert(tick, *key);
+        Some(data.clone())
+    }
+
+    fn put(&mut self, key: Key, data: Arc<Vec<u8>>) {
+        let len = data.len() as u64;
+        if len > self.max_bytes {
+            return;
+        }
+        if let Some((old, t)) = self.entries.remove(&key) {
+            self.order.remove(&t);
+            self.bytes -= old.len() as u64;
+        }
+        while self.bytes + len > self.max_bytes {
+            let Some((_, victim)) = self.order.pop_first() else {
+                break;
+            };
+            if let Some((old, _)) = self.entries.remove(&victim) {
+                self.bytes -= old.len() as u64;
+            }
+        }
+        self.tick += 1;
+        self.order.insert(self.tick, key);
+        self.entries.insert(key, (data, self.tick));
+        self.bytes += len;
+    }
+}
+
+/// Memory LRU plus optional directory. Cheap to share behind an `Arc`.
+pub struct ChunkCache {
+    mem: Mutex<Lru>,
+    dir: Option<PathBuf>,
+}
+
+impl ChunkCache {
+    /// A cache that only lives in memory, bounded to `max_bytes`.
+    pub fn memory(max_bytes: u64) -> ChunkCache {
+        ChunkCache {
+            mem: Mutex::new(Lru {
+                max_bytes,
+                bytes: 0,
+                tick: 0,
+                entries: HashMap::new(),
+                order: BTreeMap::new(),
+            }),
+            dir: None,
+        }
+    }
+
+    /// A cache in `dir` (created if missing) with a memory LRU of `max_mem_bytes`.
+    pub fn directory(dir: impl Into<PathBuf>, max_mem_bytes: u64) -> Result<ChunkCache> {
+        let dir = dir.into();
+        fs::create_dir_all(dir.join("files")).map_err(|e| cache_err(&dir, e))?;
+        let mut c = ChunkCache::memory(max_mem_bytes);
+        c.dir = Some(dir);
+        Ok(c)
+    }
+
+    /// The cache directory, if this cache has one.
+    pub fn dir(&self) -> Option<&Path> {
+        self.dir.as_deref()
+    }
+
+    fn chunk_path(&self, key: &Key) -> Option<PathBuf> {
+        let hex = hex::encode(key);
+        Some(self.dir.as_ref()?.join(&hex[..2]).join(hex))
+    }
+
+    /// Path a whole file with sha256 `digest` is (or would be) stored at.
+    pub fn file_path(&self, digest: &[u8; 32]) -> Option<PathBuf> {
+        Some(self.dir.as_ref()?.join("files").join(hex::encode(digest)))
+    }
+
+    /// The chunk from memory only: never touches the disk.
+    pub fn get_mem(&self, key: &Key) -> Option<Arc<Vec<u8>>> {
+        self.mem.lock().ok()?.get(key)
+    }
+
+    /// The chunk from memory or disk. Disk copies are re-hashed when `verify` is set,
+    /// and a damaged one is removed and reported as missing.
+    pub fn get(&self, key: &Key, verify: bool) -> Option<Arc<Vec<u8>>> {
+        if let Some(d) = self.get_mem(key) {
+            return Some(d);
+        }
+        let path = self.chunk_path(key)?;
+        let data = fs::read(&path).ok()?;
+        if verify {
+            let got: [u8; 32] = Sha256::digest(&data).into();
+            if &got != key {
+                warn!(path = %path.display(), "cached chunk is damaged; dropping it");
+                let _ = fs::remove_file(&path);
+                return None;
+            }
+        }
+        let data = Arc::new(data);
+        if let Ok(mut mem) = self.mem.lock() {
+            mem.put(*key, data.clone());
+        }
+        Some(data)
+    }
+
+    /// Whether the chunk is in memory or on disk, without reading it.
+    pub fn contains(&self, key: &Key) -> bool {
+        if self.mem.lock().map(|m| m.entries.contains_key(key)).unwrap_or(false) {
+            return true;
+        }
+        self.chunk_path(key).is_some_and(|p| p.exists())
+    }
+
+    /// Stores a chunk in memory and, with a directory, on disk (atomically).
+    pub fn put(&self, key: Key, data: Arc<Vec<u8>>) -> Result<()> {
+        if let Ok(mut mem) = self.mem.lock() {
+            mem.put(key, data.clone());
+        }
+        if let Some(path) = self.chunk_path(&key) {
+            if !path.exists() {
+                write_atomic(&path, &data)?;
+            }
+        }
+        Ok(())
+    }
+
+    /// Stores a whole file for passthrough.
+    pub fn put_file(&self, digest: &[u8; 32], data: &[u8]) -> Result<Option<PathBuf>> {
+        match self.file_path(digest) {
+            Some(path) => {
+                write_atomic(&path, data)?;
+                Ok(Some(path))
+            }
+            None => Ok(None),
+        }
+    }
+}
+
+fn cache_err(path: &Path, source: io::Error) -> Error {
+    Error::Cache {
+        path: path.display().to_string(),
+        source,
+    }
+}
+
+/// Temp file in the same directory, then rename: readers see nothing or everything.
+fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
+    let parent = path
+        .parent()
+        .ok_or_else(|| cache_err(path, io::Error::other("no parent directory")))?;
+    fs::create_dir_all(parent).map_err(|e| cache_err(parent, e))?;
+    let mut tmp = tempfile::Builder::new()
+        .prefix(".tmp-")
+        .tempfile_in(parent)
+        .map_err(|e| cache_err(parent, e))?;
+    tmp.write_all(data).map_err(|e| cache_err(path, e))?;
+    tmp.persist(path).map_err(|e| cache_err(path, e.error))?;
+    Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn key(b: &[u8]) -> Key {
+        Sha256::digest(b).into()
+    }
+
+    #[test]
+    fn lru_evicts_oldest_by_bytes() {
+        let c = ChunkCache::memory(10);
+        c.put(key(b"a"), Arc::new(vec![0; 4])).expect("put");
+        c.put(key(b"b"), Arc::new(vec![0; 4])).expect("put");
+        assert!(c.get_mem(&key(b"a")).is_some());
+        c.put(key(b"c"), Arc::new(vec![0; 4])).expect("put");
+        assert!(c.get_mem(&key(b"b")).is_none(), "b was least recently used");
+        assert!(c.get_mem(&key(b"a")).is_some());
+        assert!(c.get_mem(&key(b"c")).is_some());
+    }
+
+    #[test]
+    fn directory_survives_and_detects_damage() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data = b"hello chunk".to_vec();
+        let k = key(&data);
+        {
+            let c = ChunkCache::directory(dir.path(), 1 << 20).expect("cache");
+            c.put(k, Arc::new(data.clone())).expect("put");
+        }
+        let c = ChunkCache::directory(dir.path(), 1 << 20).expect("cache");
+        assert_eq!(c.get(&k, true).as_deref(), Some(&data));
+        let hex = hex::encode(k);
+        let path = dir.path().join(&hex[..2]).join(&hex);
+        fs::write(&path, b"damaged").expect("write");
+        let c = ChunkCache::directory(dir.path(), 1 << 20).expect("cache");
+        assert!(c.get(&k, true).is_none());
+        assert!(!path.exists());
+    }
+}

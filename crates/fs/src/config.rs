@@ -1,0 +1,174 @@
+//! Filesystem configuration, read from the `[fs]`-level keys of the daemon's TOML file.
+//!
+//! Key names and defaults follow the reference snapshotter's configuration so existing
+//! files keep working.
+
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Error, Result};
+
+/// Default wait for prefetch before a mount is reported ready.
+pub const DEFAULT_PREFETCH_TIMEOUT_SEC: u64 = 10;
+/// Default FUSE attribute/entry cache lifetime.
+pub const DEFAULT_FUSE_TIMEOUT_SEC: u64 = 1;
+/// Default number of concurrent background fetches per layer.
+pub const DEFAULT_MAX_CONCURRENCY: usize = 2;
+
+/// Where decompressed chunks are kept.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum CacheType {
+    /// On disk under the cache directory, with a memory LRU in front.
+    #[default]
+    Directory,
+    /// Only in the memory LRU.
+    Memory,
+}
+
+/// `[directory_cache]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct DirectoryCacheConfig {
+    /// Entries kept in the memory LRU in front of the directory.
+    pub max_lru_cache_entry: usize,
+    /// Kept for compatibility; files are opened per access.
+    pub max_cache_fds: usize,
+    /// Write cache files before replying to the read that fetched them.
+    pub sync_add: bool,
+    /// Kept for compatibility.
+    pub direct: bool,
+    /// Bytes the memory LRU may hold (not in the reference; bounds memory by size).
+    pub max_memory_bytes: u64,
+}
+
+impl Default for DirectoryCacheConfig {
+    fn default() -> Self {
+        DirectoryCacheConfig {
+            max_lru_cache_entry: 10,
+            max_cache_fds: 10,
+            sync_add: false,
+            direct: true,
+            max_memory_bytes: 64 << 20,
+        }
+    }
+}
+
+/// `[fuse]`.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct FuseConfig {
+    /// Seconds the kernel may cache attributes.
+    pub attr_timeout: u64,
+    /// Seconds the kernel may cache name lookups.
+    pub entry_timeout: u64,
+    /// Open fully cached files with FUSE passthrough when the kernel supports it.
+    pub passthrough: bool,
+}
+
+impl Default for FuseConfig {
+    fn default() -> Self {
+        FuseConfig {
+            attr_timeout: DEFAULT_FUSE_TIMEOUT_SEC,
+            entry_timeout: DEFAULT_FUSE_TIMEOUT_SEC,
+            passthrough: false,
+        }
+    }
+}
+
+/// Filesystem settings.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(default)]
+pub struct Config {
+    /// Cache of fetched blob data; `directory` or `memory`.
+    pub http_cache_type: CacheType,
+    /// Cache of decompressed file data; `directory` or `memory`.
+    pub filesystem_cache_type: CacheType,
+    pub prefetch_timeout_sec: u64,
+    pub noprefetch: bool,
+    pub no_background_fetch: bool,
+    pub allow_no_verification: bool,
+    pub disable_verification: bool,
+    /// Concurrent background fetches per layer.
+    pub max_concurrency: usize,
+    pub directory_cache: DirectoryCacheConfig,
+    pub fuse: FuseConfig,
+}
+
+impl Default for Config {
+    fn default() -> Self {
+        Config {
+            http_cache_type: CacheType::Directory,
+            filesystem_cache_type: CacheType::Directory,
+            prefetch_timeout_sec: DEFAULT_PREFETCH_TIMEOUT_SEC,
+            noprefetch: false,
+            no_background_fetch: false,
+            allow_no_verification: false,
+            disable_verification: false,
+            max_concurrency: DEFAULT_MAX_CONCURRENCY,
+            directory_cache: DirectoryCacheConfig::default(),
+            fuse: FuseConfig::default(),
+        }
+    }
+}
+
+impl Config {
+    /// Parses the TOML form; unknown keys are ignored so a whole daemon file can be given.
+    pub fn from_toml(text: &str) -> Result<Config> {
+        let cfg: Config = toml::from_str(text).map_err(|e| Error::Config(e.to_string()))?;
+        Ok(cfg)
+    }
+
+    /// Chunks go to disk when either cache type asks for a directory.
+    pub fn uses_directory_cache(&self) -> bool {
+        self.filesystem_cache_type == CacheType::Directory
+            || self.http_cache_type == CacheType::Directory
+    }
+
+    pub(crate) fn background_workers(&self) -> usize {
+        self.max_concurrency.clamp(1, 8)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_reference_keys() {
+        let cfg = Config::from_toml(
+            r#"
+            noprefetch = true
+            no_background_fetch = true
+            prefetch_timeout_sec = 3
+            filesystem_cache_type = "memory"
+            max_concurrency = 4
+            some_unknown_key = 1
+            [directory_cache]
+            max_lru_cache_entry = 100
+            [fuse]
+            attr_timeout = 5
+            entry_timeout = 6
+            passthrough = true
+            "#,
+        )
+        .expect("valid config");
+        assert!(cfg.noprefetch && cfg.no_background_fetch);
+        assert_eq!(cfg.prefetch_timeout_sec, 3);
+        assert_eq!(cfg.filesystem_cache_type, CacheType::Memory);
+        assert_eq!(cfg.http_cache_type, CacheType::Directory);
+        assert_eq!(cfg.directory_cache.max_lru_cache_entry, 100);
+        assert_eq!(cfg.fuse.attr_timeout, 5);
+        assert_eq!(cfg.fuse.entry_timeout, 6);
+        assert!(cfg.fuse.passthrough);
+        assert_eq!(cfg.max_concurrency, 4);
+    }
+
+    #[test]
+    fn defaults_match_reference() {
+        let cfg = Config::from_toml("").expect("empty config");
+        assert_eq!(cfg.prefetch_timeout_sec, 10);
+        assert_eq!(cfg.fuse.attr_timeout, 1);
+        assert_eq!(cfg.max_concurrency, 2);
+        assert!(!cfg.allow_no_verification);
+    }
+}

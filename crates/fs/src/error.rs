@@ -1,0 +1,50 @@
+//! The crate's error type.
+
+use std::io;
+
+/// Everything that can go wrong opening, mounting or reading a layer.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error("fetching {what}: {source}")]
+    Fetch {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("layer {layer}: {source}")]
+    Format {
+        layer: String,
+        #[source]
+        source: estargz::Error,
+    },
+    #[error("layer {layer} has no TOC digest to verify against (set allow_no_verification to mount it anyway)")]
+    NoVerification { layer: String },
+    #[error("layer {layer}, file {file:?}: chunk at file offset {file_offset} is corrupt: {reason}")]
+    CorruptChunk {
+        layer: String,
+        file: String,
+        file_offset: u64,
+        reason: String,
+    },
+    #[error("another reader failed to fetch this chunk: {0}")]
+    Shared(String),
+    #[error("cache I/O at {path}: {source}")]
+    Cache {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("mounting at {mountpoint}: {source}")]
+    Mount {
+        mountpoint: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("invalid configuration: {0}")]
+    Config(String),
+    #[error("inode {0} is not a regular file of this layer")]
+    NotAFile(u64),
+}
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;

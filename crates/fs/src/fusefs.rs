@@ -1,0 +1,543 @@
+//! The FUSE side: inode numbering, attributes, directory listings with overlayfs-style
+//! whiteouts, xattrs, the state directory, and reads answered from the cache or, after a
+//! fetch on a worker thread, from there.
+
+use std::collections::HashMap;
+use std::ffi::OsStr;
+use std::os::unix::ffi::OsStrExt;
+use std::path::Path;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
+
+use estargz::{NodeId, NodeKind};
+use fuser::{
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
+    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
+    ReplyXattr, Request,
+};
+use tracing::{debug, info, warn};
+
+use crate::layer::Layer;
+
+/// Name of the state directory at the root; hidden from listings, reachable by lookup.
+pub const STATE_DIR: &str = ".stargz-snapshotter";
+const WHITEOUT_PREFIX: &str = ".wh.";
+const OPAQUE_MARKER: &str = ".wh..wh..opq";
+const OPAQUE_XATTR: &str = "trusted.overlay.opaque";
+
+/// How FUSE presents the layer.
+#[derive(Debug, Clone)]
+pub(crate) struct FuseOpts {
+    pub attr_ttl: Duration,
+    pub entry_ttl: Duration,
+    pub passthrough: bool,
+}
+
+struct Backing {
+    id: Arc<BackingId>,
+    open: usize,
+}
+
+pub(crate) struct FuseLayer {
+    layer: Arc<Layer>,
+    opts: FuseOpts,
+    rt: tokio::runtime::Handle,
+    /// Node is a `.wh.NAME` file shown as a whiteout device.
+    whiteout: Vec<bool>,
+    /// Directory holds `.wh..wh..opq`.
+    opaque: Vec<bool>,
+    state_dir_ino: u64,
+    state_file_ino: u64,
+    state_file_name: String,
+    passthrough_ok: AtomicBool,
+    backings: Mutex<HashMap<u64, Backing>>,
+    next_fh: AtomicU64,
+}
+
+/// Linux's 32-bit device encoding, as FUSE carries it.
+fn encode_dev(major: u32, minor: u32) -> u32 {
+    (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
+}
+
+fn time_of(secs: i64) -> SystemTime {
+    if secs >= 0 {
+        UNIX_EPOCH + Duration::from_secs(secs as u64)
+    } else {
+        UNIX_EPOCH - Duration::from_secs(secs.unsigned_abs())
+    }
+}
+
+impl FuseLayer {
+    pub(crate) fn new(layer: Arc<Layer>, opts: FuseOpts, rt: tokio::runtime::Handle) -> FuseLayer {
+        let index = layer.index();
+        let mut whiteout = vec![false; index.len()];
+        let mut opaque = vec![false; index.len()];
+        for (id, node) in index.nodes() {
+            if node.kind != NodeKind::Dir {
+                continue;
+            }
+            for (name, &child) in &node.children {
+                if name == OPAQUE_MARKER {
+                    opaque[id as usize] = true;
+                } else if name.starts_with(WHITEOUT_PREFIX) {
+                    whiteout[child as usize] = true;
+                }
+            }
+        }
+        let n = index.len() as u64;
+        FuseLayer {
+            state_file_name: format!("{}.json", layer.desc().digest),
+            layer,
+            opts,
+            rt,
+            whiteout,
+            opaque,
+            state_dir_ino: n + 1,
+            state_file_ino: n + 2,
+            passthrough_ok: AtomicBool::new(false),
+            backings: Mutex::new(HashMap::new()),
+            next_fh: AtomicU64::new(1),
+        }
+    }
+
+    fn node_of(&self, ino: INodeNo) -> Option<NodeId> {
+        let id = NodeId::try_from(ino.0.checked_sub(1)?).ok()?;
+        self.layer.index().get(id).map(|_| id)
+    }
+
+    fn kind_of(&self, id: NodeId) -> FileType {
+        if self.whiteout[id as usize] {
+            return FileType::CharDevice;
+        }
+        match self.layer.index().node(id).kind {
+            NodeKind::Dir => FileType::Directory,
+            NodeKind::Reg => FileType::RegularFile,
+            NodeKind::Symlink => FileType::Symlink,
+            NodeKind::Char => FileType::CharDevice,
+            NodeKind::Block => FileType::BlockDevice,
+            NodeKind::Fifo => FileType::NamedPipe,
+        }
+    }
+
+    fn attr_of(&self, id: NodeId) -> FileAttr {
+        let n = self.layer.index().node(id);
+        let t = time_of(n.mtime);
+        let wh = self.whiteout[id as usize];
+        let size = match n.kind {
+            _ if wh => 0,
+            NodeKind::Reg => n.size,
+            NodeKind::Symlink => n.link_target.len() as u64,
+            NodeKind::Dir => 4096,
+            _ => 0,
+        };
+        let rdev = match n.kind {
+            NodeKind::Char | NodeKind::Block if !wh => encode_dev(n.dev_major, n.dev_minor),
+            _ => 0,
+        };
+        FileAttr {
+            ino: INodeNo(u64::from(id) + 1),
+            size,
+            blocks: size.div_ceil(512),
+            atime: t,
+            mtime: t,
+            ctime: t,
+            crtime: t,
+            kind: self.kind_of(id),
+            perm: if wh { 0 } else { (n.mode & 0o7777) as u16 },
+            nlink: n.nlink.max(1),
+            uid: n.uid,
+            gid: n.gid,
+            rdev,
+            blksize: 4096,
+            flags: 0,
+        }
+    }
+
+    fn special_attr(&self, ino: u64) -> Option<FileAttr> {
+        let root = self.attr_of(self.layer.index().root());
+        let (kind, perm, size, nlink) = if ino == self.state_dir_ino {
+            (FileType::Directory, 0o755, 4096, 2)
+        } else if ino == self.state_file_ino {
+            (
+                FileType::RegularFile,
+                0o444,
+                self.layer.state_json().len() as u64,
+                1,
+            )
+        } else {
+            return None;
+        };
+        Some(FileAttr {
+            ino: INodeNo(ino),
+            size,
+            blocks: size.div_ceil(512),
+            kind,
+            perm,
+            nlink,
+            uid: 0,
+            gid: 0,
+            rdev: 0,
+            ..root
+        })
+    }
+
+    fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
+        match self.node_of(ino) {
+            Some(id) => Some(self.attr_of(id)),
+            None => self.special_attr(ino.0),
+        }
+    }
+
+    fn lookup_child(&self, parent: INodeNo, name: &str) -> Option<FileAttr> {
+        if parent.0 == self.state_dir_ino {
+            return (name == self.state_file_name)
+                .then(|| self.special_attr(self.state_file_ino))
+                .flatten();
+        }
+        let dir = self.node_of(parent)?;
+        if dir == self.layer.index().root() && name == STATE_DIR {
+            return self.special_attr(self.state_dir_ino);
+        }
+        if name.starts_with(WHITEOUT_PREFIX) {
+            return None;
+        }
+        let index = self.layer.index();
+        let child = index
+            .child(dir, name)
+            .or_else(|| index.child(dir, &format!("{WHITEOUT_PREFIX}{name}")))?;
+        Some(self.attr_of(child))
+    }
+
+    /// Directory entries as shown: whiteout files renamed, the opaque marker and (at
+    /// the root) the state directory hidden.
+    fn entries(&self, ino: INodeNo) -> Option<Vec<(u64, FileType, String)>> {
+        let mut out = Vec::new();
+        if ino.0 == self.state_dir_ino {
+            out.push((self.state_dir_ino, FileType::Directory, ".".into()));
+            out.push((1, FileType::Directory, "..".into()));
+            out.push((
+                self.state_file_ino,
+                FileType::RegularFile,
+                self.state_file_name.clone(),
+            ));
+            return Some(out);
+        }
+        let id = self.node_of(ino)?;
+        let node = self.layer.index().node(id);
+        if node.kind != NodeKind::Dir {
+            return None;
+        }
+        out.push((ino.0, FileType::Directory, ".".into()));
+        out.push((u64::from(node.parent) + 1, FileType::Directory, "..".into()));
+        for (name, &child) in &node.children {
+            if name == OPAQUE_MARKER {
+                continue;
+            }
+            let shown = match name.strip_prefix(WHITEOUT_PREFIX) {
+                Some(real) if node.children.contains_key(real) => continue,
+                Some(real) => real.to_string(),
+                None => name.clone(),
+            };
+            out.push((u64::from(child) + 1, self.kind_of(child), shown));
+        }
+        Some(out)
+    }
+
+    fn xattrs(&self, ino: INodeNo) -> Vec<(String, Vec<u8>)> {
+        let Some(id) = self.node_of(ino) else {
+            return Vec::new();
+        };
+        let mut v: Vec<(String, Vec<u8>)> = self
+            .layer
+            .index()
+            .node(id)
+            .xattrs
+            .iter()
+            .map(|(k, v)| (k.clone(), v.clone()))
+            .collect();
+        if self.opaque[id as usize] && !v.iter().any(|(k, _)| k == OPAQUE_XATTR) {
+            v.push((OPAQUE_XATTR.into(), b"y".to_vec()));
+        }
+        v
+    }
+
+    fn reply_xattr(reply: ReplyXattr, data: &[u8], size: u32) {
+        if size == 0 {
+            reply.size(data.len() as u32);
+        } else if data.len() > size as usize {
+            reply.error(Errno::ERANGE);
+        } else {
+            reply.data(data);
+        }
+    }
+
+    fn try_passthrough(&self, id: NodeId, ino: u64, reply: ReplyOpen) -> Option<ReplyOpen> {
+        let mut backings = match self.backings.lock() {
+            Ok(b) => b,
+            Err(_) => return Some(reply),
+        };
+        let fh = FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed));
+        if let Some(b) = backings.get_mut(&ino) {
+            b.open += 1;
+            reply.opened_passthrough(fh, FopenFlags::empty(), &b.id);
+            return None;
+        }
+        let path = self.layer.materialize(id)?;
+        let file = match std::fs::File::open(&path) {
+            Ok(f) => f,
+            Err(e) => {
+                warn!(path = %path.display(), error = %e, "cannot open a cached file");
+                return Some(reply);
+            }
+        };
+        match reply.open_backing(&file) {
+            Ok(backing) => {
+                let id = Arc::new(backing);
+                reply.opened_passthrough(fh, FopenFlags::empty(), &id);
+                backings.insert(ino, Backing { id, open: 1 });
+                None
+            }
+            Err(e) => {
+                warn!(error = %e, "passthrough refused by the kernel; serving reads in user space");
+                self.passthrough_ok.store(false, Ordering::SeqCst);
+                Some(reply)
+            }
+        }
+    }
+}
+
+impl Filesystem for FuseLayer {
+    fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
+        let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
+        let _ = config.add_capabilities(InitFlags::FUSE_READDIRPLUS_AUTO);
+        if self.opts.passthrough {
+            let ok = config
+                .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
+                .is_ok()
+                && config.set_max_stack_depth(1).is_ok();
+            self.passthrough_ok.store(ok, Ordering::SeqCst);
+            info!(enabled = ok, "FUSE passthrough");
+        }
+        Ok(())
+    }
+
+    fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let found = name
+            .to_str()
+            .and_then(|name| self.lookup_child(parent, name));
+        match found {
+            Some(attr) => reply.entry(&self.opts.entry_ttl, &attr, Generation(0)),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        match self.attr(ino) {
+            Some(attr) => reply.attr(&self.opts.attr_ttl, &attr),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        match self.node_of(ino).map(|id| self.layer.index().node(id)) {
+            Some(n) if n.kind == NodeKind::Symlink => reply.data(n.link_target.as_bytes()),
+            Some(_) => reply.error(Errno::EINVAL),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        if flags.acc_mode() != OpenAccMode::O_RDONLY {
+            return reply.error(Errno::EROFS);
+        }
+        if ino.0 == self.state_file_ino {
+            return reply.opened(FileHandle(0), FopenFlags::FOPEN_DIRECT_IO);
+        }
+        let Some(id) = self.node_of(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if self.layer.index().node(id).kind != NodeKind::Reg || self.whiteout[id as usize] {
+            return reply.error(Errno::EACCES);
+        }
+        let reply = if self.passthrough_ok.load(Ordering::SeqCst) {
+            match self.try_passthrough(id, ino.0, reply) {
+                Some(r) => r,
+                None => return,
+            }
+        } else {
+            reply
+        };
+        // Layer content never changes, so the page cache stays valid across opens.
+        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+    }
+
+    fn read(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        size: u32,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        reply: ReplyData,
+    ) {
+        if ino.0 == self.state_file_ino {
+            let json = self.layer.state_json();
+            let start = (offset as usize).min(json.len());
+            let end = start.saturating_add(size as usize).min(json.len());
+            return reply.data(&json[start..end]);
+        }
+        let Some(id) = self.node_of(ino) else {
+            return reply.error(Errno::ENOENT);
+        };
+        if let Some(data) = self.layer.read_cached(id, offset, size) {
+            return reply.data(&data);
+        }
+        let layer = self.layer.clone();
+        self.rt.spawn_blocking(move || match layer.read(id, offset, size) {
+            Ok(data) => reply.data(&data),
+            Err(e) => {
+                debug!(ino = ino.0, offset, size, error = %e, "read failed");
+                reply.error(Errno::EIO)
+            }
+        });
+    }
+
+    fn release(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        _flags: OpenFlags,
+        _lock_owner: Option<LockOwner>,
+        _flush: bool,
+        reply: ReplyEmpty,
+    ) {
+        if let Ok(mut backings) = self.backings.lock() {
+            if let Some(b) = backings.get_mut(&ino.0) {
+                b.open = b.open.saturating_sub(1);
+                if b.open == 0 {
+                    backings.remove(&ino.0);
+                }
+            }
+        }
+        reply.ok();
+    }
+
+    fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        if ino.0 == self.state_dir_ino {
+            return reply.opened(FileHandle(0), FopenFlags::empty());
+        }
+        match self.node_of(ino).map(|id| self.layer.index().node(id).kind) {
+            Some(NodeKind::Dir) => reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR),
+            Some(_) => reply.error(Errno::ENOTDIR),
+            None => reply.error(Errno::ENOENT),
+        }
+    }
+
+    fn readdir(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectory,
+    ) {
+        let Some(entries) = self.entries(ino) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        for (i, (child, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
+            if reply.add(INodeNo(*child), (i + 1) as u64, *kind, name) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn readdirplus(
+        &self,
+        _req: &Request,
+        ino: INodeNo,
+        _fh: FileHandle,
+        offset: u64,
+        mut reply: ReplyDirectoryPlus,
+    ) {
+        let Some(entries) = self.entries(ino) else {
+            return reply.error(Errno::ENOTDIR);
+        };
+        for (i, (child, _, name)) in entries.iter().enumerate().skip(offset as usize) {
+            let Some(attr) = self.attr(INodeNo(*child)) else {
+                continue;
+            };
+            if reply.add(
+                INodeNo(*child),
+                (i + 1) as u64,
+                name,
+                &self.opts.entry_ttl,
+                &attr,
+                Generation(0),
+            ) {
+                break;
+            }
+        }
+        reply.ok();
+    }
+
+    fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let index = self.layer.index();
+        let bytes: u64 = index.nodes().map(|(_, n)| n.size).sum();
+        reply.statfs(
+            bytes.div_ceil(4096),
+            0,
+            0,
+            index.len() as u64 + 2,
+            0,
+            4096,
+            255,
+            4096,
+        );
+    }
+
+    fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let want = name.as_bytes();
+        match self
+            .xattrs(ino)
+            .into_iter()
+            .find(|(k, _)| k.as_bytes() == want)
+        {
+            Some((_, v)) => Self::reply_xattr(reply, &v, size),
+            None => reply.error(Errno::NO_XATTR),
+        }
+    }
+
+    fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let mut list = Vec::new();
+        for (k, _) in self.xattrs(ino) {
+            list.extend_from_slice(k.as_bytes());
+            list.push(0);
+        }
+        Self::reply_xattr(reply, &list, size);
+    }
+
+    fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        if self.attr(ino).is_some() {
+            reply.ok();
+        } else {
+            reply.error(Errno::ENOENT);
+        }
+    }
+}
+
+/// Whether `path` is a mount point of this process's namespace.
+pub(crate) fn is_mounted(path: &Path) -> bool {
+    let Ok(info) = std::fs::read_to_string("/proc/self/mountinfo") else {
+        return false;
+    };
+    let want = path.to_string_lossy();
+    info.lines()
+        .filter_map(|l| l.split(' ').nth(4))
+        .any(|m| m.replace("\\040", " ") == want)
+}

@@ -1,0 +1,191 @@
+//! Mounting a layer: the FUSE session on its own threads, the worker runtime for reads
+//! that must fetch, prefetch before the mount is reported ready, background fetch after,
+//! and unmounting when the handle goes away.
+
+use std::path::{Path, PathBuf};
+use std::sync::mpsc;
+use std::sync::Arc;
+use std::time::Duration;
+
+use fuser::{MountOption, SessionACL};
+use tracing::{info, warn};
+
+use crate::cache::ChunkCache;
+use crate::config::Config;
+use crate::error::{Error, Result};
+use crate::fetcher::Fetcher;
+use crate::fusefs::{is_mounted, FuseLayer, FuseOpts};
+use crate::layer::{Layer, LayerDesc};
+
+/// FUSE request threads per mount.
+const FUSE_THREADS: usize = 4;
+/// Upper bound on reads waiting for fetches at once, per mount.
+const MAX_FETCH_THREADS: usize = 64;
+
+/// The chunk cache a configuration asks for: on disk under `dir`, or memory only.
+pub fn cache_from_config(cfg: &Config, dir: &Path) -> Result<Arc<ChunkCache>> {
+    let mem = cfg.directory_cache.max_memory_bytes;
+    Ok(Arc::new(if cfg.uses_directory_cache() {
+        ChunkCache::directory(dir, mem)?
+    } else {
+        ChunkCache::memory(mem)
+    }))
+}
+
+/// Opens the layer behind `fetcher` and mounts it read-only at `mountpoint`. Returns once
+/// the mount answers requests and prefetch finished (or `prefetch_timeout_sec` passed).
+///
+/// Blocking: call it from a plain thread or `spawn_blocking`.
+pub fn mount(
+    fetcher: Arc<dyn Fetcher>,
+    desc: LayerDesc,
+    mountpoint: &Path,
+    cfg: &Config,
+    cache: Arc<ChunkCache>,
+) -> Result<MountHandle> {
+    let layer = Arc::new(Layer::open(fetcher, desc, cfg, cache)?);
+    mount_layer(layer, mountpoint, cfg)
+}
+
+/// Mounts an already opened layer.
+pub fn mount_layer(layer: Arc<Layer>, mountpoint: &Path, cfg: &Config) -> Result<MountHandle> {
+    let mount_err = |source: std::io::Error| Error::Mount {
+        mountpoint: mountpoint.display().to_string(),
+        source,
+    };
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(1)
+        .max_blocking_threads(MAX_FETCH_THREADS)
+        .thread_name("stargz-fetch")
+        .enable_all()
+        .build()
+        .map_err(mount_err)?;
+    let opts = FuseOpts {
+        attr_ttl: Duration::from_secs(cfg.fuse.attr_timeout),
+        entry_ttl: Duration::from_secs(cfg.fuse.entry_timeout),
+        passthrough: cfg.fuse.passthrough,
+    };
+    let fs = FuseLayer::new(layer.clone(), opts, runtime.handle().clone());
+    let mut fcfg = fuser::Config::default();
+    fcfg.mount_options = vec![
+        MountOption::RO,
+        MountOption::FSName("stargz".into()),
+        MountOption::Subtype("stargz".into()),
+        MountOption::DefaultPermissions,
+        MountOption::Suid,
+        MountOption::Dev,
+    ];
+    fcfg.acl = SessionACL::All;
+    fcfg.n_threads = Some(FUSE_THREADS);
+    fcfg.clone_fd = true;
+    let session = fuser::Session::new(fs, mountpoint, &fcfg).map_err(mount_err)?;
+    let session = session.spawn().map_err(mount_err)?;
+    info!(layer = %layer.desc().digest, mountpoint = %mountpoint.display(), "mounted");
+
+    let (ready_tx, ready_rx) = mpsc::channel();
+    let worker = {
+        let layer = layer.clone();
+        let prefetch = !cfg.noprefetch && layer.index().prefetch_end.is_some();
+        let background = !cfg.no_background_fetch;
+        let workers = cfg.background_workers();
+        std::thread::Builder::new()
+            .name("stargz-bg".into())
+            .spawn(move || {
+                if prefetch {
+                    if let Err(e) = layer.prefetch() {
+                        warn!(layer = %layer.desc().digest, error = %e, "prefetch failed");
+                    }
+                }
+                let _ = ready_tx.send(());
+                if background {
+                    layer.background_fetch(workers);
+                }
+            })
+            .map_err(mount_err)?
+    };
+    let handle = MountHandle {
+        session: Some(session),
+        layer,
+        mountpoint: mountpoint.to_path_buf(),
+        runtime: Some(runtime),
+        _worker: worker,
+    };
+    if !cfg.noprefetch && handle.layer.index().prefetch_end.is_some() {
+        let timeout = Duration::from_secs(cfg.prefetch_timeout_sec);
+        if ready_rx.recv_timeout(timeout).is_err() {
+            warn!(layer = %handle.layer.desc().digest, "prefetch still running; mount proceeds");
+        }
+    }
+    Ok(handle)
+}
+
+/// A mounted layer. Dropping it unmounts.
+pub struct MountHandle {
+    session: Option<fuser::BackgroundSession>,
+    layer: Arc<Layer>,
+    mountpoint: PathBuf,
+    runtime: Option<tokio::runtime::Runtime>,
+    _worker: std::thread::JoinHandle<()>,
+}
+
+impl MountHandle {
+    pub fn layer(&self) -> &Arc<Layer> {
+        &self.layer
+    }
+
+    pub fn mountpoint(&self) -> &Path {
+        &self.mountpoint
+    }
+
+    /// Ok while the session serves requests and the mount is in place.
+    pub fn check(&self) -> Result<()> {
+        let alive = self
+            .session
+            .as_ref()
+            .is_some_and(|s| !s.guard.is_finished());
+        if alive && is_mounted(&self.mountpoint) {
+            Ok(())
+        } else {
+            Err(Error::Mount {
+                mountpoint: self.mountpoint.display().to_string(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::NotConnected,
+                    "the FUSE session is gone",
+                ),
+            })
+        }
+    }
+
+    /// Blob bytes that are local.
+    pub fn fetched_bytes(&self) -> u64 {
+        self.layer.fetched_bytes()
+    }
+
+    /// Unmounts (lazily, so busy files do not block it) and waits for the session.
+    pub fn unmount(mut self) -> Result<()> {
+        self.shutdown()
+    }
+
+    fn shutdown(&mut self) -> Result<()> {
+        self.layer.stop();
+        let res = match self.session.take() {
+            Some(s) => s.umount_and_join().map_err(|source| Error::Mount {
+                mountpoint: self.mountpoint.display().to_string(),
+                source,
+            }),
+            None => Ok(()),
+        };
+        if let Some(rt) = self.runtime.take() {
+            rt.shutdown_background();
+        }
+        res
+    }
+}
+
+impl Drop for MountHandle {
+    fn drop(&mut self) {
+        if let Err(e) = self.shutdown() {
+            warn!(error = %e, "unmount failed");
+        }
+    }
+}
