@@ -263,10 +263,15 @@ impl BlobReader {
             return self.fetch_singles(ep, groups, size).await;
         }
         let mut results: Vec<Option<Bytes>> = vec![None; groups.len()];
+        let total: u64 = groups.iter().map(|g| g.end - g.start).sum();
+        let by_count = groups.len().div_ceil(blob.max_ranges_per_request);
+        let by_bytes = ((total >> 20) as usize).min(blob.multi_range_parallelism);
+        let n = by_count.max(by_bytes).clamp(1, groups.len());
+        let per = groups.len().div_ceil(n);
         let batches: Vec<(usize, &[Range<u64>])> = groups
-            .chunks(blob.max_ranges_per_request)
+            .chunks(per)
             .enumerate()
-            .map(|(i, c)| (i * blob.max_ranges_per_request, c))
+            .map(|(i, c)| (i * per, c))
             .collect();
         let replies = futures::future::try_join_all(
             batches.iter().map(|(_, b)| self.get_ranges(ep, b, size)),
