@@ -84,42 +84,51 @@ pub fn decompress_range(
     skip: u64,
     len: usize,
 ) -> std::io::Result<Vec<u8>> {
-    let mut out = vec![0u8; len];
     match compression {
         Compression::Gzip => {
-            if skip == 0 {
-                if let Some(n) = try_libdeflate_member(compressed, &mut out) {
-                    if n == len {
-                        return Ok(out);
-                    }
-                }
+            if let Some(data) = try_libdeflate(compressed, skip, len) {
+                return Ok(data);
             }
+            let mut out = vec![0u8; len];
             let mut d = flate2::read::MultiGzDecoder::new(compressed);
             skip_exact(&mut d, skip)?;
             d.read_exact(&mut out)?;
+            Ok(out)
         }
         Compression::Zstd => {
+            let mut out = vec![0u8; len];
             let mut d = zstd::stream::read::Decoder::with_buffer(compressed)?;
             skip_exact(&mut d, skip)?;
             d.read_exact(&mut out)?;
+            Ok(out)
         }
     }
-    Ok(out)
 }
 
-/// Fast path: the range is exactly one gzip member whose size the trailer states.
-fn try_libdeflate_member(compressed: &[u8], out: &mut [u8]) -> Option<usize> {
-    if compressed.len() < 18 {
-        return None;
-    }
-    let isize_field = u32::from_le_bytes(compressed[compressed.len() - 4..].try_into().ok()?);
-    if isize_field as usize != out.len() {
-        return None;
-    }
+/// Headers of the entries that follow a chunk in its member rarely take more than
+/// this; when they do, the streaming decoder takes over.
+const MEMBER_SLACK: usize = 128 << 10;
+
+/// Fast path: inflate the first member in one call. libdeflate ignores what follows
+/// the member, so a range spanning several members works as long as the first one
+/// holds the chunk and fits the buffer.
+fn try_libdeflate(compressed: &[u8], skip: u64, len: usize) -> Option<Vec<u8>> {
     thread_local! {
         static INFLATER: RefCell<libdeflater::Decompressor> = RefCell::new(libdeflater::Decompressor::new());
     }
-    INFLATER.with(|d| d.borrow_mut().gzip_decompress(compressed, out).ok())
+    let skip = usize::try_from(skip).ok()?;
+    let need = skip.checked_add(len)?;
+    let mut out = vec![0u8; need.checked_add(MEMBER_SLACK)?];
+    let n = INFLATER.with(|d| d.borrow_mut().gzip_decompress(compressed, &mut out).ok())?;
+    if n < need {
+        return None;
+    }
+    if skip == 0 {
+        out.truncate(len);
+        Some(out)
+    } else {
+        Some(out[skip..need].to_vec())
+    }
 }
 
 fn skip_exact(r: &mut impl Read, n: u64) -> std::io::Result<()> {
