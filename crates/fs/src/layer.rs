@@ -585,11 +585,11 @@ impl Layer {
         });
         let done = !failed.load(Ordering::SeqCst) && !self.stop.load(Ordering::SeqCst);
         if done {
+            self.complete.store(true, Ordering::SeqCst);
             // Everything else in the blob (TOC, footer, landmarks) holds no file data.
             if let Ok(mut cov) = self.coverage.lock() {
                 cov.insert(0..self.blob_size);
             }
-            self.complete.store(true, Ordering::SeqCst);
             info!(layer = %self.desc.digest, "layer is fully local");
         }
         done

@@ -1,0 +1,633 @@
+//! Real FUSE mounts of built blobs: tree walk against the tar, overlayfs stacking,
+//! corruption, failing fetchers, concurrency, prefetch/background fetch accounting.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::io::{Read, Seek, SeekFrom};
+use std::os::unix::fs::{FileTypeExt, MetadataExt};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use common::*;
+use fs::{ChunkCache, Config, Fetcher};
+
+fn fixture_entries() -> Vec<Entry> {
+    let mut v = vec![
+        Entry::new("etc", Kind::Dir),
+        Entry::new("etc/hosts", Kind::Reg(b"127.0.0.1 localhost\n".to_vec()))
+            .owner(1000, 1001)
+            .mtime(1_600_000_123),
+        Entry::new("etc/passwd", Kind::Reg(b"root:x:0:0::/root:/bin/sh\n".to_vec())).mode(0o600),
+        Entry::new("etc/link-to-hosts", Kind::Hardlink("etc/hosts".into())),
+        Entry::new("bin", Kind::Dir).mode(0o750),
+        Entry::new("bin/tool", Kind::Reg(pseudo_random(300_000, 7))).mode(0o4755),
+        Entry::new("bin/sh", Kind::Symlink("tool".into())),
+        Entry::new("bin/abs", Kind::Symlink("/etc/hosts".into())),
+        Entry::new("dev", Kind::Dir),
+        Entry::new("dev/null", Kind::Char(1, 3)).mode(0o666),
+        Entry::new("dev/loop0", Kind::Block(7, 0)).mode(0o660).owner(0, 6),
+        Entry::new("dev/big", Kind::Char(300, 70_000)),
+        Entry::new("dev/pipe", Kind::Fifo).mode(0o620),
+        Entry::new("attrs", Kind::Dir).xattr("user.dirattr", b"d"),
+        Entry::new("attrs/file", Kind::Reg(b"x".to_vec()))
+            .xattr("user.one", b"1")
+            .xattr("user.two", &[0, 1, 2, 255])
+            .xattr(
+                "security.capability",
+                &[0, 0, 0, 2, 0, 4, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0],
+            ),
+        Entry::new("gone", Kind::Dir),
+        Entry::new("gone/.wh.removed", Kind::Reg(Vec::new())),
+        Entry::new("opq", Kind::Dir),
+        Entry::new("opq/.wh..wh..opq", Kind::Reg(Vec::new())),
+        Entry::new("opq/kept", Kind::Reg(b"kept".to_vec())),
+        Entry::new("empty", Kind::Reg(Vec::new())),
+        Entry::new("many", Kind::Dir),
+    ];
+    for i in 0..150 {
+        let len = (i * 37) % 5000;
+        v.push(
+            Entry::new(&format!("many/f{i:03}"), Kind::Reg(pseudo_random(len, i as u64)))
+                .mtime(1_650_000_000 + i as u64),
+        );
+    }
+    v
+}
+
+struct Expect {
+    kind: &'static str,
+    mode: u32,
+    uid: u32,
+    gid: u32,
+    mtime: i64,
+    data: Option<Vec<u8>>,
+    link: Option<String>,
+    rdev: Option<(u32, u32)>,
+    xattrs: BTreeMap<String, Vec<u8>>,
+}
+
+/// What each visible path of the mount should look like.
+fn expectations(entries: &[Entry]) -> BTreeMap<String, Expect> {
+    let mut out = BTreeMap::new();
+    let by_path: BTreeMap<&str, &Entry> = entries.iter().map(|e| (e.path.as_str(), e)).collect();
+    for e in entries {
+        let base = e.path.rsplit('/').next().unwrap_or(&e.path);
+        if base == ".wh..wh..opq" {
+            continue;
+        }
+        let (path, e) = if let Some(real) = base.strip_prefix(".wh.") {
+            let parent = &e.path[..e.path.len() - base.len()];
+            out.insert(
+                format!("{parent}{real}"),
+                Expect {
+                    kind: "char",
+                    mode: 0,
+                    uid: e.uid,
+                    gid: e.gid,
+                    mtime: e.mtime as i64,
+                    data: None,
+                    link: None,
+                    rdev: Some((0, 0)),
+                    xattrs: BTreeMap::new(),
+                },
+            );
+            continue;
+        } else if let Kind::Hardlink(t) = &e.kind {
+            (e.path.clone(), *by_path.get(t.as_str()).expect("hardlink target"))
+        } else {
+            (e.path.clone(), e)
+        };
+        let (kind, data, link, rdev) = match &e.kind {
+            Kind::Dir => ("dir", None, None, None),
+            Kind::Reg(d) => ("file", Some(d.clone()), None, None),
+            Kind::Symlink(t) => ("symlink", None, Some(t.clone()), None),
+            Kind::Char(a, b) => ("char", None, None, Some((*a, *b))),
+            Kind::Block(a, b) => ("block", None, None, Some((*a, *b))),
+            Kind::Fifo => ("fifo", None, None, None),
+            Kind::Hardlink(_) => unreachable!(),
+        };
+        let mut xattrs = e.xattrs.clone();
+        if entries
+            .iter()
+            .any(|o| o.path == format!("{}/.wh..wh..opq", e.path))
+        {
+            xattrs.insert("trusted.overlay.opaque".into(), b"y".to_vec());
+        }
+        out.insert(
+            path,
+            Expect {
+                kind,
+                mode: e.mode,
+                uid: e.uid,
+                gid: e.gid,
+                mtime: e.mtime as i64,
+                data,
+                link,
+                rdev,
+                xattrs,
+            },
+        );
+    }
+    out
+}
+
+fn kind_of(m: &std::fs::Metadata) -> &'static str {
+    let t = m.file_type();
+    if t.is_dir() {
+        "dir"
+    } else if t.is_file() {
+        "file"
+    } else if t.is_symlink() {
+        "symlink"
+    } else if t.is_char_device() {
+        "char"
+    } else if t.is_block_device() {
+        "block"
+    } else if t.is_fifo() {
+        "fifo"
+    } else {
+        "other"
+    }
+}
+
+fn walk(root: &Path, rel: &str, out: &mut BTreeSet<String>) {
+    let dir = if rel.is_empty() {
+        root.to_path_buf()
+    } else {
+        root.join(rel)
+    };
+    for e in std::fs::read_dir(&dir).expect("read_dir") {
+        let e = e.expect("dir entry");
+        let name = e.file_name().to_string_lossy().into_owned();
+        let path = if rel.is_empty() {
+            name
+        } else {
+            format!("{rel}/{name}")
+        };
+        if e.file_type().expect("file type").is_dir() {
+            walk(root, &path, out);
+        }
+        out.insert(path);
+    }
+}
+
+fn test_config() -> Config {
+    Config {
+        no_background_fetch: true,
+        noprefetch: true,
+        ..Config::default()
+    }
+}
+
+struct Mounted {
+    handle: Option<fs::MountHandle>,
+    mnt: PathBuf,
+    _guard: MountGuard,
+    _dirs: Vec<tempfile::TempDir>,
+}
+
+impl Mounted {
+    fn path(&self, rel: &str) -> PathBuf {
+        self.mnt.join(rel)
+    }
+}
+
+impl Drop for Mounted {
+    fn drop(&mut self) {
+        if let Some(h) = self.handle.take() {
+            let _ = h.unmount();
+        }
+    }
+}
+
+fn mount_with(fetcher: Arc<dyn Fetcher>, blob: &Blob, cfg: &Config) -> Mounted {
+    let mnt_dir = tempfile::tempdir().expect("tempdir");
+    let cache_dir = tempfile::tempdir().expect("tempdir");
+    let cache = fs::cache_from_config(cfg, cache_dir.path()).expect("cache");
+    let mnt = mnt_dir.path().to_path_buf();
+    let guard = MountGuard(mnt.clone());
+    let handle = fs::mount(fetcher, blob.desc.clone(), &mnt, cfg, cache).expect("mount");
+    Mounted {
+        handle: Some(handle),
+        mnt,
+        _guard: guard,
+        _dirs: vec![mnt_dir, cache_dir],
+    }
+}
+
+#[test]
+fn walk_matches_tar() {
+    if !fuse_ready("walk_matches_tar") {
+        return;
+    }
+    init_tracing();
+    let entries = fixture_entries();
+    let blob = make_blob(&entries, 64 << 10, &[]);
+    let m = mount_with(TestFetcher::open(&blob.path), &blob, &test_config());
+    let want = expectations(&entries);
+
+    let mut seen = BTreeSet::new();
+    walk(&m.mnt, "", &mut seen);
+    let want_paths: BTreeSet<String> = want.keys().cloned().collect();
+    assert_eq!(seen, want_paths, "listing differs from the tar");
+
+    let hosts_ino = std::fs::metadata(m.path("etc/hosts")).expect("stat").ino();
+    for (path, e) in &want {
+        let p = m.path(path);
+        let md = std::fs::symlink_metadata(&p).unwrap_or_else(|err| panic!("{path}: {err}"));
+        assert_eq!(kind_of(&md), e.kind, "{path}: kind");
+        assert_eq!(md.mode() & 0o7777, e.mode, "{path}: mode");
+        assert_eq!((md.uid(), md.gid()), (e.uid, e.gid), "{path}: owner");
+        assert_eq!(md.mtime(), e.mtime, "{path}: mtime");
+        if let Some((ma, mi)) = e.rdev {
+            let rdev = md.rdev();
+            assert_eq!((libc::major(rdev), libc::minor(rdev)), (ma, mi), "{path}: rdev");
+        }
+        if let Some(t) = &e.link {
+            assert_eq!(
+                std::fs::read_link(&p).expect("readlink").to_string_lossy(),
+                t.as_str()
+            );
+            assert_eq!(md.len(), t.len() as u64);
+        }
+        if let Some(d) = &e.data {
+            assert_eq!(md.len(), d.len() as u64, "{path}: size");
+            let got = std::fs::read(&p).expect("read");
+            assert!(got == *d, "{path}: content differs");
+        }
+        let names: BTreeSet<String> = lxattr_names(&p).into_iter().collect();
+        let want_names: BTreeSet<String> = e.xattrs.keys().cloned().collect();
+        assert_eq!(names, want_names, "{path}: xattr names");
+        for (k, v) in &e.xattrs {
+            assert_eq!(lxattr(&p, k).as_ref(), Some(v), "{path}: xattr {k}");
+        }
+    }
+
+    let link = std::fs::metadata(m.path("etc/link-to-hosts")).expect("stat");
+    assert_eq!(link.ino(), hosts_ino, "hardlinks share an inode");
+    assert_eq!(link.nlink(), 2);
+
+    // Random access into the multi-chunk file, across chunk boundaries.
+    let tool = pseudo_random(300_000, 7);
+    let mut f = std::fs::File::open(m.path("bin/tool")).expect("open");
+    for &(off, len) in &[(65_530u64, 20usize), (0, 1), (131_000, 70_000), (299_990, 10)] {
+        let mut buf = vec![0u8; len];
+        f.seek(SeekFrom::Start(off)).expect("seek");
+        f.read_exact(&mut buf).expect("read");
+        assert!(buf == tool[off as usize..off as usize + len]);
+    }
+
+    // The state directory: hidden, reachable, current.
+    let state = m.path(".stargz-snapshotter");
+    assert!(state.is_dir());
+    let json_path = state.join(format!("{}.json", blob.desc.digest));
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&json_path).expect("state json")).expect("json");
+    assert_eq!(v["digest"], blob.desc.digest.as_str());
+    assert_eq!(v["size"], blob.desc.size);
+    assert!(v["fetchedSize"].as_u64().expect("fetchedSize") > 0);
+    assert!(v["fetchedPercent"].as_f64().expect("percent") > 0.0);
+    let names: Vec<String> = std::fs::read_dir(&state)
+        .expect("read state dir")
+        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(names, vec![format!("{}.json", blob.desc.digest)]);
+
+    assert!(std::fs::write(m.path("etc/new"), b"x").is_err(), "read-only");
+    m.handle.as_ref().expect("handle").check().expect("alive");
+}
+
+fn two_layers() -> (Vec<Entry>, Vec<Entry>) {
+    let lower = vec![
+        Entry::new("a", Kind::Dir),
+        Entry::new("a/x", Kind::Reg(b"lower x".to_vec())),
+        Entry::new("a/y", Kind::Reg(b"lower y".to_vec())),
+        Entry::new("d", Kind::Dir),
+        Entry::new("d/old", Kind::Reg(b"old".to_vec())),
+        Entry::new("d/sub", Kind::Dir),
+        Entry::new("d/sub/deep", Kind::Reg(b"deep".to_vec())),
+        Entry::new("keep", Kind::Reg(b"keep".to_vec())),
+        Entry::new("replaced", Kind::Reg(b"lower".to_vec())),
+    ];
+    let upper = vec![
+        Entry::new("a", Kind::Dir),
+        Entry::new("a/.wh.x", Kind::Reg(Vec::new())),
+        Entry::new("d", Kind::Dir),
+        Entry::new("d/.wh..wh..opq", Kind::Reg(Vec::new())),
+        Entry::new("d/new", Kind::Reg(b"new".to_vec())),
+        Entry::new("replaced", Kind::Reg(b"upper".to_vec())),
+        Entry::new("added", Kind::Reg(b"added".to_vec())),
+    ];
+    (lower, upper)
+}
+
+#[test]
+fn overlay_stacks_layers() {
+    if !fuse_ready("overlay_stacks_layers") {
+        return;
+    }
+    init_tracing();
+    let (lower_e, upper_e) = two_layers();
+    let lower_b = make_blob(&lower_e, 64 << 10, &[]);
+    let upper_b = make_blob(&upper_e, 64 << 10, &[]);
+    let lower = mount_with(TestFetcher::open(&lower_b.path), &lower_b, &test_config());
+    let upper = mount_with(TestFetcher::open(&upper_b.path), &upper_b, &test_config());
+    let dest_dir = tempfile::tempdir().expect("tempdir");
+    let dest = dest_dir.path().to_path_buf();
+    let _guard = MountGuard(dest.clone());
+    let opts = format!(
+        "lowerdir={}:{}",
+        upper.mnt.display(),
+        lower.mnt.display()
+    );
+    let st = std::process::Command::new("mount")
+        .args(["-t", "overlay", "overlay", "-o", &opts])
+        .arg(&dest)
+        .status()
+        .expect("run mount");
+    assert!(st.success(), "overlay mount failed");
+
+    let mut seen = BTreeSet::new();
+    walk(&dest, "", &mut seen);
+    let want: BTreeSet<String> = ["a", "a/y", "d", "d/new", "keep", "replaced", "added"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    assert_eq!(seen, want);
+    assert_eq!(std::fs::read(dest.join("replaced")).expect("read"), b"upper");
+    assert_eq!(std::fs::read(dest.join("a/y")).expect("read"), b"lower y");
+    assert_eq!(std::fs::read(dest.join("keep")).expect("read"), b"keep");
+    assert!(!dest.join("a/x").exists());
+    assert!(!dest.join("d/old").exists());
+    assert!(!dest.join("d/sub/deep").exists());
+
+    let st = std::process::Command::new("umount")
+        .arg(&dest)
+        .status()
+        .expect("umount");
+    assert!(st.success());
+}
+
+/// Compressed range of the first chunk of `path`, from the blob's TOC.
+fn chunk_range(blob: &Blob, path: &str) -> std::ops::Range<u64> {
+    let src = estargz::FileBlob::open(&blob.path).expect("open");
+    let r = estargz::Reader::open(&src, &estargz::OpenOptions::default()).expect("reader");
+    let id = r.index.lookup(path).expect("in index");
+    r.index.node(id).chunks[0].blob_range()
+}
+
+#[test]
+fn corrupt_chunk_is_eio_and_logged() {
+    if !fuse_ready("corrupt_chunk_is_eio_and_logged") {
+        return;
+    }
+    init_tracing();
+    let entries = vec![
+        Entry::new("good", Kind::Reg(pseudo_random(100_000, 1))),
+        Entry::new("bad", Kind::Reg(pseudo_random(100_000, 2))),
+    ];
+    let blob = make_blob(&entries, 64 << 10, &[]);
+    let r = chunk_range(&blob, "bad");
+    let mut bytes = std::fs::read(&blob.path).expect("read blob");
+    let mid = ((r.start + r.end) / 2) as usize;
+    bytes[mid] ^= 0x55;
+    std::fs::write(&blob.path, &bytes).expect("write blob");
+
+    let m = mount_with(TestFetcher::open(&blob.path), &blob, &test_config());
+    let err = std::fs::read(m.path("bad")).expect_err("corrupt data must not be served");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    assert_eq!(
+        std::fs::read(m.path("good")).expect("good file"),
+        pseudo_random(100_000, 1)
+    );
+    // The second chunk of the damaged file is intact.
+    let mut f = std::fs::File::open(m.path("bad")).expect("open");
+    f.seek(SeekFrom::Start(70_000)).expect("seek");
+    let mut buf = vec![0u8; 1000];
+    f.read_exact(&mut buf).expect("intact chunk");
+    assert!(buf == pseudo_random(100_000, 2)[70_000..71_000]);
+}
+
+#[test]
+fn failing_fetcher_is_eio_not_hang() {
+    if !fuse_ready("failing_fetcher_is_eio_not_hang") {
+        return;
+    }
+    init_tracing();
+    let entries = vec![
+        Entry::new("first", Kind::Reg(pseudo_random(50_000, 3))),
+        Entry::new("second", Kind::Reg(pseudo_random(50_000, 4))),
+    ];
+    let blob = make_blob(&entries, 64 << 10, &[]);
+    let fetcher = TestFetcher::open(&blob.path);
+    let m = mount_with(fetcher.clone(), &blob, &test_config());
+    assert_eq!(
+        std::fs::read(m.path("first")).expect("read"),
+        pseudo_random(50_000, 3)
+    );
+    fetcher.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    let t = Instant::now();
+    let err = std::fs::read(m.path("second")).expect_err("fetch fails");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    assert!(t.elapsed() < Duration::from_secs(10));
+    // Cached data needs no fetch. Drop the page cache so the read reaches the daemon.
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", b"1");
+    assert_eq!(
+        std::fs::read(m.path("first")).expect("cached read"),
+        pseudo_random(50_000, 3)
+    );
+    fetcher.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        std::fs::read(m.path("second")).expect("recovered"),
+        pseudo_random(50_000, 4)
+    );
+}
+
+#[test]
+fn concurrent_random_reads() {
+    if !fuse_ready("concurrent_random_reads") {
+        return;
+    }
+    init_tracing();
+    let mut entries = vec![Entry::new("d", Kind::Dir)];
+    for i in 0..40u64 {
+        let len = match i % 4 {
+            0 => 400_000,
+            1 => 70_000,
+            2 => 3_000,
+            _ => 150_000,
+        };
+        entries.push(Entry::new(
+            &format!("d/f{i}"),
+            Kind::Reg(pseudo_random(len, 100 + i)),
+        ));
+    }
+    let blob = make_blob(&entries, 64 << 10, &[]);
+    let fetcher = TestFetcher::open(&blob.path);
+    let m = mount_with(fetcher.clone(), &blob, &test_config());
+    let files: Vec<(PathBuf, Vec<u8>)> = entries[1..]
+        .iter()
+        .map(|e| match &e.kind {
+            Kind::Reg(d) => (m.path(&e.path), d.clone()),
+            _ => unreachable!(),
+        })
+        .collect();
+    std::thread::scope(|s| {
+        for t in 0..24u64 {
+            let files = &files;
+            s.spawn(move || {
+                let mut x = t * 7919 + 1;
+                let mut next = move |n: u64| {
+                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    (x >> 33) % n.max(1)
+                };
+                for _ in 0..150 {
+                    let (p, d) = &files[next(files.len() as u64) as usize];
+                    let off = next(d.len() as u64);
+                    let len = 1 + next(200_000).min(d.len() as u64 - off - 1);
+                    let mut f = std::fs::File::open(p).expect("open");
+                    f.seek(SeekFrom::Start(off)).expect("seek");
+                    let mut buf = vec![0u8; len as usize];
+                    f.read_exact(&mut buf).expect("read");
+                    assert!(buf == d[off as usize..(off + len) as usize], "{p:?} @{off}+{len}");
+                }
+            });
+        }
+    });
+    eprintln!("concurrent reads used {} fetches", fetcher.requests());
+}
+
+fn state(m: &Mounted, blob: &Blob) -> serde_json::Value {
+    let p = m
+        .path(".stargz-snapshotter")
+        .join(format!("{}.json", blob.desc.digest));
+    serde_json::from_slice(&std::fs::read(p).expect("state")).expect("json")
+}
+
+#[test]
+fn prefetch_then_background_fetch_goes_local() {
+    if !fuse_ready("prefetch_then_background_fetch_goes_local") {
+        return;
+    }
+    init_tracing();
+    let mut entries = vec![Entry::new("app", Kind::Dir)];
+    for i in 0..30u64 {
+        entries.push(Entry::new(
+            &format!("app/f{i}"),
+            Kind::Reg(pseudo_random(120_000, 200 + i)),
+        ));
+    }
+    let blob = make_blob(&entries, 64 << 10, &["app/f3", "app/f7"]);
+    let fetcher = TestFetcher::open(&blob.path);
+    let cfg = Config {
+        max_concurrency: 2,
+        ..Config::default()
+    };
+    let m = mount_with(fetcher.clone(), &blob, &cfg);
+    let deadline = Instant::now() + Duration::from_secs(30);
+    loop {
+        let v = state(&m, &blob);
+        if v["fetchedPercent"].as_f64() == Some(100.0) {
+            assert_eq!(v["fetchedSize"], blob.desc.size);
+            break;
+        }
+        assert!(Instant::now() < deadline, "background fetch stalled at {v}");
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    let handle = m.handle.as_ref().expect("handle");
+    assert!(handle.layer().is_complete());
+    assert_eq!(handle.fetched_bytes(), blob.desc.size);
+    let before = fetcher.requests();
+    let _ = std::fs::write("/proc/sys/vm/drop_caches", b"1");
+    for e in &entries[1..] {
+        let Kind::Reg(d) = &e.kind else { continue };
+        assert!(std::fs::read(m.path(&e.path)).expect("read") == *d);
+    }
+    assert_eq!(fetcher.requests(), before, "a local layer must not fetch");
+}
+
+#[test]
+fn prefetch_fetches_prioritized_files_in_one_request() {
+    init_tracing();
+    let mut entries = vec![];
+    for i in 0..10u64 {
+        entries.push(Entry::new(
+            &format!("f{i}"),
+            Kind::Reg(pseudo_random(90_000, 300 + i)),
+        ));
+    }
+    let blob = make_blob(&entries, 64 << 10, &["f1", "f2", "f5"]);
+    let fetcher = TestFetcher::open(&blob.path);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = Arc::new(ChunkCache::directory(dir.path(), 1 << 20).expect("cache"));
+    let layer = fs::Layer::open(fetcher.clone(), blob.desc.clone(), &Config::default(), cache)
+        .expect("open");
+    let after_open = fetcher.requests();
+    assert_eq!(after_open, 1, "footer and a small TOC come in one read");
+    layer.prefetch().expect("prefetch");
+    assert_eq!(fetcher.requests(), after_open + 1);
+    let f1 = layer.index().lookup("f1").expect("f1");
+    let f5 = layer.index().lookup("f5").expect("f5");
+    for id in [f1, f5] {
+        let data = layer.read(id, 0, 200_000).expect("read");
+        assert_eq!(data.len(), 90_000);
+    }
+    assert_eq!(fetcher.requests(), after_open + 1, "prioritized files are cached");
+    let f0 = layer.index().lookup("f0").expect("f0");
+    assert_eq!(
+        layer.read(f0, 10, 100).expect("read"),
+        pseudo_random(90_000, 300)[10..110]
+    );
+    assert_eq!(fetcher.requests(), after_open + 2);
+}
+
+#[test]
+fn verification_is_required_and_checked() {
+    init_tracing();
+    let blob = make_blob(&[Entry::new("f", Kind::Reg(b"hi".to_vec()))], 64 << 10, &[]);
+    let cache = Arc::new(ChunkCache::memory(1 << 20));
+    let fetcher = TestFetcher::open(&blob.path);
+    let mut desc = blob.desc.clone();
+    desc.toc_digest = None;
+    let err = fs::Layer::open(fetcher.clone(), desc.clone(), &Config::default(), cache.clone())
+        .err()
+        .expect("refused");
+    assert!(matches!(err, fs::Error::NoVerification { .. }), "{err}");
+    let cfg = Config {
+        allow_no_verification: true,
+        ..Config::default()
+    };
+    fs::Layer::open(fetcher.clone(), desc.clone(), &cfg, cache.clone()).expect("allowed");
+    desc.toc_digest = Some(format!("sha256:{}", "0".repeat(64)));
+    let err = fs::Layer::open(fetcher, desc, &Config::default(), cache)
+        .err()
+        .expect("wrong digest");
+    assert!(matches!(err, fs::Error::Format { .. }), "{err}");
+}
+
+#[test]
+fn concurrent_readers_of_one_chunk_fetch_it_once() {
+    init_tracing();
+    let blob = make_blob(
+        &[Entry::new("f", Kind::Reg(pseudo_random(60_000, 9)))],
+        64 << 10,
+        &[],
+    );
+    let fetcher = TestFetcher::open(&blob.path);
+    let cache = Arc::new(ChunkCache::memory(1 << 20));
+    let layer = fs::Layer::open(fetcher.clone(), blob.desc.clone(), &Config::default(), cache)
+        .expect("open");
+    let id = layer.index().lookup("f").expect("f");
+    let before = fetcher.requests();
+    std::thread::scope(|s| {
+        for _ in 0..16 {
+            s.spawn(|| {
+                let d = layer.read(id, 100, 1000).expect("read");
+                assert!(d == pseudo_random(60_000, 9)[100..1100]);
+            });
+        }
+    });
+    assert_eq!(fetcher.requests(), before + 1);
+}
