@@ -54,6 +54,7 @@ pub(crate) struct FuseLayer {
     passthrough_ok: AtomicBool,
     backings: Mutex<HashMap<u64, Backing>>,
     next_fh: AtomicU64,
+    passthrough_opens: Arc<AtomicU64>,
 }
 
 /// Linux's 32-bit device encoding, as FUSE carries it.
@@ -70,7 +71,12 @@ fn time_of(secs: i64) -> SystemTime {
 }
 
 impl FuseLayer {
-    pub(crate) fn new(layer: Arc<Layer>, opts: FuseOpts, rt: tokio::runtime::Handle) -> FuseLayer {
+    pub(crate) fn new(
+        layer: Arc<Layer>,
+        opts: FuseOpts,
+        rt: tokio::runtime::Handle,
+        passthrough_opens: Arc<AtomicU64>,
+    ) -> FuseLayer {
         let index = layer.index();
         let mut whiteout = vec![false; index.len()];
         let mut opaque = vec![false; index.len()];
@@ -99,6 +105,7 @@ impl FuseLayer {
             passthrough_ok: AtomicBool::new(false),
             backings: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
+            passthrough_opens,
         }
     }
 
@@ -281,6 +288,7 @@ impl FuseLayer {
         let fh = FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed));
         if let Some(b) = backings.get_mut(&ino) {
             b.open += 1;
+            self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
             reply.opened_passthrough(fh, FopenFlags::empty(), &b.id);
             return None;
         }
@@ -295,6 +303,7 @@ impl FuseLayer {
         match reply.open_backing(&file) {
             Ok(backing) => {
                 let id = Arc::new(backing);
+                self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
                 reply.opened_passthrough(fh, FopenFlags::empty(), &id);
                 backings.insert(ino, Backing { id, open: 1 });
                 None

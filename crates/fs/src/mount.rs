@@ -4,6 +4,7 @@
 
 use std::path::{Path, PathBuf};
 use std::sync::mpsc;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::Arc;
 use std::time::Duration;
 
@@ -65,7 +66,13 @@ pub fn mount_layer(layer: Arc<Layer>, mountpoint: &Path, cfg: &Config) -> Result
         entry_ttl: Duration::from_secs(cfg.fuse.entry_timeout),
         passthrough: cfg.fuse.passthrough,
     };
-    let fs = FuseLayer::new(layer.clone(), opts, runtime.handle().clone());
+    let passthrough_opens = Arc::new(AtomicU64::new(0));
+    let fs = FuseLayer::new(
+        layer.clone(),
+        opts,
+        runtime.handle().clone(),
+        passthrough_opens.clone(),
+    );
     let mut fcfg = fuser::Config::default();
     fcfg.mount_options = vec![
         MountOption::RO,
@@ -109,6 +116,7 @@ pub fn mount_layer(layer: Arc<Layer>, mountpoint: &Path, cfg: &Config) -> Result
         mountpoint: mountpoint.to_path_buf(),
         runtime: Some(runtime),
         _worker: worker,
+        passthrough_opens,
     };
     if !cfg.noprefetch && handle.layer.index().prefetch_end.is_some() {
         let timeout = Duration::from_secs(cfg.prefetch_timeout_sec);
@@ -126,6 +134,7 @@ pub struct MountHandle {
     mountpoint: PathBuf,
     runtime: Option<tokio::runtime::Runtime>,
     _worker: std::thread::JoinHandle<()>,
+    passthrough_opens: Arc<AtomicU64>,
 }
 
 impl MountHandle {
@@ -159,6 +168,11 @@ impl MountHandle {
     /// Blob bytes that are local.
     pub fn fetched_bytes(&self) -> u64 {
         self.layer.fetched_bytes()
+    }
+
+    /// Opens answered with FUSE passthrough to a cached file.
+    pub fn passthrough_opens(&self) -> u64 {
+        self.passthrough_opens.load(Ordering::Relaxed)
     }
 
     /// Unmounts (lazily, so busy files do not block it) and waits for the session.

@@ -631,3 +631,37 @@ fn concurrent_readers_of_one_chunk_fetch_it_once() {
     });
     assert_eq!(fetcher.requests(), before + 1);
 }
+
+#[test]
+fn passthrough_serves_fully_cached_files() {
+    if !fuse_ready("passthrough_serves_fully_cached_files") {
+        return;
+    }
+    init_tracing();
+    let entries = vec![
+        Entry::new("big", Kind::Reg(pseudo_random(500_000, 11))),
+        Entry::new("small", Kind::Reg(b"tiny".to_vec())),
+    ];
+    let blob = make_blob(&entries, 64 << 10, &[]);
+    let fetcher = TestFetcher::open(&blob.path);
+    let mut cfg = Config::default();
+    cfg.fuse.passthrough = true;
+    let m = mount_with(fetcher.clone(), &blob, &cfg);
+    let handle = m.handle.as_ref().expect("handle");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !handle.layer().is_complete() {
+        assert!(Instant::now() < deadline, "background fetch stalled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let before = fetcher.requests();
+    for _ in 0..2 {
+        assert!(std::fs::read(m.path("big")).expect("read") == pseudo_random(500_000, 11));
+        assert_eq!(std::fs::read(m.path("small")).expect("read"), b"tiny");
+    }
+    eprintln!("passthrough opens: {}", handle.passthrough_opens());
+    assert!(
+        handle.passthrough_opens() >= 4,
+        "fully cached files should be opened with passthrough"
+    );
+    assert_eq!(fetcher.requests(), before);
+}
