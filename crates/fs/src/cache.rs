@@ -135,7 +135,12 @@ impl ChunkCache {
 
     /// Whether the chunk is in memory or on disk, without reading it.
     pub fn contains(&self, key: &Key) -> bool {
-        if self.mem.lock().map(|m| m.entries.contains_key(key)).unwrap_or(false) {
+        if self
+            .mem
+            .lock()
+            .map(|m| m.entries.contains_key(key))
+            .unwrap_or(false)
+        {
             return true;
         }
         self.chunk_path(key).is_some_and(|p| p.exists())

@@ -19,7 +19,9 @@ pub enum Error {
     },
     #[error("layer {layer} has no TOC digest to verify against (set allow_no_verification to mount it anyway)")]
     NoVerification { layer: String },
-    #[error("layer {layer}, file {file:?}: chunk at file offset {file_offset} is corrupt: {reason}")]
+    #[error(
+        "layer {layer}, file {file:?}: chunk at file offset {file_offset} is corrupt: {reason}"
+    )]
     CorruptChunk {
         layer: String,
         file: String,

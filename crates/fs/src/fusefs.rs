@@ -12,10 +12,10 @@ use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use estargz::{NodeId, NodeKind};
 use fuser::{
-    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation,
-    INodeNo, InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
-    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs,
-    ReplyXattr, Request,
+    BackingId, Errno, FileAttr, FileHandle, FileType, Filesystem, FopenFlags, Generation, INodeNo,
+    InitFlags, KernelConfig, LockOwner, OpenAccMode, OpenFlags, ReplyAttr, ReplyData,
+    ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
+    Request,
 };
 use tracing::{debug, info, warn};
 
@@ -322,9 +322,7 @@ impl Filesystem for FuseLayer {
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
         let _ = config.add_capabilities(InitFlags::FUSE_READDIRPLUS_AUTO);
         if self.opts.passthrough {
-            let ok = config
-                .add_capabilities(InitFlags::FUSE_PASSTHROUGH)
-                .is_ok()
+            let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok();
             self.passthrough_ok.store(ok, Ordering::SeqCst);
             info!(enabled = ok, "FUSE passthrough");
@@ -406,13 +404,14 @@ impl Filesystem for FuseLayer {
             return reply.data(&data);
         }
         let layer = self.layer.clone();
-        self.rt.spawn_blocking(move || match layer.read(id, offset, size) {
-            Ok(data) => reply.data(&data),
-            Err(e) => {
-                debug!(ino = ino.0, offset, size, error = %e, "read failed");
-                reply.error(Errno::EIO)
-            }
-        });
+        self.rt
+            .spawn_blocking(move || match layer.read(id, offset, size) {
+                Ok(data) => reply.data(&data),
+                Err(e) => {
+                    debug!(ino = ino.0, offset, size, error = %e, "read failed");
+                    reply.error(Errno::EIO)
+                }
+            });
     }
 
     fn flush(

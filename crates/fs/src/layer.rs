@@ -317,7 +317,14 @@ impl Layer {
         for i in first..first + chunks.len() {
             datas.push(self.cache.get_mem(&self.key_of((id, i)))?);
         }
-        assemble(node, offset, size, chunks, datas.iter().map(|d| d.as_slice())).ok()
+        assemble(
+            node,
+            offset,
+            size,
+            chunks,
+            datas.iter().map(|d| d.as_slice()),
+        )
+        .ok()
     }
 
     /// Bytes `offset..offset+size` of file `id` (shorter at the end of the file),
@@ -336,7 +343,13 @@ impl Layer {
             .fill(&refs, None)
             .into_iter()
             .collect::<Result<Vec<_>>>()?;
-        assemble(node, offset, size, chunks, datas.iter().map(|d| d.as_slice()))
+        assemble(
+            node,
+            offset,
+            size,
+            chunks,
+            datas.iter().map(|d| d.as_slice()),
+        )
     }
 
     /// Makes sure each chunk in `refs` is cached and returns its bytes. Missing chunks are
@@ -567,7 +580,10 @@ impl Layer {
                     {
                         std::thread::sleep(Duration::from_millis(2));
                     }
-                    if w.chunks.iter().all(|&r| self.cache.contains(&self.key_of(r))) {
+                    if w.chunks
+                        .iter()
+                        .all(|&r| self.cache.contains(&self.key_of(r)))
+                    {
                         if let Ok(mut cov) = self.coverage.lock() {
                             cov.insert(w.range.clone());
                         }
@@ -604,7 +620,9 @@ impl Layer {
         if std::fs::metadata(&path).is_ok_and(|m| m.len() == node.size) {
             return Some(path);
         }
-        let keys: Vec<Key> = (0..node.chunks.len()).map(|i| self.key_of((id, i))).collect();
+        let keys: Vec<Key> = (0..node.chunks.len())
+            .map(|i| self.key_of((id, i)))
+            .collect();
         if !keys.iter().all(|k| self.cache.contains(k)) {
             return None;
         }

@@ -28,7 +28,7 @@ mod mount;
 pub use cache::ChunkCache;
 pub use config::{CacheType, Config, DirectoryCacheConfig, FuseConfig};
 pub use error::{Error, Result};
-pub use fetcher::{FileFetcher, Fetcher, RegistryFetcher};
+pub use fetcher::{Fetcher, FileFetcher, RegistryFetcher};
 pub use fusefs::STATE_DIR;
 pub use layer::{Layer, LayerDesc};
 pub use mount::{cache_from_config, mount, mount_layer, MountHandle};

@@ -19,7 +19,11 @@ fn fixture_entries() -> Vec<Entry> {
         Entry::new("etc/hosts", Kind::Reg(b"127.0.0.1 localhost\n".to_vec()))
             .owner(1000, 1001)
             .mtime(1_600_000_123),
-        Entry::new("etc/passwd", Kind::Reg(b"root:x:0:0::/root:/bin/sh\n".to_vec())).mode(0o600),
+        Entry::new(
+            "etc/passwd",
+            Kind::Reg(b"root:x:0:0::/root:/bin/sh\n".to_vec()),
+        )
+        .mode(0o600),
         Entry::new("etc/link-to-hosts", Kind::Hardlink("etc/hosts".into())),
         Entry::new("bin", Kind::Dir).mode(0o750),
         Entry::new("bin/tool", Kind::Reg(pseudo_random(300_000, 7))).mode(0o4755),
@@ -27,7 +31,9 @@ fn fixture_entries() -> Vec<Entry> {
         Entry::new("bin/abs", Kind::Symlink("/etc/hosts".into())),
         Entry::new("dev", Kind::Dir),
         Entry::new("dev/null", Kind::Char(1, 3)).mode(0o666),
-        Entry::new("dev/loop0", Kind::Block(7, 0)).mode(0o660).owner(0, 6),
+        Entry::new("dev/loop0", Kind::Block(7, 0))
+            .mode(0o660)
+            .owner(0, 6),
         Entry::new("dev/big", Kind::Char(300, 70_000)),
         Entry::new("dev/pipe", Kind::Fifo).mode(0o620),
         Entry::new("attrs", Kind::Dir).xattr("user.dirattr", b"d"),
@@ -49,8 +55,11 @@ fn fixture_entries() -> Vec<Entry> {
     for i in 0..150 {
         let len = (i * 37) % 5000;
         v.push(
-            Entry::new(&format!("many/f{i:03}"), Kind::Reg(pseudo_random(len, i as u64)))
-                .mtime(1_650_000_000 + i as u64),
+            Entry::new(
+                &format!("many/f{i:03}"),
+                Kind::Reg(pseudo_random(len, i as u64)),
+            )
+            .mtime(1_650_000_000 + i as u64),
         );
     }
     v
@@ -95,7 +104,10 @@ fn expectations(entries: &[Entry]) -> BTreeMap<String, Expect> {
             );
             continue;
         } else if let Kind::Hardlink(t) = &e.kind {
-            (e.path.clone(), *by_path.get(t.as_str()).expect("hardlink target"))
+            (
+                e.path.clone(),
+                *by_path.get(t.as_str()).expect("hardlink target"),
+            )
         } else {
             (e.path.clone(), e)
         };
@@ -243,7 +255,11 @@ fn walk_matches_tar() {
         assert_eq!(md.mtime(), e.mtime, "{path}: mtime");
         if let Some((ma, mi)) = e.rdev {
             let rdev = md.rdev();
-            assert_eq!((libc::major(rdev), libc::minor(rdev)), (ma, mi), "{path}: rdev");
+            assert_eq!(
+                (libc::major(rdev), libc::minor(rdev)),
+                (ma, mi),
+                "{path}: rdev"
+            );
         }
         if let Some(t) = &e.link {
             assert_eq!(
@@ -272,7 +288,12 @@ fn walk_matches_tar() {
     // Random access into the multi-chunk file, across chunk boundaries.
     let tool = pseudo_random(300_000, 7);
     let mut f = std::fs::File::open(m.path("bin/tool")).expect("open");
-    for &(off, len) in &[(65_530u64, 20usize), (0, 1), (131_000, 70_000), (299_990, 10)] {
+    for &(off, len) in &[
+        (65_530u64, 20usize),
+        (0, 1),
+        (131_000, 70_000),
+        (299_990, 10),
+    ] {
         let mut buf = vec![0u8; len];
         f.seek(SeekFrom::Start(off)).expect("seek");
         f.read_exact(&mut buf).expect("read");
@@ -295,7 +316,10 @@ fn walk_matches_tar() {
         .collect();
     assert_eq!(names, vec![format!("{}.json", blob.desc.digest)]);
 
-    assert!(std::fs::write(m.path("etc/new"), b"x").is_err(), "read-only");
+    assert!(
+        std::fs::write(m.path("etc/new"), b"x").is_err(),
+        "read-only"
+    );
     m.handle.as_ref().expect("handle").check().expect("alive");
 }
 
@@ -337,11 +361,7 @@ fn overlay_stacks_layers() {
     let dest_dir = tempfile::tempdir().expect("tempdir");
     let dest = dest_dir.path().to_path_buf();
     let _guard = MountGuard(dest.clone());
-    let opts = format!(
-        "lowerdir={}:{}",
-        upper.mnt.display(),
-        lower.mnt.display()
-    );
+    let opts = format!("lowerdir={}:{}", upper.mnt.display(), lower.mnt.display());
     let st = std::process::Command::new("mount")
         .args(["-t", "overlay", "overlay", "-o", &opts])
         .arg(&dest)
@@ -356,7 +376,10 @@ fn overlay_stacks_layers() {
         .map(|s| s.to_string())
         .collect();
     assert_eq!(seen, want);
-    assert_eq!(std::fs::read(dest.join("replaced")).expect("read"), b"upper");
+    assert_eq!(
+        std::fs::read(dest.join("replaced")).expect("read"),
+        b"upper"
+    );
     assert_eq!(std::fs::read(dest.join("a/y")).expect("read"), b"lower y");
     assert_eq!(std::fs::read(dest.join("keep")).expect("read"), b"keep");
     assert!(!dest.join("a/x").exists());
@@ -427,7 +450,9 @@ fn failing_fetcher_is_eio_not_hang() {
         std::fs::read(m.path("first")).expect("read"),
         pseudo_random(50_000, 3)
     );
-    fetcher.fail.store(true, std::sync::atomic::Ordering::SeqCst);
+    fetcher
+        .fail
+        .store(true, std::sync::atomic::Ordering::SeqCst);
     let t = Instant::now();
     let err = std::fs::read(m.path("second")).expect_err("fetch fails");
     assert_eq!(err.raw_os_error(), Some(libc::EIO));
@@ -438,7 +463,9 @@ fn failing_fetcher_is_eio_not_hang() {
         std::fs::read(m.path("first")).expect("cached read"),
         pseudo_random(50_000, 3)
     );
-    fetcher.fail.store(false, std::sync::atomic::Ordering::SeqCst);
+    fetcher
+        .fail
+        .store(false, std::sync::atomic::Ordering::SeqCst);
     assert_eq!(
         std::fs::read(m.path("second")).expect("recovered"),
         pseudo_random(50_000, 4)
@@ -480,7 +507,9 @@ fn concurrent_random_reads() {
             s.spawn(move || {
                 let mut x = t * 7919 + 1;
                 let mut next = move |n: u64| {
-                    x = x.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+                    x = x
+                        .wrapping_mul(6364136223846793005)
+                        .wrapping_add(1442695040888963407);
                     (x >> 33) % n.max(1)
                 };
                 for _ in 0..150 {
@@ -491,7 +520,10 @@ fn concurrent_random_reads() {
                     f.seek(SeekFrom::Start(off)).expect("seek");
                     let mut buf = vec![0u8; len as usize];
                     f.read_exact(&mut buf).expect("read");
-                    assert!(buf == d[off as usize..(off + len) as usize], "{p:?} @{off}+{len}");
+                    assert!(
+                        buf == d[off as usize..(off + len) as usize],
+                        "{p:?} @{off}+{len}"
+                    );
                 }
             });
         }
@@ -562,8 +594,13 @@ fn prefetch_fetches_prioritized_files_in_one_request() {
     let fetcher = TestFetcher::open(&blob.path);
     let dir = tempfile::tempdir().expect("tempdir");
     let cache = Arc::new(ChunkCache::directory(dir.path(), 1 << 20).expect("cache"));
-    let layer = fs::Layer::open(fetcher.clone(), blob.desc.clone(), &Config::default(), cache)
-        .expect("open");
+    let layer = fs::Layer::open(
+        fetcher.clone(),
+        blob.desc.clone(),
+        &Config::default(),
+        cache,
+    )
+    .expect("open");
     let after_open = fetcher.requests();
     assert_eq!(after_open, 1, "footer and a small TOC come in one read");
     layer.prefetch().expect("prefetch");
@@ -574,7 +611,11 @@ fn prefetch_fetches_prioritized_files_in_one_request() {
         let data = layer.read(id, 0, 200_000).expect("read");
         assert_eq!(data.len(), 90_000);
     }
-    assert_eq!(fetcher.requests(), after_open + 1, "prioritized files are cached");
+    assert_eq!(
+        fetcher.requests(),
+        after_open + 1,
+        "prioritized files are cached"
+    );
     let f0 = layer.index().lookup("f0").expect("f0");
     assert_eq!(
         layer.read(f0, 10, 100).expect("read"),
@@ -591,9 +632,14 @@ fn verification_is_required_and_checked() {
     let fetcher = TestFetcher::open(&blob.path);
     let mut desc = blob.desc.clone();
     desc.toc_digest = None;
-    let err = fs::Layer::open(fetcher.clone(), desc.clone(), &Config::default(), cache.clone())
-        .err()
-        .expect("refused");
+    let err = fs::Layer::open(
+        fetcher.clone(),
+        desc.clone(),
+        &Config::default(),
+        cache.clone(),
+    )
+    .err()
+    .expect("refused");
     assert!(matches!(err, fs::Error::NoVerification { .. }), "{err}");
     let cfg = Config {
         allow_no_verification: true,
@@ -617,8 +663,13 @@ fn concurrent_readers_of_one_chunk_fetch_it_once() {
     );
     let fetcher = TestFetcher::open(&blob.path);
     let cache = Arc::new(ChunkCache::memory(1 << 20));
-    let layer = fs::Layer::open(fetcher.clone(), blob.desc.clone(), &Config::default(), cache)
-        .expect("open");
+    let layer = fs::Layer::open(
+        fetcher.clone(),
+        blob.desc.clone(),
+        &Config::default(),
+        cache,
+    )
+    .expect("open");
     let id = layer.index().lookup("f").expect("f");
     let before = fetcher.requests();
     std::thread::scope(|s| {

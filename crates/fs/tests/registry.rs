@@ -53,8 +53,7 @@ fn mount_through_registry_blob_reader() {
     let _guard = MountGuard(mnt_dir.path().to_path_buf());
     let cfg = Config::default();
     let cache = fs::cache_from_config(&cfg, cache_dir.path()).expect("cache");
-    let handle =
-        fs::mount(fetcher, blob.desc.clone(), mnt_dir.path(), &cfg, cache).expect("mount");
+    let handle = fs::mount(fetcher, blob.desc.clone(), mnt_dir.path(), &cfg, cache).expect("mount");
     for e in &entries[1..] {
         let Kind::Reg(d) = &e.kind else { continue };
         let got = std::fs::read(mnt_dir.path().join(&e.path)).expect("read");

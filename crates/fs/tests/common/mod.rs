@@ -23,9 +23,8 @@ pub fn fuse_ready(test: &str) -> bool {
     if dev && tool && root {
         return true;
     }
-    let msg = format!(
-        "{test}: FUSE unavailable (/dev/fuse: {dev}, fusermount3: {tool}, root: {root})"
-    );
+    let msg =
+        format!("{test}: FUSE unavailable (/dev/fuse: {dev}, fusermount3: {tool}, root: {root})");
     if std::env::var("CI").is_ok_and(|v| v == "true") {
         panic!("{msg}");
     }
@@ -36,8 +35,7 @@ pub fn fuse_ready(test: &str) -> bool {
 pub fn init_tracing() {
     let _ = tracing_subscriber::fmt()
         .with_env_filter(
-            tracing_subscriber::EnvFilter::try_from_default_env()
-                .unwrap_or_else(|_| "warn".into()),
+            tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| "warn".into()),
         )
         .with_test_writer()
         .try_init();
@@ -270,7 +268,8 @@ pub fn lxattr_names(path: &Path) -> Vec<String> {
         return Vec::new();
     };
     let mut buf = vec![0u8; 65536];
-    let r = unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
+    let r =
+        unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
     if r <= 0 {
         return Vec::new();
     }
