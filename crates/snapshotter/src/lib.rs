@@ -1,0 +1,4 @@
+//! containerd remote snapshotter library.
+pub mod proto {
+    //! Generated containerd API types.
+}

@@ -1,0 +1,2 @@
+//! containerd-stargz-grpc: serves the stargz snapshotter to containerd.
+fn main() {}
