@@ -215,9 +215,15 @@ impl Drop for Mounted {
 }
 
 fn mount_with(fetcher: Arc<dyn Fetcher>, blob: &Blob, cfg: &Config) -> Mounted {
-    let mnt_dir = tempfile::tempdir().expect("tempdir");
     let cache_dir = tempfile::tempdir().expect("tempdir");
-    let cache = fs::cache_from_config(cfg, cache_dir.path()).expect("cache");
+    let mut m = mount_cached(fetcher, blob, cfg, cache_dir.path());
+    m._dirs.push(cache_dir);
+    m
+}
+
+fn mount_cached(fetcher: Arc<dyn Fetcher>, blob: &Blob, cfg: &Config, cache_dir: &Path) -> Mounted {
+    let mnt_dir = tempfile::tempdir().expect("tempdir");
+    let cache = fs::cache_from_config(cfg, cache_dir).expect("cache");
     let mnt = mnt_dir.path().to_path_buf();
     let guard = MountGuard(mnt.clone());
     let handle = fs::mount(fetcher, blob.desc.clone(), &mnt, cfg, cache).expect("mount");
@@ -225,7 +231,7 @@ fn mount_with(fetcher: Arc<dyn Fetcher>, blob: &Blob, cfg: &Config) -> Mounted {
         handle: Some(handle),
         mnt,
         _guard: guard,
-        _dirs: vec![mnt_dir, cache_dir],
+        _dirs: vec![mnt_dir],
     }
 }
 
@@ -715,4 +721,133 @@ fn passthrough_serves_fully_cached_files() {
         "fully cached files should be opened with passthrough"
     );
     assert_eq!(fetcher.requests(), before);
+}
+
+fn wait_complete(m: &Mounted) {
+    let handle = m.handle.as_ref().expect("handle");
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while !handle.layer().is_complete() {
+        assert!(Instant::now() < deadline, "background fetch stalled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+fn many_files(n: u64, len: usize, seed: u64) -> Vec<Entry> {
+    (0..n)
+        .map(|i| Entry::new(&format!("f{i}"), Kind::Reg(pseudo_random(len, seed + i))))
+        .collect()
+}
+
+#[test]
+fn prefetch_timeout_bounds_mount() {
+    if !fuse_ready("prefetch_timeout_bounds_mount") {
+        return;
+    }
+    init_tracing();
+    let entries = many_files(6, 150_000, 600);
+    let blob = make_blob(&entries, 64 << 10, &["f0", "f1"]);
+    let fetcher = TestFetcher::open(&blob.path);
+    fetcher
+        .stall_head_ms
+        .store(3000, std::sync::atomic::Ordering::SeqCst);
+    let cfg = Config {
+        prefetch_timeout_sec: 1,
+        no_background_fetch: true,
+        ..Config::default()
+    };
+    let t = Instant::now();
+    let m = mount_with(fetcher.clone(), &blob, &cfg);
+    let took = t.elapsed();
+    assert!(
+        took >= Duration::from_millis(900) && took < Duration::from_millis(2500),
+        "mount waited {took:?}"
+    );
+    // A prioritized file joins the running prefetch instead of fetching again.
+    let Kind::Reg(d) = &entries[0].kind else {
+        unreachable!()
+    };
+    assert!(std::fs::read(m.path("f0")).expect("read") == *d);
+    assert_eq!(fetcher.requests(), 2, "TOC read and one prefetch request");
+}
+
+#[test]
+fn warm_disk_cache_needs_no_fetch_after_restart() {
+    if !fuse_ready("warm_disk_cache_needs_no_fetch_after_restart") {
+        return;
+    }
+    init_tracing();
+    let entries = many_files(8, 150_000, 700);
+    let blob = make_blob(&entries, 64 << 10, &[]);
+    let cache_dir = tempfile::tempdir().expect("tempdir");
+    {
+        let m = mount_cached(
+            TestFetcher::open(&blob.path),
+            &blob,
+            &Config::default(),
+            cache_dir.path(),
+        );
+        wait_complete(&m);
+    }
+    let fetcher = TestFetcher::open(&blob.path);
+    let m = mount_cached(fetcher.clone(), &blob, &Config::default(), cache_dir.path());
+    wait_complete(&m);
+    for e in &entries {
+        let Kind::Reg(d) = &e.kind else { continue };
+        assert!(std::fs::read(m.path(&e.path)).expect("read") == *d);
+    }
+    assert_eq!(fetcher.requests(), 1, "only the TOC is read again");
+    assert_eq!(state(&m, &blob)["fetchedPercent"].as_f64(), Some(100.0));
+}
+
+#[test]
+fn memory_cache_writes_nothing_to_disk() {
+    if !fuse_ready("memory_cache_writes_nothing_to_disk") {
+        return;
+    }
+    init_tracing();
+    let entries = many_files(4, 100_000, 800);
+    let blob = make_blob(&entries, 64 << 10, &[]);
+    let cache_dir = tempfile::tempdir().expect("tempdir");
+    let cfg = Config {
+        http_cache_type: fs::CacheType::Memory,
+        filesystem_cache_type: fs::CacheType::Memory,
+        ..Config::default()
+    };
+    let m = mount_cached(TestFetcher::open(&blob.path), &blob, &cfg, cache_dir.path());
+    wait_complete(&m);
+    for e in &entries {
+        let Kind::Reg(d) = &e.kind else { continue };
+        assert!(std::fs::read(m.path(&e.path)).expect("read") == *d);
+    }
+    assert_eq!(
+        std::fs::read_dir(cache_dir.path()).expect("ls").count(),
+        0,
+        "memory cache must not write files"
+    );
+}
+
+#[test]
+fn check_notices_an_external_unmount() {
+    if !fuse_ready("check_notices_an_external_unmount") {
+        return;
+    }
+    init_tracing();
+    let blob = make_blob(&many_files(1, 10, 900), 64 << 10, &[]);
+    let m = mount_with(TestFetcher::open(&blob.path), &blob, &test_config());
+    let handle = m.handle.as_ref().expect("handle");
+    handle.check().expect("alive");
+    let st = std::process::Command::new("umount")
+        .arg("-l")
+        .arg(&m.mnt)
+        .status()
+        .expect("umount");
+    assert!(st.success());
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while handle.check().is_ok() {
+        assert!(
+            Instant::now() < deadline,
+            "check still reports a live mount"
+        );
+        std::thread::sleep(Duration::from_millis(20));
+    }
 }

@@ -211,6 +211,8 @@ pub struct TestFetcher {
     pub inner: FileFetcher,
     pub requests: AtomicU64,
     pub fail: AtomicBool,
+    /// Milliseconds to stall requests for ranges starting at offset 0.
+    pub stall_head_ms: AtomicU64,
 }
 
 impl TestFetcher {
@@ -219,6 +221,7 @@ impl TestFetcher {
             inner: FileFetcher::open(path).expect("open blob"),
             requests: AtomicU64::new(0),
             fail: AtomicBool::new(false),
+            stall_head_ms: AtomicU64::new(0),
         })
     }
     pub fn requests(&self) -> u64 {
@@ -237,6 +240,10 @@ impl Fetcher for TestFetcher {
                 io::ErrorKind::TimedOut,
                 "injected failure after retries",
             ));
+        }
+        let stall = self.stall_head_ms.load(Ordering::SeqCst);
+        if stall > 0 && ranges.first().is_some_and(|r| r.start == 0) {
+            std::thread::sleep(std::time::Duration::from_millis(stall));
         }
         self.inner.read_ranges(ranges)
     }
