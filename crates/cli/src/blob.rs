@@ -154,13 +154,23 @@ fn build(a: BuildArgs) -> Result<()> {
     let tmp = a.output.with_extension("partial");
     let out = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;
     let mut out = BufWriter::with_capacity(1 << 20, out);
-    let input: Box<dyn Read> = if a.input.as_os_str() == "-" {
-        Box::new(io::stdin().lock())
+    let result = if a.input.as_os_str() == "-" {
+        estargz::build(io::stdin().lock(), &mut out, &opts)
     } else {
-        Box::new(File::open(&a.input).with_context(|| format!("opening {}", a.input.display()))?)
-    };
-    let result = estargz::build(input, &mut out, &opts)
-        .with_context(|| format!("building a blob from {}", a.input.display()));
+        let mut file =
+            File::open(&a.input).with_context(|| format!("opening {}", a.input.display()))?;
+        let mut magic = [0u8; 2];
+        let gzipped = file.read_exact(&mut magic).is_ok() && magic == [0x1f, 0x8b];
+        if gzipped || !file.metadata()?.is_file() {
+            let file =
+                File::open(&a.input).with_context(|| format!("opening {}", a.input.display()))?;
+            estargz::build(file, &mut out, &opts)
+        } else {
+            // A plain tar on disk is read in place; no need to copy it first.
+            estargz::build_from_file(&file, &mut out, &opts)
+        }
+    }
+    .with_context(|| format!("building a blob from {}", a.input.display()));
     let result = result.and_then(|r| {
         out.into_inner().map_err(|e| e.into_error())?.sync_all()?;
         Ok(r)
