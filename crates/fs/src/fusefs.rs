@@ -558,5 +558,13 @@ pub(crate) fn is_mounted(path: &Path) -> bool {
     let want = path.to_string_lossy();
     info.lines()
         .filter_map(|l| l.split(' ').nth(4))
-        .any(|m| m.replace("\\040", " ") == want)
+        .any(|m| unescape_mountinfo(m) == want)
+}
+
+/// mountinfo writes space, tab, newline and backslash as octal escapes.
+fn unescape_mountinfo(s: &str) -> String {
+    s.replace("\\040", " ")
+        .replace("\\011", "\t")
+        .replace("\\012", "\n")
+        .replace("\\134", "\\")
 }

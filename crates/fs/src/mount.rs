@@ -22,6 +22,8 @@ use crate::layer::{Layer, LayerDesc};
 const FUSE_THREADS: usize = 4;
 /// Upper bound on reads waiting for fetches at once, per mount.
 const MAX_FETCH_THREADS: usize = 64;
+/// Longest `unmount` waits for the FUSE session to end.
+const UNMOUNT_WAIT: Duration = Duration::from_secs(5);
 
 /// The chunk cache a configuration asks for: on disk under `dir`, or memory only.
 pub fn cache_from_config(cfg: &Config, dir: &Path) -> Result<Arc<ChunkCache>> {
@@ -50,6 +52,8 @@ pub fn mount(
 
 /// Mounts an already opened layer.
 pub fn mount_layer(layer: Arc<Layer>, mountpoint: &Path, cfg: &Config) -> Result<MountHandle> {
+    // mountinfo lists canonical paths; `check` compares against this one.
+    let mountpoint = &std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.into());
     let mount_err = |source: std::io::Error| Error::Mount {
         mountpoint: mountpoint.display().to_string(),
         source,
@@ -183,10 +187,28 @@ impl MountHandle {
     fn shutdown(&mut self) -> Result<()> {
         self.layer.stop();
         let res = match self.session.take() {
-            Some(s) => s.umount_and_join().map_err(|source| Error::Mount {
-                mountpoint: self.mountpoint.display().to_string(),
-                source,
-            }),
+            Some(s) => {
+                // A lazily detached mount with files still open keeps its session until
+                // they close; wait a while, then let the session thread finish on its own.
+                let (tx, rx) = mpsc::channel();
+                let spawned = std::thread::Builder::new()
+                    .name("stargz-umount".into())
+                    .spawn(move || {
+                        let _ = tx.send(s.umount_and_join());
+                    });
+                let res = match spawned {
+                    Ok(_) => rx.recv_timeout(UNMOUNT_WAIT).unwrap_or_else(|_| {
+                        warn!(mountpoint = %self.mountpoint.display(),
+                            "FUSE session still busy after unmount; leaving it to finish");
+                        Ok(())
+                    }),
+                    Err(e) => Err(e),
+                };
+                res.map_err(|source| Error::Mount {
+                    mountpoint: self.mountpoint.display().to_string(),
+                    source,
+                })
+            }
             None => Ok(()),
         };
         if let Some(rt) = self.runtime.take() {
