@@ -50,3 +50,29 @@ pub enum Error {
 
 /// Result with this crate's [`Error`].
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+impl Error {
+    /// A copy for each of several readers that hit the same failure; I/O sources keep
+    /// their kind and message.
+    pub(crate) fn duplicate(&self) -> Error {
+        let io = |e: &io::Error| io::Error::new(e.kind(), e.to_string());
+        match self {
+            Error::Fetch { what, source } => Error::Fetch {
+                what: what.clone(),
+                source: io(source),
+            },
+            Error::CorruptChunk {
+                layer,
+                file,
+                file_offset,
+                reason,
+            } => Error::CorruptChunk {
+                layer: layer.clone(),
+                file: file.clone(),
+                file_offset: *file_offset,
+                reason: reason.clone(),
+            },
+            other => Error::Shared(other.to_string()),
+        }
+    }
+}

@@ -410,10 +410,7 @@ impl Layer {
                         claims.finish(key, Err(msg.clone()));
                     }
                     for (_, key) in &mine {
-                        got.insert(*key, Err(Error::Shared(msg.clone())));
-                    }
-                    if let Some((_, key)) = mine.first() {
-                        got.insert(*key, Err(e));
+                        got.insert(*key, Err(e.duplicate()));
                     }
                 }
                 Ok(parts) => {
@@ -436,7 +433,7 @@ impl Layer {
                 St::Failed(e) => Err(e),
                 St::Mine(key) => match got.get(&key) {
                     Some(Ok(d)) => Ok(d.clone()),
-                    Some(Err(e)) => Err(Error::Shared(e.to_string())),
+                    Some(Err(e)) => Err(e.duplicate()),
                     None => Err(Error::Shared("chunk was not fetched".into())),
                 },
                 St::Wait(slot) => slot.wait().map_err(Error::Shared),

@@ -160,13 +160,19 @@ pub struct Blob {
 }
 
 pub fn make_blob(entries: &[Entry], chunk_size: u64, prioritized: &[&str]) -> Blob {
+    make_blob_with(
+        entries,
+        estargz::BuildOptions {
+            chunk_size,
+            prioritized_files: prioritized.iter().map(|s| s.to_string()).collect(),
+            ..Default::default()
+        },
+    )
+}
+
+pub fn make_blob_with(entries: &[Entry], opts: estargz::BuildOptions) -> Blob {
     let tar = make_tar(entries);
     let mut out = Vec::new();
-    let opts = estargz::BuildOptions {
-        chunk_size,
-        prioritized_files: prioritized.iter().map(|s| s.to_string()).collect(),
-        ..Default::default()
-    };
     let built = estargz::build(&tar[..], &mut out, &opts).expect("build blob");
     let dir = tempfile::tempdir().expect("tempdir");
     let path = dir.path().join("layer.blob");

@@ -1,0 +1,123 @@
+//! The layer API without FUSE: formats, shared members, verification switches.
+
+mod common;
+
+use std::sync::Arc;
+
+use common::*;
+use fs::{ChunkCache, Config, Layer};
+
+fn entries() -> Vec<Entry> {
+    let mut v = vec![Entry::new("d", Kind::Dir)];
+    for i in 0..40u64 {
+        let len = [0usize, 1, 700, 5_000, 70_000, 200_000][i as usize % 6];
+        v.push(Entry::new(
+            &format!("d/f{i}"),
+            Kind::Reg(pseudo_random(len, 1000 + i)),
+        ));
+    }
+    v
+}
+
+fn read_all_and_compare(layer: &Layer, entries: &[Entry]) {
+    for e in entries {
+        let Kind::Reg(d) = &e.kind else { continue };
+        let id = layer.index().lookup(&e.path).expect("in index");
+        let whole = layer.read(id, 0, d.len() as u32 + 10).expect("read");
+        assert!(whole == *d, "{} differs", e.path);
+        if d.len() > 100 {
+            let mid = d.len() as u64 / 3;
+            let part = layer.read(id, mid, 77).expect("read part");
+            assert!(part == d[mid as usize..mid as usize + 77]);
+        }
+    }
+}
+
+fn open(blob: &Blob, cfg: &Config) -> (Arc<TestFetcher>, Layer) {
+    let fetcher = TestFetcher::open(&blob.path);
+    let cache = Arc::new(ChunkCache::memory(64 << 20));
+    let layer = Layer::open(fetcher.clone(), blob.desc.clone(), cfg, cache).expect("open");
+    (fetcher, layer)
+}
+
+#[test]
+fn zstd_chunked_layer_reads() {
+    init_tracing();
+    let e = entries();
+    let blob = make_blob_with(
+        &e,
+        estargz::BuildOptions {
+            codec: estargz::Codec::Zstd { level: 3 },
+            chunk_size: 64 << 10,
+            ..Default::default()
+        },
+    );
+    let (_, layer) = open(&blob, &Config::default());
+    read_all_and_compare(&layer, &e);
+}
+
+#[test]
+fn small_files_sharing_members_read_correctly() {
+    init_tracing();
+    let e = entries();
+    let blob = make_blob_with(
+        &e,
+        estargz::BuildOptions {
+            chunk_size: 64 << 10,
+            min_chunk_size: 16 << 10,
+            ..Default::default()
+        },
+    );
+    let (_, layer) = open(&blob, &Config::default());
+    read_all_and_compare(&layer, &e);
+    assert!(layer.background_fetch(2));
+    assert_eq!(layer.fetched_bytes(), blob.desc.size);
+}
+
+#[test]
+fn disable_verification_still_reads() {
+    init_tracing();
+    let e = entries();
+    let blob = make_blob(&e, 64 << 10, &[]);
+    let mut desc = blob.desc.clone();
+    desc.toc_digest = None;
+    let cfg = Config {
+        disable_verification: true,
+        ..Config::default()
+    };
+    let fetcher = TestFetcher::open(&blob.path);
+    let layer =
+        Layer::open(fetcher, desc, &cfg, Arc::new(ChunkCache::memory(64 << 20))).expect("open");
+    read_all_and_compare(&layer, &e);
+}
+
+#[test]
+fn background_fetch_fills_every_chunk_then_reads_are_local() {
+    init_tracing();
+    let e = entries();
+    let blob = make_blob(&e, 64 << 10, &[]);
+    let (fetcher, layer) = open(&blob, &Config::default());
+    assert!(layer.background_fetch(3));
+    assert!(layer.is_complete());
+    let before = fetcher.requests();
+    read_all_and_compare(&layer, &e);
+    assert_eq!(fetcher.requests(), before);
+    let v: serde_json::Value = serde_json::from_slice(&layer.state_json()).expect("json");
+    assert_eq!(v["fetchedPercent"].as_f64(), Some(100.0));
+}
+
+#[test]
+fn fetch_errors_are_reported_not_hung() {
+    init_tracing();
+    let e = entries();
+    let blob = make_blob(&e, 64 << 10, &[]);
+    let (fetcher, layer) = open(&blob, &Config::default());
+    fetcher
+        .fail
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let id = layer.index().lookup("d/f4").expect("f4");
+    let err = layer.read(id, 0, 100).expect_err("fails");
+    assert!(matches!(err, fs::Error::Fetch { .. }), "{err}");
+    assert!(!layer.background_fetch(2));
+    assert!(!layer.is_complete());
+}
