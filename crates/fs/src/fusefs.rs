@@ -321,6 +321,9 @@ impl Filesystem for FuseLayer {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
         let _ = config.add_capabilities(InitFlags::FUSE_READDIRPLUS_AUTO);
+        // Reads wait on the network in worker threads, so let the kernel keep more of
+        // them (readahead included) outstanding than its default of 12.
+        let _ = config.set_max_background(64);
         if self.opts.passthrough {
             let ok = config.add_capabilities(InitFlags::FUSE_PASSTHROUGH).is_ok()
                 && config.set_max_stack_depth(1).is_ok();

@@ -362,7 +362,11 @@ fn overlay_stacks_layers() {
     let (lower_e, upper_e) = two_layers();
     let lower_b = make_blob(&lower_e, 64 << 10, &[]);
     let upper_b = make_blob(&upper_e, 64 << 10, &[]);
-    let lower = mount_with(TestFetcher::open(&lower_b.path), &lower_b, &test_config());
+    // The lower layer is fully local and served with passthrough underneath overlayfs.
+    let mut lower_cfg = Config::default();
+    lower_cfg.fuse.passthrough = true;
+    let lower = mount_with(TestFetcher::open(&lower_b.path), &lower_b, &lower_cfg);
+    wait_complete(&lower);
     let upper = mount_with(TestFetcher::open(&upper_b.path), &upper_b, &test_config());
     let dest_dir = tempfile::tempdir().expect("tempdir");
     let dest = dest_dir.path().to_path_buf();
@@ -391,6 +395,11 @@ fn overlay_stacks_layers() {
     assert!(!dest.join("a/x").exists());
     assert!(!dest.join("d/old").exists());
     assert!(!dest.join("d/sub/deep").exists());
+    let lower_handle = lower.handle.as_ref().expect("handle");
+    assert!(
+        lower_handle.passthrough_opens() >= 2,
+        "lower files opened with passthrough"
+    );
 
     let st = std::process::Command::new("umount")
         .arg(&dest)
