@@ -159,6 +159,48 @@ impl ChunkCache {
         Ok(())
     }
 
+    fn range_prefix(blob: &str) -> String {
+        let safe: String = blob
+            .chars()
+            .map(|c| if c.is_ascii_alphanumeric() { c } else { '-' })
+            .collect();
+        format!("{safe}-")
+    }
+
+    fn range_path(&self, blob: &str, offset: u64, len: usize) -> Option<PathBuf> {
+        let name = format!("{}{offset}-{len}", Self::range_prefix(blob));
+        Some(self.dir.as_ref()?.join("ranges").join(name))
+    }
+
+    /// Raw blob bytes (footer and TOC) stored by [`ChunkCache::put_range`]. They are
+    /// trusted only as far as the TOC digest check that follows them.
+    pub fn get_range(&self, blob: &str, offset: u64, len: usize) -> Option<Vec<u8>> {
+        let data = fs::read(self.range_path(blob, offset, len)?).ok()?;
+        (data.len() == len).then_some(data)
+    }
+
+    pub fn put_range(&self, blob: &str, offset: u64, data: &[u8]) -> Result<()> {
+        match self.range_path(blob, offset, data.len()) {
+            Some(path) => write_atomic(&path, data),
+            None => Ok(()),
+        }
+    }
+
+    /// Forgets the raw ranges of a blob, e.g. after they failed verification.
+    pub fn drop_ranges(&self, blob: &str) {
+        let Some(dir) = self.dir.as_ref().map(|d| d.join("ranges")) else {
+            return;
+        };
+        let prefix = Self::range_prefix(blob);
+        if let Ok(entries) = fs::read_dir(dir) {
+            for e in entries.flatten() {
+                if e.file_name().to_string_lossy().starts_with(&prefix) {
+                    let _ = fs::remove_file(e.path());
+                }
+            }
+        }
+    }
+
     /// Stores a whole file for passthrough.
     pub fn put_file(&self, digest: &[u8; 32], data: &[u8]) -> Result<Option<PathBuf>> {
         match self.file_path(digest) {

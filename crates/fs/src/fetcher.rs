@@ -126,6 +126,8 @@ impl Fetcher for RegistryFetcher {
 pub(crate) struct SourceAdapter<'a> {
     pub fetcher: &'a dyn Fetcher,
     pub read: Mutex<Vec<Range<u64>>>,
+    /// Where footer and TOC bytes are kept across restarts, and the blob they belong to.
+    pub cache: Option<(&'a crate::cache::ChunkCache, &'a str)>,
 }
 
 impl estargz::BlobSource for SourceAdapter<'_> {
@@ -134,14 +136,28 @@ impl estargz::BlobSource for SourceAdapter<'_> {
     }
     fn read_at(&self, offset: u64, len: usize) -> io::Result<Vec<u8>> {
         let range = offset..offset.saturating_add(len as u64);
-        let mut parts = self.fetcher.read_ranges(std::slice::from_ref(&range))?;
-        let part = parts
-            .pop()
-            .filter(|p| p.len() == len)
-            .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "short read"))?;
+        let cached = self
+            .cache
+            .and_then(|(cache, blob)| cache.get_range(blob, offset, len));
+        let data = match cached {
+            Some(d) => d,
+            None => {
+                let mut parts = self.fetcher.read_ranges(std::slice::from_ref(&range))?;
+                let part = parts
+                    .pop()
+                    .filter(|p| p.len() == len)
+                    .ok_or_else(|| io::Error::new(io::ErrorKind::UnexpectedEof, "short read"))?;
+                if let Some((cache, blob)) = self.cache {
+                    if let Err(e) = cache.put_range(blob, offset, &part) {
+                        tracing::warn!(error = %e, "could not cache the TOC");
+                    }
+                }
+                part.to_vec()
+            }
+        };
         if let Ok(mut read) = self.read.lock() {
             read.push(range);
         }
-        Ok(part.to_vec())
+        Ok(data)
     }
 }

@@ -189,16 +189,31 @@ impl Layer {
             warn!(layer = %desc.digest, descriptor = desc.size, fetched = fetcher.size(),
                 "blob size differs from the descriptor; using the fetched size");
         }
-        let src = SourceAdapter {
-            fetcher: fetcher.as_ref(),
-            read: Mutex::new(Vec::new()),
-        };
         let opts = OpenOptions {
             tail_size: TAIL_READ,
-            expected_toc_digest: expected,
+            expected_toc_digest: expected.clone(),
             ..OpenOptions::default()
         };
-        let reader = Reader::open(&src, &opts).map_err(|e| match e {
+        // Footer and TOC come from the cache only when a TOC digest vouches for them.
+        let trusted_cache = expected
+            .is_some()
+            .then_some((cache.as_ref(), desc.digest.as_str()));
+        let mut src = SourceAdapter {
+            fetcher: fetcher.as_ref(),
+            read: Mutex::new(Vec::new()),
+            cache: trusted_cache,
+        };
+        let mut opened = Reader::open(&src, &opts);
+        if opened.is_err() && trusted_cache.is_some() {
+            cache.drop_ranges(&desc.digest);
+            src = SourceAdapter {
+                fetcher: fetcher.as_ref(),
+                read: Mutex::new(Vec::new()),
+                cache: trusted_cache,
+            };
+            opened = Reader::open(&src, &opts);
+        }
+        let reader = opened.map_err(|e| match e {
             estargz::Error::IoAt { context, source } => Error::Fetch {
                 what: format!("{context} of layer {}", desc.digest),
                 source,

@@ -121,3 +121,32 @@ fn fetch_errors_are_reported_not_hung() {
     assert!(!layer.background_fetch(2));
     assert!(!layer.is_complete());
 }
+
+#[test]
+fn cached_toc_is_reused_and_replaced_when_damaged() {
+    init_tracing();
+    let e = entries();
+    let blob = make_blob(&e, 64 << 10, &[]);
+    let dir = tempfile::tempdir().expect("tempdir");
+    let cache = Arc::new(ChunkCache::directory(dir.path(), 1 << 20).expect("cache"));
+    let cfg = Config::default();
+    let f1 = TestFetcher::open(&blob.path);
+    Layer::open(f1.clone(), blob.desc.clone(), &cfg, cache.clone()).expect("open");
+    assert_eq!(f1.requests(), 1);
+
+    let f2 = TestFetcher::open(&blob.path);
+    Layer::open(f2.clone(), blob.desc.clone(), &cfg, cache.clone()).expect("reopen");
+    assert_eq!(f2.requests(), 0, "footer and TOC come from the cache");
+
+    for entry in std::fs::read_dir(dir.path().join("ranges")).expect("ranges") {
+        let p = entry.expect("entry").path();
+        let mut d = std::fs::read(&p).expect("read");
+        let n = d.len();
+        d[n - 100] ^= 0xff;
+        std::fs::write(&p, d).expect("damage");
+    }
+    let f3 = TestFetcher::open(&blob.path);
+    let layer = Layer::open(f3.clone(), blob.desc.clone(), &cfg, cache).expect("recovers");
+    assert_eq!(f3.requests(), 1, "a damaged cached TOC is fetched again");
+    read_all_and_compare(&layer, &e);
+}
