@@ -5,6 +5,9 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     tonic_prost_build::configure()
         .build_server(true)
         .build_client(true)
-        .compile_protos(&["proto/snapshots.proto", "proto/types/mount.proto"], &["proto"])?;
+        .compile_protos(
+            &["proto/snapshots.proto", "proto/types/mount.proto"],
+            &["proto"],
+        )?;
     Ok(())
 }

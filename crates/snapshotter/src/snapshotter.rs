@@ -1,0 +1,618 @@
+//! Snapshot lifecycle on disk: directories under `ROOT/snapshots/<id>`, overlayfs mount specs, remote layers.
+
+use std::collections::{HashMap, HashSet};
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::SystemTime;
+
+use futures::stream::{self, StreamExt};
+
+use crate::error::{Error, Result};
+use crate::filter::{Fields, Filter};
+use crate::remote::{LayerInfo, RemoteFs, LABEL_REMOTE, LABEL_TARGET};
+use crate::store::{Kind, Record, Store, Usage};
+
+/// A mount containerd performs to get a snapshot's root filesystem.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Mount {
+    /// `bind` or `overlay`.
+    pub kind: String,
+    pub source: String,
+    pub target: String,
+    pub options: Vec<String>,
+}
+
+/// A snapshot as the Snapshots API describes it.
+#[derive(Clone, Debug, PartialEq)]
+pub struct Info {
+    pub name: String,
+    pub parent: String,
+    pub kind: Kind,
+    pub labels: HashMap<String, String>,
+    pub created: SystemTime,
+    pub updated: SystemTime,
+}
+
+impl Info {
+    fn new(name: String, r: Record) -> Info {
+        Info {
+            name,
+            parent: r.parent,
+            kind: r.kind,
+            labels: r.labels,
+            created: r.created,
+            updated: r.updated,
+        }
+    }
+}
+
+/// Options of a [`Snapshotter`].
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Root directory: `metadata.db` and `snapshots/`.
+    pub root: PathBuf,
+    /// How many remote snapshots to remount at once on start.
+    pub restore_concurrency: usize,
+}
+
+impl Options {
+    pub fn new(root: impl Into<PathBuf>) -> Options {
+        Options {
+            root: root.into(),
+            restore_concurrency: 4,
+        }
+    }
+}
+
+/// The snapshotter: metadata in [`Store`], layers in directories, remote layers through `R`.
+pub struct Snapshotter<R: RemoteFs> {
+    root: PathBuf,
+    store: Arc<Store>,
+    remote: Arc<R>,
+    index_off: bool,
+    userxattr: bool,
+    restore_concurrency: usize,
+    /// Temporary directories of snapshots being created; Cleanup leaves them alone.
+    in_flight: Arc<Mutex<HashSet<String>>>,
+    tmp_seq: AtomicU64,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| Error::Internal(format!("blocking task: {e}")))?
+}
+
+fn mkdir(path: &Path, mode: u32) -> Result<()> {
+    std::fs::create_dir(path).map_err(|e| Error::io("create directory", path, e))?;
+    std::fs::set_permissions(path, std::fs::Permissions::from_mode(mode))
+        .map_err(|e| Error::io("chmod", path, e))
+}
+
+/// Detaches whatever is mounted at `path`; nothing mounted is fine.
+fn detach(path: &Path) {
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
+        return;
+    };
+    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
+    let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    if rc == 0 {
+        tracing::info!(path = %path.display(), "detached a leftover mount");
+    }
+}
+
+/// du-like usage: allocated bytes and inodes, hard links counted once, not crossing mounts.
+pub fn disk_usage(path: &Path) -> Result<Usage> {
+    let top = std::fs::symlink_metadata(path).map_err(|e| Error::io("stat", path, e))?;
+    let dev = top.dev();
+    let mut seen = HashSet::new();
+    let mut usage = Usage::default();
+    let mut stack = vec![path.to_path_buf()];
+    while let Some(p) = stack.pop() {
+        let md = match std::fs::symlink_metadata(&p) {
+            Ok(m) => m,
+            // Files may vanish while a container runs; du ignores them too.
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => continue,
+            Err(e) => return Err(Error::io("stat", &p, e)),
+        };
+        if !seen.insert((md.dev(), md.ino())) {
+            continue;
+        }
+        usage.inodes += 1;
+        usage.size += (md.blocks() as i64) * 512;
+        if md.is_dir() && md.dev() == dev {
+            let rd = std::fs::read_dir(&p).map_err(|e| Error::io("read directory", &p, e))?;
+            for ent in rd {
+                let ent = ent.map_err(|e| Error::io("read directory", &p, e))?;
+                stack.push(ent.path());
+            }
+        }
+    }
+    Ok(usage)
+}
+
+/// Whether containerd would add `userxattr`: only inside a user namespace, and never on tmpfs.
+fn needs_userxattr(root: &Path) -> bool {
+    let in_userns = std::fs::read_to_string("/proc/self/uid_map")
+        .map(|m| {
+            let f: Vec<&str> = m.split_whitespace().collect();
+            !(f.len() == 3 && f[0] == "0" && f[1] == "0" && f[2] == "4294967295")
+        })
+        .unwrap_or(false);
+    if !in_userns {
+        return false;
+    }
+    use std::os::unix::ffi::OsStrExt;
+    let Ok(c) = std::ffi::CString::new(root.as_os_str().as_bytes()) else {
+        return true;
+    };
+    // SAFETY: zeroed statfs is a valid out-parameter; `c` is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    !(rc == 0 && st.f_type as i64 == TMPFS_MAGIC)
+}
+
+impl<R: RemoteFs> Snapshotter<R> {
+    /// Opens the snapshotter at `opts.root`, creating its layout.
+    pub fn open(opts: Options, remote: R) -> Result<Snapshotter<R>> {
+        let root = opts.root;
+        std::fs::create_dir_all(root.join("snapshots"))
+            .map_err(|e| Error::io("create directory", root.join("snapshots"), e))?;
+        std::fs::set_permissions(&root, std::fs::Permissions::from_mode(0o700))
+            .map_err(|e| Error::io("chmod", &root, e))?;
+        let store = Store::open(&root.join("metadata.db"))?;
+        Ok(Snapshotter {
+            index_off: Path::new("/sys/module/overlay/parameters/index").exists(),
+            userxattr: needs_userxattr(&root),
+            root,
+            store: Arc::new(store),
+            remote: Arc::new(remote),
+            restore_concurrency: opts.restore_concurrency.max(1),
+            in_flight: Arc::default(),
+            tmp_seq: AtomicU64::new(0),
+        })
+    }
+
+    /// The root directory.
+    pub fn root(&self) -> &Path {
+        &self.root
+    }
+
+    /// The remote filesystem.
+    pub fn remote(&self) -> &R {
+        &self.remote
+    }
+
+    fn dir(&self, id: u64) -> PathBuf {
+        self.root.join("snapshots").join(id.to_string())
+    }
+
+    fn fs_dir(&self, id: u64) -> PathBuf {
+        self.dir(id).join("fs")
+    }
+
+    /// Creates an active snapshot; may return AlreadyExists when a remote
+    /// layer was mounted and committed under the `containerd.io/snapshot.ref` target.
+    pub async fn prepare(
+        &self,
+        ns: &str,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        let rec = self
+            .create(ns, key, parent, labels.clone(), Kind::Active)
+            .await?;
+        if let (Some(target), Some(layer)) =
+            (labels.get(LABEL_TARGET), LayerInfo::from_labels(&labels))
+        {
+            if let Some(err) = self
+                .try_remote(ns, key, target, &layer, &rec, labels.clone())
+                .await
+            {
+                return Err(err);
+            }
+        }
+        self.mounts_of(ns, &rec).await
+    }
+
+    /// Mounts the remote layer into the new snapshot and commits it as `target`.
+    /// `Some(AlreadyExists)` on success; `None` to carry on with a normal snapshot.
+    async fn try_remote(
+        &self,
+        ns: &str,
+        key: &str,
+        target: &str,
+        layer: &LayerInfo,
+        rec: &Record,
+        mut labels: HashMap<String, String>,
+    ) -> Option<Error> {
+        let fs = self.fs_dir(rec.id);
+        if let Err(e) = self.remote.mount(&fs, &labels).await {
+            tracing::info!(key, layer = %layer.digest, image = %layer.image_ref, error = %e,
+                "remote mount failed; falling back to a normal snapshot");
+            return None;
+        }
+        labels.insert(LABEL_REMOTE.to_string(), "remote snapshot".to_string());
+        let store = self.store.clone();
+        let (ns2, key2, target2) = (ns.to_string(), key.to_string(), target.to_string());
+        let res =
+            blocking(move || store.commit(&ns2, &key2, &target2, labels, Some(Usage::default())))
+                .await;
+        match res {
+            Ok(_) => {
+                tracing::info!(target, layer = %layer.digest, "remote snapshot committed");
+                Some(Error::AlreadyExists(target.to_string()))
+            }
+            Err(e) => {
+                tracing::warn!(key, target, error = %e, "committing remote snapshot failed; falling back");
+                if let Err(e) = self.remote.unmount(&fs).await {
+                    tracing::warn!(path = %fs.display(), error = %e, "unmounting remote layer failed");
+                }
+                None
+            }
+        }
+    }
+
+    /// Creates a read-only view of `parent`.
+    pub async fn view(
+        &self,
+        ns: &str,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<Vec<Mount>> {
+        let rec = self.create(ns, key, parent, labels, Kind::View).await?;
+        self.mounts_of(ns, &rec).await
+    }
+
+    async fn create(
+        &self,
+        ns: &str,
+        key: &str,
+        parent: &str,
+        labels: HashMap<String, String>,
+        kind: Kind,
+    ) -> Result<Record> {
+        let name = format!(
+            "new-{}-{}",
+            std::process::id(),
+            self.tmp_seq.fetch_add(1, Ordering::Relaxed)
+        );
+        let snaps = self.root.join("snapshots");
+        let tmp = snaps.join(&name);
+        lock(&self.in_flight).insert(name.clone());
+        let store = self.store.clone();
+        let (ns, key, parent) = (ns.to_string(), key.to_string(), parent.to_string());
+        let tmp2 = tmp.clone();
+        let res = blocking(move || {
+            mkdir(&tmp2, 0o700)?;
+            mkdir(&tmp2.join("fs"), 0o755)?;
+            if kind == Kind::Active {
+                mkdir(&tmp2.join("work"), 0o711)?;
+            }
+            store.create(&ns, &key, kind, &parent, labels, |id| {
+                if !parent.is_empty() {
+                    // Keep the owner of the parent's root, as containerd does for user namespaces.
+                    if let Some(p) = store.get(&ns, &parent)? {
+                        let pfs = snaps.join(p.id.to_string()).join("fs");
+                        if let Ok(md) = std::fs::metadata(&pfs) {
+                            std::os::unix::fs::chown(
+                                tmp2.join("fs"),
+                                Some(md.uid()),
+                                Some(md.gid()),
+                            )
+                            .map_err(|e| Error::io("chown", tmp2.join("fs"), e))?;
+                        }
+                    }
+                }
+                let dst = snaps.join(id.to_string());
+                std::fs::rename(&tmp2, &dst).map_err(|e| Error::io("rename", &dst, e))
+            })
+        })
+        .await;
+        if res.is_err() && tmp.exists() {
+            if let Err(e) = std::fs::remove_dir_all(&tmp) {
+                tracing::warn!(path = %tmp.display(), error = %e, "removing temporary directory failed");
+            }
+        }
+        lock(&self.in_flight).remove(&name);
+        res
+    }
+
+    /// The mounts of an existing active or view snapshot.
+    pub async fn mounts(&self, ns: &str, key: &str) -> Result<Vec<Mount>> {
+        let rec = self.get(ns, key).await?;
+        self.mounts_of(ns, &rec).await
+    }
+
+    async fn get(&self, ns: &str, key: &str) -> Result<Record> {
+        let store = self.store.clone();
+        let (ns, key) = (ns.to_string(), key.to_string());
+        blocking(move || store.require(&ns, &key)).await
+    }
+
+    async fn mounts_of(&self, ns: &str, rec: &Record) -> Result<Vec<Mount>> {
+        let store = self.store.clone();
+        let (ns2, parent) = (ns.to_string(), rec.parent.clone());
+        let ancestors = blocking(move || store.ancestors(&ns2, &parent)).await?;
+        for (name, a) in &ancestors {
+            if a.labels.contains_key(LABEL_REMOTE) {
+                self.ensure_remote(name, a).await?;
+            }
+        }
+        Ok(self.mount_spec(
+            rec,
+            &ancestors.iter().map(|(_, r)| r.id).collect::<Vec<_>>(),
+        ))
+    }
+
+    /// Checks a remote layer and remounts it when its server is gone.
+    async fn ensure_remote(&self, name: &str, rec: &Record) -> Result<()> {
+        let fs = self.fs_dir(rec.id);
+        let Err(e) = self.remote.check(&fs, &rec.labels).await else {
+            return Ok(());
+        };
+        tracing::warn!(snapshot = name, error = %e, "remote layer unhealthy; remounting");
+        if let Err(e) = self.remote.unmount(&fs).await {
+            tracing::debug!(error = %e, "unmount before remount");
+        }
+        detach(&fs);
+        self.remote.mount(&fs, &rec.labels).await.map_err(|e| {
+            Error::Unavailable(format!(
+                "remote layer of snapshot {name:?} is unavailable: {e}"
+            ))
+        })
+    }
+
+    /// containerd's overlay snapshotter layout: bind for no parents (and read-only
+    /// views of one parent), overlay otherwise with parents newest first.
+    fn mount_spec(&self, rec: &Record, parent_ids: &[u64]) -> Vec<Mount> {
+        let path = |id: u64| self.fs_dir(id).to_string_lossy().into_owned();
+        if parent_ids.is_empty() {
+            let ro = if rec.kind == Kind::View { "ro" } else { "rw" };
+            return vec![Mount {
+                kind: "bind".into(),
+                source: path(rec.id),
+                target: String::new(),
+                options: vec![ro.into(), "rbind".into()],
+            }];
+        }
+        let mut options = Vec::new();
+        if self.index_off {
+            options.push("index=off".to_string());
+        }
+        if self.userxattr {
+            options.push("userxattr".to_string());
+        }
+        if rec.kind == Kind::Active {
+            options.push(format!(
+                "workdir={}",
+                self.dir(rec.id).join("work").to_string_lossy()
+            ));
+            options.push(format!("upperdir={}", path(rec.id)));
+        } else if parent_ids.len() == 1 {
+            return vec![Mount {
+                kind: "bind".into(),
+                source: path(parent_ids[0]),
+                target: String::new(),
+                options: vec!["ro".into(), "rbind".into()],
+            }];
+        }
+        let lower: Vec<String> = parent_ids.iter().map(|&id| path(id)).collect();
+        options.push(format!("lowerdir={}", lower.join(":")));
+        vec![Mount {
+            kind: "overlay".into(),
+            source: "overlay".into(),
+            target: String::new(),
+            options,
+        }]
+    }
+
+    /// Commits active `key` as `name`, measuring its usage once.
+    pub async fn commit(
+        &self,
+        ns: &str,
+        name: &str,
+        key: &str,
+        labels: HashMap<String, String>,
+    ) -> Result<()> {
+        let rec = self.get(ns, key).await?;
+        let store = self.store.clone();
+        let fs = self.fs_dir(rec.id);
+        let (ns, name, key) = (ns.to_string(), name.to_string(), key.to_string());
+        blocking(move || {
+            let usage = disk_usage(&fs)?;
+            store.commit(&ns, &key, &name, labels, Some(usage))
+        })
+        .await?;
+        Ok(())
+    }
+
+    /// Removes a snapshot without children: metadata first, then its directory.
+    pub async fn remove(&self, ns: &str, key: &str) -> Result<()> {
+        let store = self.store.clone();
+        let (ns2, key2) = (ns.to_string(), key.to_string());
+        let rec = blocking(move || store.removable(&ns2, &key2)).await?;
+        let fs = self.fs_dir(rec.id);
+        if rec.labels.contains_key(LABEL_REMOTE) {
+            self.remote
+                .unmount(&fs)
+                .await
+                .map_err(|e| Error::Remote(format!("unmounting {}: {e}", fs.display())))?;
+        }
+        let store = self.store.clone();
+        let (ns2, key2) = (ns.to_string(), key.to_string());
+        let rec = blocking(move || store.remove(&ns2, &key2)).await?;
+        let dir = self.dir(rec.id);
+        blocking(move || {
+            detach(&dir.join("fs"));
+            // The metadata is gone already; a leftover directory is Cleanup's job.
+            if let Err(e) = std::fs::remove_dir_all(&dir) {
+                tracing::warn!(path = %dir.display(), error = %e, "removing snapshot directory failed; cleanup will retry");
+            }
+            Ok(())
+        })
+        .await
+    }
+
+    /// The info of `key`.
+    pub async fn stat(&self, ns: &str, key: &str) -> Result<Info> {
+        Ok(Info::new(key.to_string(), self.get(ns, key).await?))
+    }
+
+    /// Updates labels of `info.name`. `paths` as containerd's fieldpaths:
+    /// empty or `labels` replaces all labels, `labels.KEY` sets or deletes one.
+    pub async fn update(&self, ns: &str, info: Info, paths: Vec<String>) -> Result<Info> {
+        let store = self.store.clone();
+        let ns = ns.to_string();
+        let name = info.name.clone();
+        let rec = blocking(move || {
+            store.update(&ns, &info.name, |rec| {
+                if paths.is_empty() {
+                    rec.labels = info.labels.clone();
+                    return Ok(());
+                }
+                for p in &paths {
+                    if p == "labels" {
+                        rec.labels = info.labels.clone();
+                    } else if let Some(k) = p.strip_prefix("labels.") {
+                        match info.labels.get(k) {
+                            Some(v) => {
+                                rec.labels.insert(k.to_string(), v.clone());
+                            }
+                            None => {
+                                rec.labels.remove(k);
+                            }
+                        }
+                    } else {
+                        return Err(Error::InvalidArgument(format!(
+                            "cannot update {p:?} field on snapshot {:?}",
+                            info.name
+                        )));
+                    }
+                }
+                Ok(())
+            })
+        })
+        .await?;
+        Ok(Info::new(name, rec))
+    }
+
+    /// Disk usage: stored at commit for committed snapshots, measured now otherwise.
+    pub async fn usage(&self, ns: &str, key: &str) -> Result<Usage> {
+        let rec = self.get(ns, key).await?;
+        if rec.kind == Kind::Committed {
+            if let Some(u) = rec.usage {
+                return Ok(u);
+            }
+        }
+        let fs = self.fs_dir(rec.id);
+        blocking(move || disk_usage(&fs)).await
+    }
+
+    /// Snapshots of `ns` passing the containerd `filters`.
+    pub async fn list(&self, ns: &str, filters: &[String]) -> Result<Vec<Info>> {
+        let filter = Filter::parse(filters)?;
+        let store = self.store.clone();
+        let ns = ns.to_string();
+        let all = blocking(move || store.list(&ns)).await?;
+        Ok(all
+            .into_iter()
+            .filter(|(k, r)| {
+                filter.matches(&Fields {
+                    name: k,
+                    parent: &r.parent,
+                    kind: r.kind.as_str(),
+                    labels: &r.labels,
+                })
+            })
+            .map(|(k, r)| Info::new(k, r))
+            .collect())
+    }
+
+    /// Removes snapshot directories that have no metadata; returns how many.
+    pub async fn cleanup(&self) -> Result<usize> {
+        let store = self.store.clone();
+        let snaps = self.root.join("snapshots");
+        let in_flight = self.in_flight.clone();
+        blocking(move || {
+            let ids: HashSet<String> = store
+                .all()?
+                .into_iter()
+                .map(|(_, _, r)| r.id.to_string())
+                .collect();
+            let mut removed = 0;
+            let rd =
+                std::fs::read_dir(&snaps).map_err(|e| Error::io("read directory", &snaps, e))?;
+            for ent in rd {
+                let ent = ent.map_err(|e| Error::io("read directory", &snaps, e))?;
+                let name = ent.file_name().to_string_lossy().into_owned();
+                if ids.contains(&name) || lock(&in_flight).contains(&name) {
+                    continue;
+                }
+                let p = ent.path();
+                detach(&p.join("fs"));
+                match std::fs::remove_dir_all(&p) {
+                    Ok(()) => removed += 1,
+                    Err(e) => tracing::warn!(path = %p.display(), error = %e, "cleanup failed"),
+                }
+            }
+            Ok(removed)
+        })
+        .await
+    }
+
+    async fn remote_records(&self) -> Result<Vec<(String, String, Record)>> {
+        let store = self.store.clone();
+        let all = blocking(move || store.all()).await?;
+        Ok(all
+            .into_iter()
+            .filter(|(_, _, r)| r.labels.contains_key(LABEL_REMOTE))
+            .collect())
+    }
+
+    /// Remounts every remote snapshot recorded in the store (after a restart).
+    /// Failures are logged: Mounts retries them later. Returns how many mounted.
+    pub async fn restore_remote(&self) -> Result<usize> {
+        let recs = self.remote_records().await?;
+        let ok = stream::iter(recs)
+            .map(|(ns, key, rec)| async move {
+                let fs = self.fs_dir(rec.id);
+                // Whatever is there was served by a previous process and is dead.
+                detach(&fs);
+                match self.remote.mount(&fs, &rec.labels).await {
+                    Ok(()) => true,
+                    Err(e) => {
+                        tracing::warn!(namespace = %ns, snapshot = %key, error = %e, "restoring remote snapshot failed");
+                        false
+                    }
+                }
+            })
+            .buffer_unordered(self.restore_concurrency)
+            .filter(|ok| futures::future::ready(*ok))
+            .count()
+            .await;
+        Ok(ok)
+    }
+
+    /// Unmounts every remote snapshot (on SIGINT shutdown).
+    pub async fn unmount_all(&self) -> Result<()> {
+        for (_, key, rec) in self.remote_records().await? {
+            let fs = self.fs_dir(rec.id);
+            if let Err(e) = self.remote.unmount(&fs).await {
+                tracing::warn!(snapshot = %key, error = %e, "unmount failed");
+            }
+        }
+        Ok(())
+    }
+}
+
+fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    // A panic while holding this lock cannot leave the set inconsistent.
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}

@@ -1,0 +1,518 @@
+//! Snapshots API over a real unix-socket gRPC connection: lifecycle, errors, filters, remote layers.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::Arc;
+
+use hyper_util::rt::TokioIo;
+use snapshotter::proto::snapshots as pb;
+use snapshotter::remote::{
+    LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_REMOTE, LABEL_TARGET,
+};
+use snapshotter::{Options, RemoteFs, Snapshotter};
+use tonic::transport::{Channel, Endpoint, Uri};
+use tonic::Code;
+
+type Client = pb::snapshots_client::SnapshotsClient<Channel>;
+
+/// Marks a "mount" with a file so tests see it without FUSE.
+#[derive(Default)]
+struct FakeRemote {
+    mounts: AtomicUsize,
+    healthy: std::sync::atomic::AtomicBool,
+}
+
+impl RemoteFs for FakeRemote {
+    async fn mount(&self, mp: &Path, labels: &HashMap<String, String>) -> Result<(), String> {
+        if labels.get(LABEL_CRI_LAYER_DIGEST).map(String::as_str) == Some("sha256:bad") {
+            return Err("unreachable layer".into());
+        }
+        std::fs::write(mp.join("remote-file"), b"x").map_err(|e| e.to_string())?;
+        self.mounts.fetch_add(1, Ordering::SeqCst);
+        self.healthy.store(true, Ordering::SeqCst);
+        Ok(())
+    }
+    async fn check(&self, _: &Path, _: &HashMap<String, String>) -> Result<(), String> {
+        if self.healthy.load(Ordering::SeqCst) {
+            Ok(())
+        } else {
+            Err("gone".into())
+        }
+    }
+    async fn unmount(&self, mp: &Path) -> Result<(), String> {
+        let _ = std::fs::remove_file(mp.join("remote-file"));
+        Ok(())
+    }
+}
+
+struct Harness {
+    _dir: tempfile::TempDir,
+    root: PathBuf,
+    client: Client,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Drop for Harness {
+    fn drop(&mut self) {
+        if let Some(s) = self.stop.take() {
+            let _ = s.send(());
+        }
+        self.task.abort();
+    }
+}
+
+async fn start(remote: Arc<FakeRemote>) -> Harness {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let sock = dir.path().join("run/snap.sock");
+    let sn = Arc::new(Snapshotter::open(Options::new(&root), remote).unwrap());
+    let l = snapshotter::bind(&sock).unwrap();
+    let (tx, rx) = tokio::sync::oneshot::channel::<()>();
+    let task = tokio::spawn(async move {
+        snapshotter::serve(sn, l, async {
+            let _ = rx.await;
+        })
+        .await
+        .unwrap();
+    });
+    let s2 = sock.clone();
+    let ch = Endpoint::try_from("http://[::]:50051")
+        .unwrap()
+        .connect_with_connector(tower::service_fn(move |_: Uri| {
+            let s = s2.clone();
+            async move {
+                Ok::<_, std::io::Error>(TokioIo::new(tokio::net::UnixStream::connect(s).await?))
+            }
+        }))
+        .await
+        .unwrap();
+    Harness {
+        _dir: dir,
+        root,
+        client: Client::new(ch),
+        stop: Some(tx),
+        task,
+    }
+}
+
+fn req<T>(ns: &str, m: T) -> tonic::Request<T> {
+    let mut r = tonic::Request::new(m);
+    r.metadata_mut()
+        .insert("containerd-namespace", ns.parse().unwrap());
+    r
+}
+
+async fn prepare(
+    c: &mut Client,
+    ns: &str,
+    key: &str,
+    parent: &str,
+    labels: HashMap<String, String>,
+) -> Result<Vec<snapshotter::proto::types::Mount>, tonic::Status> {
+    c.prepare(req(
+        ns,
+        pb::PrepareSnapshotRequest {
+            snapshotter: "stargz".into(),
+            key: key.into(),
+            parent: parent.into(),
+            labels,
+        },
+    ))
+    .await
+    .map(|r| r.into_inner().mounts)
+}
+
+async fn commit(c: &mut Client, ns: &str, name: &str, key: &str) -> Result<(), tonic::Status> {
+    c.commit(req(
+        ns,
+        pb::CommitSnapshotRequest {
+            snapshotter: String::new(),
+            name: name.into(),
+            key: key.into(),
+            labels: HashMap::new(),
+        },
+    ))
+    .await
+    .map(|_| ())
+}
+
+async fn remove(c: &mut Client, ns: &str, key: &str) -> Result<(), tonic::Status> {
+    c.remove(req(
+        ns,
+        pb::RemoveSnapshotRequest {
+            snapshotter: String::new(),
+            key: key.into(),
+        },
+    ))
+    .await
+    .map(|_| ())
+}
+
+async fn list(c: &mut Client, ns: &str, filters: &[&str]) -> Vec<pb::Info> {
+    let mut s = c
+        .list(req(
+            ns,
+            pb::ListSnapshotsRequest {
+                snapshotter: String::new(),
+                filters: filters.iter().map(|s| s.to_string()).collect(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut out = Vec::new();
+    while let Some(m) = s.message().await.unwrap() {
+        out.extend(m.info);
+    }
+    out
+}
+
+fn snapshot_dirs(root: &Path) -> Vec<String> {
+    let mut v: Vec<String> = std::fs::read_dir(root.join("snapshots"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .collect();
+    v.sort();
+    v
+}
+
+#[tokio::test]
+async fn lifecycle_and_errors() {
+    let h = start(Arc::default()).await;
+    let mut c = h.client.clone();
+    let ns = "t1";
+
+    let m = prepare(&mut c, ns, "a", "", HashMap::new()).await.unwrap();
+    assert_eq!(m.len(), 1);
+    assert_eq!(m[0].r#type, "bind");
+    assert_eq!(m[0].options, vec!["rw", "rbind"]);
+    assert!(m[0].source.ends_with("/snapshots/1/fs"), "{}", m[0].source);
+    std::fs::write(format!("{}/hello", m[0].source), vec![7u8; 10000]).unwrap();
+
+    assert_eq!(
+        prepare(&mut c, ns, "a", "", HashMap::new())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::AlreadyExists
+    );
+    assert_eq!(
+        prepare(&mut c, ns, "b", "nope", HashMap::new())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::NotFound
+    );
+    assert_eq!(
+        prepare(&mut c, ns, "b", "a", HashMap::new())
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+    // Another namespace does not see "a".
+    assert_eq!(
+        commit(&mut c, "other", "x", "a").await.unwrap_err().code(),
+        Code::NotFound
+    );
+    // No namespace at all is refused.
+    let e = c
+        .stat(tonic::Request::new(pb::StatSnapshotRequest {
+            snapshotter: String::new(),
+            key: "a".into(),
+        }))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition);
+
+    commit(&mut c, ns, "l1", "a").await.unwrap();
+    assert_eq!(
+        commit(&mut c, ns, "l1x", "l1").await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    let st = c
+        .stat(req(
+            ns,
+            pb::StatSnapshotRequest {
+                snapshotter: String::new(),
+                key: "l1".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
+    assert_eq!(st.kind, pb::Kind::Committed as i32);
+    let u = c
+        .usage(req(
+            ns,
+            pb::UsageRequest {
+                snapshotter: String::new(),
+                key: "l1".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(u.size >= 10000 && u.inodes == 2, "{u:?}");
+
+    // One parent: view is a read-only bind of it, active is an overlay.
+    let v = c
+        .view(req(
+            ns,
+            pb::ViewSnapshotRequest {
+                snapshotter: String::new(),
+                key: "v1".into(),
+                parent: "l1".into(),
+                labels: HashMap::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert_eq!(
+        (v[0].r#type.as_str(), v[0].options.clone()),
+        ("bind", vec!["ro".to_string(), "rbind".to_string()])
+    );
+    assert!(v[0].source.ends_with("/snapshots/1/fs"));
+    prepare(&mut c, ns, "b", "l1", HashMap::new())
+        .await
+        .unwrap();
+    commit(&mut c, ns, "l2", "b").await.unwrap();
+    let m = prepare(&mut c, ns, "c", "l2", HashMap::new())
+        .await
+        .unwrap();
+    assert_eq!(m[0].r#type, "overlay");
+    let opts = m[0].options.join(",");
+    let r = h.root.display();
+    assert!(opts.ends_with(&format!("workdir={r}/snapshots/4/work,upperdir={r}/snapshots/4/fs,lowerdir={r}/snapshots/3/fs:{r}/snapshots/1/fs")), "{opts}");
+    let m2 = c
+        .mounts(req(
+            ns,
+            pb::MountsRequest {
+                snapshotter: String::new(),
+                key: "c".into(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert_eq!(m, m2);
+    let v2 = c
+        .view(req(
+            ns,
+            pb::ViewSnapshotRequest {
+                snapshotter: String::new(),
+                key: "v2".into(),
+                parent: "l2".into(),
+                labels: HashMap::new(),
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner()
+        .mounts;
+    assert!(
+        v2[0].options.last().unwrap().starts_with("lowerdir=")
+            && !v2[0].options.iter().any(|o| o.starts_with("upperdir"))
+    );
+
+    // Children block removal.
+    assert_eq!(
+        remove(&mut c, ns, "l1").await.unwrap_err().code(),
+        Code::FailedPrecondition
+    );
+    assert_eq!(
+        remove(&mut c, ns, "zzz").await.unwrap_err().code(),
+        Code::NotFound
+    );
+
+    // Update with field paths.
+    let upd = |labels: &[(&str, &str)], paths: &[&str]| pb::UpdateSnapshotRequest {
+        snapshotter: String::new(),
+        info: Some(pb::Info {
+            name: "l2".into(),
+            labels: labels
+                .iter()
+                .map(|(k, v)| (k.to_string(), v.to_string()))
+                .collect(),
+            ..Default::default()
+        }),
+        update_mask: Some(prost_types::FieldMask {
+            paths: paths.iter().map(|s| s.to_string()).collect(),
+        }),
+    };
+    let i = c
+        .update(req(ns, upd(&[("a", "1"), ("b", "2")], &["labels"])))
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
+    assert_eq!(i.labels.len(), 2);
+    let i = c
+        .update(req(ns, upd(&[("c", "3")], &["labels.c", "labels.a"])))
+        .await
+        .unwrap()
+        .into_inner()
+        .info
+        .unwrap();
+    assert_eq!(
+        i.labels,
+        snapshotter::service::labels([("b", "2"), ("c", "3")])
+    );
+    assert_eq!(
+        c.update(req(ns, upd(&[], &["parent"])))
+            .await
+            .unwrap_err()
+            .code(),
+        Code::InvalidArgument
+    );
+
+    // Filters.
+    let names = |v: Vec<pb::Info>| {
+        let mut n: Vec<String> = v.into_iter().map(|i| i.name).collect();
+        n.sort();
+        n
+    };
+    assert_eq!(
+        names(list(&mut c, ns, &[]).await),
+        vec!["c", "l1", "l2", "v1", "v2"]
+    );
+    assert_eq!(
+        names(list(&mut c, ns, &["parent==l1"]).await),
+        vec!["l2", "v1"]
+    );
+    assert_eq!(
+        names(list(&mut c, ns, &["kind==committed"]).await),
+        vec!["l1", "l2"]
+    );
+    assert_eq!(
+        names(list(&mut c, ns, &["labels.c==3", "name==l1"]).await),
+        vec!["l1", "l2"]
+    );
+    assert_eq!(
+        names(list(&mut c, "other", &[]).await),
+        Vec::<String>::new()
+    );
+    let e = c
+        .list(req(
+            ns,
+            pb::ListSnapshotsRequest {
+                snapshotter: String::new(),
+                filters: vec!["name==".into()],
+            },
+        ))
+        .await;
+    assert_eq!(e.err().map(|e| e.code()), Some(Code::InvalidArgument));
+
+    // A leftover directory without metadata goes away on Cleanup.
+    std::fs::create_dir_all(h.root.join("snapshots/999/fs")).unwrap();
+    for k in ["c", "v2", "l2", "v1", "l1"] {
+        remove(&mut c, ns, k).await.unwrap();
+    }
+    c.cleanup(req(
+        ns,
+        pb::CleanupRequest {
+            snapshotter: String::new(),
+        },
+    ))
+    .await
+    .unwrap();
+    assert_eq!(snapshot_dirs(&h.root), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn remote_layers() {
+    let fake = Arc::new(FakeRemote::default());
+    let h = start(fake.clone()).await;
+    let mut c = h.client.clone();
+    let ns = "k8s.io";
+    let layer = |digest: &str, target: &str| {
+        snapshotter::service::labels([
+            (LABEL_TARGET, target),
+            (LABEL_CRI_IMAGE_REF, "127.0.0.1:5000/img:1"),
+            (LABEL_CRI_LAYER_DIGEST, digest),
+        ])
+    };
+    let e = prepare(
+        &mut c,
+        ns,
+        "extract-1 chain1",
+        "",
+        layer("sha256:l1", "chain1"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    // containerd's metadata layer finds the target this way.
+    let found = list(
+        &mut c,
+        ns,
+        &[r#"labels."containerd.io/snapshot.ref"==chain1,parent=="""#],
+    )
+    .await;
+    assert_eq!(found.len(), 1, "{found:?}");
+    assert_eq!(found[0].name, "chain1");
+    assert!(found[0].labels.contains_key(LABEL_REMOTE));
+    assert_eq!(found[0].kind, pb::Kind::Committed as i32);
+
+    // Failing remote mount: normal active snapshot.
+    let m = prepare(
+        &mut c,
+        ns,
+        "extract-2",
+        "chain1",
+        layer("sha256:bad", "chain2"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(m[0].r#type, "overlay");
+    commit(&mut c, ns, "chain2", "extract-2").await.unwrap();
+
+    // A dead remote parent is remounted on Mounts.
+    fake.healthy.store(false, Ordering::SeqCst);
+    let before = fake.mounts.load(Ordering::SeqCst);
+    let m = prepare(&mut c, ns, "ctr", "chain2", HashMap::new())
+        .await
+        .unwrap();
+    assert_eq!(m[0].r#type, "overlay");
+    assert_eq!(fake.mounts.load(Ordering::SeqCst), before + 1);
+
+    for k in ["ctr", "chain2", "chain1"] {
+        remove(&mut c, ns, k).await.unwrap();
+    }
+    assert_eq!(snapshot_dirs(&h.root), Vec::<String>::new());
+}
+
+#[tokio::test]
+async fn restore_after_restart() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let fake = Arc::new(FakeRemote::default());
+    {
+        let sn = Snapshotter::open(Options::new(&root), fake.clone()).unwrap();
+        let l = snapshotter::service::labels([
+            (LABEL_TARGET, "t"),
+            (LABEL_CRI_IMAGE_REF, "r"),
+            (LABEL_CRI_LAYER_DIGEST, "sha256:x"),
+        ]);
+        assert!(matches!(
+            sn.prepare("ns", "k", "", l).await,
+            Err(snapshotter::Error::AlreadyExists(_))
+        ));
+        sn.unmount_all().await.unwrap();
+        // A crash after the metadata went away leaves a directory behind.
+        std::fs::create_dir_all(root.join("snapshots/77/fs")).unwrap();
+    }
+    let sn = Snapshotter::open(Options::new(&root), fake.clone()).unwrap();
+    assert_eq!(sn.restore_remote().await.unwrap(), 1);
+    assert!(root.join("snapshots/1/fs/remote-file").exists());
+    assert_eq!(sn.cleanup().await.unwrap(), 1);
+    assert_eq!(snapshot_dirs(&root), vec!["1"]);
+}
