@@ -201,15 +201,37 @@ impl ChunkCache {
         }
     }
 
-    /// Stores a whole file for passthrough.
-    pub fn put_file(&self, digest: &[u8; 32], data: &[u8]) -> Result<Option<PathBuf>> {
-        match self.file_path(digest) {
-            Some(path) => {
-                write_atomic(&path, data)?;
-                Ok(Some(path))
-            }
-            None => Ok(None),
+    /// Writes a whole file for passthrough piece by piece, checking its sha256 before it
+    /// becomes visible. `None` without a directory or when the content does not match.
+    pub fn put_file(
+        &self,
+        digest: &[u8; 32],
+        pieces: impl IntoIterator<Item = Option<Arc<Vec<u8>>>>,
+    ) -> Result<Option<PathBuf>> {
+        let Some(path) = self.file_path(digest) else {
+            return Ok(None);
+        };
+        let parent = path
+            .parent()
+            .ok_or_else(|| cache_err(&path, io::Error::other("no parent directory")))?;
+        let mut tmp = tempfile::Builder::new()
+            .prefix(".tmp-")
+            .tempfile_in(parent)
+            .map_err(|e| cache_err(parent, e))?;
+        let mut hasher = Sha256::new();
+        for piece in pieces {
+            let Some(piece) = piece else {
+                return Ok(None);
+            };
+            hasher.update(piece.as_slice());
+            tmp.write_all(&piece).map_err(|e| cache_err(&path, e))?;
         }
+        let got: [u8; 32] = hasher.finalize().into();
+        if &got != digest {
+            return Ok(None);
+        }
+        tmp.persist(&path).map_err(|e| cache_err(&path, e.error))?;
+        Ok(Some(path))
     }
 }
 

@@ -638,18 +638,15 @@ impl Layer {
         if !keys.iter().all(|k| self.cache.contains(k)) {
             return None;
         }
-        let mut data = Vec::with_capacity(node.size as usize);
-        for k in &keys {
-            data.extend_from_slice(&self.cache.get(k, self.verify)?);
-        }
-        let got: [u8; 32] = Sha256::digest(&data).into();
-        if got != digest || data.len() as u64 != node.size {
-            error!(layer = %self.desc.digest, file = %node.path,
-                "assembled file does not match its digest");
-            return None;
-        }
-        match self.cache.put_file(&digest, &data) {
-            Ok(p) => p,
+        // Chunks stream from the cache into the file; memory stays at one chunk.
+        let pieces = keys.iter().map(|k| self.cache.get(k, self.verify));
+        match self.cache.put_file(&digest, pieces) {
+            Ok(Some(p)) => Some(p),
+            Ok(None) => {
+                error!(layer = %self.desc.digest, file = %node.path,
+                    "could not assemble the file from its cached chunks");
+                None
+            }
             Err(e) => {
                 warn!(error = %e, "could not store a whole file");
                 None
