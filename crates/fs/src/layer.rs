@@ -355,7 +355,7 @@ impl Layer {
         let _busy = OnDemand(&self.ondemand);
         let refs: Vec<ChunkRef> = (first..first + chunks.len()).map(|i| (id, i)).collect();
         let datas = self
-            .fill(&refs, None)
+            .fill(&refs, None, true)
             .into_iter()
             .collect::<Result<Vec<_>>>()?;
         assemble(
@@ -370,10 +370,15 @@ impl Layer {
     /// Makes sure each chunk in `refs` is cached and returns its bytes. Missing chunks are
     /// claimed (others wait for them instead of fetching again), fetched either as
     /// `window` in one request or as coalesced ranges, decoded and verified.
-    fn fill(&self, refs: &[ChunkRef], window: Option<Range<u64>>) -> Vec<Result<Arc<Vec<u8>>>> {
+    fn fill(
+        &self,
+        refs: &[ChunkRef],
+        window: Option<Range<u64>>,
+        retry_shared: bool,
+    ) -> Vec<Result<Arc<Vec<u8>>>> {
         enum St {
             Ready(Arc<Vec<u8>>),
-            Wait(Arc<Slot>),
+            Wait(Arc<Slot>, ChunkRef),
             Mine(Key),
             Failed(Error),
         }
@@ -394,7 +399,7 @@ impl Layer {
                 continue;
             };
             if let Some(slot) = map.get(&key) {
-                states.push(St::Wait(slot.clone()));
+                states.push(St::Wait(slot.clone(), r));
             } else if let Some(d) = self.cache.get_mem(&key) {
                 states.push(St::Ready(d));
             } else {
@@ -451,9 +456,21 @@ impl Layer {
                     Some(Err(e)) => Err(e.duplicate()),
                     None => Err(Error::Shared("chunk was not fetched".into())),
                 },
-                St::Wait(slot) => slot.wait().map_err(Error::Shared),
+                // Someone else's fetch failed (perhaps a large background window); try
+                // this chunk once on our own before giving up.
+                St::Wait(slot, r) => match slot.wait() {
+                    Ok(d) => Ok(d),
+                    Err(_) if retry_shared => self.fill_one(r),
+                    Err(e) => Err(Error::Shared(e)),
+                },
             })
             .collect()
+    }
+
+    fn fill_one(&self, r: ChunkRef) -> Result<Arc<Vec<u8>>> {
+        self.fill(&[r], None, false)
+            .pop()
+            .unwrap_or_else(|| Err(Error::Shared("chunk was not fetched".into())))
     }
 
     fn has_digest(&self, (id, i): ChunkRef) -> bool {
@@ -562,7 +579,7 @@ impl Layer {
             }
         }
         let started = Instant::now();
-        for res in self.fill(&refs, Some(0..wend)) {
+        for res in self.fill(&refs, Some(0..wend), false) {
             res?;
         }
         info!(layer = %self.desc.digest, bytes = wend, chunks = refs.len(),
@@ -601,7 +618,7 @@ impl Layer {
                         }
                         continue;
                     }
-                    for res in self.fill(&w.chunks, Some(w.range.clone())) {
+                    for res in self.fill(&w.chunks, Some(w.range.clone()), false) {
                         if let Err(e) = res {
                             warn!(layer = %self.desc.digest, error = %e, "background fetch failed");
                             failed.store(true, Ordering::SeqCst);
