@@ -150,3 +150,12 @@ fn cached_toc_is_reused_and_replaced_when_damaged() {
     assert_eq!(f3.requests(), 1, "a damaged cached TOC is fetched again");
     read_all_and_compare(&layer, &e);
 }
+
+#[test]
+fn handles_can_move_between_threads() {
+    fn send_sync<T: Send + Sync>() {}
+    send_sync::<fs::MountHandle>();
+    send_sync::<Layer>();
+    send_sync::<ChunkCache>();
+    send_sync::<fs::RegistryFetcher>();
+}
