@@ -1,0 +1,51 @@
+//! The crate's error type.
+
+use std::path::PathBuf;
+
+/// Result with this crate's [`Error`].
+pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+/// Why a conversion, a lookup or an inspection failed.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    #[error(transparent)]
+    Registry(#[from] registry::Error),
+    #[error(transparent)]
+    Estargz(#[from] estargz::Error),
+    #[error("{context}: {source}")]
+    Io {
+        context: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("invalid image location {location:?}: {reason}")]
+    Location { location: String, reason: String },
+    #[error("OCI layout {}: {reason}", path.display())]
+    Layout { path: PathBuf, reason: String },
+    #[error("invalid options: {0}")]
+    Options(String),
+    #[error("{what}: {reason}")]
+    BadImage { what: String, reason: String },
+    #[error("no manifest of {image} matches the requested platforms ({wanted})")]
+    NoPlatform { image: String, wanted: String },
+    #[error("layer {digest} not found in the image")]
+    LayerNotFound { digest: String },
+    #[error("background task failed: {0}")]
+    Task(String),
+}
+
+impl Error {
+    pub(crate) fn io(context: impl Into<String>, source: std::io::Error) -> Self {
+        Error::Io {
+            context: context.into(),
+            source,
+        }
+    }
+
+    pub(crate) fn bad(what: impl Into<String>, reason: impl Into<String>) -> Self {
+        Error::BadImage {
+            what: what.into(),
+            reason: reason.into(),
+        }
+    }
+}
