@@ -1,0 +1,598 @@
+//! Benchmark of lazily fetched FUSE layers (run by bench/fs/run.sh as root; needs
+//! `/dev/fuse`, `ip`, `docker-registry`, `curl`). See docs/benchmarks/fs.md.
+//!
+//! Subcommands:
+//! - `prepare WORK SRC` builds `WORK/layer.blob` (eStargz of the tree at SRC) and
+//!   `WORK/small.blob` (100,000 small files).
+//! - `mount100k WORK` mounts `small.blob` from local disk and reports mount time and RSS.
+//! - `net WORK SERVER_NS SERVER_ADDR RATE_MBIT` runs inside the client namespace of a
+//!   shaped link: starts docker-registry in SERVER_NS, then measures cold reads vs curl,
+//!   warm sequential throughput and 4 KiB random read latency vs local disk, and the
+//!   mount time of the 100k-file layer over the link.
+
+use std::io::{Read, Write};
+use std::os::unix::fs::FileExt;
+use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fs::{cache_from_config, Config, Fetcher, FileFetcher, LayerDesc, MountHandle};
+
+type Res<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// Parallel readers in the cold-read runs: roughly what a container start issues.
+const READERS: usize = 8;
+/// A cold-read run that takes longer than this is cut off and reported as partial.
+const READ_DEADLINE: Duration = Duration::from_secs(90);
+/// Files of at least this size make up the warm throughput and latency set.
+const LARGE_FILE: u64 = 4 << 20;
+/// 4 KiB reads per latency measurement.
+const LAT_SAMPLES: usize = 20_000;
+const SMALL_FILES: usize = 100_000;
+
+fn main() {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let res = match args.first().map(String::as_str) {
+        Some("prepare") if args.len() == 3 => prepare(Path::new(&args[1]), Path::new(&args[2])),
+        Some("mount100k") if args.len() == 2 => mount100k(Path::new(&args[1])),
+        Some("net") if args.len() == 5 => match args[4].parse() {
+            Ok(rate) => net(Path::new(&args[1]), &args[2], &args[3], rate),
+            Err(e) => Err(format!("rate {:?}: {e}", args[4]).into()),
+        },
+        _ => Err("usage: bench_fs prepare WORK SRC | mount100k WORK | \
+                  net WORK SERVER_NS SERVER_ADDR RATE_MBIT"
+            .into()),
+    };
+    if let Err(e) = res {
+        eprintln!("bench_fs: {e}");
+        std::process::exit(1);
+    }
+}
+
+/// What `prepare` wrote next to a blob: the descriptor fields the mount needs.
+fn write_desc(path: &Path, out: &estargz::BuildOutput) -> Res<()> {
+    let v = serde_json::json!({
+        "digest": out.blob_digest,
+        "size": out.blob_size,
+        "toc_digest": out.toc_digest,
+        "uncompressed": out.uncompressed_size,
+    });
+    std::fs::write(path, serde_json::to_vec(&v)?)?;
+    Ok(())
+}
+
+fn read_desc(path: &Path) -> Res<LayerDesc> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(path)?)?;
+    Ok(LayerDesc {
+        digest: v["digest"].as_str().ok_or("digest")?.to_string(),
+        size: v["size"].as_u64().ok_or("size")?,
+        toc_digest: v["toc_digest"].as_str().map(str::to_string),
+    })
+}
+
+fn build_blob(tar: &std::fs::File, out: &Path) -> Res<estargz::BuildOutput> {
+    let f = std::io::BufWriter::new(std::fs::File::create(out)?);
+    Ok(estargz::build_from_file(
+        tar,
+        f,
+        &estargz::BuildOptions::default(),
+    )?)
+}
+
+fn prepare(work: &Path, src: &Path) -> Res<()> {
+    std::fs::create_dir_all(work)?;
+    if !work.join("layer.json").exists() {
+        let t = Instant::now();
+        let mut tar = tempfile::tempfile_in(work)?;
+        {
+            let mut b = tar::Builder::new(std::io::BufWriter::new(&mut tar));
+            // Symlinks stay symlinks, as in an image layer.
+            b.follow_symlinks(false);
+            let name = src.file_name().ok_or("SRC has no name")?;
+            b.append_dir_all(name, src)?;
+            b.into_inner()?.flush()?;
+        }
+        let out = build_blob(&tar, &work.join("layer.blob"))?;
+        write_desc(&work.join("layer.json"), &out)?;
+        eprintln!(
+            "layer: {} files, {} MiB -> {} MiB blob in {:.1}s",
+            out.toc.entries.len(),
+            out.uncompressed_size >> 20,
+            out.blob_size >> 20,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    if !work.join("small.json").exists() {
+        let t = Instant::now();
+        let mut tar = tempfile::tempfile_in(work)?;
+        {
+            let mut b = tar::Builder::new(std::io::BufWriter::new(&mut tar));
+            let mut seed = 1u64;
+            for i in 0..SMALL_FILES {
+                if i % 100 == 0 {
+                    let mut h = tar::Header::new_gnu();
+                    h.set_entry_type(tar::EntryType::Directory);
+                    h.set_mode(0o755);
+                    h.set_size(0);
+                    b.append_data(&mut h, format!("d{:04}/", i / 100), std::io::empty())?;
+                }
+                seed ^= seed << 13;
+                seed ^= seed >> 7;
+                seed ^= seed << 17;
+                let len = 64 + (seed % 448) as usize;
+                let data: Vec<u8> = (0..len).map(|j| (seed >> (j % 56)) as u8).collect();
+                let mut h = tar::Header::new_gnu();
+                h.set_entry_type(tar::EntryType::Regular);
+                h.set_mode(0o644);
+                h.set_size(len as u64);
+                b.append_data(
+                    &mut h,
+                    format!("d{:04}/file{:06}.txt", i / 100, i),
+                    &data[..],
+                )?;
+            }
+            b.into_inner()?.flush()?;
+        }
+        let out = build_blob(&tar, &work.join("small.blob"))?;
+        write_desc(&work.join("small.json"), &out)?;
+        eprintln!(
+            "small: {} entries -> {} KiB blob in {:.1}s",
+            out.toc.entries.len(),
+            out.blob_size >> 10,
+            t.elapsed().as_secs_f64()
+        );
+    }
+    Ok(())
+}
+
+/// (VmRSS, VmHWM) of this process in KiB.
+fn rss_kib() -> (u64, u64) {
+    let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    let field = |name: &str| {
+        s.lines()
+            .find(|l| l.starts_with(name))
+            .and_then(|l| l.split_whitespace().nth(1))
+            .and_then(|v| v.parse().ok())
+            .unwrap_or(0)
+    };
+    (field("VmRSS:"), field("VmHWM:"))
+}
+
+/// Every regular file under `root` with its size, in directory order.
+fn walk(root: &Path) -> Res<Vec<(PathBuf, u64)>> {
+    let mut out = Vec::new();
+    let mut stack = vec![root.to_path_buf()];
+    while let Some(dir) = stack.pop() {
+        for e in std::fs::read_dir(&dir)? {
+            let e = e?;
+            let ft = e.file_type()?;
+            if ft.is_dir() {
+                stack.push(e.path());
+            } else if ft.is_file() {
+                out.push((e.path(), e.metadata()?.len()));
+            }
+        }
+    }
+    Ok(out)
+}
+
+fn mount_at(
+    fetcher: Arc<dyn Fetcher>,
+    desc: &LayerDesc,
+    mnt: &Path,
+    cfg: &Config,
+    cache_dir: &Path,
+) -> Res<MountHandle> {
+    std::fs::create_dir_all(mnt)?;
+    let cache = cache_from_config(cfg, cache_dir)?;
+    Ok(fs::mount(fetcher, desc.clone(), mnt, cfg, cache)?)
+}
+
+fn mount100k(work: &Path) -> Res<()> {
+    let desc = read_desc(&work.join("small.json"))?;
+    let tmp = tempfile::tempdir_in(work)?;
+    let cfg = Config {
+        no_background_fetch: true,
+        ..Config::default()
+    };
+    let before = rss_kib();
+    let t = Instant::now();
+    let fetcher = Arc::new(FileFetcher::open(work.join("small.blob"))?);
+    let h = mount_at(fetcher, &desc, &tmp.path().join("mnt"), &cfg, &tmp.path().join("cache"))?;
+    let mount_s = t.elapsed().as_secs_f64();
+    let after_mount = rss_kib();
+    let t = Instant::now();
+    let files = walk(h.mountpoint())?;
+    let walk_s = t.elapsed().as_secs_f64();
+    let after_walk = rss_kib();
+    h.unmount()?;
+    println!(
+        "mount100k: files={} mount_s={mount_s:.3} rss_before_kib={} rss_after_mount_kib={} \
+         walk_s={walk_s:.3} rss_after_walk_kib={} hwm_kib={}",
+        files.len(),
+        before.0,
+        after_mount.0,
+        after_walk.0,
+        after_walk.1
+    );
+    Ok(())
+}
+
+/// Reads every file whole with `readers` threads; returns (seconds, bytes, files done).
+fn read_all(files: &[(PathBuf, u64)], readers: usize) -> (f64, u64, usize, Vec<String>) {
+    let next = AtomicUsize::new(0);
+    let bytes = AtomicU64::new(0);
+    let done = AtomicUsize::new(0);
+    let errors = std::sync::Mutex::new(Vec::new());
+    let t = Instant::now();
+    std::thread::scope(|s| {
+        for _ in 0..readers {
+            s.spawn(|| {
+                let mut buf = vec![0u8; 256 << 10];
+                loop {
+                    if t.elapsed() > READ_DEADLINE {
+                        return;
+                    }
+                    let i = next.fetch_add(1, Ordering::Relaxed);
+                    let Some((p, _)) = files.get(i) else { return };
+                    let r = std::fs::File::open(p).and_then(|mut f| {
+                        let mut n = 0u64;
+                        loop {
+                            let k = f.read(&mut buf)?;
+                            if k == 0 {
+                                return Ok(n);
+                            }
+                            n += k as u64;
+                        }
+                    });
+                    match r {
+                        Ok(n) => {
+                            bytes.fetch_add(n, Ordering::Relaxed);
+                            done.fetch_add(1, Ordering::Relaxed);
+                        }
+                        Err(e) => {
+                            if let Ok(mut v) = errors.lock() {
+                                v.push(format!("{}: {e}", p.display()));
+                            }
+                        }
+                    }
+                }
+            });
+        }
+    });
+    (
+        t.elapsed().as_secs_f64(),
+        bytes.into_inner(),
+        done.into_inner(),
+        errors.into_inner().unwrap_or_default(),
+    )
+}
+
+fn mib_s(bytes: u64, secs: f64) -> f64 {
+    bytes as f64 / (1 << 20) as f64 / secs
+}
+
+/// 4 KiB preads at pseudo-random offsets of `files`; returns (p50 µs, p99 µs).
+fn latency(files: &[PathBuf]) -> Res<(f64, f64)> {
+    let handles: Vec<(std::fs::File, u64)> = files
+        .iter()
+        .map(|p| {
+            let f = std::fs::File::open(p)?;
+            let len = f.metadata()?.len();
+            Ok((f, len))
+        })
+        .collect::<Res<_>>()?;
+    let mut buf = [0u8; 4096];
+    let mut seed = 99u64;
+    let mut samples = Vec::with_capacity(LAT_SAMPLES);
+    for _ in 0..LAT_SAMPLES {
+        seed ^= seed << 13;
+        seed ^= seed >> 7;
+        seed ^= seed << 17;
+        let (f, len) = &handles[(seed % handles.len() as u64) as usize];
+        // 4 KiB aligned, like page-sized application reads.
+        let off = ((seed >> 8) % (len / 4096).max(1)) * 4096;
+        let t = Instant::now();
+        f.read_at(&mut buf, off)?;
+        samples.push(t.elapsed().as_secs_f64() * 1e6);
+    }
+    samples.sort_by(|a, b| a.total_cmp(b));
+    Ok((
+        samples[samples.len() / 2],
+        samples[samples.len() * 99 / 100],
+    ))
+}
+
+struct Registry {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        // `ip netns exec` execs the registry, so this is the registry's own pid.
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_registry(work: &Path, ns: &str, addr: &str, port: u16) -> Res<Registry> {
+    let dir = tempfile::tempdir_in(work)?;
+    let cfg = dir.path().join("config.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  \
+             filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}:{port}\n",
+            dir.path().join("storage").display()
+        ),
+    )?;
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "docker-registry", "serve"])
+        .arg(&cfg)
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let reg = Registry { child, _dir: dir };
+    let started = Instant::now();
+    while std::net::TcpStream::connect((addr, port)).is_err() {
+        if started.elapsed() > Duration::from_secs(15) {
+            return Err("registry did not come up".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(reg)
+}
+
+fn net(work: &Path, ns: &str, addr: &str, rate_mbit: u64) -> Res<()> {
+    let port = 5000;
+    let _reg = start_registry(work, ns, addr, port)?;
+    let host = format!("{addr}:{port}");
+    let base = format!("http://{host}");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let desc = read_desc(&work.join("layer.json"))?;
+    let small = read_desc(&work.join("small.json"))?;
+    let layer_blob = std::fs::read(work.join("layer.blob"))?;
+    let small_blob = std::fs::read(work.join("small.blob"))?;
+    // Pushing goes through the shaped link too; it is setup, not measured.
+    let t = Instant::now();
+    rt.block_on(async {
+        testenv::push_blob(&base, "bench/layer", &layer_blob).await;
+        testenv::push_blob(&base, "bench/layer", &small_blob).await;
+    });
+    drop((layer_blob, small_blob));
+    eprintln!("pushed in {:.1}s", t.elapsed().as_secs_f64());
+
+    let mut rcfg = registry::RegistryConfig::default();
+    rcfg.resolver.host.insert(
+        host.clone(),
+        registry::HostConfig {
+            self_: Some(registry::MirrorConfig {
+                insecure: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    let reference = registry::Reference::parse(&format!("{host}/bench/layer:x"))?;
+    // A fresh client per mount so no run starts on another run's warm connections.
+    let fetcher_for = |d: &LayerDesc| -> Res<Arc<dyn Fetcher>> {
+        let client = registry::Client::new(rcfg.clone(), Arc::new(registry::Anonymous))?;
+        let reader = client.blob_reader(
+            &reference,
+            registry::Digest::parse(&d.digest)?,
+            Some(d.size),
+        );
+        Ok(Arc::new(fs::RegistryFetcher::with_size(
+            reader,
+            rt.handle().clone(),
+            d.size,
+        )))
+    };
+    let link_s = (desc.size * 8) as f64 / (rate_mbit as f64 * 1e6);
+    println!(
+        "layer blob {} ({:.1} MiB), link transfer time at {rate_mbit} Mbit/s: {link_s:.2}s",
+        desc.digest,
+        desc.size as f64 / (1 << 20) as f64
+    );
+
+    // --- curl over the same link ---
+    let mut curl = Vec::new();
+    for _ in 0..2 {
+        let out = std::process::Command::new("curl")
+            .args(["-s", "-f", "-o", "/dev/null", "-w", "%{time_total}"])
+            .arg(format!("{base}/v2/bench/layer/blobs/{}", desc.digest))
+            .output()?;
+        if !out.status.success() {
+            return Err("curl failed".into());
+        }
+        curl.push(
+            String::from_utf8_lossy(&out.stdout)
+                .trim()
+                .replace(',', ".")
+                .parse::<f64>()?,
+        );
+    }
+    curl.sort_by(|a, b| a.total_cmp(b));
+    let curl_s = curl[0];
+    println!("curl whole blob: {curl:?} s (best {curl_s:.2}s)");
+
+    // --- (a) cold reads ---
+    let src_files = {
+        let tmp = tempfile::tempdir_in(work)?;
+        let cfg = Config::default();
+        let h = mount_at(
+            Arc::new(FileFetcher::open(work.join("layer.blob"))?),
+            &desc,
+            &tmp.path().join("mnt"),
+            &cfg,
+            &tmp.path().join("cache"),
+        )?;
+        let n = walk(h.mountpoint())?;
+        h.unmount()?;
+        n.len()
+    };
+    let mut warm_cache: Option<tempfile::TempDir> = None;
+    for (name, readers, background) in [
+        ("parallel x8, background fetch on", READERS, true),
+        ("sequential, background fetch on", 1, true),
+        ("parallel x8, background fetch off", READERS, false),
+        ("sequential, background fetch off", 1, false),
+    ] {
+        let tmp = tempfile::tempdir_in(work)?;
+        let cfg = Config {
+            no_background_fetch: !background,
+            ..Config::default()
+        };
+        let t = Instant::now();
+        let h = mount_at(
+            fetcher_for(&desc)?,
+            &desc,
+            &tmp.path().join("mnt"),
+            &cfg,
+            &tmp.path().join("cache"),
+        )?;
+        let mount_s = t.elapsed().as_secs_f64();
+        let files = walk(h.mountpoint())?;
+        let (read_s, bytes, done, errors) = read_all(&files, readers);
+        let total = t.elapsed().as_secs_f64();
+        println!(
+            "cold {name}: mount {mount_s:.2}s + read {read_s:.2}s = {total:.2}s, \
+             {done}/{} files, {:.1} MiB, {:.1} MiB/s, fetched {:.1} MiB, ratio to curl {:.2}{}",
+            files.len(),
+            bytes as f64 / (1 << 20) as f64,
+            mib_s(bytes, total),
+            h.fetched_bytes() as f64 / (1 << 20) as f64,
+            total / curl_s,
+            if done < files.len() { " (CUT OFF)" } else { "" }
+        );
+        for e in errors.iter().take(3) {
+            println!("  read error: {e}");
+        }
+        if files.len() != src_files {
+            println!("  file count differs: {} vs {src_files}", files.len());
+        }
+        if background && warm_cache.is_none() {
+            let t = Instant::now();
+            while !h.layer().is_complete() && t.elapsed() < Duration::from_secs(120) {
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            println!(
+                "  layer complete {:.2}s after the reads",
+                t.elapsed().as_secs_f64()
+            );
+            h.unmount()?;
+            warm_cache = Some(tmp);
+        } else {
+            h.unmount()?;
+        }
+    }
+    let warm_cache = warm_cache.ok_or("no warm cache")?;
+
+    // --- (b) and (c): warm throughput and latency against local disk ---
+    let local = tempfile::tempdir_in(work)?;
+    {
+        // The same files on local disk: extracted from the layer, read once so the
+        // page cache holds them, like the cache files behind the mount.
+        let h = mount_at(
+            Arc::new(FileFetcher::open(work.join("layer.blob"))?),
+            &desc,
+            &local.path().join("mnt"),
+            &Config::default(),
+            &warm_cache.path().join("cache"),
+        )?;
+        let big: Vec<(PathBuf, u64)> = walk(h.mountpoint())?
+            .into_iter()
+            .filter(|(_, n)| *n >= LARGE_FILE)
+            .collect();
+        for (i, (p, _)) in big.iter().enumerate() {
+            std::fs::copy(p, local.path().join(format!("f{i}")))?;
+        }
+        h.unmount()?;
+    }
+    let mut local_files: Vec<(PathBuf, u64)> = walk(local.path())?
+        .into_iter()
+        .filter(|(p, _)| !p.starts_with(local.path().join("mnt")))
+        .collect();
+    local_files.sort();
+    let big_bytes: u64 = local_files.iter().map(|(_, n)| n).sum();
+    read_all(&local_files, 1);
+    let (s, b, ..) = read_all(&local_files, 1);
+    let local_mibs = mib_s(b, s);
+    let local_paths: Vec<PathBuf> = local_files.iter().map(|(p, _)| p.clone()).collect();
+    let (lp50, lp99) = latency(&local_paths)?;
+    println!(
+        "warm set: {} files >= {} MiB, {:.1} MiB",
+        local_files.len(),
+        LARGE_FILE >> 20,
+        big_bytes as f64 / (1 << 20) as f64
+    );
+    println!("local disk (page cache): seq {local_mibs:.0} MiB/s, 4k p50 {lp50:.1}us p99 {lp99:.1}us");
+
+    for passthrough in [false, true] {
+        let mut cfg = Config::default();
+        cfg.fuse.passthrough = passthrough;
+        // Two fresh mounts: the first pass also builds passthrough's whole-file copies,
+        // the second finds them; each starts with an empty page cache for the FUSE inodes.
+        for pass in 1..=2 {
+            let mnt = warm_cache.path().join(format!("m{passthrough}{pass}"));
+            let h = mount_at(
+                fetcher_for(&desc)?,
+                &desc,
+                &mnt,
+                &cfg,
+                &warm_cache.path().join("cache"),
+            )?;
+            let mut files: Vec<(PathBuf, u64)> = walk(&mnt)?
+                .into_iter()
+                .filter(|(_, n)| *n >= LARGE_FILE)
+                .collect();
+            files.sort_by_key(|(_, n)| *n);
+            let (s, b, done, errors) = read_all(&files, 1);
+            let again = read_all(&files, 1);
+            let paths: Vec<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
+            let (p50, p99) = latency(&paths)?;
+            println!(
+                "warm fuse passthrough={passthrough} mount#{pass}: seq first read {:.0} MiB/s \
+                 ({:.0}% of local), re-read {:.0} MiB/s ({:.0}%), 4k p50 {p50:.1}us p99 {p99:.1}us, \
+                 passthrough opens {}, {done} files, net fetched now {:.1} MiB{}",
+                mib_s(b, s),
+                100.0 * mib_s(b, s) / local_mibs,
+                mib_s(again.1, again.0),
+                100.0 * mib_s(again.1, again.0) / local_mibs,
+                h.passthrough_opens(),
+                h.fetched_bytes() as f64 / (1 << 20) as f64,
+                errors.first().map(|e| format!(" error {e}")).unwrap_or_default()
+            );
+            h.unmount()?;
+        }
+    }
+
+    // --- mount time of the 100k-file layer over the link ---
+    for _ in 0..2 {
+        let tmp = tempfile::tempdir_in(work)?;
+        let cfg = Config {
+            no_background_fetch: true,
+            ..Config::default()
+        };
+        let t = Instant::now();
+        let h = mount_at(
+            fetcher_for(&small)?,
+            &small,
+            &tmp.path().join("mnt"),
+            &cfg,
+            &tmp.path().join("cache"),
+        )?;
+        let mount_s = t.elapsed().as_secs_f64();
+        println!(
+            "100k-file layer over the link: mount {mount_s:.2}s (blob {} KiB, fetched {} KiB)",
+            small.size >> 10,
+            h.fetched_bytes() >> 10
+        );
+        h.unmount()?;
+    }
+    Ok(())
+}
