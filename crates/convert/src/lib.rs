@@ -44,6 +44,9 @@ pub const DOCKER_LAYER_TAR: &str = "application/vnd.docker.image.rootfs.diff.tar
 /// Docker foreign (non-distributable) layer, never rewritten.
 pub const DOCKER_LAYER_FOREIGN: &str = "application/vnd.docker.image.rootfs.foreign.diff.tar.gzip";
 
+/// Receives one [`LayerEvent`] per finished layer.
+pub type ProgressFn = Arc<dyn Fn(&LayerEvent) + Send + Sync>;
+
 /// How to convert an image.
 #[derive(Clone)]
 pub struct ConvertOptions {
@@ -59,7 +62,7 @@ pub struct ConvertOptions {
     /// Where temporary blobs go (the system's temp dir when `None`).
     pub workdir: Option<PathBuf>,
     /// Called once per layer as it finishes.
-    pub progress: Option<Arc<dyn Fn(&LayerEvent) + Send + Sync>>,
+    pub progress: Option<ProgressFn>,
 }
 
 impl Default for ConvertOptions {

@@ -1,17 +1,41 @@
 //! `ctr-remote`: eStargz tooling for image publishers and node operators.
+//! Subcommands it does not know are handed to containerd's `ctr`.
+
+use std::ffi::{OsStr, OsString};
 
 use clap::{Parser, Subcommand};
+
+#[path = "../image.rs"]
+mod image;
 
 #[derive(Debug, Parser)]
 #[command(
     name = "ctr-remote",
     version,
-    about = "eStargz image and layer tooling"
+    about = "eStargz image and layer tooling; other subcommands go to ctr"
 )]
 struct Cli {
     /// Log level (error, warn, info, debug, trace).
     #[arg(long, global = true, default_value = "warn")]
     log_level: String,
+    /// containerd socket (passed on to ctr).
+    #[arg(
+        short = 'a',
+        long,
+        global = true,
+        env = "CONTAINERD_ADDRESS",
+        default_value = "/run/containerd/containerd.sock"
+    )]
+    address: String,
+    /// containerd namespace (passed on to ctr).
+    #[arg(
+        short = 'n',
+        long,
+        global = true,
+        env = "CONTAINERD_NAMESPACE",
+        default_value = "default"
+    )]
+    namespace: String,
     #[command(subcommand)]
     command: Command,
 }
@@ -21,13 +45,107 @@ enum Command {
     /// Work on single layer blobs (build, verify, toc, extract).
     #[command(subcommand)]
     Blob(cli::blob::BlobCommand),
+    /// Convert and inspect images (other image subcommands go to `ctr images`).
+    #[command(subcommand, visible_aliases = ["images", "i"])]
+    Image(image::ImageCommand),
+}
+
+/// Top-level subcommands this binary answers itself.
+const OWN_COMMANDS: &[&str] = &["blob", "image", "images", "i", "help"];
+/// `image` subcommands this binary answers itself.
+const OWN_IMAGE_COMMANDS: &[&str] = &["convert", "get-toc-digest", "inspect", "help"];
+/// Global flags that take a value (ours and ctr's), so a pre-parse can skip them.
+const VALUE_FLAGS: &[&str] = &[
+    "--log-level",
+    "--address",
+    "-a",
+    "--namespace",
+    "-n",
+    "--timeout",
+    "--connect-timeout",
+];
+
+/// The positions of the first two words that are not flags or flag values.
+fn words(args: &[OsString]) -> Vec<usize> {
+    let mut out = Vec::new();
+    let mut i = 1;
+    while i < args.len() && out.len() < 2 {
+        let a = args[i].to_string_lossy();
+        if a == "--" {
+            break;
+        }
+        if a.starts_with('-') {
+            if VALUE_FLAGS.contains(&a.as_ref()) {
+                i += 1;
+            }
+        } else {
+            out.push(i);
+        }
+        i += 1;
+    }
+    out
+}
+
+/// Whether the command line belongs to `ctr` rather than to this binary.
+fn for_ctr(args: &[OsString]) -> bool {
+    let w = words(args);
+    let Some(&first) = w.first() else {
+        return false;
+    };
+    let cmd = args[first].to_string_lossy();
+    if !OWN_COMMANDS.contains(&cmd.as_ref()) {
+        return true;
+    }
+    if matches!(cmd.as_ref(), "image" | "images" | "i") {
+        if let Some(&second) = w.get(1) {
+            return !OWN_IMAGE_COMMANDS.contains(&args[second].to_string_lossy().as_ref());
+        }
+    }
+    false
+}
+
+/// Replaces this process with `ctr` and the same arguments, less our own
+/// `--log-level`. Only returns on failure.
+fn exec_ctr(args: &[OsString]) -> std::io::Error {
+    use std::os::unix::process::CommandExt;
+    let ctr = std::env::var_os("CTR_REMOTE_CTR").unwrap_or_else(|| OsString::from("/usr/bin/ctr"));
+    let mut pass: Vec<&OsStr> = Vec::with_capacity(args.len());
+    let mut i = 1;
+    while i < args.len() {
+        let a = args[i].to_string_lossy();
+        if a == "--" {
+            pass.extend(args[i..].iter().map(OsString::as_os_str));
+            break;
+        }
+        if a == "--log-level" {
+            i += 2;
+            continue;
+        }
+        if !a.starts_with("--log-level=") {
+            pass.push(&args[i]);
+        }
+        i += 1;
+    }
+    let err = std::process::Command::new(&ctr).args(pass).exec();
+    std::io::Error::new(
+        err.kind(),
+        format!("running {}: {err}", std::path::Path::new(&ctr).display()),
+    )
 }
 
 fn main() -> std::process::ExitCode {
-    let cli = Cli::parse();
+    let args: Vec<OsString> = std::env::args_os().collect();
+    if for_ctr(&args) {
+        let e = exec_ctr(&args);
+        eprintln!("ctr-remote: error: {e}");
+        return std::process::ExitCode::FAILURE;
+    }
+    let cli = Cli::parse_from(&args);
     cli::init_logging(&cli.log_level);
+    tracing::debug!(address = %cli.address, namespace = %cli.namespace, "containerd settings");
     let result = match cli.command {
         Command::Blob(cmd) => cli::blob::run(cmd),
+        Command::Image(cmd) => image::run(cmd),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,

@@ -1,0 +1,354 @@
+//! `ctr-remote image ...`: convert images to eStargz / zstd:chunked between
+//! registries and OCI layouts, read a layer's TOC digest, and inspect an image's
+//! layers. Other `image` subcommands are handed to `ctr` by the binary.
+
+use std::io::{IsTerminal, Write};
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{bail, Context, Result};
+use clap::{Args, Subcommand};
+use convert::{ConvertOptions, LayerEvent, LayerOptions, Location, Store, Target};
+use registry::{
+    ChainKeychain, Client, Digest, DockerConfigKeychain, HostConfig, Keychain, MirrorConfig,
+    Platform, RegistryConfig, StaticKeychain,
+};
+
+#[derive(Debug, Subcommand)]
+pub enum ImageCommand {
+    /// Convert an image (registry reference or oci:DIR[:TAG]) into another location.
+    Convert(ConvertArgs),
+    /// Print the TOC digest of a layer of an image.
+    GetTocDigest(GetTocArgs),
+    /// Show an image's layers, formats, TOC digests, prioritized files and sizes.
+    Inspect(InspectArgs),
+}
+
+/// Registry access shared by the image subcommands.
+#[derive(Debug, Args, Clone)]
+pub struct RegistryArgs {
+    /// Use plain HTTP for the registries named (loopback hosts always do).
+    #[arg(long)]
+    pub plain_http: bool,
+    /// Registry credentials as user:password (otherwise ~/.docker/config.json).
+    #[arg(long, value_name = "USER:PASS")]
+    pub user: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct ConvertArgs {
+    /// Source: a registry reference or oci:DIR[:TAG].
+    pub source: String,
+    /// Target: a registry reference or oci:DIR[:TAG].
+    pub target: String,
+    /// Convert layers to eStargz.
+    #[arg(long)]
+    pub estargz: bool,
+    /// Convert layers to zstd:chunked (implies OCI media types).
+    #[arg(long)]
+    pub zstdchunked: bool,
+    /// Convert compressed layers to uncompressed tars.
+    #[arg(long)]
+    pub uncompress: bool,
+    /// Write OCI media types instead of Docker ones.
+    #[arg(long)]
+    pub oci: bool,
+    /// Compression level (gzip 0-9; with --zstdchunked a zstd level, default 3).
+    #[arg(long)]
+    pub estargz_compression_level: Option<i32>,
+    /// Largest chunk of a regular file in bytes (0: the default, 4 MiB).
+    #[arg(long, default_value_t = 0)]
+    pub estargz_chunk_size: u64,
+    /// Small files share a compressed member until it holds this many bytes (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub estargz_min_chunk_size: u64,
+    /// Paths to prioritize: JSON lines {"path": ...} as `optimize --record-out`
+    /// writes, or one path per line.
+    #[arg(long, value_name = "FILE")]
+    pub estargz_record_in: Option<PathBuf>,
+    /// Keep layers that already are in the wanted format (same digest).
+    #[arg(long)]
+    pub reuse: bool,
+    /// Platform to convert (os/arch[/variant]); repeatable. Default: this host's.
+    #[arg(long = "platform", value_name = "PLATFORM")]
+    pub platforms: Vec<String>,
+    /// Convert every platform of an index.
+    #[arg(long)]
+    pub all_platforms: bool,
+    /// Layers converted at once.
+    #[arg(long, default_value_t = 2)]
+    pub jobs: usize,
+    /// Directory for temporary blobs (default: the system temp dir).
+    #[arg(long)]
+    pub workdir: Option<PathBuf>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct GetTocArgs {
+    /// The image holding the layer: a registry reference or oci:DIR[:TAG].
+    pub image: String,
+    /// The layer's digest.
+    pub layer: String,
+    /// Print the TOC JSON instead of its digest.
+    #[arg(long)]
+    pub dump_toc: bool,
+    /// Accepted for compatibility; the format is detected from the footer.
+    #[arg(long)]
+    pub zstdchunked: bool,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+#[derive(Debug, Args)]
+pub struct InspectArgs {
+    /// A registry reference or oci:DIR[:TAG].
+    pub image: String,
+    /// Only this platform of an index.
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// Print JSON.
+    #[arg(long)]
+    pub json: bool,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+pub fn run(cmd: ImageCommand) -> Result<()> {
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("starting the async runtime")?;
+    rt.block_on(async move {
+        match cmd {
+            ImageCommand::Convert(a) => convert_cmd(a).await,
+            ImageCommand::GetTocDigest(a) => get_toc_cmd(a).await,
+            ImageCommand::Inspect(a) => inspect_cmd(a).await,
+        }
+    })
+}
+
+fn client_for(args: &RegistryArgs, locations: &[&Location]) -> Result<Client> {
+    let mut config = RegistryConfig::default();
+    if args.plain_http {
+        for l in locations {
+            if let Location::Registry(r) = l {
+                config.resolver.host.insert(
+                    r.registry().to_string(),
+                    HostConfig {
+                        self_: Some(MirrorConfig {
+                            insecure: Some(true),
+                            ..Default::default()
+                        }),
+                        ..Default::default()
+                    },
+                );
+            }
+        }
+    }
+    let docker: Arc<dyn Keychain> = Arc::new(DockerConfigKeychain::from_env());
+    let keychain: Arc<dyn Keychain> = match &args.user {
+        Some(up) => Arc::new(
+            ChainKeychain::new()
+                .with(Arc::new(
+                    StaticKeychain::from_user_pass(None, up).context("parsing --user")?,
+                ))
+                .with(docker),
+        ),
+        None => docker,
+    };
+    Client::new(config, keychain).context("setting up the registry client")
+}
+
+fn open(s: &str) -> Result<Location> {
+    Location::parse(s).with_context(|| format!("parsing image location {s:?}"))
+}
+
+async fn convert_cmd(a: ConvertArgs) -> Result<()> {
+    let target = match (a.estargz, a.zstdchunked, a.uncompress) {
+        (true, true, _) => bail!("--estargz and --zstdchunked exclude each other"),
+        (true, _, true) | (_, true, true) => {
+            bail!("--uncompress cannot be combined with --estargz or --zstdchunked")
+        }
+        (true, false, false) => Target::Estargz,
+        (false, true, false) => Target::ZstdChunked,
+        (false, false, true) => Target::Uncompressed,
+        (false, false, false) => Target::Keep,
+    };
+    if target == Target::Keep && !a.oci {
+        bail!("no conversion asked for: use --estargz, --zstdchunked, --uncompress or --oci");
+    }
+    if a.zstdchunked && !a.oci {
+        tracing::warn!("--zstdchunked writes OCI media types (zstd layers have no Docker type)");
+    }
+    let gzip_level = match a.estargz_compression_level {
+        Some(l) if target == Target::Estargz => {
+            u32::try_from(l).ok().filter(|l| *l <= 9).with_context(|| {
+                format!("--estargz-compression-level {l} is not a gzip level (0-9)")
+            })?
+        }
+        _ => 9,
+    };
+    let zstd_level = match a.estargz_compression_level {
+        Some(l) if target == Target::ZstdChunked => l,
+        _ => 3,
+    };
+    let prioritized_files = match &a.estargz_record_in {
+        Some(p) => cli::blob::read_path_list(p)?,
+        None => Vec::new(),
+    };
+    let platforms = a
+        .platforms
+        .iter()
+        .map(|p| Platform::parse(p).with_context(|| format!("--platform {p}")))
+        .collect::<Result<Vec<_>>>()?;
+
+    let src_loc = open(&a.source)?;
+    let dst_loc = open(&a.target)?;
+    let client = client_for(&a.registry, &[&src_loc, &dst_loc])?;
+    let src = Store::open(&src_loc, &client);
+    let dst = Store::open(&dst_loc, &client);
+
+    let terminal = std::io::stderr().is_terminal();
+    let progress = Arc::new(move |e: &LayerEvent| {
+        let line = format!(
+            "layer {}/{} {} -> {} {} ({} bytes{}, {:.1}s)",
+            e.index,
+            e.total,
+            short(&e.source),
+            short(&e.digest),
+            e.outcome,
+            e.size,
+            if e.uploaded {
+                ", written"
+            } else {
+                ", already present"
+            },
+            e.elapsed.as_secs_f64()
+        );
+        let mut err = std::io::stderr().lock();
+        let _ = if terminal {
+            writeln!(err, "\r{line}")
+        } else {
+            writeln!(err, "{line}")
+        };
+    });
+    let opts = ConvertOptions {
+        layer: LayerOptions {
+            target,
+            gzip_level,
+            zstd_level,
+            chunk_size: if a.estargz_chunk_size == 0 {
+                estargz::DEFAULT_CHUNK_SIZE
+            } else {
+                a.estargz_chunk_size
+            },
+            min_chunk_size: a.estargz_min_chunk_size,
+            prioritized_files,
+            reuse: a.reuse,
+            threads: 0,
+        },
+        oci: a.oci,
+        platforms,
+        all_platforms: a.all_platforms,
+        jobs: a.jobs.max(1),
+        workdir: a.workdir.clone(),
+        progress: Some(progress),
+    };
+    let report = convert::convert(&src, &dst, &opts)
+        .await
+        .with_context(|| format!("converting {} to {}", a.source, a.target))?;
+    eprintln!(
+        "wrote {} ({}, {} manifest(s))",
+        dst.describe(),
+        report.media_type,
+        report.manifests.len()
+    );
+    println!("{}", report.digest);
+    Ok(())
+}
+
+fn short(d: &Digest) -> String {
+    let s = d.to_string();
+    s.chars().take(19).collect()
+}
+
+async fn get_toc_cmd(a: GetTocArgs) -> Result<()> {
+    let loc = open(&a.image)?;
+    let layer = Digest::parse(&a.layer).with_context(|| format!("layer digest {:?}", a.layer))?;
+    let client = client_for(&a.registry, &[&loc])?;
+    let store = Store::open(&loc, &client);
+    let toc = convert::get_toc(&store, &layer)
+        .await
+        .with_context(|| format!("reading the TOC of {layer} in {}", a.image))?;
+    if a.dump_toc {
+        let v: serde_json::Value =
+            serde_json::from_slice(&toc.json).context("the TOC is not JSON")?;
+        println!("{}", serde_json::to_string_pretty(&v)?);
+    } else {
+        println!("{}", toc.digest);
+    }
+    Ok(())
+}
+
+async fn inspect_cmd(a: InspectArgs) -> Result<()> {
+    let loc = open(&a.image)?;
+    let platform = a
+        .platform
+        .as_deref()
+        .map(|p| Platform::parse(p).with_context(|| format!("--platform {p}")))
+        .transpose()?;
+    let client = client_for(&a.registry, &[&loc])?;
+    let store = Store::open(&loc, &client);
+    let report = convert::inspect(&store, platform.as_ref())
+        .await
+        .with_context(|| format!("inspecting {}", a.image))?;
+    if a.json {
+        println!("{}", serde_json::to_string_pretty(&report)?);
+        return Ok(());
+    }
+    let mut out = std::io::stdout().lock();
+    writeln!(
+        out,
+        "{} {} {}",
+        report.image, report.media_type, report.digest
+    )?;
+    for m in &report.manifests {
+        writeln!(
+            out,
+            "manifest {} {}{}",
+            m.digest,
+            m.media_type,
+            m.platform
+                .as_ref()
+                .map(|p| format!(" platform={p}"))
+                .unwrap_or_default()
+        )?;
+        for l in &m.layers {
+            writeln!(
+                out,
+                "  {} {} size={} format={}{}{}{}{}",
+                l.digest,
+                l.media_type,
+                l.size,
+                l.format,
+                l.toc_digest
+                    .as_ref()
+                    .map(|d| format!(" toc={d}"))
+                    .unwrap_or_default(),
+                l.prioritized_files
+                    .map(|n| format!(" prioritized={n}"))
+                    .unwrap_or_default(),
+                l.uncompressed_size
+                    .map(|n| format!(" uncompressed={n}"))
+                    .unwrap_or_default(),
+                l.error
+                    .as_ref()
+                    .map(|e| format!(" error={e:?}"))
+                    .unwrap_or_default(),
+            )?;
+        }
+    }
+    Ok(())
+}
