@@ -39,7 +39,7 @@ BIN=$CARGO_TARGET_DIR/release
 echo "== machine: $(nproc) vCPU, kernel $(uname -r), $(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2)"
 start=$(date +%s)
 "$BIN/examples/bench_fs" prepare "$WORK" "$SRC"
-"$BIN/examples/bench_fs" mount100k "$WORK"
+for _ in 1 2 3; do "$BIN/examples/bench_fs" mount100k "$WORK"; done
 # The benchmark runs in the client namespace; it starts docker-registry in the server one.
 "$BIN/linkshape" --profile "$PROFILE" --prefix "$PREFIX" -- \
 	"$BIN/examples/bench_fs" net "$WORK" "$PREFIX-srv" 10.99.0.1 "$RATE"

@@ -21,7 +21,6 @@ const CHECK_INTERVAL: Duration = Duration::from_secs(2);
 
 #[derive(Debug, clap::Args)]
 #[command(
-    about = "Mount one layer lazily through FUSE until Ctrl-C/SIGTERM",
     after_help = "Examples:\n  ctr-remote layer mount --plain-http localhost:5000/app:v1 --layer 0 /mnt/l0\n  \
                   ctr-remote layer mount --blob layer.tar.gz /mnt/l0"
 )]

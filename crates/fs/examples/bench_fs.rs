@@ -29,6 +29,11 @@ const READ_DEADLINE: Duration = Duration::from_secs(90);
 const LARGE_FILE: u64 = 4 << 20;
 /// 4 KiB reads per latency measurement.
 const LAT_SAMPLES: usize = 20_000;
+/// 4 KiB reads per first-touch latency measurement (each may go to the daemon).
+const FIRST_TOUCH_SAMPLES: usize = 2_000;
+/// Repetitions of each cold-read run and of each warm mount.
+const REPS: usize = 2;
+const WARM_REPS: usize = 3;
 const SMALL_FILES: usize = 100_000;
 
 fn main() {
@@ -269,12 +274,21 @@ fn read_all(files: &[(PathBuf, u64)], readers: usize) -> (f64, u64, usize, Vec<S
     )
 }
 
+fn median(mut v: Vec<f64>) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    v[v.len() / 2]
+}
+
+fn fmt_runs(v: &[f64]) -> String {
+    v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ")
+}
+
 fn mib_s(bytes: u64, secs: f64) -> f64 {
     bytes as f64 / (1 << 20) as f64 / secs
 }
 
 /// 4 KiB preads at pseudo-random offsets of `files`; returns (p50 µs, p99 µs).
-fn latency(files: &[PathBuf]) -> Res<(f64, f64)> {
+fn latency(files: &[PathBuf], n: usize) -> Res<(f64, f64)> {
     let handles: Vec<(std::fs::File, u64)> = files
         .iter()
         .map(|p| {
@@ -285,8 +299,8 @@ fn latency(files: &[PathBuf]) -> Res<(f64, f64)> {
         .collect::<Res<_>>()?;
     let mut buf = [0u8; 4096];
     let mut seed = 99u64;
-    let mut samples = Vec::with_capacity(LAT_SAMPLES);
-    for _ in 0..LAT_SAMPLES {
+    let mut samples = Vec::with_capacity(n);
+    for _ in 0..n {
         seed ^= seed << 13;
         seed ^= seed >> 7;
         seed ^= seed << 17;
@@ -401,7 +415,7 @@ fn net(work: &Path, ns: &str, addr: &str, rate_mbit: u64) -> Res<()> {
 
     // --- curl over the same link ---
     let mut curl = Vec::new();
-    for _ in 0..2 {
+    for _ in 0..3 {
         let out = std::process::Command::new("curl")
             .args(["-s", "-f", "-o", "/dev/null", "-w", "%{time_total}"])
             .arg(format!("{base}/v2/bench/layer/blobs/{}", desc.digest))
@@ -416,87 +430,123 @@ fn net(work: &Path, ns: &str, addr: &str, rate_mbit: u64) -> Res<()> {
                 .parse::<f64>()?,
         );
     }
-    curl.sort_by(|a, b| a.total_cmp(b));
-    let curl_s = curl[0];
-    println!("curl whole blob: {curl:?} s (best {curl_s:.2}s)");
+    let curl_s = median(curl.clone());
+    println!(
+        "curl whole blob: median {curl_s:.2}s [{}]",
+        fmt_runs(&curl)
+    );
 
     // --- (a) cold reads ---
+    // The same reads from the blob on local disk: what decompression, verification and
+    // FUSE cost without any network, i.e. the floor under the link figures.
     let src_files = {
-        let tmp = tempfile::tempdir_in(work)?;
-        let cfg = Config::default();
-        let h = mount_at(
-            Arc::new(FileFetcher::open(work.join("layer.blob"))?),
-            &desc,
-            &tmp.path().join("mnt"),
-            &cfg,
-            &tmp.path().join("cache"),
-        )?;
-        let n = walk(h.mountpoint())?;
-        h.unmount()?;
-        n.len()
+        let mut runs = Vec::new();
+        let mut n = 0;
+        for _ in 0..REPS {
+            let tmp = tempfile::tempdir_in(work)?;
+            let cfg = Config {
+                no_background_fetch: true,
+                ..Config::default()
+            };
+            let t = Instant::now();
+            let h = mount_at(
+                Arc::new(FileFetcher::open(work.join("layer.blob"))?),
+                &desc,
+                &tmp.path().join("mnt"),
+                &cfg,
+                &tmp.path().join("cache"),
+            )?;
+            let files = walk(h.mountpoint())?;
+            let (_, bytes, done, _) = read_all(&files, READERS);
+            runs.push(t.elapsed().as_secs_f64());
+            n = files.len();
+            if done < n {
+                println!("  local blob read cut off: {done}/{n}");
+            }
+            h.unmount()?;
+            println!(
+                "  local blob: {:.1} MiB of files",
+                bytes as f64 / (1 << 20) as f64
+            );
+        }
+        println!(
+            "cold parallel x8 from the blob on local disk (no network): median {:.2}s [{}]",
+            median(runs.clone()),
+            fmt_runs(&runs)
+        );
+        n
     };
     let mut warm_cache: Option<tempfile::TempDir> = None;
     for (name, readers, background) in [
         ("parallel x8, background fetch on", READERS, true),
-        ("sequential, background fetch on", 1, true),
         ("parallel x8, background fetch off", READERS, false),
+        ("sequential, background fetch on", 1, true),
         ("sequential, background fetch off", 1, false),
     ] {
-        let tmp = tempfile::tempdir_in(work)?;
-        let cfg = Config {
-            no_background_fetch: !background,
-            ..Config::default()
-        };
-        let t = Instant::now();
-        let h = mount_at(
-            fetcher_for(&desc)?,
-            &desc,
-            &tmp.path().join("mnt"),
-            &cfg,
-            &tmp.path().join("cache"),
-        )?;
-        let mount_s = t.elapsed().as_secs_f64();
-        let files = walk(h.mountpoint())?;
-        let (read_s, bytes, done, errors) = read_all(&files, readers);
-        let total = t.elapsed().as_secs_f64();
-        println!(
-            "cold {name}: mount {mount_s:.2}s + read {read_s:.2}s = {total:.2}s, \
-             {done}/{} files, {:.1} MiB, {:.1} MiB/s, fetched {:.1} MiB, ratio to curl {:.2}{}",
-            files.len(),
-            bytes as f64 / (1 << 20) as f64,
-            mib_s(bytes, total),
-            h.fetched_bytes() as f64 / (1 << 20) as f64,
-            total / curl_s,
-            if done < files.len() { " (CUT OFF)" } else { "" }
-        );
-        for e in errors.iter().take(3) {
-            println!("  read error: {e}");
-        }
-        if files.len() != src_files {
-            println!("  file count differs: {} vs {src_files}", files.len());
-        }
-        if background && warm_cache.is_none() {
+        let mut runs = Vec::new();
+        for rep in 0..REPS {
+            let tmp = tempfile::tempdir_in(work)?;
+            let cfg = Config {
+                no_background_fetch: !background,
+                ..Config::default()
+            };
             let t = Instant::now();
-            while !h.layer().is_complete() && t.elapsed() < Duration::from_secs(120) {
-                std::thread::sleep(Duration::from_millis(100));
-            }
+            let h = mount_at(
+                fetcher_for(&desc)?,
+                &desc,
+                &tmp.path().join("mnt"),
+                &cfg,
+                &tmp.path().join("cache"),
+            )?;
+            let mount_s = t.elapsed().as_secs_f64();
+            let files = walk(h.mountpoint())?;
+            let (read_s, bytes, done, errors) = read_all(&files, readers);
+            let total = t.elapsed().as_secs_f64();
+            runs.push(total);
             println!(
-                "  layer complete {:.2}s after the reads",
-                t.elapsed().as_secs_f64()
+                "  cold {name} #{rep}: mount {mount_s:.2}s + read {read_s:.2}s = {total:.2}s, \
+                 {done}/{} files, {:.1} MiB, fetched {:.1} MiB{}",
+                files.len(),
+                bytes as f64 / (1 << 20) as f64,
+                h.fetched_bytes() as f64 / (1 << 20) as f64,
+                if done < files.len() { " (CUT OFF)" } else { "" }
             );
-            h.unmount()?;
-            warm_cache = Some(tmp);
-        } else {
-            h.unmount()?;
+            for e in errors.iter().take(3) {
+                println!("  read error: {e}");
+            }
+            if files.len() != src_files {
+                println!("  file count differs: {} vs {src_files}", files.len());
+            }
+            if background && warm_cache.is_none() {
+                let t = Instant::now();
+                while !h.layer().is_complete() && t.elapsed() < Duration::from_secs(120) {
+                    std::thread::sleep(Duration::from_millis(100));
+                }
+                println!(
+                    "  layer complete {:.2}s after the reads",
+                    t.elapsed().as_secs_f64()
+                );
+                h.unmount()?;
+                warm_cache = Some(tmp);
+            } else {
+                h.unmount()?;
+            }
         }
+        let m = median(runs.clone());
+        println!(
+            "cold {name}: median {m:.2}s [{}], ratio to curl {:.2}, to link time {:.2}",
+            fmt_runs(&runs),
+            m / curl_s,
+            m / link_s
+        );
     }
     let warm_cache = warm_cache.ok_or("no warm cache")?;
 
     // --- (b) and (c): warm throughput and latency against local disk ---
     let local = tempfile::tempdir_in(work)?;
     {
-        // The same files on local disk: extracted from the layer, read once so the
-        // page cache holds them, like the cache files behind the mount.
+        // The same files on local disk, copied out of the layer; reading them below
+        // leaves them in the page cache, like the cache files behind the mount.
         let h = mount_at(
             Arc::new(FileFetcher::open(work.join("layer.blob"))?),
             &desc,
@@ -517,28 +567,40 @@ fn net(work: &Path, ns: &str, addr: &str, rate_mbit: u64) -> Res<()> {
         .into_iter()
         .filter(|(p, _)| !p.starts_with(local.path().join("mnt")))
         .collect();
-    local_files.sort();
+    local_files.sort_by_key(|(_, n)| *n);
     let big_bytes: u64 = local_files.iter().map(|(_, n)| n).sum();
     read_all(&local_files, 1);
-    let (s, b, ..) = read_all(&local_files, 1);
-    let local_mibs = mib_s(b, s);
+    let local_runs: Vec<f64> = (0..5)
+        .map(|_| {
+            let (s, b, ..) = read_all(&local_files, 1);
+            mib_s(b, s)
+        })
+        .collect();
+    let local_mibs = median(local_runs.clone());
     let local_paths: Vec<PathBuf> = local_files.iter().map(|(p, _)| p.clone()).collect();
-    let (lp50, lp99) = latency(&local_paths)?;
+    let (lp50, lp99) = latency(&local_paths, LAT_SAMPLES)?;
     println!(
         "warm set: {} files >= {} MiB, {:.1} MiB",
         local_files.len(),
         LARGE_FILE >> 20,
         big_bytes as f64 / (1 << 20) as f64
     );
-    println!("local disk (page cache): seq {local_mibs:.0} MiB/s, 4k p50 {lp50:.1}us p99 {lp99:.1}us");
+    println!(
+        "local disk (page cache): seq median {local_mibs:.0} MiB/s [{}], 4k p50 {lp50:.2}us p99 {lp99:.2}us",
+        fmt_runs(&local_runs)
+    );
 
     for passthrough in [false, true] {
         let mut cfg = Config::default();
         cfg.fuse.passthrough = passthrough;
-        // Two fresh mounts: the first pass also builds passthrough's whole-file copies,
-        // the second finds them; each starts with an empty page cache for the FUSE inodes.
-        for pass in 1..=2 {
-            let mnt = warm_cache.path().join(format!("m{passthrough}{pass}"));
+        // Fresh mounts, so every first read starts with an empty page cache for the
+        // FUSE inodes; with passthrough the first mount also builds the whole-file
+        // copies, which is reported on its own.
+        let (mut first, mut again, mut fp50, mut fp99, mut wp50, mut wp99) =
+            (vec![], vec![], vec![], vec![], vec![], vec![]);
+        let reps = if passthrough { WARM_REPS + 1 } else { WARM_REPS };
+        for rep in 0..reps {
+            let mnt = warm_cache.path().join(format!("m{passthrough}{rep}"));
             let h = mount_at(
                 fetcher_for(&desc)?,
                 &desc,
@@ -551,28 +613,58 @@ fn net(work: &Path, ns: &str, addr: &str, rate_mbit: u64) -> Res<()> {
                 .filter(|(_, n)| *n >= LARGE_FILE)
                 .collect();
             files.sort_by_key(|(_, n)| *n);
-            let (s, b, done, errors) = read_all(&files, 1);
-            let again = read_all(&files, 1);
             let paths: Vec<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
-            let (p50, p99) = latency(&paths)?;
+            if rep % 2 == 1 {
+                // Every other mount measures first-touch latency instead: 4 KiB reads
+                // that find nothing in the FUSE inode's page cache.
+                let (p50, p99) = latency(&paths, FIRST_TOUCH_SAMPLES)?;
+                fp50.push(p50);
+                fp99.push(p99);
+            }
+            let (s, b, done, errors) = read_all(&files, 1);
+            let re = read_all(&files, 1);
+            let (p50, p99) = latency(&paths, LAT_SAMPLES)?;
             println!(
-                "warm fuse passthrough={passthrough} mount#{pass}: seq first read {:.0} MiB/s \
-                 ({:.0}% of local), re-read {:.0} MiB/s ({:.0}%), 4k p50 {p50:.1}us p99 {p99:.1}us, \
-                 passthrough opens {}, {done} files, net fetched now {:.1} MiB{}",
+                "  warm passthrough={passthrough} mount #{rep}: first read {:.0} MiB/s, \
+                 re-read {:.0} MiB/s, 4k p50 {p50:.2}us p99 {p99:.2}us, passthrough opens {}, \
+                 {done} files, net fetched {:.1} MiB{}",
                 mib_s(b, s),
-                100.0 * mib_s(b, s) / local_mibs,
-                mib_s(again.1, again.0),
-                100.0 * mib_s(again.1, again.0) / local_mibs,
+                mib_s(re.1, re.0),
                 h.passthrough_opens(),
                 h.fetched_bytes() as f64 / (1 << 20) as f64,
                 errors.first().map(|e| format!(" error {e}")).unwrap_or_default()
             );
             h.unmount()?;
+            if passthrough && rep == 0 {
+                println!(
+                    "warm passthrough=true, first mount (builds whole-file copies): {:.0} MiB/s",
+                    mib_s(b, s)
+                );
+                continue;
+            }
+            first.push(mib_s(b, s));
+            again.push(mib_s(re.1, re.0));
+            wp50.push(p50);
+            wp99.push(p99);
         }
+        let f = median(first.clone());
+        let a = median(again.clone());
+        println!(
+            "warm passthrough={passthrough}: seq first read median {f:.0} MiB/s [{}] = {:.0}% of local; \
+             re-read {a:.0} MiB/s = {:.0}%; 4k warm p50 {:.2}us p99 {:.2}us; \
+             4k first touch p50 {:.1}us p99 {:.1}us",
+            fmt_runs(&first),
+            100.0 * f / local_mibs,
+            100.0 * a / local_mibs,
+            median(wp50),
+            median(wp99),
+            median(fp50),
+            median(fp99),
+        );
     }
 
     // --- mount time of the 100k-file layer over the link ---
-    for _ in 0..2 {
+    for _ in 0..REPS {
         let tmp = tempfile::tempdir_in(work)?;
         let cfg = Config {
             no_background_fetch: true,
