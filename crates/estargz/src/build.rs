@@ -124,14 +124,37 @@ pub fn build_from_file(input: &File, out: impl Write, opts: &BuildOptions) -> Re
     }
     let (order, missing) = plan_order(input, opts)?;
     let threads = if opts.threads == 0 {
-        std::thread::available_parallelism().map_or(1, |n| n.get())
+        rayon::current_num_threads()
     } else {
         opts.threads
     };
-    let pool = rayon::ThreadPoolBuilder::new()
-        .num_threads(threads)
-        .build()
-        .map_err(|e| Error::InvalidOption(format!("thread pool: {e}")))?;
+    // One thread compresses inline; the default shares rayon's global pool, so that
+    // converting many layers does not start threads per layer.
+    let pool = match opts.threads {
+        0 | 1 => None,
+        n => Some(
+            rayon::ThreadPoolBuilder::new()
+                .num_threads(n)
+                .build()
+                .map_err(|e| Error::InvalidOption(format!("thread pool: {e}")))?,
+        ),
+    };
+    let compress_batch = |batch: &[Vec<u8>]| -> Result<Vec<Vec<u8>>> {
+        let par = || {
+            batch
+                .par_iter()
+                .map(|m| compress_member(opts.codec, m))
+                .collect()
+        };
+        match (&pool, opts.threads) {
+            (_, 1) => batch
+                .iter()
+                .map(|m| compress_member(opts.codec, m))
+                .collect(),
+            (Some(pool), _) => pool.install(par),
+            (None, _) => par(),
+        }
+    };
     // Large batches keep every core busy even when member sizes vary a lot.
     let batch_bytes = (opts.chunk_size as usize)
         .saturating_mul(threads * 4)
@@ -144,12 +167,7 @@ pub fn build_from_file(input: &File, out: impl Write, opts: &BuildOptions) -> Re
         let producer = scope.spawn(|| produce_members(input, &order, opts, batch_bytes, tx));
         let mut consume = || -> Result<()> {
             for batch in rx.iter() {
-                let compressed: Vec<Vec<u8>> = pool.install(|| {
-                    batch
-                        .par_iter()
-                        .map(|m| compress_member(opts.codec, m))
-                        .collect::<Result<_>>()
-                })?;
+                let compressed = compress_batch(&batch)?;
                 for c in compressed {
                     member_offsets.push(writer.count);
                     writer
