@@ -108,9 +108,8 @@ pub fn run(args: MountArgs) -> Result<()> {
 
     let size = desc.size;
     let digest = desc.digest.clone();
-    let handle = fs::mount(fetcher, desc, &mountpoint, &cfg, cache).with_context(|| {
-        format!("mounting layer {digest} at {}", mountpoint.display())
-    })?;
+    let handle = fs::mount(fetcher, desc, &mountpoint, &cfg, cache)
+        .with_context(|| format!("mounting layer {digest} at {}", mountpoint.display()))?;
     println!("mounted {digest} at {}", handle.mountpoint().display());
     info!(layer = %digest, cache = %cache_dir.display(), "serving until Ctrl-C or SIGTERM");
 
@@ -178,8 +177,7 @@ fn blob_source(path: &Path, toc_digest: Option<String>) -> Result<(Arc<dyn Fetch
 
 /// `sha256:<hex>` of a file, streamed.
 fn file_sha256(path: &Path) -> Result<String> {
-    let mut f =
-        std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
+    let mut f = std::fs::File::open(path).with_context(|| format!("opening {}", path.display()))?;
     let mut h = Sha256::new();
     let mut buf = vec![0u8; 1 << 20];
     loop {
@@ -213,7 +211,10 @@ async fn image_source(
     let layers = &image.manifest.layers;
     let chosen = match layer.parse::<usize>() {
         Ok(i) => layers.get(i).with_context(|| {
-            format!("{reference} has {} layers; --layer {i} is out of range", layers.len())
+            format!(
+                "{reference} has {} layers; --layer {i} is out of range",
+                layers.len()
+            )
         })?,
         Err(_) => {
             let want = layer.strip_prefix("sha256:").unwrap_or(layer);

@@ -204,7 +204,13 @@ fn mount100k(work: &Path) -> Res<()> {
     let before = rss_kib();
     let t = Instant::now();
     let fetcher = Arc::new(FileFetcher::open(work.join("small.blob"))?);
-    let h = mount_at(fetcher, &desc, &tmp.path().join("mnt"), &cfg, &tmp.path().join("cache"))?;
+    let h = mount_at(
+        fetcher,
+        &desc,
+        &tmp.path().join("mnt"),
+        &cfg,
+        &tmp.path().join("cache"),
+    )?;
     let mount_s = t.elapsed().as_secs_f64();
     let after_mount = rss_kib();
     let t = Instant::now();
@@ -280,7 +286,10 @@ fn median(mut v: Vec<f64>) -> f64 {
 }
 
 fn fmt_runs(v: &[f64]) -> String {
-    v.iter().map(|x| format!("{x:.2}")).collect::<Vec<_>>().join(", ")
+    v.iter()
+        .map(|x| format!("{x:.2}"))
+        .collect::<Vec<_>>()
+        .join(", ")
 }
 
 fn mib_s(bytes: u64, secs: f64) -> f64 {
@@ -431,10 +440,7 @@ fn net(work: &Path, ns: &str, addr: &str, rate_mbit: u64) -> Res<()> {
         );
     }
     let curl_s = median(curl.clone());
-    println!(
-        "curl whole blob: median {curl_s:.2}s [{}]",
-        fmt_runs(&curl)
-    );
+    println!("curl whole blob: median {curl_s:.2}s [{}]", fmt_runs(&curl));
 
     // --- (a) cold reads ---
     // The same reads from the blob on local disk: what decompression, verification and
@@ -598,7 +604,11 @@ fn net(work: &Path, ns: &str, addr: &str, rate_mbit: u64) -> Res<()> {
         // copies, which is reported on its own.
         let (mut first, mut again, mut fp50, mut fp99, mut wp50, mut wp99) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
-        let reps = if passthrough { WARM_REPS + 1 } else { WARM_REPS };
+        let reps = if passthrough {
+            WARM_REPS + 1
+        } else {
+            WARM_REPS
+        };
         for rep in 0..reps {
             let mnt = warm_cache.path().join(format!("m{passthrough}{rep}"));
             let h = mount_at(
@@ -632,7 +642,10 @@ fn net(work: &Path, ns: &str, addr: &str, rate_mbit: u64) -> Res<()> {
                 mib_s(re.1, re.0),
                 h.passthrough_opens(),
                 h.fetched_bytes() as f64 / (1 << 20) as f64,
-                errors.first().map(|e| format!(" error {e}")).unwrap_or_default()
+                errors
+                    .first()
+                    .map(|e| format!(" error {e}"))
+                    .unwrap_or_default()
             );
             h.unmount()?;
             if passthrough && rep == 0 {
