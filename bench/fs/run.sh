@@ -6,6 +6,7 @@
 #   SRC=/usr/lib/go-1.19   tree the test layer is built from
 #   PROFILE=wan            linkshape profile (lan, wan, slow)
 #   WORK=DIR KEEP=1        reuse and keep the built blobs (default: fresh temp dir, removed)
+#   REF=0                  skip (d), the reference daemon (built by ../shared/reference/build.sh)
 set -euo pipefail
 
 SRC=${SRC:-/usr/lib/go-1.19}
@@ -43,4 +44,11 @@ for _ in 1 2 3; do "$BIN/examples/bench_fs" mount100k "$WORK"; done
 # The benchmark runs in the client namespace; it starts docker-registry in the server one.
 "$BIN/linkshape" --profile "$PROFILE" --prefix "$PREFIX" -- \
 	"$BIN/examples/bench_fs" net "$WORK" "$PREFIX-srv" 10.99.0.1 "$RATE"
+if [ "${REF:-1}" = 1 ]; then
+	# (d): the reference containerd-stargz-grpc behind a private containerd, same link,
+	# same layer (pushed as an image, since it mounts layers of pulled images).
+	REFD=$(../shared/reference/build.sh "$WORK/refbin" | tail -1)
+	"$BIN/linkshape" --profile "$PROFILE" --prefix "$PREFIX" -- \
+		bash bench/fs/ref-inner.sh "$WORK" "$BIN/examples/bench_fs" "$REFD" "$PREFIX-srv" 10.99.0.1
+fi
 echo "== total $(($(date +%s) - start)) s"

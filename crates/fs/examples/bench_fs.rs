@@ -45,8 +45,15 @@ fn main() {
             Ok(rate) => net(Path::new(&args[1]), &args[2], &args[3], rate),
             Err(e) => Err(format!("rate {:?}: {e}", args[4]).into()),
         },
+        Some("push-image") if args.len() == 3 => push_image(Path::new(&args[1]), &args[2]),
+        Some("read") if args.len() == 3 => match args[2].parse() {
+            Ok(n) => read_cmd(Path::new(&args[1]), n),
+            Err(e) => Err(format!("readers {:?}: {e}", args[2]).into()),
+        },
+        Some("warm") if args.len() == 2 => warm_cmd(Path::new(&args[1])),
         _ => Err("usage: bench_fs prepare WORK SRC | mount100k WORK | \
-                  net WORK SERVER_NS SERVER_ADDR RATE_MBIT"
+                  net WORK SERVER_NS SERVER_ADDR RATE_MBIT | push-image WORK HOST:PORT | \
+                  read DIR READERS | warm DIR"
             .into()),
     };
     if let Err(e) = res {
@@ -62,6 +69,8 @@ fn write_desc(path: &Path, out: &estargz::BuildOutput) -> Res<()> {
         "size": out.blob_size,
         "toc_digest": out.toc_digest,
         "uncompressed": out.uncompressed_size,
+        "diff_id": out.diff_id,
+        "annotations": out.annotations,
     });
     std::fs::write(path, serde_json::to_vec(&v)?)?;
     Ok(())
@@ -148,6 +157,105 @@ fn prepare(work: &Path, src: &Path) -> Res<()> {
             t.elapsed().as_secs_f64()
         );
     }
+    Ok(())
+}
+
+/// Pushes `layer.blob` as the only layer of `HOST/bench/go:v1` (OCI, TOC digest
+/// annotation), for daemons that pull images rather than blobs.
+fn push_image(work: &Path, host: &str) -> Res<()> {
+    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(work.join("layer.json"))?)?;
+    let diff_id = v["diff_id"].as_str().ok_or("layer.json has no diff_id; re-run prepare")?;
+    let annotations: std::collections::BTreeMap<String, String> =
+        serde_json::from_value(v["annotations"].clone())?;
+    let mut rcfg = registry::RegistryConfig::default();
+    rcfg.resolver.host.insert(
+        host.to_string(),
+        registry::HostConfig {
+            self_: Some(registry::MirrorConfig {
+                insecure: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    let client = registry::Client::new(rcfg, Arc::new(registry::Anonymous))?;
+    let r = registry::Reference::parse(&format!("{host}/bench/go:v1"))?;
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    rt.block_on(async {
+        let blob = bytes::Bytes::from(std::fs::read(work.join("layer.blob"))?);
+        let size = blob.len() as u64;
+        let opts = registry::PushBlobOptions::default();
+        let (layer_digest, _) = client.push_blob(&r, blob, &opts).await?;
+        let config = serde_json::to_vec(&serde_json::json!({
+            "architecture": "amd64",
+            "os": "linux",
+            "config": {},
+            "rootfs": {"type": "layers", "diff_ids": [diff_id]},
+        }))?;
+        let config_len = config.len() as u64;
+        let (config_digest, _) = client
+            .push_blob(&r, bytes::Bytes::from(config), &opts)
+            .await?;
+        let manifest = serde_json::json!({
+            "schemaVersion": 2,
+            "mediaType": "application/vnd.oci.image.manifest.v1+json",
+            "config": {"mediaType": "application/vnd.oci.image.config.v1+json",
+                       "digest": config_digest.to_string(), "size": config_len},
+            "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip",
+                        "digest": layer_digest.to_string(), "size": size,
+                        "annotations": annotations}],
+        });
+        client
+            .push_manifest_json(&r, "application/vnd.oci.image.manifest.v1+json", &manifest)
+            .await?;
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    })?;
+    println!("pushed {host}/bench/go:v1");
+    Ok(())
+}
+
+/// Reads every file under `dir` with `readers` threads (any mount, e.g. another daemon's).
+fn read_cmd(dir: &Path, readers: usize) -> Res<()> {
+    let t = Instant::now();
+    let files = walk(dir)?;
+    let (s, bytes, done, errors) = read_all(&files, readers);
+    println!(
+        "read x{readers}: walk+read {:.2}s (read {s:.2}s), {done}/{} files, {:.1} MiB{}",
+        t.elapsed().as_secs_f64(),
+        files.len(),
+        bytes as f64 / (1 << 20) as f64,
+        errors.first().map(|e| format!(", error {e}")).unwrap_or_default()
+    );
+    Ok(())
+}
+
+/// Sequential throughput of the large files under `dir` (first read and re-read) and
+/// 4 KiB read latency, as in the warm part of `net`.
+fn warm_cmd(dir: &Path) -> Res<()> {
+    let mut files: Vec<(PathBuf, u64)> = walk(dir)?
+        .into_iter()
+        .filter(|(_, n)| *n >= LARGE_FILE)
+        .collect();
+    files.sort_by_key(|(_, n)| *n);
+    let paths: Vec<PathBuf> = files.iter().map(|(p, _)| p.clone()).collect();
+    let (s, b, done, _) = read_all(&files, 1);
+    let re: Vec<f64> = (0..3)
+        .map(|_| {
+            let (s, b, ..) = read_all(&files, 1);
+            mib_s(b, s)
+        })
+        .collect();
+    let (p50, p99) = latency(&paths, LAT_SAMPLES)?;
+    println!(
+        "warm: {done} files, first read {:.0} MiB/s, re-read median {:.0} MiB/s [{}], \
+         4k p50 {p50:.2}us p99 {p99:.2}us",
+        mib_s(b, s),
+        median(re.clone()),
+        fmt_runs(&re)
+    );
     Ok(())
 }
 

@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Part (d) of the fs benchmark, run by run.sh inside the client namespace of the shaped
+# link (via `ip netns exec`, so every process below shares one private mount namespace
+# and the reference's FUSE mounts are visible to the readers).
+# usage: ref-inner.sh WORK BENCH_FS REF_DAEMON SERVER_NS SERVER_ADDR
+set -euo pipefail
+WORK=$1 BENCH=$2 REFD=$3 NS=$4 ADDR=$5
+D=$WORK/ref
+HOST=$ADDR:5000
+rm -rf "$D" && mkdir -p "$D/reg" "$D/containerd" "$D/state" "$D/ref"
+pids=()
+cleanup() {
+	# Stop the reference with SIGTERM (SIGINT in v0.12.0 deletes its snapshots badly).
+	for p in "${pids[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
+	for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done
+	awk -v w="$D" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r |
+		while read -r m; do umount -l "$m" 2>/dev/null || true; done
+}
+trap cleanup EXIT
+
+cat >"$D/reg/config.yml" <<CFG
+version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $D/reg/storage
+http:
+  addr: $HOST
+CFG
+ip netns exec "$NS" docker-registry serve "$D/reg/config.yml" 2>/dev/null &
+pids+=($!)
+for _ in $(seq 100); do (exec 3<>"/dev/tcp/$ADDR/5000") 2>/dev/null && break; sleep 0.1; done
+"$BENCH" push-image "$WORK" "$HOST"
+
+cat >"$D/ref/config.toml" <<CFG
+metadata_store = "memory"
+[[resolver.host."$HOST".mirrors]]
+host = "$HOST"
+insecure = true
+CFG
+"$REFD" --address "$D/ref/ref.sock" --root "$D/ref/root" --config "$D/ref/config.toml" \
+	--log-level warn 2>"$D/ref/log" &
+pids+=($!)
+
+cat >"$D/containerd/config.toml" <<CFG
+version = 2
+root = "$D/containerd/root"
+state = "$D/state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+address = "$D/containerd/containerd.sock"
+[proxy_plugins.stargz]
+type = "snapshot"
+address = "$D/ref/ref.sock"
+CFG
+containerd --config "$D/containerd/config.toml" 2>"$D/containerd/log" &
+pids+=($!)
+for _ in $(seq 100); do [ -S "$D/containerd/containerd.sock" ] && [ -S "$D/ref/ref.sock" ] && break; sleep 0.1; done
+
+start=$(date +%s.%N)
+ctr-remote -a "$D/containerd/containerd.sock" image rpull --plain-http --snapshotter stargz \
+	"$HOST/bench/go:v1" >/dev/null
+end=$(date +%s.%N)
+awk -v a="$start" -v b="$end" 'BEGIN {printf "reference rpull (manifest, config, TOC, mount): %.2f s\n", b - a}'
+mnt=$(awk -v w="$D/ref/root" '$3 ~ /^fuse/ && index($2, w) == 1 {print $2}' /proc/mounts | head -1)
+[ -n "$mnt" ] || { echo "no reference FUSE mount found"; tail -5 "$D/ref/log"; exit 1; }
+echo "reference mount: $mnt"
+"$BENCH" read "$mnt" 8
+# Let background fetch finish, then the warm figures on the same mount.
+for _ in $(seq 120); do
+	f=$(cat "$mnt/.stargz-snapshotter/"*.json 2>/dev/null | sed -n 's/.*"fetchedPercent":\([0-9.]*\).*/\1/p')
+	[ "${f%.*}" = 100 ] && break
+	sleep 1
+done
+echo "reference fetched: $f %"
+"$BENCH" warm "$mnt"
