@@ -1,2 +1,131 @@
-//! containerd-stargz-grpc: serves the stargz snapshotter to containerd.
-fn main() {}
+//! containerd-stargz-grpc: serves the stargz snapshotter to containerd over a unix socket.
+//!
+//! Built on `clap` (flags), `tokio` (runtime, signals), `tracing-subscriber` (logs),
+//! `toml` (config) and `anyhow`, with the workspace's `snapshotter`, `fs` and `registry`.
+
+mod config;
+mod remote;
+
+use std::os::unix::net::UnixDatagram;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use clap::Parser;
+use snapshotter::{Options, Snapshotter};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::DaemonConfig;
+use crate::remote::{DaemonRemote, FuseRemote};
+
+const DEFAULT_CONFIG: &str = "/etc/containerd-stargz-grpc/config.toml";
+
+#[derive(Parser, Debug)]
+#[command(
+    name = "containerd-stargz-grpc",
+    version,
+    about = "Stargz remote snapshotter for containerd"
+)]
+struct Args {
+    /// Unix socket to serve the Snapshots API on.
+    #[arg(
+        long,
+        default_value = "/run/containerd-stargz-grpc/containerd-stargz-grpc.sock"
+    )]
+    address: PathBuf,
+    /// TOML configuration file (a missing default file means defaults).
+    #[arg(long, default_value = DEFAULT_CONFIG)]
+    config: PathBuf,
+    /// State directory: metadata, snapshots and caches.
+    #[arg(long, default_value = "/var/lib/containerd-stargz-grpc")]
+    root: PathBuf,
+    /// trace, debug, info, warn or error (or a tracing filter directive).
+    #[arg(long, default_value = "info")]
+    log_level: String,
+}
+
+/// Tells systemd we are ready when it asked (Type=notify).
+fn sd_notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let res = (|| -> std::io::Result<()> {
+        let sock = UnixDatagram::unbound()?;
+        let p = path.to_string_lossy();
+        if let Some(abs) = p.strip_prefix('@') {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(abs.as_bytes())?;
+            sock.send_to_addr(b"READY=1", &addr)?;
+        } else {
+            sock.send_to(b"READY=1", &*p)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = res {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
+}
+
+fn main() -> Result<()> {
+    let args = Args::parse();
+    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
+        .with_context(|| format!("--log-level {:?}", args.log_level))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .init();
+    let explicit = args.config != std::path::Path::new(DEFAULT_CONFIG);
+    let cfg = DaemonConfig::load(&args.config, explicit)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?
+        .block_on(run(args, cfg))
+}
+
+async fn run(args: Args, cfg: DaemonConfig) -> Result<()> {
+    std::fs::create_dir_all(&args.root)
+        .with_context(|| format!("creating {}", args.root.display()))?;
+    let remote = if cfg.disable_remote_snapshots {
+        tracing::info!("remote snapshots disabled by config");
+        DaemonRemote::Disabled(snapshotter::NoRemote)
+    } else {
+        match FuseRemote::new(cfg.fs, cfg.registry, &args.root.join("stargz")) {
+            Ok(f) => DaemonRemote::Fuse(f),
+            Err(e) => {
+                tracing::warn!(error = %format!("{e:#}"), "remote snapshots unavailable; every layer will be downloaded");
+                DaemonRemote::Disabled(snapshotter::NoRemote)
+            }
+        }
+    };
+    let sn = Arc::new(Snapshotter::open(
+        Options::new(args.root.join("snapshotter")),
+        remote,
+    )?);
+    match sn.restore_remote().await {
+        Ok(n) => tracing::info!(restored = n, "remote snapshots restored"),
+        Err(e) => tracing::warn!(error = %e, "restoring remote snapshots failed"),
+    }
+    let listener = snapshotter::bind(&args.address)?;
+    tracing::info!(address = %args.address.display(), root = %args.root.display(), "serving");
+    sd_notify_ready();
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<bool>();
+    let server = tokio::spawn(snapshotter::serve(sn.clone(), listener, async move {
+        let _ = rx.await;
+    }));
+    let unmount = tokio::select! {
+        _ = sigint.recv() => { tracing::info!("SIGINT: unmounting remote snapshots and exiting"); true }
+        _ = sigterm.recv() => { tracing::info!("SIGTERM: exiting, mounts stay"); false }
+    };
+    let _ = tx.send(unmount);
+    if unmount {
+        sn.unmount_all().await?;
+    }
+    // In-flight requests get a moment; containerd retries on its side.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
+    let _ = std::fs::remove_file(&args.address);
+    Ok(())
+}

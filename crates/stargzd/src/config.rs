@@ -1,0 +1,108 @@
+//! The daemon's TOML configuration: the reference's key names, unknown keys warned about.
+
+use std::path::Path;
+
+use anyhow::{Context, Result};
+
+/// Top-level keys the reference daemon understands (fs, resolver, keychain sections).
+const KNOWN: &[&str] = &[
+    "http_cache_type",
+    "filesystem_cache_type",
+    "resolve_result_entry_ttl_sec",
+    "resolve_result_entry",
+    "prefetch_size",
+    "prefetch_timeout_sec",
+    "noprefetch",
+    "no_background_fetch",
+    "debug",
+    "allow_no_verification",
+    "disable_verification",
+    "max_concurrency",
+    "no_prometheus",
+    "blob",
+    "directory_cache",
+    "fuse",
+    "resolver",
+    "kubeconfig_keychain",
+    "cri_keychain",
+    "metrics_address",
+    "debug_address",
+    "proxy_plugins",
+    "disable_remote_snapshots",
+];
+
+/// Parsed daemon configuration.
+#[derive(Debug, Default)]
+pub struct DaemonConfig {
+    pub fs: fs::Config,
+    pub registry: registry::RegistryConfig,
+    /// Not a reference key: serve every layer by download (no FUSE).
+    pub disable_remote_snapshots: bool,
+}
+
+impl DaemonConfig {
+    /// Reads `path`; a missing file is fine only when `explicit` is false.
+    pub fn load(path: &Path, explicit: bool) -> Result<DaemonConfig> {
+        let text = match std::fs::read_to_string(path) {
+            Ok(t) => t,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound && !explicit => {
+                tracing::info!(path = %path.display(), "no config file; using defaults");
+                return Ok(DaemonConfig::default());
+            }
+            Err(e) => return Err(e).with_context(|| format!("reading config {}", path.display())),
+        };
+        Self::parse(&text).with_context(|| format!("config {}", path.display()))
+    }
+
+    /// Parses the TOML text; errors name the key and line.
+    pub fn parse(text: &str) -> Result<DaemonConfig> {
+        let table: toml::Table = toml::from_str(text)?;
+        for k in table.keys() {
+            if !KNOWN.contains(&k.as_str()) {
+                tracing::warn!(key = %k, "unknown config key ignored");
+            }
+        }
+        // Each part deserializes from the same text so its errors carry positions.
+        let fs: fs::Config = toml::from_str(text)?;
+        let mut reg = toml::Table::new();
+        for k in ["resolver", "blob"] {
+            if let Some(v) = table.get(k) {
+                reg.insert(k.to_string(), v.clone());
+            }
+        }
+        let registry: registry::RegistryConfig = reg.try_into()?;
+        let disable_remote_snapshots = match table.get("disable_remote_snapshots") {
+            None => false,
+            Some(toml::Value::Boolean(b)) => *b,
+            Some(_) => anyhow::bail!("disable_remote_snapshots: expected a boolean"),
+        };
+        Ok(DaemonConfig {
+            fs,
+            registry,
+            disable_remote_snapshots,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn reference_keys_and_errors() {
+        let c = DaemonConfig::parse(
+            "noprefetch = true\nmax_concurrency = 3\nunknown_thing = 1\n[fuse]\nattr_timeout = 5\n[resolver.host.\"127.0.0.1:5000\".mirrors]\n",
+        );
+        // Mirrors must be a list in the reference; a table is a user error.
+        assert!(c.is_err());
+        let c = DaemonConfig::parse(
+            "noprefetch = true\nmax_concurrency = 3\nunknown_thing = 1\n[fuse]\nattr_timeout = 5\n",
+        )
+        .unwrap();
+        assert!(c.fs.noprefetch);
+        assert_eq!(c.fs.max_concurrency, 3);
+        assert_eq!(c.fs.fuse.attr_timeout, 5);
+        let e = format!("{:#}", DaemonConfig::parse("noprefetch = 1\n").unwrap_err());
+        assert!(e.contains("noprefetch") && e.contains("line 1"), "{e}");
+    }
+}
