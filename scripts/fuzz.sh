@@ -9,9 +9,9 @@ targets=("$@"); ((${#targets[@]})) || targets=(open_blob read_blob build_tar)
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz
 # cargo-fuzz needs unstable compiler flags; the stable toolchain allows them this way.
 export RUSTC_BOOTSTRAP=1
-cargo build --release -q -p cli --bin ctr-remote
 seeds=fuzz/seeds
 if [[ ! -d $seeds ]]; then
+  cargo build --release -q -p cli --bin ctr-remote
   mkdir -p "$seeds/tars" "$seeds/blobs"
   python3 - "$seeds/tars" <<'PY'
 import io, sys, tarfile
