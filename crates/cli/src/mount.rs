@@ -13,7 +13,7 @@ use registry::{
     Platform, Reference, RegistryConfig, StaticKeychain,
 };
 use sha2::{Digest as _, Sha256};
-use tokio::signal::unix::{signal, SignalKind};
+use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{info, warn};
 
 /// How often the foreground loop checks that the mount is still in place.
@@ -106,6 +106,15 @@ pub fn run(args: MountArgs) -> Result<()> {
     std::fs::create_dir_all(&mountpoint)
         .with_context(|| format!("creating mountpoint {}", mountpoint.display()))?;
 
+    // Take SIGINT/SIGTERM over before mounting, so a Ctrl-C during prefetch still ends
+    // in a clean unmount instead of leaving a dead FUSE mount behind.
+    let (term, int) = {
+        let _in_rt = rt.enter();
+        (
+            signal(SignalKind::terminate()).context("installing the SIGTERM handler")?,
+            signal(SignalKind::interrupt()).context("installing the SIGINT handler")?,
+        )
+    };
     let size = desc.size;
     let digest = desc.digest.clone();
     let handle = fs::mount(fetcher, desc, &mountpoint, &cfg, cache)
@@ -113,7 +122,7 @@ pub fn run(args: MountArgs) -> Result<()> {
     println!("mounted {digest} at {}", handle.mountpoint().display());
     info!(layer = %digest, cache = %cache_dir.display(), "serving until Ctrl-C or SIGTERM");
 
-    let waited = rt.block_on(wait_for_stop(&handle));
+    let waited = rt.block_on(wait_for_stop(&handle, term, int));
     let fetched = handle.fetched_bytes();
     let complete = handle.layer().is_complete();
     let unmounted = handle
@@ -278,9 +287,7 @@ fn client_for(args: &MountArgs, r: &Reference) -> Result<Client> {
 }
 
 /// Waits for SIGINT/SIGTERM, or returns an error if the mount disappears underneath.
-async fn wait_for_stop(handle: &fs::MountHandle) -> Result<()> {
-    let mut term = signal(SignalKind::terminate()).context("installing the SIGTERM handler")?;
-    let mut int = signal(SignalKind::interrupt()).context("installing the SIGINT handler")?;
+async fn wait_for_stop(handle: &fs::MountHandle, mut term: Signal, mut int: Signal) -> Result<()> {
     let mut tick = tokio::time::interval(CHECK_INTERVAL);
     loop {
         tokio::select! {
