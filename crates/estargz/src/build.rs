@@ -294,6 +294,12 @@ fn plan_order(input: &File, opts: &BuildOptions) -> Result<(Vec<Source>, Vec<Str
         if clean == PREFETCH_LANDMARK || clean == NO_PREFETCH_LANDMARK || clean == TOC_TAR_NAME {
             continue;
         }
+        if clean.is_empty() && e.kind != TarKind::Dir {
+            return Err(Error::BadTar {
+                offset: e.header_start,
+                reason: format!("entry {:?} names the root but is not a directory", e.name),
+            });
+        }
         if let Some(old) = by_name.insert(clean, slots.len()) {
             slots[old] = None;
         }

@@ -341,6 +341,15 @@ fn bad_tars_are_refused_by_the_builder() {
     evil[148..156].copy_from_slice(format!("{sum:06o}\0 ").as_bytes());
     let err = estargz::build(Cursor::new(&evil), Vec::new(), &BuildOptions::default()).unwrap_err();
     assert!(err.to_string().contains(".."), "{err}");
+    // A regular file that names the root.
+    let root_file = tar_of(&[("./", b"data".to_vec())]);
+    let err = estargz::build(
+        Cursor::new(&root_file),
+        Vec::new(),
+        &BuildOptions::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("names the root"), "{err}");
     // Truncated data.
     let tar = tar_of(&[("x", vec![7u8; 5000])]);
     let err = estargz::build(
