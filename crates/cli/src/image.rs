@@ -22,6 +22,15 @@ pub enum ImageCommand {
     GetTocDigest(GetTocArgs),
     /// Show an image's layers, formats, TOC digests, prioritized files and sizes.
     Inspect(InspectArgs),
+    /// Pull an image into containerd, leaving eStargz layers to the remote snapshotter.
+    Rpull(RpullArgs),
+}
+
+/// containerd connection settings given as global flags.
+#[derive(Debug, Clone)]
+pub struct Containerd {
+    pub address: String,
+    pub namespace: String,
 }
 
 /// Registry access shared by the image subcommands.
@@ -115,7 +124,27 @@ pub struct InspectArgs {
     pub registry: RegistryArgs,
 }
 
-pub fn run(cmd: ImageCommand) -> Result<()> {
+#[derive(Debug, Args)]
+pub struct RpullArgs {
+    /// The image to pull (a registry reference).
+    pub reference: String,
+    /// Snapshotter to prepare layers with.
+    #[arg(long, default_value = "stargz")]
+    pub snapshotter: String,
+    /// Ask the snapshotter not to verify layer contents.
+    #[arg(long)]
+    pub skip_content_verify: bool,
+    /// Platform to pull (os/arch[/variant]); default: this host's.
+    #[arg(long)]
+    pub platform: Option<String>,
+    /// Directory for layers fetched for unpacking (default: the system temp dir).
+    #[arg(long)]
+    pub workdir: Option<PathBuf>,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
+}
+
+pub fn run(cmd: ImageCommand, containerd: &Containerd) -> Result<()> {
     let rt = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
@@ -125,6 +154,7 @@ pub fn run(cmd: ImageCommand) -> Result<()> {
             ImageCommand::Convert(a) => convert_cmd(a).await,
             ImageCommand::GetTocDigest(a) => get_toc_cmd(a).await,
             ImageCommand::Inspect(a) => inspect_cmd(a).await,
+            ImageCommand::Rpull(a) => rpull_cmd(a, containerd).await,
         }
     })
 }
@@ -350,5 +380,35 @@ async fn inspect_cmd(a: InspectArgs) -> Result<()> {
             )?;
         }
     }
+    Ok(())
+}
+
+async fn rpull_cmd(a: RpullArgs, containerd: &Containerd) -> Result<()> {
+    let loc = open(&a.reference)?;
+    let Location::Registry(reference) = &loc else {
+        bail!("rpull takes a registry reference, not {}", a.reference);
+    };
+    let platform = match &a.platform {
+        Some(p) => Platform::parse(p).with_context(|| format!("--platform {p}"))?,
+        None => Platform::host(),
+    };
+    let client = client_for(&a.registry, &[&loc])?;
+    let opts = convert::rpull::RpullOptions {
+        address: containerd.address.clone(),
+        namespace: containerd.namespace.clone(),
+        snapshotter: a.snapshotter.clone(),
+        platform,
+        skip_content_verify: a.skip_content_verify,
+    };
+    let workdir = a.workdir.clone().unwrap_or_else(std::env::temp_dir);
+    eprintln!("fetching {reference}...");
+    let r = convert::rpull::rpull(&client, reference, &opts, &workdir)
+        .await
+        .with_context(|| format!("pulling {} into containerd", a.reference))?;
+    eprintln!(
+        "done: {} layer(s) remote, {} unpacked, {} already present; top snapshot {}",
+        r.remote, r.unpacked, r.existing, r.chain_id
+    );
+    println!("{}", r.manifest);
     Ok(())
 }

@@ -30,6 +30,8 @@ pub enum Error {
     NoPlatform { image: String, wanted: String },
     #[error("layer {digest} not found in the image")]
     LayerNotFound { digest: String },
+    #[error("containerd: {0}")]
+    Containerd(String),
     #[error("background task failed: {0}")]
     Task(String),
 }

@@ -10,11 +10,14 @@
 //!
 //! - [`convert`] converts one image (every selected platform of an index).
 //! - [`inspect`] reports an image's layers, formats and TOC digests.
+//! - [`rpull::rpull`] pulls an image into containerd (`containerd-client`, tonic),
+//!   leaving layers to a remote snapshotter where it accepts them.
 //! - [`Store`] and [`Location`] name where images live.
 
 pub mod error;
 pub mod inspect;
 pub mod layer;
+pub mod rpull;
 pub mod store;
 
 use std::collections::{BTreeMap, HashMap};

@@ -53,7 +53,7 @@ enum Command {
 /// Top-level subcommands this binary answers itself.
 const OWN_COMMANDS: &[&str] = &["blob", "image", "images", "i", "help"];
 /// `image` subcommands this binary answers itself.
-const OWN_IMAGE_COMMANDS: &[&str] = &["convert", "get-toc-digest", "inspect", "help"];
+const OWN_IMAGE_COMMANDS: &[&str] = &["convert", "get-toc-digest", "inspect", "rpull", "help"];
 /// Global flags that take a value (ours and ctr's), so a pre-parse can skip them.
 const VALUE_FLAGS: &[&str] = &[
     "--log-level",
@@ -142,10 +142,15 @@ fn main() -> std::process::ExitCode {
     }
     let cli = Cli::parse_from(&args);
     cli::init_logging(&cli.log_level);
-    tracing::debug!(address = %cli.address, namespace = %cli.namespace, "containerd settings");
     let result = match cli.command {
         Command::Blob(cmd) => cli::blob::run(cmd),
-        Command::Image(cmd) => image::run(cmd),
+        Command::Image(cmd) => image::run(
+            cmd,
+            &image::Containerd {
+                address: cli.address.clone(),
+                namespace: cli.namespace.clone(),
+            },
+        ),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
