@@ -347,7 +347,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         let deadline = Instant::now() + Duration::from_secs(30);
         loop {
             let ls = ctr.ok(&["snapshot", "--snapshotter", "stargz", "ls"]);
-            if ls.lines().skip(1).next().is_none() {
+            if ls.lines().nth(1).is_none() {
                 break;
             }
             assert!(Instant::now() < deadline, "snapshots left: {ls}");
