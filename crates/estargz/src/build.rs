@@ -294,6 +294,16 @@ fn plan_order(input: &File, opts: &BuildOptions) -> Result<(Vec<Source>, Vec<Str
         if clean == PREFETCH_LANDMARK || clean == NO_PREFETCH_LANDMARK || clean == TOC_TAR_NAME {
             continue;
         }
+        if e.kind != TarKind::Reg && e.stored_size != 0 {
+            // Readers disagree on whether such data exists; refuse rather than guess.
+            return Err(Error::BadTar {
+                offset: e.header_start,
+                reason: format!(
+                    "{:?} is not a regular file but claims {} bytes of data",
+                    e.name, e.stored_size
+                ),
+            });
+        }
         if clean.is_empty() && e.kind != TarKind::Dir {
             return Err(Error::BadTar {
                 offset: e.header_start,

@@ -34,7 +34,11 @@ pub struct TarEntry {
     pub kind: TarKind,
     pub name: String,
     pub link_name: String,
+    /// Bytes of file data (0 for anything but regular files).
     pub size: u64,
+    /// Bytes of data the header claims, whatever the type; non-zero for a
+    /// non-regular entry only in unusual archives.
+    pub stored_size: u64,
     pub mode: u32,
     pub uid: u64,
     pub gid: u64,
@@ -228,11 +232,8 @@ impl<R: Read> TarScanner<R> {
                             gnu_link,
                         )
                         .map_err(|r| self.bad(at, r))?;
-                    self.pending = match kind {
-                        TarKind::Reg => padded(entry.size),
-                        // Other types carry no data, but a size field may still claim some.
-                        _ => padded(size),
-                    };
+                    // Other types carry no data, but a size field may still claim some.
+                    self.pending = padded(entry.stored_size);
                     return Ok(Some(entry));
                 }
             }
@@ -270,6 +271,7 @@ impl<R: Read> TarScanner<R> {
             name: String::new(),
             link_name: String::new(),
             size: if kind == TarKind::Reg { size } else { 0 },
+            stored_size: size,
             mode: (parse_number(&b[100..108]).map_err(|r| format!("mode: {r}"))? & 0o7777_7777)
                 as u32,
             uid: parse_number(&b[108..116]).map_err(|r| format!("uid: {r}"))?,
@@ -295,7 +297,12 @@ impl<R: Read> TarScanner<R> {
             match k.as_str() {
                 "path" => name = v,
                 "linkpath" => link = v,
-                "size" if kind == TarKind::Reg => e.size = num(&v, "size")?,
+                "size" => {
+                    e.stored_size = num(&v, "size")?;
+                    if kind == TarKind::Reg {
+                        e.size = e.stored_size;
+                    }
+                }
                 "uid" => e.uid = num(&v, "uid")?,
                 "gid" => e.gid = num(&v, "gid")?,
                 "uname" => e.user_name = text(&v),

@@ -350,6 +350,22 @@ fn bad_tars_are_refused_by_the_builder() {
     )
     .unwrap_err();
     assert!(err.to_string().contains("names the root"), "{err}");
+    // A directory that claims data.
+    let mut b = tar::Builder::new(Vec::new());
+    let mut h = tar::Header::new_ustar();
+    h.set_entry_type(tar::EntryType::Directory);
+    h.set_size(10);
+    h.set_mode(0o755);
+    h.set_cksum();
+    b.append_data(&mut h, "d/", &[7u8; 10][..]).unwrap();
+    let dir_with_data = b.into_inner().unwrap();
+    let err = estargz::build(
+        Cursor::new(&dir_with_data),
+        Vec::new(),
+        &BuildOptions::default(),
+    )
+    .unwrap_err();
+    assert!(err.to_string().contains("claims 10 bytes"), "{err}");
     // Truncated data.
     let tar = tar_of(&[("x", vec![7u8; 5000])]);
     let err = estargz::build(
