@@ -3,7 +3,7 @@
 
 use std::ffi::{OsStr, OsString};
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 #[path = "../image.rs"]
 mod image;
@@ -50,10 +50,6 @@ enum Command {
     Image(image::ImageCommand),
 }
 
-/// Top-level subcommands this binary answers itself.
-const OWN_COMMANDS: &[&str] = &["blob", "image", "images", "i", "help"];
-/// `image` subcommands this binary answers itself.
-const OWN_IMAGE_COMMANDS: &[&str] = &["convert", "get-toc-digest", "inspect", "rpull", "help"];
 /// Global flags that take a value (ours and ctr's), so a pre-parse can skip them.
 const VALUE_FLAGS: &[&str] = &[
     "--log-level",
@@ -86,19 +82,39 @@ fn words(args: &[OsString]) -> Vec<usize> {
     out
 }
 
+/// Names and aliases of a command's subcommands, read from the clap definition so
+/// a subcommand added there is never mistaken for one of `ctr`'s.
+fn names(cmd: &clap::Command) -> Vec<String> {
+    let mut out = vec!["help".to_string()];
+    for s in cmd.get_subcommands() {
+        out.push(s.get_name().to_string());
+        out.extend(s.get_all_aliases().map(str::to_string));
+    }
+    out
+}
+
 /// Whether the command line belongs to `ctr` rather than to this binary.
 fn for_ctr(args: &[OsString]) -> bool {
     let w = words(args);
     let Some(&first) = w.first() else {
         return false;
     };
+    let top = Cli::command();
     let cmd = args[first].to_string_lossy();
-    if !OWN_COMMANDS.contains(&cmd.as_ref()) {
+    if !names(&top).iter().any(|n| *n == cmd) {
         return true;
     }
-    if matches!(cmd.as_ref(), "image" | "images" | "i") {
+    let Some(sub) = top
+        .get_subcommands()
+        .find(|s| s.get_name() == cmd || s.get_all_aliases().any(|a| a == cmd))
+    else {
+        return false;
+    };
+    // `image ls`, `image rm` ... are ctr's; `blob` has no such neighbours.
+    if sub.get_name() == "image" {
         if let Some(&second) = w.get(1) {
-            return !OWN_IMAGE_COMMANDS.contains(&args[second].to_string_lossy().as_ref());
+            let s = args[second].to_string_lossy();
+            return !names(sub).iter().any(|n| *n == s);
         }
     }
     false
