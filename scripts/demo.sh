@@ -1,14 +1,45 @@
 #!/usr/bin/env bash
-# The main job: builds ctr-remote, makes a sample layer tar, converts it to eStargz with
-# prioritized files, verifies it with our verifier and (when available) with the
-# reference's library, and prints its TOC digest and the layer annotations.
+# The main job, in two parts.
+# 1. Builds ctr-remote, makes a sample layer tar, converts it to eStargz with prioritized
+#    files, verifies it with our verifier and (when available) with the reference's
+#    library, and prints its TOC digest and the layer annotations.
+# 2. Lazy pulling for real (root only): in a scratch directory starts docker-registry on
+#    loopback, our containerd-stargz-grpc and containerd 1.6 using it as a proxy plugin;
+#    builds a small image offline, converts its layer with `ctr-remote blob build`, pushes
+#    it, pulls it lazily with Debian's `ctr-remote image rpull` and runs it, then compares
+#    with an ordinary `ctr images pull` + run, and reports how much of the layer was
+#    fetched. Everything is stopped and unmounted on exit, also on failure.
+#    A missing prerequisite fails under CI=true and skips part 2 loudly otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 bash scripts/deps.sh
-cargo build --release -p cli
-bin=target/release/ctr-remote
+cargo build --release -p cli -p stargzd
+tgt=${CARGO_TARGET_DIR:-target}
+bin=$tgt/release/ctr-remote
+daemon_bin=$tgt/release/containerd-stargz-grpc
 work=$(mktemp -d)
-trap 'rm -rf "$work"' EXIT
+pids=()
+teardown() {
+  local rc=$?
+  if ((rc != 0)); then
+    for l in stargz containerd registry; do
+      [[ -f $work/$l.log ]] && { echo "--- $l.log (tail)" >&2; tail -n 30 "$work/$l.log" >&2; }
+    done
+  fi
+  # containerd first so it stops its shims while the snapshotter still answers;
+  # SIGINT makes our daemon unmount its FUSE layers.
+  for ((i = ${#pids[@]} - 1; i >= 0; i--)); do
+    kill -s "${pids[i]%%:*}" "${pids[i]#*:}" 2>/dev/null || true
+    for _ in $(seq 50); do kill -0 "${pids[i]#*:}" 2>/dev/null || break; sleep 0.1; done
+    kill -9 "${pids[i]#*:}" 2>/dev/null || true
+  done
+  if [[ -r /proc/self/mountinfo ]]; then
+    awk -v p="$work" 'index($5, p) == 1 {print $5}' /proc/self/mountinfo | sort -r |
+      while read -r m; do umount -l "$m" 2>/dev/null || true; done
+  fi
+  rm -rf "$work"
+}
+trap teardown EXIT
 
 python3 crates/cli/tests/fixtures/mktars.py "$work" >/dev/null
 tar=$work/pax-prio.tar
@@ -32,3 +63,153 @@ if [[ -x $oracle ]]; then
   "$oracle" verify --toc-digest "$toc" "$work/layer.estargz" "$tar" | python3 -c 'import json,sys; v=json.load(sys.stdin); print("reference verify:", "OK" if v["ok"] else v)'
 fi
 echo "TOC digest: $toc"
+
+# ---------------------------------------------------------------------------------------
+# Part 2: lazy pull through containerd.
+skip() {
+  if [[ ${CI:-} == true ]]; then
+    echo "demo: $1" >&2
+    exit 1
+  fi
+  echo "!!!!!!!! SKIPPING the lazy-pull demo: $1 !!!!!!!!" >&2
+  exit 0
+}
+[[ $(id -u) == 0 ]] || skip "needs root (containerd, FUSE, overlay mounts)"
+for t in /usr/bin/containerd /usr/bin/ctr /usr/bin/ctr-remote /usr/sbin/runc \
+  /usr/bin/docker-registry /bin/busybox /dev/fuse; do
+  [[ -e $t ]] || skip "$t missing (apt-get install -y containerd runc docker-registry stargz-snapshotter busybox-static fuse3)"
+done
+
+free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
+wait_for() { # path-or-port what
+  for _ in $(seq 300); do
+    if [[ $1 == */* ]]; then [[ -S $1 ]] && return 0
+    else (exec 3<>"/dev/tcp/127.0.0.1/$1") 2>/dev/null && return 0; fi
+    sleep 0.1
+  done
+  echo "demo: $2 did not come up" >&2
+  exit 1
+}
+ms() { echo $(( ($2 - $1) / 1000000 )); }
+
+echo
+echo "== part 2: lazy pull through containerd (scratch dir $work)"
+port=$(free_port)
+reg=127.0.0.1:$port
+mkdir -p "$work/registry"
+cat > "$work/registry.yml" <<YML
+version: 0.1
+log:
+  level: error
+  accesslog:
+    disabled: true
+storage:
+  filesystem:
+    rootdirectory: $work/registry
+http:
+  addr: $reg
+  secret: demo-secret
+YML
+docker-registry serve "$work/registry.yml" > "$work/registry.log" 2>&1 &
+pids+=("TERM:$!")
+wait_for "$port" docker-registry
+
+# No prefetch or background fetch, so what is fetched is what the container read.
+printf 'noprefetch = true\nno_background_fetch = true\n' > "$work/stargz.toml"
+"$daemon_bin" --address "$work/run/stargz.sock" --root "$work/stargz-root" \
+  --config "$work/stargz.toml" > "$work/stargz.log" 2>&1 &
+pids+=("INT:$!")
+wait_for "$work/run/stargz.sock" containerd-stargz-grpc
+cat > "$work/containerd.toml" <<TOML
+version = 2
+root = "$work/containerd-root"
+state = "$work/containerd-state"
+disabled_plugins = ["io.containerd.grpc.v1.cri"]
+[grpc]
+  address = "$work/containerd.sock"
+[ttrpc]
+  address = "$work/containerd.sock.ttrpc"
+[plugins."io.containerd.internal.v1.opt"]
+  path = "$work/opt"
+[proxy_plugins.stargz]
+  type = "snapshot"
+  address = "$work/run/stargz.sock"
+TOML
+containerd --config "$work/containerd.toml" > "$work/containerd.log" 2>&1 &
+pids+=("TERM:$!")
+wait_for "$work/containerd.sock" containerd
+ctr=(ctr -a "$work/containerd.sock" -n demo)
+for _ in $(seq 100); do "${ctr[@]}" version >/dev/null 2>&1 && break; sleep 0.1; done
+
+echo "== building a small image offline: busybox + 48 MiB the workload never reads"
+rootfs=$work/rootfs
+mkdir -p "$rootfs/bin" "$rootfs/etc" "$rootfs/data"
+cp /bin/busybox "$rootfs/bin/busybox"
+echo "hello from a lazily pulled layer" > "$rootfs/etc/hello"
+for i in 1 2 3 4 5 6; do head -c 8M /dev/urandom > "$rootfs/data/blob$i"; done
+tar -C "$rootfs" --owner=0 --group=0 -cf "$work/image.tar" bin etc data
+
+echo "== converting the layer with ctr-remote blob build"
+"$bin" blob build --json "$work/image.tar" "$work/image.estargz" > "$work/image.json"
+
+echo "== pushing $reg/demo/app:estargz"
+python3 - "$work" "$reg" <<'PY'
+import hashlib, json, sys, urllib.request
+work, reg = sys.argv[1], sys.argv[2]
+base = f"http://{reg}/v2/demo/app"
+def push(data):
+    d = "sha256:" + hashlib.sha256(data).hexdigest()
+    r = urllib.request.urlopen(urllib.request.Request(base + "/blobs/uploads/", method="POST"))
+    loc = r.headers["Location"]
+    loc = loc if loc.startswith("http") else f"http://{reg}{loc}"
+    sep = "&" if "?" in loc else "?"
+    urllib.request.urlopen(urllib.request.Request(f"{loc}{sep}digest={d}", data=data, method="PUT",
+        headers={"Content-Type": "application/octet-stream"}))
+    return d
+built = json.load(open(f"{work}/image.json"))
+blob = open(f"{work}/image.estargz", "rb").read()
+layer = push(blob)
+config = json.dumps({"architecture": "amd64", "os": "linux",
+    "config": {"Cmd": ["/bin/busybox", "cat", "/etc/hello"]},
+    "rootfs": {"type": "layers", "diff_ids": [built["diffID"]]}}).encode()
+manifest = json.dumps({"schemaVersion": 2,
+    "mediaType": "application/vnd.oci.image.manifest.v1+json",
+    "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": push(config), "size": len(config)},
+    "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer,
+                "size": len(blob), "annotations": built["annotations"]}]}).encode()
+urllib.request.urlopen(urllib.request.Request(base + "/manifests/estargz", data=manifest, method="PUT",
+    headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}))
+print(f"   layer {layer}: {len(blob)} bytes")
+PY
+img=$reg/demo/app:estargz
+script='cat /etc/hello; cat /.stargz-snapshotter/*.json'
+
+echo "== lazy: ctr-remote image rpull (Debian's) + ctr run, snapshotter stargz"
+t0=$(date +%s%N)
+/usr/bin/ctr-remote -a "$work/containerd.sock" -n demo image rpull --plain-http --snapshotter stargz "$img" >/dev/null
+t1=$(date +%s%N)
+lazy_out=$("${ctr[@]}" run --rm --snapshotter stargz "$img" lazy /bin/busybox sh -c "$script")
+t2=$(date +%s%N)
+echo "$lazy_out" | sed 's/^/   /'
+"${ctr[@]}" snapshot --snapshotter stargz ls | sed 's/^/   /'
+
+echo "== ordinary: ctr images pull + ctr run, snapshotter overlayfs"
+"${ctr[@]}" images rm "$img" >/dev/null
+t3=$(date +%s%N)
+"${ctr[@]}" images pull --plain-http --snapshotter overlayfs "$img" >/dev/null
+t4=$(date +%s%N)
+"${ctr[@]}" run --rm --snapshotter overlayfs "$img" plain /bin/busybox cat /etc/hello | sed 's/^/   /'
+t5=$(date +%s%N)
+
+fetched=$(python3 -c '
+import json, sys
+for l in sys.stdin:
+    if l.startswith("{"):
+        s = json.loads(l)
+        print(f"{s[\"fetchedSize\"]} of {s[\"size\"]} bytes ({s[\"fetchedPercent\"]:.1f}%)")
+' <<< "$lazy_out")
+echo
+printf '%-10s %10s %10s %10s\n' "" "pull ms" "run ms" "total ms"
+printf '%-10s %10s %10s %10s\n' lazy "$(ms "$t0" "$t1")" "$(ms "$t1" "$t2")" "$(ms "$t0" "$t2")"
+printf '%-10s %10s %10s %10s\n' ordinary "$(ms "$t3" "$t4")" "$(ms "$t4" "$t5")" "$(ms "$t3" "$t5")"
+echo "lazy pull fetched $fetched of the layer; the ordinary pull fetched all of it"
