@@ -201,13 +201,14 @@ t4=$(date +%s%N)
 "${ctr[@]}" run --rm --snapshotter overlayfs "$img" plain /bin/busybox cat /etc/hello | sed 's/^/   /'
 t5=$(date +%s%N)
 
-fetched=$(python3 -c '
+fetched=$(python3 <(cat <<'PY'
 import json, sys
-for l in sys.stdin:
+for l in open(sys.argv[1]):
     if l.startswith("{"):
         s = json.loads(l)
-        print(f"{s[\"fetchedSize\"]} of {s[\"size\"]} bytes ({s[\"fetchedPercent\"]:.1f}%)")
-' <<< "$lazy_out")
+        print(f"{s['fetchedSize']} of {s['size']} bytes ({s['fetchedPercent']:.1f}%)")
+PY
+) <(printf '%s\n' "$lazy_out"))
 echo
 printf '%-10s %10s %10s %10s\n' "" "pull ms" "run ms" "total ms"
 printf '%-10s %10s %10s %10s\n' lazy "$(ms "$t0" "$t1")" "$(ms "$t1" "$t2")" "$(ms "$t0" "$t2")"
