@@ -225,7 +225,7 @@ async fn convert_cmd(a: ConvertArgs) -> Result<()> {
         _ => 3,
     };
     let prioritized_files = match &a.estargz_record_in {
-        Some(p) => cli::blob::read_path_list(p)?,
+        Some(p) => crate::blob::read_path_list(p)?,
         None => Vec::new(),
     };
     let platforms = a

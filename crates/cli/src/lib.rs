@@ -2,6 +2,8 @@
 //! set-up and the blob-level commands.
 
 pub mod blob;
+pub mod image;
+pub mod mount;
 
 /// Starts `tracing` output on stderr at `level` (overridden by `RUST_LOG`).
 pub fn init_logging(level: &str) {

@@ -6,7 +6,9 @@ use std::time::Instant;
 use estargz::{decode_chunk, OpenOptions, Reader};
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let path = std::env::args().nth(1).ok_or("usage: decode_throughput BLOB")?;
+    let path = std::env::args()
+        .nth(1)
+        .ok_or("usage: decode_throughput BLOB")?;
     let blob = std::fs::read(&path)?;
     let reader = Reader::open(&blob, &OpenOptions::default())?;
     let mut bytes = 0u64;

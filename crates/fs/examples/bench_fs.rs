@@ -164,7 +164,9 @@ fn prepare(work: &Path, src: &Path) -> Res<()> {
 /// annotation), for daemons that pull images rather than blobs.
 fn push_image(work: &Path, host: &str) -> Res<()> {
     let v: serde_json::Value = serde_json::from_slice(&std::fs::read(work.join("layer.json"))?)?;
-    let diff_id = v["diff_id"].as_str().ok_or("layer.json has no diff_id; re-run prepare")?;
+    let diff_id = v["diff_id"]
+        .as_str()
+        .ok_or("layer.json has no diff_id; re-run prepare")?;
     let annotations: std::collections::BTreeMap<String, String> =
         serde_json::from_value(v["annotations"].clone())?;
     let mut rcfg = registry::RegistryConfig::default();
@@ -227,7 +229,10 @@ fn read_cmd(dir: &Path, readers: usize) -> Res<()> {
         t.elapsed().as_secs_f64(),
         files.len(),
         bytes as f64 / (1 << 20) as f64,
-        errors.first().map(|e| format!(", error {e}")).unwrap_or_default()
+        errors
+            .first()
+            .map(|e| format!(", error {e}"))
+            .unwrap_or_default()
     );
     Ok(())
 }

@@ -5,8 +5,7 @@ use std::ffi::{OsStr, OsString};
 
 use clap::{CommandFactory, Parser, Subcommand};
 
-#[path = "../image.rs"]
-mod image;
+use cli::image;
 
 #[derive(Debug, Parser)]
 #[command(
@@ -48,6 +47,15 @@ enum Command {
     /// Convert and inspect images (other image subcommands go to `ctr images`).
     #[command(subcommand, visible_aliases = ["images", "i"])]
     Image(image::ImageCommand),
+    /// Work on single layers of images (mount one lazily, for debugging and benchmarks).
+    #[command(subcommand)]
+    Layer(LayerCommand),
+}
+
+#[derive(Debug, Subcommand)]
+enum LayerCommand {
+    /// Mount one layer lazily through FUSE, in the foreground, until Ctrl-C/SIGTERM.
+    Mount(cli::mount::MountArgs),
 }
 
 /// Global flags that take a value (ours and ctr's), so a pre-parse can skip them.
@@ -167,6 +175,7 @@ fn main() -> std::process::ExitCode {
                 namespace: cli.namespace.clone(),
             },
         ),
+        Command::Layer(LayerCommand::Mount(args)) => cli::mount::run(args),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
