@@ -8,6 +8,7 @@ cd "$(dirname "$0")/.."
 PKGS=(
   docker-registry containerd runc skopeo fuse3 protobuf-compiler
   python3 gzip tar zstd curl openssl apache2-utils iproute2 ca-certificates
+  busybox-static stargz-snapshotter
 )
 missing=()
 for p in "${PKGS[@]}"; do
