@@ -9,10 +9,7 @@ use std::sync::Arc;
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
 use convert::{ConvertOptions, LayerEvent, LayerOptions, Location, Store, Target};
-use registry::{
-    ChainKeychain, Client, Digest, DockerConfigKeychain, HostConfig, Keychain, MirrorConfig,
-    Platform, RegistryConfig, StaticKeychain,
-};
+use registry::{Client, Digest, Platform};
 
 #[derive(Debug, Subcommand)]
 pub enum ImageCommand {
@@ -160,35 +157,14 @@ pub fn run(cmd: ImageCommand, containerd: &Containerd) -> Result<()> {
 }
 
 fn client_for(args: &RegistryArgs, locations: &[&Location]) -> Result<Client> {
-    let mut config = RegistryConfig::default();
-    if args.plain_http {
-        for l in locations {
-            if let Location::Registry(r) = l {
-                config.resolver.host.insert(
-                    r.registry().to_string(),
-                    HostConfig {
-                        self_: Some(MirrorConfig {
-                            insecure: Some(true),
-                            ..Default::default()
-                        }),
-                        ..Default::default()
-                    },
-                );
-            }
-        }
-    }
-    let docker: Arc<dyn Keychain> = Arc::new(DockerConfigKeychain::from_env());
-    let keychain: Arc<dyn Keychain> = match &args.user {
-        Some(up) => Arc::new(
-            ChainKeychain::new()
-                .with(Arc::new(
-                    StaticKeychain::from_user_pass(None, up).context("parsing --user")?,
-                ))
-                .with(docker),
-        ),
-        None => docker,
-    };
-    Client::new(config, keychain).context("setting up the registry client")
+    let hosts: Vec<String> = locations
+        .iter()
+        .filter_map(|l| match l {
+            Location::Registry(r) if args.plain_http => Some(r.registry().to_string()),
+            _ => None,
+        })
+        .collect();
+    crate::registry_client(hosts.iter().map(String::as_str), args.user.as_deref())
 }
 
 fn open(s: &str) -> Result<Location> {

@@ -8,10 +8,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use fs::{Config, Fetcher, FileFetcher, LayerDesc, RegistryFetcher};
-use registry::{
-    ChainKeychain, Client, Digest, DockerConfigKeychain, HostConfig, Keychain, MirrorConfig,
-    Platform, Reference, RegistryConfig, StaticKeychain,
-};
+use registry::{Client, Digest, Platform, Reference};
 use sha2::{Digest as _, Sha256};
 use tokio::signal::unix::{signal, Signal, SignalKind};
 use tracing::{info, warn};
@@ -259,31 +256,8 @@ async fn image_source(
 }
 
 fn client_for(args: &MountArgs, r: &Reference) -> Result<Client> {
-    let mut config = RegistryConfig::default();
-    if args.plain_http {
-        config.resolver.host.insert(
-            r.registry().to_string(),
-            HostConfig {
-                self_: Some(MirrorConfig {
-                    insecure: Some(true),
-                    ..Default::default()
-                }),
-                ..Default::default()
-            },
-        );
-    }
-    let docker: Arc<dyn Keychain> = Arc::new(DockerConfigKeychain::from_env());
-    let keychain: Arc<dyn Keychain> = match &args.user {
-        Some(up) => Arc::new(
-            ChainKeychain::new()
-                .with(Arc::new(
-                    StaticKeychain::from_user_pass(None, up).context("parsing --user")?,
-                ))
-                .with(docker),
-        ),
-        None => docker,
-    };
-    Client::new(config, keychain).context("setting up the registry client")
+    let plain = args.plain_http.then(|| r.registry());
+    crate::registry_client(plain, args.user.as_deref())
 }
 
 /// Waits for SIGINT/SIGTERM, or returns an error if the mount disappears underneath.

@@ -515,15 +515,7 @@ fn toc_entry_for(
         map.insert(id, name.to_string());
         name.to_string()
     };
-    let kind = match e.kind {
-        TarKind::Reg => EntryType::Reg,
-        TarKind::Hardlink => EntryType::Hardlink,
-        TarKind::Symlink => EntryType::Symlink,
-        TarKind::Char => EntryType::Char,
-        TarKind::Block => EntryType::Block,
-        TarKind::Dir => EntryType::Dir,
-        TarKind::Fifo => EntryType::Fifo,
-    };
+    let kind = EntryType::from(e.kind);
     let mut t = TocEntry::new(e.name.clone(), kind);
     t.size = e.size;
     t.mode = e.mode;

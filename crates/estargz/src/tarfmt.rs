@@ -24,6 +24,21 @@ pub enum TarKind {
     Fifo,
 }
 
+impl From<TarKind> for crate::toc::EntryType {
+    fn from(k: TarKind) -> Self {
+        use crate::toc::EntryType;
+        match k {
+            TarKind::Reg => EntryType::Reg,
+            TarKind::Hardlink => EntryType::Hardlink,
+            TarKind::Symlink => EntryType::Symlink,
+            TarKind::Char => EntryType::Char,
+            TarKind::Block => EntryType::Block,
+            TarKind::Dir => EntryType::Dir,
+            TarKind::Fifo => EntryType::Fifo,
+        }
+    }
+}
+
 /// One logical tar entry with its metadata and where its bytes are.
 #[derive(Debug, Clone)]
 pub struct TarEntry {

@@ -138,7 +138,7 @@ pub fn verify_blob(
                     t.name
                 ))
             })?;
-            if e.name != t.name || e.kind != entry_type(t.kind) || e.size != t.size {
+            if e.name != t.name || e.kind != EntryType::from(t.kind) || e.size != t.size {
                 return Err(Error::Mismatch(format!(
                     "stream entry {i} is {:?} ({:?}, {} bytes) but the TOC says {:?} ({}, {} bytes)",
                     t.name, t.kind, t.size, e.name, e.kind.as_str(), e.size
@@ -171,18 +171,6 @@ pub fn verify_blob(
         chunks,
         compared_with_tar,
     })
-}
-
-fn entry_type(k: TarKind) -> EntryType {
-    match k {
-        TarKind::Reg => EntryType::Reg,
-        TarKind::Hardlink => EntryType::Hardlink,
-        TarKind::Symlink => EntryType::Symlink,
-        TarKind::Char => EntryType::Char,
-        TarKind::Block => EntryType::Block,
-        TarKind::Dir => EntryType::Dir,
-        TarKind::Fifo => EntryType::Fifo,
-    }
 }
 
 /// Compares the TOC with the original tar (duplicates: last wins) both ways; returns
@@ -241,7 +229,7 @@ pub fn compare_with_tar(toc: &Toc, tar: &mut dyn Read) -> Result<usize> {
         };
         check(
             "type",
-            e.kind == entry_type(t.kind),
+            e.kind == EntryType::from(t.kind),
             e.kind.as_str().into(),
             format!("{:?}", t.kind),
         );
