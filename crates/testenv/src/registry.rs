@@ -91,7 +91,7 @@ impl Registry {
             let storage = dir.path().join("storage");
             std::fs::create_dir_all(&storage).expect("storage dir");
             let mut yml = format!(
-                "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  cache:\n    blobdescriptor: inmemory\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: testenv-secret\n",
+                "version: 0.1\nlog:\n  level: info\n  accesslog:\n    disabled: true\nstorage:\n  filesystem:\n    rootdirectory: {}\n  delete:\n    enabled: true\n  cache:\n    blobdescriptor: inmemory\nhttp:\n  addr: 127.0.0.1:{port}\n  secret: testenv-secret\n",
                 storage.display()
             );
             if let Some(t) = &tls {
@@ -132,7 +132,15 @@ impl Registry {
                 if let Ok(Some(_)) = child.try_wait() {
                     break;
                 }
-                if TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                // The port was free when picked, but another server of a parallel test
+                // may have taken it since: only our process's own "listening" line,
+                // with the process still alive, proves the port is ours.
+                let listening = std::fs::read_to_string(dir.path().join("registry.log"))
+                    .is_ok_and(|l| l.contains(&format!("listening on 127.0.0.1:{port}")));
+                if listening
+                    && TcpStream::connect(("127.0.0.1", port)).is_ok()
+                    && matches!(child.try_wait(), Ok(None))
+                {
                     up = true;
                     break;
                 }
