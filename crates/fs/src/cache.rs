@@ -105,6 +105,12 @@ impl ChunkCache {
         Some(self.dir.as_ref()?.join("files").join(hex::encode(digest)))
     }
 
+    /// The on-disk copy of a chunk, if there is one. Its bytes were verified when it
+    /// was stored.
+    pub fn chunk_file(&self, key: &Key) -> Option<PathBuf> {
+        self.chunk_path(key).filter(|p| p.exists())
+    }
+
     /// The chunk from memory only: never touches the disk.
     pub fn get_mem(&self, key: &Key) -> Option<Arc<Vec<u8>>> {
         self.mem.lock().ok()?.get(key)

@@ -70,7 +70,7 @@ impl Default for FuseConfig {
         FuseConfig {
             attr_timeout: DEFAULT_FUSE_TIMEOUT_SEC,
             entry_timeout: DEFAULT_FUSE_TIMEOUT_SEC,
-            passthrough: false,
+            passthrough: true,
         }
     }
 }
@@ -148,7 +148,7 @@ mod tests {
             [fuse]
             attr_timeout = 5
             entry_timeout = 6
-            passthrough = true
+            passthrough = false
             "#,
         )
         .expect("valid config");
@@ -159,7 +159,7 @@ mod tests {
         assert_eq!(cfg.directory_cache.max_lru_cache_entry, 100);
         assert_eq!(cfg.fuse.attr_timeout, 5);
         assert_eq!(cfg.fuse.entry_timeout, 6);
-        assert!(cfg.fuse.passthrough);
+        assert!(!cfg.fuse.passthrough);
         assert_eq!(cfg.max_concurrency, 4);
     }
 
@@ -170,5 +170,8 @@ mod tests {
         assert_eq!(cfg.fuse.attr_timeout, 1);
         assert_eq!(cfg.max_concurrency, 2);
         assert!(!cfg.allow_no_verification);
+        // Off in the reference; on here, and each mount falls back by itself when the
+        // kernel lacks FUSE passthrough.
+        assert!(cfg.fuse.passthrough);
     }
 }

@@ -2,7 +2,7 @@
 //! whiteouts, xattrs, the state directory, and reads answered from the cache or, after a
 //! fetch on a worker thread, from there.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
 use std::path::Path;
@@ -35,10 +35,18 @@ pub(crate) struct FuseOpts {
     pub passthrough: bool,
 }
 
-struct Backing {
-    id: Arc<BackingId>,
-    open: usize,
+/// Open handles of one inode. The kernel refuses (EIO) to mix passthrough and
+/// user-space opens of an inode, so a file stays in the mode its open handles use
+/// until they are all released.
+#[derive(Default)]
+struct Opens {
+    backing: Option<Arc<BackingId>>,
+    passthrough: usize,
+    user: usize,
 }
+
+/// File handle of opens served from user space; passthrough opens get others.
+const USER_FH: FileHandle = FileHandle(0);
 
 pub(crate) struct FuseLayer {
     layer: Arc<Layer>,
@@ -52,7 +60,9 @@ pub(crate) struct FuseLayer {
     state_file_ino: u64,
     state_file_name: String,
     passthrough_ok: AtomicBool,
-    backings: Mutex<HashMap<u64, Backing>>,
+    opens: Mutex<HashMap<u64, Opens>>,
+    /// Files whose whole-file copy is being assembled.
+    materializing: Arc<Mutex<HashSet<NodeId>>>,
     next_fh: AtomicU64,
     passthrough_opens: Arc<AtomicU64>,
 }
@@ -103,7 +113,8 @@ impl FuseLayer {
             state_dir_ino: n + 1,
             state_file_ino: n + 2,
             passthrough_ok: AtomicBool::new(false),
-            backings: Mutex::new(HashMap::new()),
+            opens: Mutex::new(HashMap::new()),
+            materializing: Arc::default(),
             next_fh: AtomicU64::new(1),
             passthrough_opens,
         }
@@ -280,38 +291,76 @@ impl FuseLayer {
         }
     }
 
-    fn try_passthrough(&self, id: NodeId, ino: u64, reply: ReplyOpen) -> Option<ReplyOpen> {
-        let mut backings = match self.backings.lock() {
-            Ok(b) => b,
-            Err(_) => return Some(reply),
-        };
-        let fh = FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed));
-        if let Some(b) = backings.get_mut(&ino) {
-            b.open += 1;
-            self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
-            reply.opened_passthrough(fh, FopenFlags::empty(), &b.id);
-            return None;
+    /// Assembles a multi-chunk file's whole-file copy off the FUSE thread, so that this
+    /// open is answered at once (through user space) and later opens go straight to the
+    /// kernel.
+    fn materialize_later(&self, id: NodeId) {
+        if !self.layer.fully_cached(id) {
+            return;
         }
-        let path = self.layer.materialize(id)?;
+        let started = self
+            .materializing
+            .lock()
+            .is_ok_and(|mut busy| busy.insert(id));
+        if !started {
+            return;
+        }
+        let (layer, busy) = (self.layer.clone(), self.materializing.clone());
+        self.rt.spawn_blocking(move || {
+            layer.materialize(id);
+            if let Ok(mut busy) = busy.lock() {
+                busy.remove(&id);
+            }
+        });
+    }
+
+    /// Opens regular file `id` with passthrough when it is fully local and no handle
+    /// of it is open through user space; otherwise through user space.
+    fn open_file(&self, id: NodeId, ino: u64, reply: ReplyOpen) {
+        // Layer content never changes, so the page cache stays valid across opens.
+        let user_open = |opens: &mut HashMap<u64, Opens>, reply: ReplyOpen| {
+            opens.entry(ino).or_default().user += 1;
+            reply.opened(USER_FH, FopenFlags::FOPEN_KEEP_CACHE);
+        };
+        let mut opens = match self.opens.lock() {
+            Ok(o) => o,
+            Err(p) => p.into_inner(),
+        };
+        let state = opens.entry(ino).or_default();
+        if let Some(id) = state.backing.clone() {
+            state.passthrough += 1;
+            self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
+            let fh = FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed));
+            return reply.opened_passthrough(fh, FopenFlags::empty(), &id);
+        }
+        if state.user > 0 || !self.passthrough_ok.load(Ordering::SeqCst) {
+            return user_open(&mut opens, reply);
+        }
+        let Some(path) = self.layer.backing_file(id) else {
+            self.materialize_later(id);
+            return user_open(&mut opens, reply);
+        };
         let file = match std::fs::File::open(&path) {
             Ok(f) => f,
             Err(e) => {
                 warn!(path = %path.display(), error = %e, "cannot open a cached file");
-                return Some(reply);
+                return user_open(&mut opens, reply);
             }
         };
         match reply.open_backing(&file) {
             Ok(backing) => {
-                let id = Arc::new(backing);
+                let backing = Arc::new(backing);
                 self.passthrough_opens.fetch_add(1, Ordering::Relaxed);
-                reply.opened_passthrough(fh, FopenFlags::empty(), &id);
-                backings.insert(ino, Backing { id, open: 1 });
-                None
+                let fh = FileHandle(self.next_fh.fetch_add(1, Ordering::Relaxed));
+                reply.opened_passthrough(fh, FopenFlags::empty(), &backing);
+                let state = opens.entry(ino).or_default();
+                state.backing = Some(backing);
+                state.passthrough = 1;
             }
             Err(e) => {
                 warn!(error = %e, "passthrough refused by the kernel; serving reads in user space");
                 self.passthrough_ok.store(false, Ordering::SeqCst);
-                Some(reply)
+                user_open(&mut opens, reply);
             }
         }
     }
@@ -371,16 +420,7 @@ impl Filesystem for FuseLayer {
         if self.layer.index().node(id).kind != NodeKind::Reg || self.whiteout[id as usize] {
             return reply.error(Errno::EACCES);
         }
-        let reply = if self.passthrough_ok.load(Ordering::SeqCst) {
-            match self.try_passthrough(id, ino.0, reply) {
-                Some(r) => r,
-                None => return,
-            }
-        } else {
-            reply
-        };
-        // Layer content never changes, so the page cache stays valid across opens.
-        reply.opened(FileHandle(0), FopenFlags::FOPEN_KEEP_CACHE);
+        self.open_file(id, ino.0, reply);
     }
 
     fn read(
@@ -432,17 +472,24 @@ impl Filesystem for FuseLayer {
         &self,
         _req: &Request,
         ino: INodeNo,
-        _fh: FileHandle,
+        fh: FileHandle,
         _flags: OpenFlags,
         _lock_owner: Option<LockOwner>,
         _flush: bool,
         reply: ReplyEmpty,
     ) {
-        if let Ok(mut backings) = self.backings.lock() {
-            if let Some(b) = backings.get_mut(&ino.0) {
-                b.open = b.open.saturating_sub(1);
-                if b.open == 0 {
-                    backings.remove(&ino.0);
+        if let Ok(mut opens) = self.opens.lock() {
+            if let Some(state) = opens.get_mut(&ino.0) {
+                if fh == USER_FH {
+                    state.user = state.user.saturating_sub(1);
+                } else {
+                    state.passthrough = state.passthrough.saturating_sub(1);
+                    if state.passthrough == 0 {
+                        state.backing = None;
+                    }
+                }
+                if state.user == 0 && state.passthrough == 0 {
+                    opens.remove(&ino.0);
                 }
             }
         }

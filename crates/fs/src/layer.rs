@@ -640,6 +640,30 @@ impl Layer {
         done
     }
 
+    /// A local file that already holds exactly the content of regular file `id`, for
+    /// FUSE passthrough: the cached chunk itself when one chunk is the whole file (most
+    /// files, and no copy at all), else a whole-file copy made by [`Layer::materialize`].
+    pub fn backing_file(&self, id: NodeId) -> Option<PathBuf> {
+        let node = self.regular(id).ok()?;
+        if let [only] = node.chunks.as_slice() {
+            if only.file_offset == 0 && only.size == node.size {
+                return self.cache.chunk_file(&self.key_of((id, 0)));
+            }
+        }
+        let path = self.cache.file_path(&node.digest?)?;
+        std::fs::metadata(&path)
+            .is_ok_and(|m| m.len() == node.size)
+            .then_some(path)
+    }
+
+    /// Whether every chunk of file `id` is cached, so that [`Layer::materialize`] needs
+    /// no network.
+    pub fn fully_cached(&self, id: NodeId) -> bool {
+        self.regular(id).is_ok_and(|node| {
+            (0..node.chunks.len()).all(|i| self.cache.contains(&self.key_of((id, i))))
+        })
+    }
+
     /// A local file holding exactly the content of regular file `id`, assembled from
     /// the cache if every chunk is there; for FUSE passthrough.
     pub fn materialize(&self, id: NodeId) -> Option<PathBuf> {

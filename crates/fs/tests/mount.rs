@@ -712,9 +712,10 @@ fn passthrough_serves_fully_cached_files() {
     ];
     let blob = make_blob(&entries, 64 << 10, &[]);
     let fetcher = TestFetcher::open(&blob.path);
-    let mut cfg = Config::default();
-    cfg.fuse.passthrough = true;
-    let m = mount_with(fetcher.clone(), &blob, &cfg);
+    let cfg = Config::default();
+    assert!(cfg.fuse.passthrough, "passthrough is on by default");
+    let cache_dir = tempfile::tempdir().expect("tempdir");
+    let m = mount_cached(fetcher.clone(), &blob, &cfg, cache_dir.path());
     let handle = m.handle.as_ref().expect("handle");
     let deadline = Instant::now() + Duration::from_secs(30);
     while !handle.layer().is_complete() {
@@ -722,16 +723,57 @@ fn passthrough_serves_fully_cached_files() {
         std::thread::sleep(Duration::from_millis(20));
     }
     let before = fetcher.requests();
+    // A one-chunk file is backed by its cached chunk: passthrough from the first open,
+    // with no whole-file copy.
+    assert_eq!(std::fs::read(m.path("small")).expect("read"), b"tiny");
+    assert_eq!(
+        handle.passthrough_opens(),
+        1,
+        "one-chunk file not passed through"
+    );
+    let files_dir = cache_dir.path().join("files");
+    assert_eq!(std::fs::read_dir(&files_dir).expect("files dir").count(), 0);
+    // A multi-chunk file is answered from user space at once while its whole-file copy
+    // is assembled in the background; later opens pass through.
+    assert!(std::fs::read(m.path("big")).expect("read") == pseudo_random(500_000, 11));
+    assert_eq!(
+        handle.passthrough_opens(),
+        1,
+        "first open of a multi-chunk file"
+    );
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while std::fs::read_dir(&files_dir).expect("files dir").count() == 0 {
+        assert!(Instant::now() < deadline, "whole-file copy never assembled");
+        std::thread::sleep(Duration::from_millis(20));
+    }
     for _ in 0..2 {
         assert!(std::fs::read(m.path("big")).expect("read") == pseudo_random(500_000, 11));
         assert_eq!(std::fs::read(m.path("small")).expect("read"), b"tiny");
     }
     eprintln!("passthrough opens: {}", handle.passthrough_opens());
-    assert!(
-        handle.passthrough_opens() >= 4,
+    assert_eq!(
+        handle.passthrough_opens(),
+        5,
         "fully cached files should be opened with passthrough"
     );
     assert_eq!(fetcher.requests(), before);
+}
+
+#[test]
+fn passthrough_off_serves_from_user_space() {
+    if !fuse_ready("passthrough_off_serves_from_user_space") {
+        return;
+    }
+    init_tracing();
+    let entries = vec![Entry::new("small", Kind::Reg(b"tiny".to_vec()))];
+    let blob = make_blob(&entries, 64 << 10, &[]);
+    let mut cfg = Config::default();
+    cfg.fuse.passthrough = false;
+    let m = mount_with(TestFetcher::open(&blob.path), &blob, &cfg);
+    wait_complete(&m);
+    assert_eq!(std::fs::read(m.path("small")).expect("read"), b"tiny");
+    let handle = m.handle.as_ref().expect("handle");
+    assert_eq!(handle.passthrough_opens(), 0);
 }
 
 fn wait_complete(m: &Mounted) {
