@@ -6,6 +6,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::fs;
 use std::io::{self, Write};
+use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
@@ -85,6 +86,10 @@ impl ChunkCache {
     pub fn directory(dir: impl Into<PathBuf>, max_mem_bytes: u64) -> Result<ChunkCache> {
         let dir = dir.into();
         fs::create_dir_all(dir.join("files")).map_err(|e| cache_err(&dir, e))?;
+        // Cached bytes are served without a second hash (passthrough): only root may
+        // touch them.
+        fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
+            .map_err(|e| cache_err(&dir, e))?;
         let mut c = ChunkCache::memory(max_mem_bytes);
         c.dir = Some(dir);
         Ok(c)
@@ -293,6 +298,8 @@ mod tests {
             c.put(k, Arc::new(data.clone())).expect("put");
         }
         let c = ChunkCache::directory(dir.path(), 1 << 20).expect("cache");
+        let mode = fs::metadata(dir.path()).expect("stat").permissions().mode();
+        assert_eq!(mode & 0o777, 0o700, "cache directory is root-only");
         assert_eq!(c.get(&k, true).as_deref(), Some(&data));
         let hex = hex::encode(k);
         let path = dir.path().join(&hex[..2]).join(&hex);
