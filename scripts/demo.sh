@@ -5,10 +5,11 @@
 #    library, and prints its TOC digest and the layer annotations.
 # 2. Lazy pulling for real (root only): in a scratch directory starts docker-registry on
 #    loopback, our containerd-stargz-grpc and containerd 1.6 using it as a proxy plugin;
-#    builds a small image offline, converts its layer with `ctr-remote blob build`, pushes
-#    it, pulls it lazily with Debian's `ctr-remote image rpull` and runs it, then compares
-#    with an ordinary `ctr images pull` + run, and reports how much of the layer was
-#    fetched. Everything is stopped and unmounted on exit, also on failure.
+#    builds a small image offline and pushes it as an ordinary gzip image, converts it
+#    registry to registry with `ctr-remote image convert`, pulls the eStargz image lazily
+#    with `ctr-remote image rpull` and runs it, then compares with an ordinary
+#    `ctr images pull` + run of the original image, and reports how much of the layer
+#    was fetched. Everything is stopped and unmounted on exit, also on failure.
 #    A missing prerequisite fails under CI=true and skips part 2 loudly otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -149,10 +150,8 @@ echo "hello from a lazily pulled layer" > "$rootfs/etc/hello"
 for i in 1 2 3 4 5 6; do head -c 8M /dev/urandom > "$rootfs/data/blob$i"; done
 tar -C "$rootfs" --owner=0 --group=0 -cf "$work/image.tar" bin etc data
 
-echo "== converting the layer with ctr-remote blob build"
-"$bin" blob build --json "$work/image.tar" "$work/image.estargz" > "$work/image.json"
-
-echo "== pushing $reg/demo/app:estargz"
+echo "== pushing it as an ordinary gzip image: $reg/demo/app:plain"
+gzip -6 -c "$work/image.tar" > "$work/image.tar.gz"
 python3 - "$work" "$reg" <<'PY'
 import hashlib, json, sys, urllib.request
 work, reg = sys.argv[1], sys.argv[2]
@@ -166,39 +165,43 @@ def push(data):
     urllib.request.urlopen(urllib.request.Request(f"{loc}{sep}digest={d}", data=data, method="PUT",
         headers={"Content-Type": "application/octet-stream"}))
     return d
-built = json.load(open(f"{work}/image.json"))
-blob = open(f"{work}/image.estargz", "rb").read()
+tar = open(f"{work}/image.tar", "rb").read()
+blob = open(f"{work}/image.tar.gz", "rb").read()
 layer = push(blob)
 config = json.dumps({"architecture": "amd64", "os": "linux",
     "config": {"Cmd": ["/bin/busybox", "cat", "/etc/hello"]},
-    "rootfs": {"type": "layers", "diff_ids": [built["diffID"]]}}).encode()
+    "rootfs": {"type": "layers", "diff_ids": ["sha256:" + hashlib.sha256(tar).hexdigest()]}}).encode()
 manifest = json.dumps({"schemaVersion": 2,
     "mediaType": "application/vnd.oci.image.manifest.v1+json",
     "config": {"mediaType": "application/vnd.oci.image.config.v1+json", "digest": push(config), "size": len(config)},
     "layers": [{"mediaType": "application/vnd.oci.image.layer.v1.tar+gzip", "digest": layer,
-                "size": len(blob), "annotations": built["annotations"]}]}).encode()
-urllib.request.urlopen(urllib.request.Request(base + "/manifests/estargz", data=manifest, method="PUT",
+                "size": len(blob)}]}).encode()
+urllib.request.urlopen(urllib.request.Request(base + "/manifests/plain", data=manifest, method="PUT",
     headers={"Content-Type": "application/vnd.oci.image.manifest.v1+json"}))
 print(f"   layer {layer}: {len(blob)} bytes")
 PY
+
+echo "== converting it registry to registry: ctr-remote image convert --estargz --oci"
+"$bin" image convert --estargz --oci --plain-http "$reg/demo/app:plain" "$reg/demo/app:estargz" | sed 's/^/   /'
+"$bin" image inspect --plain-http "$reg/demo/app:estargz" | sed 's/^/   /'
 img=$reg/demo/app:estargz
 script='cat /etc/hello; cat /.stargz-snapshotter/*.json'
 
-echo "== lazy: ctr-remote image rpull (Debian's) + ctr run, snapshotter stargz"
+echo "== lazy: ctr-remote image rpull + ctr run, snapshotter stargz"
 t0=$(date +%s%N)
-/usr/bin/ctr-remote -a "$work/containerd.sock" -n demo image rpull --plain-http --snapshotter stargz "$img" >/dev/null
+"$bin" -a "$work/containerd.sock" -n demo image rpull --plain-http --snapshotter stargz "$img" | sed 's/^/   /'
 t1=$(date +%s%N)
 lazy_out=$("${ctr[@]}" run --rm --snapshotter stargz "$img" lazy /bin/busybox sh -c "$script")
 t2=$(date +%s%N)
 echo "$lazy_out" | sed 's/^/   /'
 "${ctr[@]}" snapshot --snapshotter stargz ls | sed 's/^/   /'
 
-echo "== ordinary: ctr images pull + ctr run, snapshotter overlayfs"
-"${ctr[@]}" images rm "$img" >/dev/null
+echo "== ordinary: ctr images pull + ctr run of the original image, snapshotter overlayfs"
+plain=$reg/demo/app:plain
 t3=$(date +%s%N)
-"${ctr[@]}" images pull --plain-http --snapshotter overlayfs "$img" >/dev/null
+"${ctr[@]}" images pull --plain-http --snapshotter overlayfs "$plain" >/dev/null
 t4=$(date +%s%N)
-"${ctr[@]}" run --rm --snapshotter overlayfs "$img" plain /bin/busybox cat /etc/hello | sed 's/^/   /'
+"${ctr[@]}" run --rm --snapshotter overlayfs "$plain" plain /bin/busybox cat /etc/hello | sed 's/^/   /'
 t5=$(date +%s%N)
 
 fetched=$(python3 <(cat <<'PY'

@@ -4,6 +4,7 @@
 //! `toml` (config) and `anyhow`, with the workspace's `snapshotter`, `fs` and `registry`.
 
 mod config;
+mod preopen;
 mod remote;
 
 use std::os::unix::net::UnixDatagram;
@@ -73,6 +74,7 @@ fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
         .init();
     let explicit = args.config != std::path::Path::new(DEFAULT_CONFIG);
     let cfg = DaemonConfig::load(&args.config, explicit)?;
@@ -91,7 +93,7 @@ async fn run(args: Args, cfg: DaemonConfig) -> Result<()> {
         DaemonRemote::Disabled(snapshotter::NoRemote)
     } else {
         match FuseRemote::new(cfg.fs, cfg.registry, &args.root.join("stargz")) {
-            Ok(f) => DaemonRemote::Fuse(f),
+            Ok(f) => DaemonRemote::Fuse(Box::new(f)),
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "remote snapshots unavailable; every layer will be downloaded");
                 DaemonRemote::Disabled(snapshotter::NoRemote)

@@ -6,11 +6,12 @@ use std::sync::{Arc, Mutex};
 
 use snapshotter::{LayerInfo, RemoteFs};
 
+use crate::preopen::LayerPool;
+
 /// Mounts eStargz layers lazily; one [`fs::MountHandle`] per mount point.
 pub struct FuseRemote {
     cfg: fs::Config,
-    client: registry::Client,
-    cache: Arc<fs::ChunkCache>,
+    layers: LayerPool,
     mounts: Mutex<HashMap<PathBuf, fs::MountHandle>>,
 }
 
@@ -26,9 +27,8 @@ impl FuseRemote {
         std::fs::create_dir_all(cache_dir)?;
         let cache = fs::cache_from_config(&cfg, cache_dir)?;
         Ok(FuseRemote {
+            layers: LayerPool::new(client, cfg.clone(), cache),
             cfg,
-            client,
-            cache,
             mounts: Mutex::default(),
         })
     }
@@ -44,32 +44,13 @@ impl RemoteFs for FuseRemote {
         mountpoint: &Path,
         labels: &HashMap<String, String>,
     ) -> Result<(), String> {
-        let layer = LayerInfo::from_labels(labels).ok_or("no remote layer labels")?;
-        let reference = registry::Reference::parse(&layer.image_ref).map_err(|e| e.to_string())?;
-        let digest = registry::Digest::parse(&layer.digest).map_err(|e| e.to_string())?;
-        let reader = self.client.blob_reader(&reference, digest, None);
-        let (cfg, cache, mp) = (
-            self.cfg.clone(),
-            self.cache.clone(),
-            mountpoint.to_path_buf(),
-        );
-        let handle = tokio::runtime::Handle::current();
-        let toc_digest = layer.toc_digest.clone();
-        // The registry reader's futures are not Send, so the whole mount runs on a
-        // blocking thread that drives them with the runtime handle.
-        let handle = tokio::task::spawn_blocking(move || {
-            let fetcher = handle
-                .block_on(fs::RegistryFetcher::new(reader, handle.clone()))
-                .map_err(|e| format!("blob {}: {e}", layer.digest))?;
-            let desc = fs::LayerDesc {
-                digest: layer.digest.clone(),
-                size: fs::Fetcher::size(&fetcher),
-                toc_digest,
-            };
-            fs::mount(Arc::new(fetcher), desc, &mp, &cfg, cache).map_err(|e| e.to_string())
-        })
-        .await
-        .map_err(|e| e.to_string())??;
+        let info = LayerInfo::from_labels(labels).ok_or("no remote layer labels")?;
+        let layer = self.layers.open(&info).await?;
+        let (cfg, mp) = (self.cfg.clone(), mountpoint.to_path_buf());
+        let handle = tokio::task::spawn_blocking(move || fs::mount_layer(layer, &mp, &cfg))
+            .await
+            .map_err(|e| e.to_string())?
+            .map_err(|e| e.to_string())?;
         self.handles().insert(mountpoint.to_path_buf(), handle);
         Ok(())
     }
@@ -94,7 +75,7 @@ impl RemoteFs for FuseRemote {
 
 /// What the daemon runs with: FUSE layers, or none when disabled or unavailable.
 pub enum DaemonRemote {
-    Fuse(FuseRemote),
+    Fuse(Box<FuseRemote>),
     Disabled(snapshotter::NoRemote),
 }
 

@@ -514,12 +514,21 @@ async fn lazy_pull_run_and_restart() {
     let (t1, t2) = image_tars();
     let (l1, l2) = (estargz_layer(&t1), estargz_layer(&t2));
     let big_digest = sha(&l1.blob);
+    let upper_digest = sha(&l2.blob);
     let img = push(&reg, "lazy/img", &[l1, l2]).await;
 
     let mut env = Env::start();
     env.checked(|env| {
         env.rpull(&img);
         check_remote_snapshots(env);
+        // The first Prepare looked the image up and opened the upper layer ahead of its
+        // own Prepare.
+        let log = std::fs::read_to_string(env.dir.join("stargz.log")).unwrap();
+        assert!(
+            log.lines().any(|l| l.contains("layer opened ahead of its mount")
+                && l.contains(&upper_digest)),
+            "upper layer not opened ahead"
+        );
         let out = env.run(&img, "c1", SCRIPT);
         check_run(&out, &big_digest);
 
