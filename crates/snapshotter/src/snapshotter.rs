@@ -576,14 +576,20 @@ impl<R: RemoteFs> Snapshotter<R> {
             .collect())
     }
 
-    /// Remounts every remote snapshot recorded in the store (after a restart).
-    /// Failures are logged: Mounts retries them later. Returns how many mounted.
+    /// Remounts every remote snapshot recorded in the store (after a restart) whose
+    /// mount is not still served (a FUSE manager that outlived the previous process
+    /// keeps serving them). Failures are logged: Mounts retries them later. Returns
+    /// how many are served.
     pub async fn restore_remote(&self) -> Result<usize> {
         let recs = self.remote_records().await?;
         let ok = stream::iter(recs)
             .map(|(ns, key, rec)| async move {
                 let fs = self.fs_dir(rec.id);
-                // Whatever is there was served by a previous process and is dead.
+                if self.remote.check(&fs, &rec.labels).await.is_ok() {
+                    tracing::debug!(namespace = %ns, snapshot = %key, "remote snapshot still served");
+                    return true;
+                }
+                // Whatever is there was served by a process that is gone.
                 detach(&fs);
                 match self.remote.mount(&fs, &rec.labels).await {
                     Ok(()) => true,
