@@ -42,6 +42,7 @@ impl RemoteFs for FakeRemote {
     }
     async fn unmount(&self, mp: &Path) -> Result<(), String> {
         let _ = std::fs::remove_file(mp.join("remote-file"));
+        self.healthy.store(false, Ordering::SeqCst);
         Ok(())
     }
 }
@@ -511,8 +512,17 @@ async fn restore_after_restart() {
         std::fs::create_dir_all(root.join("snapshots/77/fs")).unwrap();
     }
     let sn = Snapshotter::open(Options::new(&root), fake.clone()).unwrap();
+    let before = fake.mounts.load(Ordering::SeqCst);
     assert_eq!(sn.restore_remote().await.unwrap(), 1);
+    assert_eq!(fake.mounts.load(Ordering::SeqCst), before + 1);
     assert!(root.join("snapshots/1/fs/remote-file").exists());
     assert_eq!(sn.cleanup().await.unwrap(), 1);
     assert_eq!(snapshot_dirs(&root), vec!["1"]);
+    drop(sn);
+
+    // Mounts still served (by a process that outlived this one) are kept as they are.
+    let sn = Snapshotter::open(Options::new(&root), fake.clone()).unwrap();
+    assert_eq!(sn.restore_remote().await.unwrap(), 1);
+    assert_eq!(fake.mounts.load(Ordering::SeqCst), before + 1);
+    assert!(root.join("snapshots/1/fs/remote-file").exists());
 }
