@@ -261,6 +261,8 @@ impl Launch {
             .arg("--log-level")
             .arg(&self.log_level)
             .current_dir("/")
+            // The manager is not the unit's main process; it must not talk to systemd.
+            .env_remove("NOTIFY_SOCKET")
             .stdin(Stdio::null())
             .stdout(log.try_clone().context("log file")?)
             .stderr(log);

@@ -52,6 +52,9 @@ struct Args {
 
 fn main() -> Result<()> {
     let args = Args::parse();
+    // Socket, pid file and cache are root's alone from the moment they exist.
+    // SAFETY: umask(2) only sets this process's file creation mask.
+    unsafe { libc::umask(0o077) };
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .with_context(|| format!("--log-level {:?}", args.log_level))?;
     tracing_subscriber::fmt()

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 const NS: &str = "lazy";
+/// base64 of `user:not-for-logs`.
+const SECRET_AUTH: &str = "dXNlcjpub3QtZm9yLWxvZ3M=";
 
 fn ci() -> bool {
     std::env::var("CI").map(|v| v == "true").unwrap_or(false)
@@ -161,7 +163,17 @@ impl Env {
             .open(self.dir.join("stargz.log"))
             .unwrap();
         let _ = std::fs::remove_file(&self.snap_sock);
+        // Credentials for a host the tests never use: they must reach the FUSE manager
+        // through the environment and never appear on a command line or in a log.
+        let docker = self.dir.join("docker");
+        std::fs::create_dir_all(&docker).unwrap();
+        std::fs::write(
+            docker.join("config.json"),
+            format!(r#"{{"auths":{{"unused.invalid":{{"auth":"{SECRET_AUTH}"}}}}}}"#),
+        )
+        .unwrap();
         let daemon = Command::new(env!("CARGO_BIN_EXE_containerd-stargz-grpc"))
+            .env("DOCKER_CONFIG", &docker)
             .arg("--address")
             .arg(&self.snap_sock)
             .arg("--root")
@@ -747,6 +759,12 @@ async fn running_container_survives_daemon_restarts() {
         env.rpull(&img);
         check_remote_snapshots(env);
         let manager = env.manager_pid().expect("no FUSE manager after the pull");
+        let environ = std::fs::read(format!("/proc/{manager}/environ")).unwrap();
+        let docker = format!("DOCKER_CONFIG={}", env.dir.join("docker").display());
+        assert!(
+            environ.split(|b| *b == 0).any(|v| v == docker.as_bytes()),
+            "the manager does not see the daemon's DOCKER_CONFIG"
+        );
         env.ok(&[
             "run",
             "-d",
@@ -798,9 +816,16 @@ async fn running_container_survives_daemon_restarts() {
         assert_eq!(env.manager_pid(), None);
         env.start_daemon();
         run_new(env, &img, "n4", 7, &sums);
-        assert!(
-            env.manager_pid().is_some(),
-            "no FUSE manager after SIGINT and start"
-        );
+        let third = env
+            .manager_pid()
+            .expect("no FUSE manager after SIGINT and start");
+        let cmdline = std::fs::read(format!("/proc/{third}/cmdline")).unwrap();
+        for text in [
+            String::from_utf8_lossy(&cmdline).into_owned(),
+            std::fs::read_to_string(env.dir.join("stargz.log")).unwrap(),
+            std::fs::read_to_string(env.snap_root.join("fuse-manager.log")).unwrap(),
+        ] {
+            assert!(!text.contains(SECRET_AUTH) && !text.contains("not-for-logs"));
+        }
     });
 }
