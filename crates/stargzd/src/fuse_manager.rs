@@ -126,6 +126,17 @@ pub struct Response {
     pub mounts: Vec<PathBuf>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub text: Option<String>,
+    /// `status`: digest of the config file the manager was started with.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub config_digest: Option<String>,
+}
+
+/// Digest of the config file's text (a missing file counts as empty), so the daemon
+/// can tell when a running manager serves with another configuration.
+pub fn config_digest(path: &Path) -> String {
+    use sha2::Digest;
+    let text = std::fs::read(path).unwrap_or_default();
+    format!("{:x}", sha2::Sha256::digest(&text))
 }
 
 #[allow(dead_code)] // the server side, in stargz-fuse-manager
@@ -330,6 +341,21 @@ impl ManagerClient {
         res
     }
 
+    /// A manager that outlived the daemon keeps the config it started with.
+    async fn warn_if_config_changed(&self, config: &Path) {
+        let Ok(status) = call(&self.launch.socket, &Request::Status, CALL_TIMEOUT).await else {
+            return;
+        };
+        if status
+            .config_digest
+            .is_some_and(|d| d != config_digest(config))
+        {
+            tracing::warn!(config = %config.display(),
+                "the running FUSE manager was started with another version of the config file; \
+                 stop the daemon with SIGINT and start it again to apply it to layer mounts");
+        }
+    }
+
     /// A call that starts a manager first when none answers.
     async fn call_starting(&self, req: Request, timeout: Duration) -> Result<Response, String> {
         match call(&self.launch.socket, &req, timeout).await {
@@ -403,6 +429,12 @@ impl RemoteFs for ManagerClient {
             Err(e) => Err(e.to_string()),
         }
     }
+
+    async fn mounted(&self) -> Result<Vec<PathBuf>, String> {
+        self.call_starting(Request::List, CALL_TIMEOUT)
+            .await
+            .map(|r| r.mounts)
+    }
 }
 
 fn detach(path: &Path) {
@@ -435,6 +467,7 @@ pub async fn daemon_remote(
         match client.ensure_running().await {
             Ok(pid) => {
                 tracing::info!(pid, "layers are mounted by the FUSE manager");
+                client.warn_if_config_changed(config).await;
                 return (DaemonRemote::Manager(client.clone()), Some(client));
             }
             Err(e) => tracing::warn!(error = %format!("{e:#}"),

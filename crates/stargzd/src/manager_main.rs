@@ -61,12 +61,13 @@ fn main() -> Result<()> {
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         .init();
+    let digest = fuse_manager::config_digest(&args.config);
     let cfg = DaemonConfig::load(&args.config, false)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let res = runtime.block_on(run(&args, cfg));
+    let res = runtime.block_on(run(&args, cfg, digest));
     if let Err(e) = &res {
         tracing::error!(error = %format!("{e:#}"), "FUSE manager failed");
     }
@@ -97,7 +98,7 @@ async fn bind(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-async fn run(args: &Args, cfg: DaemonConfig) -> Result<()> {
+async fn run(args: &Args, cfg: DaemonConfig, digest: String) -> Result<()> {
     let remote = Arc::new(FuseRemote::new(
         cfg.fs,
         cfg.registry,
@@ -118,9 +119,9 @@ async fn run(args: &Args, cfg: DaemonConfig) -> Result<()> {
             conn = listener.accept() => {
                 match conn {
                     Ok((stream, _)) => {
-                        let (remote, stop_tx) = (remote.clone(), stop_tx.clone());
+                        let (remote, stop_tx, digest) = (remote.clone(), stop_tx.clone(), digest.clone());
                         tokio::spawn(async move {
-                            if let Err(e) = serve_one(stream, &remote, &stop_tx).await {
+                            if let Err(e) = serve_one(stream, &remote, &digest, &stop_tx).await {
                                 tracing::debug!(error = %e, "connection ended");
                             }
                         });
@@ -143,13 +144,14 @@ async fn run(args: &Args, cfg: DaemonConfig) -> Result<()> {
 async fn serve_one(
     mut stream: UnixStream,
     remote: &FuseRemote,
+    digest: &str,
     stop: &tokio::sync::mpsc::Sender<()>,
 ) -> Result<()> {
     let (rd, mut wr) = stream.split();
     let mut line = String::new();
     BufReader::new(rd).read_line(&mut line).await?;
     let (resp, exit) = match serde_json::from_str::<Request>(&line) {
-        Ok(req) => handle(req, remote).await,
+        Ok(req) => handle(req, remote, digest).await,
         Err(e) => (
             Response::from_result(Err(format!("bad request: {e}"))),
             false,
@@ -168,12 +170,13 @@ async fn serve_one(
 }
 
 /// The answer to one request, and whether the manager exits after sending it.
-async fn handle(req: Request, remote: &FuseRemote) -> (Response, bool) {
+async fn handle(req: Request, remote: &FuseRemote, digest: &str) -> (Response, bool) {
     let none = HashMap::new();
     match req {
         Request::Status => (
             Response {
                 pid: Some(std::process::id()),
+                config_digest: Some(digest.to_string()),
                 ..Response::ok()
             },
             false,

@@ -164,4 +164,11 @@ impl RemoteFs for DaemonRemote {
             DaemonRemote::Disabled(n) => n.unmount(mp).await,
         }
     }
+    async fn mounted(&self) -> Result<Vec<PathBuf>, String> {
+        match self {
+            DaemonRemote::Manager(m) => m.mounted().await,
+            // In-process mounts never outlive a restart.
+            DaemonRemote::Fuse(_) | DaemonRemote::Disabled(_) => Ok(Vec::new()),
+        }
+    }
 }

@@ -792,7 +792,16 @@ async fn running_container_survives_daemon_restarts() {
         env.stop_daemon(libc::SIGKILL);
         read_unfetched(env, "long", 5, &big, &sums);
         check_loop(env, "long", "loop2", &sums);
+        // The kept manager still serves with the config it started with: the daemon says so.
+        let mut cfg = std::fs::read_to_string(env.dir.join("stargz.toml")).unwrap();
+        cfg.push_str("# edited\n");
+        std::fs::write(env.dir.join("stargz.toml"), cfg).unwrap();
         env.start_daemon();
+        let log = std::fs::read_to_string(env.dir.join("stargz.log")).unwrap();
+        assert!(
+            log.contains("another version of the config file"),
+            "no warning"
+        );
         assert_eq!(env.manager_pid(), Some(manager), "the manager was replaced");
         run_new(env, &img, "n2", 6, &sums);
         check_remote_snapshots(env);
