@@ -60,6 +60,8 @@ fn main() -> Result<()> {
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
+        // Its stderr is a log file.
+        .with_ansi(false)
         .init();
     let digest = fuse_manager::config_digest(&args.config);
     let cfg = DaemonConfig::load(&args.config, false)?;
@@ -99,12 +101,15 @@ async fn bind(path: &Path) -> Result<UnixListener> {
 }
 
 async fn run(args: &Args, cfg: DaemonConfig, digest: String) -> Result<()> {
-    let remote = Arc::new(FuseRemote::new(
-        cfg.fs,
-        cfg.registry,
-        &args.root.join("stargz"),
-    )?);
+    // Bound first: a second manager gives up before it touches anything.
     let listener = bind(&args.address).await?;
+    let remote = match FuseRemote::new(cfg.fs, cfg.registry, &args.root.join("stargz")) {
+        Ok(r) => Arc::new(r),
+        Err(e) => {
+            let _ = std::fs::remove_file(&args.address);
+            return Err(e);
+        }
+    };
     let pid_file = args.root.join(PID_NAME);
     std::fs::write(&pid_file, format!("{}\n", std::process::id()))
         .with_context(|| format!("writing {}", pid_file.display()))?;
