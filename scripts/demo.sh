@@ -34,6 +34,12 @@ teardown() {
     for _ in $(seq 50); do kill -0 "${pids[i]#*:}" 2>/dev/null || break; sleep 0.1; done
     kill -9 "${pids[i]#*:}" 2>/dev/null || true
   done
+  # SIGINT stops the FUSE manager too; this only catches a daemon that had to be killed.
+  local mpid
+  mpid=$(cat "$work/stargz-root/fuse-manager.pid" 2>/dev/null || true)
+  if [[ -n $mpid ]] && grep -qa stargz-fuse-manager "/proc/$mpid/cmdline" 2>/dev/null; then
+    kill -9 "$mpid" 2>/dev/null || true
+  fi
   if [[ -r /proc/self/mountinfo ]]; then
     awk -v p="$work" 'index($5, p) == 1 {print $5}' /proc/self/mountinfo | sort -r |
       while read -r m; do umount -l "$m" 2>/dev/null || true; done

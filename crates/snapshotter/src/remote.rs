@@ -2,7 +2,7 @@
 
 use std::collections::HashMap;
 use std::future::Future;
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 /// Label containerd sets on Prepare naming the committed snapshot it wants.
 pub const LABEL_TARGET: &str = "containerd.io/snapshot.ref";
@@ -82,6 +82,11 @@ pub trait RemoteFs: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), String>> + Send;
     /// Unmounts `mountpoint`.
     fn unmount(&self, mountpoint: &Path) -> impl Future<Output = Result<(), String>> + Send;
+    /// Mount points served right now, for filesystems whose mounts can outlive this
+    /// process (they are reconciled with the metadata on restore). None by default.
+    fn mounted(&self) -> impl Future<Output = Result<Vec<PathBuf>, String>> + Send {
+        std::future::ready(Ok(Vec::new()))
+    }
 }
 
 /// A [`RemoteFs`] that never mounts anything: every layer is downloaded by containerd.
@@ -118,5 +123,8 @@ impl<T: RemoteFs> RemoteFs for std::sync::Arc<T> {
     }
     fn unmount(&self, mountpoint: &Path) -> impl Future<Output = Result<(), String>> + Send {
         (**self).unmount(mountpoint)
+    }
+    fn mounted(&self) -> impl Future<Output = Result<Vec<PathBuf>, String>> + Send {
+        (**self).mounted()
     }
 }

@@ -576,14 +576,39 @@ impl<R: RemoteFs> Snapshotter<R> {
             .collect())
     }
 
-    /// Remounts every remote snapshot recorded in the store (after a restart).
-    /// Failures are logged: Mounts retries them later. Returns how many mounted.
+    /// Remounts every remote snapshot recorded in the store (after a restart) whose
+    /// mount is not still served (a FUSE manager that outlived the previous process
+    /// keeps serving them). Failures are logged: Mounts retries them later. Returns
+    /// how many are served.
     pub async fn restore_remote(&self) -> Result<usize> {
         let recs = self.remote_records().await?;
+        // A mount still served for a snapshot that is gone (removed, or never
+        // committed because the previous process stopped mid-Prepare) is dropped.
+        // Compared canonically: the root may be spelled differently from last time.
+        let canonical = |p: &Path| std::fs::canonicalize(p).unwrap_or_else(|_| p.to_path_buf());
+        let wanted: HashSet<PathBuf> = recs
+            .iter()
+            .map(|(_, _, r)| canonical(&self.fs_dir(r.id)))
+            .collect();
+        match self.remote.mounted().await {
+            Ok(live) => {
+                for mp in live.into_iter().filter(|m| !wanted.contains(&canonical(m))) {
+                    tracing::info!(mountpoint = %mp.display(), "unmounting a remote mount with no snapshot");
+                    if let Err(e) = self.remote.unmount(&mp).await {
+                        tracing::warn!(mountpoint = %mp.display(), error = %e, "unmount failed");
+                    }
+                }
+            }
+            Err(e) => tracing::warn!(error = %e, "listing remote mounts failed"),
+        }
         let ok = stream::iter(recs)
             .map(|(ns, key, rec)| async move {
                 let fs = self.fs_dir(rec.id);
-                // Whatever is there was served by a previous process and is dead.
+                if self.remote.check(&fs, &rec.labels).await.is_ok() {
+                    tracing::debug!(namespace = %ns, snapshot = %key, "remote snapshot still served");
+                    return true;
+                }
+                // Whatever is there was served by a process that is gone.
                 detach(&fs);
                 match self.remote.mount(&fs, &rec.labels).await {
                     Ok(()) => true,

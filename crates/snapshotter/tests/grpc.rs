@@ -21,6 +21,9 @@ type Client = pb::snapshots_client::SnapshotsClient<Channel>;
 struct FakeRemote {
     mounts: AtomicUsize,
     healthy: std::sync::atomic::AtomicBool,
+    /// Reported by `mounted` as served by a process that outlived the snapshotter.
+    extra_mounts: std::sync::Mutex<Vec<PathBuf>>,
+    unmounted: std::sync::Mutex<Vec<PathBuf>>,
 }
 
 impl RemoteFs for FakeRemote {
@@ -41,8 +44,14 @@ impl RemoteFs for FakeRemote {
         }
     }
     async fn unmount(&self, mp: &Path) -> Result<(), String> {
-        let _ = std::fs::remove_file(mp.join("remote-file"));
+        if std::fs::remove_file(mp.join("remote-file")).is_ok() {
+            self.healthy.store(false, Ordering::SeqCst);
+        }
+        self.unmounted.lock().unwrap().push(mp.to_path_buf());
         Ok(())
+    }
+    async fn mounted(&self) -> Result<Vec<PathBuf>, String> {
+        Ok(self.extra_mounts.lock().unwrap().clone())
     }
 }
 
@@ -511,8 +520,22 @@ async fn restore_after_restart() {
         std::fs::create_dir_all(root.join("snapshots/77/fs")).unwrap();
     }
     let sn = Snapshotter::open(Options::new(&root), fake.clone()).unwrap();
+    let before = fake.mounts.load(Ordering::SeqCst);
     assert_eq!(sn.restore_remote().await.unwrap(), 1);
+    assert_eq!(fake.mounts.load(Ordering::SeqCst), before + 1);
     assert!(root.join("snapshots/1/fs/remote-file").exists());
     assert_eq!(sn.cleanup().await.unwrap(), 1);
     assert_eq!(snapshot_dirs(&root), vec!["1"]);
+    drop(sn);
+
+    // Mounts still served (by a process that outlived this one) are kept as they are;
+    // a served mount without a snapshot is unmounted.
+    let orphan = root.join("snapshots/9/fs");
+    *fake.extra_mounts.lock().unwrap() = vec![root.join("snapshots/1/fs"), orphan.clone()];
+    fake.unmounted.lock().unwrap().clear();
+    let sn = Snapshotter::open(Options::new(&root), fake.clone()).unwrap();
+    assert_eq!(sn.restore_remote().await.unwrap(), 1);
+    assert_eq!(fake.mounts.load(Ordering::SeqCst), before + 1);
+    assert!(root.join("snapshots/1/fs/remote-file").exists());
+    assert_eq!(*fake.unmounted.lock().unwrap(), vec![orphan]);
 }

@@ -29,6 +29,7 @@ const KNOWN: &[&str] = &[
     "debug_address",
     "proxy_plugins",
     "disable_remote_snapshots",
+    "fuse_manager",
 ];
 
 /// Parsed daemon configuration.
@@ -38,6 +39,8 @@ pub struct DaemonConfig {
     pub registry: registry::RegistryConfig,
     /// Not a reference key: serve every layer by download (no FUSE).
     pub disable_remote_snapshots: bool,
+    /// `[fuse_manager]`: where layer mounts live.
+    pub fuse_manager: crate::fuse_manager::FuseManagerConfig,
 }
 
 impl DaemonConfig {
@@ -80,6 +83,7 @@ impl DaemonConfig {
             fs,
             registry,
             disable_remote_snapshots,
+            fuse_manager: crate::fuse_manager::FuseManagerConfig::parse(text)?,
         })
     }
 }

@@ -4,6 +4,7 @@
 //! `toml` (config) and `anyhow`, with the workspace's `snapshotter`, `fs` and `registry`.
 
 mod config;
+mod fuse_manager;
 mod preopen;
 mod remote;
 
@@ -17,7 +18,6 @@ use snapshotter::{Options, Snapshotter};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::DaemonConfig;
-use crate::remote::{DaemonRemote, FuseRemote};
 
 const DEFAULT_CONFIG: &str = "/etc/containerd-stargz-grpc/config.toml";
 
@@ -88,18 +88,14 @@ fn main() -> Result<()> {
 async fn run(args: Args, cfg: DaemonConfig) -> Result<()> {
     std::fs::create_dir_all(&args.root)
         .with_context(|| format!("creating {}", args.root.display()))?;
-    let remote = if cfg.disable_remote_snapshots {
-        tracing::info!("remote snapshots disabled by config");
-        DaemonRemote::Disabled(snapshotter::NoRemote)
-    } else {
-        match FuseRemote::new(cfg.fs, cfg.registry, &args.root.join("stargz")) {
-            Ok(f) => DaemonRemote::Fuse(Box::new(f)),
-            Err(e) => {
-                tracing::warn!(error = %format!("{e:#}"), "remote snapshots unavailable; every layer will be downloaded");
-                DaemonRemote::Disabled(snapshotter::NoRemote)
-            }
-        }
-    };
+    let (remote, fuse_manager) = fuse_manager::daemon_remote(
+        cfg,
+        &args.address,
+        &args.root,
+        &args.config,
+        &args.log_level,
+    )
+    .await;
     let sn = Arc::new(Snapshotter::open(
         Options::new(args.root.join("snapshotter")),
         remote,
@@ -125,6 +121,11 @@ async fn run(args: Args, cfg: DaemonConfig) -> Result<()> {
     let _ = tx.send(unmount);
     if unmount {
         sn.unmount_all().await?;
+        if let Some(m) = &fuse_manager {
+            if let Err(e) = m.shutdown().await {
+                tracing::warn!(error = %format!("{e:#}"), "stopping the FUSE manager failed");
+            }
+        }
     }
     // In-flight requests get a moment; containerd retries on its side.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;

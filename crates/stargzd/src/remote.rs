@@ -45,6 +45,19 @@ impl RemoteFs for FuseRemote {
         labels: &HashMap<String, String>,
     ) -> Result<(), String> {
         let info = LayerInfo::from_labels(labels).ok_or("no remote layer labels")?;
+        // Mounting again over a live mount is a no-op; a dead one is cleared first so
+        // its session's unmount cannot later hit the new mount.
+        let stale = {
+            let mut handles = self.handles();
+            match handles.get(mountpoint).map(|h| h.check()) {
+                Some(Ok(())) => return Ok(()),
+                Some(Err(_)) => handles.remove(mountpoint),
+                None => None,
+            }
+        };
+        if let Some(h) = stale {
+            let _ = tokio::task::spawn_blocking(move || h.unmount()).await;
+        }
         let layer = self.layers.open(&info).await?;
         let (cfg, mp) = (self.cfg.clone(), mountpoint.to_path_buf());
         let handle = tokio::task::spawn_blocking(move || fs::mount_layer(layer, &mp, &cfg))
@@ -73,8 +86,39 @@ impl RemoteFs for FuseRemote {
     }
 }
 
-/// What the daemon runs with: FUSE layers, or none when disabled or unavailable.
+// Used by the stargz-fuse-manager binary, which shares this module.
+#[allow(dead_code)]
+impl FuseRemote {
+    /// Mount points currently mounted, with the blob bytes each has local.
+    pub fn mounted(&self) -> Vec<(PathBuf, u64)> {
+        let mut v: Vec<_> = self
+            .handles()
+            .iter()
+            .map(|(p, h)| (p.clone(), h.fetched_bytes()))
+            .collect();
+        v.sort();
+        v
+    }
+
+    /// Unmounts everything; returns how many unmounts failed.
+    pub async fn unmount_all(&self) -> usize {
+        let handles: Vec<_> = self.handles().drain().collect();
+        let mut failed = 0;
+        for (mp, h) in handles {
+            let res = tokio::task::spawn_blocking(move || h.unmount()).await;
+            if !matches!(res, Ok(Ok(()))) {
+                tracing::warn!(mountpoint = %mp.display(), "unmount failed");
+                failed += 1;
+            }
+        }
+        failed
+    }
+}
+
+/// What the daemon runs with: FUSE layers in a FUSE manager process or in this one,
+/// or none when disabled or unavailable.
 pub enum DaemonRemote {
+    Manager(Arc<crate::fuse_manager::ManagerClient>),
     Fuse(Box<FuseRemote>),
     Disabled(snapshotter::NoRemote),
 }
@@ -82,20 +126,30 @@ pub enum DaemonRemote {
 impl RemoteFs for DaemonRemote {
     async fn mount(&self, mp: &Path, labels: &HashMap<String, String>) -> Result<(), String> {
         match self {
+            DaemonRemote::Manager(m) => m.mount(mp, labels).await,
             DaemonRemote::Fuse(f) => f.mount(mp, labels).await,
             DaemonRemote::Disabled(n) => n.mount(mp, labels).await,
         }
     }
     async fn check(&self, mp: &Path, labels: &HashMap<String, String>) -> Result<(), String> {
         match self {
+            DaemonRemote::Manager(m) => m.check(mp, labels).await,
             DaemonRemote::Fuse(f) => f.check(mp, labels).await,
             DaemonRemote::Disabled(n) => n.check(mp, labels).await,
         }
     }
     async fn unmount(&self, mp: &Path) -> Result<(), String> {
         match self {
+            DaemonRemote::Manager(m) => m.unmount(mp).await,
             DaemonRemote::Fuse(f) => f.unmount(mp).await,
             DaemonRemote::Disabled(n) => n.unmount(mp).await,
+        }
+    }
+    async fn mounted(&self) -> Result<Vec<PathBuf>, String> {
+        match self {
+            DaemonRemote::Manager(m) => m.mounted().await,
+            // In-process mounts never outlive a restart.
+            DaemonRemote::Fuse(_) | DaemonRemote::Disabled(_) => Ok(Vec::new()),
         }
     }
 }

@@ -45,10 +45,28 @@ impl Drop for Teardown {
             let _ = c.kill();
             let _ = c.wait();
         }
+        // The daemon's FUSE manager outlives its SIGTERM by design.
+        kill_fuse_manager(&self.dir.join("stargz-root"));
         for m in mounts_under(&self.dir).into_iter().rev() {
             let c = std::ffi::CString::new(m).unwrap();
             unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
         }
+    }
+}
+
+/// Kills the stargz-fuse-manager recorded in `root`'s pid file, if it still runs.
+fn kill_fuse_manager(root: &Path) {
+    let Ok(text) = std::fs::read_to_string(root.join("fuse-manager.pid")) else {
+        return;
+    };
+    let Ok(pid) = text.trim().parse::<i32>() else {
+        return;
+    };
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    if cmdline.contains("stargz-fuse-manager") && cmdline.contains(&*root.to_string_lossy()) {
+        // SAFETY: kill(2) on the manager started for this test's daemon root.
+        unsafe { libc::kill(pid, libc::SIGKILL) };
     }
 }
 

@@ -10,6 +10,8 @@ use std::time::{Duration, Instant};
 use sha2::{Digest, Sha256};
 
 const NS: &str = "lazy";
+/// base64 of `user:not-for-logs`.
+const SECRET_AUTH: &str = "dXNlcjpub3QtZm9yLWxvZ3M=";
 
 fn ci() -> bool {
     std::env::var("CI").map(|v| v == "true").unwrap_or(false)
@@ -99,12 +101,23 @@ struct Env {
 
 impl Drop for Env {
     fn drop(&mut self) {
-        // containerd first so it stops its shims while the snapshotter still answers.
+        // Containers a failed test left running, then containerd, so it stops its shims
+        // while the snapshotter still answers.
+        if self.containerd.is_some() {
+            for id in self.ctr(&["task", "ls", "-q"]).unwrap_or_default().lines() {
+                self.kill_task(id.trim());
+            }
+        }
         if let Some(mut c) = self.containerd.take() {
             stop(&mut c, libc::SIGTERM);
         }
         if let Some(mut c) = self.daemon.take() {
             stop(&mut c, libc::SIGINT);
+        }
+        // A FUSE manager the daemon did not stop (killed daemon, failed test).
+        if let Some(pid) = self.manager_pid() {
+            // SAFETY: kill(2) on the manager this test's daemon started (checked by cmdline).
+            unsafe { libc::kill(pid, libc::SIGKILL) };
         }
         for (m, _) in mounts_under(&self.dir).into_iter().rev() {
             if let Ok(c) = std::ffi::CString::new(m) {
@@ -116,7 +129,8 @@ impl Drop for Env {
 }
 
 impl Env {
-    fn start() -> Env {
+    /// containerd and the daemon, with `config` added to the daemon's config file.
+    fn start(config: &str) -> Env {
         let tmp = tempfile::Builder::new()
             .prefix("stargzd-lazy-")
             .tempdir()
@@ -125,7 +139,7 @@ impl Env {
         // No prefetch and no background fetch: what is fetched is what the workload read.
         std::fs::write(
             dir.join("stargz.toml"),
-            "noprefetch = true\nno_background_fetch = true\n",
+            format!("noprefetch = true\nno_background_fetch = true\n{config}"),
         )
         .unwrap();
         let mut env = Env {
@@ -149,7 +163,17 @@ impl Env {
             .open(self.dir.join("stargz.log"))
             .unwrap();
         let _ = std::fs::remove_file(&self.snap_sock);
+        // Credentials for a host the tests never use: they must reach the FUSE manager
+        // through the environment and never appear on a command line or in a log.
+        let docker = self.dir.join("docker");
+        std::fs::create_dir_all(&docker).unwrap();
+        std::fs::write(
+            docker.join("config.json"),
+            format!(r#"{{"auths":{{"unused.invalid":{{"auth":"{SECRET_AUTH}"}}}}}}"#),
+        )
+        .unwrap();
         let daemon = Command::new(env!("CARGO_BIN_EXE_containerd-stargz-grpc"))
+            .env("DOCKER_CONFIG", &docker)
             .arg("--address")
             .arg(&self.snap_sock)
             .arg("--root")
@@ -186,6 +210,24 @@ impl Env {
         if let Some(mut c) = self.daemon.take() {
             stop(&mut c, sig);
         }
+    }
+
+    /// The pid of the live FUSE manager serving this daemon root, if any.
+    fn manager_pid(&self) -> Option<i32> {
+        let text = std::fs::read_to_string(self.snap_root.join("fuse-manager.pid")).ok()?;
+        let pid: i32 = text.trim().parse().ok()?;
+        alive(pid, &self.snap_root).then_some(pid)
+    }
+
+    /// Kills a running container's task and removes the task and the container.
+    fn kill_task(&self, id: &str) {
+        let _ = self.ctr(&["task", "kill", "-s", "SIGKILL", id]);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while self.ctr(&["task", "rm", id]).is_err() && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = self.ctr(&["task", "rm", "-f", id]);
+        let _ = self.ctr(&["container", "rm", id]);
     }
 
     fn start_containerd(&mut self) {
@@ -292,8 +334,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     fn logs(&self) -> String {
         format!(
-            "--- stargz.log (tail)\n{}\n--- containerd.log (tail)\n{}",
+            "--- stargz.log (tail)\n{}\n--- fuse-manager.log (tail)\n{}\n--- containerd.log (tail)\n{}",
             tail(&self.dir.join("stargz.log"), 80),
+            tail(&self.snap_root.join("fuse-manager.log"), 60),
             tail(&self.dir.join("containerd.log"), 40)
         )
     }
@@ -306,6 +349,18 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             std::panic::resume_unwind(p);
         }
     }
+}
+
+/// Whether `pid` runs (not a zombie) a stargz-fuse-manager for `root`.
+fn alive(pid: i32, root: &Path) -> bool {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).unwrap_or_default();
+    // The state follows the parenthesized command name.
+    let running = stat
+        .rsplit_once(") ")
+        .is_some_and(|(_, rest)| !rest.starts_with('Z') && !rest.starts_with('X'));
+    let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    let cmdline = String::from_utf8_lossy(&cmdline);
+    running && cmdline.contains("stargz-fuse-manager") && cmdline.contains(&*root.to_string_lossy())
 }
 
 fn tail(path: &Path, n: usize) -> String {
@@ -517,7 +572,8 @@ async fn lazy_pull_run_and_restart() {
     let upper_digest = sha(&l2.blob);
     let img = push(&reg, "lazy/img", &[l1, l2]).await;
 
-    let mut env = Env::start();
+    // Mounts inside the daemon: the path without a FUSE manager.
+    let mut env = Env::start("[fuse_manager]\nenable = false\n");
     env.checked(|env| {
         env.rpull(&img);
         check_remote_snapshots(env);
@@ -528,6 +584,11 @@ async fn lazy_pull_run_and_restart() {
             log.lines().any(|l| l.contains("layer opened ahead of its mount")
                 && l.contains(&upper_digest)),
             "upper layer not opened ahead"
+        );
+        assert_eq!(
+            env.manager_pid(),
+            None,
+            "FUSE manager started though disabled"
         );
         let out = env.run(&img, "c1", SCRIPT);
         check_run(&out, &big_digest);
@@ -559,7 +620,7 @@ async fn plain_gzip_image_falls_back() {
     let (t1, t2) = image_tars();
     let img = push(&reg, "plain/img", &[gzip_layer(&t1), gzip_layer(&t2)]).await;
 
-    let mut env = Env::start();
+    let mut env = Env::start("");
     env.checked(|env| {
         env.rpull(&img);
         let out = env.run(&img, "p1", "cat /etc/x; ls /deleted 2>&1 || true; ls /junk");
@@ -576,6 +637,213 @@ async fn plain_gzip_image_falls_back() {
         {
             let info = env.ok(&["snapshot", "--snapshotter", "stargz", "info", key]);
             assert!(!info.contains("containerd.io/snapshot/remote\""), "{info}");
+        }
+    });
+}
+
+fn sha_hex(data: &[u8]) -> String {
+    format!("{:x}", Sha256::digest(data))
+}
+
+/// The junk files of [`image_tars`]' first layer, by index: their sha256 in hex.
+fn junk_sums() -> Vec<String> {
+    (0..8)
+        .map(|i| sha_hex(&testenv::random_bytes(1 << 20, 100 + i)))
+        .collect()
+}
+
+/// `fetchedSize` of the layer `digest` as the running container `id` sees it.
+fn fetched_in(env: &Env, id: &str, exec_id: &str, digest: &str) -> u64 {
+    let out = env.ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        exec_id,
+        id,
+        "/bin/busybox",
+        "sh",
+        "-c",
+        "cat /.stargz-snapshotter/*.json",
+    ]);
+    let st = states(&out);
+    let s = st
+        .iter()
+        .find(|s| s["digest"] == digest)
+        .unwrap_or_else(|| panic!("no state for {digest}: {out}"));
+    s["fetchedSize"].as_u64().unwrap()
+}
+
+/// Reads `/junk/f{n}` (never read before) inside the running container `id` and checks
+/// its bytes, and that they were fetched by that read: the mount is live and lazy.
+fn read_unfetched(env: &Env, id: &str, n: usize, digest: &str, sums: &[String]) {
+    let before = fetched_in(env, id, &format!("st{n}a"), digest);
+    let path = format!("/junk/f{n}");
+    let out = env.ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        &format!("read{n}"),
+        id,
+        "/bin/busybox",
+        "sha256sum",
+        &path,
+    ]);
+    assert_eq!(out.trim(), format!("{}  {path}", sums[n]), "{path} in {id}");
+    let after = fetched_in(env, id, &format!("st{n}b"), digest);
+    assert!(
+        after >= before + (1 << 20),
+        "{path} was not fetched by the read: {before} -> {after}"
+    );
+}
+
+/// The running container's own loop: every read of `/junk/f0` so far had the right bytes.
+fn check_loop(env: &Env, id: &str, exec_id: &str, sums: &[String]) {
+    let tasks = env.ok(&["task", "ls"]);
+    assert!(
+        tasks
+            .lines()
+            .any(|l| l.starts_with(id) && l.contains("RUNNING")),
+        "{tasks}"
+    );
+    let out = env.ok(&[
+        "task",
+        "exec",
+        "--exec-id",
+        exec_id,
+        id,
+        "/bin/busybox",
+        "cat",
+        "/sums",
+    ]);
+    let lines: Vec<&str> = out.lines().collect();
+    assert!(!lines.is_empty(), "the loop has not read yet");
+    for l in lines {
+        assert_eq!(l, format!("{}  /junk/f0", sums[0]), "loop read: {out}");
+    }
+}
+
+/// A new container of the image runs and reads a junk file it has not read before.
+fn run_new(env: &Env, img: &str, id: &str, n: usize, sums: &[String]) {
+    let out = env.run(
+        img,
+        id,
+        &format!("cat /etc/x; ls /deleted 2>&1 || true; /bin/busybox sha256sum /junk/f{n}"),
+    );
+    assert!(out.starts_with("x from layer two\n"), "{out}");
+    assert!(out.contains("/deleted: No such file or directory"), "{out}");
+    assert!(out.contains(&format!("{}  /junk/f{n}", sums[n])), "{out}");
+}
+
+fn wait_gone(env: &Env, pid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while alive(pid, &env.snap_root) {
+        assert!(
+            Instant::now() < deadline,
+            "FUSE manager {pid} still running"
+        );
+        std::thread::sleep(Duration::from_millis(50));
+    }
+}
+
+/// With the FUSE manager (the default), a running container keeps reading its lazily
+/// mounted files, fetched or not, while the daemon is stopped with SIGTERM or killed,
+/// and new containers start after each restart; a killed manager is replaced on the
+/// next run; SIGINT unmounts everything and stops the manager.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn running_container_survives_daemon_restarts() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(reg) = testenv::Registry::start(testenv::RegistryOpts::default()) else {
+        return;
+    };
+    let (t1, t2) = image_tars();
+    let (l1, l2) = (estargz_layer(&t1), estargz_layer(&t2));
+    let big = sha(&l1.blob);
+    let img = push(&reg, "survive/img", &[l1, l2]).await;
+    let sums = junk_sums();
+
+    let mut env = Env::start("");
+    env.checked(|env| {
+        env.rpull(&img);
+        check_remote_snapshots(env);
+        let manager = env.manager_pid().expect("no FUSE manager after the pull");
+        let environ = std::fs::read(format!("/proc/{manager}/environ")).unwrap();
+        let docker = format!("DOCKER_CONFIG={}", env.dir.join("docker").display());
+        assert!(
+            environ.split(|b| *b == 0).any(|v| v == docker.as_bytes()),
+            "the manager does not see the daemon's DOCKER_CONFIG"
+        );
+        env.ok(&[
+            "run",
+            "-d",
+            "--snapshotter",
+            "stargz",
+            &img,
+            "long",
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "while :; do /bin/busybox sha256sum /junk/f0 >> /sums 2>&1; /bin/busybox sleep 1; done",
+        ]);
+        read_unfetched(env, "long", 1, &big, &sums);
+
+        // SIGTERM: the daemon goes, the mounts stay served.
+        env.stop_daemon(libc::SIGTERM);
+        read_unfetched(env, "long", 2, &big, &sums);
+        check_loop(env, "long", "loop1", &sums);
+        env.start_daemon();
+        assert_eq!(env.manager_pid(), Some(manager), "the manager was replaced");
+        run_new(env, &img, "n1", 3, &sums);
+        read_unfetched(env, "long", 4, &big, &sums);
+
+        // SIGKILL: the same.
+        env.stop_daemon(libc::SIGKILL);
+        read_unfetched(env, "long", 5, &big, &sums);
+        check_loop(env, "long", "loop2", &sums);
+        // The kept manager still serves with the config it started with: the daemon says so.
+        let mut cfg = std::fs::read_to_string(env.dir.join("stargz.toml")).unwrap();
+        cfg.push_str("# edited\n");
+        std::fs::write(env.dir.join("stargz.toml"), cfg).unwrap();
+        env.start_daemon();
+        let log = std::fs::read_to_string(env.dir.join("stargz.log")).unwrap();
+        assert!(
+            log.contains("another version of the config file"),
+            "no warning"
+        );
+        assert_eq!(env.manager_pid(), Some(manager), "the manager was replaced");
+        run_new(env, &img, "n2", 6, &sums);
+        check_remote_snapshots(env);
+        env.kill_task("long");
+
+        // The manager killed under a running daemon: the next run remounts through a new one.
+        // SAFETY: kill(2) on the manager process found through its pid file and cmdline.
+        unsafe { libc::kill(manager, libc::SIGKILL) };
+        wait_gone(env, manager);
+        run_new(env, &img, "n3", 7, &sums);
+        let second = env
+            .manager_pid()
+            .expect("no FUSE manager after the remount");
+        assert_ne!(second, manager);
+        check_remote_snapshots(env);
+
+        // SIGINT: no mounts and no manager left; the next start serves the image again.
+        env.stop_daemon(libc::SIGINT);
+        assert!(env.fuse_mounts().is_empty(), "{:?}", env.fuse_mounts());
+        wait_gone(env, second);
+        assert_eq!(env.manager_pid(), None);
+        env.start_daemon();
+        run_new(env, &img, "n4", 7, &sums);
+        let third = env
+            .manager_pid()
+            .expect("no FUSE manager after SIGINT and start");
+        let cmdline = std::fs::read(format!("/proc/{third}/cmdline")).unwrap();
+        for text in [
+            String::from_utf8_lossy(&cmdline).into_owned(),
+            std::fs::read_to_string(env.dir.join("stargz.log")).unwrap(),
+            std::fs::read_to_string(env.snap_root.join("fuse-manager.log")).unwrap(),
+        ] {
+            assert!(!text.contains(SECRET_AUTH) && !text.contains("not-for-logs"));
         }
     });
 }
