@@ -309,6 +309,41 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         .unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// `image rpull` with this workspace's own `ctr-remote`, built beside the daemon.
+    fn rpull_ours(&self, img: &str) -> String {
+        let bin =
+            Path::new(env!("CARGO_BIN_EXE_containerd-stargz-grpc")).with_file_name("ctr-remote");
+        assert!(
+            bin.exists(),
+            "{} missing: build the workspace first (cargo build --workspace)",
+            bin.display()
+        );
+        let out = Command::new(&bin)
+            .arg("-a")
+            .arg(&self.sock)
+            .args([
+                "-n",
+                NS,
+                "image",
+                "rpull",
+                "--plain-http",
+                "--snapshotter",
+                "stargz",
+                img,
+            ])
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ctr-remote");
+        // Progress and the summary go to stderr, the image digest to stdout.
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "ctr-remote image rpull {img}: {text}");
+        text
+    }
+
     fn run(&self, img: &str, id: &str, script: &str) -> String {
         self.ok(&[
             "run",
@@ -638,6 +673,42 @@ async fn plain_gzip_image_falls_back() {
             let info = env.ok(&["snapshot", "--snapshotter", "stargz", "info", key]);
             assert!(!info.contains("containerd.io/snapshot/remote\""), "{info}");
         }
+    });
+}
+
+/// Our own `ctr-remote image rpull`: eStargz layers become remote snapshots (only what
+/// the workload reads is fetched), plain gzip layers are downloaded and unpacked.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn our_rpull_mounts_estargz_and_unpacks_plain() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(reg) = testenv::Registry::start(testenv::RegistryOpts::default()) else {
+        return;
+    };
+    let (t1, t2) = image_tars();
+    let (l1, l2) = (estargz_layer(&t1), estargz_layer(&t2));
+    let big_digest = sha(&l1.blob);
+    let lazy = push(&reg, "ours/lazy", &[l1, l2]).await;
+    let plain = push(&reg, "ours/plain", &[gzip_layer(&t1), gzip_layer(&t2)]).await;
+
+    let mut env = Env::start("");
+    env.checked(|env| {
+        let out = env.rpull_ours(&lazy);
+        assert!(out.contains("2 layer(s) remote, 0 unpacked"), "{out}");
+        check_remote_snapshots(env);
+        check_run(&env.run(&lazy, "o1", SCRIPT), &big_digest);
+
+        let out = env.rpull_ours(&plain);
+        assert!(out.contains("0 layer(s) remote, 2 unpacked"), "{out}");
+        let out = env.run(
+            &plain,
+            "o2",
+            "cat /etc/x; ls /deleted 2>&1 || true; ls /junk",
+        );
+        assert!(out.starts_with("x from layer two\n"), "{out}");
+        assert!(out.contains("/deleted: No such file or directory"), "{out}");
+        assert!(out.contains("f7"), "{out}");
     });
 }
 
