@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use futures::stream::{self, StreamExt};
@@ -74,8 +74,10 @@ pub struct Snapshotter<R: RemoteFs> {
     index_off: bool,
     userxattr: bool,
     restore_concurrency: usize,
-    /// Temporary directories of snapshots being created; Cleanup leaves them alone.
-    in_flight: Arc<Mutex<HashSet<String>>>,
+    /// Held shared while a snapshot's directory and record are created, exclusively by
+    /// Cleanup: a directory whose record is not committed yet is never taken for an
+    /// orphan.
+    dirs: Arc<RwLock<()>>,
     tmp_seq: AtomicU64,
 }
 
@@ -172,7 +174,7 @@ impl<R: RemoteFs> Snapshotter<R> {
             store: Arc::new(store),
             remote: Arc::new(remote),
             restore_concurrency: opts.restore_concurrency.max(1),
-            in_flight: Arc::default(),
+            dirs: Arc::default(),
             tmp_seq: AtomicU64::new(0),
         })
     }
@@ -283,45 +285,46 @@ impl<R: RemoteFs> Snapshotter<R> {
             std::process::id(),
             self.tmp_seq.fetch_add(1, Ordering::Relaxed)
         );
+        let tmp = self.root.join("snapshots").join(&name);
         let snaps = self.root.join("snapshots");
-        let tmp = snaps.join(&name);
-        lock(&self.in_flight).insert(name.clone());
         let store = self.store.clone();
+        let dirs = self.dirs.clone();
         let (ns, key, parent) = (ns.to_string(), key.to_string(), parent.to_string());
-        let tmp2 = tmp.clone();
-        let res = blocking(move || {
-            mkdir(&tmp2, 0o700)?;
-            mkdir(&tmp2.join("fs"), 0o755)?;
-            if kind == Kind::Active {
-                mkdir(&tmp2.join("work"), 0o711)?;
-            }
-            store.create(&ns, &key, kind, &parent, labels, |id| {
-                if !parent.is_empty() {
-                    // Keep the owner of the parent's root, as containerd does for user namespaces.
-                    if let Some(p) = store.get(&ns, &parent)? {
-                        let pfs = snaps.join(p.id.to_string()).join("fs");
-                        if let Ok(md) = std::fs::metadata(&pfs) {
-                            std::os::unix::fs::chown(
-                                tmp2.join("fs"),
-                                Some(md.uid()),
-                                Some(md.gid()),
-                            )
-                            .map_err(|e| Error::io("chown", tmp2.join("fs"), e))?;
+        blocking(move || {
+            let _creating = dirs.read().unwrap_or_else(|p| p.into_inner());
+            let res = (|| {
+                mkdir(&tmp, 0o700)?;
+                mkdir(&tmp.join("fs"), 0o755)?;
+                if kind == Kind::Active {
+                    mkdir(&tmp.join("work"), 0o711)?;
+                }
+                store.create(&ns, &key, kind, &parent, labels, |id| {
+                    if !parent.is_empty() {
+                        // Keep the owner of the parent's root, as containerd does for user namespaces.
+                        if let Some(p) = store.get(&ns, &parent)? {
+                            let pfs = snaps.join(p.id.to_string()).join("fs");
+                            if let Ok(md) = std::fs::metadata(&pfs) {
+                                std::os::unix::fs::chown(
+                                    tmp.join("fs"),
+                                    Some(md.uid()),
+                                    Some(md.gid()),
+                                )
+                                .map_err(|e| Error::io("chown", tmp.join("fs"), e))?;
+                            }
                         }
                     }
+                    let dst = snaps.join(id.to_string());
+                    std::fs::rename(&tmp, &dst).map_err(|e| Error::io("rename", &dst, e))
+                })
+            })();
+            if res.is_err() && tmp.exists() {
+                if let Err(e) = std::fs::remove_dir_all(&tmp) {
+                    tracing::warn!(path = %tmp.display(), error = %e, "removing temporary directory failed");
                 }
-                let dst = snaps.join(id.to_string());
-                std::fs::rename(&tmp2, &dst).map_err(|e| Error::io("rename", &dst, e))
-            })
-        })
-        .await;
-        if res.is_err() && tmp.exists() {
-            if let Err(e) = std::fs::remove_dir_all(&tmp) {
-                tracing::warn!(path = %tmp.display(), error = %e, "removing temporary directory failed");
             }
-        }
-        lock(&self.in_flight).remove(&name);
-        res
+            res
+        })
+        .await
     }
 
     /// The mounts of an existing active or view snapshot.
@@ -539,8 +542,9 @@ impl<R: RemoteFs> Snapshotter<R> {
     pub async fn cleanup(&self) -> Result<usize> {
         let store = self.store.clone();
         let snaps = self.root.join("snapshots");
-        let in_flight = self.in_flight.clone();
+        let dirs = self.dirs.clone();
         blocking(move || {
+            let _no_creates = dirs.write().unwrap_or_else(|p| p.into_inner());
             let ids: HashSet<String> = store
                 .all()?
                 .into_iter()
@@ -552,7 +556,7 @@ impl<R: RemoteFs> Snapshotter<R> {
             for ent in rd {
                 let ent = ent.map_err(|e| Error::io("read directory", &snaps, e))?;
                 let name = ent.file_name().to_string_lossy().into_owned();
-                if ids.contains(&name) || lock(&in_flight).contains(&name) {
+                if ids.contains(&name) {
                     continue;
                 }
                 let p = ent.path();
@@ -635,9 +639,4 @@ impl<R: RemoteFs> Snapshotter<R> {
         }
         Ok(())
     }
-}
-
-fn lock<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
-    // A panic while holding this lock cannot leave the set inconsistent.
-    m.lock().unwrap_or_else(|p| p.into_inner())
 }

@@ -539,3 +539,57 @@ async fn restore_after_restart() {
     assert!(root.join("snapshots/1/fs/remote-file").exists());
     assert_eq!(*fake.unmounted.lock().unwrap(), vec![orphan]);
 }
+
+/// containerd calls Cleanup whenever its garbage collector ran, while other clients
+/// keep preparing: a snapshot whose record is being committed must never be taken for
+/// an orphan directory.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cleanup_never_removes_snapshots_being_created() {
+    let h = start(Arc::new(FakeRemote::default())).await;
+    let ns = "race";
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut cleaners = Vec::new();
+    for _ in 0..2 {
+        let mut c = h.client.clone();
+        let done = done.clone();
+        cleaners.push(tokio::spawn(async move {
+            let mut rounds = 0u32;
+            while !done.load(Ordering::SeqCst) {
+                c.cleanup(req(
+                    ns,
+                    pb::CleanupRequest {
+                        snapshotter: String::new(),
+                    },
+                ))
+                .await
+                .unwrap();
+                rounds += 1;
+            }
+            rounds
+        }));
+    }
+    let mut creators = Vec::new();
+    for t in 0..4 {
+        let mut c = h.client.clone();
+        creators.push(tokio::spawn(async move {
+            for i in 0..50 {
+                prepare(&mut c, ns, &format!("k{t}-{i}"), "", HashMap::new())
+                    .await
+                    .unwrap();
+            }
+        }));
+    }
+    for t in creators {
+        t.await.unwrap();
+    }
+    done.store(true, Ordering::SeqCst);
+    for t in cleaners {
+        assert!(t.await.unwrap() > 0, "cleanup never ran");
+    }
+    assert_eq!(list(&mut h.client.clone(), ns, &[]).await.len(), 200);
+    assert_eq!(
+        snapshot_dirs(&h.root).len(),
+        200,
+        "a snapshot directory was removed"
+    );
+}
