@@ -9,11 +9,13 @@ use std::io::{self, Write};
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
+use std::time::Duration;
 
 use sha2::{Digest as _, Sha256};
 use tracing::warn;
 
 use crate::error::{Error, Result};
+use crate::priority::{Priority, DEFAULT_QUIET};
 
 /// Cache key: the chunk's sha256 (or a synthetic one for unverified chunks).
 pub type Key = [u8; 32];
@@ -62,9 +64,13 @@ impl Lru {
 }
 
 /// Memory LRU plus optional directory. Cheap to share behind an `Arc`.
+///
+/// Every layer of a process shares its cache, so the cache also carries the
+/// [`Priority`] gate between their prioritized and background fetches.
 pub struct ChunkCache {
     mem: Mutex<Lru>,
     dir: Option<PathBuf>,
+    priority: Arc<Priority>,
 }
 
 impl ChunkCache {
@@ -79,7 +85,19 @@ impl ChunkCache {
                 order: BTreeMap::new(),
             }),
             dir: None,
+            priority: Priority::new(DEFAULT_QUIET),
         }
+    }
+
+    /// Sets how long background fetch waits after the last prioritized work.
+    pub fn with_background_quiet(mut self, quiet: Duration) -> ChunkCache {
+        self.priority = Priority::new(quiet);
+        self
+    }
+
+    /// The gate every layer using this cache fetches through.
+    pub fn priority(&self) -> &Arc<Priority> {
+        &self.priority
     }
 
     /// A cache in `dir` (created if missing) with a memory LRU of `max_mem_bytes`.

@@ -90,6 +90,9 @@ pub struct Config {
     pub disable_verification: bool,
     /// Concurrent background fetches per layer.
     pub max_concurrency: usize,
+    /// Not a reference key: milliseconds without prioritized work (mounts, prefetch,
+    /// reads) in any layer before background fetch runs.
+    pub background_fetch_quiet_msec: u64,
     pub directory_cache: DirectoryCacheConfig,
     pub fuse: FuseConfig,
 }
@@ -105,6 +108,7 @@ impl Default for Config {
             allow_no_verification: false,
             disable_verification: false,
             max_concurrency: DEFAULT_MAX_CONCURRENCY,
+            background_fetch_quiet_msec: crate::priority::DEFAULT_QUIET.as_millis() as u64,
             directory_cache: DirectoryCacheConfig::default(),
             fuse: FuseConfig::default(),
         }

@@ -7,7 +7,7 @@ use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use bytes::Bytes;
 use estargz::{Compression, Index, NodeId, NodeKind, OpenOptions, Reader};
@@ -25,8 +25,6 @@ pub const TAIL_READ: u64 = 512 << 10;
 const COALESCE_GAP: u64 = 32 << 10;
 /// Target size of one background fetch request.
 const WINDOW_BYTES: u64 = 4 << 20;
-/// Longest a background worker defers to on-demand reads before taking its turn.
-const MAX_YIELD: Duration = Duration::from_secs(1);
 
 /// What the daemon knows about a layer from its descriptor.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -141,13 +139,6 @@ impl RangeSet {
     }
 }
 
-struct OnDemand<'a>(&'a AtomicUsize);
-impl Drop for OnDemand<'_> {
-    fn drop(&mut self) {
-        self.0.fetch_sub(1, Ordering::SeqCst);
-    }
-}
-
 /// An opened layer. Share it behind an `Arc`; every method takes `&self`.
 pub struct Layer {
     desc: LayerDesc,
@@ -159,7 +150,6 @@ pub struct Layer {
     blob_size: u64,
     inflight: Mutex<HashMap<Key, Arc<Slot>>>,
     coverage: Mutex<RangeSet>,
-    ondemand: AtomicUsize,
     windows: Vec<Window>,
     complete: AtomicBool,
     stop: AtomicBool,
@@ -175,6 +165,7 @@ impl Layer {
         cfg: &Config,
         cache: Arc<ChunkCache>,
     ) -> Result<Layer> {
+        let _busy = cache.priority().busy();
         let expected = if cfg.disable_verification {
             None
         } else {
@@ -244,7 +235,6 @@ impl Layer {
             verify: !cfg.disable_verification,
             inflight: Mutex::new(HashMap::new()),
             coverage: Mutex::new(coverage),
-            ondemand: AtomicUsize::new(0),
             windows,
             complete: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -351,8 +341,7 @@ impl Layer {
         if chunks.is_empty() {
             return Ok(Vec::new());
         }
-        self.ondemand.fetch_add(1, Ordering::SeqCst);
-        let _busy = OnDemand(&self.ondemand);
+        let _busy = self.cache.priority().busy();
         let refs: Vec<ChunkRef> = (first..first + chunks.len()).map(|i| (id, i)).collect();
         let datas = self
             .fill(&refs, None, true)
@@ -567,6 +556,7 @@ impl Layer {
         let Some(end) = self.index.prefetch_end else {
             return Ok(());
         };
+        let _busy = self.cache.priority().busy();
         let mut wend = end;
         let mut refs = Vec::new();
         for w in &self.windows {
@@ -587,8 +577,9 @@ impl Layer {
         Ok(())
     }
 
-    /// Fetches the rest of the layer in large windows with `workers` threads, deferring
-    /// to on-demand reads. Returns whether the whole layer is now local.
+    /// Fetches the rest of the layer in large windows with `workers` threads, each window
+    /// only once no prioritized work (of any layer sharing the cache) has run for the
+    /// quiet period. Returns whether the whole layer is now local.
     pub fn background_fetch(&self, workers: usize) -> bool {
         let next = AtomicUsize::new(0);
         let failed = AtomicBool::new(false);
@@ -602,12 +593,8 @@ impl Layer {
                     let Some(w) = self.windows.get(i) else {
                         return;
                     };
-                    let t = Instant::now();
-                    while self.ondemand.load(Ordering::SeqCst) > 0
-                        && t.elapsed() < MAX_YIELD
-                        && !self.stop.load(Ordering::SeqCst)
-                    {
-                        std::thread::sleep(Duration::from_millis(2));
+                    if !self.cache.priority().wait_quiet(&self.stop) {
+                        return;
                     }
                     if w.chunks
                         .iter()

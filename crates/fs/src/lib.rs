@@ -24,6 +24,7 @@ pub mod fetcher;
 mod fusefs;
 pub mod layer;
 mod mount;
+pub mod priority;
 
 pub use cache::ChunkCache;
 pub use config::{CacheType, Config, DirectoryCacheConfig, FuseConfig};

@@ -28,11 +28,13 @@ const UNMOUNT_WAIT: Duration = Duration::from_secs(5);
 /// The chunk cache a configuration asks for: on disk under `dir`, or memory only.
 pub fn cache_from_config(cfg: &Config, dir: &Path) -> Result<Arc<ChunkCache>> {
     let mem = cfg.directory_cache.max_memory_bytes;
-    Ok(Arc::new(if cfg.uses_directory_cache() {
+    let cache = if cfg.uses_directory_cache() {
         ChunkCache::directory(dir, mem)?
     } else {
         ChunkCache::memory(mem)
-    }))
+    };
+    let quiet = Duration::from_millis(cfg.background_fetch_quiet_msec);
+    Ok(Arc::new(cache.with_background_quiet(quiet)))
 }
 
 /// Opens the layer behind `fetcher` and mounts it read-only at `mountpoint`. Returns once

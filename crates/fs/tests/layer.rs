@@ -3,6 +3,7 @@
 mod common;
 
 use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use common::*;
 use fs::{ChunkCache, Config, Layer};
@@ -35,9 +36,63 @@ fn read_all_and_compare(layer: &Layer, entries: &[Entry]) {
 
 fn open(blob: &Blob, cfg: &Config) -> (Arc<TestFetcher>, Layer) {
     let fetcher = TestFetcher::open(&blob.path);
-    let cache = Arc::new(ChunkCache::memory(64 << 20));
+    // No quiet period: these tests run background fetch right after opening.
+    let cache = Arc::new(ChunkCache::memory(64 << 20).with_background_quiet(Duration::ZERO));
     let layer = Layer::open(fetcher.clone(), blob.desc.clone(), cfg, cache).expect("open");
     (fetcher, layer)
+}
+
+/// Background fetch of a layer holds off while reads keep coming, and fills the layer
+/// once they stopped for the quiet period.
+#[test]
+fn background_fetch_waits_until_reads_quiet_down() {
+    init_tracing();
+    let e = entries();
+    let blob = make_blob(&e, 64 << 10, &[]);
+    let fetcher = TestFetcher::open(&blob.path);
+    let cache =
+        Arc::new(ChunkCache::memory(64 << 20).with_background_quiet(Duration::from_millis(1500)));
+    let layer = Arc::new(
+        Layer::open(
+            fetcher.clone(),
+            blob.desc.clone(),
+            &Config::default(),
+            cache,
+        )
+        .expect("open"),
+    );
+    let bg = {
+        let layer = layer.clone();
+        std::thread::spawn(move || layer.background_fetch(2))
+    };
+    let fetched = |layer: &Layer| -> u64 {
+        let v: serde_json::Value = serde_json::from_slice(&layer.state_json()).expect("json");
+        v["fetchedSize"].as_u64().expect("fetchedSize")
+    };
+    let one_file = {
+        let id = layer.index().lookup("d/f4").expect("f4");
+        layer.read(id, 0, 10).expect("read");
+        fetched(&layer)
+    };
+    // A second of reads of the same (cached) file: the layer is never quiet.
+    let until = Instant::now() + Duration::from_secs(1);
+    while Instant::now() < until {
+        let id = layer.index().lookup("d/f4").expect("f4");
+        layer.read(id, 0, 10).expect("read");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    assert_eq!(
+        fetched(&layer),
+        one_file,
+        "background fetch ran while reads went on"
+    );
+    assert!(!layer.is_complete());
+    assert!(
+        bg.join().expect("background thread"),
+        "background fetch failed"
+    );
+    assert!(layer.is_complete());
+    assert!(fetched(&layer) > one_file);
 }
 
 #[test]

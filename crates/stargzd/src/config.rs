@@ -18,6 +18,7 @@ const KNOWN: &[&str] = &[
     "allow_no_verification",
     "disable_verification",
     "max_concurrency",
+    "background_fetch_quiet_msec",
     "no_prometheus",
     "blob",
     "directory_cache",
