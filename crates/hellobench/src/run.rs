@@ -546,7 +546,8 @@ pub fn run(opts: &Options, command_line: &str) -> Result<Vec<Record>> {
         drop(prep);
     }
 
-    let link = linkshape::Link::up("hb", profile)?;
+    // Per process, so concurrent runs (parallel tests) do not collide.
+    let link = linkshape::Link::up(&format!("hb{}", std::process::id()), profile)?;
     let reg = format!("{}:5000", link.server_addr);
     let _registry = env::start_registry(
         &opts.work_dir.join("registry"),

@@ -56,7 +56,7 @@ fn smoke_run_writes_records_report_and_chart() {
     }
     let tmp = tempfile::tempdir().expect("temp dir");
     let out = tmp.path().join("out");
-    let status = Command::new(env!("CARGO_BIN_EXE_hellobench"))
+    let mut child = Command::new(env!("CARGO_BIN_EXE_hellobench"))
         .args(["run", "--smoke"])
         .arg("--bin-dir")
         .arg(&bins)
@@ -66,8 +66,10 @@ fn smoke_run_writes_records_report_and_chart() {
         .arg(tmp.path().join("cache"))
         .arg("--work-dir")
         .arg(tmp.path().join("work"))
-        .status()
+        .spawn()
         .expect("running hellobench");
+    let pid = child.id();
+    let status = child.wait().expect("waiting for hellobench");
     assert!(status.success(), "hellobench run --smoke failed");
 
     let text = std::fs::read_to_string(out.join("lan.jsonl")).expect("records");
