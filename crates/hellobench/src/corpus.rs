@@ -18,7 +18,7 @@ use sha2::{Digest, Sha256};
 pub const MIRROR: &str = "http://deb.debian.org/debian";
 const SUITE: &str = "bookworm";
 /// Bumped whenever the way a stage is built changes, so caches are rebuilt.
-const RECIPE_VERSION: &str = "hellobench-corpus-1";
+const RECIPE_VERSION: &str = "hellobench-corpus-2";
 const PATH_ENV: &str = "PATH=/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin";
 
 /// What a container runs and the output line that means it is done (or ready).
@@ -267,6 +267,15 @@ fn build_stage(dir: &Path, stage: &Stage, lowers: &[PathBuf]) -> Result<()> {
                 .args(["--variant=minbase", SUITE])
                 .arg(&upper)
                 .arg(MIRROR))?;
+            // debootstrap leaves its downloads and the package lists behind.
+            for d in ["var/cache/apt/archives", "var/lib/apt/lists"] {
+                for e in fs::read_dir(upper.join(d))? {
+                    let e = e?;
+                    if e.file_type()?.is_file() && e.file_name() != "lock" {
+                        fs::remove_file(e.path())?;
+                    }
+                }
+            }
             // ctr provides no /etc/hosts; servers resolve localhost through it.
             fs::write(
                 upper.join("etc/hosts"),
@@ -289,7 +298,7 @@ fn build_stage(dir: &Path, stage: &Stage, lowers: &[PathBuf]) -> Result<()> {
                 let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())?;
                 // SAFETY: mknod with a valid C string; a 0/0 character device is
                 // overlayfs's whiteout, turned into `.wh.` by write_layer.
-                if unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR | 0o000, 0) } != 0 {
+                if unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR, 0) } != 0 {
                     return Err(std::io::Error::last_os_error()).context("mknod whiteout");
                 }
             }

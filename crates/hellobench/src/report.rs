@@ -105,6 +105,19 @@ pub fn summarize(records: &[Record]) -> Vec<Summary> {
         .collect()
 }
 
+/// Peak RSS of the daemon that served the mode's layers (none for legacy).
+fn serving_rss(x: &Summary) -> Option<f64> {
+    match MODES
+        .iter()
+        .find(|m| m.name == x.mode)
+        .map(|m| m.snapshotter)
+    {
+        Some("stargz") => x.rss_ours,
+        Some("stargz-ref") => x.rss_ref,
+        _ => None,
+    }
+}
+
 /// The physical limit of an image in seconds, when it can be computed.
 pub fn limit(meta: &Meta, sums: &[Summary], image: &str) -> Option<(f64, f64, f64, f64)> {
     let need = meta.needed.get(image)?;
@@ -177,9 +190,9 @@ fn markdown(meta: &Meta, records: &[Record], sums: &[Summary], png: &Path) -> St
     }
     let _ = writeln!(
         s,
-        "| image | mode | pull s | create s | run s | total s (p95) | MB from registry | RSS ours MB | RSS ref MB | × limit | n |"
+        "| image | mode | pull s | create s | run s | total s (p95) | MB from registry | daemon peak RSS MB | × limit | n |"
     );
-    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|");
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|---:|---:|---:|---:|");
     let fmt_opt = |v: Option<f64>| v.map(|x| format!("{x:.0}")).unwrap_or_else(|| "–".into());
     for x in sums {
         let lim = limit(meta, sums, &x.image)
@@ -187,7 +200,7 @@ fn markdown(meta: &Meta, records: &[Record], sums: &[Summary], png: &Path) -> St
             .unwrap_or_else(|| "–".into());
         let _ = writeln!(
             s,
-            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} ({:.2}) | {:.1} | {} | {} | {} | {} |",
+            "| {} | {} | {:.2} | {:.2} | {:.2} | {:.2} ({:.2}) | {:.1} | {} | {} | {} |",
             x.image,
             x.mode,
             x.pull,
@@ -196,8 +209,7 @@ fn markdown(meta: &Meta, records: &[Record], sums: &[Summary], png: &Path) -> St
             x.total,
             x.total_p95,
             x.bytes / 1e6,
-            fmt_opt(x.rss_ours),
-            fmt_opt(x.rss_ref),
+            fmt_opt(serving_rss(x)),
             lim,
             x.n
         );
@@ -351,7 +363,8 @@ fn chart(path: &Path, meta: &Meta, sums: &[Summary]) -> Result<()> {
         .label_style(("sans-serif", 13))
         .draw()
         .map_err(|e| anyhow!("{e}"))?;
-    let phases: [(&str, RGBColor, fn(&Summary) -> (f64, f64)); 3] = [
+    type Span = fn(&Summary) -> (f64, f64);
+    let phases: [(&str, RGBColor, Span); 3] = [
         ("pull", RGBColor(66, 114, 196), |s| (0.0, s.pull)),
         ("create", RGBColor(237, 125, 49), |s| {
             (s.pull, s.pull + s.create)

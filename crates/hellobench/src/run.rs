@@ -404,16 +404,25 @@ fn run_until_line(
     }
 }
 
-fn sample(
-    stack: &Stack,
-    reference: &str,
-    mode: &Mode,
-    wl: &Workload,
-    rpull: &Path,
-    server_ns: &str,
-    rec: &mut Record,
+/// What one sample runs, and where.
+struct SampleSpec<'a> {
+    reference: &'a str,
+    mode: &'a Mode,
+    workload: &'a Workload,
+    rpull: &'a Path,
+    server_ns: &'a str,
     timeout: Duration,
-) -> Result<()> {
+}
+
+fn sample(stack: &Stack, spec: &SampleSpec, rec: &mut Record) -> Result<()> {
+    let SampleSpec {
+        reference,
+        mode,
+        workload: wl,
+        rpull,
+        server_ns,
+        timeout,
+    } = *spec;
     let b0 = env::server_tx_bytes(server_ns)?;
     rec.pull_s = if mode.variant == Variant::Legacy {
         timed(stack.ctr().args([
@@ -605,16 +614,15 @@ pub fn run(opts: &Options, command_line: &str) -> Result<Vec<Record>> {
                 let dir = opts.work_dir.join("sample");
                 let stack = Stack::start(&dir, &bins, Some(&link.client_ns), &reg)?;
                 let reference = format!("{reg}/{}:{}", img.name, m.variant.tag());
-                let r = sample(
-                    &stack,
-                    &reference,
-                    &m,
-                    &img.workload,
-                    &opts.debian_ctr_remote,
-                    &link.server_ns,
-                    &mut rec,
-                    opts.run_timeout,
-                );
+                let spec = SampleSpec {
+                    reference: &reference,
+                    mode: &m,
+                    workload: &img.workload,
+                    rpull: &opts.debian_ctr_remote,
+                    server_ns: &link.server_ns,
+                    timeout: opts.run_timeout,
+                };
+                let r = sample(&stack, &spec, &mut rec);
                 rec.rss_ours_kib = stack.ours.peak_rss_kib();
                 rec.rss_ref_kib = stack.reference.as_ref().and_then(Proc::peak_rss_kib);
                 if let Err(e) = r {

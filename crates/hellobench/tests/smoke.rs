@@ -105,13 +105,13 @@ fn smoke_run_writes_records_report_and_chart() {
         png.starts_with(b"\x89PNG") && png.len() > 2000,
         "chart is not a PNG"
     );
-    // Nothing left behind: namespaces gone.
+    // Nothing left behind: the run's namespaces are gone.
     let ns = Command::new("ip")
         .args(["netns", "list"])
         .output()
         .expect("ip netns");
     assert!(
-        !String::from_utf8_lossy(&ns.stdout).contains("hb-"),
+        !String::from_utf8_lossy(&ns.stdout).contains(&format!("hb{pid}-")),
         "namespaces left behind"
     );
 }
