@@ -447,11 +447,13 @@ fn sample(stack: &Stack, spec: &SampleSpec, rec: &mut Record) -> Result<()> {
     rec.create_s = timed(
         stack
             .ctr()
+            // `--`: ctr would take a workload's `-c` for its own flag.
             .args([
                 "containers",
                 "create",
                 "--snapshotter",
                 mode.snapshotter,
+                "--",
                 reference,
                 id,
             ])
