@@ -50,6 +50,8 @@ pub struct Summary {
     pub total: f64,
     pub total_p95: f64,
     pub bytes: f64,
+    pub bytes_pull: f64,
+    pub bytes_create: f64,
     pub rss_ours: Option<f64>,
     pub rss_ref: Option<f64>,
 }
@@ -98,6 +100,8 @@ pub fn summarize(records: &[Record]) -> Vec<Summary> {
                 total: median(&f(&|r| r.total_s())),
                 total_p95: p95(&f(&|r| r.total_s())),
                 bytes: median(&f(&|r| r.bytes as f64)),
+                bytes_pull: median(&f(&|r| r.bytes_pull as f64)),
+                bytes_create: median(&f(&|r| r.bytes_create as f64)),
                 rss_ours: opt(&|r| r.rss_ours_kib),
                 rss_ref: opt(&|r| r.rss_ref_kib),
             }
@@ -289,6 +293,28 @@ fn markdown(meta: &Meta, records: &[Record], sums: &[Summary], png: &Path) -> St
                 if a < b { "met" } else { "MISSED" }
             );
         }
+    }
+    let _ = writeln!(
+        s,
+        "\n## Where the bytes went (MB from the registry, median)\n"
+    );
+    let _ = writeln!(
+        s,
+        "| image | mode | during pull | during create | during run | total |"
+    );
+    let _ = writeln!(s, "|---|---|---:|---:|---:|---:|");
+    for x in sums {
+        let run = (x.bytes - x.bytes_pull - x.bytes_create).max(0.0);
+        let _ = writeln!(
+            s,
+            "| {} | {} | {:.1} | {:.1} | {:.1} | {:.1} |",
+            x.image,
+            x.mode,
+            x.bytes_pull / 1e6,
+            x.bytes_create / 1e6,
+            run / 1e6,
+            x.bytes / 1e6
+        );
     }
     let problems: Vec<&Record> = records.iter().filter(|r| !r.ok()).collect();
     if !problems.is_empty() || !meta.notes.is_empty() {

@@ -119,6 +119,11 @@ pub struct Record {
     /// Bytes the registry side sent over the link from pull start until the line.
     #[serde(default)]
     pub bytes: u64,
+    /// Of those, sent during the pull and during the create phase.
+    #[serde(default)]
+    pub bytes_pull: u64,
+    #[serde(default)]
+    pub bytes_create: u64,
     #[serde(default)]
     pub rss_ours_kib: Option<u64>,
     #[serde(default)]
@@ -443,6 +448,8 @@ fn sample(stack: &Stack, spec: &SampleSpec, rec: &mut Record) -> Result<()> {
             reference,
         ]))?
     };
+    let b1 = env::server_tx_bytes(server_ns)?;
+    rec.bytes_pull = b1.saturating_sub(b0);
     let id = "hb";
     rec.create_s = timed(
         stack
@@ -459,6 +466,7 @@ fn sample(stack: &Stack, spec: &SampleSpec, rec: &mut Record) -> Result<()> {
             ])
             .args(&wl.args),
     )?;
+    rec.bytes_create = env::server_tx_bytes(server_ns)?.saturating_sub(b1);
     let (run_s, line) = run_until_line(stack, id, wl, timeout)?;
     rec.run_s = run_s;
     rec.line_seen = Some(line);
@@ -594,6 +602,8 @@ pub fn run(opts: &Options, command_line: &str) -> Result<Vec<Record>> {
                     run_s: 0.0,
                     line_seen: None,
                     bytes: 0,
+                    bytes_pull: 0,
+                    bytes_create: 0,
                     rss_ours_kib: None,
                     rss_ref_kib: None,
                 };
