@@ -195,6 +195,8 @@ pub struct Bins {
     pub ours_daemon: PathBuf,
     pub ours_cli: PathBuf,
     pub ref_daemon: Option<PathBuf>,
+    /// TOML appended to our daemon's generated configuration (e.g. to try settings).
+    pub ours_extra_config: String,
 }
 
 /// containerd plus the proxy snapshotters, all in `dir`, torn down on drop.
@@ -222,7 +224,10 @@ impl Stack {
         let resolver = format!(
             "[[resolver.host.\"{registry_host}\".mirrors]]\nhost = \"{registry_host}\"\ninsecure = true\n"
         );
-        fs::write(dir.join("ours.toml"), &resolver)?;
+        fs::write(
+            dir.join("ours.toml"),
+            format!("{}\n{resolver}", bins.ours_extra_config),
+        )?;
         let mut cmd = in_netns(netns, &bins.ours_daemon.display().to_string());
         cmd.arg("--address")
             .arg(dir.join("ours.sock"))

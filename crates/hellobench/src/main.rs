@@ -21,6 +21,8 @@ struct Cli {
 
 const DEFAULT_IMAGES: &str = "debian,python,node,gcc,golang,java,postgres,redis";
 
+// Parsed once; its size does not matter.
+#[allow(clippy::large_enum_variant)]
 #[derive(Subcommand)]
 enum Cmd {
     /// Build (or find cached) the images' OCI layouts.
@@ -73,6 +75,9 @@ struct RunArgs {
     /// The reference daemon (reference/build.sh output); its modes are skipped without it.
     #[arg(long)]
     ref_daemon: Option<PathBuf>,
+    /// A TOML file whose top-level keys are added to our daemon's configuration.
+    #[arg(long)]
+    ours_config: Option<PathBuf>,
     /// Debian's ctr-remote (rpull for every lazy mode; the reference's converter).
     #[arg(long, default_value = "/usr/bin/ctr-remote")]
     debian_ctr_remote: PathBuf,
@@ -130,6 +135,11 @@ fn main() -> Result<()> {
                     ours_daemon: std::path::absolute(ours_daemon)?,
                     ours_cli: std::path::absolute(ours_cli)?,
                     ref_daemon: a.ref_daemon,
+                    ours_extra_config: match &a.ours_config {
+                        Some(p) => std::fs::read_to_string(p)
+                            .with_context(|| format!("reading {}", p.display()))?,
+                        None => String::new(),
+                    },
                 },
                 debian_ctr_remote: a.debian_ctr_remote,
                 optimize_period: a.optimize_period,

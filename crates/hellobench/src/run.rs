@@ -489,6 +489,15 @@ pub fn run(opts: &Options, command_line: &str) -> Result<Vec<Record>> {
         ));
         bins.ref_daemon = None;
     }
+    if !bins.ours_extra_config.trim().is_empty() {
+        notes.push(format!(
+            "our daemon ran with extra configuration: `{}`",
+            bins.ours_extra_config
+                .split_whitespace()
+                .collect::<Vec<_>>()
+                .join(" ")
+        ));
+    }
     let needs_ref = modes.iter().any(|m| m.snapshotter == "stargz-ref");
     if !needs_ref {
         bins.ref_daemon = None;
