@@ -534,3 +534,100 @@ fn write_layout(layout: &Path, layers: &[Layer], workload: &Workload) -> Result<
     fs::write(layout.join("index.json"), serde_json::to_vec(&index)?)?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn is_root() -> bool {
+        // SAFETY: geteuid has no preconditions.
+        unsafe { libc::geteuid() == 0 }
+    }
+
+    /// An overlay upper dir as the kernel leaves it: a 0/0 character device for a
+    /// deleted file and the opaque xattr on a replaced directory.
+    #[test]
+    fn upper_dir_whiteouts_become_wh_entries() {
+        if !is_root() {
+            if std::env::var("CI").as_deref() == Ok("true") {
+                panic!("needs root (mknod, trusted.* xattrs)");
+            }
+            eprintln!("!!!!!!!! SKIPPING: needs root (mknod, trusted.* xattrs) !!!!!!!!");
+            return;
+        }
+        let tmp = tempfile::tempdir().unwrap();
+        let upper = tmp.path().join("upper");
+        fs::create_dir_all(upper.join("etc/replaced")).unwrap();
+        fs::create_dir_all(upper.join("proc/self")).unwrap();
+        fs::write(upper.join("etc/new"), "new\n").unwrap();
+        fs::write(upper.join("etc/resolv.conf"), "nameserver 1.1.1.1\n").unwrap();
+        fs::write(upper.join("etc/replaced/kept"), "x").unwrap();
+        let gone =
+            std::ffi::CString::new(upper.join("etc/gone").into_os_string().into_encoded_bytes())
+                .unwrap();
+        // SAFETY: valid C string; creates a 0/0 character device (overlay whiteout).
+        assert_eq!(unsafe { libc::mknod(gone.as_ptr(), libc::S_IFCHR, 0) }, 0);
+        let dir = std::ffi::CString::new(
+            upper
+                .join("etc/replaced")
+                .into_os_string()
+                .into_encoded_bytes(),
+        )
+        .unwrap();
+        // SAFETY: valid C strings and a one-byte value.
+        let rc = unsafe {
+            libc::lsetxattr(
+                dir.as_ptr(),
+                c"trusted.overlay.opaque".as_ptr(),
+                b"y".as_ptr().cast(),
+                1,
+                0,
+            )
+        };
+        assert_eq!(rc, 0, "{}", std::io::Error::last_os_error());
+        let layer = write_layer(&upper, &tmp.path().join("layer.tar.gz")).unwrap();
+        assert!(layer.digest.starts_with("sha256:") && layer.diff_id.starts_with("sha256:"));
+        assert_eq!(layer.size, fs::metadata(&layer.blob).unwrap().len());
+
+        let gz = flate2::read::GzDecoder::new(fs::File::open(&layer.blob).unwrap());
+        let mut names = Vec::new();
+        let mut raw_hash = Sha256::new();
+        let mut ar = tar::Archive::new(gz);
+        for e in ar.entries().unwrap() {
+            let e = e.unwrap();
+            names.push(e.path().unwrap().display().to_string());
+        }
+        for want in [
+            "etc",
+            "etc/new",
+            "etc/.wh.gone",
+            "etc/replaced",
+            "etc/replaced/.wh..wh..opq",
+            "etc/replaced/kept",
+            "proc",
+        ] {
+            assert!(
+                names.contains(&want.to_string()),
+                "{want} missing from {names:?}"
+            );
+        }
+        for unwanted in ["etc/gone", "etc/resolv.conf", "proc/self"] {
+            assert!(
+                !names.contains(&unwanted.to_string()),
+                "{unwanted} in {names:?}"
+            );
+        }
+        // Parents come before their children.
+        let pos = |n: &str| names.iter().position(|x| x == n).unwrap();
+        assert!(pos("etc") < pos("etc/new") && pos("etc/replaced") < pos("etc/replaced/kept"));
+        // diff_id is the digest of the uncompressed tar.
+        let mut gz = flate2::read::GzDecoder::new(fs::File::open(&layer.blob).unwrap());
+        let mut raw = Vec::new();
+        std::io::Read::read_to_end(&mut gz, &mut raw).unwrap();
+        raw_hash.update(&raw);
+        assert_eq!(
+            layer.diff_id,
+            format!("sha256:{}", hex::encode(raw_hash.finalize()))
+        );
+    }
+}

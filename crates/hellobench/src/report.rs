@@ -421,3 +421,19 @@ fn chart(path: &Path, meta: &Meta, sums: &[Summary]) -> Result<()> {
     root.present().map_err(|e| anyhow!("{e}"))?;
     Ok(())
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn median_and_nearest_rank_p95() {
+        assert_eq!(median(&[3.0, 1.0, 2.0]), 2.0);
+        assert_eq!(median(&[4.0, 1.0, 2.0, 3.0]), 2.5);
+        assert!(median(&[]).is_nan());
+        let v: Vec<f64> = (1..=20).map(f64::from).collect();
+        assert_eq!(p95(&v), 19.0);
+        assert_eq!(p95(&[5.0, 1.0]), 5.0);
+        assert_eq!(p95(&[7.0]), 7.0);
+    }
+}
