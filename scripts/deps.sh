@@ -9,6 +9,7 @@ PKGS=(
   docker-registry containerd runc skopeo fuse3 protobuf-compiler
   python3 gzip tar zstd curl openssl apache2-utils iproute2 ca-certificates
   busybox-static stargz-snapshotter
+  debootstrap fonts-dejavu-core
 )
 missing=()
 for p in "${PKGS[@]}"; do
