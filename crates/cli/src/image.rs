@@ -22,7 +22,7 @@ pub enum ImageCommand {
     /// Pull an image into containerd, leaving eStargz layers to the remote snapshotter.
     Rpull(RpullArgs),
     /// Run the image's workload, record the files it reads, and convert with them prioritized.
-    Optimize(crate::optimize::OptimizeArgs),
+    Optimize(Box<crate::optimize::OptimizeArgs>),
 }
 
 /// containerd connection settings given as global flags.
@@ -154,7 +154,7 @@ pub fn run(cmd: ImageCommand, containerd: &Containerd) -> Result<()> {
             ImageCommand::GetTocDigest(a) => get_toc_cmd(a).await,
             ImageCommand::Inspect(a) => inspect_cmd(a).await,
             ImageCommand::Rpull(a) => rpull_cmd(a, containerd).await,
-            ImageCommand::Optimize(a) => crate::optimize::optimize_cmd(a).await,
+            ImageCommand::Optimize(a) => crate::optimize::optimize_cmd(*a).await,
         }
     })
 }

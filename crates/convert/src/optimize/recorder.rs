@@ -4,7 +4,7 @@
 
 use std::collections::HashSet;
 use std::os::fd::{AsFd, AsRawFd};
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
 use std::thread::JoinHandle;
@@ -130,7 +130,7 @@ fn accessed_path(fd: i32, rootfs: &Path) -> Option<String> {
     if !meta.is_file() {
         return None;
     }
-    let link = PathBuf::from(std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?);
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).ok()?;
     // Inside the container the rootfs is "/", so its files read as absolute
     // paths; accesses through the host's path to the rootfs are the runtime's
     // own set-up, not the workload's.
