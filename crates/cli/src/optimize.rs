@@ -255,9 +255,24 @@ pub async fn optimize_cmd(a: OptimizeArgs) -> Result<()> {
         cni: a.cni,
         gpus: a.gpus.clone(),
     };
-    let report = convert::optimize::optimize(&src, &dst, &opts)
-        .await
-        .with_context(|| format!("optimizing {} into {}", a.source, a.target))?;
+    // Ctrl-C drops the work in progress, whose guards delete the container,
+    // unmount the rootfs and remove temporary files. With --wait-on-signal the
+    // first one only ends the recording.
+    let work = convert::optimize::optimize(&src, &dst, &opts);
+    tokio::pin!(work);
+    let mut stops_left = usize::from(a.wait_on_signal);
+    let report = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            _ = tokio::signal::ctrl_c() => {
+                if stops_left == 0 {
+                    bail!("interrupted; the workload was stopped and its rootfs removed");
+                }
+                stops_left -= 1;
+            }
+        }
+    }
+    .with_context(|| format!("optimizing {} into {}", a.source, a.target))?;
     if let Some(out) = &a.record_out {
         convert::optimize::write_record(out, &report.record)
             .with_context(|| format!("writing --record-out {}", out.display()))?;
