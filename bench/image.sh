@@ -10,12 +10,15 @@
 # reference) and output size (sum of the layer blobs) are printed as a table.
 #
 #   sudo bench/image.sh            (needs root, runc, containerd, docker-registry, skopeo)
+#   OURS=path/to/ctr-remote SRC_TREE=usr/lib/go-1.19 bench/image.sh   (skip the build; other tree)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 [[ $(id -u) == 0 ]] || { echo "run as root" >&2; exit 1; }
 target_dir=${CARGO_TARGET_DIR:-target}
-cargo build --release -q -p cli --bin ctr-remote
-ours=$target_dir/release/ctr-remote
+if [[ -z ${OURS:-} ]]; then
+  cargo build --release -q -p cli --bin ctr-remote
+fi
+ours=${OURS:-$target_dir/release/ctr-remote}
 ref=/usr/bin/ctr-remote
 work=$(mktemp -d /var/tmp/stargz-image-bench.XXXXXX)
 pids=()
@@ -28,7 +31,7 @@ trap cleanup EXIT
 
 # The image: busybox as /bin/sh, the Go toolchain tree (a few hundred MB of real
 # files), and an entrypoint that compiles nothing but runs `go version` and `go env`.
-src_tree=usr/lib/go-1.19
+src_tree=${SRC_TREE:-usr/lib/go-1.19}
 [[ -d /$src_tree ]] || src_tree=usr/lib/x86_64-linux-gnu
 mkdir -p "$work/img/base/bin" "$work/img/app" "$work/layout/blobs/sha256"
 cp /bin/busybox "$work/img/base/bin/busybox"
@@ -105,39 +108,38 @@ TOML
 containerd --config "$work/ctd/config.toml" > "$work/ctd/log" 2>&1 & ctd_pid=$!; pids+=($ctd_pid)
 for _ in $(seq 100); do [[ -S $work/ctd/sock ]] && curl -fs "http://$reg/v2/" >/dev/null && break; sleep 0.1; done
 skopeo copy -q --dest-tls-verify=false "oci:$work/layout:v1" "docker://$reg/src/go:v1"
-R() { "$ref" --address "$work/ctd/sock" --namespace bench "$@"; }
+R="$ref --address $work/ctd/sock --namespace bench"
 
 cpu_of() { awk '{print $14 + $15}' "/proc/$1/stat"; }  # utime+stime in ticks
 hz=$(getconf CLK_TCK)
-# measure NAME CMD... : wall, client CPU (children of this shell) and containerd CPU.
+# measure NAME "COMMAND LINE" : wall, client CPU (children of this shell) and containerd CPU.
 declare -A wall cpu
 measure() {
-  local name=$1; shift
+  local name=$1 cmd=$2
   local c0 t0 t1 c1
   c0=$(cpu_of "$ctd_pid"); t0=$(date +%s%N)
-  /usr/bin/time -f "%U %S" -o "$work/time.$name" "$@" > "$work/out.$name" 2>&1 || { cat "$work/out.$name" >&2; exit 1; }
+  /usr/bin/time -f "%U %S" -o "$work/time.$name" bash -euc "$cmd" > "$work/out.$name" 2>&1 || { cat "$work/out.$name" >&2; exit 1; }
   t1=$(date +%s%N); c1=$(cpu_of "$ctd_pid")
   read -r u s < "$work/time.$name"
   wall[$name]=$(awk -v a="$t0" -v b="$t1" 'BEGIN{printf "%.2f", (b-a)/1e9}')
   cpu[$name]=$(awk -v u="$u" -v s="$s" -v c=$((c1 - c0)) -v hz="$hz" 'BEGIN{printf "%.2f", u + s + c / hz}')
 }
-steps() { for s in "$@"; do eval "$s" || return 1; done; }
 layers_size() { # REF -> sum of layer sizes in the registry's manifest
   skopeo inspect --raw --tls-verify=false "docker://$1" | python3 -c 'import json,sys; m=json.load(sys.stdin); print(sum(l["size"] for l in m["layers"]))'
 }
 
 # 1. Convert.
-measure ours_convert "$ours" image convert --estargz --oci "$reg/src/go:v1" "$reg/ours/go:esgz"
-measure ref_convert steps "R image pull --plain-http $reg/src/go:v1" \
-  "R image convert --estargz --oci $reg/src/go:v1 $reg/ref/go:esgz" \
-  "R image push --plain-http $reg/ref/go:esgz"
+measure ours_convert "$ours image convert --estargz --oci $reg/src/go:v1 $reg/ours/go:esgz"
+measure ref_convert "$R image pull --plain-http $reg/src/go:v1
+  $R image convert --estargz --oci $reg/src/go:v1 $reg/ref/go:esgz
+  $R image push --plain-http $reg/ref/go:esgz"
 # 2. Optimize (same workload: the image's entrypoint; period 10 s is the default,
 # the workload exits well before).
-R image rm "$reg/src/go:v1" "$reg/ref/go:esgz" > /dev/null
-measure ours_optimize "$ours" image optimize --oci --record-out "$work/ours.rec" "$reg/src/go:v1" "$reg/ours/go:opt"
-measure ref_optimize steps "R image pull --plain-http $reg/src/go:v1" \
-  "R image optimize --oci --record-out $work/ref.rec $reg/src/go:v1 $reg/ref/go:opt" \
-  "R image push --plain-http $reg/ref/go:opt"
+$R image rm "$reg/src/go:v1" "$reg/ref/go:esgz" > /dev/null
+measure ours_optimize "$ours image optimize --oci --record-out $work/ours.rec $reg/src/go:v1 $reg/ours/go:opt"
+measure ref_optimize "$R image pull --plain-http $reg/src/go:v1
+  $R image optimize --oci --record-out $work/ref.rec $reg/src/go:v1 $reg/ref/go:opt
+  $R image push --plain-http $reg/ref/go:opt"
 
 in_b=$(layers_size "$reg/src/go:v1")
 python3 - "$in_b" "$(uptime)" \
@@ -160,3 +162,7 @@ print()
 print(f"convert: {rc[0]/oc[0]:.2f}x faster (wall), {rc[1]/oc[1]:.2f}x less CPU, output {100*(oc[2]/rc[2]-1):+.2f}% vs reference")
 print(f"optimize: {ro[0]/oo[0]:.2f}x faster (wall), {ro[1]/oo[1]:.2f}x less CPU, output {100*(oo[2]/ro[2]-1):+.2f}% vs reference")
 PY
+echo
+echo "files recorded (ours | reference):"
+paste -d'|' <(python3 -c 'import json,sys; [print(json.loads(l)["path"]) for l in open(sys.argv[1])]' "$work/ours.rec") \
+  <(python3 -c 'import json,sys; [print(json.loads(l)["path"]) for l in open(sys.argv[1])]' "$work/ref.rec")
