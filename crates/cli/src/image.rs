@@ -21,6 +21,8 @@ pub enum ImageCommand {
     Inspect(InspectArgs),
     /// Pull an image into containerd, leaving eStargz layers to the remote snapshotter.
     Rpull(RpullArgs),
+    /// Run the image's workload, record the files it reads, and convert with them prioritized.
+    Optimize(Box<crate::optimize::OptimizeArgs>),
 }
 
 /// containerd connection settings given as global flags.
@@ -152,11 +154,12 @@ pub fn run(cmd: ImageCommand, containerd: &Containerd) -> Result<()> {
             ImageCommand::GetTocDigest(a) => get_toc_cmd(a).await,
             ImageCommand::Inspect(a) => inspect_cmd(a).await,
             ImageCommand::Rpull(a) => rpull_cmd(a, containerd).await,
+            ImageCommand::Optimize(a) => crate::optimize::optimize_cmd(*a).await,
         }
     })
 }
 
-fn client_for(args: &RegistryArgs, locations: &[&Location]) -> Result<Client> {
+pub(crate) fn client_for(args: &RegistryArgs, locations: &[&Location]) -> Result<Client> {
     let hosts: Vec<String> = locations
         .iter()
         .filter_map(|l| match l {
@@ -167,7 +170,7 @@ fn client_for(args: &RegistryArgs, locations: &[&Location]) -> Result<Client> {
     crate::registry_client(hosts.iter().map(String::as_str), args.user.as_deref())
 }
 
-fn open(s: &str) -> Result<Location> {
+pub(crate) fn open(s: &str) -> Result<Location> {
     Location::parse(s).with_context(|| format!("parsing image location {s:?}"))
 }
 
@@ -216,8 +219,46 @@ async fn convert_cmd(a: ConvertArgs) -> Result<()> {
     let src = Store::open(&src_loc, &client);
     let dst = Store::open(&dst_loc, &client);
 
+    let opts = ConvertOptions {
+        layer: LayerOptions {
+            target,
+            gzip_level,
+            zstd_level,
+            chunk_size: if a.estargz_chunk_size == 0 {
+                estargz::DEFAULT_CHUNK_SIZE
+            } else {
+                a.estargz_chunk_size
+            },
+            min_chunk_size: a.estargz_min_chunk_size,
+            prioritized_files,
+            reuse: a.reuse,
+            threads: 0,
+        },
+        oci: a.oci,
+        platforms,
+        all_platforms: a.all_platforms,
+        jobs: a.jobs.max(1),
+        workdir: a.workdir.clone(),
+        progress: Some(progress_printer()),
+        layer_prioritized: None,
+    };
+    let report = convert::convert(&src, &dst, &opts)
+        .await
+        .with_context(|| format!("converting {} to {}", a.source, a.target))?;
+    eprintln!(
+        "wrote {} ({}, {} manifest(s))",
+        dst.describe(),
+        report.media_type,
+        report.manifests.len()
+    );
+    println!("{}", report.digest);
+    Ok(())
+}
+
+/// Prints one line per finished layer on stderr.
+pub(crate) fn progress_printer() -> convert::ProgressFn {
     let terminal = std::io::stderr().is_terminal();
-    let progress = Arc::new(move |e: &LayerEvent| {
+    Arc::new(move |e: &LayerEvent| {
         let line = format!(
             "layer {}/{} {} -> {} {} ({} bytes{}, {:.1}s)",
             e.index,
@@ -239,40 +280,7 @@ async fn convert_cmd(a: ConvertArgs) -> Result<()> {
         } else {
             writeln!(err, "{line}")
         };
-    });
-    let opts = ConvertOptions {
-        layer: LayerOptions {
-            target,
-            gzip_level,
-            zstd_level,
-            chunk_size: if a.estargz_chunk_size == 0 {
-                estargz::DEFAULT_CHUNK_SIZE
-            } else {
-                a.estargz_chunk_size
-            },
-            min_chunk_size: a.estargz_min_chunk_size,
-            prioritized_files,
-            reuse: a.reuse,
-            threads: 0,
-        },
-        oci: a.oci,
-        platforms,
-        all_platforms: a.all_platforms,
-        jobs: a.jobs.max(1),
-        workdir: a.workdir.clone(),
-        progress: Some(progress),
-    };
-    let report = convert::convert(&src, &dst, &opts)
-        .await
-        .with_context(|| format!("converting {} to {}", a.source, a.target))?;
-    eprintln!(
-        "wrote {} ({}, {} manifest(s))",
-        dst.describe(),
-        report.media_type,
-        report.manifests.len()
-    );
-    println!("{}", report.digest);
-    Ok(())
+    })
 }
 
 fn short(d: &Digest) -> String {

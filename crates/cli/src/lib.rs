@@ -4,6 +4,7 @@
 pub mod blob;
 pub mod image;
 pub mod mount;
+pub mod optimize;
 
 use std::sync::Arc;
 

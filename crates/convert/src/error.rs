@@ -34,6 +34,20 @@ pub enum Error {
     Containerd(String),
     #[error("background task failed: {0}")]
     Task(String),
+    #[error("optimizing runs the workload in a container and needs root (CAP_SYS_ADMIN for overlayfs, fanotify and runc)")]
+    NotRoot,
+    #[error("fanotify is unavailable: {0} (needs root and a kernel with CONFIG_FANOTIFY)")]
+    Fanotify(String),
+    #[error("container runtime: {0}")]
+    Runtime(String),
+    #[error("preparing the workload's sandbox: {0}")]
+    Sandbox(String),
+    #[error("the workload failed ({status}); its output ends with:\n{output}")]
+    WorkloadFailed { status: String, output: String },
+    #[error("interrupted")]
+    Interrupted,
+    #[error("not supported: {0}")]
+    Unsupported(String),
 }
 
 impl Error {

@@ -147,7 +147,7 @@ fn open(path: &Path) -> Result<File> {
 }
 
 /// The decompressed stream of a blob.
-fn decompressed(path: &Path, c: BlobCompression) -> Result<Box<dyn Read>> {
+pub(crate) fn decompressed(path: &Path, c: BlobCompression) -> Result<Box<dyn Read>> {
     let f = BufReader::with_capacity(1 << 20, open(path)?);
     Ok(match c {
         BlobCompression::Gzip => Box::new(flate2::bufread::MultiGzDecoder::new(f)),

@@ -17,6 +17,7 @@
 pub mod error;
 pub mod inspect;
 pub mod layer;
+pub mod optimize;
 pub mod rpull;
 pub mod store;
 
@@ -66,6 +67,9 @@ pub struct ConvertOptions {
     pub workdir: Option<PathBuf>,
     /// Called once per layer as it finishes.
     pub progress: Option<ProgressFn>,
+    /// Prioritized files per source layer, replacing `layer.prioritized_files`:
+    /// a layer missing from the map gets none (and `.no.prefetch.landmark`).
+    pub layer_prioritized: Option<Arc<HashMap<Digest, Vec<String>>>>,
 }
 
 impl Default for ConvertOptions {
@@ -78,6 +82,7 @@ impl Default for ConvertOptions {
             jobs: 2,
             workdir: None,
             progress: None,
+            layer_prioritized: None,
         }
     }
 }
@@ -90,6 +95,7 @@ impl std::fmt::Debug for ConvertOptions {
             .field("platforms", &self.platforms)
             .field("all_platforms", &self.all_platforms)
             .field("jobs", &self.jobs)
+            .field("layer_prioritized", &self.layer_prioritized)
             .finish()
     }
 }
@@ -261,7 +267,18 @@ pub async fn convert(src: &Store, dst: &Store, opts: &ConvertOptions) -> Result<
                 let src = src.clone();
                 let dst = dst.clone();
                 let workdir = workdir.clone();
-                let layer_opts = layer_opts.clone();
+                let layer_opts = match &opts.layer_prioritized {
+                    Some(per_layer) => {
+                        let mut o = LayerOptions::clone(&layer_opts);
+                        o.prioritized_files =
+                            per_layer.get(&desc.digest).cloned().unwrap_or_default();
+                        // A layer the workload read must be rebuilt to carry its
+                        // priorities, even if it already is eStargz.
+                        o.reuse &= o.prioritized_files.is_empty();
+                        Arc::new(o)
+                    }
+                    None => layer_opts.clone(),
+                };
                 let progress = opts.progress.clone();
                 async move {
                     let started = Instant::now();

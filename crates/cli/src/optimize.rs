@@ -1,0 +1,289 @@
+//! `ctr-remote image optimize`: flags compatible with the reference, turned into
+//! [`convert::optimize::OptimizeOptions`]; the work happens in the library.
+
+use std::path::PathBuf;
+use std::time::Duration;
+
+use anyhow::{bail, Context, Result};
+use clap::Args;
+use convert::optimize::{MountSpec, OptimizeOptions, StopWhen, Workload};
+use convert::{ConvertOptions, LayerOptions, Store, Target};
+use registry::Platform;
+
+use crate::image::{client_for, open, progress_printer, RegistryArgs};
+
+#[derive(Debug, Args)]
+pub struct OptimizeArgs {
+    /// Source: a registry reference or oci:DIR[:TAG].
+    pub source: String,
+    /// Target: a registry reference or oci:DIR[:TAG].
+    pub target: String,
+    /// Reuse layers that already are eStargz and that the workload did not read.
+    #[arg(long)]
+    pub reuse: bool,
+    /// Platform to convert (os/arch[/variant]); repeatable. Only this host's is optimized.
+    #[arg(long = "platform", value_name = "PLATFORM")]
+    pub platforms: Vec<String>,
+    /// Convert every platform of an index (only this host's is optimized).
+    #[arg(long)]
+    pub all_platforms: bool,
+    /// Keep the workload running until SIGINT (Ctrl-C) instead of --period.
+    #[arg(long)]
+    pub wait_on_signal: bool,
+    /// Stop recording when the workload prints this line.
+    #[arg(long, value_name = "LINE")]
+    pub wait_on_line: Option<String>,
+    /// Convert without running the workload.
+    #[arg(long)]
+    pub no_optimize: bool,
+    /// Write the accessed files as JSON lines to this file.
+    #[arg(long, value_name = "FILE")]
+    pub record_out: Option<PathBuf>,
+    /// Write OCI media types instead of Docker ones.
+    #[arg(long)]
+    pub oci: bool,
+    /// Compression level (gzip 0-9, default 9; with --zstdchunked a zstd level, default 3).
+    #[arg(long)]
+    pub estargz_compression_level: Option<i32>,
+    /// Largest chunk of a regular file in bytes (0: the default, 4 MiB).
+    #[arg(long, default_value_t = 0)]
+    pub estargz_chunk_size: u64,
+    /// Small files share a compressed member until it holds this many bytes (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub estargz_min_chunk_size: u64,
+    /// Use zstd:chunked instead of eStargz (needs --oci).
+    #[arg(long)]
+    pub zstdchunked: bool,
+    /// Attach a terminal to the workload (needs -i).
+    #[arg(short = 't', long = "terminal")]
+    pub terminal: bool,
+    /// Attach stdin to the workload.
+    #[arg(short = 'i')]
+    pub stdin: bool,
+    /// Seconds to record file accesses.
+    #[arg(long, default_value_t = 10)]
+    pub period: u64,
+    /// User (and group) to run the workload as: user[:group], names or ids.
+    #[arg(long)]
+    pub user: Option<String>,
+    /// Working directory of the workload.
+    #[arg(long)]
+    pub cwd: Option<String>,
+    /// Arguments replacing the image's Cmd (JSON array).
+    #[arg(long, value_name = "JSON")]
+    pub args: Option<String>,
+    /// Entrypoint replacing the image's (JSON array).
+    #[arg(long, value_name = "JSON")]
+    pub entrypoint: Option<String>,
+    /// Environment variable KEY=VALUE added to or overriding the image's; repeatable.
+    #[arg(long)]
+    pub env: Vec<String>,
+    /// File of KEY=VALUE lines added to the environment.
+    #[arg(long, value_name = "FILE")]
+    pub env_file: Option<PathBuf>,
+    /// Extra mount: type=bind,source=...,destination=...,options=a:b; repeatable.
+    #[arg(long)]
+    pub mount: Vec<String>,
+    /// Comma-separated nameservers for the workload's /etc/resolv.conf.
+    #[arg(long, default_value = "8.8.8.8")]
+    pub dns_nameservers: String,
+    /// Comma-separated search domains for /etc/resolv.conf.
+    #[arg(long, default_value = "")]
+    pub dns_search_domains: String,
+    /// Comma-separated options for /etc/resolv.conf.
+    #[arg(long, default_value = "")]
+    pub dns_options: String,
+    /// Comma-separated host:IP entries for /etc/hosts.
+    #[arg(long, default_value = "")]
+    pub add_hosts: String,
+    /// CNI networking (not supported yet).
+    #[arg(long)]
+    pub cni: bool,
+    /// CNI configuration directory.
+    #[arg(long, default_value = "/etc/cni/net.d")]
+    pub cni_plugin_conf_dir: PathBuf,
+    /// CNI plugin directory.
+    #[arg(long, default_value = "/opt/cni/bin")]
+    pub cni_plugin_dir: PathBuf,
+    /// GPUs to expose (needs a CDI spec).
+    #[arg(long, value_delimiter = ',')]
+    pub gpus: Vec<u32>,
+    /// Share the host's network namespace.
+    #[arg(long)]
+    pub net_host: bool,
+    /// Layers converted at once.
+    #[arg(long, default_value_t = 2)]
+    pub jobs: usize,
+    /// Directory for temporary blobs and the workload's rootfs (default: the system temp dir).
+    #[arg(long)]
+    pub workdir: Option<PathBuf>,
+    /// Use plain HTTP for the registries named (loopback hosts always do).
+    #[arg(long)]
+    pub plain_http: bool,
+    /// Registry credentials as user:password (--user names the workload's user here).
+    #[arg(long, value_name = "USER:PASS")]
+    pub registry_user: Option<String>,
+}
+
+fn json_array(flag: &str, s: &Option<String>) -> Result<Option<Vec<String>>> {
+    s.as_deref()
+        .filter(|s| !s.is_empty())
+        .map(|s| {
+            serde_json::from_str::<Vec<String>>(s)
+                .with_context(|| format!("--{flag} must be a JSON array of strings, got {s:?}"))
+        })
+        .transpose()
+}
+
+fn comma_list(s: &str) -> Vec<String> {
+    s.split(',')
+        .map(str::trim)
+        .filter(|x| !x.is_empty())
+        .map(String::from)
+        .collect()
+}
+
+fn workload(a: &OptimizeArgs) -> Result<Workload> {
+    let mut env = Vec::new();
+    if let Some(f) = &a.env_file {
+        let text = std::fs::read_to_string(f)
+            .with_context(|| format!("reading --env-file {}", f.display()))?;
+        env.extend(
+            text.lines()
+                .map(str::trim)
+                .filter(|l| !l.is_empty() && !l.starts_with('#'))
+                .map(String::from),
+        );
+    }
+    env.extend(a.env.iter().cloned());
+    let mounts = a
+        .mount
+        .iter()
+        .map(|m| MountSpec::parse(m).with_context(|| format!("--mount {m}")))
+        .collect::<Result<Vec<_>>>()?;
+    Ok(Workload {
+        entrypoint: json_array("entrypoint", &a.entrypoint)?,
+        args: json_array("args", &a.args)?,
+        env,
+        user: a.user.clone(),
+        cwd: a.cwd.clone(),
+        mounts,
+        terminal: a.terminal,
+        stdin: a.stdin,
+        net_host: a.net_host,
+        add_hosts: comma_list(&a.add_hosts),
+        dns_nameservers: comma_list(&a.dns_nameservers),
+        dns_search_domains: comma_list(&a.dns_search_domains),
+        dns_options: comma_list(&a.dns_options),
+    })
+}
+
+pub async fn optimize_cmd(a: OptimizeArgs) -> Result<()> {
+    if a.zstdchunked && !a.oci {
+        bail!("--zstdchunked must be used with --oci");
+    }
+    if a.wait_on_signal && a.wait_on_line.is_some() {
+        bail!("--wait-on-signal and --wait-on-line exclude each other");
+    }
+    let target = if a.zstdchunked {
+        Target::ZstdChunked
+    } else {
+        Target::Estargz
+    };
+    let gzip_level = match a.estargz_compression_level {
+        Some(l) if target == Target::Estargz => {
+            u32::try_from(l).ok().filter(|l| *l <= 9).with_context(|| {
+                format!("--estargz-compression-level {l} is not a gzip level (0-9)")
+            })?
+        }
+        _ => 9,
+    };
+    let zstd_level = match a.estargz_compression_level {
+        Some(l) if target == Target::ZstdChunked => l,
+        _ => 3,
+    };
+    let platforms = a
+        .platforms
+        .iter()
+        .map(|p| Platform::parse(p).with_context(|| format!("--platform {p}")))
+        .collect::<Result<Vec<_>>>()?;
+    let stop = if a.wait_on_signal {
+        StopWhen::Signal
+    } else if let Some(l) = &a.wait_on_line {
+        StopWhen::Line(l.clone())
+    } else {
+        StopWhen::Period(Duration::from_secs(a.period))
+    };
+    let workload = workload(&a)?;
+
+    let src_loc = open(&a.source)?;
+    let dst_loc = open(&a.target)?;
+    let registry = RegistryArgs {
+        plain_http: a.plain_http,
+        user: a.registry_user.clone(),
+    };
+    let client = client_for(&registry, &[&src_loc, &dst_loc])?;
+    let src = Store::open(&src_loc, &client);
+    let dst = Store::open(&dst_loc, &client);
+    let opts = OptimizeOptions {
+        convert: ConvertOptions {
+            layer: LayerOptions {
+                target,
+                gzip_level,
+                zstd_level,
+                chunk_size: if a.estargz_chunk_size == 0 {
+                    estargz::DEFAULT_CHUNK_SIZE
+                } else {
+                    a.estargz_chunk_size
+                },
+                min_chunk_size: a.estargz_min_chunk_size,
+                prioritized_files: Vec::new(),
+                reuse: a.reuse,
+                threads: 0,
+            },
+            oci: a.oci,
+            platforms,
+            all_platforms: a.all_platforms,
+            jobs: a.jobs.max(1),
+            workdir: a.workdir.clone(),
+            progress: Some(progress_printer()),
+            layer_prioritized: None,
+        },
+        workload,
+        stop,
+        optimize: !a.no_optimize,
+        cni: a.cni,
+        gpus: a.gpus.clone(),
+    };
+    // Ctrl-C drops the work in progress, whose guards delete the container,
+    // unmount the rootfs and remove temporary files. With --wait-on-signal the
+    // first one only ends the recording.
+    let work = convert::optimize::optimize(&src, &dst, &opts);
+    tokio::pin!(work);
+    let mut stops_left = usize::from(a.wait_on_signal);
+    let report = loop {
+        tokio::select! {
+            r = &mut work => break r,
+            _ = tokio::signal::ctrl_c() => {
+                if stops_left == 0 {
+                    bail!("interrupted; the workload was stopped and its rootfs removed");
+                }
+                stops_left -= 1;
+            }
+        }
+    }
+    .with_context(|| format!("optimizing {} into {}", a.source, a.target))?;
+    if let Some(out) = &a.record_out {
+        convert::optimize::write_record(out, &report.record)
+            .with_context(|| format!("writing --record-out {}", out.display()))?;
+    }
+    eprintln!(
+        "wrote {} ({}, {} manifest(s), {} file(s) prioritized)",
+        dst.describe(),
+        report.convert.media_type,
+        report.convert.manifests.len(),
+        report.record.len()
+    );
+    println!("{}", report.convert.digest);
+    Ok(())
+}

@@ -1,0 +1,233 @@
+//! Optimization: run the image's workload in a sandbox (overlayfs rootfs of the
+//! unpacked layers, runc), record the files it reads with fanotify, then convert
+//! with each layer's accessed files prioritized in access order.
+//!
+//! - [`rootfs`] unpacks layers and mounts the overlay.
+//! - [`sandbox`] generates the runtime bundle and runs runc.
+//! - [`recorder`] watches file accesses.
+//! - [`record`] reads and writes the access record (JSON lines).
+
+pub mod record;
+pub mod recorder;
+pub mod rootfs;
+pub mod sandbox;
+
+use std::collections::HashMap;
+use std::path::PathBuf;
+use std::sync::Arc;
+
+use registry::{Digest, Manifest, Platform};
+
+use crate::error::{Error, Result};
+use crate::{convert, ConvertOptions, ConvertReport, Store};
+pub use record::{read_record, write_record, RecordEntry};
+pub use sandbox::{MountSpec, StopWhen, Workload};
+
+/// How to optimize an image.
+#[derive(Clone, Debug)]
+pub struct OptimizeOptions {
+    /// How to convert (format, levels, platforms...).
+    pub convert: ConvertOptions,
+    pub workload: Workload,
+    pub stop: StopWhen,
+    /// `false` converts without running anything.
+    pub optimize: bool,
+    /// CNI networking (not supported yet).
+    pub cni: bool,
+    /// GPUs to expose.
+    pub gpus: Vec<u32>,
+}
+
+/// What an optimization produced.
+#[derive(Clone, Debug)]
+pub struct OptimizeReport {
+    pub convert: ConvertReport,
+    /// Accessed files, in first-access order (empty without a run).
+    pub record: Vec<RecordEntry>,
+}
+
+/// Runs the workload of `src`'s image for this host, then converts `src` into
+/// `dst` with the accessed files prioritized.
+pub async fn optimize(src: &Store, dst: &Store, opts: &OptimizeOptions) -> Result<OptimizeReport> {
+    let host = Platform::host();
+    let run = opts.optimize
+        && (opts.convert.all_platforms
+            || opts.convert.platforms.is_empty()
+            || opts.convert.platforms.iter().any(|p| p.matches(&host)));
+    if opts.optimize && !run {
+        tracing::warn!(%host, "the selected platforms exclude this host's; converting without optimization");
+    }
+    let mut record = Vec::new();
+    let mut convert_opts = opts.convert.clone();
+    if run {
+        check_prerequisites(opts)?;
+        let (manifest_digest, layer_digests, entries) = analyze(src, opts).await?;
+        let mut per_layer: HashMap<Digest, Vec<String>> = HashMap::new();
+        for e in &entries {
+            if let Some(d) = e.layer_index.and_then(|i| layer_digests.get(i)) {
+                let list = per_layer.entry(d.clone()).or_default();
+                if !list.contains(&e.path) {
+                    list.push(e.path.clone());
+                }
+            }
+        }
+        tracing::info!(manifest = %manifest_digest, files = entries.len(), layers = per_layer.len(), "workload recorded");
+        convert_opts.layer_prioritized = Some(Arc::new(per_layer));
+        record = entries;
+    }
+    let report = convert(src, dst, &convert_opts).await?;
+    Ok(OptimizeReport {
+        convert: report,
+        record,
+    })
+}
+
+fn check_prerequisites(opts: &OptimizeOptions) -> Result<()> {
+    // SAFETY: geteuid has no preconditions.
+    if unsafe { libc::geteuid() } != 0 {
+        return Err(Error::NotRoot);
+    }
+    if opts.cni {
+        return Err(Error::Unsupported(
+            "--cni networking is not supported yet; use --net-host or no network".into(),
+        ));
+    }
+    if !opts.gpus.is_empty() {
+        let has_cdi = ["/etc/cdi", "/var/run/cdi"]
+            .iter()
+            .any(|d| std::fs::read_dir(d).is_ok_and(|mut r| r.next().is_some()));
+        return Err(Error::Unsupported(if has_cdi {
+            "--gpus is not supported yet".into()
+        } else {
+            "--gpus needs a CDI spec for the GPUs (in /etc/cdi or /var/run/cdi); none found".into()
+        }));
+    }
+    if opts.workload.terminal && !opts.workload.stdin {
+        return Err(Error::Options("-t/--terminal needs -i".into()));
+    }
+    if opts.workload.terminal && matches!(opts.stop, StopWhen::Signal) {
+        return Err(Error::Options(
+            "--wait-on-signal cannot be used with --terminal".into(),
+        ));
+    }
+    Ok(())
+}
+
+/// Runs the workload and returns the manifest digest, its layers' digests and
+/// the record.
+async fn analyze(
+    src: &Store,
+    opts: &OptimizeOptions,
+) -> Result<(Digest, Vec<Digest>, Vec<RecordEntry>)> {
+    let runc = sandbox::find_runc()?;
+    let root = src.root().await?;
+    let fetched = match root.parse()? {
+        Manifest::Image(_) => root,
+        Manifest::Index(idx) => {
+            let host = Platform::host();
+            let desc = idx
+                .manifests
+                .iter()
+                .find(|d| d.platform.as_ref().is_some_and(|p| host.matches(p)))
+                .ok_or_else(|| Error::NoPlatform {
+                    image: src.describe(),
+                    wanted: host.to_string(),
+                })?;
+            src.manifest(desc).await?
+        }
+    };
+    let manifest = match fetched.parse()? {
+        Manifest::Image(m) => *m,
+        Manifest::Index(_) => {
+            return Err(Error::bad(src.describe(), "an index inside an index"));
+        }
+    };
+    let config_bytes = src.blob_bytes(&manifest.config.digest).await?;
+    let config: serde_json::Value = serde_json::from_slice(&config_bytes)
+        .map_err(|e| Error::bad(format!("config {}", manifest.config.digest), e.to_string()))?;
+    let image = sandbox::ImageRunConfig::from_config(&config);
+
+    let workdir = opts
+        .convert
+        .workdir
+        .clone()
+        .unwrap_or_else(std::env::temp_dir);
+    let tmp = tempfile::Builder::new()
+        .prefix("optimize-")
+        .tempdir_in(&workdir)
+        .map_err(|e| Error::io(format!("creating a directory in {}", workdir.display()), e))?;
+    let base = tmp.path().to_path_buf();
+
+    // Unpack every layer (fetched two at a time) before mounting.
+    let mut layer_dirs: Vec<PathBuf> = Vec::new();
+    let layer_digests: Vec<Digest> = manifest.layers.iter().map(|l| l.digest.clone()).collect();
+    for (i, desc) in manifest.layers.iter().enumerate() {
+        let dir = base.join("l").join(i.to_string());
+        let blob = src.fetch_blob(desc, &base).await?;
+        let blob_path = blob.path().to_path_buf();
+        let d = dir.clone();
+        tokio::task::spawn_blocking(move || {
+            let r = rootfs::unpack_layer(&blob_path, &d);
+            drop(blob);
+            r
+        })
+        .await
+        .map_err(|e| Error::Task(e.to_string()))??;
+        layer_dirs.push(dir);
+    }
+
+    let bundle = base.join("b");
+    let rootfs_dir = bundle.join("rootfs");
+    let etc_dir = base.join("etc");
+    std::fs::create_dir_all(&etc_dir)
+        .map_err(|e| Error::io(format!("creating {}", etc_dir.display()), e))?;
+    let overlay =
+        rootfs::Overlay::mount(&layer_dirs, &base.join("u"), &base.join("w"), &rootfs_dir)?;
+    sandbox::write_etc(&opts.workload, &etc_dir)?;
+    let spec = sandbox::build_spec(&image, &opts.workload, overlay.path(), &etc_dir)?;
+    spec.save(bundle.join("config.json"))
+        .map_err(|e| Error::Sandbox(format!("writing config.json: {e}")))?;
+
+    let state_dir = base.join("runc");
+    let id = format!(
+        "optimize-{}",
+        base.file_name()
+            .and_then(|n| n.to_str())
+            .unwrap_or("x")
+            .trim_start_matches("optimize-")
+    );
+    let recorder = recorder::Recorder::start(overlay.path())?;
+    let wait_line = match &opts.stop {
+        StopWhen::Line(l) => Some(l.as_str()),
+        _ => None,
+    };
+    let mut container =
+        sandbox::Container::start(&runc, &state_dir, &bundle, &id, &opts.workload, wait_line)?;
+    let ended = container.run_until(&opts.stop).await;
+    let paths = recorder.stop();
+    let output = container.output();
+    drop(container);
+    overlay.unmount()?;
+    match ended? {
+        sandbox::Ended::Exited(status) if !status.success() => {
+            return Err(Error::WorkloadFailed {
+                status: status.to_string(),
+                output,
+            });
+        }
+        _ => {}
+    }
+
+    let entries = paths
+        .into_iter()
+        .filter_map(|p| {
+            let layer = rootfs::providing_layer(&layer_dirs, &p)?;
+            Some(RecordEntry {
+                path: p,
+                manifest_digest: Some(fetched.digest.to_string()),
+                layer_index: Some(layer),
+            })
+        })
+        .collect();
+    Ok((fetched.digest.clone(), layer_digests, entries))
+}

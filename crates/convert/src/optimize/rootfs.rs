@@ -1,0 +1,211 @@
+//! The workload's root filesystem: each layer unpacked into its own directory
+//! with whiteouts in overlayfs' form, stacked read-only under a scratch upper
+//! directory with overlayfs. Unmounted on drop.
+
+use std::ffi::CString;
+use std::os::unix::ffi::OsStrExt;
+use std::path::{Component, Path, PathBuf};
+
+use nix::mount::{mount, umount2, MntFlags, MsFlags};
+
+use crate::error::{Error, Result};
+use crate::layer;
+
+const OPAQUE_MARKER: &str = ".wh..wh..opq";
+const WHITEOUT_PREFIX: &str = ".wh.";
+
+/// Unpacks the layer blob at `blob` (gzip, zstd or plain tar) into `dest`,
+/// turning `.wh.NAME` into a 0/0 character device and `.wh..wh..opq` into the
+/// `trusted.overlay.opaque=y` attribute of its directory.
+pub fn unpack_layer(blob: &Path, dest: &Path) -> Result<()> {
+    let io = |what: String| move |e| Error::io(what, e);
+    std::fs::create_dir_all(dest).map_err(io(format!("creating {}", dest.display())))?;
+    let compression = layer::detect(blob)?;
+    let mut archive = tar::Archive::new(layer::decompressed(blob, compression)?);
+    archive.set_preserve_permissions(true);
+    archive.set_preserve_ownerships(true);
+    archive.set_preserve_mtime(true);
+    archive.set_unpack_xattrs(true);
+    archive.set_overwrite(true);
+    let what = format!("unpacking {}", blob.display());
+    for entry in archive.entries().map_err(io(what.clone()))? {
+        let mut entry = entry.map_err(io(what.clone()))?;
+        let name = entry.path().map_err(io(what.clone()))?.into_owned();
+        let Some(file_name) = name.file_name().and_then(|n| n.to_str()) else {
+            entry.unpack_in(dest).map_err(io(what.clone()))?;
+            continue;
+        };
+        if !file_name.starts_with(WHITEOUT_PREFIX) {
+            entry.unpack_in(dest).map_err(io(what.clone()))?;
+            continue;
+        }
+        let parent = safe_join(dest, name.parent().unwrap_or(Path::new("")))
+            .ok_or_else(|| Error::bad(&what, format!("unsafe whiteout path {name:?}")))?;
+        std::fs::create_dir_all(&parent).map_err(io(format!("creating {}", parent.display())))?;
+        if file_name == OPAQUE_MARKER {
+            set_xattr(&parent, "trusted.overlay.opaque", b"y")?;
+        } else {
+            let hidden = parent.join(&file_name[WHITEOUT_PREFIX.len()..]);
+            let _ = std::fs::remove_file(&hidden);
+            nix::sys::stat::mknod(
+                &hidden,
+                nix::sys::stat::SFlag::S_IFCHR,
+                nix::sys::stat::Mode::empty(),
+                0,
+            )
+            .map_err(|e| Error::io(format!("creating whiteout {}", hidden.display()), e.into()))?;
+        }
+    }
+    Ok(())
+}
+
+/// `base/rel` when `rel` has only normal components.
+fn safe_join(base: &Path, rel: &Path) -> Option<PathBuf> {
+    let mut out = base.to_path_buf();
+    for c in rel.components() {
+        match c {
+            Component::Normal(p) => out.push(p),
+            Component::CurDir | Component::RootDir => {}
+            _ => return None,
+        }
+    }
+    Some(out)
+}
+
+fn set_xattr(path: &Path, key: &str, value: &[u8]) -> Result<()> {
+    let c = CString::new(path.as_os_str().as_bytes())
+        .map_err(|_| Error::Options(format!("{} has a NUL byte", path.display())))?;
+    let k = CString::new(key).map_err(|_| Error::Options(format!("xattr {key:?}")))?;
+    // SAFETY: valid NUL-terminated strings and a buffer with its length.
+    let rc = unsafe {
+        libc::lsetxattr(
+            c.as_ptr(),
+            k.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(Error::io(
+            format!("setting {key} on {}", path.display()),
+            std::io::Error::last_os_error(),
+        ));
+    }
+    Ok(())
+}
+
+/// An overlayfs mount of unpacked layers; unmounted when dropped.
+#[derive(Debug)]
+pub struct Overlay {
+    target: PathBuf,
+    mounted: bool,
+}
+
+impl Overlay {
+    /// Mounts `lowers` (bottom layer first) under a writable `upper` at `target`.
+    pub fn mount(lowers: &[PathBuf], upper: &Path, work: &Path, target: &Path) -> Result<Overlay> {
+        for d in [upper, work, target] {
+            std::fs::create_dir_all(d)
+                .map_err(|e| Error::io(format!("creating {}", d.display()), e))?;
+        }
+        // An image with no layers still needs one lower directory.
+        let empty = work.with_extension("empty");
+        let mut lower_list: Vec<String> = lowers.iter().rev().map(|p| escape(p)).collect();
+        if lower_list.is_empty() {
+            std::fs::create_dir_all(&empty)
+                .map_err(|e| Error::io(format!("creating {}", empty.display()), e))?;
+            lower_list.push(escape(&empty));
+        }
+        let data = format!(
+            "lowerdir={},upperdir={},workdir={}",
+            lower_list.join(":"),
+            escape(upper),
+            escape(work)
+        );
+        mount(
+            Some("overlay"),
+            target,
+            Some("overlay"),
+            MsFlags::empty(),
+            Some(data.as_str()),
+        )
+        .map_err(|e| {
+            Error::Sandbox(format!(
+                "mounting overlayfs at {} ({} layers): {e}",
+                target.display(),
+                lowers.len()
+            ))
+        })?;
+        Ok(Overlay {
+            target: target.to_path_buf(),
+            mounted: true,
+        })
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.target
+    }
+
+    /// Unmounts now, reporting a failure.
+    pub fn unmount(mut self) -> Result<()> {
+        self.mounted = false;
+        umount2(&self.target, MntFlags::MNT_DETACH)
+            .map_err(|e| Error::Sandbox(format!("unmounting {}: {e}", self.target.display())))
+    }
+}
+
+impl Drop for Overlay {
+    fn drop(&mut self) {
+        if self.mounted {
+            if let Err(e) = umount2(&self.target, MntFlags::MNT_DETACH) {
+                tracing::warn!(path = %self.target.display(), error = %e, "cannot unmount the workload's rootfs");
+            }
+        }
+    }
+}
+
+/// Overlayfs splits its options at ',' and lowers at ':'.
+fn escape(p: &Path) -> String {
+    p.to_string_lossy()
+        .replace('\\', "\\\\")
+        .replace(',', "\\,")
+        .replace(':', "\\:")
+}
+
+/// Index (bottom first) of the topmost unpacked layer holding `rel`, the path
+/// of a file read through the overlay.
+pub fn providing_layer(layers: &[PathBuf], rel: &str) -> Option<usize> {
+    let rel = Path::new(rel);
+    layers.iter().enumerate().rev().find_map(|(i, dir)| {
+        let p = safe_join(dir, rel)?;
+        let meta = std::fs::symlink_metadata(&p).ok()?;
+        // A whiteout means no lower layer shows the file either.
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        if meta.file_type().is_char_device() && meta.rdev() == 0 {
+            return Some(None);
+        }
+        Some(Some(i))
+    })?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn topmost_layer_wins_and_whiteouts_hide() {
+        let d = tempfile::tempdir().unwrap();
+        let layers: Vec<PathBuf> = (0..3).map(|i| d.path().join(i.to_string())).collect();
+        for l in &layers {
+            std::fs::create_dir_all(l.join("etc")).unwrap();
+        }
+        std::fs::write(layers[0].join("etc/a"), "0").unwrap();
+        std::fs::write(layers[1].join("etc/a"), "1").unwrap();
+        std::fs::write(layers[0].join("etc/b"), "0").unwrap();
+        assert_eq!(providing_layer(&layers, "etc/a"), Some(1));
+        assert_eq!(providing_layer(&layers, "etc/b"), Some(0));
+        assert_eq!(providing_layer(&layers, "etc/c"), None);
+        assert_eq!(providing_layer(&layers, "../etc/a"), None);
+    }
+}
