@@ -20,6 +20,7 @@ use fuser::{
 use tracing::{debug, info, warn};
 
 use crate::layer::Layer;
+use crate::metrics::{FuseOp, FuseOpMetrics, OpTimer};
 
 /// Name of the state directory at the root; hidden from listings, reachable by lookup.
 pub const STATE_DIR: &str = ".stargz-snapshotter";
@@ -55,6 +56,7 @@ pub(crate) struct FuseLayer {
     backings: Mutex<HashMap<u64, Backing>>,
     next_fh: AtomicU64,
     passthrough_opens: Arc<AtomicU64>,
+    ops: Option<FuseOpMetrics>,
 }
 
 /// Linux's 32-bit device encoding, as FUSE carries it.
@@ -76,6 +78,7 @@ impl FuseLayer {
         opts: FuseOpts,
         rt: tokio::runtime::Handle,
         passthrough_opens: Arc<AtomicU64>,
+        ops: Option<FuseOpMetrics>,
     ) -> FuseLayer {
         let index = layer.index();
         let mut whiteout = vec![false; index.len()];
@@ -106,7 +109,12 @@ impl FuseLayer {
             backings: Mutex::new(HashMap::new()),
             next_fh: AtomicU64::new(1),
             passthrough_opens,
+            ops,
         }
+    }
+
+    fn timer(&self, op: FuseOp) -> Option<OpTimer> {
+        self.ops.as_ref().map(|m| m.time(op))
     }
 
     fn node_of(&self, ino: INodeNo) -> Option<NodeId> {
@@ -334,6 +342,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _timer = self.timer(FuseOp::Lookup);
         let found = name
             .to_str()
             .and_then(|name| self.lookup_child(parent, name));
@@ -344,6 +353,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _timer = self.timer(FuseOp::Getattr);
         match self.attr(ino) {
             Some(attr) => reply.attr(&self.opts.attr_ttl, &attr),
             None => reply.error(Errno::ENOENT),
@@ -351,6 +361,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _timer = self.timer(FuseOp::Readlink);
         match self.node_of(ino).map(|id| self.layer.index().node(id)) {
             Some(n) if n.kind == NodeKind::Symlink => reply.data(n.link_target.as_bytes()),
             Some(_) => reply.error(Errno::EINVAL),
@@ -359,6 +370,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _timer = self.timer(FuseOp::Open);
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
@@ -394,6 +406,7 @@ impl Filesystem for FuseLayer {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _timer = self.timer(FuseOp::Read);
         if ino.0 == self.state_file_ino {
             let json = self.layer.state_json();
             let start = (offset as usize).min(json.len());
@@ -407,14 +420,16 @@ impl Filesystem for FuseLayer {
             return reply.data(&data);
         }
         let layer = self.layer.clone();
-        self.rt
-            .spawn_blocking(move || match layer.read(id, offset, size) {
+        self.rt.spawn_blocking(move || {
+            let _timer = _timer;
+            match layer.read(id, offset, size) {
                 Ok(data) => reply.data(&data),
                 Err(e) => {
                     debug!(ino = ino.0, offset, size, error = %e, "read failed");
                     reply.error(Errno::EIO)
                 }
-            });
+            }
+        });
     }
 
     fn flush(
@@ -438,6 +453,7 @@ impl Filesystem for FuseLayer {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.timer(FuseOp::Release);
         if let Ok(mut backings) = self.backings.lock() {
             if let Some(b) = backings.get_mut(&ino.0) {
                 b.open = b.open.saturating_sub(1);
@@ -450,6 +466,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _timer = self.timer(FuseOp::Opendir);
         if ino.0 == self.state_dir_ino {
             return reply.opened(FileHandle(0), FopenFlags::empty());
         }
@@ -468,6 +485,7 @@ impl Filesystem for FuseLayer {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _timer = self.timer(FuseOp::Readdir);
         let Some(entries) = self.entries(ino) else {
             return reply.error(Errno::ENOTDIR);
         };
@@ -487,6 +505,7 @@ impl Filesystem for FuseLayer {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _timer = self.timer(FuseOp::Readdirplus);
         let Some(entries) = self.entries(ino) else {
             return reply.error(Errno::ENOTDIR);
         };
@@ -509,6 +528,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _timer = self.timer(FuseOp::Statfs);
         let index = self.layer.index();
         let bytes: u64 = index.nodes().map(|(_, n)| n.size).sum();
         reply.statfs(
@@ -524,6 +544,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _timer = self.timer(FuseOp::Getxattr);
         let want = name.as_bytes();
         match self
             .xattrs(ino)
@@ -536,6 +557,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _timer = self.timer(FuseOp::Listxattr);
         let mut list = Vec::new();
         for (k, _) in self.xattrs(ino) {
             list.extend_from_slice(k.as_bytes());
@@ -545,6 +567,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        let _timer = self.timer(FuseOp::Access);
         if self.attr(ino).is_some() {
             reply.ok();
         } else {

@@ -1,9 +1,10 @@
 //! containerd-stargz-grpc: serves the stargz snapshotter to containerd over a unix socket.
 //!
 //! Built on `clap` (flags), `tokio` (runtime, signals), `tracing-subscriber` (logs),
-//! `toml` (config) and `anyhow`, with the workspace's `snapshotter`, `fs` and `registry`.
+//! `toml` (config), `hyper` and `prometheus-client` (metrics endpoint) and `anyhow`, with the workspace's `snapshotter`, `fs` and `registry`.
 
 mod config;
+mod metrics;
 mod remote;
 
 use std::os::unix::net::UnixDatagram;
@@ -86,11 +87,17 @@ fn main() -> Result<()> {
 async fn run(args: Args, cfg: DaemonConfig) -> Result<()> {
     std::fs::create_dir_all(&args.root)
         .with_context(|| format!("creating {}", args.root.display()))?;
+    let metrics = metrics::DaemonMetrics::default();
+    match (&cfg.metrics_address, cfg.no_prometheus) {
+        (Some(addr), false) => metrics::serve(addr, metrics.clone()).await?,
+        (Some(_), true) => tracing::info!("no_prometheus is set; metrics_address ignored"),
+        (None, _) => {}
+    }
     let remote = if cfg.disable_remote_snapshots {
         tracing::info!("remote snapshots disabled by config");
         DaemonRemote::Disabled(snapshotter::NoRemote)
     } else {
-        match FuseRemote::new(cfg.fs, cfg.registry, &args.root.join("stargz")) {
+        match FuseRemote::new(cfg.fs, cfg.registry, &args.root.join("stargz"), &metrics) {
             Ok(f) => DaemonRemote::Fuse(f),
             Err(e) => {
                 tracing::warn!(error = %format!("{e:#}"), "remote snapshots unavailable; every layer will be downloaded");

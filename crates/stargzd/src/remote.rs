@@ -6,12 +6,15 @@ use std::sync::{Arc, Mutex};
 
 use snapshotter::{LayerInfo, RemoteFs};
 
+use crate::metrics::DaemonMetrics;
+
 /// Mounts eStargz layers lazily; one [`fs::MountHandle`] per mount point.
 pub struct FuseRemote {
     cfg: fs::Config,
     client: registry::Client,
     cache: Arc<fs::ChunkCache>,
     mounts: Mutex<HashMap<PathBuf, fs::MountHandle>>,
+    metrics: fs::FsMetrics,
 }
 
 impl FuseRemote {
@@ -19,17 +22,19 @@ impl FuseRemote {
         cfg: fs::Config,
         reg: registry::RegistryConfig,
         cache_dir: &Path,
+        metrics: &DaemonMetrics,
     ) -> anyhow::Result<FuseRemote> {
         let keychain: Arc<dyn registry::Keychain> =
             Arc::new(registry::DockerConfigKeychain::from_env());
-        let client = registry::Client::new(reg, keychain)?;
+        let client = registry::Client::with_metrics(reg, keychain, metrics.registry.clone())?;
         std::fs::create_dir_all(cache_dir)?;
-        let cache = fs::cache_from_config(&cfg, cache_dir)?;
+        let cache = fs::observed_cache_from_config(&cfg, cache_dir, &metrics.fs)?;
         Ok(FuseRemote {
             cfg,
             client,
             cache,
             mounts: Mutex::default(),
+            metrics: metrics.fs.clone(),
         })
     }
 
@@ -48,10 +53,11 @@ impl RemoteFs for FuseRemote {
         let reference = registry::Reference::parse(&layer.image_ref).map_err(|e| e.to_string())?;
         let digest = registry::Digest::parse(&layer.digest).map_err(|e| e.to_string())?;
         let reader = self.client.blob_reader(&reference, digest, None);
-        let (cfg, cache, mp) = (
+        let (cfg, cache, mp, metrics) = (
             self.cfg.clone(),
             self.cache.clone(),
             mountpoint.to_path_buf(),
+            self.metrics.clone(),
         );
         let handle = tokio::runtime::Handle::current();
         let toc_digest = layer.toc_digest.clone();
@@ -66,7 +72,8 @@ impl RemoteFs for FuseRemote {
                 size: fs::Fetcher::size(&fetcher),
                 toc_digest,
             };
-            fs::mount(Arc::new(fetcher), desc, &mp, &cfg, cache).map_err(|e| e.to_string())
+            fs::mount_observed(Arc::new(fetcher), desc, &mp, &cfg, cache, &metrics)
+                .map_err(|e| e.to_string())
         })
         .await
         .map_err(|e| e.to_string())??;
