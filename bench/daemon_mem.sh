@@ -8,6 +8,9 @@
 #   N=20                 images (one layer each, all different)
 #   SRC=/usr/share/perl  tree each layer is built from (plus a file unique to the image)
 #   SETTLE=30            seconds to wait after the pulls (background fetch) before the last sample
+#   CONFIG='no_background_fetch = true'   extra TOML lines given to both daemons
+#   OURS_ENV='MALLOC_ARENA_MAX=2'         environment for our daemon only (diagnosis)
+#   BIN=DIR              use DIR's containerd-stargz-grpc and ctr-remote instead of building them
 set -euo pipefail
 cd "$(dirname "$0")/.."
 N=${N:-20}
@@ -17,9 +20,11 @@ SETTLE=${SETTLE:-30}
 for t in /usr/bin/containerd /usr/bin/ctr-remote /usr/bin/docker-registry curl python3; do
 	command -v "$t" >/dev/null || { echo "missing $t (scripts/deps.sh installs it)" >&2; exit 2; }
 done
-export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
-cargo build --release -q -p stargzd -p cli
-BIN=$CARGO_TARGET_DIR/release
+if [ -z "${BIN:-}" ]; then
+	export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-$PWD/target}
+	cargo build --release -q -p stargzd -p cli
+	BIN=$CARGO_TARGET_DIR/release
+fi
 WORK=$(mktemp -d /var/tmp/daemon-mem.XXXXXX)
 PIDS=()
 
@@ -100,13 +105,17 @@ PY
 		--data-binary "@$d/manifest.json" "http://$REG/v2/bench/img$i/manifests/v1" >/dev/null
 	rm -f "$d/layer.tar"
 done
-python3 -c 'import json,sys; b=json.load(open(sys.argv[1])); print(f"   layer: {b[\"entries\"]} entries, {b[\"blobSize\"]} bytes compressed, {b[\"uncompressedSize\"]} uncompressed")' "$WORK/img1/build.json"
+python3 - "$WORK/img1/build.json" <<'PY'
+import json, sys
+b = json.load(open(sys.argv[1]))
+print(f"   each layer: {b['entries']} entries, {b['blobSize']} bytes compressed, {b['uncompressedSize']} uncompressed")
+PY
 
 # --- the two daemons, default configuration each (the reference needs a memory metadata store)
 mkdir -p "$WORK/ours" "$WORK/ref"
-: >"$WORK/ours.toml"
-echo 'metadata_store = "memory"' >"$WORK/ref.toml"
-"$BIN/containerd-stargz-grpc" --address "$WORK/ours.sock" --root "$WORK/ours" \
+printf '%s\n' "${CONFIG:-}" >"$WORK/ours.toml"
+printf 'metadata_store = "memory"\n%s\n' "${CONFIG:-}" >"$WORK/ref.toml"
+env ${OURS_ENV:-} "$BIN/containerd-stargz-grpc" --address "$WORK/ours.sock" --root "$WORK/ours" \
 	--config "$WORK/ours.toml" --log-level warn 2>"$WORK/ours.log" &
 OURS=$!
 PIDS+=($OURS)
@@ -171,7 +180,7 @@ sleep "$SETTLE"
 S[ours_settled]=$(rss $OURS)
 S[ref_settled]=$(rss $REF)
 
-echo "== load: $(uptime)"
+echo "== config: ${CONFIG:-defaults}; our env: ${OURS_ENV:-none}; load: $(uptime)"
 python3 - "$N" "$m_ours" "$m_ref" "$t_ours" "$t_ref" "$SETTLE" \
 	"${S[ours_idle]}" "${S[ref_idle]}" "${S[ours_pulled]}" "${S[ref_pulled]}" \
 	"${S[ours_settled]}" "${S[ref_settled]}" <<'PY'
