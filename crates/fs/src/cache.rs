@@ -15,6 +15,7 @@ use sha2::{Digest as _, Sha256};
 use tracing::warn;
 
 use crate::error::{Error, Result};
+use crate::metrics::{CacheCounters, FsMetrics};
 use crate::priority::{Priority, DEFAULT_QUIET};
 
 /// Cache key: the chunk's sha256 (or a synthetic one for unverified chunks).
@@ -71,6 +72,7 @@ pub struct ChunkCache {
     mem: Mutex<Lru>,
     dir: Option<PathBuf>,
     priority: Arc<Priority>,
+    counters: CacheCounters,
 }
 
 impl ChunkCache {
@@ -86,6 +88,7 @@ impl ChunkCache {
             }),
             dir: None,
             priority: Priority::new(DEFAULT_QUIET),
+            counters: CacheCounters::default(),
         }
     }
 
@@ -98,6 +101,12 @@ impl ChunkCache {
     /// The gate every layer using this cache fetches through.
     pub fn priority(&self) -> &Arc<Priority> {
         &self.priority
+    }
+
+    /// Counts hits and misses into `metrics` from now on.
+    pub fn with_metrics(mut self, metrics: &FsMetrics) -> ChunkCache {
+        self.counters = metrics.cache_counters();
+        self
     }
 
     /// A cache in `dir` (created if missing) with a memory LRU of `max_mem_bytes`.
@@ -136,7 +145,12 @@ impl ChunkCache {
 
     /// The chunk from memory only: never touches the disk.
     pub fn get_mem(&self, key: &Key) -> Option<Arc<Vec<u8>>> {
-        self.mem.lock().ok()?.get(key)
+        let found = self.mem.lock().ok()?.get(key);
+        match found {
+            Some(_) => self.counters.memory_hit.inc(),
+            None => self.counters.memory_miss.inc(),
+        };
+        found
     }
 
     /// The chunk from memory or disk. Disk copies are re-hashed when `verify` is set,
@@ -146,15 +160,20 @@ impl ChunkCache {
             return Some(d);
         }
         let path = self.chunk_path(key)?;
-        let data = fs::read(&path).ok()?;
+        let Ok(data) = fs::read(&path) else {
+            self.counters.disk_miss.inc();
+            return None;
+        };
         if verify {
             let got: [u8; 32] = Sha256::digest(&data).into();
             if &got != key {
                 warn!(path = %path.display(), "cached chunk is damaged; dropping it");
                 let _ = fs::remove_file(&path);
+                self.counters.disk_miss.inc();
                 return None;
             }
         }
+        self.counters.disk_hit.inc();
         let data = Arc::new(data);
         if let Ok(mut mem) = self.mem.lock() {
             mem.put(*key, data.clone());

@@ -20,6 +20,7 @@ use fuser::{
 use tracing::{debug, info, warn};
 
 use crate::layer::Layer;
+use crate::metrics::{FuseOp, FuseOpMetrics, OpTimer};
 
 /// Name of the state directory at the root; hidden from listings, reachable by lookup.
 pub const STATE_DIR: &str = ".stargz-snapshotter";
@@ -65,6 +66,7 @@ pub(crate) struct FuseLayer {
     materializing: Arc<Mutex<HashSet<NodeId>>>,
     next_fh: AtomicU64,
     passthrough_opens: Arc<AtomicU64>,
+    ops: Option<FuseOpMetrics>,
 }
 
 /// Linux's 32-bit device encoding, as FUSE carries it.
@@ -86,6 +88,7 @@ impl FuseLayer {
         opts: FuseOpts,
         rt: tokio::runtime::Handle,
         passthrough_opens: Arc<AtomicU64>,
+        ops: Option<FuseOpMetrics>,
     ) -> FuseLayer {
         let index = layer.index();
         let mut whiteout = vec![false; index.len()];
@@ -117,7 +120,12 @@ impl FuseLayer {
             materializing: Arc::default(),
             next_fh: AtomicU64::new(1),
             passthrough_opens,
+            ops,
         }
+    }
+
+    fn timer(&self, op: FuseOp) -> Option<OpTimer> {
+        self.ops.as_ref().map(|m| m.time(op))
     }
 
     fn node_of(&self, ino: INodeNo) -> Option<NodeId> {
@@ -383,6 +391,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
+        let _timer = self.timer(FuseOp::Lookup);
         let found = name
             .to_str()
             .and_then(|name| self.lookup_child(parent, name));
@@ -393,6 +402,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
+        let _timer = self.timer(FuseOp::Getattr);
         match self.attr(ino) {
             Some(attr) => reply.attr(&self.opts.attr_ttl, &attr),
             None => reply.error(Errno::ENOENT),
@@ -400,6 +410,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn readlink(&self, _req: &Request, ino: INodeNo, reply: ReplyData) {
+        let _timer = self.timer(FuseOp::Readlink);
         match self.node_of(ino).map(|id| self.layer.index().node(id)) {
             Some(n) if n.kind == NodeKind::Symlink => reply.data(n.link_target.as_bytes()),
             Some(_) => reply.error(Errno::EINVAL),
@@ -408,6 +419,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn open(&self, _req: &Request, ino: INodeNo, flags: OpenFlags, reply: ReplyOpen) {
+        let _timer = self.timer(FuseOp::Open);
         if flags.acc_mode() != OpenAccMode::O_RDONLY {
             return reply.error(Errno::EROFS);
         }
@@ -434,6 +446,7 @@ impl Filesystem for FuseLayer {
         _lock_owner: Option<LockOwner>,
         reply: ReplyData,
     ) {
+        let _timer = self.timer(FuseOp::Read);
         if ino.0 == self.state_file_ino {
             let json = self.layer.state_json();
             let start = (offset as usize).min(json.len());
@@ -447,14 +460,16 @@ impl Filesystem for FuseLayer {
             return reply.data(&data);
         }
         let layer = self.layer.clone();
-        self.rt
-            .spawn_blocking(move || match layer.read(id, offset, size) {
+        self.rt.spawn_blocking(move || {
+            let _timer = _timer;
+            match layer.read(id, offset, size) {
                 Ok(data) => reply.data(&data),
                 Err(e) => {
                     debug!(ino = ino.0, offset, size, error = %e, "read failed");
                     reply.error(Errno::EIO)
                 }
-            });
+            }
+        });
     }
 
     fn flush(
@@ -478,6 +493,7 @@ impl Filesystem for FuseLayer {
         _flush: bool,
         reply: ReplyEmpty,
     ) {
+        let _timer = self.timer(FuseOp::Release);
         if let Ok(mut opens) = self.opens.lock() {
             if let Some(state) = opens.get_mut(&ino.0) {
                 if fh == USER_FH {
@@ -497,6 +513,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
+        let _timer = self.timer(FuseOp::Opendir);
         if ino.0 == self.state_dir_ino {
             return reply.opened(FileHandle(0), FopenFlags::empty());
         }
@@ -515,6 +532,7 @@ impl Filesystem for FuseLayer {
         offset: u64,
         mut reply: ReplyDirectory,
     ) {
+        let _timer = self.timer(FuseOp::Readdir);
         let Some(entries) = self.entries(ino) else {
             return reply.error(Errno::ENOTDIR);
         };
@@ -534,6 +552,7 @@ impl Filesystem for FuseLayer {
         offset: u64,
         mut reply: ReplyDirectoryPlus,
     ) {
+        let _timer = self.timer(FuseOp::Readdirplus);
         let Some(entries) = self.entries(ino) else {
             return reply.error(Errno::ENOTDIR);
         };
@@ -556,6 +575,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {
+        let _timer = self.timer(FuseOp::Statfs);
         let index = self.layer.index();
         let bytes: u64 = index.nodes().map(|(_, n)| n.size).sum();
         reply.statfs(
@@ -571,6 +591,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn getxattr(&self, _req: &Request, ino: INodeNo, name: &OsStr, size: u32, reply: ReplyXattr) {
+        let _timer = self.timer(FuseOp::Getxattr);
         let want = name.as_bytes();
         match self
             .xattrs(ino)
@@ -583,6 +604,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn listxattr(&self, _req: &Request, ino: INodeNo, size: u32, reply: ReplyXattr) {
+        let _timer = self.timer(FuseOp::Listxattr);
         let mut list = Vec::new();
         for (k, _) in self.xattrs(ino) {
             list.extend_from_slice(k.as_bytes());
@@ -592,6 +614,7 @@ impl Filesystem for FuseLayer {
     }
 
     fn access(&self, _req: &Request, ino: INodeNo, _mask: fuser::AccessFlags, reply: ReplyEmpty) {
+        let _timer = self.timer(FuseOp::Access);
         if self.attr(ino).is_some() {
             reply.ok();
         } else {

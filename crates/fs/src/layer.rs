@@ -5,7 +5,7 @@
 use std::collections::{BTreeMap, HashMap};
 use std::ops::Range;
 use std::path::PathBuf;
-use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Condvar, Mutex};
 use std::time::Instant;
 
@@ -153,6 +153,7 @@ pub struct Layer {
     windows: Vec<Window>,
     complete: AtomicBool,
     stop: AtomicBool,
+    prefetched: AtomicU64,
 }
 
 impl Layer {
@@ -238,6 +239,7 @@ impl Layer {
             windows,
             complete: AtomicBool::new(false),
             stop: AtomicBool::new(false),
+            prefetched: AtomicU64::new(0),
         })
     }
 
@@ -259,6 +261,16 @@ impl Layer {
             .lock()
             .map(|c| c.total.min(self.blob_size))
             .unwrap_or(0)
+    }
+
+    /// Size of the blob as the registry (or file) reports it.
+    pub fn blob_size(&self) -> u64 {
+        self.blob_size
+    }
+
+    /// Blob bytes covered by a finished prefetch (0 before, or without a landmark).
+    pub fn prefetched_bytes(&self) -> u64 {
+        self.prefetched.load(Ordering::Relaxed)
     }
 
     /// Whether every chunk of the layer is in the cache.
@@ -572,6 +584,8 @@ impl Layer {
         for res in self.fill(&refs, Some(0..wend), false) {
             res?;
         }
+        self.prefetched
+            .store(wend.min(self.blob_size), Ordering::Relaxed);
         info!(layer = %self.desc.digest, bytes = wend, chunks = refs.len(),
             elapsed_ms = started.elapsed().as_millis() as u64, "prefetch done");
         Ok(())

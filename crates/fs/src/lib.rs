@@ -12,9 +12,11 @@
 //! `trusted.overlay.opaque=y` xattr of its directory. The hidden directory
 //! `/.stargz-snapshotter` holds `<layer digest>.json` with the fetch progress.
 //!
+//! [`FsMetrics`] collects Prometheus metrics of the mounts made with [`mount_observed`].
+//!
 //! Built on `fuser` (FUSE protocol, multi-threaded sessions, passthrough), `tokio`
 //! (worker threads for reads that must fetch), the workspace's `estargz` (TOC, index,
-//! chunk decoding) and `registry` crates, `sha2`, `serde`/`toml`, `tempfile`,
+//! chunk decoding) and `registry` crates, `prometheus-client`, `sha2`, `serde`/`toml`, `tempfile`,
 //! `thiserror` and `tracing`.
 
 pub mod cache;
@@ -23,6 +25,7 @@ pub mod error;
 pub mod fetcher;
 mod fusefs;
 pub mod layer;
+pub mod metrics;
 mod mount;
 pub mod priority;
 
@@ -32,4 +35,8 @@ pub use error::{Error, Result};
 pub use fetcher::{Fetcher, FileFetcher, RegistryFetcher};
 pub use fusefs::STATE_DIR;
 pub use layer::{Layer, LayerDesc};
-pub use mount::{cache_from_config, mount, mount_layer, MountHandle};
+pub use metrics::FsMetrics;
+pub use mount::{
+    cache_from_config, mount, mount_layer, mount_layer_observed, mount_observed,
+    observed_cache_from_config, MountHandle,
+};

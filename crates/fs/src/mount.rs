@@ -17,6 +17,7 @@ use crate::error::{Error, Result};
 use crate::fetcher::Fetcher;
 use crate::fusefs::{is_mounted, FuseLayer, FuseOpts};
 use crate::layer::{Layer, LayerDesc};
+use crate::metrics::FsMetrics;
 
 /// FUSE request threads per mount.
 const FUSE_THREADS: usize = 4;
@@ -27,6 +28,19 @@ const UNMOUNT_WAIT: Duration = Duration::from_secs(5);
 
 /// The chunk cache a configuration asks for: on disk under `dir`, or memory only.
 pub fn cache_from_config(cfg: &Config, dir: &Path) -> Result<Arc<ChunkCache>> {
+    Ok(Arc::new(build_cache(cfg, dir)?))
+}
+
+/// [`cache_from_config`], counting hits and misses into `metrics`.
+pub fn observed_cache_from_config(
+    cfg: &Config,
+    dir: &Path,
+    metrics: &FsMetrics,
+) -> Result<Arc<ChunkCache>> {
+    Ok(Arc::new(build_cache(cfg, dir)?.with_metrics(metrics)))
+}
+
+fn build_cache(cfg: &Config, dir: &Path) -> Result<ChunkCache> {
     let mem = cfg.directory_cache.max_memory_bytes;
     let cache = if cfg.uses_directory_cache() {
         ChunkCache::directory(dir, mem)?
@@ -34,7 +48,7 @@ pub fn cache_from_config(cfg: &Config, dir: &Path) -> Result<Arc<ChunkCache>> {
         ChunkCache::memory(mem)
     };
     let quiet = Duration::from_millis(cfg.background_fetch_quiet_msec);
-    Ok(Arc::new(cache.with_background_quiet(quiet)))
+    Ok(cache.with_background_quiet(quiet))
 }
 
 /// Opens the layer behind `fetcher` and mounts it read-only at `mountpoint`. Returns once
@@ -52,8 +66,41 @@ pub fn mount(
     mount_layer(layer, mountpoint, cfg)
 }
 
+/// [`mount`], with the layer's gauges and FUSE latency recorded into `metrics` until
+/// the handle unmounts.
+pub fn mount_observed(
+    fetcher: Arc<dyn Fetcher>,
+    desc: LayerDesc,
+    mountpoint: &Path,
+    cfg: &Config,
+    cache: Arc<ChunkCache>,
+    metrics: &FsMetrics,
+) -> Result<MountHandle> {
+    let layer = Arc::new(Layer::open(fetcher, desc, cfg, cache)?);
+    mount_layer_inner(layer, mountpoint, cfg, Some(metrics))
+}
+
 /// Mounts an already opened layer.
 pub fn mount_layer(layer: Arc<Layer>, mountpoint: &Path, cfg: &Config) -> Result<MountHandle> {
+    mount_layer_inner(layer, mountpoint, cfg, None)
+}
+
+/// [`mount_layer`], recording the mount's FUSE operations and layer gauges into `metrics`.
+pub fn mount_layer_observed(
+    layer: Arc<Layer>,
+    mountpoint: &Path,
+    cfg: &Config,
+    metrics: &FsMetrics,
+) -> Result<MountHandle> {
+    mount_layer_inner(layer, mountpoint, cfg, Some(metrics))
+}
+
+fn mount_layer_inner(
+    layer: Arc<Layer>,
+    mountpoint: &Path,
+    cfg: &Config,
+    metrics: Option<&FsMetrics>,
+) -> Result<MountHandle> {
     // mountinfo lists canonical paths; `check` compares against this one.
     let mountpoint = &std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.into());
     let mount_err = |source: std::io::Error| Error::Mount {
@@ -78,6 +125,7 @@ pub fn mount_layer(layer: Arc<Layer>, mountpoint: &Path, cfg: &Config) -> Result
         opts,
         runtime.handle().clone(),
         passthrough_opens.clone(),
+        metrics.map(FsMetrics::fuse_ops),
     );
     let mut fcfg = fuser::Config::default();
     fcfg.mount_options = vec![
@@ -94,6 +142,9 @@ pub fn mount_layer(layer: Arc<Layer>, mountpoint: &Path, cfg: &Config) -> Result
     let session = fuser::Session::new(fs, mountpoint, &fcfg).map_err(mount_err)?;
     let session = session.spawn().map_err(mount_err)?;
     info!(layer = %layer.desc().digest, mountpoint = %mountpoint.display(), "mounted");
+    if let Some(m) = metrics {
+        m.layer_mounted(mountpoint, &layer);
+    }
 
     let (ready_tx, ready_rx) = mpsc::channel();
     let worker = {
@@ -123,6 +174,7 @@ pub fn mount_layer(layer: Arc<Layer>, mountpoint: &Path, cfg: &Config) -> Result
         runtime: Some(runtime),
         _worker: worker,
         passthrough_opens,
+        metrics: metrics.cloned(),
     };
     if !cfg.noprefetch && handle.layer.index().prefetch_end.is_some() {
         let timeout = Duration::from_secs(cfg.prefetch_timeout_sec);
@@ -141,6 +193,7 @@ pub struct MountHandle {
     runtime: Option<tokio::runtime::Runtime>,
     _worker: std::thread::JoinHandle<()>,
     passthrough_opens: Arc<AtomicU64>,
+    metrics: Option<FsMetrics>,
 }
 
 impl MountHandle {
@@ -187,6 +240,9 @@ impl MountHandle {
     }
 
     fn shutdown(&mut self) -> Result<()> {
+        if let Some(m) = self.metrics.take() {
+            m.layer_unmounted(&self.mountpoint);
+        }
         self.layer.stop();
         let res = match self.session.take() {
             Some(s) => {

@@ -20,6 +20,7 @@ use crate::auth::{parse_challenge, CachedToken, Challenge, TokenResponse};
 use crate::config::{is_local_host, BlobConfig, MirrorConfig, RegistryConfig};
 use crate::error::{Error, Result};
 use crate::keychain::{Anonymous, Credential, Keychain};
+use crate::metrics::{RegistryMetrics, RequestKind};
 use crate::reference::DOCKER_HUB;
 
 const USER_AGENT: &str = concat!("stargz-rs-registry/", env!("CARGO_PKG_VERSION"));
@@ -42,6 +43,7 @@ pub(crate) struct Inner {
     semaphores: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Hosts that answered a multi-range request badly; see the blob reader.
     pub no_multi_range: Mutex<HashSet<String>>,
+    metrics: RegistryMetrics,
 }
 
 /// One place a request for a registry can go: a mirror or the host itself.
@@ -116,9 +118,31 @@ enum Failure {
     Auth(Option<String>),
 }
 
+impl Spec<'_> {
+    fn kind(&self) -> RequestKind {
+        match self.subject {
+            Subject::Manifest(_) => RequestKind::Manifest,
+            Subject::Blob { .. } if self.headers.contains_key(reqwest::header::RANGE) => {
+                RequestKind::BlobRange
+            }
+            Subject::Blob { .. } => RequestKind::Blob,
+            Subject::Other(_) => RequestKind::Other,
+        }
+    }
+}
+
 impl Client {
     /// A client with the given configuration and credential source.
     pub fn new(config: RegistryConfig, keychain: Arc<dyn Keychain>) -> Result<Self> {
+        Self::with_metrics(config, keychain, RegistryMetrics::default())
+    }
+
+    /// [`Client::new`], counting its requests into `metrics`.
+    pub fn with_metrics(
+        config: RegistryConfig,
+        keychain: Arc<dyn Keychain>,
+        metrics: RegistryMetrics,
+    ) -> Result<Self> {
         let blob = config.blob.normalized();
         Ok(Client {
             inner: Arc::new(Inner {
@@ -130,6 +154,7 @@ impl Client {
                 challenges: Mutex::new(HashMap::new()),
                 semaphores: Mutex::new(HashMap::new()),
                 no_multi_range: Mutex::new(HashSet::new()),
+                metrics,
             }),
         })
     }
@@ -277,8 +302,13 @@ impl Client {
         let max_retries = self.inner.blob.max_retries;
         let mut attempt: u32 = 0;
         let mut auth_rounds = 0;
+        let kind = spec.kind();
         loop {
+            self.inner.metrics.request(kind);
             let outcome = self.attempt(ep, spec, read).await;
+            if matches!(outcome, Err(Failure::Fatal(_)) | Err(Failure::Retry(..))) {
+                self.inner.metrics.error(kind);
+            }
             let (err, hint) = match outcome {
                 Ok(v) => return Ok(v),
                 Err(Failure::Fatal(e)) => return Err(e),
@@ -605,6 +635,21 @@ impl Client {
     }
 
     async fn fetch_token(
+        &self,
+        ep: &Endpoint,
+        realm: &str,
+        service: Option<&str>,
+        scope: &Scope,
+    ) -> Result<String> {
+        self.inner.metrics.request(RequestKind::Token);
+        let res = self.fetch_token_once(ep, realm, service, scope).await;
+        if res.is_err() {
+            self.inner.metrics.error(RequestKind::Token);
+        }
+        res
+    }
+
+    async fn fetch_token_once(
         &self,
         ep: &Endpoint,
         realm: &str,

@@ -3,7 +3,8 @@
 //! reader built for random access (multi-range requests, redirects, retries).
 //!
 //! It knows nothing of eStargz. Built on `reqwest` (rustls, HTTP/2 over TLS),
-//! `tokio`, `serde`, `thiserror`, `tracing` and `docker_credential`.
+//! `tokio`, `serde`, `thiserror`, `tracing`, `docker_credential` and
+//! `prometheus-client` ([`RegistryMetrics`], request counters).
 //!
 //! ```no_run
 //! # async fn demo() -> registry::Result<()> {
@@ -25,6 +26,7 @@ mod digest;
 mod error;
 mod keychain;
 mod manifest;
+mod metrics;
 mod reference;
 
 pub use blob::{coalesce, BlobReader};
@@ -44,4 +46,5 @@ pub use manifest::{
     PushBlobOptions, PushOutcome, ResolvedImage, DOCKER_CONFIG, DOCKER_LAYER_GZIP, DOCKER_MANIFEST,
     DOCKER_MANIFEST_LIST, OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST,
 };
+pub use metrics::RegistryMetrics;
 pub use reference::{Reference, DOCKER_HUB};

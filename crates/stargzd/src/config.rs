@@ -33,6 +33,14 @@ const KNOWN: &[&str] = &[
     "fuse_manager",
 ];
 
+/// The metrics keys, read on their own so type errors carry their position.
+#[derive(serde::Deserialize)]
+struct MetricsKeys {
+    metrics_address: Option<String>,
+    #[serde(default)]
+    no_prometheus: bool,
+}
+
 /// Parsed daemon configuration.
 #[derive(Debug, Default)]
 pub struct DaemonConfig {
@@ -42,6 +50,10 @@ pub struct DaemonConfig {
     pub disable_remote_snapshots: bool,
     /// `[fuse_manager]`: where layer mounts live.
     pub fuse_manager: crate::fuse_manager::FuseManagerConfig,
+    /// `host:port` for the Prometheus endpoint (`GET /metrics`).
+    pub metrics_address: Option<String>,
+    /// Turns the Prometheus endpoint off even with `metrics_address` set.
+    pub no_prometheus: bool,
 }
 
 impl DaemonConfig {
@@ -80,11 +92,14 @@ impl DaemonConfig {
             Some(toml::Value::Boolean(b)) => *b,
             Some(_) => anyhow::bail!("disable_remote_snapshots: expected a boolean"),
         };
+        let metrics: MetricsKeys = toml::from_str(text)?;
         Ok(DaemonConfig {
             fs,
             registry,
             disable_remote_snapshots,
             fuse_manager: crate::fuse_manager::FuseManagerConfig::parse(text)?,
+            metrics_address: metrics.metrics_address.filter(|a| !a.is_empty()),
+            no_prometheus: metrics.no_prometheus,
         })
     }
 }
@@ -109,5 +124,13 @@ mod tests {
         assert_eq!(c.fs.fuse.attr_timeout, 5);
         let e = format!("{:#}", DaemonConfig::parse("noprefetch = 1\n").unwrap_err());
         assert!(e.contains("noprefetch") && e.contains("line 1"), "{e}");
+        let c = DaemonConfig::parse("metrics_address = \"127.0.0.1:8234\"\n").unwrap();
+        assert_eq!(c.metrics_address.as_deref(), Some("127.0.0.1:8234"));
+        assert!(!c.no_prometheus);
+        let e = format!(
+            "{:#}",
+            DaemonConfig::parse("debug = false\nmetrics_address = 8234\n").unwrap_err()
+        );
+        assert!(e.contains("metrics_address") && e.contains("line 2"), "{e}");
     }
 }

@@ -370,6 +370,17 @@ impl ManagerClient {
         }
     }
 
+    /// The manager's metrics in Prometheus text form. Never starts a manager.
+    pub async fn metrics_text(&self) -> Result<String> {
+        let resp = call(&self.launch.socket, &Request::Metrics, CALL_TIMEOUT)
+            .await
+            .map_err(|e| anyhow::anyhow!("FUSE manager: {e}"))?;
+        if !resp.ok {
+            anyhow::bail!("FUSE manager metrics: {}", resp.error.unwrap_or_default());
+        }
+        Ok(resp.text.unwrap_or_default())
+    }
+
     /// Asks the manager to unmount everything and exit, and waits until it has.
     pub async fn shutdown(&self) -> Result<()> {
         let mut stream = match UnixStream::connect(&self.launch.socket).await {
@@ -456,6 +467,7 @@ pub async fn daemon_remote(
     root: &Path,
     config: &Path,
     log_level: &str,
+    metrics: &crate::metrics::DaemonMetrics,
 ) -> (DaemonRemote, Option<Arc<ManagerClient>>) {
     if cfg.disable_remote_snapshots {
         tracing::info!("remote snapshots disabled by config");
@@ -474,7 +486,7 @@ pub async fn daemon_remote(
                 "FUSE manager unavailable; mounting in this process (mounts end with it)"),
         }
     }
-    match FuseRemote::new(cfg.fs, cfg.registry, &root.join("stargz")) {
+    match FuseRemote::new(cfg.fs, cfg.registry, &root.join("stargz"), metrics) {
         Ok(f) => (DaemonRemote::Fuse(Box::new(f)), None),
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "remote snapshots unavailable; every layer will be downloaded");

@@ -1,10 +1,11 @@
 //! containerd-stargz-grpc: serves the stargz snapshotter to containerd over a unix socket.
 //!
 //! Built on `clap` (flags), `tokio` (runtime, signals), `tracing-subscriber` (logs),
-//! `toml` (config) and `anyhow`, with the workspace's `snapshotter`, `fs` and `registry`.
+//! `toml` (config), `hyper` and `prometheus-client` (metrics endpoint) and `anyhow`, with the workspace's `snapshotter`, `fs` and `registry`.
 
 mod config;
 mod fuse_manager;
+mod metrics;
 mod preopen;
 mod remote;
 
@@ -68,6 +69,7 @@ fn sd_notify_ready() {
 }
 
 fn main() -> Result<()> {
+    remote::keep_large_buffers_mapped();
     let args = Args::parse();
     let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
         .with_context(|| format!("--log-level {:?}", args.log_level))?;
@@ -88,14 +90,28 @@ fn main() -> Result<()> {
 async fn run(args: Args, cfg: DaemonConfig) -> Result<()> {
     std::fs::create_dir_all(&args.root)
         .with_context(|| format!("creating {}", args.root.display()))?;
+    let metrics = metrics::DaemonMetrics::default();
+    let metrics_address = cfg.metrics_address.clone().filter(|_| !cfg.no_prometheus);
+    if cfg.metrics_address.is_some() && cfg.no_prometheus {
+        tracing::info!("no_prometheus is set; metrics_address ignored");
+    }
     let (remote, fuse_manager) = fuse_manager::daemon_remote(
         cfg,
         &args.address,
         &args.root,
         &args.config,
         &args.log_level,
+        &metrics,
     )
     .await;
+    if let Some(addr) = &metrics_address {
+        // With a FUSE manager the layers, their fetches and the cache live there.
+        let source = match &fuse_manager {
+            Some(m) => metrics::Source::Manager(m.clone()),
+            None => metrics::Source::Local(metrics.clone()),
+        };
+        metrics::serve(addr, source).await?;
+    }
     let sn = Arc::new(Snapshotter::open(
         Options::new(args.root.join("snapshotter")),
         remote,

@@ -5,11 +5,16 @@
 //! line-delimited JSON protocol of the `fuse_manager` module. SIGINT, SIGTERM or a
 //! `shutdown` request unmount everything and exit.
 
+// The daemon's config parsing, of which the manager reads only the fs and registry parts.
+#[allow(dead_code)]
 #[path = "config.rs"]
 mod config;
 #[allow(dead_code)]
 #[path = "fuse_manager.rs"]
 mod fuse_manager;
+#[allow(dead_code)]
+#[path = "metrics.rs"]
+mod metrics;
 #[path = "preopen.rs"]
 mod preopen;
 #[allow(dead_code)]
@@ -53,6 +58,7 @@ struct Args {
 }
 
 fn main() -> Result<()> {
+    remote::keep_large_buffers_mapped();
     let args = Args::parse();
     // Socket, pid file and cache are root's alone from the moment they exist.
     // SAFETY: umask(2) only sets this process's file creation mask.
@@ -105,7 +111,8 @@ async fn bind(path: &Path) -> Result<UnixListener> {
 async fn run(args: &Args, cfg: DaemonConfig, digest: String) -> Result<()> {
     // Bound first: a second manager gives up before it touches anything.
     let listener = bind(&args.address).await?;
-    let remote = match FuseRemote::new(cfg.fs, cfg.registry, &args.root.join("stargz")) {
+    let metrics = metrics::DaemonMetrics::default();
+    let remote = match FuseRemote::new(cfg.fs, cfg.registry, &args.root.join("stargz"), &metrics) {
         Ok(r) => Arc::new(r),
         Err(e) => {
             let _ = std::fs::remove_file(&args.address);
@@ -214,23 +221,13 @@ async fn handle(req: Request, remote: &FuseRemote, digest: &str) -> (Response, b
             },
             false,
         ),
-        Request::Metrics => {
-            let mounted = remote.mounted();
-            let mut text = format!("stargz_fuse_manager_mounts {}\n", mounted.len());
-            for (p, fetched) in mounted {
-                text.push_str(&format!(
-                    "stargz_fuse_manager_fetched_bytes{{mountpoint={:?}}} {fetched}\n",
-                    p.display().to_string()
-                ));
-            }
-            (
-                Response {
-                    text: Some(text),
-                    ..Response::ok()
-                },
-                false,
-            )
-        }
+        Request::Metrics => (
+            Response {
+                text: Some(remote.metrics_text()),
+                ..Response::ok()
+            },
+            false,
+        ),
         Request::Shutdown => {
             let failed = remote.unmount_all().await;
             tracing::info!(failed, "shutdown requested: unmounted everything");

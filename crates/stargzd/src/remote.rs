@@ -6,6 +6,7 @@ use std::sync::{Arc, Mutex};
 
 use snapshotter::{LayerInfo, RemoteFs};
 
+use crate::metrics::DaemonMetrics;
 use crate::preopen::LayerPool;
 
 /// Mounts eStargz layers lazily; one [`fs::MountHandle`] per mount point.
@@ -13,6 +14,7 @@ pub struct FuseRemote {
     cfg: fs::Config,
     layers: LayerPool,
     mounts: Mutex<HashMap<PathBuf, fs::MountHandle>>,
+    metrics: DaemonMetrics,
 }
 
 impl FuseRemote {
@@ -20,17 +22,26 @@ impl FuseRemote {
         cfg: fs::Config,
         reg: registry::RegistryConfig,
         cache_dir: &Path,
+        metrics: &DaemonMetrics,
     ) -> anyhow::Result<FuseRemote> {
         let keychain: Arc<dyn registry::Keychain> =
             Arc::new(registry::DockerConfigKeychain::from_env());
-        let client = registry::Client::new(reg, keychain)?;
+        let client = registry::Client::with_metrics(reg, keychain, metrics.registry.clone())?;
         std::fs::create_dir_all(cache_dir)?;
-        let cache = fs::cache_from_config(&cfg, cache_dir)?;
+        let cache = fs::observed_cache_from_config(&cfg, cache_dir, &metrics.fs)?;
         Ok(FuseRemote {
             layers: LayerPool::new(client, cfg.clone(), cache),
             cfg,
             mounts: Mutex::default(),
+            metrics: metrics.clone(),
         })
+    }
+
+    /// This process's metrics (layers, FUSE, cache, registry) in Prometheus text form.
+    // The FUSE manager answers scrapes with it; the daemon encodes its own handle.
+    #[allow(dead_code)]
+    pub fn metrics_text(&self) -> String {
+        self.metrics.encode()
     }
 
     fn handles(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, fs::MountHandle>> {
@@ -59,11 +70,17 @@ impl RemoteFs for FuseRemote {
             let _ = tokio::task::spawn_blocking(move || h.unmount()).await;
         }
         let layer = self.layers.open(&info).await?;
-        let (cfg, mp) = (self.cfg.clone(), mountpoint.to_path_buf());
-        let handle = tokio::task::spawn_blocking(move || fs::mount_layer(layer, &mp, &cfg))
-            .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())?;
+        let (cfg, mp, metrics) = (
+            self.cfg.clone(),
+            mountpoint.to_path_buf(),
+            self.metrics.fs.clone(),
+        );
+        let handle = tokio::task::spawn_blocking(move || {
+            fs::mount_layer_observed(layer, &mp, &cfg, &metrics)
+        })
+        .await
+        .map_err(|e| e.to_string())?
+        .map_err(|e| e.to_string())?;
         self.handles().insert(mountpoint.to_path_buf(), handle);
         Ok(())
     }
@@ -151,5 +168,18 @@ impl RemoteFs for DaemonRemote {
             // In-process mounts never outlive a restart.
             DaemonRemote::Fuse(_) | DaemonRemote::Disabled(_) => Ok(Vec::new()),
         }
+    }
+}
+
+/// Every FUSE session thread allocates a zeroed 16 MiB request buffer. With glibc's
+/// dynamic mmap threshold, after the first large frees those buffers come from malloc
+/// arenas and get zeroed page by page, so each one stays resident (about 16 MiB per
+/// thread, four threads per mounted layer). A fixed threshold keeps them as fresh,
+/// untouched mappings, resident only as far as requests fill them.
+pub fn keep_large_buffers_mapped() {
+    #[cfg(all(target_os = "linux", target_env = "gnu"))]
+    // SAFETY: mallopt only changes allocator tuning; called before any other thread runs.
+    unsafe {
+        libc::mallopt(libc::M_MMAP_THRESHOLD, 128 << 10);
     }
 }

@@ -295,6 +295,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     }
 
     fn rpull(&self, img: &str) -> String {
+        self.try_rpull(img).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    fn try_rpull(&self, img: &str) -> Result<String, String> {
         self.tool(
             "/usr/bin/ctr-remote",
             &[
@@ -306,7 +310,29 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
                 img,
             ],
         )
-        .unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// Panics unless the daemon process is still running.
+    fn assert_daemon_alive(&mut self) {
+        let status = self.daemon.as_mut().map(|d| d.try_wait());
+        assert!(
+            matches!(status, Some(Ok(None))),
+            "daemon not running: {status:?}"
+        );
+    }
+
+    /// Removes the image and waits until garbage collection removed every snapshot.
+    fn remove_image_and_wait_empty(&self, img: &str) {
+        self.ok(&["images", "rm", "--sync", img]);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let ls = self.ok(&["snapshot", "--snapshotter", "stargz", "ls"]);
+            if ls.lines().nth(1).is_none() {
+                break;
+            }
+            assert!(Instant::now() < deadline, "snapshots left: {ls}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
     }
 
     /// `image rpull` with this workspace's own `ctr-remote`, built beside the daemon.
@@ -917,4 +943,240 @@ async fn running_container_survives_daemon_restarts() {
             assert!(!text.contains(SECRET_AUTH) && !text.contains("not-for-logs"));
         }
     });
+}
+
+/// Samples of `name` in a Prometheus text exposition: (label text, value).
+fn samples(text: &str, name: &str) -> Vec<(String, f64)> {
+    text.lines()
+        .filter(|l| !l.starts_with('#'))
+        .filter_map(|l| {
+            let (series, value) = l.rsplit_once(' ')?;
+            let (metric, labels) = match series.split_once('{') {
+                Some((m, rest)) => (m, rest.trim_end_matches('}')),
+                None => (series, ""),
+            };
+            if metric != name {
+                return None;
+            }
+            Some((labels.to_string(), value.parse().ok()?))
+        })
+        .collect()
+}
+
+/// The value of `name` for the series whose labels contain `label`.
+fn sample(text: &str, name: &str, label: &str) -> Option<f64> {
+    samples(text, name)
+        .into_iter()
+        .find(|(l, _)| l.contains(label))
+        .map(|(_, v)| v)
+}
+
+async fn scrape(addr: &str) -> String {
+    let resp = reqwest::get(format!("http://{addr}/metrics"))
+        .await
+        .unwrap();
+    assert_eq!(resp.status().as_u16(), 200);
+    resp.text().await.unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_follow_a_lazy_pull_and_cleanup() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(reg) = testenv::Registry::start(testenv::RegistryOpts::default()) else {
+        return;
+    };
+    let (t1, t2) = image_tars();
+    let (l1, l2) = (estargz_layer(&t1), estargz_layer(&t2));
+    let big_digest = sha(&l1.blob);
+    let img = push(&reg, "metrics/img", &[l1, l2]).await;
+    let addr = format!("127.0.0.1:{}", testenv::free_port());
+
+    let mut env = Env::start(&format!("metrics_address = \"{addr}\"\n"));
+    let rt = tokio::runtime::Handle::current();
+    env.checked(|env| {
+        env.rpull(&img);
+        let out = env.run(&img, "m1", SCRIPT);
+        check_run(&out, &big_digest);
+        let text = tokio::task::block_in_place(|| rt.block_on(scrape(&addr)));
+        let fail = |what: &str| -> String { format!("{what}\n--- /metrics\n{text}") };
+
+        // Layer gauges agree with the state files the container read; nothing reads
+        // in between (no background fetch), so the figures are the same.
+        for st in states(&out) {
+            let digest = st["digest"].as_str().unwrap();
+            let label = format!("digest=\"{digest}\"");
+            let size = sample(&text, "stargz_fs_layer_size_bytes", &label);
+            assert_eq!(size, st["size"].as_f64(), "{}", fail("layer size"));
+            let fetched = sample(&text, "stargz_fs_layer_fetched_size_bytes", &label);
+            assert_eq!(fetched, st["fetchedSize"].as_f64(), "{}", fail("fetched"));
+            let prefetched = sample(&text, "stargz_fs_layer_prefetch_size_bytes", &label);
+            assert_eq!(prefetched, Some(0.0), "{}", fail("noprefetch"));
+        }
+        let mounts = sample(&text, "stargz_fs_mounts", "");
+        assert_eq!(mounts, Some(2.0), "{}", fail("mounts"));
+        for op in ["fuse_lookup", "fuse_read", "fuse_getattr"] {
+            let n = sample(
+                &text,
+                "stargz_fs_operation_duration_microseconds_count",
+                &format!("operation_type=\"{op}\""),
+            );
+            assert!(n.unwrap_or(0.0) > 0.0, "{}", fail(op));
+        }
+        let misses = sample(&text, "stargz_fs_chunk_cache_misses_total", "memory");
+        assert!(misses.unwrap_or(0.0) > 0.0, "{}", fail("cache misses"));
+        let hits = sample(&text, "stargz_fs_chunk_cache_hits_total", "memory");
+        assert!(hits.unwrap_or(0.0) > 0.0, "{}", fail("cache hits"));
+        // The daemon never reads manifests (containerd hands it the layer descriptors).
+        let ranges = sample(
+            &text,
+            "stargz_registry_requests_total",
+            "kind=\"blob_range\"",
+        );
+        assert!(
+            ranges.unwrap_or(0.0) > 0.0,
+            "{}",
+            fail("blob range requests")
+        );
+        let errors: f64 = samples(&text, "stargz_registry_request_errors_total")
+            .iter()
+            .map(|(_, v)| v)
+            .sum();
+        assert_eq!(errors, 0.0, "{}", fail("registry errors"));
+
+        // Removing the image unmounts both layers: no mounts, no snapshot directories,
+        // and the layer series are gone from the endpoint.
+        env.remove_image_and_wait_empty(&img);
+        assert!(env.fuse_mounts().is_empty(), "{:?}", env.fuse_mounts());
+        let left: Vec<_> = std::fs::read_dir(env.snap_root.join("snapshotter/snapshots"))
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "snapshot directories left: {left:?}");
+        let text = tokio::task::block_in_place(|| rt.block_on(scrape(&addr)));
+        assert_eq!(sample(&text, "stargz_fs_mounts", ""), Some(0.0), "{text}");
+        assert!(
+            samples(&text, "stargz_fs_layer_size_bytes").is_empty(),
+            "{text}"
+        );
+        env.assert_daemon_alive();
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn corrupt_chunk_reads_as_eio() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(reg) = testenv::Registry::start(testenv::RegistryOpts::default()) else {
+        return;
+    };
+    let busybox = std::fs::read("/bin/busybox").unwrap();
+    let bad = testenv::random_bytes(256 << 10, 7);
+    let t1 = tar_of(&[
+        ("bin", None, 0o755),
+        ("bin/busybox", Some(&busybox), 0o755),
+        ("good.txt", Some(b"good file\n"), 0o644),
+        ("bad.bin", Some(&bad), 0o644),
+    ]);
+    let layer = estargz_layer(&t1);
+    // Damage the middle of bad.bin's compressed chunk; the TOC and footer stay intact.
+    let reader = estargz::Reader::open(&layer.blob, &estargz::OpenOptions::default()).unwrap();
+    let node = reader.index.node(reader.index.lookup("bad.bin").unwrap());
+    let chunk = &node.chunks[0];
+    let mid = ((chunk.blob_offset + chunk.blob_end) / 2) as usize;
+    let digest = sha(&layer.blob);
+    let img = push(&reg, "corrupt/img", &[layer]).await;
+    let path = reg.blob_data_path(digest.trim_start_matches("sha256:"));
+    let mut stored = std::fs::read(&path).unwrap();
+    for b in &mut stored[mid..mid + 64] {
+        *b ^= 0x5a;
+    }
+    std::fs::write(&path, &stored).unwrap();
+
+    let mut env = Env::start("");
+    env.checked(|env| {
+        env.rpull(&img);
+        let out = env.run(
+            &img,
+            "x1",
+            // The image has no /tmp: cat's complaint goes to stdout, its data nowhere.
+            "cat /good.txt; if cat /bad.bin 2>&1 >/dev/null; then echo READ-OK; \
+             else echo READ-FAILED; fi; cat /good.txt",
+        );
+        eprintln!("container output:\n{out}");
+        assert!(out.starts_with("good file\n"), "{out}");
+        assert!(out.contains("READ-FAILED"), "{out}");
+        assert!(out.contains("Input/output error"), "{out}");
+        assert!(out.trim_end().ends_with("good file"), "{out}");
+        env.assert_daemon_alive();
+        // Reads are served by the FUSE manager, which logs to its own file.
+        let log = std::fs::read_to_string(env.snap_root.join("fuse-manager.log"))
+            .unwrap_or_default()
+            + &std::fs::read_to_string(env.dir.join("stargz.log")).unwrap();
+        let line = log
+            .lines()
+            .find(|l| l.contains("bad.bin") && l.contains(&digest))
+            .unwrap_or_else(|| panic!("no log line names the layer and file:\n{log}"));
+        assert!(line.contains("chunk_offset"), "{line}");
+        // The daemon still serves the next container.
+        let out = env.run(&img, "x2", "cat /good.txt");
+        assert_eq!(out.trim(), "good file");
+    });
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unreachable_registry_fails_the_pull_then_recovers() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(mut reg) = testenv::Registry::start(testenv::RegistryOpts::default()) else {
+        return;
+    };
+    let (t1, t2) = image_tars();
+    let (l1, l2) = (estargz_layer(&t1), estargz_layer(&t2));
+    let big_digest = sha(&l1.blob);
+    let img = push(&reg, "down/img", &[l1, l2]).await;
+
+    let mut env = Env::start("");
+    env.checked(|env| {
+        reg.stop();
+        let err = env.try_rpull(&img).unwrap_err();
+        assert!(
+            err.contains("connection refused") || err.contains(&reg.host()),
+            "unclear error: {err}"
+        );
+        env.assert_daemon_alive();
+        assert!(env.fuse_mounts().is_empty(), "{:?}", env.fuse_mounts());
+
+        reg.restart();
+        env.rpull(&img);
+        let out = env.run(&img, "d1", SCRIPT);
+        check_run(&out, &big_digest);
+    });
+}
+
+#[test]
+fn bad_config_exits_naming_key_and_line() {
+    let dir = tempfile::tempdir().unwrap();
+    let cfg = dir.path().join("bad.toml");
+    std::fs::write(&cfg, "noprefetch = true\nmax_concurrency = \"lots\"\n").unwrap();
+    let out = Command::new(env!("CARGO_BIN_EXE_containerd-stargz-grpc"))
+        .arg("--address")
+        .arg(dir.path().join("s.sock"))
+        .arg("--root")
+        .arg(dir.path().join("root"))
+        .arg("--config")
+        .arg(&cfg)
+        .stdin(Stdio::null())
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "started with a bad config: {err}");
+    assert!(
+        err.contains("max_concurrency") && err.contains("line 2"),
+        "{err}"
+    );
+    assert!(!dir.path().join("s.sock").exists());
 }

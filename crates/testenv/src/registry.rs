@@ -205,6 +205,46 @@ impl Registry {
     }
 }
 
+impl Registry {
+    /// Kills the registry process; its port then refuses connections. Storage stays.
+    pub fn stop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Starts the registry again on the same port with the same storage after [`stop`].
+    ///
+    /// [`stop`]: Registry::stop
+    pub fn restart(&mut self) {
+        let bin = require_tool("docker-registry").expect("docker-registry was there at start");
+        let log_path = self.dir.path().join("registry.log");
+        let log = std::fs::File::create(&log_path).expect("log file");
+        self.child = Command::new(&bin)
+            .arg("serve")
+            .arg(self.dir.path().join("config.yml"))
+            .stdin(Stdio::null())
+            .stdout(log.try_clone().expect("dup log"))
+            .stderr(log)
+            .spawn()
+            .expect("spawn docker-registry");
+        let started = Instant::now();
+        while started.elapsed() < Duration::from_secs(15) {
+            let listening = std::fs::read_to_string(&log_path)
+                .is_ok_and(|l| l.contains(&format!("listening on 127.0.0.1:{}", self.port)));
+            if listening && TcpStream::connect(("127.0.0.1", self.port)).is_ok() {
+                return;
+            }
+            assert!(
+                matches!(self.child.try_wait(), Ok(None)),
+                "docker-registry exited on restart: {}",
+                self.log()
+            );
+            std::thread::sleep(Duration::from_millis(20));
+        }
+        panic!("docker-registry did not come back: {}", self.log());
+    }
+}
+
 impl Drop for Registry {
     fn drop(&mut self) {
         let _ = self.child.kill();
