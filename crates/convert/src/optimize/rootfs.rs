@@ -237,7 +237,10 @@ mod tests {
         let n = unsafe { libc::lgetxattr(c.as_ptr(), k.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
         assert_eq!(n, 1);
         assert_eq!(v[0], b'y');
-        assert_eq!(providing_layer(&[dest.clone()], "etc/gone"), None);
+        assert_eq!(
+            providing_layer(std::slice::from_ref(&dest), "etc/gone"),
+            None
+        );
         assert!(unpack_layer(&write_bad(d.path()), &d.path().join("bad")).is_err());
     }
 
