@@ -193,8 +193,71 @@ pub fn providing_layer(layers: &[PathBuf], rel: &str) -> Option<usize> {
 mod tests {
     use super::*;
 
+    fn tar_of(names: &[&str]) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        for name in names {
+            let mut h = tar::Header::new_ustar();
+            h.set_size(1);
+            h.set_mode(0o644);
+            h.set_uid(0);
+            h.set_gid(0);
+            h.set_cksum();
+            b.append_data(&mut h, name, &b"x"[..]).unwrap();
+        }
+        b.into_inner().unwrap()
+    }
+
     #[test]
-    fn topmost_layer_wins_and_whiteouts_hide() {
+    fn whiteouts_become_what_overlayfs_reads() {
+        // SAFETY: geteuid has no preconditions.
+        if unsafe { libc::geteuid() } != 0 {
+            assert!(std::env::var("CI").is_err(), "needs root under CI");
+            eprintln!("SKIPPED: whiteouts need root (mknod, trusted xattrs)");
+            return;
+        }
+        use std::os::unix::fs::{FileTypeExt, MetadataExt};
+        let d = tempfile::tempdir().unwrap();
+        let blob = d.path().join("layer.tar");
+        std::fs::write(
+            &blob,
+            tar_of(&["etc/.wh.gone", "var/.wh..wh..opq", "var/kept"]),
+        )
+        .unwrap();
+        let dest = d.path().join("l");
+        unpack_layer(&blob, &dest).unwrap();
+        let gone = std::fs::symlink_metadata(dest.join("etc/gone")).unwrap();
+        assert!(gone.file_type().is_char_device() && gone.rdev() == 0);
+        assert!(!dest.join("etc/.wh.gone").exists());
+        assert!(!dest.join("var/.wh..wh..opq").exists());
+        assert_eq!(std::fs::read(dest.join("var/kept")).unwrap(), b"x");
+        let c = CString::new(dest.join("var").as_os_str().as_bytes()).unwrap();
+        let k = CString::new("trusted.overlay.opaque").unwrap();
+        let mut v = [0u8; 4];
+        // SAFETY: valid strings and a buffer with its length.
+        let n = unsafe { libc::lgetxattr(c.as_ptr(), k.as_ptr(), v.as_mut_ptr().cast(), v.len()) };
+        assert_eq!(n, 1);
+        assert_eq!(v[0], b'y');
+        assert_eq!(
+            providing_layer(std::slice::from_ref(&dest), "etc/gone"),
+            None
+        );
+        assert!(unpack_layer(&write_bad(d.path()), &d.path().join("bad")).is_err());
+    }
+
+    fn write_bad(dir: &Path) -> PathBuf {
+        let mut raw = tar_of(&["a/.wh.x"]);
+        // A whiteout that climbs out of the layer directory must be refused.
+        raw[..7].copy_from_slice(b"../.wh.");
+        let mut h = tar::Header::from_byte_slice(&raw[..512]).clone();
+        h.set_cksum();
+        raw[..512].copy_from_slice(h.as_bytes());
+        let p = dir.join("bad.tar");
+        std::fs::write(&p, raw).unwrap();
+        p
+    }
+
+    #[test]
+    fn topmost_layer_wins() {
         let d = tempfile::tempdir().unwrap();
         let layers: Vec<PathBuf> = (0..3).map(|i| d.path().join(i.to_string())).collect();
         for l in &layers {
