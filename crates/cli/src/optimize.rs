@@ -30,7 +30,8 @@ pub struct OptimizeArgs {
     /// Keep the workload running until SIGINT (Ctrl-C) instead of --period.
     #[arg(long)]
     pub wait_on_signal: bool,
-    /// Stop recording when the workload prints this line.
+    /// Stop recording at the first line the workload prints that contains this text
+    /// (stdout or stderr); --period is then ignored, as in the reference.
     #[arg(long, value_name = "LINE")]
     pub wait_on_line: Option<String>,
     /// Convert without running the workload.
@@ -258,12 +259,18 @@ pub async fn optimize_cmd(a: OptimizeArgs) -> Result<()> {
     // Ctrl-C drops the work in progress, whose guards delete the container,
     // unmount the rootfs and remove temporary files. With --wait-on-signal the
     // first one only ends the recording.
+    // SIGTERM (a supervisor or `kill`) cleans up the same way.
     let work = convert::optimize::optimize(&src, &dst, &opts);
     tokio::pin!(work);
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .context("installing the SIGTERM handler")?;
     let mut stops_left = usize::from(a.wait_on_signal);
     let report = loop {
         tokio::select! {
             r = &mut work => break r,
+            _ = sigterm.recv() => {
+                bail!("terminated; the workload was stopped and its rootfs removed");
+            }
             _ = tokio::signal::ctrl_c() => {
                 if stops_left == 0 {
                     bail!("interrupted; the workload was stopped and its rootfs removed");

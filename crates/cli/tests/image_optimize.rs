@@ -536,7 +536,8 @@ fn layout_to_layout_no_optimize_failures_and_period() {
     ok(&out);
     assert_eq!(prioritized(&slow, scratch.path())[1].0, s(&["data/c.txt"]));
 
-    // --wait-on-line stops at the line.
+    // --wait-on-line stops at the first line containing the text, as servers print it
+    // after a pid and a timestamp.
     let line = format!("oci:{}:line", scratch.path().join("line").display());
     let out = optimize_in(
         &wd,
@@ -544,7 +545,7 @@ fn layout_to_layout_no_optimize_failures_and_period() {
             "--wait-on-line",
             "READY",
             "--entrypoint",
-            r#"["/bin/sh","-c","cat /data/b.txt; echo READY; sleep 100000"]"#,
+            r#"["/bin/sh","-c","cat /data/b.txt; echo '1:M 12:00:00.000 * READY for connections'; sleep 100000"]"#,
         ],
         &src,
         &line,

@@ -335,7 +335,7 @@ pub enum StopWhen {
     Period(Duration),
     /// At SIGINT.
     Signal,
-    /// When the workload prints this line (stdout or stderr).
+    /// When the workload prints a line containing this text (stdout or stderr).
     Line(String),
 }
 
@@ -565,7 +565,9 @@ async fn pump(
             for &b in chunk {
                 if b == b'\n' {
                     let text = String::from_utf8_lossy(&line);
-                    if text.trim_end_matches('\r') == want.as_str() {
+                    // A substring, as the reference matches: servers prefix their log
+                    // lines with pids and timestamps.
+                    if text.contains(want.as_str()) {
                         let _ = seen.send(true);
                     }
                     line.clear();
