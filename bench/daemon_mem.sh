@@ -29,6 +29,8 @@ WORK=$(mktemp -d /var/tmp/daemon-mem.XXXXXX)
 PIDS=()
 
 cleanup() {
+	# Ours: SIGINT unmounts and stops its FUSE manager too.
+	[[ -n ${OURS:-} ]] && kill -INT "$OURS" 2>/dev/null || true
 	for p in "${PIDS[@]}"; do kill -TERM "$p" 2>/dev/null || true; done
 	for p in "${PIDS[@]}"; do
 		for _ in $(seq 100); do kill -0 "$p" 2>/dev/null || break; sleep 0.1; done
@@ -148,16 +150,20 @@ containerd --config "$WORK/containerd.toml" >"$WORK/containerd.log" 2>&1 &
 PIDS+=($!)
 wait_path "$WORK/containerd.sock"
 
-rss() { # pid -> "rss_kib pss_kib"
-	local r p
-	r=$(awk '/^VmRSS:/ {print $2}' "/proc/$1/status")
-	p=$(awk '/^Pss:/ {print $2}' "/proc/$1/smaps_rollup")
+rss() { # pids -> "rss_kib pss_kib", summed
+	local r=0 p=0 pid
+	for pid in "$@"; do
+		r=$((r + $(awk '/^VmRSS:/ {print $2}' "/proc/$pid/status")))
+		p=$((p + $(awk '/^Pss:/ {print $2}' "/proc/$pid/smaps_rollup")))
+	done
 	echo "$r $p"
 }
+# Our layers live in the FUSE manager process (when enabled): count it with the daemon.
+ours_pids() { echo "$OURS" $(cat "$WORK/ours/fuse-manager.pid" 2>/dev/null); }
 fuse_mounts() { awk -v w="$1" 'index($2, w) == 1 && $3 ~ /^fuse/' /proc/mounts | wc -l; }
 
 declare -A S
-S[ours_idle]=$(rss $OURS)
+S[ours_idle]=$(rss $(ours_pids))
 S[ref_idle]=$(rss $REF)
 pull_all() { # snapshotter namespace -> seconds
 	local s e
@@ -171,13 +177,13 @@ pull_all() { # snapshotter namespace -> seconds
 }
 echo "== pulling $N images into each daemon"
 t_ours=$(pull_all stargz ours)
-S[ours_pulled]=$(rss $OURS)
+S[ours_pulled]=$(rss $(ours_pids))
 t_ref=$(pull_all stargz-ref ref)
 S[ref_pulled]=$(rss $REF)
 m_ours=$(fuse_mounts "$WORK/ours")
 m_ref=$(fuse_mounts "$WORK/ref")
 sleep "$SETTLE"
-S[ours_settled]=$(rss $OURS)
+S[ours_settled]=$(rss $(ours_pids))
 S[ref_settled]=$(rss $REF)
 
 echo "== config: ${CONFIG:-defaults}; our env: ${OURS_ENV:-none}; load: $(uptime)"
