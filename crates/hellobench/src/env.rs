@@ -43,13 +43,7 @@ impl Proc {
 
     /// Peak resident set size so far, in KiB (VmHWM).
     pub fn peak_rss_kib(&self) -> Option<u64> {
-        let s = fs::read_to_string(format!("/proc/{}/status", self.pid())).ok()?;
-        s.lines()
-            .find(|l| l.starts_with("VmHWM:"))?
-            .split_whitespace()
-            .nth(1)?
-            .parse()
-            .ok()
+        peak_rss_of(self.pid())
     }
 
     pub fn log_tail(&self) -> String {
@@ -199,6 +193,17 @@ pub struct Bins {
     pub ours_extra_config: String,
 }
 
+/// Peak resident set size of process `pid` so far, in KiB (VmHWM).
+pub fn peak_rss_of(pid: u32) -> Option<u64> {
+    let s = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
+    s.lines()
+        .find(|l| l.starts_with("VmHWM:"))?
+        .split_whitespace()
+        .nth(1)?
+        .parse()
+        .ok()
+}
+
 /// containerd plus the proxy snapshotters, all in `dir`, torn down on drop.
 pub struct Stack {
     pub dir: PathBuf,
@@ -212,6 +217,18 @@ pub struct Stack {
 pub const NAMESPACE: &str = "hellobench";
 
 impl Stack {
+    /// Peak RSS of our daemon plus its FUSE manager, which holds the layer mounts,
+    /// fetches and cache when enabled (the default).
+    pub fn ours_peak_rss_kib(&self) -> Option<u64> {
+        let daemon = self.ours.peak_rss_kib()?;
+        let manager = fs::read_to_string(self.dir.join("ours-root").join("fuse-manager.pid"))
+            .ok()
+            .and_then(|p| p.trim().parse::<u32>().ok())
+            .and_then(peak_rss_of)
+            .unwrap_or(0);
+        Some(daemon + manager)
+    }
+
     /// Fresh roots under `dir` (wiped first): every sample starts from nothing.
     pub fn start(
         dir: &Path,

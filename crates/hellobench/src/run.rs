@@ -644,7 +644,7 @@ pub fn run(opts: &Options, command_line: &str) -> Result<Vec<Record>> {
                     timeout: opts.run_timeout,
                 };
                 let r = sample(&stack, &spec, &mut rec);
-                rec.rss_ours_kib = stack.ours.peak_rss_kib();
+                rec.rss_ours_kib = stack.ours_peak_rss_kib();
                 rec.rss_ref_kib = stack.reference.as_ref().and_then(Proc::peak_rss_kib);
                 if let Err(e) = r {
                     tracing::warn!(image = %img.name, mode = m.name, "sample failed: {e:#}");
