@@ -38,16 +38,21 @@ impl<R: RemoteFs> Service<R> {
     }
 }
 
-/// The request's namespace. containerd's own metadata layer calls proxy
-/// snapshotters without one (its backend keys already carry the namespace),
-/// so an absent header is the empty namespace rather than an error.
+/// The keyspace a request works in: always the one keyspace of this snapshotter.
+///
+/// containerd's metadata layer already puts the namespace into the keys it gives a
+/// backend (`k8s.io/12/extract-...`), while the committed names of layers (chain ids) are
+/// shared by every namespace. And it calls a proxy snapshotter sometimes with the
+/// `containerd-namespace` header (the CRI plugin's Prepare) and sometimes without (its
+/// Stat of a remote snapshot's target): partitioning by the header made a CRI pull's
+/// remote snapshot invisible to that Stat. So the header is checked for validity and
+/// otherwise ignored, as containerd's own snapshotters and the reference's do.
 fn namespace<T>(req: &Request<T>) -> Result<String, Status> {
     match req.metadata().get(NAMESPACE_HEADER) {
-        None => Ok(String::new()),
-        Some(v) => v
-            .to_str()
-            .map(str::to_string)
-            .map_err(|_| Status::invalid_argument("containerd-namespace is not valid text")),
+        Some(v) if v.to_str().is_err() => Err(Status::invalid_argument(
+            "containerd-namespace is not valid text",
+        )),
+        _ => Ok(String::new()),
     }
 }
 

@@ -289,4 +289,41 @@ state = "{d}/state"
     // CRI sets no stargz.* labels: the FUSE mount above means the cri.* ones were understood.
     let log = std::fs::read_to_string(dir.join("stargz.log")).unwrap();
     assert!(log.contains("remote snapshot committed"), "{}", logs());
+
+    // containerd's own records of the remote snapshot are complete: it lists it in the
+    // CRI namespace, and a container of the pulled image runs on it.
+    let ctr = |args: &[&str]| {
+        let out = Command::new("ctr")
+            .arg("-a")
+            .arg(&sock)
+            .args(["-n", "k8s.io"])
+            .args(args)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ctr");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        assert!(out.status.success(), "ctr {args:?}: {text}\n{}", logs());
+        text
+    };
+    let ls = ctr(&["snapshot", "--snapshotter", "stargz", "ls"]);
+    assert!(
+        ls.contains("Committed"),
+        "no committed snapshot listed: {ls}"
+    );
+    let out = ctr(&[
+        "run",
+        "--rm",
+        "--snapshotter",
+        "stargz",
+        &img,
+        "cri-run",
+        "/bin/busybox",
+        "echo",
+        "hello from CRI",
+    ]);
+    assert!(out.contains("hello from CRI"), "{out}");
 }
