@@ -9,6 +9,7 @@ use std::path::Path;
 use containerd_client::services::v1::content_client::ContentClient;
 use containerd_client::services::v1::diff_client::DiffClient;
 use containerd_client::services::v1::images_client::ImagesClient;
+use containerd_client::services::v1::leases_client::LeasesClient;
 use containerd_client::services::v1::snapshots::snapshots_client::SnapshotsClient;
 use containerd_client::services::v1::snapshots::{
     CommitSnapshotRequest, PrepareSnapshotRequest, RemoveSnapshotRequest, StatSnapshotRequest,
@@ -16,6 +17,9 @@ use containerd_client::services::v1::snapshots::{
 use containerd_client::services::v1::{
     ApplyRequest, CreateImageRequest, Image, InfoRequest, UpdateImageRequest, WriteAction,
     WriteContentRequest,
+};
+use containerd_client::services::v1::{
+    CreateRequest as LeaseCreateRequest, DeleteRequest as LeaseDeleteRequest,
 };
 use containerd_client::tonic::transport::Channel;
 use containerd_client::tonic::{Code, Request};
@@ -73,7 +77,13 @@ fn rpc(what: &str, s: containerd_client::tonic::Status) -> Error {
 struct Ctd {
     channel: Channel,
     namespace: String,
+    /// The lease every request of the pull is made under, so containerd's garbage
+    /// collector keeps its content and snapshots until the image record names them.
+    lease: Option<String>,
 }
+
+/// How long a pull's lease outlives a crashed `rpull`, as `ctr` does.
+const LEASE_EXPIRY: std::time::Duration = std::time::Duration::from_secs(24 * 3600);
 
 impl Ctd {
     fn req<T>(&self, t: T) -> Request<T> {
@@ -81,7 +91,51 @@ impl Ctd {
         if let Ok(v) = self.namespace.parse() {
             r.metadata_mut().insert("containerd-namespace", v);
         }
+        if let Some(Ok(v)) = self.lease.as_ref().map(|l| l.parse()) {
+            r.metadata_mut().insert("containerd-lease", v);
+        }
         r
+    }
+
+    /// Creates the pull's lease (expiring by itself should the pull never end it).
+    async fn start_lease(&mut self) -> Result<()> {
+        let now = std::time::SystemTime::now();
+        let id = format!(
+            "rpull-{}",
+            now.duration_since(std::time::UNIX_EPOCH)
+                .map(|d| d.as_nanos())
+                .unwrap_or_default()
+        );
+        let mut labels = HashMap::new();
+        labels.insert(
+            "containerd.io/gc.expire".to_string(),
+            rfc3339_utc(now + LEASE_EXPIRY),
+        );
+        LeasesClient::new(self.channel.clone())
+            .create(self.req(LeaseCreateRequest {
+                id: id.clone(),
+                labels,
+            }))
+            .await
+            .map_err(|s| rpc("lease create", s))?;
+        self.lease = Some(id);
+        Ok(())
+    }
+
+    /// Ends the lease: from now on the image record keeps what the pull made.
+    async fn end_lease(&mut self) {
+        let Some(id) = self.lease.take() else {
+            return;
+        };
+        let res = LeasesClient::new(self.channel.clone())
+            .delete(self.req(LeaseDeleteRequest {
+                id: id.clone(),
+                sync: false,
+            }))
+            .await;
+        if let Err(s) = res {
+            tracing::warn!(lease = %id, error = %s.message(), "could not end the pull's lease; it expires by itself");
+        }
     }
 
     async fn has_content(&self, digest: &str) -> Result<bool> {
@@ -245,10 +299,24 @@ pub async fn rpull(
     let channel = containerd_client::connect(&opts.address)
         .await
         .map_err(|e| Error::Containerd(format!("connecting to {}: {e}", opts.address)))?;
-    let ctd = Ctd {
+    let mut ctd = Ctd {
         channel,
         namespace: opts.namespace.clone(),
+        lease: None,
     };
+    ctd.start_lease().await?;
+    let res = pull_leased(client, reference, opts, workdir, &ctd).await;
+    ctd.end_lease().await;
+    res
+}
+
+async fn pull_leased(
+    client: &Client,
+    reference: &Reference,
+    opts: &RpullOptions,
+    workdir: &Path,
+    ctd: &Ctd,
+) -> Result<RpullReport> {
     let img = client.resolve_image(reference, &opts.platform).await?;
     let m = &img.manifest;
     let config_bytes = client.get_blob(reference, &m.config.digest).await?;
@@ -462,9 +530,43 @@ pub async fn rpull(
     Ok(report)
 }
 
+/// `t` as RFC 3339 in UTC (`2006-01-02T15:04:05Z`), the form containerd's lease
+/// expiry label takes.
+fn rfc3339_utc(t: std::time::SystemTime) -> String {
+    let secs = t
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| d.as_secs())
+        .unwrap_or_default();
+    let (days, rem) = (secs / 86_400, secs % 86_400);
+    // Civil date from days since 1970-01-01 (Howard Hinnant's algorithm).
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z.rem_euclid(146_097);
+    let yoe = (doe - doe / 1_460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let day = doy - (153 * mp + 2) / 5 + 1;
+    let month = if mp < 10 { mp + 3 } else { mp - 9 };
+    let year = yoe + era * 400 + i64::from(month <= 2);
+    format!(
+        "{year:04}-{month:02}-{day:02}T{:02}:{:02}:{:02}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn lease_expiry_is_rfc3339_utc() {
+        let at = |s: u64| std::time::UNIX_EPOCH + std::time::Duration::from_secs(s);
+        assert_eq!(rfc3339_utc(at(0)), "1970-01-01T00:00:00Z");
+        assert_eq!(rfc3339_utc(at(951_782_400)), "2000-02-29T00:00:00Z");
+        assert_eq!(rfc3339_utc(at(1_795_462_574)), "2026-11-23T19:36:14Z");
+    }
 
     #[test]
     fn chain_ids_follow_the_spec() {
