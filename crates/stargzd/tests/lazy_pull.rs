@@ -750,18 +750,34 @@ fn junk_sums() -> Vec<String> {
 }
 
 /// `fetchedSize` of the layer `digest` as the running container `id` sees it.
+/// Output of `args` run in the task `id`. `ctr task exec` now and then returns before
+/// the exec's output reached it (empty stdout, exit 0): ask again under a new exec id.
+fn exec_output(env: &Env, id: &str, exec_id: &str, args: &[&str]) -> String {
+    let mut out = String::new();
+    for attempt in 0..3 {
+        let eid = format!("{exec_id}-{attempt}");
+        let mut full = vec!["task", "exec", "--exec-id", eid.as_str(), id];
+        full.extend_from_slice(args);
+        out = env.ok(&full);
+        if !out.trim().is_empty() {
+            break;
+        }
+    }
+    out
+}
+
 fn fetched_in(env: &Env, id: &str, exec_id: &str, digest: &str) -> u64 {
-    let out = env.ok(&[
-        "task",
-        "exec",
-        "--exec-id",
-        exec_id,
+    let out = exec_output(
+        env,
         id,
-        "/bin/busybox",
-        "sh",
-        "-c",
-        "cat /.stargz-snapshotter/*.json",
-    ]);
+        exec_id,
+        &[
+            "/bin/busybox",
+            "sh",
+            "-c",
+            "cat /.stargz-snapshotter/*.json",
+        ],
+    );
     let st = states(&out);
     let s = st
         .iter()
@@ -775,16 +791,12 @@ fn fetched_in(env: &Env, id: &str, exec_id: &str, digest: &str) -> u64 {
 fn read_unfetched(env: &Env, id: &str, n: usize, digest: &str, sums: &[String]) {
     let before = fetched_in(env, id, &format!("st{n}a"), digest);
     let path = format!("/junk/f{n}");
-    let out = env.ok(&[
-        "task",
-        "exec",
-        "--exec-id",
-        &format!("read{n}"),
+    let out = exec_output(
+        env,
         id,
-        "/bin/busybox",
-        "sha256sum",
-        &path,
-    ]);
+        &format!("read{n}"),
+        &["/bin/busybox", "sha256sum", &path],
+    );
     assert_eq!(out.trim(), format!("{}  {path}", sums[n]), "{path} in {id}");
     let after = fetched_in(env, id, &format!("st{n}b"), digest);
     assert!(
@@ -802,16 +814,7 @@ fn check_loop(env: &Env, id: &str, exec_id: &str, sums: &[String]) {
             .any(|l| l.starts_with(id) && l.contains("RUNNING")),
         "{tasks}"
     );
-    let out = env.ok(&[
-        "task",
-        "exec",
-        "--exec-id",
-        exec_id,
-        id,
-        "/bin/busybox",
-        "cat",
-        "/sums",
-    ]);
+    let out = exec_output(env, id, exec_id, &["/bin/busybox", "cat", "/sums"]);
     let lines: Vec<&str> = out.lines().collect();
     assert!(!lines.is_empty(), "the loop has not read yet");
     for l in lines {
