@@ -303,7 +303,7 @@ impl FuseLayer {
     /// open is answered at once (through user space) and later opens go straight to the
     /// kernel.
     fn materialize_later(&self, id: NodeId) {
-        if !self.layer.fully_cached(id) {
+        if !self.layer.materializable(id) {
             return;
         }
         let started = self

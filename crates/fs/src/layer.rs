@@ -657,12 +657,15 @@ impl Layer {
             .then_some(path)
     }
 
-    /// Whether every chunk of file `id` is cached, so that [`Layer::materialize`] needs
-    /// no network.
-    pub fn fully_cached(&self, id: NodeId) -> bool {
-        self.regular(id).is_ok_and(|node| {
-            (0..node.chunks.len()).all(|i| self.cache.contains(&self.key_of((id, i))))
-        })
+    /// Whether [`Layer::materialize`] would build a whole-file copy of `id` without the
+    /// network: a disk cache, several chunks (one chunk is its own backing file), all of
+    /// them cached. Cheap checks first: this runs on the FUSE open path.
+    pub fn materializable(&self, id: NodeId) -> bool {
+        self.cache.dir().is_some()
+            && self.regular(id).is_ok_and(|node| {
+                node.chunks.len() > 1
+                    && (0..node.chunks.len()).all(|i| self.cache.contains(&self.key_of((id, i))))
+            })
     }
 
     /// A local file holding exactly the content of regular file `id`, assembled from
