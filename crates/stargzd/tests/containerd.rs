@@ -1,15 +1,13 @@
 //! End to end with a real containerd 1.6, runc and docker-registry: pull, run, snapshot commands, teardown.
 
+mod common;
+
+use common::{ci, sha, wait_for};
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-use sha2::{Digest, Sha256};
-
-fn ci() -> bool {
-    std::env::var("CI").map(|v| v == "true").unwrap_or(false)
-}
 
 /// A missing prerequisite fails under CI=true and skips loudly otherwise.
 fn require(paths: &[&str]) -> bool {
@@ -80,14 +78,6 @@ fn mounts_under(dir: &Path) -> Vec<String> {
         .collect()
 }
 
-fn sha(data: &[u8]) -> String {
-    format!("sha256:{}", hex(&Sha256::digest(data)))
-}
-
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
 /// A gzip tar layer and its diff id.
 fn layer(files: &[(&str, &[u8], u32)]) -> (Vec<u8>, String) {
     let mut b = tar::Builder::new(Vec::new());
@@ -115,14 +105,6 @@ fn layer(files: &[(&str, &[u8], u32)]) -> (Vec<u8>, String) {
     let mut gz = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::fast());
     gz.write_all(&tar).unwrap();
     (gz.finish().unwrap(), diff_id)
-}
-
-fn wait_for(path: &Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !path.exists() {
-        assert!(Instant::now() < deadline, "{what} did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 struct Ctr {

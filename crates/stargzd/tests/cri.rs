@@ -3,17 +3,16 @@
 //! PullImage over containerd's socket); the `cri.*` labels reach our daemon, which mounts
 //! the layers lazily.
 
+mod common;
+
+use common::{ci, sha, wait_for};
+
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::{ImageSpec, PullImageRequest};
-use sha2::{Digest, Sha256};
-
-fn ci() -> bool {
-    std::env::var("CI").map(|v| v == "true").unwrap_or(false)
-}
 
 fn prerequisites() -> bool {
     for p in [
@@ -73,18 +72,6 @@ fn fuse_mounts(dir: &Path) -> Vec<String> {
         .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
         .filter(|m| m.starts_with(&prefix))
         .collect()
-}
-
-fn wait_for(path: &Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !path.exists() {
-        assert!(Instant::now() < deadline, "{what} did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn sha(data: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(data))
 }
 
 /// An eStargz layer of busybox plus `junk` bytes nobody reads; (blob, diff id, annotations).

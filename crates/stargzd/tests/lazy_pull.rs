@@ -2,6 +2,10 @@
 //! `ctr-remote image rpull` through a real containerd 1.6 into our daemon, then run with
 //! runc; checks laziness, whiteouts, daemon restarts and the fallback for plain gzip layers.
 
+mod common;
+
+use common::{ci, sha, wait_for};
+
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -12,10 +16,6 @@ use sha2::{Digest, Sha256};
 const NS: &str = "lazy";
 /// base64 of `user:not-for-logs`.
 const SECRET_AUTH: &str = "dXNlcjpub3QtZm9yLWxvZ3M=";
-
-fn ci() -> bool {
-    std::env::var("CI").map(|v| v == "true").unwrap_or(false)
-}
 
 /// A missing prerequisite fails under CI=true and skips loudly otherwise.
 fn require(paths: &[&str]) -> bool {
@@ -58,18 +58,6 @@ fn mounts_under(dir: &Path) -> Vec<(String, String)> {
         })
         .filter(|(m, _)| m.starts_with(&prefix))
         .collect()
-}
-
-fn sha(data: &[u8]) -> String {
-    format!("sha256:{:x}", Sha256::digest(data))
-}
-
-fn wait_for(path: &Path, what: &str) {
-    let deadline = Instant::now() + Duration::from_secs(30);
-    while !path.exists() {
-        assert!(Instant::now() < deadline, "{what} did not come up");
-        std::thread::sleep(Duration::from_millis(50));
-    }
 }
 
 /// Sends `sig` and waits for the process to exit (killing it after 10 s).
