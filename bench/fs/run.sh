@@ -48,10 +48,14 @@ if [ "${REF:-1}" = 1 ]; then
 	# (d): the reference containerd-stargz-grpc behind a private containerd, same link,
 	# same layer (pushed as an image, since it mounts layers of pulled images).
 	REFD=$(../shared/reference/build.sh "$WORK/refbin" | tail -1)
-	# Twice, each with a fresh registry, containerd and daemon root (a cold cache).
-	for _ in 1 2; do
-		"$BIN/linkshape" --profile "$PROFILE" --prefix "$PREFIX" -- \
-			bash bench/fs/ref-inner.sh "$WORK" "$BIN/examples/bench_fs" "$REFD" "$PREFIX-srv" 10.99.0.1
+	# Twice per reader count, each with a fresh registry, containerd and daemon root
+	# (a cold cache).
+	for readers in 8 1; do
+		for _ in 1 2; do
+			echo "== reference, $readers reader(s)"
+			"$BIN/linkshape" --profile "$PROFILE" --prefix "$PREFIX" -- \
+				bash bench/fs/ref-inner.sh "$WORK" "$BIN/examples/bench_fs" "$REFD" "$PREFIX-srv" 10.99.0.1 "$readers"
+		done
 	done
 fi
 echo "== total $(($(date +%s) - start)) s"

@@ -45,15 +45,18 @@ fn main() {
             Ok(rate) => net(Path::new(&args[1]), &args[2], &args[3], rate),
             Err(e) => Err(format!("rate {:?}: {e}", args[4]).into()),
         },
-        Some("push-image") if args.len() == 3 => push_image(Path::new(&args[1]), &args[2]),
+        Some("push-image") if args.len() == 3 => push_image(Path::new(&args[1]), &args[2], "layer"),
+        Some("push-image") if args.len() == 4 => push_image(Path::new(&args[1]), &args[2], &args[3]),
         Some("read") if args.len() == 3 => match args[2].parse() {
             Ok(n) => read_cmd(Path::new(&args[1]), n),
             Err(e) => Err(format!("readers {:?}: {e}", args[2]).into()),
         },
         Some("warm") if args.len() == 2 => warm_cmd(Path::new(&args[1])),
+        Some("first-read") if args.len() == 2 => first_read_cmd(Path::new(&args[1])),
+        Some("first-touch") if args.len() == 2 => first_touch_cmd(Path::new(&args[1])),
         _ => Err("usage: bench_fs prepare WORK SRC | mount100k WORK | \
-                  net WORK SERVER_NS SERVER_ADDR RATE_MBIT | push-image WORK HOST:PORT | \
-                  read DIR READERS | warm DIR"
+                  net WORK SERVER_NS SERVER_ADDR RATE_MBIT | push-image WORK HOST:PORT [layer|small] | \
+                  read DIR READERS | warm DIR | first-read DIR | first-touch DIR"
             .into()),
     };
     if let Err(e) = res {
@@ -104,7 +107,7 @@ fn prepare(work: &Path, src: &Path) -> Res<()> {
             // Symlinks stay symlinks, as in an image layer.
             b.follow_symlinks(false);
             let name = src.file_name().ok_or("SRC has no name")?;
-            b.append_dir_all(name, src)?;
+            append_sorted(&mut b, src, Path::new(name))?;
             b.into_inner()?.flush()?;
         }
         let out = build_blob(&tar, &work.join("layer.blob"))?;
@@ -160,10 +163,15 @@ fn prepare(work: &Path, src: &Path) -> Res<()> {
     Ok(())
 }
 
-/// Pushes `layer.blob` as the only layer of `HOST/bench/go:v1` (OCI, TOC digest
-/// annotation), for daemons that pull images rather than blobs.
-fn push_image(work: &Path, host: &str) -> Res<()> {
-    let v: serde_json::Value = serde_json::from_slice(&std::fs::read(work.join("layer.json"))?)?;
+/// Pushes `NAME.blob` (`layer`: the tree, `small`: the 100k-file layer) as the only
+/// layer of `HOST/bench/NAME:v1` (OCI, TOC digest annotation), for daemons that pull
+/// images rather than blobs.
+fn push_image(work: &Path, host: &str, name: &str) -> Res<()> {
+    if !matches!(name, "layer" | "small") {
+        return Err(format!("unknown layer {name:?}").into());
+    }
+    let v: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(work.join(format!("{name}.json")))?)?;
     let diff_id = v["diff_id"]
         .as_str()
         .ok_or("layer.json has no diff_id; re-run prepare")?;
@@ -181,13 +189,13 @@ fn push_image(work: &Path, host: &str) -> Res<()> {
         },
     );
     let client = registry::Client::new(rcfg, Arc::new(registry::Anonymous))?;
-    let r = registry::Reference::parse(&format!("{host}/bench/go:v1"))?;
+    let r = registry::Reference::parse(&format!("{host}/bench/{name}:v1"))?;
     let rt = tokio::runtime::Builder::new_multi_thread()
         .worker_threads(2)
         .enable_all()
         .build()?;
     rt.block_on(async {
-        let blob = bytes::Bytes::from(std::fs::read(work.join("layer.blob"))?);
+        let blob = bytes::Bytes::from(std::fs::read(work.join(format!("{name}.blob")))?);
         let size = blob.len() as u64;
         let opts = registry::PushBlobOptions::default();
         let (layer_digest, _) = client.push_blob(&r, blob, &opts).await?;
@@ -215,7 +223,7 @@ fn push_image(work: &Path, host: &str) -> Res<()> {
             .await?;
         Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
     })?;
-    println!("pushed {host}/bench/go:v1");
+    println!("pushed {host}/bench/{name}:v1");
     Ok(())
 }
 
@@ -264,6 +272,33 @@ fn warm_cmd(dir: &Path) -> Res<()> {
     Ok(())
 }
 
+/// The large files under `dir` (the warm set), smallest first.
+fn large_files(dir: &Path) -> Res<Vec<(PathBuf, u64)>> {
+    let mut files: Vec<(PathBuf, u64)> = walk(dir)?
+        .into_iter()
+        .filter(|(_, n)| *n >= LARGE_FILE)
+        .collect();
+    files.sort_by_key(|(_, n)| *n);
+    Ok(files)
+}
+
+/// One sequential read of the warm set: meant for a mount whose page cache was just
+/// dropped while the daemon's own cache stays warm.
+fn first_read_cmd(dir: &Path) -> Res<()> {
+    let files = large_files(dir)?;
+    let (s, b, done, _) = read_all(&files, 1);
+    println!("first read: {done} files, {:.0} MiB/s", mib_s(b, s));
+    Ok(())
+}
+
+/// 4 KiB random reads of the warm set that find nothing in the page cache of the mount.
+fn first_touch_cmd(dir: &Path) -> Res<()> {
+    let paths: Vec<PathBuf> = large_files(dir)?.into_iter().map(|(p, _)| p).collect();
+    let (p50, p99) = latency(&paths, FIRST_TOUCH_SAMPLES)?;
+    println!("first touch: 4k p50 {p50:.1}us p99 {p99:.1}us ({FIRST_TOUCH_SAMPLES} reads)");
+    Ok(())
+}
+
 /// (VmRSS, VmHWM) of this process in KiB.
 fn rss_kib() -> (u64, u64) {
     let s = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
@@ -277,22 +312,41 @@ fn rss_kib() -> (u64, u64) {
     (field("VmRSS:"), field("VmHWM:"))
 }
 
-/// Every regular file under `root` with its size, in directory order.
+/// Every regular file under `root` with its size, in the order of [`walk_into`].
 fn walk(root: &Path) -> Res<Vec<(PathBuf, u64)>> {
     let mut out = Vec::new();
-    let mut stack = vec![root.to_path_buf()];
-    while let Some(dir) = stack.pop() {
-        for e in std::fs::read_dir(&dir)? {
-            let e = e?;
-            let ft = e.file_type()?;
-            if ft.is_dir() {
-                stack.push(e.path());
-            } else if ft.is_file() {
-                out.push((e.path(), e.metadata()?.len()));
-            }
+    walk_into(root, &mut out)?;
+    Ok(out)
+}
+
+/// Regular files under `dir` depth first in name order: the order `tar` and image
+/// builders (a name-sorted walk) store them in, and `cp -r` or `tar c` read them back.
+fn walk_into(dir: &Path, out: &mut Vec<(PathBuf, u64)>) -> Res<()> {
+    let mut entries = std::fs::read_dir(dir)?.collect::<std::io::Result<Vec<_>>>()?;
+    entries.sort_by_key(|e| e.file_name());
+    for e in entries {
+        let ft = e.file_type()?;
+        if ft.is_dir() {
+            walk_into(&e.path(), out)?;
+        } else if ft.is_file() {
+            out.push((e.path(), e.metadata()?.len()));
         }
     }
-    Ok(out)
+    Ok(())
+}
+
+/// Appends `path` as `name` and, for a directory, everything under it depth first in
+/// name order, as an image builder's sorted walk would.
+fn append_sorted<W: Write>(b: &mut tar::Builder<W>, path: &Path, name: &Path) -> Res<()> {
+    b.append_path_with_name(path, name)?;
+    if std::fs::symlink_metadata(path)?.is_dir() {
+        let mut entries = std::fs::read_dir(path)?.collect::<std::io::Result<Vec<_>>>()?;
+        entries.sort_by_key(|e| e.file_name());
+        for e in entries {
+            append_sorted(b, &e.path(), &name.join(e.file_name()))?;
+        }
+    }
+    Ok(())
 }
 
 fn mount_at(
@@ -596,19 +650,28 @@ fn net(work: &Path, ns: &str, addr: &str, rate_mbit: u64) -> Res<()> {
         n
     };
     let mut warm_cache: Option<tempfile::TempDir> = None;
-    for (name, readers, background) in [
-        ("parallel x8, background fetch on", READERS, true),
-        ("parallel x8, background fetch off", READERS, false),
-        ("sequential, background fetch on", 1, true),
-        ("sequential, background fetch off", 1, false),
+    for (name, readers, background, readahead) in [
+        ("parallel x8, background fetch on", READERS, true, true),
+        ("parallel x8, background fetch off", READERS, false, true),
+        ("sequential, background fetch on", 1, true, true),
+        ("sequential, background fetch off", 1, false, true),
+        (
+            "sequential, background fetch and read-ahead off",
+            1,
+            false,
+            false,
+        ),
     ] {
         let mut runs = Vec::new();
         for rep in 0..REPS {
             let tmp = tempfile::tempdir_in(work)?;
-            let cfg = Config {
+            let mut cfg = Config {
                 no_background_fetch: !background,
                 ..Config::default()
             };
+            if !readahead {
+                cfg.sequential_readahead_kib = 0;
+            }
             let t = Instant::now();
             let h = mount_at(
                 fetcher_for(&desc)?,

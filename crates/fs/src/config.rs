@@ -93,6 +93,9 @@ pub struct Config {
     /// Not a reference key: milliseconds without prioritized work (mounts, prefetch,
     /// reads) in any layer before background fetch runs.
     pub background_fetch_quiet_msec: u64,
+    /// Not a reference key: the largest read-ahead (KiB of blob) for a reader walking a
+    /// layer in the order its files are stored; 0 turns sequential read-ahead off.
+    pub sequential_readahead_kib: u64,
     pub directory_cache: DirectoryCacheConfig,
     pub fuse: FuseConfig,
 }
@@ -109,6 +112,7 @@ impl Default for Config {
             disable_verification: false,
             max_concurrency: DEFAULT_MAX_CONCURRENCY,
             background_fetch_quiet_msec: crate::priority::DEFAULT_QUIET.as_millis() as u64,
+            sequential_readahead_kib: crate::readahead::DEFAULT_MAX_WINDOW >> 10,
             directory_cache: DirectoryCacheConfig::default(),
             fuse: FuseConfig::default(),
         }

@@ -324,6 +324,14 @@ impl FuseLayer {
 
     /// Opens regular file `id` with passthrough when it is fully local and no handle
     /// of it is open through user space; otherwise through user space.
+    /// Starts fetching ahead of a reader that walks the blob in order.
+    fn read_ahead(&self, id: NodeId, offset: u64, len: u64) {
+        if let Some(range) = self.layer.note_access(id, offset, len) {
+            let layer = self.layer.clone();
+            self.rt.spawn_blocking(move || layer.read_ahead(range));
+        }
+    }
+
     fn open_file(&self, id: NodeId, ino: u64, reply: ReplyOpen) {
         // Layer content never changes, so the page cache stays valid across opens.
         let user_open = |opens: &mut HashMap<u64, Opens>, reply: ReplyOpen| {
@@ -432,6 +440,7 @@ impl Filesystem for FuseLayer {
         if self.layer.index().node(id).kind != NodeKind::Reg || self.whiteout[id as usize] {
             return reply.error(Errno::EACCES);
         }
+        self.read_ahead(id, 0, u64::MAX);
         self.open_file(id, ino.0, reply);
     }
 
@@ -456,6 +465,7 @@ impl Filesystem for FuseLayer {
         let Some(id) = self.node_of(ino) else {
             return reply.error(Errno::ENOENT);
         };
+        self.read_ahead(id, offset, u64::from(size));
         if let Some(data) = self.layer.read_cached(id, offset, size) {
             return reply.data(&data);
         }

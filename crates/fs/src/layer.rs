@@ -18,6 +18,7 @@ use crate::cache::{ChunkCache, Key};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fetcher::{Fetcher, SourceAdapter};
+use crate::readahead::Stream;
 
 /// First read at the end of the blob: big enough that most TOCs come with the footer.
 pub const TAIL_READ: u64 = 512 << 10;
@@ -40,9 +41,11 @@ pub struct LayerDesc {
 /// A chunk of a file: (node, index in its chunk list).
 type ChunkRef = (NodeId, usize);
 
+/// A run of the blob fetched by one background request: its byte range and its chunks,
+/// as a range of [`Layer::order`].
 struct Window {
     range: Range<u64>,
-    chunks: Vec<ChunkRef>,
+    chunks: Range<usize>,
 }
 
 type SlotResult = std::result::Result<Arc<Vec<u8>>, String>;
@@ -150,7 +153,12 @@ pub struct Layer {
     blob_size: u64,
     inflight: Mutex<HashMap<Key, Arc<Slot>>>,
     coverage: Mutex<RangeSet>,
+    /// Every chunk of the layer in blob order.
+    order: Vec<ChunkRef>,
     windows: Vec<Window>,
+    readahead: Stream,
+    /// End of the file data in the blob (TOC and footer follow).
+    payload_end: u64,
     complete: AtomicBool,
     stop: AtomicBool,
     prefetched: AtomicU64,
@@ -223,7 +231,8 @@ impl Layer {
         for r in src.read.into_inner().unwrap_or_default() {
             coverage.insert(r);
         }
-        let windows = plan_windows(&reader.index, reader.payload_end());
+        let payload_end = reader.payload_end();
+        let (order, windows) = plan_windows(&reader.index, payload_end);
         info!(layer = %desc.digest, files = reader.index.len(), toc = %reader.toc_digest,
             "layer opened");
         Ok(Layer {
@@ -236,7 +245,10 @@ impl Layer {
             verify: !cfg.disable_verification,
             inflight: Mutex::new(HashMap::new()),
             coverage: Mutex::new(coverage),
+            order,
             windows,
+            readahead: Stream::new(cfg.sequential_readahead_kib.saturating_mul(1024)),
+            payload_end,
             complete: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             prefetched: AtomicU64::new(0),
@@ -366,6 +378,54 @@ impl Layer {
             chunks,
             datas.iter().map(|d| d.as_slice()),
         )
+    }
+
+    /// Tells the read-ahead of an access to `len` bytes at `offset` of file `id` (an open
+    /// is an access to the whole file) and returns the blob range to fetch ahead of the
+    /// reader, if the accesses walk the blob in order. Fetch it with [`Layer::read_ahead`]
+    /// off the reader's thread.
+    pub fn note_access(&self, id: NodeId, offset: u64, len: u64) -> Option<Range<u64>> {
+        if self.is_complete() {
+            return None;
+        }
+        let node = self.index.get(id).filter(|n| n.kind == NodeKind::Reg)?;
+        let chunks = node.chunks_for(offset, len);
+        let range = chunks.first()?.blob_offset..chunks.last()?.blob_end;
+        self.readahead.access(range, self.payload_end)
+    }
+
+    /// Fetches the chunks starting in blob range `range` that are neither cached nor
+    /// being fetched, as reading does (verified, deduplicated), in as few requests as
+    /// their layout allows. Failures only cost the read-ahead: readers fetch again.
+    pub fn read_ahead(&self, range: Range<u64>) {
+        if self.stop.load(Ordering::SeqCst) || self.is_complete() {
+            return;
+        }
+        let _busy = self.cache.priority().busy();
+        let blob_offset = |r: &ChunkRef| self.index.node(r.0).chunks[r.1].blob_offset;
+        let from = self.order.partition_point(|r| blob_offset(r) < range.start);
+        let mut refs: Vec<ChunkRef> = self.order[from..]
+            .iter()
+            .take_while(|r| blob_offset(r) < range.end)
+            .filter(|&&r| !self.cache.contains(&self.key_of(r)))
+            .copied()
+            .collect();
+        if let Ok(map) = self.inflight.lock() {
+            refs.retain(|&r| !map.contains_key(&self.key_of(r)));
+        }
+        if refs.is_empty() {
+            return;
+        }
+        let started = Instant::now();
+        let chunks = refs.len();
+        for res in self.fill(&refs, None, false) {
+            if let Err(e) = res {
+                debug!(layer = %self.desc.digest, error = %e, "read-ahead failed");
+                return;
+            }
+        }
+        debug!(layer = %self.desc.digest, from = range.start, to = range.end, chunks,
+            elapsed_ms = started.elapsed().as_millis() as u64, "read ahead");
     }
 
     /// Makes sure each chunk in `refs` is cached and returns its bytes. Missing chunks are
@@ -572,7 +632,7 @@ impl Layer {
         let mut wend = end;
         let mut refs = Vec::new();
         for w in &self.windows {
-            for &r in &w.chunks {
+            for &r in &self.order[w.chunks.clone()] {
                 let c = &self.index.node(r.0).chunks[r.1];
                 if c.blob_offset < end {
                     wend = wend.max(c.blob_end);
@@ -610,16 +670,14 @@ impl Layer {
                     if !self.cache.priority().wait_quiet(&self.stop) {
                         return;
                     }
-                    if w.chunks
-                        .iter()
-                        .all(|&r| self.cache.contains(&self.key_of(r)))
-                    {
+                    let chunks = &self.order[w.chunks.clone()];
+                    if chunks.iter().all(|&r| self.cache.contains(&self.key_of(r))) {
                         if let Ok(mut cov) = self.coverage.lock() {
                             cov.insert(w.range.clone());
                         }
                         continue;
                     }
-                    for res in self.fill(&w.chunks, Some(w.range.clone()), false) {
+                    for res in self.fill(chunks, Some(w.range.clone()), false) {
                         if let Err(e) = res {
                             warn!(layer = %self.desc.digest, error = %e, "background fetch failed");
                             failed.store(true, Ordering::SeqCst);
@@ -728,9 +786,9 @@ fn assemble<'a>(
     Ok(out)
 }
 
-/// Cuts the blob's data into contiguous windows of about [`WINDOW_BYTES`], never
-/// splitting a compressed member, covering `0..payload_end`.
-fn plan_windows(index: &Index, payload_end: u64) -> Vec<Window> {
+/// Lists every chunk in blob order and cuts the blob's data into contiguous windows of
+/// about [`WINDOW_BYTES`], never splitting a compressed member, covering `0..payload_end`.
+fn plan_windows(index: &Index, payload_end: u64) -> (Vec<ChunkRef>, Vec<Window>) {
     let mut refs: Vec<(u64, u64, ChunkRef)> = Vec::new();
     for (id, node) in index.nodes() {
         if node.kind == NodeKind::Reg {
@@ -740,26 +798,27 @@ fn plan_windows(index: &Index, payload_end: u64) -> Vec<Window> {
         }
     }
     refs.sort_unstable();
+    let order: Vec<ChunkRef> = refs.iter().map(|&(_, _, r)| r).collect();
     let mut windows = Vec::new();
     let (mut start, mut end) = (0u64, 0u64);
-    let mut cur: Vec<ChunkRef> = Vec::new();
-    for (_, _, r) in refs {
+    let mut first = 0usize;
+    for (n, &r) in order.iter().enumerate() {
         let c = &index.node(r.0).chunks[r.1];
-        if !cur.is_empty() && c.blob_offset >= end && c.blob_end.max(end) - start > WINDOW_BYTES {
+        if n > first && c.blob_offset >= end && c.blob_end.max(end) - start > WINDOW_BYTES {
             windows.push(Window {
                 range: start..end,
-                chunks: std::mem::take(&mut cur),
+                chunks: first..n,
             });
             start = end;
+            first = n;
         }
-        cur.push(r);
         end = end.max(c.blob_end);
     }
     windows.push(Window {
         range: start..end.max(payload_end),
-        chunks: cur,
+        chunks: first..order.len(),
     });
-    windows
+    (order, windows)
 }
 
 #[cfg(test)]

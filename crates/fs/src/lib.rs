@@ -28,6 +28,7 @@ pub mod layer;
 pub mod metrics;
 mod mount;
 pub mod priority;
+mod readahead;
 
 pub use cache::ChunkCache;
 pub use config::{CacheType, Config, DirectoryCacheConfig, FuseConfig};

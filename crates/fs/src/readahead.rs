@@ -1,0 +1,166 @@
+//! Sequential read-ahead in blob order: spots a reader walking a layer in the order its
+//! files are stored (a `tar`, `cp -r` or checksum pass over an image built by a
+//! name-sorted walk) and asks for the blob bytes ahead of it, so one reader keeps the
+//! link busy instead of paying a round trip for every file.
+//!
+//! The kernel already reads ahead inside a file; what it cannot see is that the next
+//! file in a directory walk is the next member of the blob.
+
+use std::ops::Range;
+use std::sync::Mutex;
+
+/// First read-ahead window; each further one doubles up to the configured maximum.
+pub const MIN_WINDOW: u64 = 1 << 20;
+/// Default largest window (compressed bytes), the `sequential_readahead_kib` default.
+pub const DEFAULT_MAX_WINDOW: u64 = 8 << 20;
+/// An access starting at most this far past the end of the previous one still
+/// continues the stream: directories, symlinks and empty files sit between file
+/// contents as small members of their own.
+const GAP: u64 = 256 << 10;
+/// Forward steps the stream must take before anything is read ahead, so that two
+/// neighbouring files read by chance cost nothing extra.
+const CONFIRM: u32 = 2;
+
+/// The read-ahead state of one layer.
+pub struct Stream {
+    max_window: u64,
+    state: Mutex<State>,
+}
+
+#[derive(Default, Debug)]
+struct State {
+    /// Start of the furthest access of the stream.
+    last_start: u64,
+    /// End of the furthest access of the stream (0: no stream yet).
+    end: u64,
+    hits: u32,
+    window: u64,
+    /// End of what was already asked for.
+    scheduled_end: u64,
+}
+
+impl Stream {
+    /// `max_window` 0 turns read-ahead off.
+    pub fn new(max_window: u64) -> Stream {
+        Stream {
+            max_window,
+            state: Mutex::new(State::default()),
+        }
+    }
+
+    /// Records an access to blob bytes `range` and returns the blob range to fetch
+    /// ahead of it, if any (never past `limit`, the end of the file data).
+    pub fn access(&self, range: Range<u64>, limit: u64) -> Option<Range<u64>> {
+        if self.max_window == 0 || range.start >= range.end {
+            return None;
+        }
+        let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        let in_stream = s.end > 0 && range.start >= s.last_start && range.start <= s.end + GAP;
+        if in_stream {
+            if range.start > s.last_start {
+                s.hits += 1;
+                s.last_start = range.start;
+            }
+            s.end = s.end.max(range.end);
+        } else if s.end > 0
+            && range.start < s.last_start
+            && range.start + s.window.max(MIN_WINDOW) >= s.last_start
+        {
+            // Slightly behind the front: another reader of the same walk. It neither
+            // advances the stream nor breaks it.
+            return None;
+        } else {
+            *s = State {
+                last_start: range.start,
+                end: range.end,
+                ..State::default()
+            };
+            return None;
+        }
+        if s.hits < CONFIRM || s.scheduled_end >= s.end + s.window / 2 {
+            return None;
+        }
+        s.window = (s.window * 2).clamp(MIN_WINDOW, self.max_window.max(MIN_WINDOW));
+        let from = s.scheduled_end.max(s.end);
+        let to = (s.end + s.window).min(limit);
+        if to <= from {
+            return None;
+        }
+        s.scheduled_end = to;
+        Some(from..to)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MIB: u64 = 1 << 20;
+
+    /// Files of `len` bytes stored back to back, read in storage order.
+    fn walk(stream: &Stream, files: u64, len: u64, limit: u64) -> Vec<Range<u64>> {
+        (0..files)
+            .filter_map(|i| stream.access(i * len..(i + 1) * len, limit))
+            .collect()
+    }
+
+    #[test]
+    fn a_walk_in_blob_order_reads_ahead_in_growing_contiguous_windows() {
+        let s = Stream::new(8 * MIB);
+        let got = walk(&s, 200, 64 << 10, u64::MAX);
+        assert!(!got.is_empty());
+        // Nothing before the stream is confirmed.
+        assert!(got[0].start >= 2 * (64 << 10));
+        // Windows are contiguous, grow, and stop growing at the maximum.
+        for w in got.windows(2) {
+            assert_eq!(w[0].end, w[1].start, "{got:?}");
+        }
+        let lens: Vec<u64> = got.iter().map(|r| r.end - r.start).collect();
+        assert!(lens.iter().all(|&l| l <= 8 * MIB), "{lens:?}");
+        assert!(lens.iter().any(|&l| l > MIN_WINDOW), "{lens:?}");
+        // The reader never catches up with what was asked for.
+        assert!(got.last().map_or(0, |r| r.end) >= 200 * (64 << 10));
+    }
+
+    #[test]
+    fn reads_inside_one_chunk_do_not_advance_the_stream() {
+        let s = Stream::new(8 * MIB);
+        for _ in 0..10 {
+            assert_eq!(s.access(0..4 * MIB, u64::MAX), None);
+        }
+    }
+
+    #[test]
+    fn random_access_never_reads_ahead() {
+        let s = Stream::new(8 * MIB);
+        let mut x = 7u64;
+        for _ in 0..1000 {
+            x = x
+                .wrapping_mul(6364136223846793005)
+                .wrapping_add(1442695040888963407);
+            let start = (x >> 20) % (1 << 30);
+            assert_eq!(s.access(start..start + 4096, u64::MAX), None);
+        }
+    }
+
+    #[test]
+    fn stays_within_the_limit_and_can_be_disabled() {
+        let s = Stream::new(8 * MIB);
+        let got = walk(&s, 50, 64 << 10, 3 * MIB);
+        assert!(got.iter().all(|r| r.end <= 3 * MIB), "{got:?}");
+        assert!(walk(&Stream::new(0), 50, 64 << 10, u64::MAX).is_empty());
+    }
+
+    #[test]
+    fn interleaved_readers_of_one_walk_keep_the_stream() {
+        let s = Stream::new(8 * MIB);
+        let len = 64 << 10;
+        let mut got = Vec::new();
+        // Two readers taking files from one queue: each access slightly out of order.
+        for i in (0..200u64).step_by(2) {
+            got.extend(s.access((i + 1) * len..(i + 2) * len, u64::MAX));
+            got.extend(s.access(i * len..(i + 1) * len, u64::MAX));
+        }
+        assert!(got.last().map_or(0, |r| r.end) >= 200 * len, "{got:?}");
+    }
+}
