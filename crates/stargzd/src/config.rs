@@ -19,6 +19,7 @@ const KNOWN: &[&str] = &[
     "disable_verification",
     "max_concurrency",
     "background_fetch_quiet_msec",
+    "sequential_readahead_kib",
     "no_prometheus",
     "blob",
     "directory_cache",
