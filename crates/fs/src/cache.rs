@@ -3,10 +3,10 @@
 //! (`<dir>/<2 hex>/<64 hex>`), plus whole files (`<dir>/files/<64 hex>`) for passthrough.
 //! The directory survives restarts and may be shared by every layer.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
 use std::io::{self, Write};
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -71,6 +71,9 @@ impl Lru {
 pub struct ChunkCache {
     mem: Mutex<Lru>,
     dir: Option<PathBuf>,
+    /// Chunks whose disk copy this process wrote or hashed: parts of them may be read
+    /// straight from the file without hashing the whole chunk again.
+    verified: Mutex<HashSet<Key>>,
     priority: Arc<Priority>,
     counters: CacheCounters,
 }
@@ -87,6 +90,7 @@ impl ChunkCache {
                 order: BTreeMap::new(),
             }),
             dir: None,
+            verified: Mutex::new(HashSet::new()),
             priority: Priority::new(DEFAULT_QUIET),
             counters: CacheCounters::default(),
         }
@@ -174,11 +178,45 @@ impl ChunkCache {
             }
         }
         self.counters.disk_hit.inc();
+        self.mark_verified(*key);
         let data = Arc::new(data);
         if let Ok(mut mem) = self.mem.lock() {
             mem.put(*key, data.clone());
         }
         Some(data)
+    }
+
+    fn mark_verified(&self, key: Key) {
+        if self.dir.is_some() {
+            if let Ok(mut v) = self.verified.lock() {
+                v.insert(key);
+            }
+        }
+    }
+
+    /// `len` bytes at `offset` of a chunk's disk copy, read without loading or hashing
+    /// the whole chunk, if this process already wrote or verified that copy (the
+    /// directory is root-only, as for passthrough). `None` otherwise, or when the file
+    /// no longer holds those bytes.
+    pub fn read_verified(&self, key: &Key, offset: u64, len: usize) -> Option<Vec<u8>> {
+        if !self.verified.lock().ok()?.contains(key) {
+            return None;
+        }
+        let path = self.chunk_path(key)?;
+        let mut buf = vec![0u8; len];
+        let read = fs::File::open(&path).and_then(|f| f.read_exact_at(&mut buf, offset));
+        match read {
+            Ok(()) => {
+                self.counters.disk_hit.inc();
+                Some(buf)
+            }
+            Err(_) => {
+                if let Ok(mut v) = self.verified.lock() {
+                    v.remove(key);
+                }
+                None
+            }
+        }
     }
 
     /// Whether the chunk is in memory or on disk, without reading it.
@@ -202,6 +240,7 @@ impl ChunkCache {
         if let Some(path) = self.chunk_path(&key) {
             if !path.exists() {
                 write_atomic(&path, &data)?;
+                self.mark_verified(key);
             }
         }
         Ok(())
@@ -344,5 +383,42 @@ mod tests {
         let c = ChunkCache::directory(dir.path(), 1 << 20).expect("cache");
         assert!(c.get(&k, true).is_none());
         assert!(!path.exists());
+    }
+
+    #[test]
+    fn partial_reads_only_of_chunks_this_process_verified() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data: Vec<u8> = (0..=255u8).cycle().take(10_000).collect();
+        let k = key(&data);
+        {
+            let c = ChunkCache::directory(dir.path(), 1 << 20).expect("cache");
+            c.put(k, Arc::new(data.clone())).expect("put");
+            assert_eq!(
+                c.read_verified(&k, 100, 50).as_deref(),
+                Some(&data[100..150])
+            );
+        }
+        // A new process has not hashed the file yet: no shortcut until it has.
+        let c = ChunkCache::directory(dir.path(), 0).expect("cache");
+        assert_eq!(c.read_verified(&k, 100, 50), None);
+        assert_eq!(c.get(&k, true).as_deref(), Some(&data));
+        assert_eq!(
+            c.read_verified(&k, 9_990, 10).as_deref(),
+            Some(&data[9_990..])
+        );
+        // A file that lost bytes is not trusted any more.
+        assert_eq!(c.read_verified(&k, 9_995, 10), None);
+        let hex = hex::encode(k);
+        fs::write(dir.path().join(&hex[..2]).join(&hex), b"short").expect("write");
+        assert_eq!(c.read_verified(&k, 0, 10), None);
+        assert_eq!(
+            c.read_verified(&k, 0, 5),
+            None,
+            "forgotten after a failed read"
+        );
+        // A memory-only cache has no files to read.
+        let m = ChunkCache::memory(1 << 20);
+        m.put(k, Arc::new(data.clone())).expect("put");
+        assert_eq!(m.read_verified(&k, 0, 10), None);
     }
 }

@@ -326,7 +326,7 @@ impl FuseLayer {
     /// of it is open through user space; otherwise through user space.
     /// Starts fetching ahead of a reader that walks the blob in order.
     fn read_ahead(&self, id: NodeId, offset: u64, len: u64) {
-        if let Some(range) = self.layer.note_access(id, offset, len) {
+        for range in self.layer.note_access(id, offset, len) {
             let layer = self.layer.clone();
             self.rt.spawn_blocking(move || layer.read_ahead(range));
         }

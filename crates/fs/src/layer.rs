@@ -356,6 +356,34 @@ impl Layer {
         .ok()
     }
 
+    /// The read from chunks in memory or already verified on disk, taking only the
+    /// requested bytes of each: a 4 KiB read of a cached 4 MiB chunk reads 4 KiB.
+    fn read_local(
+        &self,
+        id: NodeId,
+        node: &estargz::Node,
+        first: usize,
+        offset: u64,
+        size: u32,
+        chunks: &[estargz::Chunk],
+    ) -> Option<Vec<u8>> {
+        let end = offset.saturating_add(u64::from(size)).min(node.size);
+        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        for (i, c) in chunks.iter().enumerate() {
+            let key = self.key_of((id, first + i));
+            let from = offset.saturating_sub(c.file_offset);
+            let to = end.saturating_sub(c.file_offset).min(c.size);
+            if to <= from {
+                return None;
+            }
+            match self.cache.get_mem(&key) {
+                Some(d) => out.extend_from_slice(d.get(from as usize..to as usize)?),
+                None => out.extend(self.cache.read_verified(&key, from, (to - from) as usize)?),
+            }
+        }
+        Some(out)
+    }
+
     /// Bytes `offset..offset+size` of file `id` (shorter at the end of the file),
     /// fetching and verifying whatever is not cached.
     pub fn read(&self, id: NodeId, offset: u64, size: u32) -> Result<Vec<u8>> {
@@ -366,6 +394,9 @@ impl Layer {
             return Ok(Vec::new());
         }
         let _busy = self.cache.priority().busy();
+        if let Some(data) = self.read_local(id, node, first, offset, size, chunks) {
+            return Ok(data);
+        }
         let refs: Vec<ChunkRef> = (first..first + chunks.len()).map(|i| (id, i)).collect();
         let datas = self
             .fill(&refs, None, true)
@@ -382,16 +413,24 @@ impl Layer {
 
     /// Tells the read-ahead of an access to `len` bytes at `offset` of file `id` (an open
     /// is an access to the whole file) and returns the blob range to fetch ahead of the
-    /// reader, if the accesses walk the blob in order. Fetch it with [`Layer::read_ahead`]
-    /// off the reader's thread.
-    pub fn note_access(&self, id: NodeId, offset: u64, len: u64) -> Option<Range<u64>> {
+    /// reader, if the accesses walk the blob in order: ranges to fetch side by side with
+    /// [`Layer::read_ahead`], off the reader's thread.
+    pub fn note_access(&self, id: NodeId, offset: u64, len: u64) -> Vec<Range<u64>> {
         if self.is_complete() {
-            return None;
+            return Vec::new();
         }
-        let node = self.index.get(id).filter(|n| n.kind == NodeKind::Reg)?;
-        let chunks = node.chunks_for(offset, len);
-        let range = chunks.first()?.blob_offset..chunks.last()?.blob_end;
-        self.readahead.access(range, self.payload_end)
+        let Some(node) = self.index.get(id).filter(|n| n.kind == NodeKind::Reg) else {
+            return Vec::new();
+        };
+        match node.chunks_for(offset, len) {
+            [first, .., last] => self
+                .readahead
+                .access(first.blob_offset..last.blob_end, self.payload_end),
+            [only] => self
+                .readahead
+                .access(only.blob_offset..only.blob_end, self.payload_end),
+            [] => Vec::new(),
+        }
     }
 
     /// Fetches the chunks starting in blob range `range` that are neither cached nor

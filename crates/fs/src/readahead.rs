@@ -48,11 +48,15 @@ impl Stream {
         }
     }
 
-    /// Records an access to blob bytes `range` and returns the blob range to fetch
-    /// ahead of it, if any (never past `limit`, the end of the file data).
-    pub fn access(&self, range: Range<u64>, limit: u64) -> Option<Range<u64>> {
+    /// Records an access to blob bytes `range` and returns the blob ranges to fetch
+    /// ahead of it, each at most one window long so they travel side by side (never
+    /// past `limit`, the end of the file data). Empty when nothing is due.
+    ///
+    /// Two windows are kept in flight: while the reader decodes and reads one, the next
+    /// is on the link, so the link never idles between requests.
+    pub fn access(&self, range: Range<u64>, limit: u64) -> Vec<Range<u64>> {
         if self.max_window == 0 || range.start >= range.end {
-            return None;
+            return Vec::new();
         }
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
         let in_stream = s.end > 0 && range.start >= s.last_start && range.start <= s.end + GAP;
@@ -68,26 +72,31 @@ impl Stream {
         {
             // Slightly behind the front: another reader of the same walk. It neither
             // advances the stream nor breaks it.
-            return None;
+            return Vec::new();
         } else {
             *s = State {
                 last_start: range.start,
                 end: range.end,
                 ..State::default()
             };
-            return None;
+            return Vec::new();
         }
-        if s.hits < CONFIRM || s.scheduled_end >= s.end + s.window / 2 {
-            return None;
+        if s.hits < CONFIRM || s.scheduled_end >= s.end + s.window {
+            return Vec::new();
         }
         s.window = (s.window * 2).clamp(MIN_WINDOW, self.max_window.max(MIN_WINDOW));
         let from = s.scheduled_end.max(s.end);
-        let to = (s.end + s.window).min(limit);
+        let to = (s.end + 2 * s.window).min(limit);
         if to <= from {
-            return None;
+            return Vec::new();
         }
         s.scheduled_end = to;
-        Some(from..to)
+        let window = s.window;
+        (0..)
+            .map(|i| from + i * window)
+            .take_while(|&start| start < to)
+            .map(|start| start..(start + window).min(to))
+            .collect()
     }
 }
 
@@ -100,7 +109,7 @@ mod tests {
     /// Files of `len` bytes stored back to back, read in storage order.
     fn walk(stream: &Stream, files: u64, len: u64, limit: u64) -> Vec<Range<u64>> {
         (0..files)
-            .filter_map(|i| stream.access(i * len..(i + 1) * len, limit))
+            .flat_map(|i| stream.access(i * len..(i + 1) * len, limit))
             .collect()
     }
 
@@ -118,15 +127,18 @@ mod tests {
         let lens: Vec<u64> = got.iter().map(|r| r.end - r.start).collect();
         assert!(lens.iter().all(|&l| l <= 8 * MIB), "{lens:?}");
         assert!(lens.iter().any(|&l| l > MIN_WINDOW), "{lens:?}");
-        // The reader never catches up with what was asked for.
+        // The reader never catches up with what was asked for, and two windows are
+        // asked for at once.
         assert!(got.last().map_or(0, |r| r.end) >= 200 * (64 << 10));
+        assert_eq!(got[0].end - got[0].start, MIN_WINDOW);
+        assert_eq!(got[1].start, got[0].end);
     }
 
     #[test]
     fn reads_inside_one_chunk_do_not_advance_the_stream() {
         let s = Stream::new(8 * MIB);
         for _ in 0..10 {
-            assert_eq!(s.access(0..4 * MIB, u64::MAX), None);
+            assert!(s.access(0..4 * MIB, u64::MAX).is_empty());
         }
     }
 
@@ -139,7 +151,7 @@ mod tests {
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             let start = (x >> 20) % (1 << 30);
-            assert_eq!(s.access(start..start + 4096, u64::MAX), None);
+            assert!(s.access(start..start + 4096, u64::MAX).is_empty());
         }
     }
 
