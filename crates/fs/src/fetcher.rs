@@ -19,6 +19,22 @@ pub trait Fetcher: Send + Sync + 'static {
     fn size(&self) -> u64;
     /// The bytes of each range, in order; each must be exactly as long as its range.
     fn read_ranges(&self, ranges: &[Range<u64>]) -> io::Result<Vec<Bytes>>;
+
+    /// Reads one range, handing its bytes to `sink` in order as they arrive, each piece
+    /// with its blob offset, so the front of a large range can be used before the rest
+    /// has come. After a retry a piece may repeat earlier offsets. An error from `sink`
+    /// stops the read. The default reads the range whole.
+    fn read_range_streaming(
+        &self,
+        range: Range<u64>,
+        sink: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        let parts = self.read_ranges(std::slice::from_ref(&range))?;
+        match parts.first() {
+            Some(p) => sink(range.start, p),
+            None => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no data")),
+        }
+    }
 }
 
 impl<F: Fetcher + ?Sized> Fetcher for Arc<F> {
@@ -27,6 +43,13 @@ impl<F: Fetcher + ?Sized> Fetcher for Arc<F> {
     }
     fn read_ranges(&self, ranges: &[Range<u64>]) -> io::Result<Vec<Bytes>> {
         (**self).read_ranges(ranges)
+    }
+    fn read_range_streaming(
+        &self,
+        range: Range<u64>,
+        sink: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        (**self).read_range_streaming(range, sink)
     }
 }
 
@@ -66,7 +89,7 @@ impl Fetcher for FileFetcher {
 /// runtime. Blocking callers wait on the runtime; callers already inside a runtime are
 /// moved to a helper thread so the runtime is never blocked from within.
 pub struct RegistryFetcher {
-    reader: registry::BlobReader,
+    reader: Arc<registry::BlobReader>,
     handle: tokio::runtime::Handle,
     size: u64,
 }
@@ -79,7 +102,7 @@ impl RegistryFetcher {
     ) -> io::Result<RegistryFetcher> {
         let size = reader.size().await.map_err(io::Error::other)?;
         Ok(RegistryFetcher {
-            reader,
+            reader: Arc::new(reader),
             handle,
             size,
         })
@@ -92,7 +115,7 @@ impl RegistryFetcher {
         size: u64,
     ) -> RegistryFetcher {
         RegistryFetcher {
-            reader,
+            reader: Arc::new(reader),
             handle,
             size,
         }
@@ -102,6 +125,42 @@ impl RegistryFetcher {
 impl Fetcher for RegistryFetcher {
     fn size(&self) -> u64 {
         self.size
+    }
+    fn read_range_streaming(
+        &self,
+        range: Range<u64>,
+        sink: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
+    ) -> io::Result<()> {
+        // The read runs on a helper thread (never blocking a runtime from within); its
+        // pieces come back over a channel so that `sink` runs here, as they arrive.
+        let (tx, rx) = std::sync::mpsc::channel::<(u64, Bytes)>();
+        std::thread::scope(|s| {
+            let worker = s.spawn(move || {
+                let forward: registry::RangeSink = Arc::new(move |off, piece| {
+                    let _ = tx.send((off, piece));
+                });
+                self.handle
+                    .block_on(self.reader.read_range_streaming(range, forward))
+                    .map_err(io::Error::other)
+            });
+            // Ends when the read is over and its sender is gone. After a sink error the
+            // rest of the read is drained unseen.
+            let mut failed = None;
+            for (off, piece) in rx {
+                if failed.is_none() {
+                    if let Err(e) = sink(off, &piece) {
+                        failed = Some(e);
+                    }
+                }
+            }
+            let res = worker
+                .join()
+                .unwrap_or_else(|_| Err(io::Error::other("registry fetch thread panicked")));
+            match failed {
+                Some(e) => Err(e),
+                None => res,
+            }
+        })
     }
     fn read_ranges(&self, ranges: &[Range<u64>]) -> io::Result<Vec<Bytes>> {
         let run = || {

@@ -522,27 +522,9 @@ impl Layer {
                     COALESCE_GAP,
                 ),
             };
-            match self.fetch(&ranges) {
-                Err(e) => {
-                    error!(layer = %self.desc.digest, error = %e, "fetch failed");
-                    let msg = e.to_string();
-                    for (_, key) in &mine {
-                        claims.finish(key, Err(msg.clone()));
-                    }
-                    for (_, key) in &mine {
-                        got.insert(*key, Err(e.duplicate()));
-                    }
-                }
-                Ok(parts) => {
-                    for &(r, key) in &mine {
-                        let res = self.decode(r, key, &ranges, &parts);
-                        claims.finish(
-                            &key,
-                            res.as_ref().map(Arc::clone).map_err(|e| e.to_string()),
-                        );
-                        got.insert(key, res);
-                    }
-                }
+            match ranges.as_slice() {
+                [one] => self.fill_streamed(one, &mine, &mut claims, &mut got),
+                _ => self.fill_ranges(&ranges, &mine, &mut claims, &mut got),
             }
         }
 
@@ -565,6 +547,131 @@ impl Layer {
                 },
             })
             .collect()
+    }
+
+    /// Fetches `ranges` in one request and decodes the claimed chunks once all arrived.
+    fn fill_ranges(
+        &self,
+        ranges: &[Range<u64>],
+        mine: &[(ChunkRef, Key)],
+        claims: &mut Claims<'_>,
+        got: &mut HashMap<Key, Result<Arc<Vec<u8>>>>,
+    ) {
+        match self.fetch(ranges) {
+            Err(e) => {
+                error!(layer = %self.desc.digest, error = %e, "fetch failed");
+                let msg = e.to_string();
+                for (_, key) in mine {
+                    claims.finish(key, Err(msg.clone()));
+                }
+                for (_, key) in mine {
+                    got.insert(*key, Err(e.duplicate()));
+                }
+            }
+            Ok(parts) => {
+                for &(r, key) in mine {
+                    let res = self.decode(r, key, ranges, &parts);
+                    claims.finish(
+                        &key,
+                        res.as_ref().map(Arc::clone).map_err(|e| e.to_string()),
+                    );
+                    got.insert(key, res);
+                }
+            }
+        }
+    }
+
+    /// Fetches one range and decodes each claimed chunk as soon as its bytes are in, so
+    /// readers waiting for the front of a large window get it before the rest arrives.
+    fn fill_streamed(
+        &self,
+        range: &Range<u64>,
+        mine: &[(ChunkRef, Key)],
+        claims: &mut Claims<'_>,
+        got: &mut HashMap<Key, Result<Arc<Vec<u8>>>>,
+    ) {
+        let chunk = |r: ChunkRef| &self.index.node(r.0).chunks[r.1];
+        let mut order: Vec<(ChunkRef, Key)> = Vec::with_capacity(mine.len());
+        for &(r, key) in mine {
+            let c = chunk(r);
+            if c.blob_offset < range.start || c.blob_end > range.end {
+                let res = Err(self.corrupt(r, "chunk lies outside the fetched ranges".into()));
+                claims.finish(&key, Err("chunk lies outside the fetched ranges".into()));
+                got.insert(key, res);
+            } else {
+                order.push((r, key));
+            }
+        }
+        order.sort_by_key(|&(r, _)| (chunk(r).blob_end, chunk(r).blob_offset));
+        let started = Instant::now();
+        let mut buf: Vec<u8> = Vec::with_capacity((range.end - range.start) as usize);
+        let mut next = 0usize;
+        let res = self
+            .fetcher
+            .read_range_streaming(range.clone(), &mut |off, piece| {
+                let have = range.start + buf.len() as u64;
+                let piece_end = off + piece.len() as u64;
+                if off > have || piece_end > range.end {
+                    return Err(std::io::Error::new(
+                        std::io::ErrorKind::InvalidData,
+                        "the fetcher returned bytes out of order",
+                    ));
+                }
+                if piece_end <= have {
+                    // Repeated by a retried attempt.
+                    return Ok(());
+                }
+                buf.extend_from_slice(&piece[(have - off) as usize..]);
+                while let Some(&(r, key)) = order.get(next) {
+                    let c = chunk(r);
+                    if c.blob_end > piece_end {
+                        break;
+                    }
+                    let from = (c.blob_offset - range.start) as usize;
+                    let to = (c.blob_end - range.start) as usize;
+                    let res = self.decode_bytes(r, key, &buf[from..to]);
+                    claims.finish(
+                        &key,
+                        res.as_ref().map(Arc::clone).map_err(|e| e.to_string()),
+                    );
+                    got.insert(key, res);
+                    next += 1;
+                }
+                if let Ok(mut cov) = self.coverage.lock() {
+                    cov.insert(range.start..piece_end);
+                }
+                Ok(())
+            });
+        let what = || {
+            format!(
+                "bytes {}-{} of layer {}",
+                range.start, range.end, self.desc.digest
+            )
+        };
+        let failure = match res {
+            Err(source) => Some(Error::Fetch {
+                what: what(),
+                source,
+            }),
+            Ok(()) if next < order.len() => Some(Error::Fetch {
+                what: what(),
+                source: std::io::Error::new(
+                    std::io::ErrorKind::UnexpectedEof,
+                    "the fetcher returned fewer bytes than asked",
+                ),
+            }),
+            Ok(()) => None,
+        };
+        if let Some(e) = failure {
+            error!(layer = %self.desc.digest, error = %e, "fetch failed");
+            let msg = e.to_string();
+            for &(_, key) in &order[next..] {
+                claims.finish(&key, Err(msg.clone()));
+                got.insert(key, Err(e.duplicate()));
+            }
+        }
+        debug!(layer = %self.desc.digest, bytes = range.end - range.start,
+            elapsed_ms = started.elapsed().as_millis() as u64, "fetched");
     }
 
     fn fill_one(&self, r: ChunkRef) -> Result<Arc<Vec<u8>>> {
@@ -611,48 +718,50 @@ impl Layer {
         Ok(parts)
     }
 
+    fn corrupt(&self, (id, i): ChunkRef, reason: String) -> Error {
+        let node = self.index.node(id);
+        let c = &node.chunks[i];
+        error!(layer = %self.desc.digest, file = %node.path, chunk_offset = c.file_offset,
+            blob_offset = c.blob_offset, %reason, "refusing a corrupt chunk");
+        Error::CorruptChunk {
+            layer: self.desc.digest.clone(),
+            file: node.path.clone(),
+            file_offset: c.file_offset,
+            reason,
+        }
+    }
+
     fn decode(
         &self,
-        (id, i): ChunkRef,
+        r: ChunkRef,
         key: Key,
         ranges: &[Range<u64>],
         parts: &[Bytes],
     ) -> Result<Arc<Vec<u8>>> {
-        let node = self.index.node(id);
-        let c = &node.chunks[i];
-        let corrupt = |reason: String| {
-            error!(layer = %self.desc.digest, file = %node.path, chunk_offset = c.file_offset,
-                blob_offset = c.blob_offset, %reason, "refusing a corrupt chunk");
-            Error::CorruptChunk {
-                layer: self.desc.digest.clone(),
-                file: node.path.clone(),
-                file_offset: c.file_offset,
-                reason,
-            }
-        };
-        let Some((r, part)) = ranges
+        let c = &self.index.node(r.0).chunks[r.1];
+        let Some((range, part)) = ranges
             .iter()
             .zip(parts)
-            .find(|(r, _)| r.start <= c.blob_offset && c.blob_end <= r.end)
+            .find(|(range, _)| range.start <= c.blob_offset && c.blob_end <= range.end)
         else {
-            return Err(corrupt("chunk lies outside the fetched ranges".into()));
+            return Err(self.corrupt(r, "chunk lies outside the fetched ranges".into()));
         };
-        let from = (c.blob_offset - r.start) as usize;
-        let to = (c.blob_end - r.start) as usize;
-        let data = estargz::decode_chunk(
-            self.compression,
-            &part[from..to],
-            c,
-            &node.path,
-            self.verify,
-        )
-        .map_err(|e| corrupt(e.to_string()))?;
+        let from = (c.blob_offset - range.start) as usize;
+        let to = (c.blob_end - range.start) as usize;
+        self.decode_bytes(r, key, &part[from..to])
+    }
+
+    /// Decompresses and verifies one chunk from its compressed bytes and caches it.
+    fn decode_bytes(&self, r: ChunkRef, key: Key, compressed: &[u8]) -> Result<Arc<Vec<u8>>> {
+        let node = self.index.node(r.0);
+        let c = &node.chunks[r.1];
+        let data = estargz::decode_chunk(self.compression, compressed, c, &node.path, self.verify)
+            .map_err(|e| self.corrupt(r, e.to_string()))?;
         if data.len() as u64 != c.size {
-            return Err(corrupt(format!(
-                "decoded {} bytes, expected {}",
-                data.len(),
-                c.size
-            )));
+            return Err(self.corrupt(
+                r,
+                format!("decoded {} bytes, expected {}", data.len(), c.size),
+            ));
         }
         let data = Arc::new(data);
         if let Err(e) = self.cache.put(key, data.clone()) {

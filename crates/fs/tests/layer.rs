@@ -214,3 +214,107 @@ fn handles_can_move_between_threads() {
     send_sync::<ChunkCache>();
     send_sync::<fs::RegistryFetcher>();
 }
+
+/// Hands a range over in two halves and holds the second back until released (or for
+/// at most 20 s, so a broken build fails instead of hanging).
+struct HalvesFetcher {
+    inner: fs::FileFetcher,
+    release: std::sync::Mutex<bool>,
+    cv: std::sync::Condvar,
+    first_half_sent: std::sync::atomic::AtomicBool,
+}
+
+impl fs::Fetcher for HalvesFetcher {
+    fn size(&self) -> u64 {
+        self.inner.size()
+    }
+    fn read_ranges(&self, ranges: &[std::ops::Range<u64>]) -> std::io::Result<Vec<bytes::Bytes>> {
+        self.inner.read_ranges(ranges)
+    }
+    fn read_range_streaming(
+        &self,
+        range: std::ops::Range<u64>,
+        sink: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
+    ) -> std::io::Result<()> {
+        let data = self
+            .inner
+            .read_ranges(std::slice::from_ref(&range))?
+            .remove(0);
+        let half = data.len() / 2;
+        sink(range.start, &data[..half])?;
+        self.first_half_sent
+            .store(true, std::sync::atomic::Ordering::SeqCst);
+        let released = self.release.lock().expect("lock");
+        let _unused = self
+            .cv
+            .wait_timeout_while(released, Duration::from_secs(20), |r| !*r)
+            .expect("wait");
+        sink(range.start + half as u64, &data[half..])
+    }
+}
+
+/// The chunks at the front of a large fetch are readable while the rest is still on
+/// its way.
+#[test]
+fn front_of_a_window_is_readable_before_the_window_completes() {
+    init_tracing();
+    let e: Vec<Entry> = (0..20u64)
+        .map(|i| {
+            Entry::new(
+                &format!("p{i:02}"),
+                Kind::Reg(pseudo_random(50_000, 70 + i)),
+            )
+        })
+        .collect();
+    let names: Vec<String> = e.iter().map(|e| e.path.clone()).collect();
+    let prioritized: Vec<&str> = names.iter().map(String::as_str).collect();
+    let blob = make_blob(&e, 64 << 10, &prioritized);
+    let fetcher = Arc::new(HalvesFetcher {
+        inner: fs::FileFetcher::open(&blob.path).expect("blob"),
+        release: std::sync::Mutex::new(false),
+        cv: std::sync::Condvar::new(),
+        first_half_sent: std::sync::atomic::AtomicBool::new(false),
+    });
+    let cache = Arc::new(ChunkCache::memory(64 << 20));
+    let layer = Arc::new(
+        Layer::open(
+            fetcher.clone(),
+            blob.desc.clone(),
+            &Config::default(),
+            cache,
+        )
+        .expect("open"),
+    );
+    assert!(layer.index().prefetch_end.is_some());
+    let prefetch = {
+        let layer = layer.clone();
+        std::thread::spawn(move || layer.prefetch())
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !fetcher
+        .first_half_sent
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        assert!(Instant::now() < deadline, "prefetch never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    // The first prioritized file lies in the first half of the prefetch window.
+    let Kind::Reg(want) = &e[0].kind else {
+        panic!("not a file")
+    };
+    let id = layer.index().lookup("p00").expect("p00");
+    let got = layer.read(id, 0, want.len() as u32).expect("read");
+    assert!(&got == want);
+    assert!(
+        !*fetcher.release.lock().expect("lock"),
+        "the read waited for the whole window"
+    );
+    *fetcher.release.lock().expect("lock") = true;
+    fetcher.cv.notify_all();
+    prefetch.join().expect("prefetch thread").expect("prefetch");
+    let Kind::Reg(last) = &e[19].kind else {
+        panic!("not a file")
+    };
+    let id = layer.index().lookup("p19").expect("p19");
+    assert!(&layer.read(id, 0, last.len() as u32).expect("read") == last);
+}

@@ -243,6 +243,93 @@ impl BlobReader {
         Ok(out)
     }
 
+    /// Reads one range and hands its bytes to `sink` as they arrive, each piece with its
+    /// blob offset, so a caller can use the front of a large range before the rest has
+    /// come. The range is clamped to the blob's end. An attempt that breaks off is
+    /// retried like any read, from the start of the range: `sink` may see bytes again,
+    /// at the same offsets.
+    pub async fn read_range_streaming(&self, range: Range<u64>, sink: RangeSink) -> Result<()> {
+        let size = self.size().await?;
+        let ep = self.endpoint().await?.clone();
+        let range = range.start.min(size)..range.end.min(size);
+        if range.is_empty() {
+            return Ok(());
+        }
+        let mut h = HeaderMap::new();
+        h.insert(
+            RANGE,
+            HeaderValue::from_str(&format!("bytes={}-{}", range.start, range.end - 1))
+                .map_err(|e| Error::Config(e.to_string()))?,
+        );
+        let spec = self.spec(&ep, Method::GET, h, &[])?;
+        let host = ep.host.clone();
+        let read = move |mut resp: Response| {
+            let (host, sink, range) = (host.clone(), sink.clone(), range.clone());
+            async move {
+                let conn = |e: reqwest::Error| Error::Connection {
+                    host: host.to_string(),
+                    detail: crate::error::error_chain(&e),
+                };
+                let start = match resp.status().as_u16() {
+                    200 => 0,
+                    _ => {
+                        let ct = resp
+                            .headers()
+                            .get(CONTENT_TYPE)
+                            .and_then(|v| v.to_str().ok())
+                            .unwrap_or("");
+                        if ct.to_ascii_lowercase().starts_with("multipart/byteranges") {
+                            let boundary = boundary_of(ct).ok_or_else(|| {
+                                Error::protocol(&host, "multipart reply without boundary")
+                            })?;
+                            let body = read_body(resp, &host, None, false).await?;
+                            let parts = parse_multipart(&body, &boundary, size)
+                                .map_err(|d| Error::protocol(&host, d))?;
+                            let data = cut(&parts, &range).ok_or_else(|| {
+                                Error::protocol(&host, "reply does not cover the range")
+                            })?;
+                            sink(range.start, data);
+                            return Ok(());
+                        }
+                        resp.headers()
+                            .get(CONTENT_RANGE)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(parse_content_range)
+                            .map(|(start, _, _)| start)
+                            .ok_or_else(|| Error::protocol(&host, "206 without Content-Range"))?
+                    }
+                };
+                if start > range.start {
+                    return Err(Error::protocol(&host, "reply starts after the range"));
+                }
+                let mut at = start;
+                while at < range.end {
+                    let Some(piece) = resp.chunk().await.map_err(conn)? else {
+                        return Err(Error::Connection {
+                            host: host.to_string(),
+                            detail: format!(
+                                "body ended after {} of {} bytes",
+                                at.saturating_sub(range.start),
+                                range.end - range.start
+                            ),
+                        });
+                    };
+                    let piece_end = at + piece.len() as u64;
+                    // A registry that ignored Range sends the blob from its start.
+                    let from = range.start.max(at);
+                    let to = range.end.min(piece_end);
+                    if from < to {
+                        sink(from, piece.slice((from - at) as usize..(to - at) as usize));
+                    }
+                    at = piece_end;
+                }
+                Ok(())
+            }
+            .boxed()
+        };
+        self.client.execute(&ep, &spec, &read).await
+    }
+
     async fn fetch_groups(
         &self,
         ep: &Endpoint,
@@ -562,6 +649,9 @@ async fn read_body(
     }
     Ok(buf.freeze())
 }
+
+/// Receives the bytes of a streamed range: `(blob offset, bytes)`.
+pub type RangeSink = Arc<dyn Fn(u64, Bytes) + Send + Sync>;
 
 /// Finds the bytes of `g` within the parts of a reply.
 fn cut(parts: &[(u64, Bytes)], g: &Range<u64>) -> Option<Bytes> {

@@ -29,7 +29,7 @@ mod manifest;
 mod metrics;
 mod reference;
 
-pub use blob::{coalesce, BlobReader};
+pub use blob::{coalesce, BlobReader, RangeSink};
 pub use client::Client;
 pub use config::{
     is_local_host, BlobConfig, HostConfig, MirrorConfig, RegistryConfig, ResolverConfig,

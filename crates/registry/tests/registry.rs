@@ -875,3 +875,71 @@ async fn connection_refused_is_reported() {
         .expect_err("refused");
     assert!(matches!(e, Error::ConnectionRefused { .. }), "{e}");
 }
+
+/// Collects a streamed range the way a consumer must: by offset, so bytes repeated by a
+/// retried attempt land where they belong. Returns the bytes and the number of pieces.
+async fn stream_range(
+    reader: &registry::BlobReader,
+    range: std::ops::Range<u64>,
+) -> (Vec<u8>, usize) {
+    let len = (range.end - range.start) as usize;
+    let got = Arc::new(std::sync::Mutex::new((vec![0u8; len], 0usize)));
+    let start = range.start;
+    let sink_state = got.clone();
+    reader
+        .read_range_streaming(
+            range,
+            Arc::new(move |off: u64, piece: bytes::Bytes| {
+                let mut g = sink_state.lock().expect("lock");
+                let at = (off - start) as usize;
+                g.0[at..at + piece.len()].copy_from_slice(&piece);
+                g.1 += 1;
+            }),
+        )
+        .await
+        .expect("streamed read");
+    let g = got.lock().expect("lock");
+    (g.0.clone(), g.1)
+}
+
+#[tokio::test]
+async fn streamed_range_arrives_in_pieces_and_survives_a_cut() {
+    init_logs();
+    let Some(reg) = Registry::start(RegistryOpts::default()) else {
+        return;
+    };
+    let (_plain, reader, data) =
+        front_reader(&reg, FrontOpts::default(), fast_blob(), 3 << 20, 16).await;
+    let (got, pieces) = stream_range(&reader, 1000..(3 << 20) - 7).await;
+    assert_eq!(&got[..], &data[1000..(3 << 20) - 7]);
+    assert!(pieces > 1, "a 3 MiB range came in {pieces} piece(s)");
+
+    let (front, reader, data) = front_reader(
+        &reg,
+        FrontOpts {
+            drop_mid_body: 1,
+            ..Default::default()
+        },
+        fast_blob(),
+        500_000,
+        17,
+    )
+    .await;
+    let (got, _) = stream_range(&reader, 10..400_000).await;
+    assert_eq!(&got[..], &data[10..400_000]);
+    assert_eq!(FrontStats::get(&front.stats.dropped), 1);
+
+    let (_ignoring, reader, data) = front_reader(
+        &reg,
+        FrontOpts {
+            ignore_range: true,
+            ..Default::default()
+        },
+        fast_blob(),
+        300_000,
+        18,
+    )
+    .await;
+    let (got, _) = stream_range(&reader, 250_000..250_100).await;
+    assert_eq!(&got[..], &data[250_000..250_100]);
+}
