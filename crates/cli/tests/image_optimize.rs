@@ -635,7 +635,9 @@ fn cni_bridge_gives_eth0_an_address_and_is_torn_down() {
     };
     let plugin_dir = Path::new("/usr/lib/cni");
     if !plugin_dir.join("bridge").is_file() || !plugin_dir.join("host-local").is_file() {
-        missing::<()>("CNI plugins bridge and host-local in /usr/lib/cni (containernetworking-plugins)");
+        missing::<()>(
+            "CNI plugins bridge and host-local in /usr/lib/cni (containernetworking-plugins)",
+        );
         return;
     }
     if testenv::require_tool("ip").is_none() {
@@ -658,7 +660,11 @@ fn cni_bridge_gives_eth0_an_address_and_is_torn_down() {
     let ipam_dir = scratch.path().join("ipam");
     std::fs::create_dir(&conf_dir).expect("mkdir");
     // A file sorting later must not be the one used.
-    std::fs::write(conf_dir.join("99-other.conf"), r#"{"cniVersion":"0.4.0","name":"unused","type":"no-such-plugin"}"#).expect("write");
+    std::fs::write(
+        conf_dir.join("99-other.conf"),
+        r#"{"cniVersion":"0.4.0","name":"unused","type":"no-such-plugin"}"#,
+    )
+    .expect("write");
     let conflist = j!({
         "cniVersion": "0.4.0",
         "name": network,
@@ -688,7 +694,14 @@ fn cni_bridge_gives_eth0_an_address_and_is_torn_down() {
     let dst = format!("oci:{}:cni", scratch.path().join("dst").display());
     let out = ctr_remote()
         .env("RUST_LOG", "convert::optimize=info")
-        .args(["image", "optimize", "--oci", "--cni", "--cni-plugin-conf-dir"])
+        .env("NO_COLOR", "1")
+        .args([
+            "image",
+            "optimize",
+            "--oci",
+            "--cni",
+            "--cni-plugin-conf-dir",
+        ])
         .arg(&conf_dir)
         .args(["--cni-plugin-dir"])
         .arg(plugin_dir)
@@ -719,7 +732,10 @@ fn cni_bridge_gives_eth0_an_address_and_is_torn_down() {
         stdout.contains(&token),
         "the workload reached the host through the bridge: {stdout}\n{stderr}"
     );
-    assert!(stderr.contains(&format!("ips={net}.")), "the address is logged: {stderr}");
+    assert!(
+        stderr.contains(&format!("ips={net}.")),
+        "the address is logged: {stderr}"
+    );
     assert_eq!(prioritized(&dst, scratch.path())[0].1, "prefetch");
 
     // The namespace is gone and DEL released the address.
@@ -729,12 +745,74 @@ fn cni_bridge_gives_eth0_an_address_and_is_torn_down() {
         .expect("the netns is logged");
     assert!(netns.starts_with("/var/run/netns/optimize-"), "{netns}");
     assert!(!Path::new(netns).exists(), "{netns} is left behind");
-    let leases: Vec<String> = std::fs::read_dir(ipam_dir.join(&network))
-        .expect("host-local's data dir")
-        .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
-        .filter(|n| n.starts_with(&net))
-        .collect();
-    assert!(leases.is_empty(), "addresses still allocated: {leases:?}");
+    let leases = || -> Vec<String> {
+        std::fs::read_dir(ipam_dir.join(&network))
+            .expect("host-local's data dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&net))
+            .collect()
+    };
+    assert!(
+        leases().is_empty(),
+        "addresses still allocated: {:?}",
+        leases()
+    );
+
+    // SIGTERM while the workload runs cleans up the same way.
+    let mut child = ctr_remote()
+        .env("RUST_LOG", "convert::optimize=info")
+        .env("NO_COLOR", "1")
+        .args([
+            "image",
+            "optimize",
+            "--oci",
+            "--cni",
+            "--cni-plugin-conf-dir",
+        ])
+        .arg(&conf_dir)
+        .args(["--cni-plugin-dir"])
+        .arg(plugin_dir)
+        .args([
+            "--wait-on-line",
+            "NEVER-PRINTED",
+            "--entrypoint",
+            r#"["/bin/sh","-c","echo RUNNING; exec sleep 100000"]"#,
+            &src,
+            &format!("oci:{}:term", scratch.path().join("dst").display()),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run ctr-remote");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    while !line.contains("RUNNING") {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut stdout, &mut line).expect("read");
+        assert!(n > 0, "the workload ended before printing RUNNING");
+    }
+    assert_eq!(leases().len(), 1, "the running workload holds an address");
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("terminated"),
+        "{stderr}"
+    );
+    let netns = stderr
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("netns="))
+        .expect("the netns is logged");
+    assert!(
+        !Path::new(netns).exists(),
+        "{netns} is left behind after SIGTERM"
+    );
+    assert!(
+        leases().is_empty(),
+        "addresses still allocated after SIGTERM: {:?}",
+        leases()
+    );
 }
 
 #[test]
@@ -925,7 +1003,11 @@ fn terminal_flag_gives_the_workload_a_tty() {
         .output()
         .expect("run script");
     let stdout = String::from_utf8_lossy(&out.stdout);
-    assert!(out.status.success(), "{stdout}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
     assert!(stdout.contains("IS_TTY"), "{stdout}");
     assert!(stdout.contains("sea"), "{stdout}");
     assert_eq!(prioritized(&dst, scratch.path())[1].0, s(&["data/c.txt"]));

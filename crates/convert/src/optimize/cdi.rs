@@ -8,8 +8,7 @@ use std::os::unix::fs::{FileTypeExt, MetadataExt};
 use std::path::{Path, PathBuf};
 
 use oci_spec::runtime::{
-    HookBuilder, Hooks, LinuxDeviceBuilder, LinuxDeviceCgroupBuilder, LinuxDeviceType,
-    LinuxResources, MountBuilder, Spec,
+    HookBuilder, LinuxDeviceBuilder, LinuxDeviceCgroupBuilder, LinuxDeviceType, MountBuilder, Spec,
 };
 use serde::Deserialize;
 
@@ -120,7 +119,8 @@ impl ContainerEdits {
         self.device_nodes.extend(o.device_nodes.iter().cloned());
         self.hooks.extend(o.hooks.iter().cloned());
         self.mounts.extend(o.mounts.iter().cloned());
-        self.additional_gids.extend(o.additional_gids.iter().copied());
+        self.additional_gids
+            .extend(o.additional_gids.iter().copied());
         if o.intel_rdt.is_some() {
             self.intel_rdt.clone_from(&o.intel_rdt);
         }
@@ -317,7 +317,7 @@ pub fn apply(edits: &ContainerEdits, spec: &mut Spec) -> Result<()> {
             all.push(d);
         }
         linux.set_devices(Some(all));
-        let mut resources = linux.resources().clone().unwrap_or_else(LinuxResources::default);
+        let mut resources = linux.resources().clone().unwrap_or_default();
         let mut allow = resources.devices().clone().unwrap_or_default();
         allow.extend(rules);
         resources.set_devices(Some(allow));
@@ -344,7 +344,7 @@ pub fn apply(edits: &ContainerEdits, spec: &mut Spec) -> Result<()> {
     spec.set_mounts(Some(mounts));
 
     if !edits.hooks.is_empty() {
-        let mut hooks = spec.hooks().clone().unwrap_or_else(Hooks::default);
+        let mut hooks = spec.hooks().clone().unwrap_or_default();
         for h in &edits.hooks {
             let mut b = HookBuilder::default().path(&h.path);
             if !h.args.is_empty() {
@@ -417,7 +417,11 @@ devices:
     fn resolves_and_applies_devices() {
         let d = tempfile::tempdir().unwrap();
         std::fs::write(d.path().join("gpu.yaml"), YAML).unwrap();
-        std::fs::write(d.path().join("other.json"), r#"{"kind":"x.com/y","devices":[]}"#).unwrap();
+        std::fs::write(
+            d.path().join("other.json"),
+            r#"{"kind":"x.com/y","devices":[]}"#,
+        )
+        .unwrap();
         let dirs = vec![d.path().to_path_buf()];
         let edits = resolve(GPU_KIND, &["0".into()], &dirs).unwrap();
         assert_eq!(edits.env, vec!["SHARED=1", "GPU=zero"]);
@@ -434,16 +438,33 @@ devices:
             .iter()
             .find(|d| d.path() == Path::new("/dev/fakegpu0"))
             .unwrap();
-        assert_eq!((dev.typ(), dev.major(), dev.minor()), (LinuxDeviceType::C, 1, 3));
-        let rules = linux.resources().as_ref().unwrap().devices().clone().unwrap();
-        assert!(rules.iter().any(|r| r.allow() && r.major() == Some(1) && r.minor() == Some(3)));
+        assert_eq!(
+            (dev.typ(), dev.major(), dev.minor()),
+            (LinuxDeviceType::C, 1, 3)
+        );
+        let rules = linux
+            .resources()
+            .as_ref()
+            .unwrap()
+            .devices()
+            .clone()
+            .unwrap();
+        assert!(rules
+            .iter()
+            .any(|r| r.allow() && r.major() == Some(1) && r.minor() == Some(3)));
         assert!(spec
             .mounts()
             .as_ref()
             .unwrap()
             .iter()
             .any(|m| m.destination() == Path::new("/run/gpu-info")));
-        let hooks = spec.hooks().as_ref().unwrap().create_container().clone().unwrap();
+        let hooks = spec
+            .hooks()
+            .as_ref()
+            .unwrap()
+            .create_container()
+            .clone()
+            .unwrap();
         assert_eq!(hooks[0].path(), Path::new("/bin/true"));
     }
 
@@ -451,11 +472,15 @@ devices:
     fn missing_devices_and_specs_are_named() {
         let d = tempfile::tempdir().unwrap();
         let dirs = vec![d.path().to_path_buf()];
-        let e = resolve(GPU_KIND, &["0".into()], &dirs).unwrap_err().to_string();
+        let e = resolve(GPU_KIND, &["0".into()], &dirs)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no CDI spec of kind nvidia.com/gpu"), "{e}");
         assert!(e.contains(&d.path().display().to_string()), "{e}");
         std::fs::write(d.path().join("gpu.yaml"), YAML).unwrap();
-        let e = resolve(GPU_KIND, &["1".into()], &dirs).unwrap_err().to_string();
+        let e = resolve(GPU_KIND, &["1".into()], &dirs)
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("no CDI device nvidia.com/gpu=1"), "{e}");
         assert!(e.contains("devices of that kind: 0"), "{e}");
     }

@@ -28,7 +28,9 @@ pub const IFNAME: &str = "eth0";
 /// `dir`, or Debian's plugin directory when `dir` is the reference's default
 /// and does not exist.
 pub fn plugin_dir_or_fallback(dir: &Path) -> PathBuf {
-    if dir == Path::new(DEFAULT_PLUGIN_DIR) && !dir.exists() && Path::new(DEBIAN_PLUGIN_DIR).is_dir()
+    if dir == Path::new(DEFAULT_PLUGIN_DIR)
+        && !dir.exists()
+        && Path::new(DEBIAN_PLUGIN_DIR).is_dir()
     {
         PathBuf::from(DEBIAN_PLUGIN_DIR)
     } else {
@@ -408,7 +410,11 @@ fn plugin_error_message(
                 .and_then(Value::as_str)
                 .unwrap_or("no message")
                 .to_string();
-            if let Some(d) = v.get("details").and_then(Value::as_str).filter(|d| !d.is_empty()) {
+            if let Some(d) = v
+                .get("details")
+                .and_then(Value::as_str)
+                .filter(|d| !d.is_empty())
+            {
                 m.push_str(&format!(" ({d})"));
             }
             if let Some(c) = v.get("code") {
@@ -485,7 +491,11 @@ mod tests {
         let d = tempfile::tempdir().unwrap();
         let e = NetworkConfig::load_first(d.path()).unwrap_err().to_string();
         assert!(e.contains("no network configuration"), "{e}");
-        std::fs::write(d.path().join("a.conflist"), r#"{"name":"x","plugins":[{}]}"#).unwrap();
+        std::fs::write(
+            d.path().join("a.conflist"),
+            r#"{"name":"x","plugins":[{}]}"#,
+        )
+        .unwrap();
         let e = NetworkConfig::load_first(d.path()).unwrap_err().to_string();
         assert!(e.contains("without a \"type\""), "{e}");
     }
@@ -497,6 +507,9 @@ mod tests {
         let m = plugin_error_message(Some(&v), b"", &st);
         assert_eq!(m, "no IP addresses available (range full) [code 11]");
         let m = plugin_error_message(None, b"boom\n", &st);
-        assert!(m.contains("exited with") && m.ends_with("stderr: boom"), "{m}");
+        assert!(
+            m.contains("exited with") && m.ends_with("stderr: boom"),
+            "{m}"
+        );
     }
 }
