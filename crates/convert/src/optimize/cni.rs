@@ -284,7 +284,7 @@ impl Attachment {
             network = %att.config.name,
             config = %att.config.file.display(),
             netns = %att.netns.path().display(),
-            interface = IFNAME,
+            interface = %IFNAME,
             ips = %ips.join(", "),
             "CNI network attached"
         );
