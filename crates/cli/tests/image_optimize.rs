@@ -994,7 +994,7 @@ fn terminal_flag_gives_the_workload_a_tty() {
     std::fs::write(
         &runner,
         format!(
-            "exec '{}' image optimize --oci -t -i --entrypoint '[\"/bin/sh\",\"-c\",\"test -t 0 && test -t 1 && echo IS_TTY; cat /data/c.txt\"]' '{src}' '{dst}'\n",
+            "exec '{}' image optimize --oci -t -i --entrypoint '[\"/bin/sh\",\"-c\",\"test -t 0 && test -t 1 && echo IS_TTY; echo TTY_NAME=$(busybox tty); cat /data/c.txt\"]' '{src}' '{dst}'\n",
             env!("CARGO_BIN_EXE_ctr-remote")
         ),
     )
@@ -1013,6 +1013,8 @@ fn terminal_flag_gives_the_workload_a_tty() {
         String::from_utf8_lossy(&out.stderr)
     );
     assert!(stdout.contains("IS_TTY"), "{stdout}");
+    // The container's own pseudo-terminal, not one passed through from ours.
+    assert!(stdout.contains("TTY_NAME=/dev/pts/0"), "{stdout}");
     assert!(stdout.contains("sea"), "{stdout}");
     assert_eq!(prioritized(&dst, scratch.path())[1].0, s(&["data/c.txt"]));
 }
