@@ -687,7 +687,7 @@ fn cni_bridge_gives_eth0_an_address_and_is_torn_down() {
     .expect("write");
 
     let script = format!(
-        "busybox ip -4 addr show dev eth0; cat /etc/hosts /etc/resolv.conf; \
+        "busybox ip -4 addr show dev eth0; busybox ip link show dev lo; cat /etc/hosts /etc/resolv.conf; \
          busybox wget -q -O - http://gateway.test:{port}/"
     );
     let entrypoint = serde_json::to_string(&["/bin/sh", "-c", &script]).expect("json");
@@ -723,6 +723,7 @@ fn cni_bridge_gives_eth0_an_address_and_is_torn_down() {
         stdout.contains(&format!("inet {net}.")),
         "eth0 has an address of the subnet: {stdout}"
     );
+    assert!(stdout.contains("lo: <LOOPBACK,UP"), "lo is up: {stdout}");
     assert!(
         stdout.contains(&format!("{gateway}\tgateway.test"))
             && stdout.contains("nameserver 192.0.2.53"),
