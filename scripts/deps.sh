@@ -8,7 +8,7 @@ cd "$(dirname "$0")/.."
 PKGS=(
   docker-registry containerd runc skopeo fuse3 protobuf-compiler
   python3 gzip tar zstd curl openssl apache2-utils iproute2 ca-certificates
-  busybox-static stargz-snapshotter
+  busybox-static stargz-snapshotter containernetworking-plugins bsdutils
   debootstrap fonts-dejavu-core
 )
 missing=()

@@ -6,7 +6,7 @@ use std::time::Duration;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use convert::optimize::{MountSpec, OptimizeOptions, StopWhen, Workload};
+use convert::optimize::{CniOptions, MountSpec, OptimizeOptions, StopWhen, Workload};
 use convert::{ConvertOptions, LayerOptions, Store, Target};
 use registry::Platform;
 
@@ -97,16 +97,21 @@ pub struct OptimizeArgs {
     /// Comma-separated host:IP entries for /etc/hosts.
     #[arg(long, default_value = "")]
     pub add_hosts: String,
-    /// CNI networking (not supported yet).
+    /// Attach the workload to a CNI network (interface eth0 in its own network
+    /// namespace) configured by the first *.conflist/*.conf/*.json file of
+    /// --cni-plugin-conf-dir in lexical order.
     #[arg(long)]
     pub cni: bool,
-    /// CNI configuration directory.
+    /// CNI network configuration directory.
     #[arg(long, default_value = "/etc/cni/net.d")]
     pub cni_plugin_conf_dir: PathBuf,
-    /// CNI plugin directory.
-    #[arg(long, default_value = "/opt/cni/bin")]
+    /// CNI plugin directory; when the default does not exist, /usr/lib/cni (where
+    /// Debian's containernetworking-plugins installs them) is used.
+    #[arg(long, default_value = convert::optimize::cni::DEFAULT_PLUGIN_DIR)]
     pub cni_plugin_dir: PathBuf,
-    /// GPUs to expose (needs a CDI spec).
+    /// GPUs to expose, by index (comma-separated or repeated): device
+    /// nvidia.com/gpu=INDEX of a CDI spec in /etc/cdi or /var/run/cdi
+    /// ($CDI_SPEC_DIRS, colon-separated, replaces these directories).
     #[arg(long, value_delimiter = ',')]
     pub gpus: Vec<u32>,
     /// Share the host's network namespace.
@@ -253,7 +258,10 @@ pub async fn optimize_cmd(a: OptimizeArgs) -> Result<()> {
         workload,
         stop,
         optimize: !a.no_optimize,
-        cni: a.cni,
+        cni: a.cni.then(|| CniOptions {
+            conf_dir: a.cni_plugin_conf_dir.clone(),
+            plugin_dir: convert::optimize::cni::plugin_dir_or_fallback(&a.cni_plugin_dir),
+        }),
         gpus: a.gpus.clone(),
     };
     // Ctrl-C drops the work in progress, whose guards delete the container,

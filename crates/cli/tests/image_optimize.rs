@@ -559,3 +559,463 @@ fn layout_to_layout_no_optimize_failures_and_period() {
     let left: Vec<_> = std::fs::read_dir(&wd).expect("workdir").collect();
     assert!(left.is_empty(), "temporary files left behind: {left:?}");
 }
+
+/// A random number for names and addresses that parallel runs must not share.
+fn random() -> u64 {
+    use std::hash::{BuildHasher, Hasher};
+    let mut h = std::collections::hash_map::RandomState::new().build_hasher();
+    h.write_u32(std::process::id());
+    h.finish()
+}
+
+/// The four-layer test image in an OCI layout under `dir`, as `oci:DIR:v1`.
+fn layout_image(busybox: &[u8], dir: &Path) -> String {
+    let img = image(&layer_tars(busybox));
+    let src_dir = dir.join("src");
+    write_layout(&src_dir, "v1", &img);
+    format!("oci:{}:v1", src_dir.display())
+}
+
+/// A bridge the test made (with the gateway address), deleted on drop.
+struct Bridge(String);
+
+impl Bridge {
+    fn create(name: &str, gateway_cidr: &str) -> Bridge {
+        run_ok(Command::new("ip").args(["link", "add", name, "type", "bridge"]));
+        let b = Bridge(name.to_string());
+        run_ok(Command::new("ip").args(["addr", "add", gateway_cidr, "dev", name]));
+        run_ok(Command::new("ip").args(["link", "set", name, "up"]));
+        b
+    }
+}
+
+impl Drop for Bridge {
+    fn drop(&mut self) {
+        let st = Command::new("ip")
+            .args(["link", "del", &self.0])
+            .status()
+            .expect("run ip");
+        if !std::thread::panicking() {
+            assert!(st.success(), "deleting bridge {}", self.0);
+        }
+    }
+}
+
+/// Answers every HTTP request on `addr` with `token`; returns the port.
+fn http_token_server(addr: &str, token: String) -> u16 {
+    use std::io::Read;
+    let listener = std::net::TcpListener::bind((addr, 0)).expect("bind on the gateway address");
+    let port = listener.local_addr().expect("addr").port();
+    std::thread::spawn(move || {
+        for conn in listener.incoming() {
+            let Ok(mut conn) = conn else { continue };
+            let mut req = Vec::new();
+            let mut buf = [0u8; 1024];
+            while !req.windows(4).any(|w| w == b"\r\n\r\n") {
+                match conn.read(&mut buf) {
+                    Ok(0) | Err(_) => break,
+                    Ok(n) => req.extend_from_slice(&buf[..n]),
+                }
+            }
+            let body = format!("{token}\n");
+            let _ = write!(
+                conn,
+                "HTTP/1.0 200 OK\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+                body.len()
+            );
+        }
+    });
+    port
+}
+
+#[test]
+fn cni_bridge_gives_eth0_an_address_and_is_torn_down() {
+    let Some((_reg, busybox)) = prerequisites() else {
+        return;
+    };
+    let plugin_dir = Path::new("/usr/lib/cni");
+    if !plugin_dir.join("bridge").is_file() || !plugin_dir.join("host-local").is_file() {
+        missing::<()>(
+            "CNI plugins bridge and host-local in /usr/lib/cni (containernetworking-plugins)",
+        );
+        return;
+    }
+    if testenv::require_tool("ip").is_none() {
+        missing::<()>("ip (iproute2)");
+        return;
+    }
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let src = layout_image(&busybox, scratch.path());
+
+    let r = random();
+    let net = format!("10.{}.{}", 128 + (r % 64), (r >> 8) % 256);
+    let gateway = format!("{net}.1");
+    let bridge_name = format!("sgz{:08x}", (r >> 16) as u32);
+    let network = format!("optimize-test-{:08x}", (r >> 16) as u32);
+    let _bridge = Bridge::create(&bridge_name, &format!("{gateway}/24"));
+    let token = format!("TOKEN-{r:016x}");
+    let port = http_token_server(&gateway, token.clone());
+
+    let conf_dir = scratch.path().join("net.d");
+    let ipam_dir = scratch.path().join("ipam");
+    std::fs::create_dir(&conf_dir).expect("mkdir");
+    // A file sorting later must not be the one used.
+    std::fs::write(
+        conf_dir.join("99-other.conf"),
+        r#"{"cniVersion":"0.4.0","name":"unused","type":"no-such-plugin"}"#,
+    )
+    .expect("write");
+    let conflist = j!({
+        "cniVersion": "0.4.0",
+        "name": network,
+        "plugins": [{
+            "type": "bridge",
+            "bridge": bridge_name,
+            "isGateway": true,
+            "ipMasq": false,
+            "ipam": {
+                "type": "host-local",
+                "ranges": [[{"subnet": format!("{net}.0/24"), "gateway": gateway}]],
+                "dataDir": ipam_dir,
+            },
+        }],
+    });
+    std::fs::write(
+        conf_dir.join("10-test.conflist"),
+        serde_json::to_vec(&conflist).expect("json"),
+    )
+    .expect("write");
+
+    let script = format!(
+        "busybox ip -4 addr show dev eth0; busybox ip link show dev lo; cat /etc/hosts /etc/resolv.conf; \
+         busybox wget -q -O - http://gateway.test:{port}/"
+    );
+    let entrypoint = serde_json::to_string(&["/bin/sh", "-c", &script]).expect("json");
+    let dst = format!("oci:{}:cni", scratch.path().join("dst").display());
+    let out = ctr_remote()
+        .env("RUST_LOG", "convert::optimize=info")
+        .env("NO_COLOR", "1")
+        .args([
+            "image",
+            "optimize",
+            "--oci",
+            "--cni",
+            "--cni-plugin-conf-dir",
+        ])
+        .arg(&conf_dir)
+        .args(["--cni-plugin-dir"])
+        .arg(plugin_dir)
+        .args([
+            "--add-hosts",
+            &format!("gateway.test:{gateway}"),
+            "--dns-nameservers",
+            "192.0.2.53",
+            "--entrypoint",
+            &entrypoint,
+            &src,
+            &dst,
+        ])
+        .output()
+        .expect("run ctr-remote");
+    let stdout = ok(&out);
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stdout.contains(&format!("inet {net}.")),
+        "eth0 has an address of the subnet: {stdout}"
+    );
+    assert!(stdout.contains("lo: <LOOPBACK,UP"), "lo is up: {stdout}");
+    assert!(
+        stdout.contains(&format!("{gateway}\tgateway.test"))
+            && stdout.contains("nameserver 192.0.2.53"),
+        "the generated /etc/hosts and /etc/resolv.conf are used: {stdout}"
+    );
+    assert!(
+        stdout.contains(&token),
+        "the workload reached the host through the bridge: {stdout}\n{stderr}"
+    );
+    assert!(
+        stderr.contains(&format!("ips={net}.")),
+        "the address is logged: {stderr}"
+    );
+    assert_eq!(prioritized(&dst, scratch.path())[0].1, "prefetch");
+
+    // The namespace is gone and DEL released the address.
+    let netns = stderr
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("netns="))
+        .expect("the netns is logged");
+    assert!(netns.starts_with("/var/run/netns/optimize-"), "{netns}");
+    assert!(!Path::new(netns).exists(), "{netns} is left behind");
+    let leases = || -> Vec<String> {
+        std::fs::read_dir(ipam_dir.join(&network))
+            .expect("host-local's data dir")
+            .map(|e| e.expect("entry").file_name().to_string_lossy().into_owned())
+            .filter(|n| n.starts_with(&net))
+            .collect()
+    };
+    assert!(
+        leases().is_empty(),
+        "addresses still allocated: {:?}",
+        leases()
+    );
+
+    // SIGTERM while the workload runs cleans up the same way. Where the
+    // reference's default plugin directory is absent (Debian), this run relies on
+    // the fallback to /usr/lib/cni.
+    let mut cmd = ctr_remote();
+    cmd.env("RUST_LOG", "convert::optimize=info")
+        .env("NO_COLOR", "1")
+        .args([
+            "image",
+            "optimize",
+            "--oci",
+            "--cni",
+            "--cni-plugin-conf-dir",
+        ])
+        .arg(&conf_dir);
+    if Path::new("/opt/cni/bin").exists() {
+        cmd.arg("--cni-plugin-dir").arg(plugin_dir);
+    }
+    let mut child = cmd
+        .args([
+            "--wait-on-line",
+            "NEVER-PRINTED",
+            "--entrypoint",
+            r#"["/bin/sh","-c","echo RUNNING; exec sleep 100000"]"#,
+            &src,
+            &format!("oci:{}:term", scratch.path().join("dst").display()),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("run ctr-remote");
+    let mut stdout = std::io::BufReader::new(child.stdout.take().expect("stdout"));
+    let mut line = String::new();
+    while !line.contains("RUNNING") {
+        line.clear();
+        let n = std::io::BufRead::read_line(&mut stdout, &mut line).expect("read");
+        assert!(n > 0, "the workload ended before printing RUNNING");
+    }
+    assert_eq!(leases().len(), 1, "the running workload holds an address");
+    // SAFETY: kill(2) on our own child's pid.
+    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    let out = child.wait_with_output().expect("wait");
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !out.status.success() && stderr.contains("terminated"),
+        "{stderr}"
+    );
+    let netns = stderr
+        .split_whitespace()
+        .find_map(|w| w.strip_prefix("netns="))
+        .expect("the netns is logged");
+    assert!(
+        !Path::new(netns).exists(),
+        "{netns} is left behind after SIGTERM"
+    );
+    assert!(
+        leases().is_empty(),
+        "addresses still allocated after SIGTERM: {:?}",
+        leases()
+    );
+}
+
+#[test]
+fn cni_plugin_failures_are_clear_and_clean_up() {
+    let Some((_reg, busybox)) = prerequisites() else {
+        return;
+    };
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let src = layout_image(&busybox, scratch.path());
+    let conf_dir = scratch.path().join("net.d");
+    let plugin_dir = scratch.path().join("bin");
+    std::fs::create_dir(&conf_dir).expect("mkdir");
+    std::fs::create_dir(&plugin_dir).expect("mkdir");
+    std::fs::write(
+        conf_dir.join("a.conf"),
+        r#"{"cniVersion":"0.4.0","name":"failing","type":"fail"}"#,
+    )
+    .expect("write");
+    // A plugin that fails ADD with a CNI error and records its DEL.
+    let del_log = scratch.path().join("del.log");
+    let plugin = format!(
+        "#!/bin/sh\nif [ \"$CNI_COMMAND\" = DEL ]; then echo \"$CNI_CONTAINERID $CNI_NETNS\" >> {}; exit 0; fi\n\
+         echo '{{\"cniVersion\":\"0.4.0\",\"code\":11,\"msg\":\"no addresses left\",\"details\":\"range exhausted\"}}'\nexit 1\n",
+        del_log.display()
+    );
+    let bin = plugin_dir.join("fail");
+    std::fs::write(&bin, plugin).expect("write");
+    std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
+        .expect("chmod");
+    let dst = format!("oci:{}:x", scratch.path().join("dst").display());
+    let out = optimize(
+        &[
+            "--cni",
+            "--cni-plugin-conf-dir",
+            conf_dir.to_str().expect("utf8"),
+            "--cni-plugin-dir",
+            plugin_dir.to_str().expect("utf8"),
+        ],
+        &src,
+        &dst,
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("CNI plugin fail failed on ADD: no addresses left (range exhausted)"),
+        "{stderr}"
+    );
+    let dels = std::fs::read_to_string(&del_log).expect("DEL ran after the failed ADD");
+    let netns = dels.split_whitespace().nth(1).expect("netns");
+    assert!(!Path::new(netns).exists(), "{netns} is left behind");
+
+    // A missing plugin is named before anything runs.
+    std::fs::remove_file(&bin).expect("rm");
+    let out = optimize(
+        &[
+            "--cni",
+            "--cni-plugin-conf-dir",
+            conf_dir.to_str().expect("utf8"),
+            "--cni-plugin-dir",
+            plugin_dir.to_str().expect("utf8"),
+        ],
+        &src,
+        &dst,
+    );
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("CNI plugin \"fail\" not found"), "{stderr}");
+}
+
+const FAKE_GPU_SPEC: &str = r#"
+cdiVersion: "0.6.0"
+kind: nvidia.com/gpu
+containerEdits:
+  env: ["FAKE_GPU_DRIVER=test-driver"]
+devices:
+  - name: "0"
+    containerEdits:
+      env: ["FAKE_GPU_INDEX=zero"]
+      deviceNodes:
+        - path: /dev/fakegpu0
+          hostPath: /dev/zero
+"#;
+
+#[test]
+fn gpus_come_from_cdi_specs() {
+    let Some((_reg, busybox)) = prerequisites() else {
+        return;
+    };
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let src = layout_image(&busybox, scratch.path());
+    let cdi = scratch.path().join("cdi");
+    std::fs::create_dir(&cdi).expect("mkdir");
+    std::fs::write(cdi.join("fake-gpu.yaml"), FAKE_GPU_SPEC).expect("write");
+    let run = |gpus: &str, tag: &str| {
+        ctr_remote()
+            .env("CDI_SPEC_DIRS", &cdi)
+            .args(["image", "optimize", "--oci", "--gpus", gpus, "--entrypoint"])
+            .arg(r#"["/bin/sh","-c","test -c /dev/fakegpu0 && echo DEVICE_PRESENT; echo \"gpu=$FAKE_GPU_INDEX driver=$FAKE_GPU_DRIVER\"; cat /data/b.txt"]"#)
+            .arg(&src)
+            .arg(format!("oci:{}:{tag}", scratch.path().join("dst").display()))
+            .output()
+            .expect("run ctr-remote")
+    };
+    let out = run("0", "gpu");
+    let stdout = ok(&out);
+    assert!(stdout.contains("DEVICE_PRESENT"), "{stdout}");
+    assert!(stdout.contains("gpu=zero driver=test-driver"), "{stdout}");
+    let dst = format!("oci:{}:gpu", scratch.path().join("dst").display());
+    assert_eq!(prioritized(&dst, scratch.path())[1].0, s(&["data/b.txt"]));
+
+    let out = run("1", "nogpu");
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        stderr.contains("no CDI device nvidia.com/gpu=1")
+            && stderr.contains(&cdi.display().to_string())
+            && stderr.contains("devices of that kind: 0"),
+        "{stderr}"
+    );
+}
+
+#[test]
+fn stdin_reaches_the_workload_only_with_i() {
+    let Some((_reg, busybox)) = prerequisites() else {
+        return;
+    };
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let src = layout_image(&busybox, scratch.path());
+    let run = |flags: &[&str], tag: &str| {
+        let mut child = ctr_remote()
+            .args(["image", "optimize", "--oci"])
+            .args(flags)
+            .args([
+                "--entrypoint",
+                r#"["/bin/sh","-c","test -t 0 || echo NOT_A_TTY; busybox tr a-z A-Z; echo END"]"#,
+                &src,
+                &format!("oci:{}:{tag}", scratch.path().join("dst").display()),
+            ])
+            .stdin(std::process::Stdio::piped())
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::piped())
+            .spawn()
+            .expect("run ctr-remote");
+        let mut stdin = child.stdin.take().expect("stdin");
+        stdin.write_all(b"hello from stdin\n").expect("write");
+        drop(stdin);
+        child.wait_with_output().expect("wait")
+    };
+    let stdout = ok(&run(&["-i"], "in"));
+    assert!(
+        stdout.contains("NOT_A_TTY") && stdout.contains("HELLO FROM STDIN\nEND"),
+        "{stdout}"
+    );
+    let stdout = ok(&run(&[], "noin"));
+    assert!(
+        stdout.contains("END") && !stdout.contains("HELLO"),
+        "without -i the workload's stdin is empty: {stdout}"
+    );
+}
+
+#[test]
+fn terminal_flag_gives_the_workload_a_tty() {
+    let Some((_reg, busybox)) = prerequisites() else {
+        return;
+    };
+    if testenv::require_tool("script").is_none() {
+        missing::<()>("script (bsdutils)");
+        return;
+    }
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let src = layout_image(&busybox, scratch.path());
+    let dst = format!("oci:{}:tty", scratch.path().join("dst").display());
+    // script(1) runs the command on a pseudo-terminal, as an interactive user would.
+    let runner = scratch.path().join("run.sh");
+    std::fs::write(
+        &runner,
+        format!(
+            "exec '{}' image optimize --oci -t -i --entrypoint '[\"/bin/sh\",\"-c\",\"test -t 0 && test -t 1 && echo IS_TTY; echo TTY_NAME=$(busybox tty); cat /data/c.txt\"]' '{src}' '{dst}'\n",
+            env!("CARGO_BIN_EXE_ctr-remote")
+        ),
+    )
+    .expect("write");
+    let out = Command::new("script")
+        .args(["-q", "-e", "-c"])
+        .arg(format!("sh {}", runner.display()))
+        .arg("/dev/null")
+        .stdin(std::process::Stdio::null())
+        .output()
+        .expect("run script");
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        out.status.success(),
+        "{stdout}\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(stdout.contains("IS_TTY"), "{stdout}");
+    // The container's own pseudo-terminal, not one passed through from ours.
+    assert!(stdout.contains("TTY_NAME=/dev/pts/0"), "{stdout}");
+    assert!(stdout.contains("sea"), "{stdout}");
+    assert_eq!(prioritized(&dst, scratch.path())[1].0, s(&["data/c.txt"]));
+}

@@ -48,6 +48,16 @@ pub enum Error {
     Interrupted,
     #[error("not supported: {0}")]
     Unsupported(String),
+    #[error("CNI networking: {0}")]
+    Cni(String),
+    #[error("CNI plugin {plugin} failed on {command}: {message}")]
+    CniPlugin {
+        plugin: String,
+        command: String,
+        message: String,
+    },
+    #[error("--gpus: {0}")]
+    Cdi(String),
 }
 
 impl Error {

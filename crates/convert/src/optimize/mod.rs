@@ -6,7 +6,11 @@
 //! - [`sandbox`] generates the runtime bundle and runs runc.
 //! - [`recorder`] watches file accesses.
 //! - [`record`] reads and writes the access record (JSON lines).
+//! - [`cni`] attaches the workload to a CNI network (`--cni`).
+//! - [`cdi`] exposes GPUs described by CDI specs (`--gpus`).
 
+pub mod cdi;
+pub mod cni;
 pub mod record;
 pub mod recorder;
 pub mod rootfs;
@@ -32,10 +36,18 @@ pub struct OptimizeOptions {
     pub stop: StopWhen,
     /// `false` converts without running anything.
     pub optimize: bool,
-    /// CNI networking (not supported yet).
-    pub cni: bool,
-    /// GPUs to expose.
+    /// Attach the workload to a CNI network instead of one with only `lo`.
+    pub cni: Option<CniOptions>,
+    /// GPUs to expose: devices `nvidia.com/gpu=<index>` of the CDI specs.
     pub gpus: Vec<u32>,
+}
+
+/// Where the CNI network configuration and plugins are.
+#[derive(Clone, Debug)]
+pub struct CniOptions {
+    /// The first `.conflist`/`.conf`/`.json` here (lexical order) is the network.
+    pub conf_dir: PathBuf,
+    pub plugin_dir: PathBuf,
 }
 
 /// What an optimization produced.
@@ -61,7 +73,14 @@ pub async fn optimize(src: &Store, dst: &Store, opts: &OptimizeOptions) -> Resul
     let mut convert_opts = opts.convert.clone();
     if run {
         check_prerequisites(opts)?;
-        let (manifest_digest, layer_digests, entries) = analyze(src, opts).await?;
+        let gpu_edits = if opts.gpus.is_empty() {
+            None
+        } else {
+            let names: Vec<String> = opts.gpus.iter().map(u32::to_string).collect();
+            Some(cdi::resolve(cdi::GPU_KIND, &names, &cdi::spec_dirs())?)
+        };
+        let (manifest_digest, layer_digests, entries) =
+            analyze(src, opts, gpu_edits.as_ref()).await?;
         let mut per_layer: HashMap<Digest, Vec<String>> = HashMap::new();
         for e in &entries {
             if let Some(d) = e.layer_index.and_then(|i| layer_digests.get(i)) {
@@ -87,20 +106,10 @@ fn check_prerequisites(opts: &OptimizeOptions) -> Result<()> {
     if unsafe { libc::geteuid() } != 0 {
         return Err(Error::NotRoot);
     }
-    if opts.cni {
-        return Err(Error::Unsupported(
-            "--cni networking is not supported yet; use --net-host or no network".into(),
+    if opts.cni.is_some() && opts.workload.net_host {
+        return Err(Error::Options(
+            "--cni and --net-host exclude each other".into(),
         ));
-    }
-    if !opts.gpus.is_empty() {
-        let has_cdi = ["/etc/cdi", "/var/run/cdi"]
-            .iter()
-            .any(|d| std::fs::read_dir(d).is_ok_and(|mut r| r.next().is_some()));
-        return Err(Error::Unsupported(if has_cdi {
-            "--gpus is not supported yet".into()
-        } else {
-            "--gpus needs a CDI spec for the GPUs (in /etc/cdi or /var/run/cdi); none found".into()
-        }));
     }
     if opts.workload.terminal && !opts.workload.stdin {
         return Err(Error::Options("-t/--terminal needs -i".into()));
@@ -118,6 +127,7 @@ fn check_prerequisites(opts: &OptimizeOptions) -> Result<()> {
 async fn analyze(
     src: &Store,
     opts: &OptimizeOptions,
+    gpu_edits: Option<&cdi::ContainerEdits>,
 ) -> Result<(Digest, Vec<Digest>, Vec<RecordEntry>)> {
     let runc = sandbox::find_runc()?;
     let root = src.root().await?;
@@ -184,9 +194,10 @@ async fn analyze(
     let overlay =
         rootfs::Overlay::mount(&layer_dirs, &base.join("u"), &base.join("w"), &rootfs_dir)?;
     sandbox::write_etc(&opts.workload, &etc_dir)?;
-    let spec = sandbox::build_spec(&image, &opts.workload, overlay.path(), &etc_dir)?;
-    spec.save(bundle.join("config.json"))
-        .map_err(|e| Error::Sandbox(format!("writing config.json: {e}")))?;
+    let mut spec = sandbox::build_spec(&image, &opts.workload, overlay.path(), &etc_dir)?;
+    if let Some(edits) = gpu_edits {
+        cdi::apply(edits, &mut spec)?;
+    }
 
     let state_dir = base.join("runc");
     let id = format!(
@@ -196,6 +207,24 @@ async fn analyze(
             .unwrap_or("x")
             .trim_start_matches("optimize-")
     );
+    // Declared before the container so that it is dropped (DEL, namespace
+    // removed) after the container is deleted, on every path out of here.
+    let network = match &opts.cni {
+        Some(c) => {
+            let (conf_dir, plugin_dir, netns_name) =
+                (c.conf_dir.clone(), c.plugin_dir.clone(), id.clone());
+            let att = tokio::task::spawn_blocking(move || {
+                cni::Attachment::attach(&conf_dir, &plugin_dir, &netns_name)
+            })
+            .await
+            .map_err(|e| Error::Task(e.to_string()))??;
+            sandbox::join_netns(&mut spec, att.netns_path())?;
+            Some(att)
+        }
+        None => None,
+    };
+    spec.save(bundle.join("config.json"))
+        .map_err(|e| Error::Sandbox(format!("writing config.json: {e}")))?;
     let recorder = recorder::Recorder::start(overlay.path())?;
     let wait_line = match &opts.stop {
         StopWhen::Line(l) => Some(l.as_str()),
@@ -207,6 +236,14 @@ async fn analyze(
     let paths = recorder.stop();
     let output = container.output();
     drop(container);
+    if let Some(n) = network {
+        if let Err(e) = tokio::task::spawn_blocking(move || n.detach())
+            .await
+            .map_err(|e| Error::Task(e.to_string()))?
+        {
+            tracing::warn!(error = %e, "detaching the CNI network");
+        }
+    }
     overlay.unmount()?;
     match ended? {
         sandbox::Ended::Exited(status) if !status.success() => {

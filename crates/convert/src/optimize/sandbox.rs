@@ -8,7 +8,8 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use oci_spec::runtime::{
-    LinuxNamespaceType, Mount, MountBuilder, ProcessBuilder, RootBuilder, Spec, UserBuilder,
+    LinuxNamespaceBuilder, LinuxNamespaceType, Mount, MountBuilder, ProcessBuilder, RootBuilder,
+    Spec, UserBuilder,
 };
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt};
 
@@ -228,6 +229,25 @@ pub fn build_spec(
         linux.set_cgroups_path(None);
     }
     Ok(spec)
+}
+
+/// Makes the workload join the network namespace at `path` instead of a new one.
+pub fn join_netns(spec: &mut Spec, path: &Path) -> Result<()> {
+    let linux = spec
+        .linux_mut()
+        .as_mut()
+        .ok_or_else(|| Error::Sandbox("runtime spec without a linux section".into()))?;
+    let mut namespaces = linux.namespaces().clone().unwrap_or_default();
+    namespaces.retain(|n| n.typ() != LinuxNamespaceType::Network);
+    namespaces.push(
+        LinuxNamespaceBuilder::default()
+            .typ(LinuxNamespaceType::Network)
+            .path(path)
+            .build()
+            .map_err(|e| Error::Sandbox(format!("runtime spec: {e}")))?,
+    );
+    linux.set_namespaces(Some(namespaces));
+    Ok(())
 }
 
 /// Image Env with the user's entries overriding by key; PATH is ensured.
