@@ -325,8 +325,8 @@ impl FuseLayer {
     /// Opens regular file `id` with passthrough when it is fully local and no handle
     /// of it is open through user space; otherwise through user space.
     /// Starts fetching ahead of a reader that walks the blob in order.
-    fn read_ahead(&self, id: NodeId, offset: u64, len: u64) {
-        for range in self.layer.note_access(id, offset, len) {
+    fn read_ahead(&self, id: NodeId, offset: u64, len: u64, cached: Option<bool>) {
+        for range in self.layer.note_access(id, offset, len, cached) {
             let layer = self.layer.clone();
             self.rt.spawn_blocking(move || layer.read_ahead(range));
         }
@@ -440,7 +440,7 @@ impl Filesystem for FuseLayer {
         if self.layer.index().node(id).kind != NodeKind::Reg || self.whiteout[id as usize] {
             return reply.error(Errno::EACCES);
         }
-        self.read_ahead(id, 0, u64::MAX);
+        self.read_ahead(id, 0, u64::MAX, None);
         self.open_file(id, ino.0, reply);
     }
 
@@ -465,8 +465,9 @@ impl Filesystem for FuseLayer {
         let Some(id) = self.node_of(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        self.read_ahead(id, offset, u64::from(size));
-        if let Some(data) = self.layer.read_cached(id, offset, size) {
+        let cached = self.layer.read_cached(id, offset, size);
+        self.read_ahead(id, offset, u64::from(size), Some(cached.is_some()));
+        if let Some(data) = cached {
             return reply.data(&data);
         }
         let layer = self.layer.clone();

@@ -405,25 +405,37 @@ impl Layer {
     }
 
     /// Tells the read-ahead of an access to `len` bytes at `offset` of file `id` (an open
-    /// is an access to the whole file) and returns the blob range to fetch ahead of the
+    /// is an access to the whole file) and returns the blob ranges to fetch ahead of the
     /// reader, if the accesses walk the blob in order: ranges to fetch side by side with
-    /// [`Layer::read_ahead`], off the reader's thread.
-    pub fn note_access(&self, id: NodeId, offset: u64, len: u64) -> Vec<Range<u64>> {
+    /// [`Layer::read_ahead`], off the reader's thread. `cached`, when known, tells whether
+    /// the access was served locally.
+    pub fn note_access(
+        &self,
+        id: NodeId,
+        offset: u64,
+        len: u64,
+        cached: Option<bool>,
+    ) -> Vec<Range<u64>> {
         if self.is_complete() {
             return Vec::new();
         }
         let Some(node) = self.index.get(id).filter(|n| n.kind == NodeKind::Reg) else {
             return Vec::new();
         };
-        match node.chunks_for(offset, len) {
-            [first, .., last] => self
-                .readahead
-                .access(first.blob_offset..last.blob_end, self.payload_end),
-            [only] => self
-                .readahead
-                .access(only.blob_offset..only.blob_end, self.payload_end),
-            [] => Vec::new(),
-        }
+        let first = first_chunk(node, offset);
+        let chunks = node.chunks_for(offset, len);
+        let (Some(a), Some(b)) = (chunks.first(), chunks.last()) else {
+            return Vec::new();
+        };
+        let last = first + chunks.len() - 1;
+        let local = || {
+            cached.unwrap_or_else(|| {
+                self.cache.contains(&self.key_of((id, first)))
+                    && self.cache.contains(&self.key_of((id, last)))
+            })
+        };
+        self.readahead
+            .access(a.blob_offset..b.blob_end, self.payload_end, local)
     }
 
     /// Fetches the chunks starting in blob range `range` that are neither cached nor

@@ -52,13 +52,26 @@ impl Stream {
     /// ahead of it, each at most one window long so they travel side by side (never
     /// past `limit`, the end of the file data). Empty when nothing is due.
     ///
+    /// `cached` tells whether the access found everything local already. Such accesses
+    /// count only inside what read-ahead fetched: a process reading prefetched or
+    /// background-fetched files in storage order needs nothing from the network, and
+    /// reading ahead of it would only spend the link on files it may never open.
+    ///
     /// Two windows are kept in flight: while the reader decodes and reads one, the next
     /// is on the link, so the link never idles between requests.
-    pub fn access(&self, range: Range<u64>, limit: u64) -> Vec<Range<u64>> {
+    pub fn access(
+        &self,
+        range: Range<u64>,
+        limit: u64,
+        cached: impl FnOnce() -> bool,
+    ) -> Vec<Range<u64>> {
         if self.max_window == 0 || range.start >= range.end {
             return Vec::new();
         }
         let mut s = self.state.lock().unwrap_or_else(|p| p.into_inner());
+        if range.start >= s.scheduled_end && cached() {
+            return Vec::new();
+        }
         let in_stream = s.end > 0 && range.start >= s.last_start && range.start <= s.end + GAP;
         if in_stream {
             if range.start > s.last_start {
@@ -109,7 +122,7 @@ mod tests {
     /// Files of `len` bytes stored back to back, read in storage order.
     fn walk(stream: &Stream, files: u64, len: u64, limit: u64) -> Vec<Range<u64>> {
         (0..files)
-            .flat_map(|i| stream.access(i * len..(i + 1) * len, limit))
+            .flat_map(|i| stream.access(i * len..(i + 1) * len, limit, || false))
             .collect()
     }
 
@@ -138,7 +151,7 @@ mod tests {
     fn reads_inside_one_chunk_do_not_advance_the_stream() {
         let s = Stream::new(8 * MIB);
         for _ in 0..10 {
-            assert!(s.access(0..4 * MIB, u64::MAX).is_empty());
+            assert!(s.access(0..4 * MIB, u64::MAX, || false).is_empty());
         }
     }
 
@@ -151,7 +164,7 @@ mod tests {
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             let start = (x >> 20) % (1 << 30);
-            assert!(s.access(start..start + 4096, u64::MAX).is_empty());
+            assert!(s.access(start..start + 4096, u64::MAX, || false).is_empty());
         }
     }
 
@@ -170,9 +183,34 @@ mod tests {
         let mut got = Vec::new();
         // Two readers taking files from one queue: each access slightly out of order.
         for i in (0..200u64).step_by(2) {
-            got.extend(s.access((i + 1) * len..(i + 2) * len, u64::MAX));
-            got.extend(s.access(i * len..(i + 1) * len, u64::MAX));
+            got.extend(s.access((i + 1) * len..(i + 2) * len, u64::MAX, || false));
+            got.extend(s.access(i * len..(i + 1) * len, u64::MAX, || false));
         }
         assert!(got.last().map_or(0, |r| r.end) >= 200 * len, "{got:?}");
+    }
+
+    #[test]
+    fn cached_accesses_start_nothing_but_carry_a_stream_through_its_windows() {
+        let s = Stream::new(8 * MIB);
+        let len = 64 << 10;
+        // Prefetched files read in storage order: all local, nothing to read ahead.
+        for i in 0..100u64 {
+            assert!(s
+                .access(i * len..(i + 1) * len, u64::MAX, || true)
+                .is_empty());
+        }
+        // Misses start a stream...
+        let mut got = Vec::new();
+        for i in 100..103u64 {
+            got.extend(s.access(i * len..(i + 1) * len, u64::MAX, || false));
+        }
+        assert!(!got.is_empty());
+        // ...and reading what it fetched (local by then) keeps it going.
+        let end = got.last().map_or(0, |r| r.end);
+        let mut more = Vec::new();
+        for i in 103..(end / len + 1) {
+            more.extend(s.access(i * len..(i + 1) * len, u64::MAX, || true));
+        }
+        assert!(more.first().is_some_and(|r| r.start == end), "{more:?}");
     }
 }

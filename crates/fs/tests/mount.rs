@@ -959,3 +959,42 @@ fn sequential_walk_reads_ahead_in_blob_order() {
     eprintln!("requests: in order {ahead}, without read-ahead {off}, scattered {random}");
     assert_eq!(random, n as u64, "out-of-order reads fetched ahead");
 }
+
+/// Reading prefetched files in storage order needs nothing from the network, so it
+/// must not read ahead into the files after them.
+#[test]
+fn prefetched_files_read_in_order_fetch_nothing_more() {
+    if !fuse_ready("prefetched_files_read_in_order_fetch_nothing_more") {
+        return;
+    }
+    init_tracing();
+    let entries: Vec<Entry> = (0..200)
+        .map(|i| {
+            Entry::new(
+                &format!("f{i:03}"),
+                Kind::Reg(pseudo_random(20_000, 900 + i as u64)),
+            )
+        })
+        .collect();
+    let names: Vec<String> = entries[..100].iter().map(|e| e.path.clone()).collect();
+    let prioritized: Vec<&str> = names.iter().map(String::as_str).collect();
+    let blob = make_blob(&entries, 64 << 10, &prioritized);
+    let fetcher = TestFetcher::open(&blob.path);
+    let cfg = Config {
+        noprefetch: false,
+        ..test_config()
+    };
+    let m = mount_with(fetcher.clone(), &blob, &cfg);
+    let after_prefetch = fetcher.requests();
+    for e in &entries[..100] {
+        let Kind::Reg(want) = &e.kind else {
+            panic!("not a file")
+        };
+        assert!(&std::fs::read(m.path(&e.path)).expect("read") == want);
+    }
+    assert_eq!(
+        fetcher.requests(),
+        after_prefetch,
+        "reads of prefetched files fetched more"
+    );
+}
