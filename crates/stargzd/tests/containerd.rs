@@ -2,25 +2,12 @@
 
 mod common;
 
-use common::{ci, sha, wait_for};
+use common::{detach_mounts, mounts_under, require, sha, stop, wait_for};
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
-
-/// A missing prerequisite fails under CI=true and skips loudly otherwise.
-fn require(paths: &[&str]) -> bool {
-    for p in paths {
-        if !Path::new(p).exists() {
-            let msg = format!("prerequisite {p} missing (apt-get install -y containerd runc docker-registry busybox-static)");
-            assert!(!ci(), "{msg}");
-            eprintln!("\n!!!!!!!! SKIPPING TEST: {msg} !!!!!!!!\n");
-            return false;
-        }
-    }
-    true
-}
 
 /// Kills the processes and detaches every mount under the test directory, even on panic.
 struct Teardown {
@@ -32,23 +19,11 @@ impl Drop for Teardown {
     fn drop(&mut self) {
         for c in self.children.iter_mut().rev() {
             // SIGTERM first so containerd can stop its shims cleanly.
-            unsafe { libc::kill(c.id() as i32, libc::SIGTERM) };
-            let deadline = Instant::now() + Duration::from_secs(5);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            stop(c, libc::SIGTERM, Duration::from_secs(5));
         }
         // The daemon's FUSE manager outlives its SIGTERM by design.
         kill_fuse_manager(&self.dir.join("stargz-root"));
-        for m in mounts_under(&self.dir).into_iter().rev() {
-            let c = std::ffi::CString::new(m).unwrap();
-            unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-        }
+        detach_mounts(&self.dir);
     }
 }
 
@@ -66,16 +41,6 @@ fn kill_fuse_manager(root: &Path) {
         // SAFETY: kill(2) on the manager started for this test's daemon root.
         unsafe { libc::kill(pid, libc::SIGKILL) };
     }
-}
-
-fn mounts_under(dir: &Path) -> Vec<String> {
-    let prefix = dir.to_string_lossy().into_owned();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-        .filter(|m| m.starts_with(&prefix))
-        .collect()
 }
 
 /// A gzip tar layer and its diff id.
@@ -138,14 +103,17 @@ impl Ctr {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pull_run_and_clean_up_with_containerd() {
-    if !require(&[
-        "/usr/bin/containerd",
-        "/usr/bin/ctr",
-        "/usr/sbin/runc",
-        "/usr/bin/containerd-shim-runc-v2",
-        "/bin/busybox",
-        "/usr/bin/docker-registry",
-    ]) {
+    if !require(
+        &[
+            "/usr/bin/containerd",
+            "/usr/bin/ctr",
+            "/usr/sbin/runc",
+            "/usr/bin/containerd-shim-runc-v2",
+            "/bin/busybox",
+            "/usr/bin/docker-registry",
+        ],
+        "containerd runc docker-registry busybox-static",
+    ) {
         return;
     }
     let Some(reg) = testenv::Registry::start(testenv::RegistryOpts::default()) else {
@@ -376,6 +344,6 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         .map(|e| e.unwrap().file_name())
         .collect();
     assert!(left.is_empty(), "snapshot directories left: {left:?}");
-    let m: Vec<String> = mounts_under(&snap_root);
+    let m = mounts_under(&snap_root);
     assert!(m.is_empty(), "mounts left: {m:?}");
 }

@@ -5,7 +5,7 @@
 
 mod common;
 
-use common::{ci, sha, wait_for};
+use common::{fuse_mounts, require, sha, stop, wait_for};
 
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -15,21 +15,16 @@ use k8s_cri::v1::image_service_client::ImageServiceClient;
 use k8s_cri::v1::{ImageSpec, PullImageRequest};
 
 fn prerequisites() -> bool {
-    for p in [
-        "/usr/bin/containerd",
-        "/usr/bin/ctr",
-        "/usr/bin/docker-registry",
-        "/bin/busybox",
-        "/dev/fuse",
-    ] {
-        if !Path::new(p).exists() {
-            let msg = format!("prerequisite {p} missing (apt-get install -y containerd docker-registry busybox-static fuse3)");
-            assert!(!ci(), "{msg}");
-            eprintln!("\n!!!!!!!! SKIPPING TEST: {msg} !!!!!!!!\n");
-            return false;
-        }
-    }
-    true
+    require(
+        &[
+            "/usr/bin/containerd",
+            "/usr/bin/ctr",
+            "/usr/bin/docker-registry",
+            "/bin/busybox",
+            "/dev/fuse",
+        ],
+        "containerd docker-registry busybox-static fuse3",
+    )
 }
 
 /// Stops containerd, then the daemon (SIGINT: unmount), then detaches leftovers.
@@ -42,17 +37,7 @@ impl Drop for Teardown {
     fn drop(&mut self) {
         for (i, c) in self.children.iter_mut().enumerate().rev() {
             let sig = if i == 0 { libc::SIGINT } else { libc::SIGTERM };
-            // SAFETY: kill(2) on a child we spawned and have not reaped yet.
-            unsafe { libc::kill(c.id() as i32, sig) };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                if let Ok(Some(_)) = c.try_wait() {
-                    break;
-                }
-                std::thread::sleep(Duration::from_millis(50));
-            }
-            let _ = c.kill();
-            let _ = c.wait();
+            stop(c, sig, Duration::from_secs(10));
         }
         for m in fuse_mounts(&self.dir).into_iter().rev() {
             if let Ok(c) = std::ffi::CString::new(m) {
@@ -61,17 +46,6 @@ impl Drop for Teardown {
             }
         }
     }
-}
-
-fn fuse_mounts(dir: &Path) -> Vec<String> {
-    let prefix = dir.to_string_lossy().into_owned();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter(|l| l.split(" - ").nth(1).is_some_and(|t| t.starts_with("fuse")))
-        .filter_map(|l| l.split(' ').nth(4).map(str::to_string))
-        .filter(|m| m.starts_with(&prefix))
-        .collect()
 }
 
 /// An eStargz layer of busybox plus `junk` bytes nobody reads; (blob, diff id, annotations).

@@ -4,7 +4,7 @@
 
 mod common;
 
-use common::{ci, sha, wait_for};
+use common::{detach_mounts, fuse_mounts, require, sha, stop, wait_for};
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -17,62 +17,20 @@ const NS: &str = "lazy";
 /// base64 of `user:not-for-logs`.
 const SECRET_AUTH: &str = "dXNlcjpub3QtZm9yLWxvZ3M=";
 
-/// A missing prerequisite fails under CI=true and skips loudly otherwise.
-fn require(paths: &[&str]) -> bool {
-    for p in paths {
-        if !Path::new(p).exists() {
-            let msg = format!(
-                "prerequisite {p} missing (apt-get install -y containerd runc docker-registry busybox-static stargz-snapshotter fuse3)"
-            );
-            assert!(!ci(), "{msg}");
-            eprintln!("\n!!!!!!!! SKIPPING TEST: {msg} !!!!!!!!\n");
-            return false;
-        }
-    }
-    true
-}
-
 fn prerequisites() -> bool {
-    require(&[
-        "/usr/bin/containerd",
-        "/usr/bin/ctr",
-        "/usr/bin/ctr-remote",
-        "/usr/sbin/runc",
-        "/usr/bin/containerd-shim-runc-v2",
-        "/bin/busybox",
-        "/usr/bin/docker-registry",
-        "/dev/fuse",
-    ])
-}
-
-fn mounts_under(dir: &Path) -> Vec<(String, String)> {
-    let prefix = dir.to_string_lossy().into_owned();
-    std::fs::read_to_string("/proc/self/mountinfo")
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| {
-            let point = l.split(' ').nth(4)?.to_string();
-            // The filesystem type follows the " - " separator.
-            let fstype = l.split(" - ").nth(1)?.split(' ').next()?.to_string();
-            Some((point, fstype))
-        })
-        .filter(|(m, _)| m.starts_with(&prefix))
-        .collect()
-}
-
-/// Sends `sig` and waits for the process to exit (killing it after 10 s).
-fn stop(c: &mut Child, sig: i32) {
-    // SAFETY: kill(2) on a child we spawned and have not reaped yet.
-    unsafe { libc::kill(c.id() as i32, sig) };
-    let deadline = Instant::now() + Duration::from_secs(10);
-    while Instant::now() < deadline {
-        if let Ok(Some(_)) = c.try_wait() {
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(50));
-    }
-    let _ = c.kill();
-    let _ = c.wait();
+    require(
+        &[
+            "/usr/bin/containerd",
+            "/usr/bin/ctr",
+            "/usr/bin/ctr-remote",
+            "/usr/sbin/runc",
+            "/usr/bin/containerd-shim-runc-v2",
+            "/bin/busybox",
+            "/usr/bin/docker-registry",
+            "/dev/fuse",
+        ],
+        "containerd runc docker-registry busybox-static stargz-snapshotter fuse3",
+    )
 }
 
 /// containerd plus our daemon in a scratch directory; everything is stopped and
@@ -97,22 +55,17 @@ impl Drop for Env {
             }
         }
         if let Some(mut c) = self.containerd.take() {
-            stop(&mut c, libc::SIGTERM);
+            stop(&mut c, libc::SIGTERM, Duration::from_secs(10));
         }
         if let Some(mut c) = self.daemon.take() {
-            stop(&mut c, libc::SIGINT);
+            stop(&mut c, libc::SIGINT, Duration::from_secs(10));
         }
         // A FUSE manager the daemon did not stop (killed daemon, failed test).
         if let Some(pid) = self.manager_pid() {
             // SAFETY: kill(2) on the manager this test's daemon started (checked by cmdline).
             unsafe { libc::kill(pid, libc::SIGKILL) };
         }
-        for (m, _) in mounts_under(&self.dir).into_iter().rev() {
-            if let Ok(c) = std::ffi::CString::new(m) {
-                // SAFETY: a valid C string; detaching a mount we made under our own dir.
-                unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-            }
-        }
+        detach_mounts(&self.dir);
     }
 }
 
@@ -196,7 +149,7 @@ impl Env {
     /// Stops the daemon with `sig` (SIGTERM leaves the FUSE mounts, SIGINT unmounts them).
     fn stop_daemon(&mut self, sig: i32) {
         if let Some(mut c) = self.daemon.take() {
-            stop(&mut c, sig);
+            stop(&mut c, sig, Duration::from_secs(10));
         }
     }
 
@@ -374,11 +327,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     }
 
     fn fuse_mounts(&self) -> Vec<String> {
-        mounts_under(&self.snap_root)
-            .into_iter()
-            .filter(|(_, t)| t.starts_with("fuse"))
-            .map(|(m, _)| m)
-            .collect()
+        fuse_mounts(&self.snap_root)
     }
 
     fn logs(&self) -> String {
@@ -851,7 +800,9 @@ async fn running_container_survives_daemon_restarts() {
     let img = push(&reg, "survive/img", &[l1, l2]).await;
     let sums = junk_sums();
 
-    let mut env = Env::start("");
+    // The junk files are read in storage order (busybox, f0, f1, ...) and each read must
+    // be the one that fetches its file, so sequential read-ahead stays off here.
+    let mut env = Env::start("sequential_readahead_kib = 0\n");
     env.checked(|env| {
         env.rpull(&img);
         check_remote_snapshots(env);
