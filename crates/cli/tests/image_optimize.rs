@@ -310,14 +310,7 @@ fn default_workload_prioritizes_accessed_files_per_layer() {
     };
     let rt = rt();
     let host = reg.host();
-    let img = image(&layer_tars(&busybox));
-    let src = format!("{host}/src/app:v1");
-    push(
-        &rt,
-        &Client::anonymous(),
-        &Reference::parse(&src).expect("ref"),
-        &img,
-    );
+    let (src, img) = registry_image(&rt, &host, &busybox);
     let scratch = tempfile::tempdir().expect("tempdir");
     let rec = scratch.path().join("record.json");
     let dst = format!("{host}/dst/app:opt");
@@ -401,14 +394,7 @@ fn args_env_and_bind_mount_change_what_is_read() {
     };
     let rt = rt();
     let host = reg.host();
-    let img = image(&layer_tars(&busybox));
-    let src = format!("{host}/src/app:v1");
-    push(
-        &rt,
-        &Client::anonymous(),
-        &Reference::parse(&src).expect("ref"),
-        &img,
-    );
+    let (src, _) = registry_image(&rt, &host, &busybox);
     let scratch = tempfile::tempdir().expect("tempdir");
     let shared = scratch.path().join("shared");
     std::fs::create_dir(&shared).expect("mkdir");
@@ -465,11 +451,8 @@ fn layout_to_layout_no_optimize_failures_and_period() {
     let Some((_reg, busybox)) = prerequisites() else {
         return;
     };
-    let img = image(&layer_tars(&busybox));
     let scratch = tempfile::tempdir().expect("tempdir");
-    let src_dir = scratch.path().join("src");
-    write_layout(&src_dir, "v1", &img);
-    let src = format!("oci:{}:v1", src_dir.display());
+    let src = layout_image(&busybox, scratch.path());
     let wd = scratch.path().join("work");
     std::fs::create_dir(&wd).expect("mkdir");
 
@@ -566,6 +549,19 @@ fn random() -> u64 {
     let mut h = std::collections::hash_map::RandomState::new().build_hasher();
     h.write_u32(std::process::id());
     h.finish()
+}
+
+/// The four-layer test image pushed to `host` as `HOST/src/app:v1`: its name and image.
+fn registry_image(rt: &tokio::runtime::Runtime, host: &str, busybox: &[u8]) -> (String, TestImage) {
+    let src = format!("{host}/src/app:v1");
+    let img = image(&layer_tars(busybox));
+    push(
+        rt,
+        &Client::anonymous(),
+        &Reference::parse(&src).expect("ref"),
+        &img,
+    );
+    (src, img)
 }
 
 /// The four-layer test image in an OCI layout under `dir`, as `oci:DIR:v1`.
