@@ -13,6 +13,7 @@
 #   OURS=path/to/ctr-remote SRC_TREE=usr/lib/go-1.19 bench/image.sh   (skip the build; other tree)
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/registry.sh
 [[ $(id -u) == 0 ]] || { echo "run as root" >&2; exit 1; }
 target_dir=${CARGO_TARGET_DIR:-target}
 if [[ -z ${OURS:-} ]]; then
@@ -81,20 +82,7 @@ PY
 
 # A local registry and a private containerd.
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-mkdir -p "$work/reg"
-cat > "$work/reg/config.yml" <<YML
-version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $work/reg/storage
-http:
-  addr: 127.0.0.1:$port
-YML
-docker-registry serve "$work/reg/config.yml" > "$work/reg/log" 2>&1 & pids+=($!)
+start_registry "$work/reg" "127.0.0.1:$port"; pids+=("$REGISTRY_PID")
 reg=127.0.0.1:$port
 mkdir -p "$work/ctd"
 cat > "$work/ctd/config.toml" <<TOML

@@ -13,6 +13,7 @@
 #    A missing prerequisite fails under CI=true and skips part 2 loudly otherwise.
 set -euo pipefail
 cd "$(dirname "$0")/.."
+. scripts/registry.sh
 bash scripts/deps.sh
 cargo build --release -p cli -p stargzd
 tgt=${CARGO_TARGET_DIR:-target}
@@ -23,8 +24,8 @@ pids=()
 teardown() {
   local rc=$?
   if ((rc != 0)); then
-    for l in stargz containerd registry; do
-      [[ -f $work/$l.log ]] && { echo "--- $l.log (tail)" >&2; tail -n 30 "$work/$l.log" >&2; }
+    for l in stargz.log containerd.log registry/log; do
+      [[ -f $work/$l ]] && { echo "--- $l (tail)" >&2; tail -n 30 "$work/$l" >&2; }
     done
   fi
   # containerd first so it stops its shims while the snapshotter still answers;
@@ -103,22 +104,8 @@ echo
 echo "== part 2: lazy pull through containerd (scratch dir $work)"
 port=$(free_port)
 reg=127.0.0.1:$port
-mkdir -p "$work/registry"
-cat > "$work/registry.yml" <<YML
-version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $work/registry
-http:
-  addr: $reg
-  secret: demo-secret
-YML
-docker-registry serve "$work/registry.yml" > "$work/registry.log" 2>&1 &
-pids+=("TERM:$!")
+start_registry "$work/registry" "$reg" "" demo-secret
+pids+=("TERM:$REGISTRY_PID")
 wait_for "$port" docker-registry
 
 # No prefetch or background fetch, so what is fetched is what the container read.

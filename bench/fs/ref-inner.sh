@@ -6,6 +6,7 @@
 set -euo pipefail
 WORK=$1 BENCH=$2 REFD=$3 NS=$4 ADDR=$5 READERS=${6:-8}
 D=$WORK/ref
+. "$(dirname "$0")/../../scripts/registry.sh"
 HOST=$ADDR:5000
 rm -rf "$D" && mkdir -p "$D/reg" "$D/containerd" "$D/state" "$D/ref"
 pids=()
@@ -18,20 +19,8 @@ cleanup() {
 }
 trap cleanup EXIT
 
-cat >"$D/reg/config.yml" <<CFG
-version: 0.1
-log:
-  level: error
-  accesslog:
-    disabled: true
-storage:
-  filesystem:
-    rootdirectory: $D/reg/storage
-http:
-  addr: $HOST
-CFG
-ip netns exec "$NS" docker-registry serve "$D/reg/config.yml" 2>/dev/null &
-pids+=($!)
+start_registry "$D/reg" "$HOST" "$NS"
+pids+=("$REGISTRY_PID")
 for _ in $(seq 100); do (exec 3<>"/dev/tcp/$ADDR/5000") 2>/dev/null && break; sleep 0.1; done
 "$BENCH" push-image "$WORK" "$HOST" layer
 "$BENCH" push-image "$WORK" "$HOST" small
