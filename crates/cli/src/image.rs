@@ -43,6 +43,63 @@ pub struct RegistryArgs {
     pub user: Option<String>,
 }
 
+/// How converted layers are written, shared by `convert` and `optimize`.
+#[derive(Debug, Args, Clone)]
+pub struct FormatArgs {
+    /// Write OCI media types instead of Docker ones.
+    #[arg(long)]
+    pub oci: bool,
+    /// Compression level (gzip 0-9, default 9; with --zstdchunked a zstd level, default 3).
+    #[arg(long)]
+    pub estargz_compression_level: Option<i32>,
+    /// Largest chunk of a regular file in bytes (0: the default, 4 MiB).
+    #[arg(long, default_value_t = 0)]
+    pub estargz_chunk_size: u64,
+    /// Small files share a compressed member until it holds this many bytes (0: off).
+    #[arg(long, default_value_t = 0)]
+    pub estargz_min_chunk_size: u64,
+}
+
+impl FormatArgs {
+    /// The layer options these flags give for `target` (everything else at its default).
+    pub(crate) fn layer_options(&self, target: Target) -> Result<LayerOptions> {
+        let gzip_level = match self.estargz_compression_level {
+            Some(l) if target == Target::Estargz => {
+                u32::try_from(l).ok().filter(|l| *l <= 9).with_context(|| {
+                    format!("--estargz-compression-level {l} is not a gzip level (0-9)")
+                })?
+            }
+            _ => 9,
+        };
+        let zstd_level = match self.estargz_compression_level {
+            Some(l) if target == Target::ZstdChunked => l,
+            _ => 3,
+        };
+        Ok(LayerOptions {
+            target,
+            gzip_level,
+            zstd_level,
+            chunk_size: if self.estargz_chunk_size == 0 {
+                estargz::DEFAULT_CHUNK_SIZE
+            } else {
+                self.estargz_chunk_size
+            },
+            min_chunk_size: self.estargz_min_chunk_size,
+            prioritized_files: Vec::new(),
+            reuse: false,
+            threads: 0,
+        })
+    }
+}
+
+/// `--platform` values parsed.
+pub(crate) fn parse_platforms(values: &[String]) -> Result<Vec<Platform>> {
+    values
+        .iter()
+        .map(|p| Platform::parse(p).with_context(|| format!("--platform {p}")))
+        .collect()
+}
+
 #[derive(Debug, Args)]
 pub struct ConvertArgs {
     /// Source: a registry reference or oci:DIR[:TAG].
@@ -58,18 +115,8 @@ pub struct ConvertArgs {
     /// Convert compressed layers to uncompressed tars.
     #[arg(long)]
     pub uncompress: bool,
-    /// Write OCI media types instead of Docker ones.
-    #[arg(long)]
-    pub oci: bool,
-    /// Compression level (gzip 0-9; with --zstdchunked a zstd level, default 3).
-    #[arg(long)]
-    pub estargz_compression_level: Option<i32>,
-    /// Largest chunk of a regular file in bytes (0: the default, 4 MiB).
-    #[arg(long, default_value_t = 0)]
-    pub estargz_chunk_size: u64,
-    /// Small files share a compressed member until it holds this many bytes (0: off).
-    #[arg(long, default_value_t = 0)]
-    pub estargz_min_chunk_size: u64,
+    #[command(flatten)]
+    pub format: FormatArgs,
     /// Paths to prioritize: JSON lines {"path": ...} as `optimize --record-out`
     /// writes, or one path per line.
     #[arg(long, value_name = "FILE")]
@@ -185,33 +232,18 @@ async fn convert_cmd(a: ConvertArgs) -> Result<()> {
         (false, false, true) => Target::Uncompressed,
         (false, false, false) => Target::Keep,
     };
-    if target == Target::Keep && !a.oci {
+    if target == Target::Keep && !a.format.oci {
         bail!("no conversion asked for: use --estargz, --zstdchunked, --uncompress or --oci");
     }
-    if a.zstdchunked && !a.oci {
+    if a.zstdchunked && !a.format.oci {
         tracing::warn!("--zstdchunked writes OCI media types (zstd layers have no Docker type)");
     }
-    let gzip_level = match a.estargz_compression_level {
-        Some(l) if target == Target::Estargz => {
-            u32::try_from(l).ok().filter(|l| *l <= 9).with_context(|| {
-                format!("--estargz-compression-level {l} is not a gzip level (0-9)")
-            })?
-        }
-        _ => 9,
-    };
-    let zstd_level = match a.estargz_compression_level {
-        Some(l) if target == Target::ZstdChunked => l,
-        _ => 3,
-    };
-    let prioritized_files = match &a.estargz_record_in {
-        Some(p) => crate::blob::read_path_list(p)?,
-        None => Vec::new(),
-    };
-    let platforms = a
-        .platforms
-        .iter()
-        .map(|p| Platform::parse(p).with_context(|| format!("--platform {p}")))
-        .collect::<Result<Vec<_>>>()?;
+    let mut layer = a.format.layer_options(target)?;
+    layer.reuse = a.reuse;
+    if let Some(p) = &a.estargz_record_in {
+        layer.prioritized_files = crate::blob::read_path_list(p)?;
+    }
+    let platforms = parse_platforms(&a.platforms)?;
 
     let src_loc = open(&a.source)?;
     let dst_loc = open(&a.target)?;
@@ -220,21 +252,8 @@ async fn convert_cmd(a: ConvertArgs) -> Result<()> {
     let dst = Store::open(&dst_loc, &client);
 
     let opts = ConvertOptions {
-        layer: LayerOptions {
-            target,
-            gzip_level,
-            zstd_level,
-            chunk_size: if a.estargz_chunk_size == 0 {
-                estargz::DEFAULT_CHUNK_SIZE
-            } else {
-                a.estargz_chunk_size
-            },
-            min_chunk_size: a.estargz_min_chunk_size,
-            prioritized_files,
-            reuse: a.reuse,
-            threads: 0,
-        },
-        oci: a.oci,
+        layer,
+        oci: a.format.oci,
         platforms,
         all_platforms: a.all_platforms,
         jobs: a.jobs.max(1),

@@ -7,10 +7,9 @@ use std::time::Duration;
 use anyhow::{bail, Context, Result};
 use clap::Args;
 use convert::optimize::{CniOptions, MountSpec, OptimizeOptions, StopWhen, Workload};
-use convert::{ConvertOptions, LayerOptions, Store, Target};
-use registry::Platform;
+use convert::{ConvertOptions, Store, Target};
 
-use crate::image::{client_for, open, progress_printer, RegistryArgs};
+use crate::image::{client_for, open, parse_platforms, progress_printer, FormatArgs, RegistryArgs};
 
 #[derive(Debug, Args)]
 pub struct OptimizeArgs {
@@ -40,18 +39,8 @@ pub struct OptimizeArgs {
     /// Write the accessed files as JSON lines to this file.
     #[arg(long, value_name = "FILE")]
     pub record_out: Option<PathBuf>,
-    /// Write OCI media types instead of Docker ones.
-    #[arg(long)]
-    pub oci: bool,
-    /// Compression level (gzip 0-9, default 9; with --zstdchunked a zstd level, default 3).
-    #[arg(long)]
-    pub estargz_compression_level: Option<i32>,
-    /// Largest chunk of a regular file in bytes (0: the default, 4 MiB).
-    #[arg(long, default_value_t = 0)]
-    pub estargz_chunk_size: u64,
-    /// Small files share a compressed member until it holds this many bytes (0: off).
-    #[arg(long, default_value_t = 0)]
-    pub estargz_min_chunk_size: u64,
+    #[command(flatten)]
+    pub format: FormatArgs,
     /// Use zstd:chunked instead of eStargz (needs --oci).
     #[arg(long)]
     pub zstdchunked: bool,
@@ -185,7 +174,7 @@ fn workload(a: &OptimizeArgs) -> Result<Workload> {
 }
 
 pub async fn optimize_cmd(a: OptimizeArgs) -> Result<()> {
-    if a.zstdchunked && !a.oci {
+    if a.zstdchunked && !a.format.oci {
         bail!("--zstdchunked must be used with --oci");
     }
     if a.wait_on_signal && a.wait_on_line.is_some() {
@@ -196,23 +185,9 @@ pub async fn optimize_cmd(a: OptimizeArgs) -> Result<()> {
     } else {
         Target::Estargz
     };
-    let gzip_level = match a.estargz_compression_level {
-        Some(l) if target == Target::Estargz => {
-            u32::try_from(l).ok().filter(|l| *l <= 9).with_context(|| {
-                format!("--estargz-compression-level {l} is not a gzip level (0-9)")
-            })?
-        }
-        _ => 9,
-    };
-    let zstd_level = match a.estargz_compression_level {
-        Some(l) if target == Target::ZstdChunked => l,
-        _ => 3,
-    };
-    let platforms = a
-        .platforms
-        .iter()
-        .map(|p| Platform::parse(p).with_context(|| format!("--platform {p}")))
-        .collect::<Result<Vec<_>>>()?;
+    let mut layer = a.format.layer_options(target)?;
+    layer.reuse = a.reuse;
+    let platforms = parse_platforms(&a.platforms)?;
     let stop = if a.wait_on_signal {
         StopWhen::Signal
     } else if let Some(l) = &a.wait_on_line {
@@ -233,21 +208,8 @@ pub async fn optimize_cmd(a: OptimizeArgs) -> Result<()> {
     let dst = Store::open(&dst_loc, &client);
     let opts = OptimizeOptions {
         convert: ConvertOptions {
-            layer: LayerOptions {
-                target,
-                gzip_level,
-                zstd_level,
-                chunk_size: if a.estargz_chunk_size == 0 {
-                    estargz::DEFAULT_CHUNK_SIZE
-                } else {
-                    a.estargz_chunk_size
-                },
-                min_chunk_size: a.estargz_min_chunk_size,
-                prioritized_files: Vec::new(),
-                reuse: a.reuse,
-                threads: 0,
-            },
-            oci: a.oci,
+            layer,
+            oci: a.format.oci,
             platforms,
             all_platforms: a.all_platforms,
             jobs: a.jobs.max(1),
