@@ -448,11 +448,9 @@ fn args_env_and_bind_mount_change_what_is_read() {
 
 #[test]
 fn layout_to_layout_no_optimize_failures_and_period() {
-    let Some((_reg, busybox)) = prerequisites() else {
+    let Some((scratch, src)) = scratch_with_layout() else {
         return;
     };
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let src = layout_image(&busybox, scratch.path());
     let wd = scratch.path().join("work");
     std::fs::create_dir(&wd).expect("mkdir");
 
@@ -562,6 +560,14 @@ fn registry_image(rt: &tokio::runtime::Runtime, host: &str, busybox: &[u8]) -> (
         &img,
     );
     (src, img)
+}
+
+/// A scratch directory holding the test image as an OCI layout: (scratch, `oci:DIR:v1`).
+fn scratch_with_layout() -> Option<(tempfile::TempDir, String)> {
+    let (_reg, busybox) = prerequisites()?;
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let src = layout_image(&busybox, scratch.path());
+    Some((scratch, src))
 }
 
 /// The four-layer test image in an OCI layout under `dir`, as `oci:DIR:v1`.
@@ -818,11 +824,9 @@ fn cni_bridge_gives_eth0_an_address_and_is_torn_down() {
 
 #[test]
 fn cni_plugin_failures_are_clear_and_clean_up() {
-    let Some((_reg, busybox)) = prerequisites() else {
+    let Some((scratch, src)) = scratch_with_layout() else {
         return;
     };
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let src = layout_image(&busybox, scratch.path());
     let conf_dir = scratch.path().join("net.d");
     let plugin_dir = scratch.path().join("bin");
     std::fs::create_dir(&conf_dir).expect("mkdir");
@@ -844,19 +848,7 @@ fn cni_plugin_failures_are_clear_and_clean_up() {
     std::fs::set_permissions(&bin, std::os::unix::fs::PermissionsExt::from_mode(0o755))
         .expect("chmod");
     let dst = format!("oci:{}:x", scratch.path().join("dst").display());
-    let out = optimize(
-        &[
-            "--cni",
-            "--cni-plugin-conf-dir",
-            conf_dir.to_str().expect("utf8"),
-            "--cni-plugin-dir",
-            plugin_dir.to_str().expect("utf8"),
-        ],
-        &src,
-        &dst,
-    );
-    assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
+    let stderr = optimize_cni_fails(&conf_dir, &plugin_dir, &src, &dst);
     assert!(
         stderr.contains("CNI plugin fail failed on ADD: no addresses left (range exhausted)"),
         "{stderr}"
@@ -867,6 +859,12 @@ fn cni_plugin_failures_are_clear_and_clean_up() {
 
     // A missing plugin is named before anything runs.
     std::fs::remove_file(&bin).expect("rm");
+    let stderr = optimize_cni_fails(&conf_dir, &plugin_dir, &src, &dst);
+    assert!(stderr.contains("CNI plugin \"fail\" not found"), "{stderr}");
+}
+
+/// Runs optimize with `--cni` on these directories, expects it to fail, returns stderr.
+fn optimize_cni_fails(conf_dir: &Path, plugin_dir: &Path, src: &str, dst: &str) -> String {
     let out = optimize(
         &[
             "--cni",
@@ -875,12 +873,11 @@ fn cni_plugin_failures_are_clear_and_clean_up() {
             "--cni-plugin-dir",
             plugin_dir.to_str().expect("utf8"),
         ],
-        &src,
-        &dst,
+        src,
+        dst,
     );
     assert!(!out.status.success());
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(stderr.contains("CNI plugin \"fail\" not found"), "{stderr}");
+    String::from_utf8_lossy(&out.stderr).into_owned()
 }
 
 const FAKE_GPU_SPEC: &str = r#"
@@ -899,11 +896,9 @@ devices:
 
 #[test]
 fn gpus_come_from_cdi_specs() {
-    let Some((_reg, busybox)) = prerequisites() else {
+    let Some((scratch, src)) = scratch_with_layout() else {
         return;
     };
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let src = layout_image(&busybox, scratch.path());
     let cdi = scratch.path().join("cdi");
     std::fs::create_dir(&cdi).expect("mkdir");
     std::fs::write(cdi.join("fake-gpu.yaml"), FAKE_GPU_SPEC).expect("write");
@@ -937,11 +932,9 @@ fn gpus_come_from_cdi_specs() {
 
 #[test]
 fn stdin_reaches_the_workload_only_with_i() {
-    let Some((_reg, busybox)) = prerequisites() else {
+    let Some((scratch, src)) = scratch_with_layout() else {
         return;
     };
-    let scratch = tempfile::tempdir().expect("tempdir");
-    let src = layout_image(&busybox, scratch.path());
     let run = |flags: &[&str], tag: &str| {
         let mut child = ctr_remote()
             .args(["image", "optimize", "--oci"])

@@ -42,6 +42,17 @@ fn open(blob: &Blob, cfg: &Config) -> (Arc<TestFetcher>, Layer) {
     (fetcher, layer)
 }
 
+/// The layer of `blob` at the default configuration, to share between threads.
+fn shared_layer(fetcher: Arc<dyn fs::Fetcher>, blob: &Blob, cache: ChunkCache) -> Arc<Layer> {
+    let layer = Layer::open(
+        fetcher,
+        blob.desc.clone(),
+        &Config::default(),
+        Arc::new(cache),
+    );
+    Arc::new(layer.expect("open"))
+}
+
 /// Background fetch of a layer holds off while reads keep coming, and fills the layer
 /// once they stopped for the quiet period.
 #[test]
@@ -50,17 +61,8 @@ fn background_fetch_waits_until_reads_quiet_down() {
     let e = entries();
     let blob = make_blob(&e, 64 << 10, &[]);
     let fetcher = TestFetcher::open(&blob.path);
-    let cache =
-        Arc::new(ChunkCache::memory(64 << 20).with_background_quiet(Duration::from_millis(1500)));
-    let layer = Arc::new(
-        Layer::open(
-            fetcher.clone(),
-            blob.desc.clone(),
-            &Config::default(),
-            cache,
-        )
-        .expect("open"),
-    );
+    let cache = ChunkCache::memory(64 << 20).with_background_quiet(Duration::from_millis(1500));
+    let layer = shared_layer(fetcher.clone(), &blob, cache);
     let bg = {
         let layer = layer.clone();
         std::thread::spawn(move || layer.background_fetch(2))
@@ -275,16 +277,7 @@ fn front_of_a_window_is_readable_before_the_window_completes() {
         cv: std::sync::Condvar::new(),
         first_half_sent: std::sync::atomic::AtomicBool::new(false),
     });
-    let cache = Arc::new(ChunkCache::memory(64 << 20));
-    let layer = Arc::new(
-        Layer::open(
-            fetcher.clone(),
-            blob.desc.clone(),
-            &Config::default(),
-            cache,
-        )
-        .expect("open"),
-    );
+    let layer = shared_layer(fetcher.clone(), &blob, ChunkCache::memory(64 << 20));
     assert!(layer.index().prefetch_end.is_some());
     let prefetch = {
         let layer = layer.clone();
