@@ -1,27 +1,29 @@
 //! containerd remote snapshotter: the Snapshots gRPC service over an overlayfs
 //! layout, with layers that a [`RemoteFs`] can serve without downloading them.
 //!
-//! * [`service`]: `containerd.services.snapshots.v1.Snapshots` on a unix socket. The API
-//!   is generated from containerd's own `snapshots.proto` (vendored in `proto/`, gogoproto
-//!   options dropped) with `tonic-prost-build` 0.14, which emits the server trait;
-//!   `containerd-client` was not used because it generates only clients, and
-//!   `containerd-snapshots` pins the older tonic 0.9.
-//! * [`store`]: metadata in `redb` (single-file, ACID, crash-safe), keyed by
-//!   (namespace, key).
-//! * [`snapshotter`]: directories `ROOT/snapshots/<id>/{fs,work}` and the mounts
+//! * the gRPC service ([`Service`], [`bind`], [`serve`]): `containerd.services.snapshots.v1.Snapshots`
+//!   on a unix socket. The API is generated from containerd's own `snapshots.proto`
+//!   (vendored in `proto/`, gogoproto options dropped) with `tonic-prost-build` 0.14,
+//!   which emits the server trait; `containerd-client` was not used because it generates
+//!   only clients, and `containerd-snapshots` pins the older tonic 0.9.
+//! * metadata in `redb` (single-file, ACID, crash-safe), keyed by (namespace, key).
+//! * [`Snapshotter`]: directories `ROOT/snapshots/<id>/{fs,work}` and the mounts
 //!   containerd's overlayfs snapshotter would return for them.
-//! * [`remote`]: the [`RemoteFs`] hook and the labels describing remote layers.
-//! * [`filter`]: containerd's filter syntax for List.
+//! * [`RemoteFs`]: the hook remote layers are mounted through. A Prepare's labels are
+//!   parsed once into a [`remote_layer::RemoteLayer`]; a failed mount's
+//!   [`remote_layer::MountError`] decides and names the fallback to an ordinary pull.
+//! * containerd's filter syntax for List.
 //!
 //! Crates used: `tonic`/`prost` (gRPC), `redb` (metadata), `tokio`, `futures`,
-//! `regex` (`~=` filters), `serde_json` (record encoding), `thiserror`, `tracing`, `libc`.
+//! `regex` (`~=` filters), `serde_json` (record encoding), `thiserror`, `tracing`, `libc`,
+//! and the workspace's `remote-layer`.
 
-pub mod error;
-pub mod filter;
-pub mod remote;
-pub mod service;
-pub mod snapshotter;
-pub mod store;
+mod error;
+mod filter;
+mod remote;
+mod service;
+mod snapshotter;
+mod store;
 
 /// Generated containerd API types, nested as their proto packages.
 #[allow(clippy::all, missing_docs)]
@@ -45,7 +47,7 @@ pub mod proto {
 }
 
 pub use error::{Error, Result};
-pub use remote::{LayerInfo, NoRemote, RemoteFs};
-pub use service::{bind, serve, Service};
+pub use remote::{NoRemote, RemoteFs};
+pub use service::{bind, serve, Service, NAMESPACE_HEADER};
 pub use snapshotter::{Info, Mount, Options, Snapshotter};
 pub use store::{Kind, Usage};

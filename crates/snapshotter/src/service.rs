@@ -1,6 +1,5 @@
 //! The `containerd.services.snapshots.v1.Snapshots` gRPC service and serving it on a unix socket.
 
-use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 use std::pin::Pin;
@@ -312,11 +311,4 @@ pub async fn serve<R: RemoteFs>(
         .serve_with_incoming_shutdown(incoming, shutdown)
         .await
         .map_err(|e| Error::Internal(format!("gRPC server: {e}")))
-}
-
-/// Labels helper for callers building requests.
-pub fn labels<const N: usize>(kv: [(&str, &str); N]) -> HashMap<String, String> {
-    kv.iter()
-        .map(|(k, v)| (k.to_string(), v.to_string()))
-        .collect()
 }

@@ -8,10 +8,11 @@ use std::sync::{Arc, RwLock};
 use std::time::SystemTime;
 
 use futures::stream::{self, StreamExt};
+use remote_layer::{label, Fallback, MountError, RemoteLayer};
 
 use crate::error::{Error, Result};
 use crate::filter::{Fields, Filter};
-use crate::remote::{LayerInfo, RemoteFs, LABEL_REMOTE, LABEL_TARGET};
+use crate::remote::RemoteFs;
 use crate::store::{Kind, Record, Store, Usage};
 
 /// A mount containerd performs to get a snapshot's root filesystem.
@@ -209,14 +210,18 @@ impl<R: RemoteFs> Snapshotter<R> {
         let rec = self
             .create(ns, key, parent, labels.clone(), Kind::Active)
             .await?;
-        if let (Some(target), Some(layer)) =
-            (labels.get(LABEL_TARGET), LayerInfo::from_labels(&labels))
-        {
-            if let Some(err) = self
-                .try_remote(ns, key, target, &layer, &rec, labels.clone())
-                .await
-            {
-                return Err(err);
+        // The labels are parsed here, once; the remote filesystem gets the result.
+        if let Some(target) = labels.get(label::TARGET_SNAPSHOT_REF) {
+            match RemoteLayer::from_labels(&labels) {
+                Ok(layer) => {
+                    if let Some(err) = self
+                        .try_remote(ns, key, target, &layer, &rec, labels.clone())
+                        .await
+                    {
+                        return Err(err);
+                    }
+                }
+                Err(e) => tracing::debug!(key, reason = %e, "not a remote layer"),
             }
         }
         self.mounts_of(ns, &rec).await
@@ -229,17 +234,25 @@ impl<R: RemoteFs> Snapshotter<R> {
         ns: &str,
         key: &str,
         target: &str,
-        layer: &LayerInfo,
+        layer: &RemoteLayer,
         rec: &Record,
         mut labels: HashMap<String, String>,
     ) -> Option<Error> {
         let fs = self.fs_dir(rec.id);
-        if let Err(e) = self.remote.mount(&fs, &labels).await {
-            tracing::info!(key, layer = %layer.digest, image = %layer.image_ref, error = %e,
-                "remote mount failed; falling back to a normal snapshot");
+        if let Err(e) = self.remote.mount(&fs, layer).await {
+            // Either way containerd downloads this layer; the kind says whether a
+            // later Prepare of it may mount it remotely after all.
+            match e.fallback() {
+                Fallback::Pull => tracing::info!(key, layer = %layer.digest,
+                    image = %layer.image_ref, kind = e.kind(), error = %e,
+                    "remote mount failed; falling back to an ordinary pull"),
+                Fallback::Retry => tracing::info!(key, layer = %layer.digest,
+                    image = %layer.image_ref, kind = e.kind(), error = %e,
+                    "remote mount failed for a passing reason; falling back to an ordinary pull"),
+            }
             return None;
         }
-        labels.insert(LABEL_REMOTE.to_string(), "remote snapshot".to_string());
+        labels.insert(label::REMOTE.to_string(), "remote snapshot".to_string());
         let store = self.store.clone();
         let (ns2, key2, target2) = (ns.to_string(), key.to_string(), target.to_string());
         let res =
@@ -344,7 +357,7 @@ impl<R: RemoteFs> Snapshotter<R> {
         let (ns2, parent) = (ns.to_string(), rec.parent.clone());
         let ancestors = blocking(move || store.ancestors(&ns2, &parent)).await?;
         for (name, a) in &ancestors {
-            if a.labels.contains_key(LABEL_REMOTE) {
+            if a.labels.contains_key(label::REMOTE) {
                 self.ensure_remote(name, a).await?;
             }
         }
@@ -357,19 +370,28 @@ impl<R: RemoteFs> Snapshotter<R> {
     /// Checks a remote layer and remounts it when its server is gone.
     async fn ensure_remote(&self, name: &str, rec: &Record) -> Result<()> {
         let fs = self.fs_dir(rec.id);
-        let Err(e) = self.remote.check(&fs, &rec.labels).await else {
+        let Err(e) = self.remote.check(&fs).await else {
             return Ok(());
         };
-        tracing::warn!(snapshot = name, error = %e, "remote layer unhealthy; remounting");
+        tracing::warn!(snapshot = name, kind = e.kind(), error = %e, "remote layer unhealthy; remounting");
         if let Err(e) = self.remote.unmount(&fs).await {
             tracing::debug!(error = %e, "unmount before remount");
         }
         detach(&fs);
-        self.remote.mount(&fs, &rec.labels).await.map_err(|e| {
+        self.remount(&fs, rec).await.map_err(|e| {
             Error::Unavailable(format!(
-                "remote layer of snapshot {name:?} is unavailable: {e}"
+                "remote layer of snapshot {name:?} is unavailable ({}, {}): {e}",
+                e.kind(),
+                e.fallback().as_str()
             ))
         })
+    }
+
+    /// Mounts a committed remote snapshot's layer again, from its stored labels.
+    async fn remount(&self, fs: &Path, rec: &Record) -> Result<(), MountError> {
+        let layer = RemoteLayer::from_labels(&rec.labels)
+            .map_err(|e| MountError::InvalidLabels(e.to_string()))?;
+        self.remote.mount(fs, &layer).await
     }
 
     /// containerd's overlay snapshotter layout: bind for no parents (and read-only
@@ -442,7 +464,7 @@ impl<R: RemoteFs> Snapshotter<R> {
         let (ns2, key2) = (ns.to_string(), key.to_string());
         let rec = blocking(move || store.removable(&ns2, &key2)).await?;
         let fs = self.fs_dir(rec.id);
-        if rec.labels.contains_key(LABEL_REMOTE) {
+        if rec.labels.contains_key(label::REMOTE) {
             self.remote
                 .unmount(&fs)
                 .await
@@ -576,7 +598,7 @@ impl<R: RemoteFs> Snapshotter<R> {
         let all = blocking(move || store.all()).await?;
         Ok(all
             .into_iter()
-            .filter(|(_, _, r)| r.labels.contains_key(LABEL_REMOTE))
+            .filter(|(_, _, r)| r.labels.contains_key(label::REMOTE))
             .collect())
     }
 
@@ -608,16 +630,17 @@ impl<R: RemoteFs> Snapshotter<R> {
         let ok = stream::iter(recs)
             .map(|(ns, key, rec)| async move {
                 let fs = self.fs_dir(rec.id);
-                if self.remote.check(&fs, &rec.labels).await.is_ok() {
+                if self.remote.check(&fs).await.is_ok() {
                     tracing::debug!(namespace = %ns, snapshot = %key, "remote snapshot still served");
                     return true;
                 }
                 // Whatever is there was served by a process that is gone.
                 detach(&fs);
-                match self.remote.mount(&fs, &rec.labels).await {
+                match self.remount(&fs, &rec).await {
                     Ok(()) => true,
                     Err(e) => {
-                        tracing::warn!(namespace = %ns, snapshot = %key, error = %e, "restoring remote snapshot failed");
+                        tracing::warn!(namespace = %ns, snapshot = %key, kind = e.kind(),
+                            error = %e, "restoring remote snapshot failed");
                         false
                     }
                 }

@@ -6,10 +6,12 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 use hyper_util::rt::TokioIo;
-use snapshotter::proto::snapshots as pb;
-use snapshotter::remote::{
-    LABEL_CRI_IMAGE_REF, LABEL_CRI_LAYER_DIGEST, LABEL_REMOTE, LABEL_TARGET,
+use remote_layer::label::{
+    CRI_IMAGE_REF as LABEL_CRI_IMAGE_REF, CRI_LAYER_DIGEST as LABEL_CRI_LAYER_DIGEST,
+    REMOTE as LABEL_REMOTE, TARGET_SNAPSHOT_REF as LABEL_TARGET,
 };
+use remote_layer::{MountError, RemoteLayer};
+use snapshotter::proto::snapshots as pb;
 use snapshotter::{Options, RemoteFs, Snapshotter};
 use tonic::transport::{Channel, Endpoint, Uri};
 use tonic::Code;
@@ -26,31 +28,39 @@ struct FakeRemote {
     unmounted: std::sync::Mutex<Vec<PathBuf>>,
 }
 
+/// Labels from key/value pairs.
+fn labels<const N: usize>(kv: [(&str, &str); N]) -> HashMap<String, String> {
+    kv.iter()
+        .map(|(k, v)| (k.to_string(), v.to_string()))
+        .collect()
+}
+
 impl RemoteFs for FakeRemote {
-    async fn mount(&self, mp: &Path, labels: &HashMap<String, String>) -> Result<(), String> {
-        if labels.get(LABEL_CRI_LAYER_DIGEST).map(String::as_str) == Some("sha256:bad") {
-            return Err("unreachable layer".into());
+    async fn mount(&self, mp: &Path, layer: &RemoteLayer) -> Result<(), MountError> {
+        if layer.digest == "sha256:bad" {
+            return Err(MountError::RegistryUnreachable("unreachable layer".into()));
         }
-        std::fs::write(mp.join("remote-file"), b"x").map_err(|e| e.to_string())?;
+        std::fs::write(mp.join("remote-file"), b"x")
+            .map_err(|e| MountError::Other(e.to_string()))?;
         self.mounts.fetch_add(1, Ordering::SeqCst);
         self.healthy.store(true, Ordering::SeqCst);
         Ok(())
     }
-    async fn check(&self, _: &Path, _: &HashMap<String, String>) -> Result<(), String> {
+    async fn check(&self, _: &Path) -> Result<(), MountError> {
         if self.healthy.load(Ordering::SeqCst) {
             Ok(())
         } else {
-            Err("gone".into())
+            Err(MountError::NotMounted("gone".into()))
         }
     }
-    async fn unmount(&self, mp: &Path) -> Result<(), String> {
+    async fn unmount(&self, mp: &Path) -> Result<(), MountError> {
         if std::fs::remove_file(mp.join("remote-file")).is_ok() {
             self.healthy.store(false, Ordering::SeqCst);
         }
         self.unmounted.lock().unwrap().push(mp.to_path_buf());
         Ok(())
     }
-    async fn mounted(&self) -> Result<Vec<PathBuf>, String> {
+    async fn mounted(&self) -> Result<Vec<PathBuf>, MountError> {
         Ok(self.extra_mounts.lock().unwrap().clone())
     }
 }
@@ -380,10 +390,7 @@ async fn lifecycle_and_errors() {
         .into_inner()
         .info
         .unwrap();
-    assert_eq!(
-        i.labels,
-        snapshotter::service::labels([("b", "2"), ("c", "3")])
-    );
+    assert_eq!(i.labels, labels([("b", "2"), ("c", "3")]));
     assert_eq!(
         c.update(req(ns, upd(&[], &["parent"])))
             .await
@@ -453,7 +460,7 @@ async fn remote_layers() {
     let mut c = h.client.clone();
     let ns = "k8s.io";
     let layer = |digest: &str, target: &str| {
-        snapshotter::service::labels([
+        labels([
             (LABEL_TARGET, target),
             (LABEL_CRI_IMAGE_REF, "127.0.0.1:5000/img:1"),
             (LABEL_CRI_LAYER_DIGEST, digest),
@@ -516,7 +523,7 @@ async fn restore_after_restart() {
     let fake = Arc::new(FakeRemote::default());
     {
         let sn = Snapshotter::open(Options::new(&root), fake.clone()).unwrap();
-        let l = snapshotter::service::labels([
+        let l = labels([
             (LABEL_TARGET, "t"),
             (LABEL_CRI_IMAGE_REF, "r"),
             (LABEL_CRI_LAYER_DIGEST, "sha256:x"),

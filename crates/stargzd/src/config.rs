@@ -1,8 +1,11 @@
-//! The daemon's TOML configuration: the reference's key names, unknown keys warned about.
+//! The daemon's TOML configuration (shared by the FUSE manager): the reference's key
+//! names, unknown keys warned about, and the digest that tells one version of the file
+//! from another.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 
 use anyhow::{Context, Result};
+use serde::Deserialize;
 
 /// Top-level keys the reference daemon understands (fs, resolver, keychain sections).
 const KNOWN: &[&str] = &[
@@ -35,7 +38,7 @@ const KNOWN: &[&str] = &[
 ];
 
 /// The metrics keys, read on their own so type errors carry their position.
-#[derive(serde::Deserialize)]
+#[derive(Deserialize)]
 struct MetricsKeys {
     metrics_address: Option<String>,
     #[serde(default)]
@@ -50,7 +53,7 @@ pub struct DaemonConfig {
     /// Not a reference key: serve every layer by download (no FUSE).
     pub disable_remote_snapshots: bool,
     /// `[fuse_manager]`: where layer mounts live.
-    pub fuse_manager: crate::fuse_manager::FuseManagerConfig,
+    pub fuse_manager: FuseManagerConfig,
     /// `host:port` for the Prometheus endpoint (`GET /metrics`).
     pub metrics_address: Option<String>,
     /// Turns the Prometheus endpoint off even with `metrics_address` set.
@@ -98,16 +101,97 @@ impl DaemonConfig {
             fs,
             registry,
             disable_remote_snapshots,
-            fuse_manager: crate::fuse_manager::FuseManagerConfig::parse(text)?,
+            fuse_manager: FuseManagerConfig::parse(text)?,
             metrics_address: metrics.metrics_address.filter(|a| !a.is_empty()),
             no_prometheus: metrics.no_prometheus,
         })
     }
 }
 
+/// `[fuse_manager]`: the reference's keys. Enabled by default here.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct FuseManagerConfig {
+    pub enable: bool,
+    /// Socket; default `fuse-manager.sock` next to the daemon's socket.
+    pub address: Option<PathBuf>,
+    /// Executable; default `stargz-fuse-manager` next to the daemon, else on `PATH`.
+    pub path: Option<PathBuf>,
+}
+
+impl Default for FuseManagerConfig {
+    fn default() -> Self {
+        FuseManagerConfig {
+            enable: true,
+            address: None,
+            path: None,
+        }
+    }
+}
+
+#[derive(Deserialize)]
+struct RawSection {
+    enable: Option<bool>,
+    address: Option<PathBuf>,
+    path: Option<PathBuf>,
+    #[serde(flatten)]
+    other: toml::Table,
+}
+
+#[derive(Deserialize)]
+struct RawTop {
+    fuse_manager: Option<RawSection>,
+}
+
+impl FuseManagerConfig {
+    /// The `[fuse_manager]` section of the config text; errors carry positions.
+    pub fn parse(text: &str) -> Result<FuseManagerConfig> {
+        let top: RawTop = toml::from_str(text)?;
+        let Some(raw) = top.fuse_manager else {
+            return Ok(FuseManagerConfig::default());
+        };
+        for k in raw.other.keys() {
+            tracing::warn!(key = %format!("fuse_manager.{k}"), "unknown config key ignored");
+        }
+        let empty = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
+        Ok(FuseManagerConfig {
+            enable: raw.enable.unwrap_or(true),
+            address: empty(raw.address),
+            path: empty(raw.path),
+        })
+    }
+}
+
+/// Digest of the config file's text (a missing file counts as empty), so the daemon
+/// can tell when a running manager serves with another configuration.
+pub fn config_digest(path: &Path) -> String {
+    use sha2::Digest;
+    let text = std::fs::read(path).unwrap_or_default();
+    format!("{:x}", sha2::Sha256::digest(&text))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn fuse_manager_section_keys() {
+        assert_eq!(
+            FuseManagerConfig::parse("noprefetch = true\n").unwrap(),
+            FuseManagerConfig::default()
+        );
+        let c = FuseManagerConfig::parse(
+            "[fuse_manager]\nenable = false\naddress = \"/run/x.sock\"\npath = \"\"\n",
+        )
+        .unwrap();
+        assert!(!c.enable);
+        assert_eq!(c.address.as_deref(), Some(Path::new("/run/x.sock")));
+        assert_eq!(c.path, None);
+        let e = format!(
+            "{:#}",
+            FuseManagerConfig::parse("[fuse_manager]\nenable = 1\n").unwrap_err()
+        );
+        assert!(e.contains("enable") && e.contains("line 2"), "{e}");
+    }
 
     #[test]
     fn reference_keys_and_errors() {

@@ -11,6 +11,8 @@ use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
 use prometheus_client::registry::Registry;
 
+use crate::manager::client::ManagerClient;
+
 /// The handles the daemon's libraries record into.
 #[derive(Clone, Default)]
 pub struct DaemonMetrics {
@@ -23,7 +25,7 @@ pub struct DaemonMetrics {
 #[derive(Clone)]
 pub enum Source {
     Local(DaemonMetrics),
-    Manager(Arc<crate::fuse_manager::ManagerClient>),
+    Manager(Arc<ManagerClient>),
 }
 
 impl Source {

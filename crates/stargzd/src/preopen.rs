@@ -11,12 +11,13 @@ use std::time::{Duration, Instant};
 
 use futures::future::{BoxFuture, FutureExt, Shared};
 use registry::{Digest, Reference};
-use snapshotter::remote::LABEL_TOC_DIGEST;
-use snapshotter::LayerInfo;
+use remote_layer::{annotation, MountError, RemoteLayer};
 use tracing::{debug, info, warn};
 
-type Opening = Shared<BoxFuture<'static, Result<Arc<fs::Layer>, String>>>;
-type Resolving = Shared<BoxFuture<'static, Result<Arc<Vec<registry::Descriptor>>, String>>>;
+use crate::classify;
+
+type Opening = Shared<BoxFuture<'static, Result<Arc<fs::Layer>, MountError>>>;
+type Resolving = Shared<BoxFuture<'static, Result<Arc<Vec<registry::Descriptor>>, MountError>>>;
 
 /// How long a layer opened ahead waits for its Prepare before it is dropped.
 const UNCLAIMED_TTL: Duration = Duration::from_secs(300);
@@ -52,10 +53,12 @@ impl LayerPool {
 
     /// The layer `info` describes, opened and checked against the TOC digest of its
     /// labels. Starts opening the image's other eStargz layers on the way.
-    pub async fn open(&self, info: &LayerInfo) -> Result<Arc<fs::Layer>, String> {
+    pub async fn open(&self, info: &RemoteLayer) -> Result<Arc<fs::Layer>, MountError> {
         self.expire();
-        let reference = Reference::parse(&info.image_ref).map_err(|e| e.to_string())?;
-        let digest = Digest::parse(&info.digest).map_err(|e| e.to_string())?;
+        let reference = Reference::parse(&info.image_ref)
+            .map_err(|e| MountError::InvalidLabels(e.to_string()))?;
+        let digest =
+            Digest::parse(&info.digest).map_err(|e| MountError::InvalidLabels(e.to_string()))?;
         let mut size = None;
         match self.manifest(&info.image_ref, &reference).await {
             Ok(layers) => {
@@ -69,7 +72,7 @@ impl LayerPool {
                     let toc = d
                         .annotations
                         .as_ref()
-                        .and_then(|a| a.get(LABEL_TOC_DIGEST))
+                        .and_then(|a| a.get(annotation::TOC_DIGEST))
                         .cloned();
                     if listed && toc.is_some() {
                         // Runs on its own; the pool keeps the handle for that layer's mount.
@@ -98,7 +101,7 @@ impl LayerPool {
         &self,
         image_ref: &str,
         reference: &Reference,
-    ) -> Result<Arc<Vec<registry::Descriptor>>, String> {
+    ) -> Result<Arc<Vec<registry::Descriptor>>, MountError> {
         let resolving = {
             let mut map = locked(&self.manifests);
             match map.get(image_ref) {
@@ -112,11 +115,9 @@ impl LayerPool {
                         handle
                             .block_on(client.resolve_image(&reference, &registry::Platform::host()))
                             .map(|img| Arc::new(img.manifest.layers))
-                            .map_err(|e| e.to_string())
+                            .map_err(|e| classify::registry_error(&e))
                     });
-                    let r = async move { task.await.map_err(|e| e.to_string())? }
-                        .boxed()
-                        .shared();
+                    let r = async move { task.await.map_err(joined)? }.boxed().shared();
                     map.insert(image_ref.to_string(), (Instant::now(), r.clone()));
                     r
                 }
@@ -148,38 +149,46 @@ impl LayerPool {
                 Some(s) => fs::RegistryFetcher::with_size(reader, handle.clone(), s),
                 None => handle
                     .block_on(fs::RegistryFetcher::new(reader, handle.clone()))
-                    .map_err(|e| format!("blob {digest}: {e}"))?,
+                    .map_err(|e| classify::io_error(&e).context(format!("blob {digest}")))?,
             };
             let desc = fs::LayerDesc {
                 digest: digest.to_string(),
                 size: fs::Fetcher::size(&fetcher),
                 toc_digest,
             };
-            let layer =
-                fs::Layer::open(Arc::new(fetcher), desc, &cfg, cache).map_err(|e| e.to_string())?;
+            let layer = fs::Layer::open(Arc::new(fetcher), desc, &cfg, cache)
+                .map_err(|e| classify::fs_error(&e))?;
             let layer = Arc::new(layer);
             if !cfg.noprefetch && layer.index().prefetch_end.is_some() {
-                let l = layer.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("stargz-prefetch".into())
-                    .spawn(move || {
-                        if let Err(e) = l.prefetch() {
-                            warn!(layer = %l.desc().digest, error = %e, "prefetch failed");
-                        }
-                    });
-                if let Err(e) = spawned {
-                    warn!(error = %e, "cannot start prefetch; the mount will do it");
-                }
+                start_prefetch_of(&layer);
             }
             info!(layer = %digest, "layer opened ahead of its mount");
             Ok(layer)
         });
-        let opening = async move { task.await.map_err(|e| e.to_string())? }
-            .boxed()
-            .shared();
+        let opening = async move { task.await.map_err(joined)? }.boxed().shared();
         map.insert(k, (Instant::now(), opening.clone()));
         opening
     }
+}
+
+/// Prefetches the layer's prioritized files on a thread of their own.
+fn start_prefetch_of(layer: &Arc<fs::Layer>) {
+    let l = layer.clone();
+    let spawned = std::thread::Builder::new()
+        .name("stargz-prefetch".into())
+        .spawn(move || {
+            if let Err(e) = l.prefetch() {
+                warn!(layer = %l.desc().digest, error = %e, "prefetch failed");
+            }
+        });
+    if let Err(e) = spawned {
+        warn!(error = %e, "cannot start prefetch; the mount will do it");
+    }
+}
+
+/// A task that panicked or was cancelled.
+fn joined(e: tokio::task::JoinError) -> MountError {
+    MountError::Other(e.to_string())
 }
 
 fn key(digest: &str, toc_digest: &Option<String>) -> LayerKey {

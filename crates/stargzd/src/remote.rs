@@ -1,11 +1,15 @@
-//! The daemon's [`RemoteFs`]: eStargz layers fetched from their registry and served through the `fs` crate's FUSE mounts.
+//! The [`RemoteFs`] that mounts in this process: eStargz layers fetched from their
+//! registry and served through the `fs` crate's FUSE mounts. The FUSE manager serves
+//! with it, and so does the daemon when it runs without one.
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
-use snapshotter::{LayerInfo, RemoteFs};
+use remote_layer::{MountError, RemoteLayer};
+use snapshotter::RemoteFs;
 
+use crate::classify;
 use crate::metrics::DaemonMetrics;
 use crate::preopen::LayerPool;
 
@@ -38,8 +42,6 @@ impl FuseRemote {
     }
 
     /// This process's metrics (layers, FUSE, cache, registry) in Prometheus text form.
-    // The FUSE manager answers scrapes with it; the daemon encodes its own handle.
-    #[allow(dead_code)]
     pub fn metrics_text(&self) -> String {
         self.metrics.encode()
     }
@@ -50,12 +52,7 @@ impl FuseRemote {
 }
 
 impl RemoteFs for FuseRemote {
-    async fn mount(
-        &self,
-        mountpoint: &Path,
-        labels: &HashMap<String, String>,
-    ) -> Result<(), String> {
-        let info = LayerInfo::from_labels(labels).ok_or("no remote layer labels")?;
+    async fn mount(&self, mountpoint: &Path, layer: &RemoteLayer) -> Result<(), MountError> {
         // Mounting again over a live mount is a no-op; a dead one is cleared first so
         // its session's unmount cannot later hit the new mount.
         let stale = {
@@ -69,42 +66,40 @@ impl RemoteFs for FuseRemote {
         if let Some(h) = stale {
             let _ = tokio::task::spawn_blocking(move || h.unmount()).await;
         }
-        let layer = self.layers.open(&info).await?;
+        let opened = self.layers.open(layer).await?;
         let (cfg, mp, metrics) = (
             self.cfg.clone(),
             mountpoint.to_path_buf(),
             self.metrics.fs.clone(),
         );
         let handle = tokio::task::spawn_blocking(move || {
-            fs::mount_layer_observed(layer, &mp, &cfg, &metrics)
+            fs::mount_layer_observed(opened, &mp, &cfg, &metrics)
         })
         .await
-        .map_err(|e| e.to_string())?
-        .map_err(|e| e.to_string())?;
+        .map_err(|e| MountError::Other(e.to_string()))?
+        .map_err(|e| classify::fs_error(&e))?;
         self.handles().insert(mountpoint.to_path_buf(), handle);
         Ok(())
     }
 
-    async fn check(&self, mountpoint: &Path, _: &HashMap<String, String>) -> Result<(), String> {
+    async fn check(&self, mountpoint: &Path) -> Result<(), MountError> {
         match self.handles().get(mountpoint) {
-            Some(h) => h.check().map_err(|e| e.to_string()),
-            None => Err("not mounted by this process".into()),
+            Some(h) => h.check().map_err(|e| MountError::NotMounted(e.to_string())),
+            None => Err(MountError::NotMounted("not mounted by this process".into())),
         }
     }
 
-    async fn unmount(&self, mountpoint: &Path) -> Result<(), String> {
+    async fn unmount(&self, mountpoint: &Path) -> Result<(), MountError> {
         let Some(h) = self.handles().remove(mountpoint) else {
             return Ok(());
         };
         tokio::task::spawn_blocking(move || h.unmount())
             .await
-            .map_err(|e| e.to_string())?
-            .map_err(|e| e.to_string())
+            .map_err(|e| MountError::Other(e.to_string()))?
+            .map_err(|e| MountError::Other(e.to_string()))
     }
 }
 
-// Used by the stargz-fuse-manager binary, which shares this module.
-#[allow(dead_code)]
 impl FuseRemote {
     /// Mount points currently mounted, with the blob bytes each has local.
     pub fn mounted(&self) -> Vec<(PathBuf, u64)> {
@@ -129,45 +124,6 @@ impl FuseRemote {
             }
         }
         failed
-    }
-}
-
-/// What the daemon runs with: FUSE layers in a FUSE manager process or in this one,
-/// or none when disabled or unavailable.
-pub enum DaemonRemote {
-    Manager(Arc<crate::fuse_manager::ManagerClient>),
-    Fuse(Box<FuseRemote>),
-    Disabled(snapshotter::NoRemote),
-}
-
-impl RemoteFs for DaemonRemote {
-    async fn mount(&self, mp: &Path, labels: &HashMap<String, String>) -> Result<(), String> {
-        match self {
-            DaemonRemote::Manager(m) => m.mount(mp, labels).await,
-            DaemonRemote::Fuse(f) => f.mount(mp, labels).await,
-            DaemonRemote::Disabled(n) => n.mount(mp, labels).await,
-        }
-    }
-    async fn check(&self, mp: &Path, labels: &HashMap<String, String>) -> Result<(), String> {
-        match self {
-            DaemonRemote::Manager(m) => m.check(mp, labels).await,
-            DaemonRemote::Fuse(f) => f.check(mp, labels).await,
-            DaemonRemote::Disabled(n) => n.check(mp, labels).await,
-        }
-    }
-    async fn unmount(&self, mp: &Path) -> Result<(), String> {
-        match self {
-            DaemonRemote::Manager(m) => m.unmount(mp).await,
-            DaemonRemote::Fuse(f) => f.unmount(mp).await,
-            DaemonRemote::Disabled(n) => n.unmount(mp).await,
-        }
-    }
-    async fn mounted(&self) -> Result<Vec<PathBuf>, String> {
-        match self {
-            DaemonRemote::Manager(m) => m.mounted().await,
-            // In-process mounts never outlive a restart.
-            DaemonRemote::Fuse(_) | DaemonRemote::Disabled(_) => Ok(Vec::new()),
-        }
     }
 }
 

@@ -1,87 +1,66 @@
-//! stargz-fuse-manager: holds the daemon's FUSE layer mounts in a process of their own,
-//! so they keep serving running containers while `containerd-stargz-grpc` restarts.
+//! The FUSE manager process (`stargz-fuse-manager`): holds the daemon's FUSE layer
+//! mounts in a process of their own, so they keep serving running containers while
+//! `containerd-stargz-grpc` restarts.
 //!
 //! Started (detached) by the daemon when none answers on its socket; speaks the
-//! line-delimited JSON protocol of the `fuse_manager` module. SIGINT, SIGTERM or a
-//! `shutdown` request unmount everything and exit.
+//! protocol of [`crate::manager::protocol`]. SIGINT, SIGTERM or a `shutdown` request
+//! unmount everything and exit.
 
-// The daemon's config parsing, of which the manager reads only the fs and registry parts.
-#[allow(dead_code)]
-#[path = "config.rs"]
-mod config;
-#[allow(dead_code)]
-#[path = "fuse_manager.rs"]
-mod fuse_manager;
-#[allow(dead_code)]
-#[path = "metrics.rs"]
-mod metrics;
-#[path = "preopen.rs"]
-mod preopen;
-#[allow(dead_code)]
-#[path = "remote.rs"]
-mod remote;
-
-use std::collections::HashMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
-use clap::Parser;
 use snapshotter::RemoteFs;
 use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
 use tokio::net::{UnixListener, UnixStream};
 use tokio::signal::unix::{signal, SignalKind};
 
-use crate::config::DaemonConfig;
-use crate::fuse_manager::{Request, Response, PID_NAME};
-use crate::remote::FuseRemote;
+use crate::config::{config_digest, DaemonConfig};
+use crate::manager::launch::PID_NAME;
+use crate::manager::protocol::{Request, Response};
+use crate::metrics::DaemonMetrics;
+use crate::remote::{keep_large_buffers_mapped, FuseRemote};
 
-#[derive(Parser, Debug)]
-#[command(
-    name = "stargz-fuse-manager",
-    version,
-    about = "Holds stargz FUSE layer mounts across restarts of containerd-stargz-grpc"
-)]
-struct Args {
+/// The manager's command line, as [`crate::manager::launch::Launch`] passes it.
+#[derive(Clone, Debug)]
+pub struct Options {
     /// Unix socket to serve the manager protocol on (created 0600, directory 0700).
-    #[arg(long)]
-    address: PathBuf,
+    pub address: PathBuf,
     /// The daemon's state directory: the chunk cache is under `stargz/`.
-    #[arg(long)]
-    root: PathBuf,
+    pub root: PathBuf,
     /// The daemon's TOML configuration (a missing file means defaults).
-    #[arg(long)]
-    config: PathBuf,
-    #[arg(long, default_value = "info")]
-    log_level: String,
+    pub config: PathBuf,
+    /// A tracing filter directive.
+    pub log_level: String,
 }
 
-fn main() -> Result<()> {
-    remote::keep_large_buffers_mapped();
-    let args = Args::parse();
+/// Runs the manager until it is told to stop, then exits the process: fetch threads
+/// of lazily detached mounts may still be busy, and nothing waits for them. Returns
+/// only when it cannot start (log level, config).
+pub fn run_process(opts: Options) -> Result<()> {
+    keep_large_buffers_mapped();
     // Socket, pid file and cache are root's alone from the moment they exist.
     // SAFETY: umask(2) only sets this process's file creation mask.
     unsafe { libc::umask(0o077) };
-    let filter = tracing_subscriber::EnvFilter::try_new(&args.log_level)
-        .with_context(|| format!("--log-level {:?}", args.log_level))?;
+    let filter = tracing_subscriber::EnvFilter::try_new(&opts.log_level)
+        .with_context(|| format!("--log-level {:?}", opts.log_level))?;
     tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_writer(std::io::stderr)
         // Its stderr is a log file.
         .with_ansi(false)
         .init();
-    let digest = fuse_manager::config_digest(&args.config);
-    let cfg = DaemonConfig::load(&args.config, false)?;
+    let digest = config_digest(&opts.config);
+    let cfg = DaemonConfig::load(&opts.config, false)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()
         .enable_all()
         .build()
         .context("tokio runtime")?;
-    let res = runtime.block_on(run(&args, cfg, digest));
+    let res = runtime.block_on(run(&opts, cfg, digest));
     if let Err(e) = &res {
         tracing::error!(error = %format!("{e:#}"), "FUSE manager failed");
     }
-    // Fetch threads of lazily detached mounts may still be busy; do not wait for them.
     std::process::exit(i32::from(res.is_err()))
 }
 
@@ -108,10 +87,10 @@ async fn bind(path: &Path) -> Result<UnixListener> {
     Ok(listener)
 }
 
-async fn run(args: &Args, cfg: DaemonConfig, digest: String) -> Result<()> {
+async fn run(args: &Options, cfg: DaemonConfig, digest: String) -> Result<()> {
     // Bound first: a second manager gives up before it touches anything.
     let listener = bind(&args.address).await?;
-    let metrics = metrics::DaemonMetrics::default();
+    let metrics = DaemonMetrics::default();
     let remote = match FuseRemote::new(cfg.fs, cfg.registry, &args.root.join("stargz"), &metrics) {
         Ok(r) => Arc::new(r),
         Err(e) => {
@@ -167,7 +146,9 @@ async fn serve_one(
     let (resp, exit) = match serde_json::from_str::<Request>(&line) {
         Ok(req) => handle(req, remote, digest).await,
         Err(e) => (
-            Response::from_result(Err(format!("bad request: {e}"))),
+            Response::from_result(Err(remote_layer::MountError::Other(format!(
+                "bad request: {e}"
+            )))),
             false,
         ),
     };
@@ -185,7 +166,6 @@ async fn serve_one(
 
 /// The answer to one request, and whether the manager exits after sending it.
 async fn handle(req: Request, remote: &FuseRemote, digest: &str) -> (Response, bool) {
-    let none = HashMap::new();
     match req {
         Request::Status => (
             Response {
@@ -195,18 +175,17 @@ async fn handle(req: Request, remote: &FuseRemote, digest: &str) -> (Response, b
             },
             false,
         ),
-        Request::Mount { mountpoint, labels } => {
-            let res = remote.mount(&mountpoint, &labels).await;
+        Request::Mount { mountpoint, layer } => {
+            let res = remote.mount(&mountpoint, &layer).await;
             match &res {
                 Ok(()) => tracing::info!(mountpoint = %mountpoint.display(), "mounted"),
-                Err(e) => {
-                    tracing::info!(mountpoint = %mountpoint.display(), error = %e, "mount failed")
-                }
+                Err(e) => tracing::info!(mountpoint = %mountpoint.display(), kind = e.kind(),
+                    error = %e, "mount failed"),
             }
             (Response::from_result(res), false)
         }
         Request::Check { mountpoint } => (
-            Response::from_result(remote.check(&mountpoint, &none).await),
+            Response::from_result(remote.check(&mountpoint).await),
             false,
         ),
         Request::Unmount { mountpoint } => {
@@ -234,7 +213,9 @@ async fn handle(req: Request, remote: &FuseRemote, digest: &str) -> (Response, b
             let res = if failed == 0 {
                 Ok(())
             } else {
-                Err(format!("{failed} unmounts failed"))
+                Err(remote_layer::MountError::Other(format!(
+                    "{failed} unmounts failed"
+                )))
             };
             (Response::from_result(res), true)
         }

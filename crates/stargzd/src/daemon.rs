@@ -1,0 +1,213 @@
+//! The daemon (`containerd-stargz-grpc`): serves the stargz snapshotter to containerd
+//! over a unix socket, with layers mounted by a FUSE manager, in this process, or not
+//! at all.
+//!
+//! Built on `tokio` (runtime, signals), `tracing-subscriber` (logs), `toml` (config),
+//! `hyper` and `prometheus-client` (metrics endpoint) and `anyhow`, with the
+//! workspace's `snapshotter`, `fs`, `registry` and `remote-layer`.
+
+use std::os::unix::net::UnixDatagram;
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use remote_layer::{MountError, RemoteLayer};
+use snapshotter::{NoRemote, RemoteFs, Snapshotter};
+use tokio::signal::unix::{signal, SignalKind};
+
+use crate::config::DaemonConfig;
+use crate::manager::client::ManagerClient;
+use crate::manager::launch::Launch;
+use crate::metrics::{self, DaemonMetrics};
+use crate::remote::{keep_large_buffers_mapped, FuseRemote};
+
+/// The configuration file read when `--config` is not given; missing, it means defaults.
+pub const DEFAULT_CONFIG: &str = "/etc/containerd-stargz-grpc/config.toml";
+
+/// The daemon's command line.
+#[derive(Clone, Debug)]
+pub struct Options {
+    /// Unix socket to serve the Snapshots API on.
+    pub address: PathBuf,
+    /// TOML configuration file (a missing [`DEFAULT_CONFIG`] means defaults).
+    pub config: PathBuf,
+    /// State directory: metadata, snapshots and caches.
+    pub root: PathBuf,
+    /// trace, debug, info, warn or error (or a tracing filter directive).
+    pub log_level: String,
+}
+
+/// Sets up logging and the runtime and serves until SIGINT or SIGTERM.
+pub fn run_process(opts: Options) -> Result<()> {
+    keep_large_buffers_mapped();
+    let filter = tracing_subscriber::EnvFilter::try_new(&opts.log_level)
+        .with_context(|| format!("--log-level {:?}", opts.log_level))?;
+    tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr)
+        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+        .init();
+    let explicit = opts.config != Path::new(DEFAULT_CONFIG);
+    let cfg = DaemonConfig::load(&opts.config, explicit)?;
+    tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+        .context("tokio runtime")?
+        .block_on(run(opts, cfg))
+}
+
+/// What the daemon runs with: FUSE layers in a FUSE manager process or in this one,
+/// or none when disabled or unavailable.
+pub enum DaemonRemote {
+    Manager(Arc<ManagerClient>),
+    Fuse(Box<FuseRemote>),
+    Disabled(NoRemote),
+}
+
+impl RemoteFs for DaemonRemote {
+    async fn mount(&self, mp: &Path, layer: &RemoteLayer) -> Result<(), MountError> {
+        match self {
+            DaemonRemote::Manager(m) => m.mount(mp, layer).await,
+            DaemonRemote::Fuse(f) => f.mount(mp, layer).await,
+            DaemonRemote::Disabled(n) => n.mount(mp, layer).await,
+        }
+    }
+    async fn check(&self, mp: &Path) -> Result<(), MountError> {
+        match self {
+            DaemonRemote::Manager(m) => m.check(mp).await,
+            DaemonRemote::Fuse(f) => f.check(mp).await,
+            DaemonRemote::Disabled(n) => n.check(mp).await,
+        }
+    }
+    async fn unmount(&self, mp: &Path) -> Result<(), MountError> {
+        match self {
+            DaemonRemote::Manager(m) => m.unmount(mp).await,
+            DaemonRemote::Fuse(f) => f.unmount(mp).await,
+            DaemonRemote::Disabled(n) => n.unmount(mp).await,
+        }
+    }
+    async fn mounted(&self) -> Result<Vec<PathBuf>, MountError> {
+        match self {
+            DaemonRemote::Manager(m) => m.mounted().await,
+            // In-process mounts never outlive a restart.
+            DaemonRemote::Fuse(_) | DaemonRemote::Disabled(_) => Ok(Vec::new()),
+        }
+    }
+}
+
+/// What the daemon mounts layers with, per config: nothing, a FUSE manager (the
+/// default), or FUSE sessions inside the daemon (`[fuse_manager] enable = false`, or
+/// when the manager cannot be started). The manager client is returned too, so
+/// SIGINT can stop it.
+pub async fn daemon_remote(
+    cfg: DaemonConfig,
+    opts: &Options,
+    metrics: &DaemonMetrics,
+) -> (DaemonRemote, Option<Arc<ManagerClient>>) {
+    if cfg.disable_remote_snapshots {
+        tracing::info!("remote snapshots disabled by config");
+        return (DaemonRemote::Disabled(NoRemote), None);
+    }
+    if cfg.fuse_manager.enable {
+        let launch = Launch::new(
+            &cfg.fuse_manager,
+            &opts.address,
+            &opts.root,
+            &opts.config,
+            &opts.log_level,
+        );
+        let client = Arc::new(ManagerClient::new(launch));
+        match client.ensure_running().await {
+            Ok(pid) => {
+                tracing::info!(pid, "layers are mounted by the FUSE manager");
+                client.warn_if_config_changed(&opts.config).await;
+                return (DaemonRemote::Manager(client.clone()), Some(client));
+            }
+            Err(e) => tracing::warn!(error = %format!("{e:#}"),
+                "FUSE manager unavailable; mounting in this process (mounts end with it)"),
+        }
+    }
+    match FuseRemote::new(cfg.fs, cfg.registry, &opts.root.join("stargz"), metrics) {
+        Ok(f) => (DaemonRemote::Fuse(Box::new(f)), None),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "remote snapshots unavailable; every layer will be downloaded");
+            (DaemonRemote::Disabled(NoRemote), None)
+        }
+    }
+}
+
+/// Tells systemd we are ready when it asked (Type=notify).
+fn sd_notify_ready() {
+    let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
+        return;
+    };
+    let res = (|| -> std::io::Result<()> {
+        let sock = UnixDatagram::unbound()?;
+        let p = path.to_string_lossy();
+        if let Some(abs) = p.strip_prefix('@') {
+            use std::os::linux::net::SocketAddrExt;
+            let addr = std::os::unix::net::SocketAddr::from_abstract_name(abs.as_bytes())?;
+            sock.send_to_addr(b"READY=1", &addr)?;
+        } else {
+            sock.send_to(b"READY=1", &*p)?;
+        }
+        Ok(())
+    })();
+    if let Err(e) = res {
+        tracing::warn!(error = %e, "sd_notify failed");
+    }
+}
+
+async fn run(args: Options, cfg: DaemonConfig) -> Result<()> {
+    std::fs::create_dir_all(&args.root)
+        .with_context(|| format!("creating {}", args.root.display()))?;
+    let metrics = metrics::DaemonMetrics::default();
+    let metrics_address = cfg.metrics_address.clone().filter(|_| !cfg.no_prometheus);
+    if cfg.metrics_address.is_some() && cfg.no_prometheus {
+        tracing::info!("no_prometheus is set; metrics_address ignored");
+    }
+    let (remote, fuse_manager) = daemon_remote(cfg, &args, &metrics).await;
+    if let Some(addr) = &metrics_address {
+        // With a FUSE manager the layers, their fetches and the cache live there.
+        let source = match &fuse_manager {
+            Some(m) => metrics::Source::Manager(m.clone()),
+            None => metrics::Source::Local(metrics.clone()),
+        };
+        metrics::serve(addr, source).await?;
+    }
+    let sn = Arc::new(Snapshotter::open(
+        snapshotter::Options::new(args.root.join("snapshotter")),
+        remote,
+    )?);
+    match sn.restore_remote().await {
+        Ok(n) => tracing::info!(restored = n, "remote snapshots restored"),
+        Err(e) => tracing::warn!(error = %e, "restoring remote snapshots failed"),
+    }
+    let listener = snapshotter::bind(&args.address)?;
+    tracing::info!(address = %args.address.display(), root = %args.root.display(), "serving");
+    sd_notify_ready();
+
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
+    let (tx, rx) = tokio::sync::oneshot::channel::<bool>();
+    let server = tokio::spawn(snapshotter::serve(sn.clone(), listener, async move {
+        let _ = rx.await;
+    }));
+    let unmount = tokio::select! {
+        _ = sigint.recv() => { tracing::info!("SIGINT: unmounting remote snapshots and exiting"); true }
+        _ = sigterm.recv() => { tracing::info!("SIGTERM: exiting, mounts stay"); false }
+    };
+    let _ = tx.send(unmount);
+    if unmount {
+        sn.unmount_all().await?;
+        if let Some(m) = &fuse_manager {
+            if let Err(e) = m.shutdown().await {
+                tracing::warn!(error = %format!("{e:#}"), "stopping the FUSE manager failed");
+            }
+        }
+    }
+    // In-flight requests get a moment; containerd retries on its side.
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
+    let _ = std::fs::remove_file(&args.address);
+    Ok(())
+}
