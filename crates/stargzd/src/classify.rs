@@ -55,7 +55,9 @@ fn registry_kind(e: &registry::Error, text: String) -> MountError {
         R::Unauthorized { .. } | R::Forbidden { .. } | R::Credentials { .. } => {
             MountError::AuthRefused(text)
         }
-        R::Status { status, .. } if matches!(status, 401 | 403) => MountError::AuthRefused(text),
+        R::Status {
+            status: 401 | 403, ..
+        } => MountError::AuthRefused(text),
         R::ManifestNotFound { .. } | R::BlobNotFound { .. } | R::PlatformNotFound { .. } => {
             MountError::NotFound(text)
         }
