@@ -26,6 +26,8 @@ struct FakeRemote {
     /// Reported by `mounted` as served by a process that outlived the snapshotter.
     extra_mounts: std::sync::Mutex<Vec<PathBuf>>,
     unmounted: std::sync::Mutex<Vec<PathBuf>>,
+    /// Every mount times out.
+    timing_out: std::sync::atomic::AtomicBool,
 }
 
 /// Labels from key/value pairs.
@@ -37,6 +39,9 @@ fn labels<const N: usize>(kv: [(&str, &str); N]) -> HashMap<String, String> {
 
 impl RemoteFs for FakeRemote {
     async fn mount(&self, mp: &Path, layer: &RemoteLayer) -> Result<(), MountError> {
+        if self.timing_out.load(Ordering::SeqCst) {
+            return Err(MountError::Timeout("no answer".into()));
+        }
         if layer.digest == "sha256:bad" {
             return Err(MountError::RegistryUnreachable("unreachable layer".into()));
         }
@@ -510,7 +515,17 @@ async fn remote_layers() {
     assert_eq!(m[0].r#type, "overlay");
     assert_eq!(fake.mounts.load(Ordering::SeqCst), before + 1);
 
-    for k in ["ctr", "chain2", "chain1"] {
+    // A remount that fails answers Unavailable, naming the kind of failure.
+    fake.healthy.store(false, Ordering::SeqCst);
+    fake.timing_out.store(true, Ordering::SeqCst);
+    let e = prepare(&mut c, ns, "ctr2", "chain2", HashMap::new())
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::Unavailable, "{e:?}");
+    assert!(e.message().contains("timeout"), "{}", e.message());
+    fake.timing_out.store(false, Ordering::SeqCst);
+
+    for k in ["ctr2", "ctr", "chain2", "chain1"] {
         remove(&mut c, ns, k).await.unwrap();
     }
     assert_eq!(snapshot_dirs(&h.root), Vec::<String>::new());

@@ -636,6 +636,16 @@ async fn plain_gzip_image_falls_back() {
             let info = env.ok(&["snapshot", "--snapshotter", "stargz", "info", key]);
             assert!(!info.contains("containerd.io/snapshot/remote\""), "{info}");
         }
+        // The fallback names why: a layer without a TOC digest cannot be verified.
+        let log = std::fs::read_to_string(env.dir.join("stargz.log")).unwrap();
+        let fallbacks: Vec<&str> = log
+            .lines()
+            .filter(|l| l.contains("falling back to an ordinary pull"))
+            .collect();
+        assert!(!fallbacks.is_empty(), "{log}");
+        for l in fallbacks {
+            assert!(l.contains(r#"kind="unverifiable""#), "{l}");
+        }
     });
 }
 
