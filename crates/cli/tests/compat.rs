@@ -161,7 +161,7 @@ fn reference_blobs_are_read_and_verified_by_us() {
             for entry in archive.entries().unwrap() {
                 let mut entry = entry.unwrap();
                 if entry.header().entry_type().is_file() {
-                    let name = estargz::names::clean_name(&entry.path().unwrap().to_string_lossy())
+                    let name = estargz::clean_name(&entry.path().unwrap().to_string_lossy())
                         .unwrap();
                     let mut data = Vec::new();
                     std::io::Read::read_to_end(&mut entry, &mut data).unwrap();

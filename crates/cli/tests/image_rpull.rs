@@ -30,8 +30,7 @@ impl Containerd {
 
     fn start() -> Option<Containerd> {
         let bin = testenv::require_tool("containerd")?;
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !nix::unistd::geteuid().is_root() {
             return missing("root (containerd)");
         }
         let dir = tempfile::Builder::new()

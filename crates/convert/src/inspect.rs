@@ -98,16 +98,16 @@ async fn manifests(
 }
 
 /// Reads a layer's TOC, failing if it has none.
-async fn read_toc(src: &Store, desc: &Descriptor) -> Result<estargz::reader::RawToc> {
+async fn read_toc(src: &Store, desc: &Descriptor) -> Result<estargz::RawToc> {
     let src = src.clone();
     let desc = desc.clone();
-    tokio::task::spawn_blocking(move || -> Result<estargz::reader::RawToc> {
+    tokio::task::spawn_blocking(move || -> Result<estargz::RawToc> {
         let blob = src.blob_source(&desc)?;
         let opts = estargz::OpenOptions {
             tail_size: 64 << 10,
             ..Default::default()
         };
-        Ok(estargz::reader::read_toc(blob.as_ref(), &opts)?)
+        Ok(estargz::read_toc(blob.as_ref(), &opts)?)
     })
     .await
     .map_err(|e| Error::Task(e.to_string()))?
@@ -193,7 +193,7 @@ fn prioritized_count(toc: &estargz::Toc) -> usize {
         .collect();
     match names
         .iter()
-        .position(|n| *n == estargz::toc::PREFETCH_LANDMARK)
+        .position(|n| *n == estargz::PREFETCH_LANDMARK)
     {
         Some(end) => toc.entries[..end]
             .iter()

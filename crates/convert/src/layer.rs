@@ -294,7 +294,7 @@ fn reuse(
 ) -> Result<Option<Converted>> {
     let blob =
         FileBlob::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    let raw = match estargz::reader::read_toc(&blob, &OpenOptions::default()) {
+    let raw = match estargz::read_toc(&blob, &OpenOptions::default()) {
         Ok(raw) if raw.footer.compression() == wanted => raw,
         Ok(_) => return Ok(None),
         Err(e) => {

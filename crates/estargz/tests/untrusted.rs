@@ -3,9 +3,9 @@
 
 use std::io::Cursor;
 
-use estargz::compress::compress_member;
-use estargz::reader::read_toc;
-use estargz::tarfmt::synthetic_file_header;
+use estargz::compress_member;
+use estargz::read_toc;
+use estargz::synthetic_file_header;
 use estargz::{BuildOptions, Codec, EntryType, Error, Footer, OpenOptions, Reader, Toc};
 
 fn tar_of(files: &[(&str, Vec<u8>)]) -> Vec<u8> {

@@ -23,8 +23,7 @@ fn profile_dir() -> PathBuf {
 
 #[test]
 fn smoke_run_writes_records_report_and_chart() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         return prerequisite_missing("needs root (netns, containerd, FUSE)");
     }
     for t in [

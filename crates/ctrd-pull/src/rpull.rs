@@ -29,8 +29,9 @@ use registry::{Client, Descriptor, Platform, Reference};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncReadExt;
 
+use convert::Store;
+
 use crate::error::{Error, Result};
-use crate::store::Store;
 
 /// Label naming the snapshot a prepared one becomes once committed.
 pub const SNAPSHOT_REF_LABEL: &str = "containerd.io/snapshot.ref";
