@@ -1,6 +1,11 @@
 //! `ctr-remote image optimize` with real runc, overlayfs, fanotify and a real
 //! registry: the files the workload reads become each layer's prioritized files,
 //! in access order, in the layer that provides them.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 mod common;
 

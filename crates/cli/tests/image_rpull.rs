@@ -1,6 +1,11 @@
 //! `ctr-remote image rpull` against a real containerd and registry. The native
 //! snapshotter refuses remote mounts, so this covers the fetch-and-unpack path,
 //! the content store writes and the image record.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 mod common;
 

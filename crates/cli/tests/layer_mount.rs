@@ -1,5 +1,10 @@
 //! `ctr-remote layer mount --blob`: a real FUSE mount in the foreground, read through,
 //! and unmounted cleanly on SIGTERM.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 mod common;
 

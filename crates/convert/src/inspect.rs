@@ -191,10 +191,7 @@ fn prioritized_count(toc: &estargz::Toc) -> usize {
         .iter()
         .map(|e| e.name.trim_start_matches("./"))
         .collect();
-    match names
-        .iter()
-        .position(|n| *n == estargz::PREFETCH_LANDMARK)
-    {
+    match names.iter().position(|n| *n == estargz::PREFETCH_LANDMARK) {
         Some(end) => toc.entries[..end]
             .iter()
             .filter(|e| e.kind == estargz::EntryType::Reg)

@@ -11,6 +11,6 @@ mod rpull;
 
 pub use error::{Error, Result};
 pub use rpull::{
-    rpull, RpullOptions, RpullReport, SNAPSHOT_REF_LABEL, STARGZ_DIGEST_LABEL,
-    STARGZ_LAYERS_LABEL, STARGZ_REFERENCE_LABEL, STARGZ_SKIP_VERIFY_LABEL,
+    rpull, RpullOptions, RpullReport, SNAPSHOT_REF_LABEL, STARGZ_DIGEST_LABEL, STARGZ_LAYERS_LABEL,
+    STARGZ_REFERENCE_LABEL, STARGZ_SKIP_VERIFY_LABEL,
 };

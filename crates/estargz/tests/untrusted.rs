@@ -1,5 +1,10 @@
 //! Hostile and broken input: every case must end in a typed error that says what is
 //! wrong, never a panic, a hang, an unbounded allocation or wrong bytes.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 use std::io::Cursor;
 

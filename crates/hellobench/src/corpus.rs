@@ -563,13 +563,7 @@ mod tests {
         fs::write(upper.join("etc/resolv.conf"), "nameserver 1.1.1.1\n").unwrap();
         fs::write(upper.join("etc/replaced/kept"), "x").unwrap();
         // A 0/0 character device: overlay's whiteout.
-        mknod(
-            &upper.join("etc/gone"),
-            SFlag::S_IFCHR,
-            Mode::empty(),
-            0,
-        )
-        .unwrap();
+        mknod(&upper.join("etc/gone"), SFlag::S_IFCHR, Mode::empty(), 0).unwrap();
         let dir = std::ffi::CString::new(
             upper
                 .join("etc/replaced")

@@ -1,6 +1,11 @@
 //! Smoke run of the whole harness: busybox image, one sample, `lan` profile, through a
 //! real shaped link, registry, containerd, runc and our daemon; checks the records and
 //! that the report and chart are written.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;

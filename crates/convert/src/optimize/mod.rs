@@ -25,7 +25,8 @@ use registry::{Digest, Manifest, Platform};
 use crate::error::{Error, Result};
 use crate::{convert, ConvertOptions, ConvertReport, Store};
 pub use cni::{
-    plugin_dir_or_fallback as cni_plugin_dir_or_fallback, DEFAULT_PLUGIN_DIR as DEFAULT_CNI_PLUGIN_DIR,
+    plugin_dir_or_fallback as cni_plugin_dir_or_fallback,
+    DEFAULT_PLUGIN_DIR as DEFAULT_CNI_PLUGIN_DIR,
 };
 pub use record::{read_record, write_record, RecordEntry};
 pub use sandbox::{MountSpec, StopWhen, Workload};
