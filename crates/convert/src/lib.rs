@@ -36,7 +36,7 @@ use registry::{
 };
 
 pub use error::{Error, Result};
-pub use inspect::{get_toc, inspect, ImageReport, LayerReport, TocInfo};
+pub use inspect::{get_toc, inspect, ImageReport, LayerReport, ManifestReport, TocInfo};
 pub use layer::{LayerFormat, LayerOptions, Outcome, Target};
 pub use store::{LocalBlob, Location, Store, REF_NAME_ANNOTATION};
 

@@ -32,7 +32,7 @@ pub use footer::{Compression, Footer};
 pub use names::clean_name;
 pub use reader::{
     coalesce, decode_chunk, read_toc, BlobSource, Chunk, FileBlob, Index, Node, NodeId, NodeKind,
-    OpenOptions, RawToc, Reader,
+    OpenOptions, RawToc, Reader, MAX_CHUNK_SIZE,
 };
 pub use toc::{EntryType, Toc, TocEntry, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK};
 pub use verify::{verify_blob, VerifyReport};

@@ -2,12 +2,12 @@
 //! unpacked layers, runc), record the files it reads with fanotify, then convert
 //! with each layer's accessed files prioritized in access order.
 //!
-//! - [`rootfs`] unpacks layers and mounts the overlay.
-//! - [`sandbox`] generates the runtime bundle and runs runc.
-//! - [`recorder`] watches file accesses.
-//! - [`record`] reads and writes the access record (JSON lines).
-//! - [`cni`] attaches the workload to a CNI network (`--cni`).
-//! - [`cdi`] exposes GPUs described by CDI specs (`--gpus`).
+//! - `rootfs` unpacks layers and mounts the overlay.
+//! - `sandbox` generates the runtime bundle and runs runc.
+//! - `recorder` watches file accesses.
+//! - `record` reads and writes the access record (JSON lines).
+//! - `cni` attaches the workload to a CNI network (`--cni`).
+//! - `cdi` exposes GPUs described by CDI specs (`--gpus`).
 
 mod cdi;
 mod cni;
@@ -29,6 +29,7 @@ pub use cni::{
     DEFAULT_PLUGIN_DIR as DEFAULT_CNI_PLUGIN_DIR,
 };
 pub use record::{read_record, write_record, RecordEntry};
+pub use rootfs::unpack_layer;
 pub use sandbox::{MountSpec, StopWhen, Workload};
 
 /// How to optimize an image.
