@@ -251,7 +251,7 @@ fn verify(a: VerifyArgs) -> Result<()> {
 
 fn toc(a: TocArgs) -> Result<()> {
     let src = FileBlob::open(&a.blob).with_context(|| format!("opening {}", a.blob.display()))?;
-    let raw = estargz::reader::read_toc(&src, &OpenOptions::default())
+    let raw = estargz::read_toc(&src, &OpenOptions::default())
         .with_context(|| format!("reading the TOC of {}", a.blob.display()))?;
     let mut out = io::stdout().lock();
     out.write_all(&raw.json)?;
@@ -267,11 +267,11 @@ fn extract(a: ExtractArgs) -> Result<()> {
     };
     let reader =
         Reader::open(&src, &opts).with_context(|| format!("opening {}", a.blob.display()))?;
-    let n = estargz::extract::extract(
+    let n = estargz::extract(
         &reader,
         &src,
         &a.dest,
-        &estargz::extract::ExtractOptions { chown: a.chown },
+        &estargz::ExtractOptions { chown: a.chown },
     )
     .with_context(|| format!("extracting into {}", a.dest.display()))?;
     println!("extracted {n} entries into {}", a.dest.display());

@@ -2,6 +2,7 @@
 //! set-up and the blob-level commands.
 
 pub mod blob;
+mod common;
 pub mod image;
 pub mod mount;
 pub mod optimize;

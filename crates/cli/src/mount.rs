@@ -166,7 +166,7 @@ fn blob_source(path: &Path, toc_digest: Option<String>) -> Result<(Arc<dyn Fetch
             // that it is the TOC someone published.
             let blob = estargz::FileBlob::open(path)
                 .with_context(|| format!("opening blob {}", path.display()))?;
-            let raw = estargz::reader::read_toc(&blob, &estargz::OpenOptions::default())
+            let raw = estargz::read_toc(&blob, &estargz::OpenOptions::default())
                 .with_context(|| format!("reading the TOC of {}", path.display()))?;
             warn!(toc_digest = %raw.digest,
                 "no --toc-digest given; trusting the TOC digest computed from the blob");

@@ -9,7 +9,9 @@ use clap::Args;
 use convert::optimize::{CniOptions, MountSpec, OptimizeOptions, StopWhen, Workload};
 use convert::{ConvertOptions, Store, Target};
 
-use crate::image::{client_for, open, parse_platforms, progress_printer, FormatArgs, RegistryArgs};
+use crate::common::{
+    client_for, open, parse_platforms, progress_printer, FormatArgs, RegistryArgs,
+};
 
 #[derive(Debug, Args)]
 pub struct OptimizeArgs {
@@ -96,7 +98,7 @@ pub struct OptimizeArgs {
     pub cni_plugin_conf_dir: PathBuf,
     /// CNI plugin directory; when the default does not exist, /usr/lib/cni (where
     /// Debian's containernetworking-plugins installs them) is used.
-    #[arg(long, default_value = convert::optimize::cni::DEFAULT_PLUGIN_DIR)]
+    #[arg(long, default_value = convert::optimize::DEFAULT_CNI_PLUGIN_DIR)]
     pub cni_plugin_dir: PathBuf,
     /// GPUs to expose, by index (comma-separated or repeated): device
     /// nvidia.com/gpu=INDEX of a CDI spec in /etc/cdi or /var/run/cdi
@@ -222,7 +224,7 @@ pub async fn optimize_cmd(a: OptimizeArgs) -> Result<()> {
         optimize: !a.no_optimize,
         cni: a.cni.then(|| CniOptions {
             conf_dir: a.cni_plugin_conf_dir.clone(),
-            plugin_dir: convert::optimize::cni::plugin_dir_or_fallback(&a.cni_plugin_dir),
+            plugin_dir: convert::optimize::cni_plugin_dir_or_fallback(&a.cni_plugin_dir),
         }),
         gpus: a.gpus.clone(),
     };

@@ -1,4 +1,9 @@
 //! `ctr-remote blob ...` as a user runs it: exit codes, messages and outputs.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 mod common;
 

@@ -2,6 +2,11 @@
 //! library (the checker in `shared/oracle`), over a corpus of tars that covers PAX,
 //! GNU and USTAR headers, long and UTF-8 names, links, devices, fifos, xattrs,
 //! whiteouts, empty, exact-chunk and multi-chunk files, duplicates and prioritized files.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 mod common;
 
@@ -161,8 +166,8 @@ fn reference_blobs_are_read_and_verified_by_us() {
             for entry in archive.entries().unwrap() {
                 let mut entry = entry.unwrap();
                 if entry.header().entry_type().is_file() {
-                    let name = estargz::names::clean_name(&entry.path().unwrap().to_string_lossy())
-                        .unwrap();
+                    let name =
+                        estargz::clean_name(&entry.path().unwrap().to_string_lossy()).unwrap();
                     let mut data = Vec::new();
                     std::io::Read::read_to_end(&mut entry, &mut data).unwrap();
                     expected_files.insert(name, data);

@@ -1,6 +1,11 @@
 //! `ctr-remote image convert|inspect|get-toc-digest` against a real registry and
 //! OCI layouts, checked with the reference checker and skopeo; and the hand-off of
 //! other subcommands to `ctr`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 mod common;
 

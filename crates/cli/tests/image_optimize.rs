@@ -1,6 +1,11 @@
 //! `ctr-remote image optimize` with real runc, overlayfs, fanotify and a real
 //! registry: the files the workload reads become each layer's prioritized files,
 //! in access order, in the layer that provides them.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 mod common;
 
@@ -23,8 +28,7 @@ fn sha(data: &[u8]) -> String {
 
 /// Root, runc, busybox and a registry, or a skip (a failure under CI).
 fn prerequisites() -> Option<(testenv::Registry, Vec<u8>)> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         return missing("root (overlayfs, fanotify, runc)");
     }
     testenv::require_tool("runc").or_else(|| missing("runc"))?;
@@ -799,8 +803,11 @@ fn cni_bridge_gives_eth0_an_address_and_is_torn_down() {
         assert!(n > 0, "the workload ended before printing RUNNING");
     }
     assert_eq!(leases().len(), 1, "the running workload holds an address");
-    // SAFETY: kill(2) on our own child's pid.
-    assert_eq!(unsafe { libc::kill(child.id() as i32, libc::SIGTERM) }, 0);
+    nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    )
+    .unwrap();
     let out = child.wait_with_output().expect("wait");
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(

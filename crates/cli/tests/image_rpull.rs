@@ -1,6 +1,11 @@
 //! `ctr-remote image rpull` against a real containerd and registry. The native
 //! snapshotter refuses remote mounts, so this covers the fetch-and-unpack path,
 //! the content store writes and the image record.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 mod common;
 
@@ -30,8 +35,7 @@ impl Containerd {
 
     fn start() -> Option<Containerd> {
         let bin = testenv::require_tool("containerd")?;
-        // SAFETY: geteuid has no preconditions.
-        if unsafe { libc::geteuid() } != 0 {
+        if !nix::unistd::geteuid().is_root() {
             return missing("root (containerd)");
         }
         let dir = tempfile::Builder::new()

@@ -1,5 +1,10 @@
 //! `ctr-remote layer mount --blob`: a real FUSE mount in the foreground, read through,
 //! and unmounted cleanly on SIGTERM.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 mod common;
 
@@ -18,7 +23,7 @@ fn mounted(dir: &std::path::Path) -> bool {
 
 #[test]
 fn mounts_a_local_blob_and_unmounts_on_sigterm() {
-    if !std::path::Path::new("/dev/fuse").exists() || unsafe { libc::geteuid() } != 0 {
+    if !std::path::Path::new("/dev/fuse").exists() || !nix::unistd::geteuid().is_root() {
         let _: Option<()> = missing("/dev/fuse and root for a FUSE mount");
         return;
     }
@@ -62,7 +67,10 @@ fn mounts_a_local_blob_and_unmounts_on_sigterm() {
         let big = std::fs::metadata(mnt.join("data/big.bin")).unwrap();
         assert_eq!(big.len(), 9 * 1024 * 1024 + 123);
     });
-    unsafe { libc::kill(child.id() as i32, libc::SIGTERM) };
+    let _ = nix::sys::signal::kill(
+        nix::unistd::Pid::from_raw(child.id() as i32),
+        nix::sys::signal::Signal::SIGTERM,
+    );
     let status = child.wait().unwrap();
     if mounted(&mnt) {
         let _ = Command::new("umount").arg("-l").arg(&mnt).status();

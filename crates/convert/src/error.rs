@@ -30,8 +30,6 @@ pub enum Error {
     NoPlatform { image: String, wanted: String },
     #[error("layer {digest} not found in the image")]
     LayerNotFound { digest: String },
-    #[error("containerd: {0}")]
-    Containerd(String),
     #[error("background task failed: {0}")]
     Task(String),
     #[error("optimizing runs the workload in a container and needs root (CAP_SYS_ADMIN for overlayfs, fanotify and runc)")]

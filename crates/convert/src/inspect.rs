@@ -18,8 +18,9 @@ pub struct LayerReport {
     pub format: String,
     /// Digest of the TOC read from the blob.
     #[serde(skip_serializing_if = "Option::is_none")]
-    pub toc_digest: Option<String>,
-    /// The `containerd.io/snapshot/stargz/toc.digest` annotation.
+    pub toc_digest: Option<oci_digest::Digest>,
+    /// The `containerd.io/snapshot/stargz/toc.digest` annotation, as written
+    /// (it is input, shown even when it is not a digest).
     #[serde(skip_serializing_if = "Option::is_none")]
     pub annotated_toc_digest: Option<String>,
     /// TOC entries.
@@ -59,7 +60,7 @@ pub struct ImageReport {
 /// A layer's TOC.
 #[derive(Clone, Debug)]
 pub struct TocInfo {
-    pub digest: String,
+    pub digest: oci_digest::Digest,
     /// The TOC JSON exactly as stored.
     pub json: Vec<u8>,
 }
@@ -98,16 +99,16 @@ async fn manifests(
 }
 
 /// Reads a layer's TOC, failing if it has none.
-async fn read_toc(src: &Store, desc: &Descriptor) -> Result<estargz::reader::RawToc> {
+async fn read_toc(src: &Store, desc: &Descriptor) -> Result<estargz::RawToc> {
     let src = src.clone();
     let desc = desc.clone();
-    tokio::task::spawn_blocking(move || -> Result<estargz::reader::RawToc> {
+    tokio::task::spawn_blocking(move || -> Result<estargz::RawToc> {
         let blob = src.blob_source(&desc)?;
         let opts = estargz::OpenOptions {
             tail_size: 64 << 10,
             ..Default::default()
         };
-        Ok(estargz::reader::read_toc(blob.as_ref(), &opts)?)
+        Ok(estargz::read_toc(blob.as_ref(), &opts)?)
     })
     .await
     .map_err(|e| Error::Task(e.to_string()))?
@@ -165,7 +166,10 @@ async fn inspect_layer(src: &Store, l: &Descriptor) -> LayerReport {
                 estargz::Footer::ZstdChunked { .. } => "zstd:chunked",
             }
             .into();
-            r.toc_digest = Some(raw.digest.clone());
+            match raw.digest.parse() {
+                Ok(d) => r.toc_digest = Some(d),
+                Err(e) => r.error = Some(e.to_string()),
+            }
             match estargz::Toc::from_json(&raw.json) {
                 Ok(toc) => {
                     r.entries = Some(toc.entries.len());
@@ -191,10 +195,7 @@ fn prioritized_count(toc: &estargz::Toc) -> usize {
         .iter()
         .map(|e| e.name.trim_start_matches("./"))
         .collect();
-    match names
-        .iter()
-        .position(|n| *n == estargz::toc::PREFETCH_LANDMARK)
-    {
+    match names.iter().position(|n| *n == estargz::PREFETCH_LANDMARK) {
         Some(end) => toc.entries[..end]
             .iter()
             .filter(|e| e.kind == estargz::EntryType::Reg)
@@ -220,7 +221,10 @@ pub async fn get_toc(src: &Store, layer: &Digest) -> Result<TocInfo> {
     })?;
     let raw = read_toc(src, &desc).await?;
     Ok(TocInfo {
-        digest: raw.digest,
+        digest: raw
+            .digest
+            .parse()
+            .map_err(|e: oci_digest::ParseDigestError| Error::bad("TOC", e.to_string()))?,
         json: raw.json,
     })
 }

@@ -180,6 +180,7 @@ fn digest_stream(mut r: impl Read, mut out: Option<&mut dyn Write>) -> io::Resul
     Ok((format!("sha256:{}", hex::encode(h.finalize())), n_total))
 }
 
+#[cfg(test)]
 fn file_digest(path: &Path) -> Result<(Digest, u64)> {
     let (d, n) = digest_stream(open(path)?, None)
         .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
@@ -294,7 +295,7 @@ fn reuse(
 ) -> Result<Option<Converted>> {
     let blob =
         FileBlob::open(path).map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
-    let raw = match estargz::reader::read_toc(&blob, &OpenOptions::default()) {
+    let raw = match estargz::read_toc(&blob, &OpenOptions::default()) {
         Ok(raw) if raw.footer.compression() == wanted => raw,
         Ok(_) => return Ok(None),
         Err(e) => {
@@ -353,11 +354,6 @@ fn reuse(
     }))
 }
 
-/// sha256 of a file, for callers that need a blob's digest.
-pub fn digest_file(path: &Path) -> Result<(Digest, u64)> {
-    file_digest(path)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -404,7 +400,7 @@ mod tests {
             let diff = format!("sha256:{}", hex::encode(Sha256::digest(&tar)));
             assert_ne!(c.diff_id.as_deref(), Some(diff.as_str()));
             let file = c.file.as_ref().expect("new blob");
-            let (again, _) = digest_file(file.path()).expect("digest");
+            let (again, _) = file_digest(file.path()).expect("digest");
             assert_eq!(again, c.digest);
 
             let reuse_opts = LayerOptions {

@@ -10,16 +10,17 @@
 //!
 //! - [`convert`] converts one image (every selected platform of an index).
 //! - [`inspect`] reports an image's layers, formats and TOC digests.
-//! - [`rpull::rpull`] pulls an image into containerd (`containerd-client`, tonic),
-//!   leaving layers to a remote snapshotter where it accepts them.
+//! - [`optimize`] (a namespace of its own) runs the workload, records the files it
+//!   reads and converts with them prioritized.
 //! - [`Store`] and [`Location`] name where images live.
+//!
+//! Talking to containerd is not this crate's business (`containerd-pull` does it).
 
-pub mod error;
-pub mod inspect;
-pub mod layer;
+mod error;
+mod inspect;
+mod layer;
 pub mod optimize;
-pub mod rpull;
-pub mod store;
+mod store;
 
 use std::collections::{BTreeMap, HashMap};
 use std::path::PathBuf;
@@ -35,7 +36,7 @@ use registry::{
 };
 
 pub use error::{Error, Result};
-pub use inspect::{get_toc, inspect, ImageReport, LayerReport, TocInfo};
+pub use inspect::{get_toc, inspect, ImageReport, LayerReport, ManifestReport, TocInfo};
 pub use layer::{LayerFormat, LayerOptions, Outcome, Target};
 pub use store::{LocalBlob, Location, Store, REF_NAME_ANNOTATION};
 

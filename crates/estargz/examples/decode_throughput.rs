@@ -1,5 +1,10 @@
 //! Measures single-threaded decompress+verify throughput of a blob's chunks, the work
 //! a lazy read does after its bytes arrive: `decode_throughput BLOB`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "a benchmark example: a panic ends the measurement"
+)]
 
 use std::time::Instant;
 

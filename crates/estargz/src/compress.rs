@@ -48,12 +48,14 @@ pub fn compress_member(codec: Codec, data: &[u8]) -> Result<Vec<u8>> {
     match codec {
         Codec::Gzip { level } => DEFLATER.with(|cell| {
             let mut slot = cell.borrow_mut();
-            if slot.as_ref().map(|(l, _)| *l) != Some(level) {
-                let lvl = libdeflater::CompressionLvl::new(level as i32)
-                    .map_err(|_| Error::InvalidOption(format!("gzip level {level}")))?;
-                *slot = Some((level, libdeflater::Compressor::new(lvl)));
-            }
-            let (_, c) = slot.as_mut().expect("compressor was just set");
+            let c = match slot.take() {
+                Some((l, c)) if l == level => &mut slot.insert((l, c)).1,
+                _ => {
+                    let lvl = libdeflater::CompressionLvl::new(level as i32)
+                        .map_err(|_| Error::InvalidOption(format!("gzip level {level}")))?;
+                    &mut slot.insert((level, libdeflater::Compressor::new(lvl))).1
+                }
+            };
             let mut out = vec![0u8; c.gzip_compress_bound(data.len())];
             let n = c
                 .gzip_compress(data, &mut out)
@@ -63,13 +65,15 @@ pub fn compress_member(codec: Codec, data: &[u8]) -> Result<Vec<u8>> {
         }),
         Codec::Zstd { level } => ZSTD.with(|cell| {
             let mut slot = cell.borrow_mut();
-            if slot.as_ref().map(|(l, _)| *l) != Some(level) {
-                let mut c = zstd::bulk::Compressor::new(level)?;
-                c.include_checksum(true)?;
-                c.include_contentsize(true)?;
-                *slot = Some((level, c));
-            }
-            let (_, c) = slot.as_mut().expect("compressor was just set");
+            let c = match slot.take() {
+                Some((l, c)) if l == level => &mut slot.insert((l, c)).1,
+                _ => {
+                    let mut c = zstd::bulk::Compressor::new(level)?;
+                    c.include_checksum(true)?;
+                    c.include_contentsize(true)?;
+                    &mut slot.insert((level, c)).1
+                }
+            };
             Ok(c.compress(data)?)
         }),
     }

@@ -8,6 +8,10 @@ use std::os::unix::ffi::OsStrExt;
 use std::os::unix::fs::{symlink, PermissionsExt};
 use std::path::{Path, PathBuf};
 
+use nix::fcntl::AT_FDCWD;
+use nix::sys::stat::{makedev, mknod, utimensat, Mode, SFlag, UtimensatFlags};
+use nix::sys::time::TimeSpec;
+
 use crate::error::{Error, Result};
 use crate::reader::{BlobSource, NodeId, NodeKind, Reader, ROOT};
 
@@ -65,15 +69,15 @@ pub fn extract(
                 NodeKind::Symlink => symlink(&node.link_target, &path).map_err(io)?,
                 NodeKind::Char | NodeKind::Block | NodeKind::Fifo => {
                     let kind = match node.kind {
-                        NodeKind::Char => libc::S_IFCHR,
-                        NodeKind::Block => libc::S_IFBLK,
-                        _ => libc::S_IFIFO,
+                        NodeKind::Char => SFlag::S_IFCHR,
+                        NodeKind::Block => SFlag::S_IFBLK,
+                        _ => SFlag::S_IFIFO,
                     };
                     let c = cstr(&path)?;
-                    let dev = libc::makedev(node.dev_major, node.dev_minor);
-                    // SAFETY: c is a valid NUL-terminated path; mknod has no other preconditions.
-                    if unsafe { libc::mknod(c.as_ptr(), kind | (node.mode & 0o7777), dev) } != 0 {
-                        tracing::warn!(path = %path.display(), error = %std::io::Error::last_os_error(), "cannot create device or fifo; skipped");
+                    let dev = makedev(node.dev_major.into(), node.dev_minor.into());
+                    let perm = Mode::from_bits_truncate(node.mode & 0o7777);
+                    if let Err(e) = mknod(c.as_c_str(), kind, perm, dev) {
+                        tracing::warn!(path = %path.display(), error = %std::io::Error::from(e), "cannot create device or fifo; skipped");
                         continue;
                     }
                 }
@@ -104,7 +108,8 @@ fn apply_attrs(path: &Path, node: &crate::reader::Node, opts: &ExtractOptions) -
         let Ok(key) = CString::new(k.as_bytes()) else {
             continue;
         };
-        // SAFETY: valid C strings and a buffer with its length.
+        // SAFETY: `c` and `key` are NUL-terminated strings that outlive the call, and
+        // `v` is a live buffer passed with its own length; nix has no xattr calls.
         let rc =
             unsafe { libc::lsetxattr(c.as_ptr(), key.as_ptr(), v.as_ptr().cast(), v.len(), 0) };
         if rc != 0 {
@@ -117,24 +122,14 @@ fn apply_attrs(path: &Path, node: &crate::reader::Node, opts: &ExtractOptions) -
     if node.kind != NodeKind::Symlink {
         fs::set_permissions(path, fs::Permissions::from_mode(node.mode)).map_err(io)?;
     }
-    let times = [
-        libc::timespec {
-            tv_sec: node.mtime as libc::time_t,
-            tv_nsec: 0,
-        },
-        libc::timespec {
-            tv_sec: node.mtime as libc::time_t,
-            tv_nsec: 0,
-        },
-    ];
-    // SAFETY: valid path and a two-element timespec array, as utimensat requires.
-    unsafe {
-        libc::utimensat(
-            libc::AT_FDCWD,
-            c.as_ptr(),
-            times.as_ptr(),
-            libc::AT_SYMLINK_NOFOLLOW,
-        )
-    };
+    let t = TimeSpec::new(node.mtime as libc::time_t, 0);
+    // Times are best effort, as before: a failure leaves the extraction time.
+    let _ = utimensat(
+        AT_FDCWD,
+        c.as_c_str(),
+        &t,
+        &t,
+        UtimensatFlags::NoFollowSymlink,
+    );
     Ok(())
 }

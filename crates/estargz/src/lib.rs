@@ -5,35 +5,41 @@
 //! that points at it, so any file can be fetched alone with a ranged read and checked
 //! against the digests the TOC records. zstd:chunked is the same idea with zstd frames.
 //!
-//! - [`build`](build::build) turns a tar into a blob, compressing on every core.
+//! - [`build()`] turns a tar into a blob, compressing on every core.
 //! - [`Reader`] opens a blob through any [`BlobSource`] (a file, a buffer, a registry)
 //!   with one or two positioned reads and indexes its files.
 //! - [`verify_blob`] checks everything, optionally against the original tar.
 //!
 //! The crate is synchronous and knows nothing of networks or FUSE.
 
-pub mod build;
-pub mod compress;
-pub mod digest;
-pub mod error;
-pub mod extract;
-pub mod footer;
-pub mod names;
-pub mod reader;
-pub mod tarfmt;
-pub mod toc;
-pub mod verify;
+mod build;
+mod compress;
+mod digest;
+mod error;
+mod extract;
+mod footer;
+mod names;
+mod reader;
+mod tarfmt;
+mod toc;
+mod verify;
 
 pub use build::{build, build_from_file, BuildOptions, BuildOutput, DEFAULT_CHUNK_SIZE};
-pub use compress::Codec;
+pub use compress::{compress_member, Codec};
 pub use error::{Error, Result};
+pub use extract::{extract, ExtractOptions};
 pub use footer::{Compression, Footer};
+pub use names::clean_name;
 pub use reader::{
-    coalesce, decode_chunk, BlobSource, Chunk, FileBlob, Index, Node, NodeId, NodeKind,
-    OpenOptions, Reader,
+    coalesce, decode_chunk, read_toc, BlobSource, Chunk, FileBlob, Index, Node, NodeId, NodeKind,
+    OpenOptions, RawToc, Reader, MAX_CHUNK_SIZE,
 };
-pub use toc::{EntryType, Toc, TocEntry};
+pub use toc::{EntryType, Toc, TocEntry, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK};
 pub use verify::{verify_blob, VerifyReport};
+
+/// A ustar header for a regular file, for tests that hand-craft hostile blobs.
+#[doc(hidden)]
+pub use tarfmt::synthetic_file_header;
 
 /// Layer annotation holding the TOC digest.
 pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";

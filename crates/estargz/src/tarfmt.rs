@@ -66,13 +66,6 @@ pub struct TarEntry {
     pub xattrs: BTreeMap<String, Vec<u8>>,
 }
 
-impl TarEntry {
-    /// Offset just past the entry's data and padding.
-    pub fn end(&self) -> u64 {
-        self.data_start + padded(self.size)
-    }
-}
-
 /// Rounds up to a whole number of blocks.
 pub fn padded(n: u64) -> u64 {
     n.div_ceil(BLOCK) * BLOCK
@@ -99,11 +92,6 @@ impl<R: Read> TarScanner<R> {
             global: BTreeMap::new(),
             done: false,
         }
-    }
-
-    /// Current offset in the stream.
-    pub fn position(&self) -> u64 {
-        self.pos
     }
 
     fn read_block(&mut self, buf: &mut [u8; 512]) -> Result<bool> {

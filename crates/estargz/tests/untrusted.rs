@@ -1,11 +1,16 @@
 //! Hostile and broken input: every case must end in a typed error that says what is
 //! wrong, never a panic, a hang, an unbounded allocation or wrong bytes.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 use std::io::Cursor;
 
-use estargz::compress::compress_member;
-use estargz::reader::read_toc;
-use estargz::tarfmt::synthetic_file_header;
+use estargz::compress_member;
+use estargz::read_toc;
+use estargz::synthetic_file_header;
 use estargz::{BuildOptions, Codec, EntryType, Error, Footer, OpenOptions, Reader, Toc};
 
 fn tar_of(files: &[(&str, Vec<u8>)]) -> Vec<u8> {

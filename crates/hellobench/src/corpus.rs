@@ -11,6 +11,7 @@ use std::path::{Path, PathBuf};
 use std::process::Command;
 
 use anyhow::{bail, Context, Result};
+use nix::sys::stat::{mknod, Mode, SFlag};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest, Sha256};
 
@@ -295,12 +296,11 @@ fn build_stage(dir: &Path, stage: &Stage, lowers: &[PathBuf]) -> Result<()> {
             }
             for d in delete {
                 let p = upper.join(d);
-                let c = std::ffi::CString::new(p.as_os_str().as_encoded_bytes())?;
-                // SAFETY: mknod with a valid C string; a 0/0 character device is
-                // overlayfs's whiteout, turned into `.wh.` by write_layer.
-                if unsafe { libc::mknod(c.as_ptr(), libc::S_IFCHR, 0) } != 0 {
-                    return Err(std::io::Error::last_os_error()).context("mknod whiteout");
-                }
+                // A 0/0 character device is overlayfs's whiteout, turned into
+                // `.wh.` by write_layer.
+                mknod(&p, SFlag::S_IFCHR, Mode::empty(), 0)
+                    .map_err(std::io::Error::from)
+                    .context("mknod whiteout")?;
             }
         }
         Stage::Apt(pkgs) => {
@@ -371,7 +371,8 @@ fn opaque(path: &Path) -> bool {
         return false;
     };
     let mut buf = [0u8; 4];
-    // SAFETY: valid C strings and a buffer of the given length.
+    // SAFETY: `c` and the name are NUL-terminated strings that outlive the call and
+    // `buf` is a live buffer passed with its own length; nix has no xattr calls.
     let n = unsafe {
         libc::lgetxattr(
             c.as_ptr(),
@@ -540,8 +541,7 @@ mod tests {
     use super::*;
 
     fn is_root() -> bool {
-        // SAFETY: geteuid has no preconditions.
-        unsafe { libc::geteuid() == 0 }
+        nix::unistd::geteuid().is_root()
     }
 
     /// An overlay upper dir as the kernel leaves it: a 0/0 character device for a
@@ -562,11 +562,8 @@ mod tests {
         fs::write(upper.join("etc/new"), "new\n").unwrap();
         fs::write(upper.join("etc/resolv.conf"), "nameserver 1.1.1.1\n").unwrap();
         fs::write(upper.join("etc/replaced/kept"), "x").unwrap();
-        let gone =
-            std::ffi::CString::new(upper.join("etc/gone").into_os_string().into_encoded_bytes())
-                .unwrap();
-        // SAFETY: valid C string; creates a 0/0 character device (overlay whiteout).
-        assert_eq!(unsafe { libc::mknod(gone.as_ptr(), libc::S_IFCHR, 0) }, 0);
+        // A 0/0 character device: overlay's whiteout.
+        mknod(&upper.join("etc/gone"), SFlag::S_IFCHR, Mode::empty(), 0).unwrap();
         let dir = std::ffi::CString::new(
             upper
                 .join("etc/replaced")

@@ -10,17 +10,19 @@ use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
 use anyhow::{bail, Context, Result};
+use nix::sys::signal::{kill, Signal};
+use nix::unistd::Pid;
 
 /// A child process stopped with `signal` on drop (then killed if it lingers).
 pub struct Proc {
     pub name: String,
     pub child: Child,
-    pub signal: i32,
+    pub signal: Signal,
     pub log: PathBuf,
 }
 
 impl Proc {
-    pub fn spawn(name: &str, mut cmd: Command, log: &Path, signal: i32) -> Result<Proc> {
+    pub fn spawn(name: &str, mut cmd: Command, log: &Path, signal: Signal) -> Result<Proc> {
         let out = fs::File::create(log)?;
         let err = out.try_clone()?;
         let child = cmd
@@ -60,8 +62,8 @@ impl Proc {
         if !self.alive() {
             return;
         }
-        // SAFETY: signalling our own child by pid.
-        unsafe { libc::kill(self.pid() as i32, self.signal) };
+        // Our own child, not yet reaped (alive above), so the pid is still its.
+        let _ = kill(Pid::from_raw(self.pid() as i32), self.signal);
         let t = Instant::now();
         while t.elapsed() < Duration::from_secs(10) {
             if !self.alive() {
@@ -169,7 +171,7 @@ pub fn start_registry(dir: &Path, storage: &Path, addr: &str, netns: Option<&str
         "docker-registry",
         cmd,
         &dir.join("registry.log"),
-        libc::SIGTERM,
+        Signal::SIGTERM,
     )?;
     let r = wait_until("docker-registry", Duration::from_secs(20), || {
         can_connect(netns, addr)
@@ -257,7 +259,7 @@ impl Stack {
             "containerd-stargz-grpc (ours)",
             cmd,
             &dir.join("ours.log"),
-            libc::SIGINT,
+            Signal::SIGINT,
         )?;
         let reference = match &bins.ref_daemon {
             Some(bin) => {
@@ -278,7 +280,7 @@ impl Stack {
                     "containerd-stargz-grpc (reference)",
                     cmd,
                     &dir.join("ref.log"),
-                    libc::SIGTERM,
+                    Signal::SIGTERM,
                 )?)
             }
             None => None,
@@ -317,7 +319,7 @@ impl Stack {
             "containerd",
             cmd,
             &dir.join("containerd.log"),
-            libc::SIGTERM,
+            Signal::SIGTERM,
         )?;
         let mut stack = Stack {
             dir: dir.into(),

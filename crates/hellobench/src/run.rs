@@ -313,12 +313,12 @@ fn needed_bytes(storage: &Path, reg: &str, name: &str, tag: &str) -> Result<Need
             .join(&hex[..2])
             .join(hex)
             .join("data");
-        let blob = estargz::reader::FileBlob::open(&path)
+        let blob = estargz::FileBlob::open(&path)
             .with_context(|| format!("opening {}", path.display()))?;
-        let size = estargz::reader::BlobSource::size(&blob);
-        let toc = estargz::reader::read_toc(&blob, &Default::default())?;
+        let size = estargz::BlobSource::size(&blob);
+        let toc = estargz::read_toc(&blob, &Default::default())?;
         let parsed = estargz::Toc::from_json(&toc.json)?;
-        let ix = estargz::reader::Index::build(&parsed, toc.range.start)?;
+        let ix = estargz::Index::build(&parsed, toc.range.start)?;
         bytes += ix.prefetch_end.unwrap_or(0) + (size - toc.range.start);
     }
     Ok(Needed {

@@ -1,6 +1,11 @@
 //! Smoke run of the whole harness: busybox image, one sample, `lan` profile, through a
 //! real shaped link, registry, containerd, runc and our daemon; checks the records and
 //! that the report and chart are written.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -23,8 +28,7 @@ fn profile_dir() -> PathBuf {
 
 #[test]
 fn smoke_run_writes_records_report_and_chart() {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         return prerequisite_missing("needs root (netns, containerd, FUSE)");
     }
     for t in [

@@ -6,7 +6,7 @@
 
 use std::fs::File;
 use std::io::{Read, Write};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
@@ -94,6 +94,9 @@ fn run(args: &[&str]) -> Result<()> {
 }
 
 const TUNSETIFF: libc::c_ulong = 0x4004_54ca;
+// TUNSETIFF is declared as taking an int but reads a whole `struct ifreq` and
+// writes the final name back into it.
+nix::ioctl_readwrite_bad!(tun_set_iff, TUNSETIFF, [u8; 40]);
 
 /// Opens a TUN device named `name` inside namespace `ns` (from a helper
 /// thread that joins the namespace, so the caller's namespace is untouched).
@@ -114,14 +117,13 @@ fn open_tun_in(ns: &str, name: &str) -> Result<File> {
         ifr[..name.len()].copy_from_slice(name.as_bytes());
         let flags: libc::c_short = (libc::IFF_TUN | libc::IFF_NO_PI) as libc::c_short;
         ifr[16..18].copy_from_slice(&flags.to_ne_bytes());
-        // SAFETY: TUNSETIFF reads a struct ifreq (40 bytes) from the pointer.
-        let rc = unsafe { libc::ioctl(f.as_raw_fd(), TUNSETIFF as _, ifr.as_mut_ptr()) };
-        if rc < 0 {
-            return Err(Error::Os {
-                what: "TUNSETIFF".into(),
-                source: std::io::Error::last_os_error(),
-            });
-        }
+        // SAFETY: `f` is an open /dev/net/tun and `ifr` a live, exclusively borrowed
+        // 40-byte buffer laid out as the `struct ifreq` TUNSETIFF reads and writes
+        // (name, then flags at 16).
+        unsafe { tun_set_iff(f.as_raw_fd(), &mut ifr) }.map_err(|e| Error::Os {
+            what: "TUNSETIFF".into(),
+            source: e.into(),
+        })?;
         Ok(f)
     })
     .join()
@@ -138,33 +140,27 @@ pub fn enter_netns(ns: &str) -> Result<()> {
         what: path.clone(),
         source: e,
     })?;
-    // SAFETY: setns on a valid namespace fd only changes this thread's namespace.
-    let rc = unsafe { libc::setns(f.as_raw_fd(), libc::CLONE_NEWNET) };
-    if rc < 0 {
-        return Err(Error::Os {
-            what: format!("setns {ns}"),
-            source: std::io::Error::last_os_error(),
-        });
-    }
-    Ok(())
+    nix::sched::setns(&f, nix::sched::CloneFlags::CLONE_NEWNET).map_err(|e| Error::Os {
+        what: format!("setns {ns}"),
+        source: e.into(),
+    })
 }
 
 fn set_nonblocking(f: &File) {
-    // SAFETY: plain fcntl flag manipulation on an owned fd.
-    unsafe {
-        let fl = libc::fcntl(f.as_raw_fd(), libc::F_GETFL);
-        libc::fcntl(f.as_raw_fd(), libc::F_SETFL, fl | libc::O_NONBLOCK);
+    use nix::fcntl::{fcntl, FcntlArg, OFlag};
+    // Best effort, as the delay line copes with blocking reads too.
+    if let Ok(fl) = fcntl(f, FcntlArg::F_GETFL) {
+        let _ = fcntl(
+            f,
+            FcntlArg::F_SETFL(OFlag::from_bits_retain(fl) | OFlag::O_NONBLOCK),
+        );
     }
 }
 
-fn wait_readable(f: &File, ms: i32) -> bool {
-    let mut p = libc::pollfd {
-        fd: f.as_raw_fd(),
-        events: libc::POLLIN,
-        revents: 0,
-    };
-    // SAFETY: one valid pollfd.
-    unsafe { libc::poll(&mut p, 1, ms) > 0 }
+fn wait_readable(f: &File, ms: u16) -> bool {
+    use nix::poll::{poll, PollFd, PollFlags};
+    let mut p = [PollFd::new(f.as_fd(), PollFlags::POLLIN)];
+    matches!(poll(&mut p, ms), Ok(n) if n > 0)
 }
 
 /// One direction: read packets from `from`, hold each for `delay`, write to `to`.
@@ -273,15 +269,10 @@ impl Link {
         set_nonblocking(&tun_c);
         let half = profile.rtt / 2;
         let dup = |f: &File| -> Result<File> {
-            // SAFETY: dup of a valid fd; the new fd is owned by the returned File.
-            let fd = unsafe { libc::dup(f.as_raw_fd()) };
-            if fd < 0 {
-                return Err(Error::Os {
-                    what: "dup".into(),
-                    source: std::io::Error::last_os_error(),
-                });
-            }
-            Ok(unsafe { File::from_raw_fd(fd) })
+            nix::unistd::dup(f).map(File::from).map_err(|e| Error::Os {
+                what: "dup".into(),
+                source: e.into(),
+            })
         };
         let (s2, c2) = (dup(&tun_s)?, dup(&tun_c)?);
         link.threads

@@ -61,11 +61,11 @@ fn estargz_layer() -> (Vec<u8>, String, serde_json::Value) {
     }
     let tar = b.into_inner().unwrap();
     let mut blob = Vec::new();
-    let out = estargz::build::build(
+    let out = estargz::build(
         &tar[..],
         &mut blob,
-        &estargz::build::BuildOptions {
-            codec: estargz::compress::Codec::Gzip { level: 1 },
+        &estargz::BuildOptions {
+            codec: estargz::Codec::Gzip { level: 1 },
             threads: 2,
             ..Default::default()
         },

@@ -398,12 +398,12 @@ struct Layer {
 
 fn estargz_layer(tar: &[u8]) -> Layer {
     let mut blob = Vec::new();
-    let out = estargz::build::build(
+    let out = estargz::build(
         tar,
         &mut blob,
-        &estargz::build::BuildOptions {
+        &estargz::BuildOptions {
             // Random data does not compress; level 1 keeps the test fast.
-            codec: estargz::compress::Codec::Gzip { level: 1 },
+            codec: estargz::Codec::Gzip { level: 1 },
             threads: 2,
             ..Default::default()
         },

@@ -2,6 +2,14 @@
 //! process (`docker-registry`), TLS material, htpasswd files, a JWT token
 //! issuer, and fault-injecting HTTP fronts. Everything listens on loopback,
 //! lives in temp dirs, and is torn down on `Drop`.
+//!
+//! Only tests link this crate, and a fixture that cannot be set up fails its
+//! test on the spot (as its `assert!`s do), so it may unwrap like test code.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test-only fixtures: a failed set-up is a failed test"
+)]
 
 mod front;
 mod http;

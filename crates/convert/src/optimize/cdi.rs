@@ -284,8 +284,8 @@ pub fn apply(edits: &ContainerEdits, spec: &mut Spec) -> Result<()> {
             }
         };
         let rdev = meta.rdev();
-        let major = node.major.unwrap_or(libc::major(rdev) as i64);
-        let minor = node.minor.unwrap_or(libc::minor(rdev) as i64);
+        let major = node.major.unwrap_or(nix::sys::stat::major(rdev) as i64);
+        let minor = node.minor.unwrap_or(nix::sys::stat::minor(rdev) as i64);
         let mut b = LinuxDeviceBuilder::default()
             .path(&node.path)
             .typ(kind)

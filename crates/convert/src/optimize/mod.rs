@@ -2,19 +2,19 @@
 //! unpacked layers, runc), record the files it reads with fanotify, then convert
 //! with each layer's accessed files prioritized in access order.
 //!
-//! - [`rootfs`] unpacks layers and mounts the overlay.
-//! - [`sandbox`] generates the runtime bundle and runs runc.
-//! - [`recorder`] watches file accesses.
-//! - [`record`] reads and writes the access record (JSON lines).
-//! - [`cni`] attaches the workload to a CNI network (`--cni`).
-//! - [`cdi`] exposes GPUs described by CDI specs (`--gpus`).
+//! - `rootfs` unpacks layers and mounts the overlay.
+//! - `sandbox` generates the runtime bundle and runs runc.
+//! - `recorder` watches file accesses.
+//! - `record` reads and writes the access record (JSON lines).
+//! - `cni` attaches the workload to a CNI network (`--cni`).
+//! - `cdi` exposes GPUs described by CDI specs (`--gpus`).
 
-pub mod cdi;
-pub mod cni;
-pub mod record;
-pub mod recorder;
-pub mod rootfs;
-pub mod sandbox;
+mod cdi;
+mod cni;
+mod record;
+mod recorder;
+mod rootfs;
+mod sandbox;
 
 use std::collections::HashMap;
 use std::path::PathBuf;
@@ -24,7 +24,12 @@ use registry::{Digest, Manifest, Platform};
 
 use crate::error::{Error, Result};
 use crate::{convert, ConvertOptions, ConvertReport, Store};
+pub use cni::{
+    plugin_dir_or_fallback as cni_plugin_dir_or_fallback,
+    DEFAULT_PLUGIN_DIR as DEFAULT_CNI_PLUGIN_DIR,
+};
 pub use record::{read_record, write_record, RecordEntry};
+pub use rootfs::unpack_layer;
 pub use sandbox::{MountSpec, StopWhen, Workload};
 
 /// How to optimize an image.
@@ -102,8 +107,7 @@ pub async fn optimize(src: &Store, dst: &Store, opts: &OptimizeOptions) -> Resul
 }
 
 fn check_prerequisites(opts: &OptimizeOptions) -> Result<()> {
-    // SAFETY: geteuid has no preconditions.
-    if unsafe { libc::geteuid() } != 0 {
+    if !nix::unistd::geteuid().is_root() {
         return Err(Error::NotRoot);
     }
     if opts.cni.is_some() && opts.workload.net_host {

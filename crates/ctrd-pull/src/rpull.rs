@@ -29,8 +29,9 @@ use registry::{Client, Descriptor, Platform, Reference};
 use sha2::{Digest as _, Sha256};
 use tokio::io::AsyncReadExt;
 
+use convert::Store;
+
 use crate::error::{Error, Result};
-use crate::store::Store;
 
 /// Label naming the snapshot a prepared one becomes once committed.
 pub const SNAPSHOT_REF_LABEL: &str = "containerd.io/snapshot.ref";
@@ -57,9 +58,10 @@ pub struct RpullOptions {
 }
 
 /// What a pull did.
-#[derive(Clone, Debug, Default)]
+#[derive(Clone, Debug)]
 pub struct RpullReport {
-    pub manifest: String,
+    /// The image manifest pulled.
+    pub manifest: oci_digest::Digest,
     /// Layers the snapshotter mounts remotely.
     pub remote: usize,
     /// Layers fetched and unpacked here.
@@ -371,9 +373,15 @@ async fn pull_leased(
     let store = Store::registry(client.clone(), reference.clone());
     let mut snaps = SnapshotsClient::new(ctd.channel.clone());
     let mut report = RpullReport {
-        manifest: img.digest.to_string(),
+        manifest: img
+            .digest
+            .to_string()
+            .parse()
+            .map_err(|e: oci_digest::ParseDigestError| Error::bad("manifest", e.to_string()))?,
+        remote: 0,
+        unpacked: 0,
+        existing: 0,
         chain_id: top.clone(),
-        ..Default::default()
     };
     for (i, layer) in m.layers.iter().enumerate() {
         let chain = &chains[i];
