@@ -29,8 +29,7 @@ pub use compress::Codec;
 pub use error::{Error, Result};
 pub use footer::{Compression, Footer};
 pub use reader::{
-    coalesce, decode_chunk, BlobSource, Chunk, FileBlob, Index, Node, NodeId, NodeKind,
-    OpenOptions, Reader,
+    decode_chunk, BlobSource, Chunk, FileBlob, Index, Node, NodeId, NodeKind, OpenOptions, Reader,
 };
 pub use toc::{EntryType, Toc, TocEntry};
 pub use verify::{verify_blob, VerifyReport};

@@ -223,10 +223,17 @@ fn mount_with(fetcher: Arc<dyn Fetcher>, blob: &Blob, cfg: &Config) -> Mounted {
 
 fn mount_cached(fetcher: Arc<dyn Fetcher>, blob: &Blob, cfg: &Config, cache_dir: &Path) -> Mounted {
     let mnt_dir = tempfile::tempdir().expect("tempdir");
-    let cache = fs::cache_from_config(cfg, cache_dir).expect("cache");
+    let cache = ChunkCache::from_config(cfg, cache_dir, None).expect("cache");
     let mnt = mnt_dir.path().to_path_buf();
     let guard = MountGuard(mnt.clone());
-    let handle = fs::mount(fetcher, blob.desc.clone(), &mnt, cfg, cache).expect("mount");
+    let layer = fs::Layer::open(fetcher, blob.desc.clone(), cfg, cache).expect("open");
+    let pool = fs::FetchPool::shared().expect("pool");
+    let opts = fs::MountOptions {
+        cfg,
+        metrics: None,
+        pool: &pool,
+    };
+    let handle = fs::mount(Arc::new(layer), &mnt, &opts).expect("mount");
     Mounted {
         handle: Some(handle),
         mnt,

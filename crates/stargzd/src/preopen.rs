@@ -126,7 +126,7 @@ impl LayerPool {
     }
 
     /// Starts opening a layer unless it is already on its way; prefetch follows the open
-    /// on its own thread, so a mount that comes later finds the prioritized files cached
+    /// on the fetch pool, so a mount that comes later finds the prioritized files cached
     /// or arriving.
     fn start(
         &self,
@@ -158,17 +158,11 @@ impl LayerPool {
             let layer =
                 fs::Layer::open(Arc::new(fetcher), desc, &cfg, cache).map_err(|e| e.to_string())?;
             let layer = Arc::new(layer);
-            if !cfg.noprefetch && layer.index().prefetch_end.is_some() {
-                let l = layer.clone();
-                let spawned = std::thread::Builder::new()
-                    .name("stargz-prefetch".into())
-                    .spawn(move || {
-                        if let Err(e) = l.prefetch() {
-                            warn!(layer = %l.desc().digest, error = %e, "prefetch failed");
-                        }
-                    });
-                if let Err(e) = spawned {
-                    warn!(error = %e, "cannot start prefetch; the mount will do it");
+            if !cfg.noprefetch {
+                // The mount starts it too; it runs once either way.
+                match fs::FetchPool::shared() {
+                    Ok(pool) => layer.start_prefetch(&pool),
+                    Err(e) => warn!(error = %e, "cannot start prefetch; the mount will do it"),
                 }
             }
             info!(layer = %digest, "layer opened ahead of its mount");

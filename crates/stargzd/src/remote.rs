@@ -28,7 +28,7 @@ impl FuseRemote {
             Arc::new(registry::DockerConfigKeychain::from_env());
         let client = registry::Client::with_metrics(reg, keychain, metrics.registry.clone())?;
         std::fs::create_dir_all(cache_dir)?;
-        let cache = fs::observed_cache_from_config(&cfg, cache_dir, &metrics.fs)?;
+        let cache = fs::ChunkCache::from_config(&cfg, cache_dir, Some(&metrics.fs))?;
         Ok(FuseRemote {
             layers: LayerPool::new(client, cfg.clone(), cache),
             cfg,
@@ -76,7 +76,13 @@ impl RemoteFs for FuseRemote {
             self.metrics.fs.clone(),
         );
         let handle = tokio::task::spawn_blocking(move || {
-            fs::mount_layer_observed(layer, &mp, &cfg, &metrics)
+            let pool = fs::FetchPool::shared()?;
+            let opts = fs::MountOptions {
+                cfg: &cfg,
+                metrics: Some(&metrics),
+                pool: &pool,
+            };
+            fs::mount(layer, &mp, &opts)
         })
         .await
         .map_err(|e| e.to_string())?
