@@ -318,3 +318,37 @@ fn front_of_a_window_is_readable_before_the_window_completes() {
     let id = layer.index().lookup("p19").expect("p19");
     assert!(&layer.read(id, 0, last.len() as u32).expect("read") == last);
 }
+
+/// However many callers start the prefetch (a mount, the daemon opening the layer
+/// ahead of it), it runs once; `wait_prefetch` sees it end.
+#[test]
+fn prefetch_runs_once_however_many_start_it() {
+    init_tracing();
+    let e = entries();
+    let blob = make_blob(&e, 64 << 10, &["d/f4", "d/f5", "d/f10"]);
+    let fetcher = TestFetcher::open(&blob.path);
+    let layer = shared_layer(fetcher.clone(), &blob, ChunkCache::memory(64 << 20));
+    let after_open = fetcher.requests();
+    assert!(
+        layer.wait_prefetch(Duration::ZERO),
+        "nothing runs before a start"
+    );
+    std::thread::scope(|s| {
+        for _ in 0..6 {
+            s.spawn(|| layer.start_prefetch(&pool()));
+        }
+    });
+    assert!(
+        layer.wait_prefetch(Duration::from_secs(20)),
+        "prefetch ended"
+    );
+    assert_eq!(fetcher.requests(), after_open + 1, "one prefetch request");
+    assert!(layer.prefetched_bytes() > 0);
+    layer.start_prefetch(&pool());
+    assert!(layer.wait_prefetch(Duration::from_secs(20)));
+    assert_eq!(
+        fetcher.requests(),
+        after_open + 1,
+        "a late start is a no-op"
+    );
+}
