@@ -352,7 +352,6 @@ impl FuseLayer {
 
     /// Opens regular file `id` with passthrough when it is fully local and no handle
     /// of it is open through user space; otherwise through user space.
-
     fn open_file(&self, id: NodeId, ino: u64, reply: ReplyOpen) {
         // Layer content never changes, so the page cache stays valid across opens.
         let user_open = |opens: &mut HashMap<u64, Opens>, reply: ReplyOpen| {
