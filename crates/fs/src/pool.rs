@@ -10,7 +10,7 @@
 
 use std::collections::VecDeque;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::{Arc, Condvar, Mutex, MutexGuard, OnceLock};
+use std::sync::{Arc, Condvar, Mutex, MutexGuard};
 
 use tracing::error;
 
@@ -101,13 +101,14 @@ impl FetchPool {
     /// The process-wide pool ([`DEFAULT_THREADS`] threads, [`DEFAULT_QUEUE`] queued
     /// jobs), created on first use. Every caller gets the same threads.
     pub fn shared() -> Result<FetchPool> {
-        static SHARED: OnceLock<FetchPool> = OnceLock::new();
-        if let Some(p) = SHARED.get() {
+        static SHARED: Mutex<Option<FetchPool>> = Mutex::new(None);
+        let mut shared = SHARED.lock().unwrap_or_else(|p| p.into_inner());
+        if let Some(p) = shared.as_ref() {
             return Ok(p.clone());
         }
         let pool = FetchPool::new(DEFAULT_THREADS, DEFAULT_QUEUE)?;
-        // A racing caller may have won; its pool is the one kept, ours idles unused.
-        Ok(SHARED.get_or_init(|| pool).clone())
+        *shared = Some(pool.clone());
+        Ok(pool)
     }
 
     /// Threads in the pool.
@@ -339,6 +340,14 @@ mod tests {
         for _ in 0..3 {
             let _ = release_tx.send(());
         }
+    }
+
+    #[test]
+    fn the_shared_pool_is_one_pool() {
+        let a = FetchPool::shared().expect("pool");
+        let b = FetchPool::shared().expect("pool");
+        assert!(Arc::ptr_eq(&a.inner, &b.inner));
+        assert_eq!(a.threads(), DEFAULT_THREADS);
     }
 
     #[test]
