@@ -99,7 +99,8 @@ impl Fetcher for FileFetcher {
 /// A read hands its future to the runtime's [`tokio::runtime::Handle`] and waits for the
 /// bytes on a channel: no thread and no runtime is created per read. The registry merges
 /// neighbouring ranges into as few requests as its policy allows. Call it from plain
-/// threads (the fetch pool, `spawn_blocking`), never from an async task.
+/// threads (the fetch pool, `spawn_blocking`), never from an async task: waiting there
+/// would hold up the runtime the read needs (for good, on a current-thread runtime).
 pub struct RegistryFetcher {
     reader: Arc<registry::BlobReader>,
     handle: tokio::runtime::Handle,
@@ -132,16 +133,6 @@ impl RegistryFetcher {
             size,
         }
     }
-
-    /// Blocking on the runtime's own only thread would wait forever.
-    fn check_caller(&self) -> io::Result<()> {
-        match tokio::runtime::Handle::try_current() {
-            Ok(h) if h.runtime_flavor() == tokio::runtime::RuntimeFlavor::CurrentThread => Err(
-                io::Error::other("registry reads cannot wait inside a current-thread runtime"),
-            ),
-            _ => Ok(()),
-        }
-    }
 }
 
 /// What the runtime sends back to the thread waiting on a read.
@@ -159,7 +150,6 @@ impl Fetcher for RegistryFetcher {
         ranges: &[Range<u64>],
         sink: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
     ) -> io::Result<()> {
-        self.check_caller()?;
         let (tx, rx) = std::sync::mpsc::channel::<Reply>();
         let pieces = tx.clone();
         let forward: registry::RangeSink = Arc::new(move |off, piece| {
@@ -188,7 +178,6 @@ impl Fetcher for RegistryFetcher {
         }
     }
     fn read_ranges(&self, ranges: &[Range<u64>]) -> io::Result<Vec<Bytes>> {
-        self.check_caller()?;
         let (tx, rx) = std::sync::mpsc::sync_channel(1);
         let (reader, ranges) = (self.reader.clone(), ranges.to_vec());
         self.handle.spawn(async move {
