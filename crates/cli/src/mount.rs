@@ -98,7 +98,7 @@ pub fn run(args: MountArgs) -> Result<()> {
             (t.path().to_path_buf(), Some(t))
         }
     };
-    let cache = fs::cache_from_config(&cfg, &cache_dir)
+    let cache = fs::ChunkCache::from_config(&cfg, &cache_dir, None)
         .with_context(|| format!("opening cache {}", cache_dir.display()))?;
     std::fs::create_dir_all(&mountpoint)
         .with_context(|| format!("creating mountpoint {}", mountpoint.display()))?;
@@ -114,7 +114,15 @@ pub fn run(args: MountArgs) -> Result<()> {
     };
     let size = desc.size;
     let digest = desc.digest.clone();
-    let handle = fs::mount(fetcher, desc, &mountpoint, &cfg, cache)
+    let pool = fs::FetchPool::shared().context("starting the fetch threads")?;
+    let layer = fs::Layer::open(fetcher, desc, &cfg, cache)
+        .with_context(|| format!("opening layer {digest}"))?;
+    let opts = fs::MountOptions {
+        cfg: &cfg,
+        metrics: None,
+        pool: &pool,
+    };
+    let handle = fs::mount(Arc::new(layer), &mountpoint, &opts)
         .with_context(|| format!("mounting layer {digest} at {}", mountpoint.display()))?;
     println!("mounted {digest} at {}", handle.mountpoint().display());
     info!(layer = %digest, cache = %cache_dir.display(), "serving until Ctrl-C or SIGTERM");

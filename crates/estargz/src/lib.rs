@@ -31,7 +31,7 @@ pub use extract::{extract, ExtractOptions};
 pub use footer::{Compression, Footer};
 pub use names::clean_name;
 pub use reader::{
-    coalesce, decode_chunk, read_toc, BlobSource, Chunk, FileBlob, Index, Node, NodeId, NodeKind,
+    decode_chunk, read_toc, BlobSource, Chunk, FileBlob, Index, Node, NodeId, NodeKind,
     OpenOptions, RawToc, Reader, MAX_CHUNK_SIZE,
 };
 pub use toc::{EntryType, Toc, TocEntry, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK};

@@ -830,16 +830,3 @@ pub fn decode_chunk(
     }
     Ok(data)
 }
-
-/// Merges byte ranges that touch or lie within `gap` bytes of each other.
-pub fn coalesce(mut ranges: Vec<Range<u64>>, gap: u64) -> Vec<Range<u64>> {
-    ranges.sort_by_key(|r| r.start);
-    let mut out: Vec<Range<u64>> = Vec::with_capacity(ranges.len());
-    for r in ranges {
-        match out.last_mut() {
-            Some(last) if r.start <= last.end.saturating_add(gap) => last.end = last.end.max(r.end),
-            _ => out.push(r),
-        }
-    }
-    out
-}

@@ -17,7 +17,7 @@ use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use fs::{cache_from_config, Config, Fetcher, FileFetcher, LayerDesc, MountHandle};
+use fs::{ChunkCache, Config, FetchPool, Fetcher, FileFetcher, Layer, LayerDesc, MountHandle};
 
 type Res<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
 
@@ -357,8 +357,15 @@ fn mount_at(
     cache_dir: &Path,
 ) -> Res<MountHandle> {
     std::fs::create_dir_all(mnt)?;
-    let cache = cache_from_config(cfg, cache_dir)?;
-    Ok(fs::mount(fetcher, desc.clone(), mnt, cfg, cache)?)
+    let cache = ChunkCache::from_config(cfg, cache_dir, None)?;
+    let layer = Layer::open(fetcher, desc.clone(), cfg, cache)?;
+    let pool = FetchPool::shared()?;
+    let opts = fs::MountOptions {
+        cfg,
+        metrics: None,
+        pool: &pool,
+    };
+    Ok(fs::mount(Arc::new(layer), mnt, &opts)?)
 }
 
 fn mount100k(work: &Path) -> Res<()> {
@@ -780,13 +787,20 @@ fn net(work: &Path, ns: &str, addr: &str, rate_mbit: u64) -> Res<()> {
         // is reported on its own: it is the first in this process to load (and hash)
         // the chunks the cold run left on disk, and with passthrough it also builds the
         // whole-file copies.
-        let cache = cache_from_config(&cfg, &warm_cache.path().join("cache"))?;
+        let cache = ChunkCache::from_config(&cfg, &warm_cache.path().join("cache"), None)?;
+        let pool = FetchPool::shared()?;
         let (mut first, mut again, mut fp50, mut fp99, mut wp50, mut wp99) =
             (vec![], vec![], vec![], vec![], vec![], vec![]);
         for rep in 0..WARM_REPS + 1 {
             let mnt = warm_cache.path().join(format!("m{passthrough}{rep}"));
             std::fs::create_dir_all(&mnt)?;
-            let h = fs::mount(fetcher_for(&desc)?, desc.clone(), &mnt, &cfg, cache.clone())?;
+            let layer = Layer::open(fetcher_for(&desc)?, desc.clone(), &cfg, cache.clone())?;
+            let opts = fs::MountOptions {
+                cfg: &cfg,
+                metrics: None,
+                pool: &pool,
+            };
+            let h = fs::mount(Arc::new(layer), &mnt, &opts)?;
             let mut files: Vec<(PathBuf, u64)> = walk(&mnt)?
                 .into_iter()
                 .filter(|(_, n)| *n >= LARGE_FILE)

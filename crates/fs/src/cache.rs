@@ -14,6 +14,7 @@ use std::time::Duration;
 use sha2::{Digest as _, Sha256};
 use tracing::warn;
 
+use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::metrics::{CacheCounters, FsMetrics};
 use crate::priority::{Priority, DEFAULT_QUIET};
@@ -94,6 +95,26 @@ impl ChunkCache {
             priority: Priority::new(DEFAULT_QUIET),
             counters: CacheCounters::default(),
         }
+    }
+
+    /// The cache `cfg` asks for: on disk under `dir`, or memory only, with its
+    /// background quiet period, counting hits and misses into `metrics` if given.
+    pub fn from_config(
+        cfg: &Config,
+        dir: &Path,
+        metrics: Option<&FsMetrics>,
+    ) -> Result<Arc<ChunkCache>> {
+        let mem = cfg.directory_cache.max_memory_bytes;
+        let mut cache = if cfg.uses_directory_cache() {
+            ChunkCache::directory(dir, mem)?
+        } else {
+            ChunkCache::memory(mem)
+        };
+        if let Some(m) = metrics {
+            cache = cache.with_metrics(m);
+        }
+        let quiet = Duration::from_millis(cfg.background_fetch_quiet_msec);
+        Ok(Arc::new(cache.with_background_quiet(quiet)))
     }
 
     /// Sets how long background fetch waits after the last prioritized work.

@@ -44,6 +44,8 @@ pub enum Error {
     },
     #[error("invalid configuration: {0}")]
     Config(String),
+    #[error("starting the fetch pool's threads: {0}")]
+    Pool(#[source] io::Error),
     #[error("inode {0} is not a regular file of this layer")]
     NotAFile(u64),
 }

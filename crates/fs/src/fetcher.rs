@@ -20,20 +20,29 @@ pub trait Fetcher: Send + Sync + 'static {
     /// The bytes of each range, in order; each must be exactly as long as its range.
     fn read_ranges(&self, ranges: &[Range<u64>]) -> io::Result<Vec<Bytes>>;
 
-    /// Reads one range, handing its bytes to `sink` in order as they arrive, each piece
-    /// with its blob offset, so the front of a large range can be used before the rest
-    /// has come. After a retry a piece may repeat earlier offsets. An error from `sink`
-    /// stops the read. The default reads the range whole.
-    fn read_range_streaming(
+    /// Reads `ranges` (sorted, disjoint) in one go, handing their bytes to `sink` in
+    /// blob order as they arrive, each piece with its blob offset, so the front of a
+    /// large read can be used before the rest has come. The fetcher may merge ranges
+    /// with the gaps between them (that is transport policy, not the caller's): a piece
+    /// may then carry bytes between the ranges asked for, never outside their span.
+    /// After a retry a piece may repeat earlier offsets. An error from `sink` stops the
+    /// read. The default reads every range whole with one [`Fetcher::read_ranges`].
+    fn read_ranges_streaming(
         &self,
-        range: Range<u64>,
+        ranges: &[Range<u64>],
         sink: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
     ) -> io::Result<()> {
-        let parts = self.read_ranges(std::slice::from_ref(&range))?;
-        match parts.first() {
-            Some(p) => sink(range.start, p),
-            None => Err(io::Error::new(io::ErrorKind::UnexpectedEof, "no data")),
+        let parts = self.read_ranges(ranges)?;
+        if parts.len() != ranges.len() {
+            return Err(io::Error::new(
+                io::ErrorKind::UnexpectedEof,
+                "the fetcher returned fewer ranges than asked",
+            ));
         }
+        for (r, p) in ranges.iter().zip(&parts) {
+            sink(r.start, p)?;
+        }
+        Ok(())
     }
 }
 
@@ -44,12 +53,12 @@ impl<F: Fetcher + ?Sized> Fetcher for Arc<F> {
     fn read_ranges(&self, ranges: &[Range<u64>]) -> io::Result<Vec<Bytes>> {
         (**self).read_ranges(ranges)
     }
-    fn read_range_streaming(
+    fn read_ranges_streaming(
         &self,
-        range: Range<u64>,
+        ranges: &[Range<u64>],
         sink: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
     ) -> io::Result<()> {
-        (**self).read_range_streaming(range, sink)
+        (**self).read_ranges_streaming(ranges, sink)
     }
 }
 
@@ -85,9 +94,13 @@ impl Fetcher for FileFetcher {
     }
 }
 
-/// A registry blob, read through the registry client's multi-range reader on a tokio
-/// runtime. Blocking callers wait on the runtime; callers already inside a runtime are
-/// moved to a helper thread so the runtime is never blocked from within.
+/// A registry blob, read through the registry client on the process's tokio runtime.
+///
+/// A read hands its future to the runtime's [`tokio::runtime::Handle`] and waits for the
+/// bytes on a channel: no thread and no runtime is created per read. The registry merges
+/// neighbouring ranges into as few requests as its policy allows. Call it from plain
+/// threads (the fetch pool, `spawn_blocking`), never from an async task: waiting there
+/// would hold up the runtime the read needs (for good, on a current-thread runtime).
 pub struct RegistryFetcher {
     reader: Arc<registry::BlobReader>,
     handle: tokio::runtime::Handle,
@@ -122,61 +135,57 @@ impl RegistryFetcher {
     }
 }
 
+/// What the runtime sends back to the thread waiting on a read.
+enum Reply {
+    Piece(u64, Bytes),
+    Done(io::Result<()>),
+}
+
 impl Fetcher for RegistryFetcher {
     fn size(&self) -> u64 {
         self.size
     }
-    fn read_range_streaming(
+    fn read_ranges_streaming(
         &self,
-        range: Range<u64>,
+        ranges: &[Range<u64>],
         sink: &mut dyn FnMut(u64, &[u8]) -> io::Result<()>,
     ) -> io::Result<()> {
-        // The read runs on a helper thread (never blocking a runtime from within); its
-        // pieces come back over a channel so that `sink` runs here, as they arrive.
-        let (tx, rx) = std::sync::mpsc::channel::<(u64, Bytes)>();
-        std::thread::scope(|s| {
-            let worker = s.spawn(move || {
-                let forward: registry::RangeSink = Arc::new(move |off, piece| {
-                    let _ = tx.send((off, piece));
-                });
-                self.handle
-                    .block_on(self.reader.read_range_streaming(range, forward))
-                    .map_err(io::Error::other)
-            });
-            // Ends when the read is over and its sender is gone. After a sink error the
-            // rest of the read is drained unseen.
-            let mut failed = None;
-            for (off, piece) in rx {
-                if failed.is_none() {
+        let (tx, rx) = std::sync::mpsc::channel::<Reply>();
+        let pieces = tx.clone();
+        let forward: registry::RangeSink = Arc::new(move |off, piece| {
+            let _ = pieces.send(Reply::Piece(off, piece));
+        });
+        let (reader, ranges) = (self.reader.clone(), ranges.to_vec());
+        let task = self.handle.spawn(async move {
+            let res = reader
+                .read_ranges_streaming(&ranges, forward)
+                .await
+                .map_err(io::Error::other);
+            let _ = tx.send(Reply::Done(res));
+        });
+        // `sink` runs here, on the caller's thread, as pieces arrive.
+        loop {
+            match rx.recv() {
+                Ok(Reply::Piece(off, piece)) => {
                     if let Err(e) = sink(off, &piece) {
-                        failed = Some(e);
+                        task.abort();
+                        return Err(e);
                     }
                 }
+                Ok(Reply::Done(res)) => return res,
+                Err(_) => return Err(io::Error::other("the registry read ended without a reply")),
             }
-            let res = worker
-                .join()
-                .unwrap_or_else(|_| Err(io::Error::other("registry fetch thread panicked")));
-            match failed {
-                Some(e) => Err(e),
-                None => res,
-            }
-        })
+        }
     }
     fn read_ranges(&self, ranges: &[Range<u64>]) -> io::Result<Vec<Bytes>> {
-        let run = || {
-            self.handle
-                .block_on(self.reader.read_ranges(ranges))
-                .map_err(io::Error::other)
-        };
-        if tokio::runtime::Handle::try_current().is_ok() {
-            std::thread::scope(|s| {
-                s.spawn(run)
-                    .join()
-                    .unwrap_or_else(|_| Err(io::Error::other("registry fetch thread panicked")))
-            })
-        } else {
-            run()
-        }
+        let (tx, rx) = std::sync::mpsc::sync_channel(1);
+        let (reader, ranges) = (self.reader.clone(), ranges.to_vec());
+        self.handle.spawn(async move {
+            let res = reader.read_ranges(&ranges).await.map_err(io::Error::other);
+            let _ = tx.send(res);
+        });
+        rx.recv()
+            .unwrap_or_else(|_| Err(io::Error::other("the registry read ended without a reply")))
     }
 }
 

@@ -1,10 +1,11 @@
 //! The FUSE side: inode numbering, attributes, directory listings with overlayfs-style
-//! whiteouts, xattrs, the state directory, and reads answered from the cache or, after a
-//! fetch on a worker thread, from there.
+//! whiteouts, xattrs, the state directory, and reads answered from the cache on the FUSE
+//! thread or, after a fetch, from the fetch pool thread that fetched.
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::OsStr;
 use std::os::unix::ffi::OsStrExt;
+use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::path::Path;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -17,10 +18,11 @@ use fuser::{
     ReplyDirectory, ReplyDirectoryPlus, ReplyEmpty, ReplyEntry, ReplyOpen, ReplyStatfs, ReplyXattr,
     Request,
 };
-use tracing::{debug, info, warn};
+use tracing::{debug, error, info, warn};
 
 use crate::layer::Layer;
 use crate::metrics::{FuseOp, FuseOpMetrics, OpTimer};
+use crate::pool::FetchPool;
 
 /// Name of the state directory at the root; hidden from listings, reachable by lookup.
 pub const STATE_DIR: &str = ".stargz-snapshotter";
@@ -52,7 +54,7 @@ const USER_FH: FileHandle = FileHandle(0);
 pub(crate) struct FuseLayer {
     layer: Arc<Layer>,
     opts: FuseOpts,
-    rt: tokio::runtime::Handle,
+    pool: FetchPool,
     /// Node is a `.wh.NAME` file shown as a whiteout device.
     whiteout: Vec<bool>,
     /// Directory holds `.wh..wh..opq`.
@@ -86,7 +88,7 @@ impl FuseLayer {
     pub(crate) fn new(
         layer: Arc<Layer>,
         opts: FuseOpts,
-        rt: tokio::runtime::Handle,
+        pool: FetchPool,
         passthrough_opens: Arc<AtomicU64>,
         ops: Option<FuseOpMetrics>,
     ) -> FuseLayer {
@@ -110,7 +112,7 @@ impl FuseLayer {
             state_file_name: format!("{}.json", layer.desc().digest),
             layer,
             opts,
-            rt,
+            pool,
             whiteout,
             opaque,
             state_dir_ino: n + 1,
@@ -314,24 +316,42 @@ impl FuseLayer {
             return;
         }
         let (layer, busy) = (self.layer.clone(), self.materializing.clone());
-        self.rt.spawn_blocking(move || {
-            layer.materialize(id);
+        let queued = self.pool.try_spawn({
+            let busy = busy.clone();
+            move || {
+                // Cleared even if the copy panics, so a later open may try again.
+                struct Done(Arc<Mutex<HashSet<NodeId>>>, NodeId);
+                impl Drop for Done {
+                    fn drop(&mut self) {
+                        if let Ok(mut busy) = self.0.lock() {
+                            busy.remove(&self.1);
+                        }
+                    }
+                }
+                let _done = Done(busy, id);
+                layer.materialize(id);
+            }
+        });
+        if !queued {
             if let Ok(mut busy) = busy.lock() {
                 busy.remove(&id);
             }
-        });
+        }
+    }
+
+    /// Starts fetching ahead of a reader that walks the blob in order. Read-ahead is
+    /// dropped when the pool's queue is full: readers fetch for themselves.
+    fn read_ahead(&self, id: NodeId, offset: u64, len: u64, cached: Option<bool>) {
+        for range in self.layer.note_access(id, offset, len, cached) {
+            let layer = self.layer.clone();
+            if !self.pool.try_spawn(move || layer.read_ahead(range)) {
+                debug!("fetch pool is full; read-ahead skipped");
+            }
+        }
     }
 
     /// Opens regular file `id` with passthrough when it is fully local and no handle
     /// of it is open through user space; otherwise through user space.
-    /// Starts fetching ahead of a reader that walks the blob in order.
-    fn read_ahead(&self, id: NodeId, offset: u64, len: u64, cached: Option<bool>) {
-        for range in self.layer.note_access(id, offset, len, cached) {
-            let layer = self.layer.clone();
-            self.rt.spawn_blocking(move || layer.read_ahead(range));
-        }
-    }
-
     fn open_file(&self, id: NodeId, ino: u64, reply: ReplyOpen) {
         // Layer content never changes, so the page cache stays valid across opens.
         let user_open = |opens: &mut HashMap<u64, Opens>, reply: ReplyOpen| {
@@ -386,7 +406,7 @@ impl Filesystem for FuseLayer {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
         let _ = config.add_capabilities(InitFlags::FUSE_READDIRPLUS_AUTO);
-        // Reads wait on the network in worker threads, so let the kernel keep more of
+        // Reads wait on the network in pool threads, so let the kernel keep more of
         // them (readahead included) outstanding than its default of 12.
         let _ = config.set_max_background(64);
         if self.opts.passthrough {
@@ -440,8 +460,15 @@ impl Filesystem for FuseLayer {
         if self.layer.index().node(id).kind != NodeKind::Reg || self.whiteout[id as usize] {
             return reply.error(Errno::EACCES);
         }
-        self.read_ahead(id, 0, u64::MAX, None);
-        self.open_file(id, ino.0, reply);
+        // A panic in this layer's code ends this request (the dropped reply answers
+        // EIO), not the FUSE thread.
+        let res = catch_unwind(AssertUnwindSafe(|| {
+            self.read_ahead(id, 0, u64::MAX, None);
+            self.open_file(id, ino.0, reply);
+        }));
+        if res.is_err() {
+            error!(layer = %self.layer.desc().digest, ino = ino.0, "open panicked; answered EIO");
+        }
     }
 
     fn read(
@@ -465,18 +492,37 @@ impl Filesystem for FuseLayer {
         let Some(id) = self.node_of(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        let cached = self.layer.read_cached(id, offset, size);
-        self.read_ahead(id, offset, u64::from(size), Some(cached.is_some()));
+        // Verified cached bytes are answered right here; a miss goes to the fetch pool,
+        // whose thread fetches and answers. A panic in either place ends this request
+        // with EIO (the dropped reply answers it) and nothing else.
+        let fast = catch_unwind(AssertUnwindSafe(|| {
+            let cached = self.layer.read_cached(id, offset, size);
+            self.read_ahead(id, offset, u64::from(size), Some(cached.is_some()));
+            cached
+        }));
+        let cached = match fast {
+            Ok(c) => c,
+            Err(_) => {
+                error!(layer = %self.layer.desc().digest, ino = ino.0, offset, size,
+                    "read panicked; answered EIO");
+                return reply.error(Errno::EIO);
+            }
+        };
         if let Some(data) = cached {
             return reply.data(&data);
         }
         let layer = self.layer.clone();
-        self.rt.spawn_blocking(move || {
+        self.pool.spawn(move || {
             let _timer = _timer;
-            match layer.read(id, offset, size) {
-                Ok(data) => reply.data(&data),
-                Err(e) => {
+            match catch_unwind(AssertUnwindSafe(|| layer.read_missed(id, offset, size))) {
+                Ok(Ok(data)) => reply.data(&data),
+                Ok(Err(e)) => {
                     debug!(ino = ino.0, offset, size, error = %e, "read failed");
+                    reply.error(Errno::EIO)
+                }
+                Err(_) => {
+                    error!(layer = %layer.desc().digest, ino = ino.0, offset, size,
+                        "read panicked; answered EIO");
                     reply.error(Errno::EIO)
                 }
             }

@@ -1,8 +1,8 @@
 //! A lazily fetched eStargz layer served read-only through FUSE.
 //!
-//! [`mount`] opens a layer through a [`Fetcher`] (a local file, or a registry blob via
-//! [`RegistryFetcher`]), verifies its TOC against the descriptor's TOC digest, and serves
-//! it at a mount point. File data is fetched chunk by chunk on first read, verified
+//! [`Layer::open`] opens a layer through a [`Fetcher`] (a local file, or a registry blob
+//! via [`RegistryFetcher`]) and verifies its TOC against the descriptor's TOC digest;
+//! [`mount`] serves it at a mount point. File data is fetched chunk by chunk on first read, verified
 //! against the TOC's chunk digests, and kept in a [`ChunkCache`]. Prioritized files are
 //! prefetched before the mount is reported ready, and the rest of the layer is fetched in
 //! the background until the layer is fully local.
@@ -12,10 +12,13 @@
 //! `trusted.overlay.opaque=y` xattr of its directory. The hidden directory
 //! `/.stargz-snapshotter` holds `<layer digest>.json` with the fetch progress.
 //!
-//! [`FsMetrics`] collects Prometheus metrics of the mounts made with [`mount_observed`].
+//! Everything that may wait on the network (reads that miss, read-ahead, prefetch,
+//! background windows) runs on one [`FetchPool`] of plain threads per process, shared by
+//! all mounts; fs creates no runtime. [`FsMetrics`] collects Prometheus metrics of the
+//! mounts given it in their [`MountOptions`].
 //!
-//! Built on `fuser` (FUSE protocol, multi-threaded sessions, passthrough), `tokio`
-//! (worker threads for reads that must fetch), the workspace's `estargz` (TOC, index,
+//! Built on `fuser` (FUSE protocol, multi-threaded sessions, passthrough), `tokio` (only
+//! to hand registry reads to the process's runtime), the workspace's `estargz` (TOC, index,
 //! chunk decoding) and `registry` crates, `prometheus-client`, `sha2`, `serde`/`toml`, `tempfile`,
 //! `thiserror` and `tracing`.
 
@@ -27,6 +30,7 @@ mod fusefs;
 pub mod layer;
 pub mod metrics;
 mod mount;
+pub mod pool;
 pub mod priority;
 mod readahead;
 
@@ -37,7 +41,5 @@ pub use fetcher::{Fetcher, FileFetcher, RegistryFetcher};
 pub use fusefs::STATE_DIR;
 pub use layer::{Layer, LayerDesc};
 pub use metrics::FsMetrics;
-pub use mount::{
-    cache_from_config, mount, mount_layer, mount_layer_observed, mount_observed,
-    observed_cache_from_config, MountHandle,
-};
+pub use mount::{mount, MountHandle, MountOptions};
+pub use pool::FetchPool;

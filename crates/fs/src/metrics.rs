@@ -19,7 +19,16 @@ use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
-use crate::layer::Layer;
+/// What the metrics read off a live layer at scrape time. Layers implement it, so this
+/// module needs nothing of theirs.
+pub(crate) trait LayerGauges: Send + Sync {
+    fn digest(&self) -> &str;
+    fn blob_size(&self) -> u64;
+    fn fetched_bytes(&self) -> u64;
+    fn prefetched_bytes(&self) -> u64;
+}
+
+type LiveLayer = (PathBuf, Arc<dyn LayerGauges>);
 
 /// FUSE operations timed by [`FsMetrics`], in the order of [`FuseOpMetrics`]'s table.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -86,7 +95,7 @@ pub struct FsMetrics {
 }
 
 struct Inner {
-    mounts: Mutex<BTreeMap<PathBuf, Weak<Layer>>>,
+    mounts: Mutex<BTreeMap<PathBuf, Weak<dyn LayerGauges>>>,
     fuse: HistogramFamily,
     cache_hits: Family<CacheLabels, Counter>,
     cache_misses: Family<CacheLabels, Counter>,
@@ -152,9 +161,9 @@ impl FsMetrics {
         self.live_layers().len()
     }
 
-    pub(crate) fn layer_mounted(&self, mountpoint: &Path, layer: &Arc<Layer>) {
+    pub(crate) fn layer_mounted(&self, mountpoint: &Path, layer: Weak<dyn LayerGauges>) {
         if let Ok(mut m) = self.inner.mounts.lock() {
-            m.insert(mountpoint.to_path_buf(), Arc::downgrade(layer));
+            m.insert(mountpoint.to_path_buf(), layer);
         }
     }
 
@@ -164,7 +173,7 @@ impl FsMetrics {
         }
     }
 
-    fn live_layers(&self) -> Vec<(PathBuf, Arc<Layer>)> {
+    fn live_layers(&self) -> Vec<LiveLayer> {
         live_layers(&self.inner)
     }
 
@@ -203,7 +212,7 @@ impl FsMetrics {
     }
 }
 
-fn live_layers(inner: &Inner) -> Vec<(PathBuf, Arc<Layer>)> {
+fn live_layers(inner: &Inner) -> Vec<LiveLayer> {
     let Ok(m) = inner.mounts.lock() else {
         return Vec::new();
     };
@@ -251,7 +260,7 @@ impl Drop for OpTimer {
 }
 
 /// Name, help, and how to read the value off a live layer.
-type LayerGauge = (&'static str, &'static str, fn(&Layer) -> u64);
+type LayerGauge = (&'static str, &'static str, fn(&dyn LayerGauges) -> u64);
 
 struct LayerCollector(Arc<Inner>);
 
@@ -263,11 +272,11 @@ impl std::fmt::Debug for LayerCollector {
 
 impl Collector for LayerCollector {
     fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
-        let layers: Vec<(LayerLabels, Arc<Layer>)> = live_layers(&self.0)
+        let layers: Vec<(LayerLabels, Arc<dyn LayerGauges>)> = live_layers(&self.0)
             .into_iter()
             .map(|(mp, l)| {
                 let labels = LayerLabels {
-                    digest: l.desc().digest.clone(),
+                    digest: l.digest().to_string(),
                     mountpoint: mp.display().to_string(),
                 };
                 (labels, l)
@@ -281,16 +290,16 @@ impl Collector for LayerCollector {
             mounts.metric_type(),
         )?)?;
         let gauges: [LayerGauge; 3] = [
-            ("layer_size", "Total size of the layer", Layer::blob_size),
+            ("layer_size", "Total size of the layer", |l| l.blob_size()),
             (
                 "layer_fetched_size",
                 "Bytes of the layer that are local (fetched or found in the cache)",
-                Layer::fetched_bytes,
+                |l| l.fetched_bytes(),
             ),
             (
                 "layer_prefetch_size",
                 "Bytes of the layer fetched by prefetch",
-                Layer::prefetched_bytes,
+                |l| l.prefetched_bytes(),
             ),
         ];
         for (name, help, value) in gauges {
@@ -301,7 +310,7 @@ impl Collector for LayerCollector {
                 prometheus_client::metrics::MetricType::Gauge,
             )?;
             for (labels, layer) in &layers {
-                let g = ConstGauge::new(value(layer) as i64);
+                let g = ConstGauge::new(value(layer.as_ref()) as i64);
                 g.encode(family.encode_family(labels)?)?;
             }
         }

@@ -1,120 +1,55 @@
-//! Mounting a layer: the FUSE session on its own threads, the worker runtime for reads
-//! that must fetch, prefetch before the mount is reported ready, background fetch after,
-//! and unmounting when the handle goes away.
+//! Mounting a layer: the FUSE session on its own threads, reads that must fetch handed
+//! to the process's fetch pool, prefetch before the mount is reported ready, background
+//! fetch after, and unmounting when the handle goes away.
 
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::time::Duration;
 
 use fuser::{MountOption, SessionACL};
 use tracing::{info, warn};
 
-use crate::cache::ChunkCache;
 use crate::config::Config;
 use crate::error::{Error, Result};
-use crate::fetcher::Fetcher;
 use crate::fusefs::{is_mounted, FuseLayer, FuseOpts};
-use crate::layer::{Layer, LayerDesc};
-use crate::metrics::FsMetrics;
+use crate::layer::Layer;
+use crate::metrics::{FsMetrics, LayerGauges};
+use crate::pool::FetchPool;
 
 /// FUSE request threads per mount.
 const FUSE_THREADS: usize = 4;
-/// Upper bound on reads waiting for fetches at once, per mount.
-const MAX_FETCH_THREADS: usize = 64;
 /// Longest `unmount` waits for the FUSE session to end.
 const UNMOUNT_WAIT: Duration = Duration::from_secs(5);
 
-/// The chunk cache a configuration asks for: on disk under `dir`, or memory only.
-pub fn cache_from_config(cfg: &Config, dir: &Path) -> Result<Arc<ChunkCache>> {
-    Ok(Arc::new(build_cache(cfg, dir)?))
+/// How to mount a layer.
+#[derive(Clone, Copy)]
+pub struct MountOptions<'a> {
+    /// FUSE timeouts and passthrough, prefetch and background fetch switches.
+    pub cfg: &'a Config,
+    /// Where the mount's FUSE latency and the layer's gauges are recorded until it is
+    /// unmounted; none when `None`.
+    pub metrics: Option<&'a FsMetrics>,
+    /// The process's fetch pool: misses, read-ahead, prefetch and background windows of
+    /// this mount run there, side by side with every other mount's.
+    pub pool: &'a FetchPool,
 }
 
-/// [`cache_from_config`], counting hits and misses into `metrics`.
-pub fn observed_cache_from_config(
-    cfg: &Config,
-    dir: &Path,
-    metrics: &FsMetrics,
-) -> Result<Arc<ChunkCache>> {
-    Ok(Arc::new(build_cache(cfg, dir)?.with_metrics(metrics)))
-}
-
-fn build_cache(cfg: &Config, dir: &Path) -> Result<ChunkCache> {
-    let mem = cfg.directory_cache.max_memory_bytes;
-    let cache = if cfg.uses_directory_cache() {
-        ChunkCache::directory(dir, mem)?
-    } else {
-        ChunkCache::memory(mem)
-    };
-    let quiet = Duration::from_millis(cfg.background_fetch_quiet_msec);
-    Ok(cache.with_background_quiet(quiet))
-}
-
-/// Opens the layer behind `fetcher` and mounts it read-only at `mountpoint`. Returns once
-/// the mount answers requests and prefetch finished (or `prefetch_timeout_sec` passed).
+/// Mounts the opened `layer` read-only at `mountpoint`. Returns once the mount answers
+/// requests and prefetch finished (or `prefetch_timeout_sec` passed); background fetch
+/// follows the prefetch unless switched off.
 ///
 /// Blocking: call it from a plain thread or `spawn_blocking`.
-pub fn mount(
-    fetcher: Arc<dyn Fetcher>,
-    desc: LayerDesc,
-    mountpoint: &Path,
-    cfg: &Config,
-    cache: Arc<ChunkCache>,
-) -> Result<MountHandle> {
-    let layer = Arc::new(Layer::open(fetcher, desc, cfg, cache)?);
-    mount_layer(layer, mountpoint, cfg)
-}
-
-/// [`mount`], with the layer's gauges and FUSE latency recorded into `metrics` until
-/// the handle unmounts.
-pub fn mount_observed(
-    fetcher: Arc<dyn Fetcher>,
-    desc: LayerDesc,
-    mountpoint: &Path,
-    cfg: &Config,
-    cache: Arc<ChunkCache>,
-    metrics: &FsMetrics,
-) -> Result<MountHandle> {
-    let layer = Arc::new(Layer::open(fetcher, desc, cfg, cache)?);
-    mount_layer_inner(layer, mountpoint, cfg, Some(metrics))
-}
-
-/// Mounts an already opened layer.
-pub fn mount_layer(layer: Arc<Layer>, mountpoint: &Path, cfg: &Config) -> Result<MountHandle> {
-    mount_layer_inner(layer, mountpoint, cfg, None)
-}
-
-/// [`mount_layer`], recording the mount's FUSE operations and layer gauges into `metrics`.
-pub fn mount_layer_observed(
-    layer: Arc<Layer>,
-    mountpoint: &Path,
-    cfg: &Config,
-    metrics: &FsMetrics,
-) -> Result<MountHandle> {
-    mount_layer_inner(layer, mountpoint, cfg, Some(metrics))
-}
-
-fn mount_layer_inner(
-    layer: Arc<Layer>,
-    mountpoint: &Path,
-    cfg: &Config,
-    metrics: Option<&FsMetrics>,
-) -> Result<MountHandle> {
+pub fn mount(layer: Arc<Layer>, mountpoint: &Path, opts: &MountOptions<'_>) -> Result<MountHandle> {
+    let cfg = opts.cfg;
     // mountinfo lists canonical paths; `check` compares against this one.
     let mountpoint = &std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.into());
     let mount_err = |source: std::io::Error| Error::Mount {
         mountpoint: mountpoint.display().to_string(),
         source,
     };
-    let runtime = tokio::runtime::Builder::new_multi_thread()
-        .worker_threads(1)
-        .max_blocking_threads(MAX_FETCH_THREADS)
-        .thread_name("stargz-fetch")
-        .enable_all()
-        .build()
-        .map_err(mount_err)?;
-    let opts = FuseOpts {
+    let fopts = FuseOpts {
         attr_ttl: Duration::from_secs(cfg.fuse.attr_timeout),
         entry_ttl: Duration::from_secs(cfg.fuse.entry_timeout),
         passthrough: cfg.fuse.passthrough,
@@ -122,10 +57,10 @@ fn mount_layer_inner(
     let passthrough_opens = Arc::new(AtomicU64::new(0));
     let fs = FuseLayer::new(
         layer.clone(),
-        opts,
-        runtime.handle().clone(),
+        fopts,
+        opts.pool.clone(),
         passthrough_opens.clone(),
-        metrics.map(FsMetrics::fuse_ops),
+        opts.metrics.map(FsMetrics::fuse_ops),
     );
     let mut fcfg = fuser::Config::default();
     fcfg.mount_options = vec![
@@ -142,45 +77,32 @@ fn mount_layer_inner(
     let session = fuser::Session::new(fs, mountpoint, &fcfg).map_err(mount_err)?;
     let session = session.spawn().map_err(mount_err)?;
     info!(layer = %layer.desc().digest, mountpoint = %mountpoint.display(), "mounted");
-    if let Some(m) = metrics {
-        m.layer_mounted(mountpoint, &layer);
+    if let Some(m) = opts.metrics {
+        let gauges: Weak<dyn LayerGauges> = Arc::downgrade(&layer) as Weak<dyn LayerGauges>;
+        m.layer_mounted(mountpoint, gauges);
     }
 
-    let (ready_tx, ready_rx) = mpsc::channel();
-    let worker = {
-        let layer = layer.clone();
-        let prefetch = !cfg.noprefetch && layer.index().prefetch_end.is_some();
-        let background = !cfg.no_background_fetch;
-        let workers = cfg.background_workers();
-        std::thread::Builder::new()
-            .name("stargz-bg".into())
-            .spawn(move || {
-                if prefetch {
-                    if let Err(e) = layer.prefetch() {
-                        warn!(layer = %layer.desc().digest, error = %e, "prefetch failed");
-                    }
-                }
-                let _ = ready_tx.send(());
-                if background {
-                    layer.background_fetch(workers);
-                }
-            })
-            .map_err(mount_err)?
-    };
+    let prefetch = !cfg.noprefetch && layer.index().prefetch_end.is_some();
+    if prefetch {
+        // A no-op when the layer was opened ahead of its mount and its prefetch started.
+        layer.start_prefetch(opts.pool);
+    }
+    if !cfg.no_background_fetch {
+        layer.start_background(opts.pool, cfg.background_workers());
+    }
     let handle = MountHandle {
         session: Some(session),
         layer,
         mountpoint: mountpoint.to_path_buf(),
-        runtime: Some(runtime),
-        _worker: worker,
         passthrough_opens,
-        metrics: metrics.cloned(),
+        metrics: opts.metrics.cloned(),
     };
-    if !cfg.noprefetch && handle.layer.index().prefetch_end.is_some() {
-        let timeout = Duration::from_secs(cfg.prefetch_timeout_sec);
-        if ready_rx.recv_timeout(timeout).is_err() {
-            warn!(layer = %handle.layer.desc().digest, "prefetch still running; mount proceeds");
-        }
+    if prefetch
+        && !handle
+            .layer
+            .wait_prefetch(Duration::from_secs(cfg.prefetch_timeout_sec))
+    {
+        warn!(layer = %handle.layer.desc().digest, "prefetch still running; mount proceeds");
     }
     Ok(handle)
 }
@@ -190,8 +112,6 @@ pub struct MountHandle {
     session: Option<fuser::BackgroundSession>,
     layer: Arc<Layer>,
     mountpoint: PathBuf,
-    runtime: Option<tokio::runtime::Runtime>,
-    _worker: std::thread::JoinHandle<()>,
     passthrough_opens: Arc<AtomicU64>,
     metrics: Option<FsMetrics>,
 }
@@ -269,9 +189,6 @@ impl MountHandle {
             }
             None => Ok(()),
         };
-        if let Some(rt) = self.runtime.take() {
-            rt.shutdown_background();
-        }
         res
     }
 }

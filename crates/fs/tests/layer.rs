@@ -34,12 +34,16 @@ fn read_all_and_compare(layer: &Layer, entries: &[Entry]) {
     }
 }
 
-fn open(blob: &Blob, cfg: &Config) -> (Arc<TestFetcher>, Layer) {
+fn open(blob: &Blob, cfg: &Config) -> (Arc<TestFetcher>, Arc<Layer>) {
     let fetcher = TestFetcher::open(&blob.path);
     // No quiet period: these tests run background fetch right after opening.
     let cache = Arc::new(ChunkCache::memory(64 << 20).with_background_quiet(Duration::ZERO));
     let layer = Layer::open(fetcher.clone(), blob.desc.clone(), cfg, cache).expect("open");
-    (fetcher, layer)
+    (fetcher, Arc::new(layer))
+}
+
+fn pool() -> fs::FetchPool {
+    fs::FetchPool::shared().expect("pool")
 }
 
 /// The layer of `blob` at the default configuration, to share between threads.
@@ -65,7 +69,7 @@ fn background_fetch_waits_until_reads_quiet_down() {
     let layer = shared_layer(fetcher.clone(), &blob, cache);
     let bg = {
         let layer = layer.clone();
-        std::thread::spawn(move || layer.background_fetch(2))
+        std::thread::spawn(move || layer.background_fetch(&pool(), 2))
     };
     let fetched = |layer: &Layer| -> u64 {
         let v: serde_json::Value = serde_json::from_slice(&layer.state_json()).expect("json");
@@ -127,7 +131,7 @@ fn small_files_sharing_members_read_correctly() {
     );
     let (_, layer) = open(&blob, &Config::default());
     read_all_and_compare(&layer, &e);
-    assert!(layer.background_fetch(2));
+    assert!(layer.background_fetch(&pool(), 2));
     assert_eq!(layer.fetched_bytes(), blob.desc.size);
 }
 
@@ -154,7 +158,7 @@ fn background_fetch_fills_every_chunk_then_reads_are_local() {
     let e = entries();
     let blob = make_blob(&e, 64 << 10, &[]);
     let (fetcher, layer) = open(&blob, &Config::default());
-    assert!(layer.background_fetch(3));
+    assert!(layer.background_fetch(&pool(), 3));
     assert!(layer.is_complete());
     let before = fetcher.requests();
     read_all_and_compare(&layer, &e);
@@ -175,7 +179,7 @@ fn fetch_errors_are_reported_not_hung() {
     let id = layer.index().lookup("d/f4").expect("f4");
     let err = layer.read(id, 0, 100).expect_err("fails");
     assert!(matches!(err, fs::Error::Fetch { .. }), "{err}");
-    assert!(!layer.background_fetch(2));
+    assert!(!layer.background_fetch(&pool(), 2));
     assert!(!layer.is_complete());
 }
 
@@ -233,14 +237,17 @@ impl fs::Fetcher for HalvesFetcher {
     fn read_ranges(&self, ranges: &[std::ops::Range<u64>]) -> std::io::Result<Vec<bytes::Bytes>> {
         self.inner.read_ranges(ranges)
     }
-    fn read_range_streaming(
+    fn read_ranges_streaming(
         &self,
-        range: std::ops::Range<u64>,
+        ranges: &[std::ops::Range<u64>],
         sink: &mut dyn FnMut(u64, &[u8]) -> std::io::Result<()>,
     ) -> std::io::Result<()> {
+        let [range] = ranges else {
+            return self.inner.read_ranges_streaming(ranges, sink);
+        };
         let data = self
             .inner
-            .read_ranges(std::slice::from_ref(&range))?
+            .read_ranges(std::slice::from_ref(range))?
             .remove(0);
         let half = data.len() / 2;
         sink(range.start, &data[..half])?;
@@ -310,4 +317,38 @@ fn front_of_a_window_is_readable_before_the_window_completes() {
     };
     let id = layer.index().lookup("p19").expect("p19");
     assert!(&layer.read(id, 0, last.len() as u32).expect("read") == last);
+}
+
+/// However many callers start the prefetch (a mount, the daemon opening the layer
+/// ahead of it), it runs once; `wait_prefetch` sees it end.
+#[test]
+fn prefetch_runs_once_however_many_start_it() {
+    init_tracing();
+    let e = entries();
+    let blob = make_blob(&e, 64 << 10, &["d/f4", "d/f5", "d/f10"]);
+    let fetcher = TestFetcher::open(&blob.path);
+    let layer = shared_layer(fetcher.clone(), &blob, ChunkCache::memory(64 << 20));
+    let after_open = fetcher.requests();
+    assert!(
+        layer.wait_prefetch(Duration::ZERO),
+        "nothing runs before a start"
+    );
+    std::thread::scope(|s| {
+        for _ in 0..6 {
+            s.spawn(|| layer.start_prefetch(&pool()));
+        }
+    });
+    assert!(
+        layer.wait_prefetch(Duration::from_secs(20)),
+        "prefetch ended"
+    );
+    assert_eq!(fetcher.requests(), after_open + 1, "one prefetch request");
+    assert!(layer.prefetched_bytes() > 0);
+    layer.start_prefetch(&pool());
+    assert!(layer.wait_prefetch(Duration::from_secs(20)));
+    assert_eq!(
+        fetcher.requests(),
+        after_open + 1,
+        "a late start is a no-op"
+    );
 }

@@ -223,10 +223,17 @@ fn mount_with(fetcher: Arc<dyn Fetcher>, blob: &Blob, cfg: &Config) -> Mounted {
 
 fn mount_cached(fetcher: Arc<dyn Fetcher>, blob: &Blob, cfg: &Config, cache_dir: &Path) -> Mounted {
     let mnt_dir = tempfile::tempdir().expect("tempdir");
-    let cache = fs::cache_from_config(cfg, cache_dir).expect("cache");
+    let cache = ChunkCache::from_config(cfg, cache_dir, None).expect("cache");
     let mnt = mnt_dir.path().to_path_buf();
     let guard = MountGuard(mnt.clone());
-    let handle = fs::mount(fetcher, blob.desc.clone(), &mnt, cfg, cache).expect("mount");
+    let layer = fs::Layer::open(fetcher, blob.desc.clone(), cfg, cache).expect("open");
+    let pool = fs::FetchPool::shared().expect("pool");
+    let opts = fs::MountOptions {
+        cfg,
+        metrics: None,
+        pool: &pool,
+    };
+    let handle = fs::mount(Arc::new(layer), &mnt, &opts).expect("mount");
     Mounted {
         handle: Some(handle),
         mnt,
@@ -487,6 +494,47 @@ fn failing_fetcher_is_eio_not_hang() {
     );
 }
 
+/// A panic while fetching for one read ends that read with EIO; the fetch pool, the
+/// mount and the chunk's in-flight claim all survive it.
+#[test]
+fn a_panic_while_fetching_is_eio_and_the_mount_goes_on() {
+    if !fuse_ready("a_panic_while_fetching_is_eio_and_the_mount_goes_on") {
+        return;
+    }
+    init_tracing();
+    let entries = vec![
+        Entry::new("a", Kind::Reg(pseudo_random(50_000, 5))),
+        Entry::new("b", Kind::Reg(pseudo_random(50_000, 6))),
+    ];
+    let blob = make_blob(&entries, 64 << 10, &[]);
+    let fetcher = TestFetcher::open(&blob.path);
+    let m = mount_with(fetcher.clone(), &blob, &test_config());
+    fetcher
+        .panic
+        .store(true, std::sync::atomic::Ordering::SeqCst);
+    let t = Instant::now();
+    let err = std::fs::read(m.path("a")).expect_err("the fetch panicked");
+    assert_eq!(err.raw_os_error(), Some(libc::EIO));
+    assert!(t.elapsed() < Duration::from_secs(10));
+    fetcher
+        .panic
+        .store(false, std::sync::atomic::Ordering::SeqCst);
+    // The same chunk again (its claim was released) and another file.
+    assert_eq!(
+        std::fs::read(m.path("a")).expect("read after the panic"),
+        pseudo_random(50_000, 5)
+    );
+    assert_eq!(
+        std::fs::read(m.path("b")).expect("other file"),
+        pseudo_random(50_000, 6)
+    );
+    m.handle
+        .as_ref()
+        .expect("handle")
+        .check()
+        .expect("mount alive");
+}
+
 #[test]
 fn concurrent_random_reads() {
     if !fuse_ready("concurrent_random_reads") {
@@ -697,6 +745,46 @@ fn concurrent_readers_of_one_chunk_fetch_it_once() {
             });
         }
     });
+    assert_eq!(fetcher.requests(), before + 1);
+}
+
+/// Readers of one chunk whose reads run as jobs on the shared fetch pool, as FUSE
+/// misses do, still share one fetch.
+#[test]
+fn pool_readers_of_one_chunk_fetch_it_once() {
+    init_tracing();
+    let blob = make_blob(
+        &[Entry::new("f", Kind::Reg(pseudo_random(60_000, 10)))],
+        64 << 10,
+        &[],
+    );
+    let fetcher = TestFetcher::open(&blob.path);
+    let cache = Arc::new(ChunkCache::memory(1 << 20));
+    let layer = fs::Layer::open(
+        fetcher.clone(),
+        blob.desc.clone(),
+        &Config::default(),
+        cache,
+    )
+    .expect("open");
+    let layer = Arc::new(layer);
+    let id = layer.index().lookup("f").expect("f");
+    let before = fetcher.requests();
+    let pool = fs::FetchPool::new(8, 64).expect("pool");
+    let (tx, rx) = std::sync::mpsc::channel();
+    for _ in 0..16 {
+        let (layer, tx) = (layer.clone(), tx.clone());
+        pool.spawn(move || {
+            let _ = tx.send(layer.read(id, 100, 1000).map_err(|e| e.to_string()));
+        });
+    }
+    for _ in 0..16 {
+        let d = rx
+            .recv_timeout(Duration::from_secs(20))
+            .expect("job ran")
+            .expect("read");
+        assert!(d == pseudo_random(60_000, 10)[100..1100]);
+    }
     assert_eq!(fetcher.requests(), before + 1);
 }
 

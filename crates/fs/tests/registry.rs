@@ -52,8 +52,15 @@ fn mount_through_registry_blob_reader() {
     let cache_dir = tempfile::tempdir().expect("tempdir");
     let _guard = MountGuard(mnt_dir.path().to_path_buf());
     let cfg = Config::default();
-    let cache = fs::cache_from_config(&cfg, cache_dir.path()).expect("cache");
-    let handle = fs::mount(fetcher, blob.desc.clone(), mnt_dir.path(), &cfg, cache).expect("mount");
+    let cache = fs::ChunkCache::from_config(&cfg, cache_dir.path(), None).expect("cache");
+    let layer = fs::Layer::open(fetcher, blob.desc.clone(), &cfg, cache).expect("open");
+    let pool = fs::FetchPool::shared().expect("pool");
+    let opts = fs::MountOptions {
+        cfg: &cfg,
+        metrics: None,
+        pool: &pool,
+    };
+    let handle = fs::mount(Arc::new(layer), mnt_dir.path(), &opts).expect("mount");
     for e in &entries[1..] {
         let Kind::Reg(d) = &e.kind else { continue };
         let got = std::fs::read(mnt_dir.path().join(&e.path)).expect("read");

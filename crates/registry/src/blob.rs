@@ -243,6 +243,45 @@ impl BlobReader {
         Ok(out)
     }
 
+    /// Reads several ranges and hands their bytes to `sink` in blob order, each piece
+    /// with its blob offset. Neighbouring ranges are merged as for
+    /// [`BlobReader::read_ranges`], so pieces may carry the bytes of the gaps between
+    /// them. When everything merges into one range it is streamed as it arrives (see
+    /// [`BlobReader::read_range_streaming`], including repeats after a retry); otherwise
+    /// each merged range is handed over whole once the reply is in.
+    pub async fn read_ranges_streaming(
+        &self,
+        ranges: &[Range<u64>],
+        sink: RangeSink,
+    ) -> Result<()> {
+        let size = self.size().await?;
+        let wanted: Vec<Range<u64>> = ranges
+            .iter()
+            .map(|r| r.start.min(size)..r.end.min(size).max(r.start.min(size)))
+            .collect();
+        let groups = coalesce(&wanted, self.client.inner.blob.coalesce_gap_bytes);
+        match groups.as_slice() {
+            [] => Ok(()),
+            [one] => self.read_range_streaming(one.clone(), sink).await,
+            _ => {
+                let ep = self.endpoint().await?.clone();
+                let fetched = self.fetch_groups(&ep, &groups, size).await?;
+                if fetched.len() != groups.len() {
+                    return Err(Error::protocol(&ep.host, "range bookkeeping"));
+                }
+                for (g, data) in groups.iter().zip(fetched) {
+                    let len = usize::try_from(g.end - g.start)
+                        .map_err(|_| Error::protocol(&ep.host, "range too large"))?;
+                    if data.len() < len {
+                        return Err(Error::protocol(&ep.host, "short range data"));
+                    }
+                    sink(g.start, data.slice(..len));
+                }
+                Ok(())
+            }
+        }
+    }
+
     /// Reads one range and hands its bytes to `sink` as they arrive, each piece with its
     /// blob offset, so a caller can use the front of a large range before the rest has
     /// come. The range is clamped to the blob's end. An attempt that breaks off is

@@ -664,23 +664,28 @@ impl Client {
         ));
         let resp = match &cred {
             Some(Credential::IdentityToken(rt)) => {
-                let mut form = url::form_urlencoded::Serializer::new(String::new());
-                form.append_pair("grant_type", "refresh_token")
-                    .append_pair("refresh_token", rt)
-                    .append_pair("client_id", "stargz-rs");
-                if let Some(s) = service {
-                    form.append_pair("service", s);
-                }
-                for s in &scope.0 {
-                    form.append_pair("scope", s);
-                }
+                // Built before the await: the serializer is not Send, and reads of
+                // blobs run as spawned tasks on the runtime.
+                let body = {
+                    let mut form = url::form_urlencoded::Serializer::new(String::new());
+                    form.append_pair("grant_type", "refresh_token")
+                        .append_pair("refresh_token", rt)
+                        .append_pair("client_id", "stargz-rs");
+                    if let Some(s) = service {
+                        form.append_pair("service", s);
+                    }
+                    for s in &scope.0 {
+                        form.append_pair("scope", s);
+                    }
+                    form.finish()
+                };
                 ep.client
                     .post(url.clone())
                     .header(
                         reqwest::header::CONTENT_TYPE,
                         "application/x-www-form-urlencoded",
                     )
-                    .body(form.finish())
+                    .body(body)
                     .timeout(timeout)
                     .send()
                     .await

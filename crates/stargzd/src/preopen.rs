@@ -127,7 +127,7 @@ impl LayerPool {
     }
 
     /// Starts opening a layer unless it is already on its way; prefetch follows the open
-    /// on its own thread, so a mount that comes later finds the prioritized files cached
+    /// on the fetch pool, so a mount that comes later finds the prioritized files cached
     /// or arriving.
     fn start(
         &self,
@@ -159,8 +159,12 @@ impl LayerPool {
             let layer = fs::Layer::open(Arc::new(fetcher), desc, &cfg, cache)
                 .map_err(|e| classify::fs_error(&e))?;
             let layer = Arc::new(layer);
-            if !cfg.noprefetch && layer.index().prefetch_end.is_some() {
-                start_prefetch_of(&layer);
+            if !cfg.noprefetch {
+                // The mount starts it too; it runs once either way.
+                match fs::FetchPool::shared() {
+                    Ok(pool) => layer.start_prefetch(&pool),
+                    Err(e) => warn!(error = %e, "cannot start prefetch; the mount will do it"),
+                }
             }
             info!(layer = %digest, "layer opened ahead of its mount");
             Ok(layer)
@@ -168,21 +172,6 @@ impl LayerPool {
         let opening = async move { task.await.map_err(joined)? }.boxed().shared();
         map.insert(k, (Instant::now(), opening.clone()));
         opening
-    }
-}
-
-/// Prefetches the layer's prioritized files on a thread of their own.
-fn start_prefetch_of(layer: &Arc<fs::Layer>) {
-    let l = layer.clone();
-    let spawned = std::thread::Builder::new()
-        .name("stargz-prefetch".into())
-        .spawn(move || {
-            if let Err(e) = l.prefetch() {
-                warn!(layer = %l.desc().digest, error = %e, "prefetch failed");
-            }
-        });
-    if let Err(e) = spawned {
-        warn!(error = %e, "cannot start prefetch; the mount will do it");
     }
 }
 

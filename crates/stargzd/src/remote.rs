@@ -32,7 +32,7 @@ impl FuseRemote {
             Arc::new(registry::DockerConfigKeychain::from_env());
         let client = registry::Client::with_metrics(reg, keychain, metrics.registry.clone())?;
         std::fs::create_dir_all(cache_dir)?;
-        let cache = fs::observed_cache_from_config(&cfg, cache_dir, &metrics.fs)?;
+        let cache = fs::ChunkCache::from_config(&cfg, cache_dir, Some(&metrics.fs))?;
         Ok(FuseRemote {
             layers: LayerPool::new(client, cfg.clone(), cache),
             cfg,
@@ -73,7 +73,13 @@ impl RemoteFs for FuseRemote {
             self.metrics.fs.clone(),
         );
         let handle = tokio::task::spawn_blocking(move || {
-            fs::mount_layer_observed(opened, &mp, &cfg, &metrics)
+            let pool = fs::FetchPool::shared()?;
+            let opts = fs::MountOptions {
+                cfg: &cfg,
+                metrics: Some(&metrics),
+                pool: &pool,
+            };
+            fs::mount(opened, &mp, &opts)
         })
         .await
         .map_err(|e| MountError::Other(e.to_string()))?

@@ -219,6 +219,8 @@ pub struct TestFetcher {
     pub fail: AtomicBool,
     /// Milliseconds to stall requests for ranges starting at offset 0.
     pub stall_head_ms: AtomicU64,
+    /// Panic in every request while set (as a bug in a fetcher would).
+    pub panic: AtomicBool,
 }
 
 impl TestFetcher {
@@ -228,6 +230,7 @@ impl TestFetcher {
             requests: AtomicU64::new(0),
             fail: AtomicBool::new(false),
             stall_head_ms: AtomicU64::new(0),
+            panic: AtomicBool::new(false),
         })
     }
     pub fn requests(&self) -> u64 {
@@ -241,6 +244,9 @@ impl Fetcher for TestFetcher {
     }
     fn read_ranges(&self, ranges: &[Range<u64>]) -> io::Result<Vec<Bytes>> {
         self.requests.fetch_add(1, Ordering::SeqCst);
+        if self.panic.load(Ordering::SeqCst) {
+            panic!("injected fetcher panic");
+        }
         if self.fail.load(Ordering::SeqCst) {
             return Err(io::Error::new(
                 io::ErrorKind::TimedOut,
