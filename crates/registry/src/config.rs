@@ -22,10 +22,21 @@ pub const DEFAULT_REQUEST_TIMEOUT_SEC: i64 = 30;
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ResolverConfig {
-    /// Keyed by the registry host of the reference (`docker.io`, `ghcr.io`, `127.0.0.1:5000`).
+    /// Keyed by the registry host of the reference (`docker.io`, `ghcr.io`, `127.0.0.1:5000`);
+    /// `_default` applies to registries without an entry of their own.
     pub host: BTreeMap<String, HostConfig>,
     /// CA bundle (PEM) trusted for every host, on top of the system roots.
     pub ca_file: Option<PathBuf>,
+}
+
+impl ResolverConfig {
+    /// The settings for a registry: its own entry, else the `_default` entry
+    /// (containerd's `_default/hosts.toml`), else none.
+    pub fn host_config(&self, registry: &str) -> Option<&HostConfig> {
+        self.host
+            .get(registry)
+            .or_else(|| self.host.get(crate::hostsdir::DEFAULT_HOST_KEY))
+    }
 }
 
 /// Settings for one registry host.

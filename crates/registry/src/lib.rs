@@ -24,7 +24,10 @@ mod client;
 mod config;
 mod digest;
 mod error;
+mod credprovider;
+mod hostsdir;
 mod keychain;
+mod kubeconfig;
 mod manifest;
 mod metrics;
 mod reference;
@@ -41,6 +44,12 @@ pub use keychain::{
     Anonymous, ChainKeychain, Credential, DockerConfigKeychain, Keychain, KeychainFuture,
     StaticKeychain,
 };
+pub use credprovider::{
+    image_matches, parse_go_duration, CredentialProvider, CredentialProviderConfig,
+    CredentialProviderKeychain, CredentialProviderOptions, EnvVar,
+};
+pub use hostsdir::{load_hosts_dir, HostsDir, DEFAULT_HOST_KEY};
+pub use kubeconfig::{KubeApiTarget, KubeconfigKeychain, KubeconfigKeychainOptions};
 pub use manifest::{
     select_platform, Descriptor, FetchedManifest, ImageIndex, ImageManifest, Manifest, Platform,
     PushBlobOptions, PushOutcome, ResolvedImage, DOCKER_CONFIG, DOCKER_LAYER_GZIP, DOCKER_MANIFEST,
