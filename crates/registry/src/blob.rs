@@ -102,7 +102,14 @@ impl BlobReader {
 
     /// Probes a mirror once per client with a one-byte ranged GET.
     async fn mirror_honours_range(&self, ep: &Endpoint, size: u64) -> bool {
-        let known = self.client.inner.mirror_ranges.lock().unwrap_or_else(|p| p.into_inner()).get(&ep.host).copied();
+        let known = self
+            .client
+            .inner
+            .mirror_ranges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ep.host)
+            .copied();
         if let Some(k) = known {
             return k;
         }
@@ -117,7 +124,12 @@ impl BlobReader {
         if !ok {
             tracing::warn!(mirror = %ep.host, "mirror ignores Range (answered a ranged GET with 200); skipping it for blob reads");
         }
-        self.client.inner.mirror_ranges.lock().unwrap_or_else(|p| p.into_inner()).insert(ep.host.clone(), ok);
+        self.client
+            .inner
+            .mirror_ranges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ep.host.clone(), ok);
         ok
     }
 

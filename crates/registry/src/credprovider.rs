@@ -77,7 +77,10 @@ impl fmt::Debug for CredentialProvider {
             .field("default_cache_duration", &self.default_cache_duration)
             .field("api_version", &self.api_version)
             .field("args", &self.args)
-            .field("env", &self.env.iter().map(|e| e.name.as_str()).collect::<Vec<_>>())
+            .field(
+                "env",
+                &self.env.iter().map(|e| e.name.as_str()).collect::<Vec<_>>(),
+            )
             .finish()
     }
 }
@@ -105,13 +108,16 @@ impl CredentialProviderConfig {
 
     /// Parses and validates config content.
     pub fn parse(data: &[u8]) -> std::result::Result<Self, String> {
-        let cfg: CredentialProviderConfig =
-            serde_yaml::from_slice(data).map_err(|e| format!("not a CredentialProviderConfig: {e}"))?;
+        let cfg: CredentialProviderConfig = serde_yaml::from_slice(data)
+            .map_err(|e| format!("not a CredentialProviderConfig: {e}"))?;
         if !CONFIG_API_VERSIONS.contains(&cfg.api_version.as_str()) {
             return Err(format!("unsupported apiVersion {:?}", cfg.api_version));
         }
         if cfg.kind != "CredentialProviderConfig" {
-            return Err(format!("kind must be CredentialProviderConfig, not {:?}", cfg.kind));
+            return Err(format!(
+                "kind must be CredentialProviderConfig, not {:?}",
+                cfg.kind
+            ));
         }
         if cfg.providers.is_empty() {
             return Err("at least one provider is required".into());
@@ -134,11 +140,19 @@ impl CredentialProviderConfig {
             }
             for m in &p.match_images {
                 if parse_image_url(m).is_none() {
-                    return Err(format!("provider {}: invalid matchImages entry {m:?}", p.name));
+                    return Err(format!(
+                        "provider {}: invalid matchImages entry {m:?}",
+                        p.name
+                    ));
                 }
             }
             match &p.default_cache_duration {
-                None => return Err(format!("provider {}: defaultCacheDuration is required", p.name)),
+                None => {
+                    return Err(format!(
+                        "provider {}: defaultCacheDuration is required",
+                        p.name
+                    ))
+                }
                 Some(d) => {
                     parse_go_duration(d).ok_or_else(|| {
                         format!("provider {}: bad defaultCacheDuration {d:?}", p.name)
@@ -146,7 +160,10 @@ impl CredentialProviderConfig {
                 }
             }
             if !API_VERSIONS.contains(&p.api_version.as_str()) {
-                return Err(format!("provider {}: unsupported apiVersion {:?}", p.name, p.api_version));
+                return Err(format!(
+                    "provider {}: unsupported apiVersion {:?}",
+                    p.name, p.api_version
+                ));
             }
         }
         Ok(cfg)
@@ -404,7 +421,11 @@ impl fmt::Debug for CredentialProviderKeychain {
             .field("bin_dir", &self.opts.bin_dir)
             .field(
                 "providers",
-                &self.providers.iter().map(|p| p.provider.name.as_str()).collect::<Vec<_>>(),
+                &self
+                    .providers
+                    .iter()
+                    .map(|p| p.provider.name.as_str())
+                    .collect::<Vec<_>>(),
             )
             .finish()
     }
@@ -453,7 +474,12 @@ impl CredentialProviderKeychain {
     /// the first matching provider that yields one.
     pub async fn credential_for_image(&self, image: &str) -> Result<Option<Credential>> {
         for p in &self.providers {
-            if !p.provider.match_images.iter().any(|g| image_matches(g, image)) {
+            if !p
+                .provider
+                .match_images
+                .iter()
+                .any(|g| image_matches(g, image))
+            {
                 continue;
             }
             if let Some(c) = self.from_provider(p, image).await? {
@@ -481,7 +507,11 @@ impl CredentialProviderKeychain {
         None
     }
 
-    async fn from_provider(&self, p: &Arc<ProviderState>, image: &str) -> Result<Option<Credential>> {
+    async fn from_provider(
+        &self,
+        p: &Arc<ProviderState>,
+        image: &str,
+    ) -> Result<Option<Credential>> {
         if let Some(hit) = Self::cached(p, image) {
             return Ok(hit);
         }
@@ -626,11 +656,22 @@ impl CredentialProviderKeychain {
             ));
         }
         if out.len() > MAX_RESPONSE_BYTES {
-            return Err(self.err(p, format!("plugin output larger than {MAX_RESPONSE_BYTES} bytes")));
+            return Err(self.err(
+                p,
+                format!("plugin output larger than {MAX_RESPONSE_BYTES} bytes"),
+            ));
         }
         // Never echo the output: it holds the secret.
-        let resp: CredentialProviderResponse = serde_json::from_slice(&out)
-            .map_err(|e| self.err(p, format!("plugin output is not a CredentialProviderResponse (at line {}, column {})", e.line(), e.column())))?;
+        let resp: CredentialProviderResponse = serde_json::from_slice(&out).map_err(|e| {
+            self.err(
+                p,
+                format!(
+                    "plugin output is not a CredentialProviderResponse (at line {}, column {})",
+                    e.line(),
+                    e.column()
+                ),
+            )
+        })?;
         if resp.kind != "CredentialProviderResponse" {
             return Err(self.err(p, format!("plugin answered kind {:?}", resp.kind)));
         }
@@ -667,7 +708,10 @@ impl Keychain for CredentialProviderKeychain {
         })
     }
     fn describe(&self) -> String {
-        format!("kubelet credential providers {}", self.opts.config_path.display())
+        format!(
+            "kubelet credential providers {}",
+            self.opts.config_path.display()
+        )
     }
 }
 
@@ -691,10 +735,19 @@ mod tests {
     #[test]
     fn kubelet_matching_rules() {
         let ecr = "*.dkr.ecr.*.amazonaws.com";
-        assert!(image_matches(ecr, "123456789.dkr.ecr.us-east-1.amazonaws.com/app:1"));
-        assert!(image_matches(ecr, "123456789.dkr.ecr.us-east-1.amazonaws.com"));
+        assert!(image_matches(
+            ecr,
+            "123456789.dkr.ecr.us-east-1.amazonaws.com/app:1"
+        ));
+        assert!(image_matches(
+            ecr,
+            "123456789.dkr.ecr.us-east-1.amazonaws.com"
+        ));
         // '*' never spans a dot: the part count must match.
-        assert!(!image_matches(ecr, "a.b.dkr.ecr.us-east-1.amazonaws.com/app"));
+        assert!(!image_matches(
+            ecr,
+            "a.b.dkr.ecr.us-east-1.amazonaws.com/app"
+        ));
         assert!(!image_matches("*.azurecr.io", "azurecr.io/x"));
         assert!(image_matches("*.azurecr.io", "team.azurecr.io/x"));
         // Ports must be equal, including absent.
@@ -704,8 +757,14 @@ mod tests {
         // Path prefix.
         assert!(image_matches("registry.io/team", "registry.io/team/app:1"));
         assert!(!image_matches("registry.io/team", "registry.io/other/app"));
-        assert!(image_matches("reg-[0-9].example.com", "reg-7.example.com/x"));
-        assert!(!image_matches("reg-[0-9].example.com", "reg-x.example.com/x"));
+        assert!(image_matches(
+            "reg-[0-9].example.com",
+            "reg-7.example.com/x"
+        ));
+        assert!(!image_matches(
+            "reg-[0-9].example.com",
+            "reg-x.example.com/x"
+        ));
         assert!(image_matches("r?g.io", "reg.io/x"));
     }
 
@@ -732,10 +791,16 @@ providers:
             ("kubelet.config.k8s.io/v1", "kubelet.config.k8s.io/v9"),
             ("name: ecr-credential-provider", "name: ../evil"),
             ("    defaultCacheDuration: \"12h\"\n", ""),
-            ("apiVersion: credentialprovider.kubelet.k8s.io/v1", "apiVersion: credentialprovider.kubelet.k8s.io/v7"),
+            (
+                "apiVersion: credentialprovider.kubelet.k8s.io/v1",
+                "apiVersion: credentialprovider.kubelet.k8s.io/v7",
+            ),
         ] {
             let bad = s.replace(from, to);
-            assert!(CredentialProviderConfig::parse(bad.as_bytes()).is_err(), "{from} -> {to}");
+            assert!(
+                CredentialProviderConfig::parse(bad.as_bytes()).is_err(),
+                "{from} -> {to}"
+            );
         }
     }
 }

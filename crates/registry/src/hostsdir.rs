@@ -272,7 +272,8 @@ fn entry(
         return Ok(None);
     }
     let capabilities = match t.get("capabilities") {
-        Some(v) => strings(v).ok_or_else(|| cfg_err(format!("host {url:?}: capabilities must be strings")))?,
+        Some(v) => strings(v)
+            .ok_or_else(|| cfg_err(format!("host {url:?}: capabilities must be strings")))?,
         None => vec!["pull".into(), "resolve".into(), "push".into()],
     };
     let mut mirror = MirrorConfig {
@@ -281,7 +282,11 @@ fn entry(
         ..Default::default()
     };
     if let Some(v) = t.get("ca") {
-        let cas = strings(v).ok_or_else(|| cfg_err(format!("host {url:?}: ca must be a path or a list of paths")))?;
+        let cas = strings(v).ok_or_else(|| {
+            cfg_err(format!(
+                "host {url:?}: ca must be a path or a list of paths"
+            ))
+        })?;
         if cas.len() > 1 {
             warnings.push(format!(
                 "{}: host {url} lists {} CA files; only the first ({}) is used (concatenate them into one PEM bundle)",
@@ -319,7 +324,9 @@ fn entry(
             .ok_or_else(|| cfg_err(format!("host {url:?}: header must be a table")))?;
         for (k, v) in ht {
             let vals = strings(v).ok_or_else(|| {
-                cfg_err(format!("host {url:?}: header {k:?} must be a string or a list of strings"))
+                cfg_err(format!(
+                    "host {url:?}: header {k:?} must be a string or a list of strings"
+                ))
             })?;
             mirror.header.insert(k.clone(), vals);
         }
@@ -381,7 +388,10 @@ ca = "/etc/ssl/hub.pem"
         let got = load_hosts_dir(dir.path()).expect("load");
         let hub = &got.hosts["docker.io"];
         let hosts: Vec<&str> = hub.mirrors.iter().map(|m| m.host.as_str()).collect();
-        assert_eq!(hosts, ["zz-first.example.com", "aa-second.example.com:5000"]);
+        assert_eq!(
+            hosts,
+            ["zz-first.example.com", "aa-second.example.com:5000"]
+        );
         assert_eq!(hub.mirrors[0].insecure, Some(false));
         assert_eq!(hub.mirrors[1].insecure, Some(true));
         assert_eq!(hub.mirrors[0].ca_file, Some(d.join("mirror-ca.pem")));
@@ -393,15 +403,27 @@ ca = "/etc/ssl/hub.pem"
         let def = &got.hosts[DEFAULT_HOST_KEY];
         assert_eq!(def.mirrors[0].host, "127.0.0.1:9999");
         let w = got.warnings.join("\n");
-        for needle in ["skip_verify", "pull capability", "override_path", "only the first", "no resolve"] {
+        for needle in [
+            "skip_verify",
+            "pull capability",
+            "override_path",
+            "only the first",
+            "no resolve",
+        ] {
             assert!(w.contains(needle), "missing {needle:?} in {w}");
         }
 
         let mut rc = ResolverConfig::default();
         rc.host.insert("docker.io".into(), HostConfig::default());
         rc.merge_hosts_dir(dir.path()).expect("merge");
-        assert!(rc.host["docker.io"].mirrors.is_empty(), "explicit config wins");
+        assert!(
+            rc.host["docker.io"].mirrors.is_empty(),
+            "explicit config wins"
+        );
         assert_eq!(rc.host_config("quay.io").map(|h| h.mirrors.len()), Some(1));
-        assert!(load_hosts_dir(&dir.path().join("absent")).expect("absent").hosts.is_empty());
+        assert!(load_hosts_dir(&dir.path().join("absent"))
+            .expect("absent")
+            .hosts
+            .is_empty());
     }
 }

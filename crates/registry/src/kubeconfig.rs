@@ -218,7 +218,9 @@ struct DockerAuth {
 
 /// Parses docker `config.json` content (`auths` only: a secret must not run
 /// credential helpers) into host -> credential.
-pub(crate) fn parse_docker_config(data: &[u8]) -> std::result::Result<BTreeMap<String, Credential>, String> {
+pub(crate) fn parse_docker_config(
+    data: &[u8],
+) -> std::result::Result<BTreeMap<String, Credential>, String> {
     let cfg: DockerConfigFile =
         serde_json::from_slice(data).map_err(|e| format!("not a docker config: {e}"))?;
     let mut out = BTreeMap::new();
@@ -424,7 +426,10 @@ impl KubeApiTarget {
                 .map_err(|_| kube_err(&src, format!("{what} is not base64")))
         };
         let file = |p: &Path| read_bounded(&base.join(p), MAX_KUBECONFIG_BYTES);
-        let ca_pem = match (&cluster.certificate_authority_data, &cluster.certificate_authority) {
+        let ca_pem = match (
+            &cluster.certificate_authority_data,
+            &cluster.certificate_authority,
+        ) {
             (Some(d), _) if !d.is_empty() => Some(decode("certificate-authority-data", d)?),
             (_, Some(p)) => Some(file(p)?),
             _ => None,
@@ -464,7 +469,10 @@ impl KubeApiTarget {
         } else {
             None
         };
-        if auth.is_none() && identity_pem.is_none() && (user.exec.is_some() || user.auth_provider.is_some()) {
+        if auth.is_none()
+            && identity_pem.is_none()
+            && (user.exec.is_some() || user.auth_provider.is_some())
+        {
             tracing::warn!(kubeconfig = %src.display(), "kubeconfig user uses exec/auth-provider plugins, which are not supported; going without credentials");
         }
         if cluster.tls_server_name.is_some() {
@@ -646,7 +654,9 @@ fn request(
     target: &KubeApiTarget,
     url: Url,
 ) -> Result<reqwest::RequestBuilder> {
-    let mut rb = http.get(url).header(reqwest::header::ACCEPT, "application/json");
+    let mut rb = http
+        .get(url)
+        .header(reqwest::header::ACCEPT, "application/json");
     if let Some(a) = &target.auth {
         let mut v = reqwest::header::HeaderValue::from_str(a)
             .map_err(|_| Error::Config("kubeconfig credential is not a valid header".into()))?;
@@ -656,7 +666,11 @@ fn request(
     Ok(rb)
 }
 
-async fn check_status(resp: reqwest::Response, host: &str, what: &str) -> Result<reqwest::Response> {
+async fn check_status(
+    resp: reqwest::Response,
+    host: &str,
+    what: &str,
+) -> Result<reqwest::Response> {
     let status = resp.status().as_u16();
     match status {
         200 => Ok(resp),
@@ -689,7 +703,9 @@ async fn snippet(mut resp: reqwest::Response) -> String {
             break;
         }
     }
-    String::from_utf8_lossy(&b[..b.len().min(512)]).trim().to_string()
+    String::from_utf8_lossy(&b[..b.len().min(512)])
+        .trim()
+        .to_string()
 }
 
 async fn list(
@@ -707,9 +723,16 @@ async fn list(
         .map_err(|e| Error::from_reqwest(host, timeout, &e))?;
     let mut resp = check_status(resp, host, "secret list").await?;
     let mut body = BytesMut::new();
-    while let Some(c) = resp.chunk().await.map_err(|e| Error::from_reqwest(host, timeout, &e))? {
+    while let Some(c) = resp
+        .chunk()
+        .await
+        .map_err(|e| Error::from_reqwest(host, timeout, &e))?
+    {
         if body.len() + c.len() > MAX_LIST_BYTES {
-            return Err(Error::protocol(host, format!("secret list larger than {MAX_LIST_BYTES} bytes")));
+            return Err(Error::protocol(
+                host,
+                format!("secret list larger than {MAX_LIST_BYTES} bytes"),
+            ));
         }
         body.extend_from_slice(&c);
     }
@@ -769,13 +792,21 @@ async fn watch(
             }
         }
         if buf.len() > MAX_EVENT_BYTES {
-            return Err(Error::protocol(host, format!("watch event larger than {MAX_EVENT_BYTES} bytes")));
+            return Err(Error::protocol(
+                host,
+                format!("watch event larger than {MAX_EVENT_BYTES} bytes"),
+            ));
         }
     }
 }
 
 /// Applies one watch event; `Some` when the watch must end.
-fn apply_event(shared: &Shared, host: &str, line: &[u8], rv: &mut String) -> Result<Option<WatchEnd>> {
+fn apply_event(
+    shared: &Shared,
+    host: &str,
+    line: &[u8],
+    rv: &mut String,
+) -> Result<Option<WatchEnd>> {
     let ev: WatchEvent = serde_json::from_slice(line)
         .map_err(|e| Error::protocol(host, format!("bad watch event: {e}")))?;
     match ev.typ.as_str() {
@@ -793,7 +824,9 @@ fn apply_event(shared: &Shared, host: &str, line: &[u8], rv: &mut String) -> Res
                     Some(c) if m.len() < MAX_SECRETS || m.contains_key(&key) => {
                         m.insert(key.clone(), c);
                     }
-                    Some(_) => tracing::warn!(secret = %key, "too many image pull secrets; ignoring this one"),
+                    Some(_) => {
+                        tracing::warn!(secret = %key, "too many image pull secrets; ignoring this one")
+                    }
                     None => {
                         m.remove(&key);
                     }
@@ -872,16 +905,20 @@ users:
         assert_eq!(t.auth.as_deref(), Some("Bearer file-token"));
         let dbg = format!("{t:?}");
         assert!(!dbg.contains("file-token"), "{dbg}");
-        let u = t.secrets_url(Some(("42", Duration::from_secs(300)))).expect("url");
+        let u = t
+            .secrets_url(Some(("42", Duration::from_secs(300))))
+            .expect("url");
         assert_eq!(
             u.as_str(),
             "http://127.0.0.1:8080/api/v1/secrets?fieldSelector=type%3Dkubernetes.io%2Fdockerconfigjson&watch=true&resourceVersion=42&allowWatchBookmarks=true&timeoutSeconds=300"
         );
-        let other = String::from_utf8_lossy(yaml).replace("current-context: b", "current-context: a");
+        let other =
+            String::from_utf8_lossy(yaml).replace("current-context: b", "current-context: a");
         let t = KubeApiTarget::parse(other.as_bytes(), dir.path()).expect("parse a");
         assert_eq!(t.ca_pem.as_deref(), Some(&b"not used here"[..]));
         assert_eq!(t.auth.as_deref(), Some("Bearer sekret-token"));
-        let bad = String::from_utf8_lossy(yaml).replace("current-context: b", "current-context: zz");
+        let bad =
+            String::from_utf8_lossy(yaml).replace("current-context: b", "current-context: zz");
         assert!(KubeApiTarget::parse(bad.as_bytes(), dir.path()).is_err());
         assert!(KubeApiTarget::parse(b"[not: a, config", dir.path()).is_err());
     }

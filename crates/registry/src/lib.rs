@@ -22,9 +22,9 @@ mod auth;
 mod blob;
 mod client;
 mod config;
+mod credprovider;
 mod digest;
 mod error;
-mod credprovider;
 mod hostsdir;
 mod keychain;
 mod kubeconfig;
@@ -38,17 +38,17 @@ pub use config::{
     is_local_host, BlobConfig, HostConfig, MirrorConfig, RegistryConfig, ResolverConfig,
     DEFAULT_REQUEST_TIMEOUT_SEC,
 };
-pub use digest::{Digest, DigestHasher};
-pub use error::{Error, Result};
-pub use keychain::{
-    Anonymous, ChainKeychain, Credential, DockerConfigKeychain, Keychain, KeychainFuture,
-    StaticKeychain,
-};
 pub use credprovider::{
     image_matches, parse_go_duration, CredentialProvider, CredentialProviderConfig,
     CredentialProviderKeychain, CredentialProviderOptions, EnvVar,
 };
+pub use digest::{Digest, DigestHasher};
+pub use error::{Error, Result};
 pub use hostsdir::{load_hosts_dir, HostsDir, DEFAULT_HOST_KEY};
+pub use keychain::{
+    Anonymous, ChainKeychain, Credential, DockerConfigKeychain, Keychain, KeychainFuture,
+    StaticKeychain,
+};
 pub use kubeconfig::{KubeApiTarget, KubeconfigKeychain, KubeconfigKeychainOptions};
 pub use manifest::{
     select_platform, Descriptor, FetchedManifest, ImageIndex, ImageManifest, Manifest, Platform,

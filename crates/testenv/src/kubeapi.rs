@@ -30,7 +30,10 @@ pub struct FakeKubeApi {
 
 #[derive(Clone, Debug)]
 enum Msg {
-    Event { rv: u64, line: Bytes },
+    Event {
+        rv: u64,
+        line: Bytes,
+    },
     /// Ends every open watch stream (as an API server restart or timeout would).
     Close,
 }
@@ -237,7 +240,14 @@ async fn handle(st: &Arc<State>, req: Request<hyper::body::Incoming>) -> Respons
         return json_response(401, &status(401, "Unauthorized", "Unauthorized"));
     }
     if req.uri().path() != "/api/v1/secrets" {
-        return json_response(404, &status(404, "NotFound", "the server could not find the requested resource"));
+        return json_response(
+            404,
+            &status(
+                404,
+                "NotFound",
+                "the server could not find the requested resource",
+            ),
+        );
     }
     let params: Vec<(String, String)> =
         url::form_urlencoded::parse(req.uri().query().unwrap_or("").as_bytes())
@@ -251,7 +261,11 @@ async fn handle(st: &Arc<State>, req: Request<hyper::body::Incoming>) -> Respons
             None => {
                 return json_response(
                     400,
-                    &status(400, "BadRequest", &format!("unsupported field selector {fs}")),
+                    &status(
+                        400,
+                        "BadRequest",
+                        &format!("unsupported field selector {fs}"),
+                    ),
                 )
             }
         },
@@ -275,9 +289,7 @@ async fn handle(st: &Arc<State>, req: Request<hyper::body::Incoming>) -> Respons
     let from: u64 = match get("resourceVersion").filter(|v| !v.is_empty()) {
         Some(v) => match v.parse() {
             Ok(n) => n,
-            Err(_) => {
-                return json_response(400, &status(400, "BadRequest", "bad resourceVersion"))
-            }
+            Err(_) => return json_response(400, &status(400, "BadRequest", "bad resourceVersion")),
         },
         None => 0,
     };
@@ -285,12 +297,14 @@ async fn handle(st: &Arc<State>, req: Request<hyper::body::Incoming>) -> Respons
     let (backlog, mut sub, last) = {
         let s = st.lock();
         let sub = st.tx.subscribe();
-        if from != 0 && from < s.compacted {
+        if from != 0 && from <= s.compacted {
             st.gone.fetch_add(1, Ordering::SeqCst);
             let msg = format!("too old resource version: {from} ({})", s.compacted + 1);
             let line = event_line("ERROR", &status(410, "Expired", &msg));
             drop(s);
-            return stream_response(futures::stream::iter(vec![Ok::<_, BoxError>(Frame::data(line))]));
+            return stream_response(futures::stream::iter(vec![Ok::<_, BoxError>(Frame::data(
+                line,
+            ))]));
         }
         let backlog: Vec<Bytes> = if from == 0 {
             // No version: the current state as ADDED events, then changes.
