@@ -113,7 +113,10 @@ impl BlobReader {
         if let Some(k) = known {
             return k;
         }
-        let ok = match self.get_ranges(ep, &[0..1], size).await {
+        let ok = match self
+            .get_ranges(ep, std::slice::from_ref(&(0..1)), size)
+            .await
+        {
             Ok(Parts::Got(_, RangeSupport::Ignored)) => false,
             Ok(_) => true,
             Err(e) => {

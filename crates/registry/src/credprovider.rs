@@ -482,7 +482,7 @@ impl CredentialProviderKeychain {
             {
                 continue;
             }
-            if let Some(c) = self.from_provider(p, image).await? {
+            if let Some(c) = self.run_provider(p, image).await? {
                 return Ok(Some(c));
             }
         }
@@ -507,7 +507,7 @@ impl CredentialProviderKeychain {
         None
     }
 
-    async fn from_provider(
+    async fn run_provider(
         &self,
         p: &Arc<ProviderState>,
         image: &str,
@@ -548,7 +548,7 @@ impl CredentialProviderKeychain {
             })
             .collect();
         // Longer keys are more specific (path-scoped); they win over wildcards.
-        auth.sort_by(|a, b| b.0.len().cmp(&a.0.len()));
+        auth.sort_by_key(|a| std::cmp::Reverse(a.0.len()));
         let result = pick(&auth, image);
         if !ttl.is_zero() {
             let key = match key_type {

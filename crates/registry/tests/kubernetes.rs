@@ -368,7 +368,6 @@ providers:
 
     // A hanging plugin is killed at the timeout and reported.
     std::fs::write(&hang, b"1").expect("hang flag");
-    let mut opts = opts;
     opts.exec_timeout = Duration::from_millis(500);
     let hanging = CredentialProviderKeychain::new(opts).expect("keychain");
     let start = Instant::now();
