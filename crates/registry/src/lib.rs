@@ -35,7 +35,8 @@ mod reference;
 pub use blob::{coalesce, BlobReader, RangeSink};
 pub use client::Client;
 pub use config::{
-    is_local_host, BlobConfig, HostConfig, MirrorConfig, RegistryConfig, ResolverConfig,
+    is_local_host, BlobConfig, CredentialProviderKeychainConfig, HostConfig,
+    KubeconfigKeychainConfig, MirrorConfig, RegistryConfig, ResolverConfig,
     DEFAULT_REQUEST_TIMEOUT_SEC,
 };
 pub use credprovider::{

@@ -506,9 +506,9 @@ async fn hosts_dir_mirror_serves_blobs_and_range_ignoring_mirror_is_skipped() {
         blob: fast_blob(),
         ..Default::default()
     };
-    cfg.resolver
-        .merge_hosts_dir(dir2.path())
-        .expect("hosts dir 2");
+    cfg.resolver.config_path = Some(dir2.path().to_path_buf());
+    let warnings = cfg.resolver.apply_hosts_dir().expect("hosts dir 2");
+    assert!(warnings.is_empty(), "{warnings:?}");
     let c = Client::new(cfg, Arc::new(registry::Anonymous)).expect("client");
     let gets = |f: &Front| testenv::FrontStats::get(&f.stats.blob_gets);
     for round in 0..2 {
