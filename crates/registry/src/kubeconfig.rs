@@ -374,15 +374,12 @@ impl KubeApiTarget {
     /// file paths in it are relative to its directory.
     pub fn from_kubeconfig(path: &Path) -> Result<Self> {
         let data = read_bounded(path, MAX_KUBECONFIG_BYTES)?;
-        let base = path.parent().unwrap_or(Path::new("."));
-        Self::parse(&data, base).map_err(|e| match e {
-            Error::Credentials { .. } | Error::Io { .. } => e,
-            other => kube_err(path, other.to_string()),
-        })
+        Self::parse(&data, path)
     }
 
-    fn parse(data: &[u8], base: &Path) -> Result<Self> {
-        let src = base.join("kubeconfig");
+    fn parse(data: &[u8], src: &Path) -> Result<Self> {
+        let base = src.parent().unwrap_or(Path::new("."));
+        let src = src.to_path_buf();
         let cfg: KubeConfigFile =
             serde_yaml::from_slice(data).map_err(|e| kube_err(&src, format!("not YAML: {e}")))?;
         let ctx_name = if cfg.current_context.is_empty() {
@@ -899,7 +896,7 @@ users:
 - name: u2
   user: {tokenFile: tok}
 "#;
-        let t = KubeApiTarget::parse(yaml, dir.path()).expect("parse");
+        let t = KubeApiTarget::parse(yaml, &dir.path().join("config")).expect("parse");
         assert_eq!(t.server.as_str(), "http://127.0.0.1:8080/");
         assert!(t.insecure_skip_tls_verify);
         assert_eq!(t.auth.as_deref(), Some("Bearer file-token"));
@@ -914,13 +911,14 @@ users:
         );
         let other =
             String::from_utf8_lossy(yaml).replace("current-context: b", "current-context: a");
-        let t = KubeApiTarget::parse(other.as_bytes(), dir.path()).expect("parse a");
+        let t =
+            KubeApiTarget::parse(other.as_bytes(), &dir.path().join("config")).expect("parse a");
         assert_eq!(t.ca_pem.as_deref(), Some(&b"not used here"[..]));
         assert_eq!(t.auth.as_deref(), Some("Bearer sekret-token"));
         let bad =
             String::from_utf8_lossy(yaml).replace("current-context: b", "current-context: zz");
-        assert!(KubeApiTarget::parse(bad.as_bytes(), dir.path()).is_err());
-        assert!(KubeApiTarget::parse(b"[not: a, config", dir.path()).is_err());
+        assert!(KubeApiTarget::parse(bad.as_bytes(), &dir.path().join("config")).is_err());
+        assert!(KubeApiTarget::parse(b"[not: a, config", &dir.path().join("config")).is_err());
     }
 
     #[test]
