@@ -76,10 +76,17 @@ impl BlobReader {
             .get_or_try_init(|| async {
                 // The first endpoint that knows the blob serves all later reads.
                 let mut last = None;
-                for ep in self.client.endpoints(self.reference.registry())? {
+                let eps = self.client.endpoints(self.reference.registry())?;
+                let n = eps.len();
+                for (i, ep) in eps.into_iter().enumerate() {
                     match self.head_size(&ep).await {
                         Ok(s) => {
                             let _ = self.size.set(s);
+                            // A mirror that ignores Range would turn every small read into a
+                            // whole-blob download: skip it; the registry itself is used as is.
+                            if i + 1 < n && s > 0 && !self.mirror_honours_range(&ep, s).await {
+                                continue;
+                            }
                             return Ok(ep);
                         }
                         Err(e) => {
@@ -91,6 +98,42 @@ impl BlobReader {
                 Err(last.unwrap_or_else(|| Error::Config("no endpoint".into())))
             })
             .await
+    }
+
+    /// Probes a mirror once per client with a one-byte ranged GET.
+    async fn mirror_honours_range(&self, ep: &Endpoint, size: u64) -> bool {
+        let known = self
+            .client
+            .inner
+            .mirror_ranges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&ep.host)
+            .copied();
+        if let Some(k) = known {
+            return k;
+        }
+        let ok = match self
+            .get_ranges(ep, std::slice::from_ref(&(0..1)), size)
+            .await
+        {
+            Ok(Parts::Got(_, RangeSupport::Ignored)) => false,
+            Ok(_) => true,
+            Err(e) => {
+                tracing::debug!(mirror = %ep.host, error = %e, "range probe failed");
+                return false;
+            }
+        };
+        if !ok {
+            tracing::warn!(mirror = %ep.host, "mirror ignores Range (answered a ranged GET with 200); skipping it for blob reads");
+        }
+        self.client
+            .inner
+            .mirror_ranges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ep.host.clone(), ok);
+        ok
     }
 
     fn url(&self, ep: &Endpoint) -> Result<Url> {

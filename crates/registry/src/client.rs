@@ -43,6 +43,8 @@ pub(crate) struct Inner {
     semaphores: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Hosts that answered a multi-range request badly; see the blob reader.
     pub no_multi_range: Mutex<HashSet<String>>,
+    /// Mirrors probed for Range support (false: answered a ranged GET with 200).
+    pub mirror_ranges: Mutex<HashMap<String, bool>>,
     metrics: RegistryMetrics,
 }
 
@@ -154,6 +156,7 @@ impl Client {
                 challenges: Mutex::new(HashMap::new()),
                 semaphores: Mutex::new(HashMap::new()),
                 no_multi_range: Mutex::new(HashSet::new()),
+                mirror_ranges: Mutex::new(HashMap::new()),
                 metrics,
             }),
         })
@@ -172,7 +175,7 @@ impl Client {
 
     /// The endpoints for a registry host: mirrors in order, then the host itself.
     pub(crate) fn endpoints(&self, registry: &str) -> Result<Vec<Endpoint>> {
-        let hc = self.inner.config.resolver.host.get(registry);
+        let hc = self.inner.config.resolver.host_config(registry);
         let mut list: Vec<MirrorConfig> = hc.map(|h| h.mirrors.clone()).unwrap_or_default();
         let mut own = hc.and_then(|h| h.self_.clone()).unwrap_or_default();
         own.host = if registry == DOCKER_HUB {

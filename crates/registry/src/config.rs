@@ -22,10 +22,33 @@ pub const DEFAULT_REQUEST_TIMEOUT_SEC: i64 = 30;
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
 pub struct ResolverConfig {
-    /// Keyed by the registry host of the reference (`docker.io`, `ghcr.io`, `127.0.0.1:5000`).
+    /// Keyed by the registry host of the reference (`docker.io`, `ghcr.io`, `127.0.0.1:5000`);
+    /// `_default` applies to registries without an entry of their own.
     pub host: BTreeMap<String, HostConfig>,
     /// CA bundle (PEM) trusted for every host, on top of the system roots.
     pub ca_file: Option<PathBuf>,
+    /// containerd's hosts directory (`<dir>/<host>/hosts.toml`), read by
+    /// [`ResolverConfig::apply_hosts_dir`].
+    pub config_path: Option<PathBuf>,
+}
+
+impl ResolverConfig {
+    /// Merges the hosts directory named by `config_path` (if any) into
+    /// `host`; explicit entries win. Returns the warnings (also logged).
+    pub fn apply_hosts_dir(&mut self) -> crate::Result<Vec<String>> {
+        match self.config_path.clone() {
+            Some(dir) if !dir.as_os_str().is_empty() => self.merge_hosts_dir(&dir),
+            _ => Ok(Vec::new()),
+        }
+    }
+
+    /// The settings for a registry: its own entry, else the `_default` entry
+    /// (containerd's `_default/hosts.toml`), else none.
+    pub fn host_config(&self, registry: &str) -> Option<&HostConfig> {
+        self.host
+            .get(registry)
+            .or_else(|| self.host.get(crate::hostsdir::DEFAULT_HOST_KEY))
+    }
 }
 
 /// Settings for one registry host.
@@ -67,6 +90,54 @@ impl MirrorConfig {
             n if n < 0 => None,
             n => Some(Duration::from_secs(n as u64)),
         }
+    }
+}
+
+/// `[kubeconfig_keychain]`, the reference snapshotter's keys.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct KubeconfigKeychainConfig {
+    pub enable_keychain: bool,
+    /// Empty: `$KUBECONFIG`, else `~/.kube/config`.
+    pub kubeconfig_path: Option<PathBuf>,
+}
+
+impl KubeconfigKeychainConfig {
+    /// Starts the keychain (on the current tokio runtime) when enabled.
+    pub fn start(&self) -> Option<crate::KubeconfigKeychain> {
+        self.enable_keychain.then(|| {
+            crate::KubeconfigKeychain::start(crate::KubeconfigKeychainOptions {
+                kubeconfig_path: self.kubeconfig_path.clone(),
+                ..Default::default()
+            })
+        })
+    }
+}
+
+/// `[credential_provider_keychain]`: kubelet credential provider plugins.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CredentialProviderKeychainConfig {
+    pub enable_keychain: bool,
+    /// kubelet's `--image-credential-provider-config`.
+    pub config_path: PathBuf,
+    /// kubelet's `--image-credential-provider-bin-dir`.
+    pub bin_dir: PathBuf,
+    /// Plugin timeout in seconds; 0 means 60.
+    pub exec_timeout_sec: u64,
+}
+
+impl CredentialProviderKeychainConfig {
+    /// Loads the provider config when enabled; a bad config is an error.
+    pub fn build(&self) -> crate::Result<Option<crate::CredentialProviderKeychain>> {
+        if !self.enable_keychain {
+            return Ok(None);
+        }
+        let mut o = crate::CredentialProviderOptions::new(&self.config_path, &self.bin_dir);
+        if self.exec_timeout_sec > 0 {
+            o.exec_timeout = Duration::from_secs(self.exec_timeout_sec);
+        }
+        crate::CredentialProviderKeychain::new(o).map(Some)
     }
 }
 
@@ -226,6 +297,20 @@ max_retries = 3
         assert_eq!(cfg.blob.max_retries, 3);
         assert_eq!(cfg.blob.fetching_timeout_sec, 300);
         assert!(RegistryConfig::from_toml("[resolver]\nbogus = 1").is_err());
+        let cfg =
+            RegistryConfig::from_toml("[resolver]\nconfig_path = \"/etc/containerd/certs.d\"\n")
+                .expect("config_path");
+        assert_eq!(
+            cfg.resolver.config_path.as_deref(),
+            Some(std::path::Path::new("/etc/containerd/certs.d"))
+        );
+        let k: KubeconfigKeychainConfig =
+            toml::from_str("enable_keychain = true\nkubeconfig_path = \"/k\"").expect("kube");
+        assert!(k.enable_keychain);
+        let c: CredentialProviderKeychainConfig =
+            toml::from_str("enable_keychain = false\nconfig_path = \"/c\"\nbin_dir = \"/b\"")
+                .expect("credprovider");
+        assert!(c.build().expect("disabled").is_none());
     }
 
     #[test]

@@ -37,6 +37,15 @@ pub trait Keychain: Send + Sync {
     /// The credential for `host`, or `None` to go anonymous.
     fn resolve<'a>(&'a self, host: &'a str) -> KeychainFuture<'a>;
 
+    /// The credential for pulling `repository` (`org/app`, no tag) from
+    /// `host`. Sources that scope credentials finer than a host (kubelet
+    /// credential providers match path prefixes) override this; the default
+    /// asks [`Keychain::resolve`].
+    fn resolve_image<'a>(&'a self, host: &'a str, repository: &'a str) -> KeychainFuture<'a> {
+        let _ = repository;
+        self.resolve(host)
+    }
+
     /// A human-readable name of the source (a path, "command line"...),
     /// used in error messages; never contains secrets.
     fn describe(&self) -> String;
@@ -239,21 +248,32 @@ impl ChainKeychain {
     }
 }
 
-impl Keychain for ChainKeychain {
-    fn resolve<'a>(&'a self, host: &'a str) -> KeychainFuture<'a> {
-        Box::pin(async move {
-            for k in &self.chain {
-                match k.resolve(host).await {
-                    Ok(Some(c)) => return Ok(Some(c)),
-                    Ok(None) => {}
-                    // One broken source should not hide the others; say so and go on.
-                    Err(e) => {
-                        tracing::warn!(source = %k.describe(), error = %e, "credential source failed")
-                    }
+impl ChainKeychain {
+    async fn first(&self, host: &str, repository: Option<&str>) -> Result<Option<Credential>> {
+        for k in &self.chain {
+            let got = match repository {
+                Some(r) => k.resolve_image(host, r).await,
+                None => k.resolve(host).await,
+            };
+            match got {
+                Ok(Some(c)) => return Ok(Some(c)),
+                Ok(None) => {}
+                // One broken source should not hide the others; say so and go on.
+                Err(e) => {
+                    tracing::warn!(source = %k.describe(), error = %e, "credential source failed")
                 }
             }
-            Ok(None)
-        })
+        }
+        Ok(None)
+    }
+}
+
+impl Keychain for ChainKeychain {
+    fn resolve<'a>(&'a self, host: &'a str) -> KeychainFuture<'a> {
+        Box::pin(self.first(host, None))
+    }
+    fn resolve_image<'a>(&'a self, host: &'a str, repository: &'a str) -> KeychainFuture<'a> {
+        Box::pin(self.first(host, Some(repository)))
     }
     fn describe(&self) -> String {
         if self.chain.is_empty() {

@@ -22,9 +22,12 @@ mod auth;
 mod blob;
 mod client;
 mod config;
+mod credprovider;
 mod digest;
 mod error;
+mod hostsdir;
 mod keychain;
+mod kubeconfig;
 mod manifest;
 mod metrics;
 mod reference;
@@ -32,15 +35,22 @@ mod reference;
 pub use blob::{coalesce, BlobReader, RangeSink};
 pub use client::Client;
 pub use config::{
-    is_local_host, BlobConfig, HostConfig, MirrorConfig, RegistryConfig, ResolverConfig,
+    is_local_host, BlobConfig, CredentialProviderKeychainConfig, HostConfig,
+    KubeconfigKeychainConfig, MirrorConfig, RegistryConfig, ResolverConfig,
     DEFAULT_REQUEST_TIMEOUT_SEC,
+};
+pub use credprovider::{
+    image_matches, parse_go_duration, CredentialProvider, CredentialProviderConfig,
+    CredentialProviderKeychain, CredentialProviderOptions, EnvVar,
 };
 pub use digest::{Digest, DigestHasher};
 pub use error::{Error, Result};
+pub use hostsdir::{load_hosts_dir, HostsDir, DEFAULT_HOST_KEY};
 pub use keychain::{
     Anonymous, ChainKeychain, Credential, DockerConfigKeychain, Keychain, KeychainFuture,
     StaticKeychain,
 };
+pub use kubeconfig::{KubeApiTarget, KubeconfigKeychain, KubeconfigKeychainOptions};
 pub use manifest::{
     select_platform, Descriptor, FetchedManifest, ImageIndex, ImageManifest, Manifest, Platform,
     PushBlobOptions, PushOutcome, ResolvedImage, DOCKER_CONFIG, DOCKER_LAYER_GZIP, DOCKER_MANIFEST,

@@ -1,6 +1,7 @@
 //! Test fixtures shared by the workspace: a real CNCF distribution registry
 //! process (`docker-registry`), TLS material, htpasswd files, a JWT token
-//! issuer, and fault-injecting HTTP fronts. Everything listens on loopback,
+//! issuer, fault-injecting HTTP fronts, and a fake Kubernetes API server
+//! (secrets list/watch). Everything listens on loopback,
 //! lives in temp dirs, and is torn down on `Drop`.
 //!
 //! Only tests link this crate, and a fixture that cannot be set up fails its
@@ -14,11 +15,13 @@
 mod front;
 mod http;
 mod issuer;
+mod kubeapi;
 mod registry;
 mod tls;
 
 pub use front::{Front, FrontOpts, FrontStats};
 pub use issuer::{IssuerOpts, TokenIssuer};
+pub use kubeapi::{FakeKubeApi, DOCKERCONFIGJSON};
 pub use registry::{free_port, require_tool, Registry, RegistryOpts, TokenAuthConfig};
 pub use tls::{Tls, TokenSigner};
 
