@@ -209,7 +209,7 @@ mod tests {
     use std::collections::HashSet;
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::mpsc;
-    use std::time::Duration;
+    use std::time::{Duration, Instant};
 
     #[test]
     fn concurrency_is_bounded_by_the_threads() {
@@ -325,6 +325,11 @@ mod tests {
                     let _ = rx.recv_timeout(Duration::from_secs(10));
                 }
             });
+        }
+        // The first background job holds its thread before the urgent one is queued.
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while bg_started.load(Ordering::SeqCst) == 0 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
         }
         let (tx, rx) = mpsc::channel();
         pool.spawn(move || {

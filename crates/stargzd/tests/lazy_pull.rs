@@ -311,19 +311,38 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         text
     }
 
+    /// Runs `script` in a new container and returns its output. `ctr run` can return
+    /// before the last of a container's output reached it; the script ends with a marker
+    /// line, and a run whose output lacks it is run again (reading the same files, so
+    /// what the layers fetched does not change).
     fn run(&self, img: &str, id: &str, script: &str) -> String {
-        self.ok(&[
-            "run",
-            "--rm",
-            "--snapshotter",
-            "stargz",
-            img,
-            id,
-            "/bin/busybox",
-            "sh",
-            "-c",
-            script,
-        ])
+        const END: &str = "__script_end__";
+        let script = format!("{script}; echo {END}");
+        let mut out = String::new();
+        for attempt in 0..3 {
+            let name = if attempt == 0 {
+                id.to_string()
+            } else {
+                format!("{id}-again{attempt}")
+            };
+            out = self.ok(&[
+                "run",
+                "--rm",
+                "--snapshotter",
+                "stargz",
+                img,
+                &name,
+                "/bin/busybox",
+                "sh",
+                "-c",
+                &script,
+            ]);
+            if let Some(body) = out.strip_suffix(&format!("{END}\n")) {
+                return body.to_string();
+            }
+            eprintln!("output of {name} came back cut short: {out:?}");
+        }
+        out
     }
 
     fn fuse_mounts(&self) -> Vec<String> {
