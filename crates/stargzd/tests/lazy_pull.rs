@@ -98,6 +98,16 @@ impl Env {
     }
 
     fn start_daemon(&mut self) {
+        let daemon = self.spawn_daemon();
+        self.daemon = Some(daemon);
+        wait_for(&self.snap_sock, "containerd-stargz-grpc");
+        if self.containerd.is_some() {
+            self.wait_reconnected();
+        }
+    }
+
+    /// Starts the daemon process without waiting for it to serve.
+    fn spawn_daemon(&mut self) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -113,7 +123,7 @@ impl Env {
             format!(r#"{{"auths":{{"unused.invalid":{{"auth":"{SECRET_AUTH}"}}}}}}"#),
         )
         .unwrap();
-        let daemon = Command::new(env!("CARGO_BIN_EXE_containerd-stargz-grpc"))
+        Command::new(env!("CARGO_BIN_EXE_containerd-stargz-grpc"))
             .env("DOCKER_CONFIG", &docker)
             .arg("--address")
             .arg(&self.snap_sock)
@@ -125,12 +135,7 @@ impl Env {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap();
-        self.daemon = Some(daemon);
-        wait_for(&self.snap_sock, "containerd-stargz-grpc");
-        if self.containerd.is_some() {
-            self.wait_reconnected();
-        }
+            .unwrap()
     }
 
     /// containerd's gRPC client backs off after the daemon went away and fails calls
@@ -1131,4 +1136,127 @@ fn bad_config_exits_naming_key_and_line() {
         "{err}"
     );
     assert!(!dir.path().join("s.sock").exists());
+}
+
+/// As the reference: a restart that cannot mount a remote snapshot again (its registry
+/// is gone) refuses to start, naming the snapshot; `[snapshotter]
+/// allow_invalid_mounts_on_restart = true` starts anyway, and the layer is mounted
+/// again on use once its registry is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_refuses_unrestorable_snapshots_unless_allowed() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(mut reg) = testenv::Registry::start(testenv::RegistryOpts::default()) else {
+        return;
+    };
+    let (t1, t2) = image_tars();
+    let (l1, l2) = (estargz_layer(&t1), estargz_layer(&t2));
+    let big_digest = sha(&l1.blob);
+    let img = push(&reg, "restore/img", &[l1, l2]).await;
+
+    let mut env = Env::start("");
+    env.checked(|env| {
+        env.rpull(&img);
+        check_remote_snapshots(env);
+        let ls = env.ok(&["snapshot", "--snapshotter", "stargz", "ls"]);
+        let keys: Vec<String> = ls
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect();
+        // SIGINT unmounts everything; with the registry gone nothing can be remounted.
+        env.stop_daemon(libc::SIGINT);
+        reg.stop();
+        let mut daemon = env.spawn_daemon();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(st) = daemon.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = daemon.kill();
+                panic!("the daemon started with unrestorable remote snapshots");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(!status.success(), "{status}");
+        let log = std::fs::read_to_string(env.dir.join("stargz.log")).unwrap();
+        let last = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("allow_invalid_mounts_on_restart"))
+            .unwrap_or_else(|| panic!("no error naming the option:\n{}", tail(&env.dir.join("stargz.log"), 20)));
+        assert!(
+            keys.iter().any(|k| last.contains(k.as_str())),
+            "the error names no snapshot of {keys:?}: {last}"
+        );
+        assert!(!env.snap_sock.exists(), "a refused start left its socket");
+
+        let mut cfg = std::fs::read_to_string(env.dir.join("stargz.toml")).unwrap();
+        cfg.push_str("[snapshotter]\nallow_invalid_mounts_on_restart = true\n");
+        std::fs::write(env.dir.join("stargz.toml"), cfg).unwrap();
+        env.start_daemon();
+        env.assert_daemon_alive();
+        let log = std::fs::read_to_string(env.dir.join("stargz.log")).unwrap();
+        assert!(log.contains("allowed by allow_invalid_mounts_on_restart"), "no warning");
+        reg.restart();
+        let out = env.run(&img, "r1", SCRIPT);
+        check_run(&out, &big_digest);
+    });
+}
+
+/// A FUSE manager whose daemon state was wiped while the daemon was stopped unmounts
+/// its layers and exits instead of running forever; over several cycles no manager is
+/// left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphaned_fuse_manager_unmounts_and_exits() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(reg) = testenv::Registry::start(testenv::RegistryOpts::default()) else {
+        return;
+    };
+    let (t1, t2) = image_tars();
+    let img = push(&reg, "orphan/img", &[estargz_layer(&t1), estargz_layer(&t2)]).await;
+    let mut managers = Vec::new();
+    for cycle in 0..3 {
+        let mut env = Env::start("");
+        env.checked(|env| {
+            env.rpull(&img);
+            check_remote_snapshots(env);
+            let pid = env.manager_pid().expect("no FUSE manager");
+            managers.push((pid, env.snap_root.clone()));
+            // SIGTERM leaves the manager and its mounts, as on a daemon upgrade.
+            env.stop_daemon(libc::SIGTERM);
+            assert!(alive(pid, &env.snap_root));
+            assert!(env.fuse_mounts().len() >= 2, "{:?}", env.fuse_mounts());
+            if cycle == 1 {
+                // Only the manager's socket goes (its run directory was wiped).
+                std::fs::remove_dir_all(env.snap_sock.parent().unwrap()).unwrap();
+            } else {
+                // rm -rf as an administrator would: busy mount points stay behind.
+                let _ = Command::new("rm")
+                    .arg("-rf")
+                    .arg(&env.snap_root)
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while alive(pid, &env.snap_root) {
+                assert!(
+                    Instant::now() < deadline,
+                    "cycle {cycle}: the orphaned manager {pid} still runs"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert!(
+                env.fuse_mounts().is_empty(),
+                "cycle {cycle}: mounts left: {:?}",
+                env.fuse_mounts()
+            );
+        });
+    }
+    let left: Vec<_> = managers.iter().filter(|(p, r)| alive(*p, r)).collect();
+    assert!(left.is_empty(), "managers left running: {left:?}");
 }
