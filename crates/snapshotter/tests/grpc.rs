@@ -58,7 +58,8 @@ impl RemoteFs for FakeRemote {
         let work = tokio::spawn(async move {
             let _busy = busy;
             tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
-            std::fs::write(mp.join("remote-file"), b"x").map_err(|e| MountError::Other(e.to_string()))
+            std::fs::write(mp.join("remote-file"), b"x")
+                .map_err(|e| MountError::Other(e.to_string()))
         });
         work.await.map_err(|e| MountError::Other(e.to_string()))??;
         self.mounts.fetch_add(1, Ordering::SeqCst);
@@ -662,9 +663,15 @@ async fn concurrent_remounts_of_one_layer_are_serialized() {
     let h = start(fake.clone()).await;
     let mut c = h.client.clone();
     let ns = "k8s.io";
-    let e = prepare(&mut c, ns, "extract-1", "", remote_labels("sha256:l1", "chain1"))
-        .await
-        .unwrap_err();
+    let e = prepare(
+        &mut c,
+        ns,
+        "extract-1",
+        "",
+        remote_labels("sha256:l1", "chain1"),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists);
     fake.healthy.store(false, Ordering::SeqCst);
     fake.mount_ms.store(300, Ordering::SeqCst);
@@ -680,8 +687,16 @@ async fn concurrent_remounts_of_one_layer_are_serialized() {
     for t in tasks {
         t.await.unwrap().unwrap();
     }
-    assert_eq!(fake.mounts.load(Ordering::SeqCst), before + 1, "remounted more than once");
-    assert_eq!(fake.unmounted.lock().unwrap().len(), 1, "a fresh remount was unmounted");
+    assert_eq!(
+        fake.mounts.load(Ordering::SeqCst),
+        before + 1,
+        "remounted more than once"
+    );
+    assert_eq!(
+        fake.unmounted.lock().unwrap().len(),
+        1,
+        "a fresh remount was unmounted"
+    );
     assert!(h.root.join("snapshots/1/fs/remote-file").exists());
 }
 
@@ -695,7 +710,13 @@ async fn cancelled_prepare_leaves_no_mount() {
     fake.mount_ms.store(600, Ordering::SeqCst);
     let res = tokio::time::timeout(
         std::time::Duration::from_millis(150),
-        prepare(&mut c, "k8s.io", "extract-1", "", remote_labels("sha256:l1", "chain1")),
+        prepare(
+            &mut c,
+            "k8s.io",
+            "extract-1",
+            "",
+            remote_labels("sha256:l1", "chain1"),
+        ),
     )
     .await;
     assert!(res.is_err(), "the Prepare was not cut short: {res:?}");
@@ -710,7 +731,10 @@ async fn cancelled_prepare_leaves_no_mount() {
         tokio::time::sleep(std::time::Duration::from_millis(20)).await;
     }
     let _mount_done = fake.busy.lock().await;
-    assert!(!fs.join("remote-file").exists(), "the cancelled Prepare's mount is still there");
+    assert!(
+        !fs.join("remote-file").exists(),
+        "the cancelled Prepare's mount is still there"
+    );
     // containerd never learned of the target: nothing was committed.
     assert!(list(&mut c, "k8s.io", &["name==chain1"]).await.is_empty());
 }
@@ -724,9 +748,15 @@ async fn remove_never_unmounts_a_parent_with_children() {
     let h = start(fake.clone()).await;
     let mut c = h.client.clone();
     let ns = "k8s.io";
-    let e = prepare(&mut c, ns, "extract-1", "", remote_labels("sha256:l1", "chain1"))
-        .await
-        .unwrap_err();
+    let e = prepare(
+        &mut c,
+        ns,
+        "extract-1",
+        "",
+        remote_labels("sha256:l1", "chain1"),
+    )
+    .await
+    .unwrap_err();
     assert_eq!(e.code(), Code::AlreadyExists);
     fake.unmount_ms.store(500, Ordering::SeqCst);
     let mut c2 = h.client.clone();

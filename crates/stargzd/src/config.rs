@@ -230,14 +230,18 @@ mod tests {
         let e = format!("{:#}", DaemonConfig::parse("noprefetch = 1\n").unwrap_err());
         assert!(e.contains("noprefetch") && e.contains("line 1"), "{e}");
         assert!(!c.allow_invalid_mounts_on_restart);
-        let c = DaemonConfig::parse("[snapshotter]\nallow_invalid_mounts_on_restart = true\n")
-            .unwrap();
+        let c =
+            DaemonConfig::parse("[snapshotter]\nallow_invalid_mounts_on_restart = true\n").unwrap();
         assert!(c.allow_invalid_mounts_on_restart);
         let e = format!(
             "{:#}",
-            DaemonConfig::parse("[snapshotter]\nallow_invalid_mounts_on_restart = 1\n").unwrap_err()
+            DaemonConfig::parse("[snapshotter]\nallow_invalid_mounts_on_restart = 1\n")
+                .unwrap_err()
         );
-        assert!(e.contains("allow_invalid_mounts_on_restart") && e.contains("line 2"), "{e}");
+        assert!(
+            e.contains("allow_invalid_mounts_on_restart") && e.contains("line 2"),
+            "{e}"
+        );
         let c = DaemonConfig::parse("metrics_address = \"127.0.0.1:8234\"\n").unwrap();
         assert_eq!(c.metrics_address.as_deref(), Some("127.0.0.1:8234"));
         assert!(!c.no_prometheus);

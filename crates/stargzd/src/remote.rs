@@ -50,7 +50,10 @@ impl Drop for PointGuard<'_> {
         self.guard.take();
         let mut busy = locked(&self.remote.busy);
         // Clones are only made under the map lock, so one left means nobody waits.
-        if busy.get(&self.point).is_some_and(|m| Arc::strong_count(m) == 1) {
+        if busy
+            .get(&self.point)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
             busy.remove(&self.point);
         }
     }

@@ -1186,7 +1186,12 @@ async fn restart_refuses_unrestorable_snapshots_unless_allowed() {
             .lines()
             .rev()
             .find(|l| l.contains("allow_invalid_mounts_on_restart"))
-            .unwrap_or_else(|| panic!("no error naming the option:\n{}", tail(&env.dir.join("stargz.log"), 20)));
+            .unwrap_or_else(|| {
+                panic!(
+                    "no error naming the option:\n{}",
+                    tail(&env.dir.join("stargz.log"), 20)
+                )
+            });
         assert!(
             keys.iter().any(|k| last.contains(k.as_str())),
             "the error names no snapshot of {keys:?}: {last}"
@@ -1199,7 +1204,10 @@ async fn restart_refuses_unrestorable_snapshots_unless_allowed() {
         env.start_daemon();
         env.assert_daemon_alive();
         let log = std::fs::read_to_string(env.dir.join("stargz.log")).unwrap();
-        assert!(log.contains("allowed by allow_invalid_mounts_on_restart"), "no warning");
+        assert!(
+            log.contains("allowed by allow_invalid_mounts_on_restart"),
+            "no warning"
+        );
         reg.restart();
         let out = env.run(&img, "r1", SCRIPT);
         check_run(&out, &big_digest);
@@ -1218,7 +1226,12 @@ async fn orphaned_fuse_manager_unmounts_and_exits() {
         return;
     };
     let (t1, t2) = image_tars();
-    let img = push(&reg, "orphan/img", &[estargz_layer(&t1), estargz_layer(&t2)]).await;
+    let img = push(
+        &reg,
+        "orphan/img",
+        &[estargz_layer(&t1), estargz_layer(&t2)],
+    )
+    .await;
     let mut managers = Vec::new();
     for cycle in 0..3 {
         let mut env = Env::start("");
