@@ -1273,3 +1273,76 @@ async fn orphaned_fuse_manager_unmounts_and_exits() {
     let left: Vec<_> = managers.iter().filter(|(p, r)| alive(*p, r)).collect();
     assert!(left.is_empty(), "managers left running: {left:?}");
 }
+
+/// The FUSE manager's `status` answer.
+fn manager_status(env: &Env) -> serde_json::Value {
+    use std::io::{BufRead, BufReader};
+    let mut s = std::os::unix::net::UnixStream::connect(env.dir.join("run/fuse-manager.sock"))
+        .expect("connect to the FUSE manager");
+    s.write_all(b"{\"op\":\"status\"}\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Pulling and removing an image again and again leaves no per-layer state in the
+/// FUSE manager (mounts, per-mount-point locks, layers opened ahead), and its memory
+/// stays flat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_layers_leave_no_state_in_the_manager() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(reg) = testenv::Registry::start(testenv::RegistryOpts::default()) else {
+        return;
+    };
+    let (t1, t2) = image_tars();
+    let img = push(&reg, "churn/img", &[estargz_layer(&t1), estargz_layer(&t2)]).await;
+    let mut env = Env::start("");
+    env.checked(|env| {
+        let mut first_rss = 0;
+        const CYCLES: usize = 10;
+        for cycle in 0..CYCLES {
+            env.rpull(&img);
+            check_remote_snapshots(env);
+            let st = manager_status(env);
+            assert_eq!(st["state"]["mounts"], 2, "{st}");
+            env.remove_image_and_wait_empty(&img);
+            assert!(env.fuse_mounts().is_empty(), "{:?}", env.fuse_mounts());
+            let st = manager_status(env);
+            let state = &st["state"];
+            assert_eq!(state["mounts"], 0, "cycle {cycle}: {st}");
+            assert_eq!(state["busy"], 0, "cycle {cycle}: {st}");
+            assert_eq!(state["opening"], 0, "cycle {cycle}: {st}");
+            assert!(
+                state["manifests"].as_u64().unwrap() <= 1,
+                "cycle {cycle}: {st}"
+            );
+            let pid = env.manager_pid().expect("no FUSE manager");
+            if cycle == 0 {
+                first_rss = rss_kib(pid);
+            }
+            if cycle == CYCLES - 1 {
+                let last = rss_kib(pid);
+                eprintln!(
+                    "FUSE manager RSS after 1 cycle: {first_rss} KiB, after {CYCLES} \
+                     ({} layer mounts): {last} KiB",
+                    2 * CYCLES
+                );
+                assert!(
+                    last < first_rss + 32 * 1024,
+                    "manager RSS grew from {first_rss} KiB to {last} KiB"
+                );
+            }
+        }
+    });
+}
