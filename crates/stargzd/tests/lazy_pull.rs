@@ -78,11 +78,13 @@ impl Env {
             .unwrap();
         let dir = tmp.path().to_path_buf();
         // No prefetch and no background fetch: what is fetched is what the workload read.
-        std::fs::write(
-            dir.join("stargz.toml"),
-            format!("noprefetch = true\nno_background_fetch = true\n{config}"),
-        )
-        .unwrap();
+        // Defaults the test's own config does not set.
+        let defaults: String = ["noprefetch = true\n", "no_background_fetch = true\n"]
+            .iter()
+            .filter(|l| !config.contains(l.split(" =").next().unwrap_or_default()))
+            .copied()
+            .collect();
+        std::fs::write(dir.join("stargz.toml"), format!("{defaults}{config}")).unwrap();
         let mut env = Env {
             snap_sock: dir.join("run/stargz.sock"),
             snap_root: dir.join("stargz-root"),
@@ -1343,6 +1345,58 @@ async fn removed_layers_leave_no_state_in_the_manager() {
                     "manager RSS grew from {first_rss} KiB to {last} KiB"
                 );
             }
+        }
+    });
+}
+
+/// Removing the last snapshot of a layer stops its background fetch: the registry sees
+/// no request for it afterwards, while a kept layer is fetched in the background.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removal_stops_background_fetch() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(reg) = testenv::Registry::start(testenv::RegistryOpts::default()) else {
+        return;
+    };
+    let (t1, t2) = image_tars();
+    let img = push(
+        &reg,
+        "bgstop/img",
+        &[estargz_layer(&t1), estargz_layer(&t2)],
+    )
+    .await;
+    let front = testenv::Front::start(testenv::FrontOpts {
+        upstream: reg.base_url(),
+        ..Default::default()
+    })
+    .await;
+    let img = img.replace(&reg.host(), &front.host());
+    let requests = || testenv::FrontStats::get(&front.stats.requests);
+    // The background fetch starts once reads have been quiet for 3 s.
+    let mut env = Env::start("no_background_fetch = false\nbackground_fetch_quiet_msec = 3000\n");
+    env.checked(|env| {
+        env.rpull(&img);
+        env.remove_image_and_wait_empty(&img);
+        assert!(env.fuse_mounts().is_empty(), "{:?}", env.fuse_mounts());
+        let after_removal = requests();
+        std::thread::sleep(Duration::from_secs(6));
+        assert_eq!(
+            requests(),
+            after_removal,
+            "a removed layer was still fetched"
+        );
+
+        // The control: a layer that stays is fetched in the background.
+        env.rpull(&img);
+        let pulled = requests();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while requests() == pulled {
+            assert!(
+                Instant::now() < deadline,
+                "no background fetch of a kept layer"
+            );
+            std::thread::sleep(Duration::from_millis(200));
         }
     });
 }
