@@ -16,7 +16,9 @@ pub trait RemoteFs: Send + Sync + 'static {
     ) -> impl Future<Output = Result<(), MountError>> + Send;
     /// Whether the mount at `mountpoint` is still being served.
     fn check(&self, mountpoint: &Path) -> impl Future<Output = Result<(), MountError>> + Send;
-    /// Unmounts `mountpoint`; nothing mounted there is fine.
+    /// Unmounts `mountpoint`; nothing mounted there is fine. A mount of the same
+    /// point still under way (its caller may have given up on it) is waited for and
+    /// then unmounted, so the two never leave a mount behind.
     fn unmount(&self, mountpoint: &Path) -> impl Future<Output = Result<(), MountError>> + Send;
     /// Mount points served right now, for filesystems whose mounts can outlive this
     /// process (they are reconciled with the metadata on restore). None by default.

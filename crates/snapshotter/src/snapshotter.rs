@@ -4,7 +4,7 @@ use std::collections::{HashMap, HashSet};
 use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, Mutex, RwLock};
 use std::time::SystemTime;
 
 use futures::stream::{self, StreamExt};
@@ -56,6 +56,9 @@ pub struct Options {
     pub root: PathBuf,
     /// How many remote snapshots to remount at once on start.
     pub restore_concurrency: usize,
+    /// `[snapshotter] allow_invalid_mounts_on_restart`: a remote snapshot that cannot
+    /// be mounted again at start is logged and skipped instead of failing the start.
+    pub allow_invalid_mounts_on_restart: bool,
 }
 
 impl Options {
@@ -63,7 +66,96 @@ impl Options {
         Options {
             root: root.into(),
             restore_concurrency: 4,
+            allow_invalid_mounts_on_restart: false,
         }
+    }
+}
+
+/// One lock per snapshot directory: a check-and-remount, a remote mount being
+/// committed, and a removal of the same layer never interleave. An entry lives only
+/// while somebody holds or waits for it.
+#[derive(Default)]
+struct LayerLocks(Mutex<HashMap<u64, Arc<tokio::sync::Mutex<()>>>>);
+
+/// Held while a snapshot's remote mount is checked, changed or removed.
+struct LayerGuard {
+    locks: Arc<LayerLocks>,
+    id: u64,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl LayerLocks {
+    fn map(&self) -> std::sync::MutexGuard<'_, HashMap<u64, Arc<tokio::sync::Mutex<()>>>> {
+        self.0.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    async fn lock(self: &Arc<Self>, id: u64) -> LayerGuard {
+        let m = self.map().entry(id).or_default().clone();
+        LayerGuard {
+            locks: self.clone(),
+            id,
+            guard: Some(m.lock_owned().await),
+        }
+    }
+}
+
+impl Drop for LayerGuard {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut map = self.locks.map();
+        // Clones are only made under the map lock, so one left means nobody waits.
+        if map.get(&self.id).is_some_and(|m| Arc::strong_count(m) == 1) {
+            map.remove(&self.id);
+        }
+    }
+}
+
+/// Unmounts a remote layer whose Prepare was dropped (containerd cancelled the call or
+/// its deadline passed) before the snapshot was committed: nobody will ever use that
+/// mount. Disarmed once the Prepare has an outcome.
+struct CancelGuard<R: RemoteFs> {
+    remote: Arc<R>,
+    store: Arc<Store>,
+    locks: Arc<LayerLocks>,
+    ns: String,
+    target: String,
+    id: u64,
+    fs: PathBuf,
+    armed: bool,
+}
+
+impl<R: RemoteFs> Drop for CancelGuard<R> {
+    fn drop(&mut self) {
+        if !self.armed {
+            return;
+        }
+        let Ok(rt) = tokio::runtime::Handle::try_current() else {
+            detach(&self.fs);
+            return;
+        };
+        let (remote, store, locks) = (self.remote.clone(), self.store.clone(), self.locks.clone());
+        let (ns, target, id, fs) = (
+            std::mem::take(&mut self.ns),
+            std::mem::take(&mut self.target),
+            self.id,
+            std::mem::take(&mut self.fs),
+        );
+        rt.spawn(async move {
+            let _layer = locks.lock(id).await;
+            // A commit already under way when the call was dropped keeps its mount.
+            let committed = blocking(move || Ok(store.get(&ns, &target)?.is_some_and(|r| r.id == id)))
+                .await
+                .unwrap_or(false);
+            if committed {
+                return;
+            }
+            tracing::info!(mountpoint = %fs.display(), "Prepare cancelled before its remote layer was committed; unmounting it");
+            // The remote waits for its mount of the same point that is still under way.
+            if let Err(e) = remote.unmount(&fs).await {
+                tracing::warn!(mountpoint = %fs.display(), error = %e, "unmounting the layer of a cancelled Prepare failed");
+            }
+            detach(&fs);
+        });
     }
 }
 
@@ -75,6 +167,8 @@ pub struct Snapshotter<R: RemoteFs> {
     index_off: bool,
     userxattr: bool,
     restore_concurrency: usize,
+    allow_invalid_mounts_on_restart: bool,
+    locks: Arc<LayerLocks>,
     /// Held shared while a snapshot's directory and record are created, exclusively by
     /// Cleanup: a directory whose record is not committed yet is never taken for an
     /// orphan.
@@ -105,6 +199,14 @@ fn detach(path: &Path) {
     if rc == 0 {
         tracing::info!(path = %path.display(), "detached a leftover mount");
     }
+}
+
+/// Whether a remote layer may be mounted in the snapshot's directory: a committed
+/// remote snapshot, or an active one whose Prepare tried a remote mount (it may have
+/// been cancelled before the commit).
+fn has_remote_mount(rec: &Record) -> bool {
+    rec.labels.contains_key(label::REMOTE)
+        || (rec.kind == Kind::Active && rec.labels.contains_key(label::TARGET_SNAPSHOT_REF))
 }
 
 /// du-like usage: allocated bytes and inodes, hard links counted once, not crossing mounts.
@@ -175,6 +277,8 @@ impl<R: RemoteFs> Snapshotter<R> {
             store: Arc::new(store),
             remote: Arc::new(remote),
             restore_concurrency: opts.restore_concurrency.max(1),
+            allow_invalid_mounts_on_restart: opts.allow_invalid_mounts_on_restart,
+            locks: Arc::default(),
             dirs: Arc::default(),
             tmp_seq: AtomicU64::new(0),
         })
@@ -239,7 +343,20 @@ impl<R: RemoteFs> Snapshotter<R> {
         mut labels: HashMap<String, String>,
     ) -> Option<Error> {
         let fs = self.fs_dir(rec.id);
-        if let Err(e) = self.remote.mount(&fs, layer).await {
+        let _layer = self.locks.lock(rec.id).await;
+        let mut cancel = CancelGuard {
+            remote: self.remote.clone(),
+            store: self.store.clone(),
+            locks: self.locks.clone(),
+            ns: ns.to_string(),
+            target: target.to_string(),
+            id: rec.id,
+            fs: fs.clone(),
+            armed: true,
+        };
+        let mounted = self.remote.mount(&fs, layer).await;
+        if let Err(e) = mounted {
+            cancel.armed = false;
             // Either way containerd downloads this layer; the kind says whether a
             // later Prepare of it may mount it remotely after all.
             match e.fallback() {
@@ -258,6 +375,7 @@ impl<R: RemoteFs> Snapshotter<R> {
         let res =
             blocking(move || store.commit(&ns2, &key2, &target2, labels, Some(Usage::default())))
                 .await;
+        cancel.armed = false;
         match res {
             Ok(_) => {
                 tracing::info!(target, layer = %layer.digest, "remote snapshot committed");
@@ -368,8 +486,11 @@ impl<R: RemoteFs> Snapshotter<R> {
     }
 
     /// Checks a remote layer and remounts it when its server is gone.
+    /// Serialized per layer: concurrent callers find the layer remounted by the first
+    /// and neither unmounts the other's mount nor stacks a second one.
     async fn ensure_remote(&self, name: &str, rec: &Record) -> Result<()> {
         let fs = self.fs_dir(rec.id);
+        let _layer = self.locks.lock(rec.id).await;
         let Err(e) = self.remote.check(&fs).await else {
             return Ok(());
         };
@@ -458,21 +579,34 @@ impl<R: RemoteFs> Snapshotter<R> {
         Ok(())
     }
 
-    /// Removes a snapshot without children: metadata first, then its directory.
+    /// Removes a snapshot without children: metadata first, then its directory. The
+    /// children check, the unmount of its remote layer and the deletion of the record
+    /// are one metadata transaction, so a child created meanwhile never finds its
+    /// parent unmounted.
     pub async fn remove(&self, ns: &str, key: &str) -> Result<()> {
+        let first = self.get(ns, key).await?;
+        let _layer = self.locks.lock(first.id).await;
         let store = self.store.clone();
+        let remote = self.remote.clone();
+        let snaps = self.root.join("snapshots");
+        let rt = tokio::runtime::Handle::current();
         let (ns2, key2) = (ns.to_string(), key.to_string());
-        let rec = blocking(move || store.removable(&ns2, &key2)).await?;
-        let fs = self.fs_dir(rec.id);
-        if rec.labels.contains_key(label::REMOTE) {
-            self.remote
-                .unmount(&fs)
-                .await
-                .map_err(|e| Error::Remote(format!("unmounting {}: {e}", fs.display())))?;
-        }
-        let store = self.store.clone();
-        let (ns2, key2) = (ns.to_string(), key.to_string());
-        let rec = blocking(move || store.remove(&ns2, &key2)).await?;
+        let rec = blocking(move || {
+            store.remove_with(&ns2, &key2, |rec| {
+                if rec.id != first.id {
+                    return Err(Error::FailedPrecondition(format!(
+                        "snapshot {key2:?} was replaced while being removed"
+                    )));
+                }
+                if !has_remote_mount(rec) {
+                    return Ok(());
+                }
+                let fs = snaps.join(rec.id.to_string()).join("fs");
+                rt.block_on(remote.unmount(&fs))
+                    .map_err(|e| Error::Remote(format!("unmounting {}: {e}", fs.display())))
+            })
+        })
+        .await?;
         let dir = self.dir(rec.id);
         blocking(move || {
             detach(&dir.join("fs"));
@@ -604,8 +738,11 @@ impl<R: RemoteFs> Snapshotter<R> {
 
     /// Remounts every remote snapshot recorded in the store (after a restart) whose
     /// mount is not still served (a FUSE manager that outlived the previous process
-    /// keeps serving them). Failures are logged: Mounts retries them later. Returns
-    /// how many are served.
+    /// keeps serving them). Returns how many are served.
+    ///
+    /// A snapshot that cannot be mounted again fails the whole restore with an error
+    /// naming it, unless `allow_invalid_mounts_on_restart` is set: then it is logged
+    /// and left for Mounts to retry (or for the user to remove).
     pub async fn restore_remote(&self) -> Result<usize> {
         let recs = self.remote_records().await?;
         // A mount still served for a snapshot that is gone (removed, or never
@@ -627,29 +764,43 @@ impl<R: RemoteFs> Snapshotter<R> {
             }
             Err(e) => tracing::warn!(error = %e, "listing remote mounts failed"),
         }
-        let ok = stream::iter(recs)
+        let results: Vec<(String, Result<(), MountError>)> = stream::iter(recs)
             .map(|(ns, key, rec)| async move {
                 let fs = self.fs_dir(rec.id);
+                let _layer = self.locks.lock(rec.id).await;
                 if self.remote.check(&fs).await.is_ok() {
                     tracing::debug!(namespace = %ns, snapshot = %key, "remote snapshot still served");
-                    return true;
+                    return (key, Ok(()));
                 }
                 // Whatever is there was served by a process that is gone.
                 detach(&fs);
-                match self.remount(&fs, &rec).await {
-                    Ok(()) => true,
-                    Err(e) => {
-                        tracing::warn!(namespace = %ns, snapshot = %key, kind = e.kind(),
-                            error = %e, "restoring remote snapshot failed");
-                        false
-                    }
-                }
+                let res = self.remount(&fs, &rec).await;
+                (key, res)
             })
             .buffer_unordered(self.restore_concurrency)
-            .filter(|ok| futures::future::ready(*ok))
-            .count()
+            .collect()
             .await;
-        Ok(ok)
+        let mut served = 0;
+        let mut failed = Vec::new();
+        for (key, res) in results {
+            match res {
+                Ok(()) => served += 1,
+                Err(e) if self.allow_invalid_mounts_on_restart => {
+                    tracing::warn!(snapshot = %key, kind = e.kind(), error = %e,
+                        "restoring remote snapshot failed; allowed by allow_invalid_mounts_on_restart: \
+                         Mounts retries it, or remove the snapshot");
+                }
+                Err(e) => failed.push(format!("{key:?} ({}): {e}", e.kind())),
+            }
+        }
+        if !failed.is_empty() {
+            return Err(Error::Unavailable(format!(
+                "cannot restore remote snapshot(s) {}; set [snapshotter] \
+                 allow_invalid_mounts_on_restart = true to start anyway",
+                failed.join("; ")
+            )));
+        }
+        Ok(served)
     }
 
     /// Unmounts every remote snapshot (on SIGINT shutdown).

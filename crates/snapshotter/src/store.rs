@@ -223,20 +223,15 @@ impl Store {
         Ok(())
     }
 
-    /// The record of `key` if it could be removed now.
-    pub fn removable(&self, ns: &str, key: &str) -> Result<Record> {
-        let tx = self.db.begin_read()?;
-        let t = tx.open_table(SNAPSHOTS)?;
-        let rec = match t.get((ns, key))? {
-            Some(v) => decode(v.value())?,
-            None => return Err(Error::NotFound(key.to_string())),
-        };
-        Self::check_no_children(&t, ns, key)?;
-        Ok(rec)
-    }
-
-    /// Deletes `key`'s metadata; refuses while it has children.
-    pub fn remove(&self, ns: &str, key: &str) -> Result<Record> {
+    /// Deletes `key`'s metadata; refuses while it has children. Runs `release` on the record once the children check
+    /// passed and before the deletion commits, all in one write transaction: no child
+    /// can be created in between, and a failing `release` keeps the record.
+    pub fn remove_with(
+        &self,
+        ns: &str,
+        key: &str,
+        release: impl FnOnce(&Record) -> Result<()>,
+    ) -> Result<Record> {
         let tx = self.db.begin_write()?;
         let rec = {
             let mut t = tx.open_table(SNAPSHOTS)?;
@@ -245,6 +240,7 @@ impl Store {
                 None => return Err(Error::NotFound(key.to_string())),
             };
             Self::check_no_children(&t, ns, key)?;
+            release(&rec)?;
             t.remove((ns, key))?;
             rec
         };

@@ -28,6 +28,13 @@ struct FakeRemote {
     unmounted: std::sync::Mutex<Vec<PathBuf>>,
     /// Every mount times out.
     timing_out: std::sync::atomic::AtomicBool,
+    /// How long a mount takes, in milliseconds. The mount runs on a task of its own, as
+    /// in a FUSE manager process: dropping the caller does not stop it.
+    mount_ms: std::sync::atomic::AtomicU64,
+    /// How long an unmount takes, in milliseconds.
+    unmount_ms: std::sync::atomic::AtomicU64,
+    /// Held by a mount under way; unmount waits for it, as the trait requires.
+    busy: Arc<tokio::sync::Mutex<()>>,
 }
 
 /// Labels from key/value pairs.
@@ -45,8 +52,16 @@ impl RemoteFs for FakeRemote {
         if layer.digest == "sha256:bad" {
             return Err(MountError::RegistryUnreachable("unreachable layer".into()));
         }
-        std::fs::write(mp.join("remote-file"), b"x")
-            .map_err(|e| MountError::Other(e.to_string()))?;
+        let busy = self.busy.clone().lock_owned().await;
+        let ms = self.mount_ms.load(Ordering::SeqCst);
+        let mp = mp.to_path_buf();
+        let work = tokio::spawn(async move {
+            let _busy = busy;
+            tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
+            std::fs::write(mp.join("remote-file"), b"x")
+                .map_err(|e| MountError::Other(e.to_string()))
+        });
+        work.await.map_err(|e| MountError::Other(e.to_string()))??;
         self.mounts.fetch_add(1, Ordering::SeqCst);
         self.healthy.store(true, Ordering::SeqCst);
         Ok(())
@@ -59,6 +74,9 @@ impl RemoteFs for FakeRemote {
         }
     }
     async fn unmount(&self, mp: &Path) -> Result<(), MountError> {
+        let _busy = self.busy.lock().await;
+        let ms = self.unmount_ms.load(Ordering::SeqCst);
+        tokio::time::sleep(std::time::Duration::from_millis(ms)).await;
         if std::fs::remove_file(mp.join("remote-file")).is_ok() {
             self.healthy.store(false, Ordering::SeqCst);
         }
@@ -570,6 +588,193 @@ async fn restore_after_restart() {
     assert_eq!(fake.mounts.load(Ordering::SeqCst), before + 1);
     assert!(root.join("snapshots/1/fs/remote-file").exists());
     assert_eq!(*fake.unmounted.lock().unwrap(), vec![orphan]);
+}
+
+/// A remote snapshot that cannot be mounted again fails the restore, naming it; with
+/// `allow_invalid_mounts_on_restart` it is skipped and the others are restored.
+#[tokio::test]
+async fn restore_refuses_invalid_mounts_unless_allowed() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = dir.path().join("root");
+    let fake = Arc::new(FakeRemote::default());
+    {
+        let sn = Snapshotter::open(Options::new(&root), fake.clone()).unwrap();
+        for (key, target, digest) in [("k1", "good", "sha256:x"), ("k2", "gone", "sha256:y")] {
+            let l = labels([
+                (LABEL_TARGET, target),
+                (LABEL_CRI_IMAGE_REF, "r"),
+                (LABEL_CRI_LAYER_DIGEST, digest),
+            ]);
+            assert!(matches!(
+                sn.prepare("ns", key, "", l).await,
+                Err(snapshotter::Error::AlreadyExists(_))
+            ));
+        }
+        sn.unmount_all().await.unwrap();
+        // The second layer's registry is gone by the next start.
+        sn.update(
+            "ns",
+            snapshotter::Info {
+                name: "gone".into(),
+                parent: String::new(),
+                kind: snapshotter::Kind::Committed,
+                labels: labels([(LABEL_CRI_LAYER_DIGEST, "sha256:bad")]),
+                created: std::time::SystemTime::now(),
+                updated: std::time::SystemTime::now(),
+            },
+            vec![format!("labels.{LABEL_CRI_LAYER_DIGEST}")],
+        )
+        .await
+        .unwrap();
+    }
+    let mut opts = Options::new(&root);
+    opts.restore_concurrency = 1;
+    let sn = Snapshotter::open(opts, fake.clone()).unwrap();
+    let e = sn.restore_remote().await.unwrap_err();
+    let text = e.to_string();
+    assert!(
+        text.contains("\"gone\"") && text.contains("allow_invalid_mounts_on_restart"),
+        "{text}"
+    );
+    assert!(!text.contains("\"good\""), "{text}");
+    drop(sn);
+    fake.healthy.store(false, Ordering::SeqCst);
+    let mut opts = Options::new(&root);
+    opts.allow_invalid_mounts_on_restart = true;
+    // One at a time: the fake's health is one flag for all its mounts.
+    opts.restore_concurrency = 1;
+    let sn = Snapshotter::open(opts, fake.clone()).unwrap();
+    assert_eq!(sn.restore_remote().await.unwrap(), 1);
+}
+
+fn remote_labels(digest: &str, target: &str) -> HashMap<String, String> {
+    labels([
+        (LABEL_TARGET, target),
+        (LABEL_CRI_IMAGE_REF, "127.0.0.1:5000/img:1"),
+        (LABEL_CRI_LAYER_DIGEST, digest),
+    ])
+}
+
+/// Concurrent Prepares whose remote parent died remount it once: none unmounts the
+/// mount another made, and no second mount is stacked on the first.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_remounts_of_one_layer_are_serialized() {
+    let fake = Arc::new(FakeRemote::default());
+    let h = start(fake.clone()).await;
+    let mut c = h.client.clone();
+    let ns = "k8s.io";
+    let e = prepare(
+        &mut c,
+        ns,
+        "extract-1",
+        "",
+        remote_labels("sha256:l1", "chain1"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    fake.healthy.store(false, Ordering::SeqCst);
+    fake.mount_ms.store(300, Ordering::SeqCst);
+    fake.unmounted.lock().unwrap().clear();
+    let before = fake.mounts.load(Ordering::SeqCst);
+    let mut tasks = Vec::new();
+    for i in 0..6 {
+        let mut c = h.client.clone();
+        tasks.push(tokio::spawn(async move {
+            prepare(&mut c, ns, &format!("ctr{i}"), "chain1", HashMap::new()).await
+        }));
+    }
+    for t in tasks {
+        t.await.unwrap().unwrap();
+    }
+    assert_eq!(
+        fake.mounts.load(Ordering::SeqCst),
+        before + 1,
+        "remounted more than once"
+    );
+    assert_eq!(
+        fake.unmounted.lock().unwrap().len(),
+        1,
+        "a fresh remount was unmounted"
+    );
+    assert!(h.root.join("snapshots/1/fs/remote-file").exists());
+}
+
+/// A Prepare that containerd gives up on while its remote layer is being mounted
+/// leaves no mount behind once that mount finishes.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cancelled_prepare_leaves_no_mount() {
+    let fake = Arc::new(FakeRemote::default());
+    let h = start(fake.clone()).await;
+    let mut c = h.client.clone();
+    fake.mount_ms.store(600, Ordering::SeqCst);
+    let res = tokio::time::timeout(
+        std::time::Duration::from_millis(150),
+        prepare(
+            &mut c,
+            "k8s.io",
+            "extract-1",
+            "",
+            remote_labels("sha256:l1", "chain1"),
+        ),
+    )
+    .await;
+    assert!(res.is_err(), "the Prepare was not cut short: {res:?}");
+    let fs = h.root.join("snapshots/1/fs");
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+    // The mount completes on its own; then it must be undone.
+    while !fake.unmounted.lock().unwrap().contains(&fs) {
+        assert!(
+            std::time::Instant::now() < deadline,
+            "the cancelled Prepare's mount was never unmounted"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    let _mount_done = fake.busy.lock().await;
+    assert!(
+        !fs.join("remote-file").exists(),
+        "the cancelled Prepare's mount is still there"
+    );
+    // containerd never learned of the target: nothing was committed.
+    assert!(list(&mut c, "k8s.io", &["name==chain1"]).await.is_empty());
+}
+
+/// Remove checks for children before it unmounts, in the same transaction: a child
+/// prepared while the parent is being removed either fails (the parent is gone) or
+/// keeps the parent, mounted.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn remove_never_unmounts_a_parent_with_children() {
+    let fake = Arc::new(FakeRemote::default());
+    let h = start(fake.clone()).await;
+    let mut c = h.client.clone();
+    let ns = "k8s.io";
+    let e = prepare(
+        &mut c,
+        ns,
+        "extract-1",
+        "",
+        remote_labels("sha256:l1", "chain1"),
+    )
+    .await
+    .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    fake.unmount_ms.store(500, Ordering::SeqCst);
+    let mut c2 = h.client.clone();
+    let removing = tokio::spawn(async move { remove(&mut c2, ns, "chain1").await });
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let child = prepare(&mut c, ns, "ctr", "chain1", HashMap::new()).await;
+    let removed = removing.await.unwrap();
+    match (&removed, &child) {
+        (Ok(()), Err(e)) => assert_eq!(e.code(), Code::NotFound, "{e:?}"),
+        (Err(e), Ok(_)) => {
+            assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+            assert!(
+                h.root.join("snapshots/1/fs/remote-file").exists(),
+                "the parent of a live child was unmounted"
+            );
+        }
+        other => panic!("remove and prepare: {other:?}"),
+    }
 }
 
 /// containerd calls Cleanup whenever its garbage collector ran, while other clients

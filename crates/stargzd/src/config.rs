@@ -35,6 +35,7 @@ const KNOWN: &[&str] = &[
     "proxy_plugins",
     "disable_remote_snapshots",
     "fuse_manager",
+    "snapshotter",
 ];
 
 /// The metrics keys, read on their own so type errors carry their position.
@@ -43,6 +44,17 @@ struct MetricsKeys {
     metrics_address: Option<String>,
     #[serde(default)]
     no_prometheus: bool,
+}
+
+/// `[snapshotter]`, read on its own so type errors carry their position.
+#[derive(Deserialize)]
+struct SnapshotterKeys {
+    snapshotter: Option<SnapshotterSection>,
+}
+
+#[derive(Deserialize)]
+struct SnapshotterSection {
+    allow_invalid_mounts_on_restart: Option<bool>,
 }
 
 /// Parsed daemon configuration.
@@ -54,6 +66,9 @@ pub struct DaemonConfig {
     pub disable_remote_snapshots: bool,
     /// `[fuse_manager]`: where layer mounts live.
     pub fuse_manager: FuseManagerConfig,
+    /// `[snapshotter] allow_invalid_mounts_on_restart`: start even when some remote
+    /// snapshots cannot be mounted again (off: the daemon refuses to start).
+    pub allow_invalid_mounts_on_restart: bool,
     /// `host:port` for the Prometheus endpoint (`GET /metrics`).
     pub metrics_address: Option<String>,
     /// Turns the Prometheus endpoint off even with `metrics_address` set.
@@ -97,11 +112,16 @@ impl DaemonConfig {
             Some(_) => anyhow::bail!("disable_remote_snapshots: expected a boolean"),
         };
         let metrics: MetricsKeys = toml::from_str(text)?;
+        let snap: SnapshotterKeys = toml::from_str(text)?;
         Ok(DaemonConfig {
             fs,
             registry,
             disable_remote_snapshots,
             fuse_manager: FuseManagerConfig::parse(text)?,
+            allow_invalid_mounts_on_restart: snap
+                .snapshotter
+                .and_then(|s| s.allow_invalid_mounts_on_restart)
+                .unwrap_or(false),
             metrics_address: metrics.metrics_address.filter(|a| !a.is_empty()),
             no_prometheus: metrics.no_prometheus,
         })
@@ -209,6 +229,19 @@ mod tests {
         assert_eq!(c.fs.fuse.attr_timeout, 5);
         let e = format!("{:#}", DaemonConfig::parse("noprefetch = 1\n").unwrap_err());
         assert!(e.contains("noprefetch") && e.contains("line 1"), "{e}");
+        assert!(!c.allow_invalid_mounts_on_restart);
+        let c =
+            DaemonConfig::parse("[snapshotter]\nallow_invalid_mounts_on_restart = true\n").unwrap();
+        assert!(c.allow_invalid_mounts_on_restart);
+        let e = format!(
+            "{:#}",
+            DaemonConfig::parse("[snapshotter]\nallow_invalid_mounts_on_restart = 1\n")
+                .unwrap_err()
+        );
+        assert!(
+            e.contains("allow_invalid_mounts_on_restart") && e.contains("line 2"),
+            "{e}"
+        );
         let c = DaemonConfig::parse("metrics_address = \"127.0.0.1:8234\"\n").unwrap();
         assert_eq!(c.metrics_address.as_deref(), Some("127.0.0.1:8234"));
         assert!(!c.no_prometheus);

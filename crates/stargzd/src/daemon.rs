@@ -166,6 +166,7 @@ async fn run(args: Options, cfg: DaemonConfig) -> Result<()> {
     if cfg.metrics_address.is_some() && cfg.no_prometheus {
         tracing::info!("no_prometheus is set; metrics_address ignored");
     }
+    let allow_invalid_mounts_on_restart = cfg.allow_invalid_mounts_on_restart;
     let (remote, fuse_manager) = daemon_remote(cfg, &args, &metrics).await;
     if let Some(addr) = &metrics_address {
         // With a FUSE manager the layers, their fetches and the cache live there.
@@ -175,14 +176,16 @@ async fn run(args: Options, cfg: DaemonConfig) -> Result<()> {
         };
         metrics::serve(addr, source).await?;
     }
-    let sn = Arc::new(Snapshotter::open(
-        snapshotter::Options::new(args.root.join("snapshotter")),
-        remote,
-    )?);
-    match sn.restore_remote().await {
-        Ok(n) => tracing::info!(restored = n, "remote snapshots restored"),
-        Err(e) => tracing::warn!(error = %e, "restoring remote snapshots failed"),
-    }
+    let mut sn_opts = snapshotter::Options::new(args.root.join("snapshotter"));
+    sn_opts.allow_invalid_mounts_on_restart = allow_invalid_mounts_on_restart;
+    let sn = Arc::new(Snapshotter::open(sn_opts, remote)?);
+    // As the reference: a remote snapshot that cannot be mounted again stops the start
+    // unless allow_invalid_mounts_on_restart says to go on without it.
+    let restored = sn
+        .restore_remote()
+        .await
+        .context("restoring remote snapshots")?;
+    tracing::info!(restored, "remote snapshots restored");
     let listener = snapshotter::bind(&args.address)?;
     tracing::info!(address = %args.address.display(), root = %args.root.display(), "serving");
     sd_notify_ready();

@@ -90,6 +90,13 @@ impl LayerPool {
         opening.await
     }
 
+    /// Layers opened ahead and not claimed yet, and remembered manifests; expired
+    /// entries are dropped first.
+    pub fn counts(&self) -> (usize, usize) {
+        self.expire();
+        (locked(&self.opening).len(), locked(&self.manifests).len())
+    }
+
     fn expire(&self) {
         let now = Instant::now();
         locked(&self.opening).retain(|_, (t, _)| now.duration_since(*t) < UNCLAIMED_TTL);

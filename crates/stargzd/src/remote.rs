@@ -18,7 +18,49 @@ pub struct FuseRemote {
     cfg: fs::Config,
     layers: LayerPool,
     mounts: Mutex<HashMap<PathBuf, fs::MountHandle>>,
+    /// One mount, check-and-replace or unmount per mount point at a time: an unmount
+    /// waits for a mount still under way (its caller may have given up), and two
+    /// mounts of one point never stack. Entries live while somebody holds or waits.
+    busy: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     metrics: DaemonMetrics,
+}
+
+/// Per-layer state this process holds, for checking that nothing outlives its layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StateCounts {
+    /// Mounted layers.
+    pub mounts: usize,
+    /// Mount points with an operation under way.
+    pub busy: usize,
+    /// Layers opened ahead of their mount, not yet claimed.
+    pub opening: usize,
+    /// Image manifests remembered for opening layers ahead.
+    pub manifests: usize,
+}
+
+/// Held while one mount point is mounted, checked or unmounted.
+struct PointGuard<'a> {
+    remote: &'a FuseRemote,
+    point: PathBuf,
+    guard: Option<tokio::sync::OwnedMutexGuard<()>>,
+}
+
+impl Drop for PointGuard<'_> {
+    fn drop(&mut self) {
+        self.guard.take();
+        let mut busy = locked(&self.remote.busy);
+        // Clones are only made under the map lock, so one left means nobody waits.
+        if busy
+            .get(&self.point)
+            .is_some_and(|m| Arc::strong_count(m) == 1)
+        {
+            busy.remove(&self.point);
+        }
+    }
+}
+
+fn locked<T>(m: &Mutex<T>) -> std::sync::MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
 impl FuseRemote {
@@ -37,6 +79,7 @@ impl FuseRemote {
             layers: LayerPool::new(client, cfg.clone(), cache),
             cfg,
             mounts: Mutex::default(),
+            busy: Mutex::default(),
             metrics: metrics.clone(),
         })
     }
@@ -47,12 +90,36 @@ impl FuseRemote {
     }
 
     fn handles(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, fs::MountHandle>> {
-        self.mounts.lock().unwrap_or_else(|p| p.into_inner())
+        locked(&self.mounts)
+    }
+
+    async fn point(&self, mountpoint: &Path) -> PointGuard<'_> {
+        let m = locked(&self.busy)
+            .entry(mountpoint.to_path_buf())
+            .or_default()
+            .clone();
+        PointGuard {
+            remote: self,
+            point: mountpoint.to_path_buf(),
+            guard: Some(m.lock_owned().await),
+        }
+    }
+
+    /// How much per-layer state this process holds right now.
+    pub fn state_counts(&self) -> StateCounts {
+        let (opening, manifests) = self.layers.counts();
+        StateCounts {
+            mounts: self.handles().len(),
+            busy: locked(&self.busy).len(),
+            opening,
+            manifests,
+        }
     }
 }
 
 impl RemoteFs for FuseRemote {
     async fn mount(&self, mountpoint: &Path, layer: &RemoteLayer) -> Result<(), MountError> {
+        let _point = self.point(mountpoint).await;
         // Mounting again over a live mount is a no-op; a dead one is cleared first so
         // its session's unmount cannot later hit the new mount.
         let stale = {
@@ -96,6 +163,7 @@ impl RemoteFs for FuseRemote {
     }
 
     async fn unmount(&self, mountpoint: &Path) -> Result<(), MountError> {
+        let _point = self.point(mountpoint).await;
         let Some(h) = self.handles().remove(mountpoint) else {
             return Ok(());
         };

@@ -78,11 +78,13 @@ impl Env {
             .unwrap();
         let dir = tmp.path().to_path_buf();
         // No prefetch and no background fetch: what is fetched is what the workload read.
-        std::fs::write(
-            dir.join("stargz.toml"),
-            format!("noprefetch = true\nno_background_fetch = true\n{config}"),
-        )
-        .unwrap();
+        // Defaults the test's own config does not set.
+        let defaults: String = ["noprefetch = true\n", "no_background_fetch = true\n"]
+            .iter()
+            .filter(|l| !config.contains(l.split(" =").next().unwrap_or_default()))
+            .copied()
+            .collect();
+        std::fs::write(dir.join("stargz.toml"), format!("{defaults}{config}")).unwrap();
         let mut env = Env {
             snap_sock: dir.join("run/stargz.sock"),
             snap_root: dir.join("stargz-root"),
@@ -98,6 +100,16 @@ impl Env {
     }
 
     fn start_daemon(&mut self) {
+        let daemon = self.spawn_daemon();
+        self.daemon = Some(daemon);
+        wait_for(&self.snap_sock, "containerd-stargz-grpc");
+        if self.containerd.is_some() {
+            self.wait_reconnected();
+        }
+    }
+
+    /// Starts the daemon process without waiting for it to serve.
+    fn spawn_daemon(&mut self) -> Child {
         let log = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
@@ -113,7 +125,7 @@ impl Env {
             format!(r#"{{"auths":{{"unused.invalid":{{"auth":"{SECRET_AUTH}"}}}}}}"#),
         )
         .unwrap();
-        let daemon = Command::new(env!("CARGO_BIN_EXE_containerd-stargz-grpc"))
+        Command::new(env!("CARGO_BIN_EXE_containerd-stargz-grpc"))
             .env("DOCKER_CONFIG", &docker)
             .arg("--address")
             .arg(&self.snap_sock)
@@ -125,12 +137,7 @@ impl Env {
             .stdout(Stdio::null())
             .stderr(log)
             .spawn()
-            .unwrap();
-        self.daemon = Some(daemon);
-        wait_for(&self.snap_sock, "containerd-stargz-grpc");
-        if self.containerd.is_some() {
-            self.wait_reconnected();
-        }
+            .unwrap()
     }
 
     /// containerd's gRPC client backs off after the daemon went away and fails calls
@@ -1150,4 +1157,265 @@ fn bad_config_exits_naming_key_and_line() {
         "{err}"
     );
     assert!(!dir.path().join("s.sock").exists());
+}
+
+/// As the reference: a restart that cannot mount a remote snapshot again (its registry
+/// is gone) refuses to start, naming the snapshot; `[snapshotter]
+/// allow_invalid_mounts_on_restart = true` starts anyway, and the layer is mounted
+/// again on use once its registry is back.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restart_refuses_unrestorable_snapshots_unless_allowed() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(mut reg) = testenv::Registry::start(testenv::RegistryOpts::default()) else {
+        return;
+    };
+    let (t1, t2) = image_tars();
+    let (l1, l2) = (estargz_layer(&t1), estargz_layer(&t2));
+    let big_digest = sha(&l1.blob);
+    let img = push(&reg, "restore/img", &[l1, l2]).await;
+
+    let mut env = Env::start("");
+    env.checked(|env| {
+        env.rpull(&img);
+        check_remote_snapshots(env);
+        let ls = env.ok(&["snapshot", "--snapshotter", "stargz", "ls"]);
+        let keys: Vec<String> = ls
+            .lines()
+            .skip(1)
+            .filter_map(|l| l.split_whitespace().next().map(str::to_string))
+            .collect();
+        // SIGINT unmounts everything; with the registry gone nothing can be remounted.
+        env.stop_daemon(libc::SIGINT);
+        reg.stop();
+        let mut daemon = env.spawn_daemon();
+        let deadline = Instant::now() + Duration::from_secs(60);
+        let status = loop {
+            if let Some(st) = daemon.try_wait().unwrap() {
+                break st;
+            }
+            if Instant::now() > deadline {
+                let _ = daemon.kill();
+                panic!("the daemon started with unrestorable remote snapshots");
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        };
+        assert!(!status.success(), "{status}");
+        let log = std::fs::read_to_string(env.dir.join("stargz.log")).unwrap();
+        let last = log
+            .lines()
+            .rev()
+            .find(|l| l.contains("allow_invalid_mounts_on_restart"))
+            .unwrap_or_else(|| {
+                panic!(
+                    "no error naming the option:\n{}",
+                    tail(&env.dir.join("stargz.log"), 20)
+                )
+            });
+        assert!(
+            keys.iter().any(|k| last.contains(k.as_str())),
+            "the error names no snapshot of {keys:?}: {last}"
+        );
+        assert!(!env.snap_sock.exists(), "a refused start left its socket");
+
+        let mut cfg = std::fs::read_to_string(env.dir.join("stargz.toml")).unwrap();
+        cfg.push_str("[snapshotter]\nallow_invalid_mounts_on_restart = true\n");
+        std::fs::write(env.dir.join("stargz.toml"), cfg).unwrap();
+        env.start_daemon();
+        env.assert_daemon_alive();
+        let log = std::fs::read_to_string(env.dir.join("stargz.log")).unwrap();
+        assert!(
+            log.contains("allowed by allow_invalid_mounts_on_restart"),
+            "no warning"
+        );
+        reg.restart();
+        let out = env.run(&img, "r1", SCRIPT);
+        check_run(&out, &big_digest);
+    });
+}
+
+/// A FUSE manager whose daemon state was wiped while the daemon was stopped unmounts
+/// its layers and exits instead of running forever; over several cycles no manager is
+/// left behind.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn orphaned_fuse_manager_unmounts_and_exits() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(reg) = testenv::Registry::start(testenv::RegistryOpts::default()) else {
+        return;
+    };
+    let (t1, t2) = image_tars();
+    let img = push(
+        &reg,
+        "orphan/img",
+        &[estargz_layer(&t1), estargz_layer(&t2)],
+    )
+    .await;
+    let mut managers = Vec::new();
+    for cycle in 0..3 {
+        let mut env = Env::start("");
+        env.checked(|env| {
+            env.rpull(&img);
+            check_remote_snapshots(env);
+            let pid = env.manager_pid().expect("no FUSE manager");
+            managers.push((pid, env.snap_root.clone()));
+            // SIGTERM leaves the manager and its mounts, as on a daemon upgrade.
+            env.stop_daemon(libc::SIGTERM);
+            assert!(alive(pid, &env.snap_root));
+            assert!(env.fuse_mounts().len() >= 2, "{:?}", env.fuse_mounts());
+            if cycle == 1 {
+                // Only the manager's socket goes (its run directory was wiped).
+                std::fs::remove_dir_all(env.snap_sock.parent().unwrap()).unwrap();
+            } else {
+                // rm -rf as an administrator would: busy mount points stay behind.
+                let _ = Command::new("rm")
+                    .arg("-rf")
+                    .arg(&env.snap_root)
+                    .stderr(Stdio::null())
+                    .status();
+            }
+            let deadline = Instant::now() + Duration::from_secs(15);
+            while alive(pid, &env.snap_root) {
+                assert!(
+                    Instant::now() < deadline,
+                    "cycle {cycle}: the orphaned manager {pid} still runs"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            assert!(
+                env.fuse_mounts().is_empty(),
+                "cycle {cycle}: mounts left: {:?}",
+                env.fuse_mounts()
+            );
+        });
+    }
+    let left: Vec<_> = managers.iter().filter(|(p, r)| alive(*p, r)).collect();
+    assert!(left.is_empty(), "managers left running: {left:?}");
+}
+
+/// The FUSE manager's `status` answer.
+fn manager_status(env: &Env) -> serde_json::Value {
+    use std::io::{BufRead, BufReader};
+    let mut s = std::os::unix::net::UnixStream::connect(env.dir.join("run/fuse-manager.sock"))
+        .expect("connect to the FUSE manager");
+    s.write_all(b"{\"op\":\"status\"}\n").unwrap();
+    let mut line = String::new();
+    BufReader::new(s).read_line(&mut line).unwrap();
+    serde_json::from_str(&line).unwrap()
+}
+
+fn rss_kib(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
+}
+
+/// Pulling and removing an image again and again leaves no per-layer state in the
+/// FUSE manager (mounts, per-mount-point locks, layers opened ahead), and its memory
+/// stays flat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removed_layers_leave_no_state_in_the_manager() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(reg) = testenv::Registry::start(testenv::RegistryOpts::default()) else {
+        return;
+    };
+    let (t1, t2) = image_tars();
+    let img = push(&reg, "churn/img", &[estargz_layer(&t1), estargz_layer(&t2)]).await;
+    let mut env = Env::start("");
+    env.checked(|env| {
+        let mut first_rss = 0;
+        const CYCLES: usize = 10;
+        for cycle in 0..CYCLES {
+            env.rpull(&img);
+            check_remote_snapshots(env);
+            let st = manager_status(env);
+            assert_eq!(st["state"]["mounts"], 2, "{st}");
+            env.remove_image_and_wait_empty(&img);
+            assert!(env.fuse_mounts().is_empty(), "{:?}", env.fuse_mounts());
+            let st = manager_status(env);
+            let state = &st["state"];
+            assert_eq!(state["mounts"], 0, "cycle {cycle}: {st}");
+            assert_eq!(state["busy"], 0, "cycle {cycle}: {st}");
+            assert_eq!(state["opening"], 0, "cycle {cycle}: {st}");
+            assert!(
+                state["manifests"].as_u64().unwrap() <= 1,
+                "cycle {cycle}: {st}"
+            );
+            let pid = env.manager_pid().expect("no FUSE manager");
+            if cycle == 0 {
+                first_rss = rss_kib(pid);
+            }
+            if cycle == CYCLES - 1 {
+                let last = rss_kib(pid);
+                eprintln!(
+                    "FUSE manager RSS after 1 cycle: {first_rss} KiB, after {CYCLES} \
+                     ({} layer mounts): {last} KiB",
+                    2 * CYCLES
+                );
+                assert!(
+                    last < first_rss + 32 * 1024,
+                    "manager RSS grew from {first_rss} KiB to {last} KiB"
+                );
+            }
+        }
+    });
+}
+
+/// Removing the last snapshot of a layer stops its background fetch: the registry sees
+/// no request for it afterwards, while a kept layer is fetched in the background.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn removal_stops_background_fetch() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(reg) = testenv::Registry::start(testenv::RegistryOpts::default()) else {
+        return;
+    };
+    let (t1, t2) = image_tars();
+    let img = push(
+        &reg,
+        "bgstop/img",
+        &[estargz_layer(&t1), estargz_layer(&t2)],
+    )
+    .await;
+    let front = testenv::Front::start(testenv::FrontOpts {
+        upstream: reg.base_url(),
+        ..Default::default()
+    })
+    .await;
+    let img = img.replace(&reg.host(), &front.host());
+    let requests = || testenv::FrontStats::get(&front.stats.requests);
+    // The background fetch starts once reads have been quiet for 3 s.
+    let mut env = Env::start("no_background_fetch = false\nbackground_fetch_quiet_msec = 3000\n");
+    env.checked(|env| {
+        env.rpull(&img);
+        env.remove_image_and_wait_empty(&img);
+        assert!(env.fuse_mounts().is_empty(), "{:?}", env.fuse_mounts());
+        let after_removal = requests();
+        std::thread::sleep(Duration::from_secs(6));
+        assert_eq!(
+            requests(),
+            after_removal,
+            "a removed layer was still fetched"
+        );
+
+        // The control: a layer that stays is fetched in the background.
+        env.rpull(&img);
+        let pulled = requests();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while requests() == pulled {
+            assert!(
+                Instant::now() < deadline,
+                "no background fetch of a kept layer"
+            );
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    });
 }

@@ -7,6 +7,8 @@ use std::path::PathBuf;
 use remote_layer::{MountError, RemoteLayer};
 use serde::{Deserialize, Serialize};
 
+pub use crate::remote::StateCounts;
+
 /// One request per connection.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -50,6 +52,9 @@ pub struct Response {
     /// `status`: digest of the config file the manager was started with.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub config_digest: Option<String>,
+    /// `status`: how much per-layer state the manager holds.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub state: Option<StateCounts>,
 }
 
 impl Response {

@@ -4,9 +4,11 @@
 //!
 //! Started (detached) by the daemon when none answers on its socket; speaks the
 //! protocol of [`crate::manager::protocol`]. SIGINT, SIGTERM or a `shutdown` request
-//! unmount everything and exit.
+//! unmount everything and exit; so does losing its socket or its root directory (an
+//! administrator wiped the daemon's state while the daemon was stopped): nothing could
+//! reach this manager again, and its mounts would serve a state that is gone.
 
-use std::os::unix::fs::PermissionsExt;
+use std::os::unix::fs::{MetadataExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -64,6 +66,32 @@ pub fn run_process(opts: Options) -> Result<()> {
     std::process::exit(i32::from(res.is_err()))
 }
 
+/// How often the manager checks that its socket and root directory are still there.
+const WATCH_INTERVAL: std::time::Duration = std::time::Duration::from_secs(2);
+
+/// The identity of the socket file this manager created.
+fn socket_id(path: &Path) -> Option<(u64, u64)> {
+    std::fs::symlink_metadata(path)
+        .ok()
+        .map(|m| (m.dev(), m.ino()))
+}
+
+/// Why the manager should give up, if it should: nobody can reach it any more. A wiped
+/// root keeps the directories of busy mount points, so its own pid file is the sign.
+fn orphaned(args: &Options, socket: Option<(u64, u64)>) -> Option<&'static str> {
+    if !args.root.is_dir() {
+        return Some("its root directory is gone");
+    }
+    let pid = std::fs::read_to_string(args.root.join(PID_NAME)).unwrap_or_default();
+    if pid.trim() != std::process::id().to_string() {
+        return Some("its pid file was removed or replaced");
+    }
+    if socket_id(&args.address) != socket {
+        return Some("its socket was removed or replaced");
+    }
+    None
+}
+
 /// Binds `path`, unless another manager already answers there.
 async fn bind(path: &Path) -> Result<UnixListener> {
     if UnixStream::connect(path).await.is_ok() {
@@ -98,9 +126,12 @@ async fn run(args: &Options, cfg: DaemonConfig, digest: String) -> Result<()> {
             return Err(e);
         }
     };
+    let socket = socket_id(&args.address);
     let pid_file = args.root.join(PID_NAME);
     std::fs::write(&pid_file, format!("{}\n", std::process::id()))
         .with_context(|| format!("writing {}", pid_file.display()))?;
+    let mut watch = tokio::time::interval(WATCH_INTERVAL);
+    watch.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tracing::info!(address = %args.address.display(), pid = std::process::id(), "serving");
 
     let mut sigint = signal(SignalKind::interrupt())?;
@@ -126,11 +157,27 @@ async fn run(args: &Options, cfg: DaemonConfig, digest: String) -> Result<()> {
             _ = sigint.recv() => { remote.unmount_all().await; break; }
             _ = sigterm.recv() => { remote.unmount_all().await; break; }
             _ = sighup.recv() => tracing::info!("SIGHUP ignored"),
+            _ = watch.tick() => {
+                if let Some(why) = orphaned(args, socket) {
+                    let failed = remote.unmount_all().await;
+                    tracing::warn!(reason = why, root = %args.root.display(),
+                        address = %args.address.display(), failed,
+                        "orphaned: unmounted everything; exiting");
+                    break;
+                }
+            }
         }
     }
     tracing::info!("exiting");
-    let _ = std::fs::remove_file(&args.address);
-    let _ = std::fs::remove_file(&pid_file);
+    // A socket or pid file another manager has put in their place is not ours to remove.
+    if socket_id(&args.address) == socket {
+        let _ = std::fs::remove_file(&args.address);
+    }
+    let ours = std::fs::read_to_string(&pid_file)
+        .is_ok_and(|t| t.trim() == std::process::id().to_string());
+    if ours {
+        let _ = std::fs::remove_file(&pid_file);
+    }
     Ok(())
 }
 
@@ -171,6 +218,7 @@ async fn handle(req: Request, remote: &FuseRemote, digest: &str) -> (Response, b
             Response {
                 pid: Some(std::process::id()),
                 config_digest: Some(digest.to_string()),
+                state: Some(remote.state_counts()),
                 ..Response::ok()
             },
             false,
