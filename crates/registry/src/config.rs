@@ -5,6 +5,10 @@ use std::collections::BTreeMap;
 use std::path::PathBuf;
 use std::time::Duration;
 
+/// The key under which `_default/hosts.toml` is stored: it applies to every
+/// registry without its own entry.
+pub const DEFAULT_HOST_KEY: &str = "_default";
+
 use serde::{Deserialize, Serialize};
 
 /// Default per-request timeout for registry API calls, as in the reference resolver.
@@ -47,7 +51,7 @@ impl ResolverConfig {
     pub fn host_config(&self, registry: &str) -> Option<&HostConfig> {
         self.host
             .get(registry)
-            .or_else(|| self.host.get(crate::hostsdir::DEFAULT_HOST_KEY))
+            .or_else(|| self.host.get(DEFAULT_HOST_KEY))
     }
 }
 

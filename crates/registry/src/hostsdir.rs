@@ -8,7 +8,7 @@ use std::path::{Path, PathBuf};
 
 use url::Url;
 
-use crate::config::{HostConfig, MirrorConfig, ResolverConfig};
+use crate::config::{HostConfig, MirrorConfig, ResolverConfig, DEFAULT_HOST_KEY};
 use crate::error::{Error, Result};
 
 /// Largest `hosts.toml` read.
@@ -17,10 +17,6 @@ const MAX_HOSTS_TOML_BYTES: u64 = 1 << 20;
 const MAX_HOST_DIRS: usize = 4096;
 /// Most `[host."..."]` entries used from one file.
 const MAX_HOST_ENTRIES: usize = 64;
-
-/// The key under which `_default/hosts.toml` is stored: it applies to every
-/// registry without its own entry.
-pub const DEFAULT_HOST_KEY: &str = "_default";
 
 /// What a hosts directory yielded.
 #[derive(Clone, Debug, Default, PartialEq)]

@@ -34,6 +34,7 @@ mod reference;
 
 pub use blob::{coalesce, BlobReader, RangeSink};
 pub use client::Client;
+pub use config::DEFAULT_HOST_KEY;
 pub use config::{
     is_local_host, BlobConfig, CredentialProviderKeychainConfig, HostConfig,
     KubeconfigKeychainConfig, MirrorConfig, RegistryConfig, ResolverConfig,
@@ -45,7 +46,7 @@ pub use credprovider::{
 };
 pub use digest::{Digest, DigestHasher};
 pub use error::{Error, Result};
-pub use hostsdir::{load_hosts_dir, HostsDir, DEFAULT_HOST_KEY};
+pub use hostsdir::{load_hosts_dir, HostsDir};
 pub use keychain::{
     Anonymous, ChainKeychain, Credential, DockerConfigKeychain, Keychain, KeychainFuture,
     StaticKeychain,

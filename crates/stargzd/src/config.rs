@@ -3,6 +3,7 @@
 //! from another.
 
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
@@ -30,6 +31,7 @@ const KNOWN: &[&str] = &[
     "resolver",
     "kubeconfig_keychain",
     "cri_keychain",
+    "credential_provider_keychain",
     "metrics_address",
     "debug_address",
     "proxy_plugins",
@@ -73,6 +75,11 @@ pub struct DaemonConfig {
     pub metrics_address: Option<String>,
     /// Turns the Prometheus endpoint off even with `metrics_address` set.
     pub no_prometheus: bool,
+    /// `[kubeconfig_keychain]` (the reference's keys): registry credentials from the
+    /// cluster's `kubernetes.io/dockerconfigjson` secrets.
+    pub kubeconfig_keychain: registry::KubeconfigKeychainConfig,
+    /// `[credential_provider_keychain]` (ours): kubelet's credential provider plugins.
+    pub credential_provider_keychain: registry::CredentialProviderKeychainConfig,
 }
 
 impl DaemonConfig {
@@ -105,7 +112,25 @@ impl DaemonConfig {
                 reg.insert(k.to_string(), v.clone());
             }
         }
-        let registry: registry::RegistryConfig = reg.try_into()?;
+        let mut registry: registry::RegistryConfig = reg.try_into()?;
+        // `[resolver] config_path`: containerd's hosts directory, under explicit hosts.
+        for warning in registry.resolver.apply_hosts_dir()? {
+            tracing::warn!(%warning, "hosts directory");
+        }
+        let section = |name: &str| -> Result<toml::Value> {
+            Ok(table
+                .get(name)
+                .cloned()
+                .unwrap_or_else(|| toml::Value::Table(toml::Table::new())))
+        };
+        let kubeconfig_keychain: registry::KubeconfigKeychainConfig =
+            section("kubeconfig_keychain")?
+                .try_into()
+                .context("[kubeconfig_keychain]")?;
+        let credential_provider_keychain: registry::CredentialProviderKeychainConfig =
+            section("credential_provider_keychain")?
+                .try_into()
+                .context("[credential_provider_keychain]")?;
         let disable_remote_snapshots = match table.get("disable_remote_snapshots") {
             None => false,
             Some(toml::Value::Boolean(b)) => *b,
@@ -124,7 +149,31 @@ impl DaemonConfig {
                 .unwrap_or(false),
             metrics_address: metrics.metrics_address.filter(|a| !a.is_empty()),
             no_prometheus: metrics.no_prometheus,
+            kubeconfig_keychain,
+            credential_provider_keychain,
         })
+    }
+
+    /// Where registry credentials come from, first answer wins: docker's `config.json`
+    /// (and its helpers), then the cluster's secrets, then kubelet's credential
+    /// provider plugins, as configured. Call inside the tokio runtime (the kubeconfig
+    /// keychain watches the API server from a task).
+    pub fn keychain(&self) -> Result<Arc<dyn registry::Keychain>> {
+        let mut chain = registry::ChainKeychain::new()
+            .with(Arc::new(registry::DockerConfigKeychain::from_env()));
+        if let Some(k) = self.kubeconfig_keychain.start() {
+            tracing::info!("registry credentials from Kubernetes secrets (kubeconfig keychain)");
+            chain = chain.with(Arc::new(k));
+        }
+        if let Some(k) = self
+            .credential_provider_keychain
+            .build()
+            .context("[credential_provider_keychain]")?
+        {
+            tracing::info!("registry credentials from kubelet credential provider plugins");
+            chain = chain.with(Arc::new(k));
+        }
+        Ok(Arc::new(chain))
     }
 }
 
@@ -192,6 +241,47 @@ pub fn config_digest(path: &Path) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn keychain_sections_and_hosts_directory() {
+        let hosts = tempfile::tempdir().unwrap();
+        let dir = hosts.path().join("registry.example");
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(
+            dir.join("hosts.toml"),
+            "server = \"https://registry.example\"\n[host.\"http://127.0.0.1:5999\"]\ncapabilities = [\"pull\", \"resolve\"]\n",
+        )
+        .unwrap();
+        let c = DaemonConfig::parse(&format!(
+            "[kubeconfig_keychain]\nenable_keychain = true\nkubeconfig_path = \"/etc/kubernetes/snapshotter/config.conf\"\n\
+             [credential_provider_keychain]\nenable_keychain = false\nconfig_path = \"/etc/kubernetes/cp.yaml\"\n\
+             [resolver]\nconfig_path = \"{}\"\n",
+            hosts.path().display()
+        ))
+        .unwrap();
+        assert!(c.kubeconfig_keychain.enable_keychain);
+        assert_eq!(
+            c.kubeconfig_keychain.kubeconfig_path.as_deref(),
+            Some(Path::new("/etc/kubernetes/snapshotter/config.conf"))
+        );
+        assert!(!c.credential_provider_keychain.enable_keychain);
+        let host = c
+            .registry
+            .resolver
+            .host_config("registry.example")
+            .expect("hosts.toml entry");
+        assert!(
+            format!("{host:?}").contains("127.0.0.1:5999"),
+            "mirror from hosts.toml: {host:?}"
+        );
+        // A typo inside a keychain section is an error naming the section.
+        let err =
+            DaemonConfig::parse("[kubeconfig_keychain]\nenable_keychian = true\n").unwrap_err();
+        assert!(
+            format!("{err:#}").contains("kubeconfig_keychain"),
+            "{err:#}"
+        );
+    }
 
     #[test]
     fn fuse_manager_section_keys() {

@@ -127,7 +127,16 @@ pub async fn daemon_remote(
                 "FUSE manager unavailable; mounting in this process (mounts end with it)"),
         }
     }
-    match FuseRemote::new(cfg.fs, cfg.registry, &opts.root.join("stargz"), metrics) {
+    let remote = cfg.keychain().and_then(|keychain| {
+        FuseRemote::new(
+            cfg.fs,
+            cfg.registry,
+            keychain,
+            &opts.root.join("stargz"),
+            metrics,
+        )
+    });
+    match remote {
         Ok(f) => (DaemonRemote::Fuse(Box::new(f)), None),
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "remote snapshots unavailable; every layer will be downloaded");

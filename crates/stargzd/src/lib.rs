@@ -1,18 +1,19 @@
 //! The stargz snapshotter daemon as a library, behind two thin binaries:
 //! `containerd-stargz-grpc` ([`daemon`]) and `stargz-fuse-manager`
-//! ([`manager::server`]).
+//! ([`fuse_manager`]).
 //!
 //! Modules depend on each other one way only, from the bottom up:
 //! [`config`] and [`manager::protocol`] need nothing of this crate; [`manager::launch`]
 //! reads [`config`]; [`manager::client`] speaks the protocol to a launched manager;
 //! [`metrics`] scrapes this process or that client; `classify` sorts `fs` and
 //! `registry` errors into [`remote_layer::MountError`] kinds; `preopen` opens layers
-//! with them; [`remote`] mounts what `preopen` opened; [`manager::server`] and
+//! with them; [`remote`] mounts what `preopen` opened; [`fuse_manager`] and
 //! [`daemon`] put these together into the two processes.
 
 mod classify;
 pub mod config;
 pub mod daemon;
+pub mod fuse_manager;
 pub mod manager;
 pub mod metrics;
 mod preopen;

@@ -10,6 +10,7 @@ use remote_layer::{MountError, RemoteLayer};
 use snapshotter::RemoteFs;
 
 use crate::classify;
+use crate::manager::protocol::StateCounts;
 use crate::metrics::DaemonMetrics;
 use crate::preopen::LayerPool;
 
@@ -23,19 +24,6 @@ pub struct FuseRemote {
     /// mounts of one point never stack. Entries live while somebody holds or waits.
     busy: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     metrics: DaemonMetrics,
-}
-
-/// Per-layer state this process holds, for checking that nothing outlives its layer.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
-pub struct StateCounts {
-    /// Mounted layers.
-    pub mounts: usize,
-    /// Mount points with an operation under way.
-    pub busy: usize,
-    /// Layers opened ahead of their mount, not yet claimed.
-    pub opening: usize,
-    /// Image manifests remembered for opening layers ahead.
-    pub manifests: usize,
 }
 
 /// Held while one mount point is mounted, checked or unmounted.
@@ -67,11 +55,10 @@ impl FuseRemote {
     pub fn new(
         cfg: fs::Config,
         reg: registry::RegistryConfig,
+        keychain: Arc<dyn registry::Keychain>,
         cache_dir: &Path,
         metrics: &DaemonMetrics,
     ) -> anyhow::Result<FuseRemote> {
-        let keychain: Arc<dyn registry::Keychain> =
-            Arc::new(registry::DockerConfigKeychain::from_env());
         let client = registry::Client::with_metrics(reg, keychain, metrics.registry.clone())?;
         std::fs::create_dir_all(cache_dir)?;
         let cache = fs::ChunkCache::from_config(&cfg, cache_dir, Some(&metrics.fs))?;

@@ -4,7 +4,7 @@
 use std::path::PathBuf;
 
 use clap::Parser;
-use stargzd::manager::server;
+use stargzd::fuse_manager as server;
 
 #[derive(Parser, Debug)]
 #[command(

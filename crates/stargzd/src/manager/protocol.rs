@@ -7,8 +7,6 @@ use std::path::PathBuf;
 use remote_layer::{MountError, RemoteLayer};
 use serde::{Deserialize, Serialize};
 
-pub use crate::remote::StateCounts;
-
 /// One request per connection.
 #[derive(Debug, Serialize, Deserialize)]
 #[serde(tag = "op", rename_all = "snake_case")]
@@ -119,4 +117,17 @@ mod tests {
         let old: Response = serde_json::from_str(r#"{"ok":false,"error":"gone"}"#).unwrap();
         assert_eq!(old.failure(), MountError::Other("gone".into()));
     }
+}
+
+/// Per-layer state this process holds, for checking that nothing outlives its layer.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct StateCounts {
+    /// Mounted layers.
+    pub mounts: usize,
+    /// Mount points with an operation under way.
+    pub busy: usize,
+    /// Layers opened ahead of their mount, not yet claimed.
+    pub opening: usize,
+    /// Image manifests remembered for opening layers ahead.
+    pub manifests: usize,
 }

@@ -119,7 +119,16 @@ async fn run(args: &Options, cfg: DaemonConfig, digest: String) -> Result<()> {
     // Bound first: a second manager gives up before it touches anything.
     let listener = bind(&args.address).await?;
     let metrics = DaemonMetrics::default();
-    let remote = match FuseRemote::new(cfg.fs, cfg.registry, &args.root.join("stargz"), &metrics) {
+    let remote = cfg.keychain().and_then(|keychain| {
+        FuseRemote::new(
+            cfg.fs,
+            cfg.registry,
+            keychain,
+            &args.root.join("stargz"),
+            &metrics,
+        )
+    });
+    let remote = match remote {
         Ok(r) => Arc::new(r),
         Err(e) => {
             let _ = std::fs::remove_file(&args.address);
