@@ -9,6 +9,11 @@
 //!   shaped link: starts docker-registry in SERVER_NS, then measures cold reads vs curl,
 //!   warm sequential throughput and 4 KiB random read latency vs local disk, and the
 //!   mount time of the 100k-file layer over the link.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "benchmark code: a panic is a failed run"
+)]
 
 use std::io::{Read, Write};
 use std::os::unix::fs::FileExt;

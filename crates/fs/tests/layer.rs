@@ -1,4 +1,9 @@
 //! The layer API without FUSE: formats, shared members, verification switches.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 mod common;
 

@@ -1,5 +1,10 @@
 //! Real FUSE mounts of built blobs: tree walk against the tar, overlayfs stacking,
 //! corruption, failing fetchers, concurrency, prefetch/background fetch accounting.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 mod common;
 

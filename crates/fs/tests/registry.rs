@@ -1,4 +1,9 @@
 //! A layer pushed to a real registry on loopback, mounted through the registry client.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 mod common;
 

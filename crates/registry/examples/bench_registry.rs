@@ -1,6 +1,11 @@
 //! Benchmark of the blob reader over a shaped link (needs root, `ip`, `tc`,
 //! `docker-registry`, `curl`): docker-registry runs in the server namespace,
 //! this process in the client namespace. See docs/benchmarks/registry.md.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "benchmark code: a panic is a failed run"
+)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};

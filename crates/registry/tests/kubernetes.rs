@@ -2,6 +2,11 @@
 //! against a real registry: the kubeconfig keychain (list/watch of secrets on
 //! a fake API server), kubelet credential provider plugins, and mirrors from
 //! `hosts.toml`.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 use std::io::Write as _;
 use std::path::Path;

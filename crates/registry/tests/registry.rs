@@ -1,6 +1,11 @@
 //! Integration tests against a real CNCF distribution registry, directly and
 //! behind fault-injecting fronts. They skip loudly (or fail under CI=true)
 //! when `docker-registry` is not installed.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 use std::sync::atomic::Ordering;
 use std::sync::Arc;

@@ -15,7 +15,7 @@
 //! * containerd's filter syntax for List.
 //!
 //! Crates used: `tonic`/`prost` (gRPC), `redb` (metadata), `tokio`, `futures`,
-//! `regex` (`~=` filters), `serde_json` (record encoding), `thiserror`, `tracing`, `libc`,
+//! `regex` (`~=` filters), `serde_json` (record encoding), `thiserror`, `tracing`, `nix`,
 //! and the workspace's `remote-layer`.
 
 mod error;

@@ -190,13 +190,7 @@ fn mkdir(path: &Path, mode: u32) -> Result<()> {
 
 /// Detaches whatever is mounted at `path`; nothing mounted is fine.
 fn detach(path: &Path) {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return;
-    };
-    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
-    let rc = unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
-    if rc == 0 {
+    if nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH).is_ok() {
         tracing::info!(path = %path.display(), "detached a leftover mount");
     }
 }
@@ -250,15 +244,8 @@ fn needs_userxattr(root: &Path) -> bool {
     if !in_userns {
         return false;
     }
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(root.as_os_str().as_bytes()) else {
-        return true;
-    };
-    // SAFETY: zeroed statfs is a valid out-parameter; `c` is NUL-terminated.
-    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
-    let rc = unsafe { libc::statfs(c.as_ptr(), &mut st) };
-    const TMPFS_MAGIC: i64 = 0x0102_1994;
-    !(rc == 0 && st.f_type as i64 == TMPFS_MAGIC)
+    !nix::sys::statfs::statfs(root)
+        .is_ok_and(|st| st.filesystem_type() == nix::sys::statfs::TMPFS_MAGIC)
 }
 
 impl<R: RemoteFs> Snapshotter<R> {

@@ -1,4 +1,9 @@
 //! Snapshots API over a real unix-socket gRPC connection: lifecycle, errors, filters, remote layers.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};

@@ -43,8 +43,7 @@ pub struct Options {
 pub fn run_process(opts: Options) -> Result<()> {
     keep_large_buffers_mapped();
     // Socket, pid file and cache are root's alone from the moment they exist.
-    // SAFETY: umask(2) only sets this process's file creation mask.
-    unsafe { libc::umask(0o077) };
+    nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
     let filter = tracing_subscriber::EnvFilter::try_new(&opts.log_level)
         .with_context(|| format!("--log-level {:?}", opts.log_level))?;
     tracing_subscriber::fmt()

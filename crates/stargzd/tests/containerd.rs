@@ -1,4 +1,9 @@
 //! End to end with a real containerd 1.6, runc and docker-registry: pull, run, snapshot commands, teardown.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 mod common;
 

@@ -2,6 +2,11 @@
 //! `disable_snapshot_annotations = false` pulls an eStargz image (CRI ImageService
 //! PullImage over containerd's socket); the `cri.*` labels reach our daemon, which mounts
 //! the layers lazily.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 mod common;
 

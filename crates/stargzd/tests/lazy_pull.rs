@@ -1,6 +1,11 @@
 //! End to end lazy pull: eStargz images pushed to docker-registry, pulled with Debian's
 //! `ctr-remote image rpull` through a real containerd 1.6 into our daemon, then run with
 //! runc; checks laziness, whiteouts, daemon restarts and the fallback for plain gzip layers.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 mod common;
 

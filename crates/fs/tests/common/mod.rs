@@ -19,6 +19,7 @@ pub fn fuse_ready(test: &str) -> bool {
         .arg("-V")
         .output()
         .is_ok();
+    // SAFETY: geteuid(2) has no preconditions and cannot fail.
     let root = unsafe { libc::geteuid() } == 0;
     if dev && tool && root {
         return true;
@@ -266,6 +267,7 @@ pub fn lxattr(path: &Path, name: &str) -> Option<Vec<u8>> {
     let p = std::ffi::CString::new(path.as_os_str().as_bytes()).ok()?;
     let n = std::ffi::CString::new(name).ok()?;
     let mut buf = vec![0u8; 65536];
+    // SAFETY: both names are NUL-terminated and `buf` is writable for `buf.len()` bytes.
     let r = unsafe {
         libc::lgetxattr(
             p.as_ptr(),
@@ -287,6 +289,7 @@ pub fn lxattr_names(path: &Path) -> Vec<String> {
         return Vec::new();
     };
     let mut buf = vec![0u8; 65536];
+    // SAFETY: `p` is NUL-terminated and `buf` is writable for `buf.len()` bytes.
     let r =
         unsafe { libc::llistxattr(p.as_ptr(), buf.as_mut_ptr() as *mut libc::c_char, buf.len()) };
     if r <= 0 {

@@ -239,10 +239,6 @@ impl RemoteFs for ManagerClient {
 }
 
 fn detach(path: &Path) {
-    use std::os::unix::ffi::OsStrExt;
-    let Ok(c) = std::ffi::CString::new(path.as_os_str().as_bytes()) else {
-        return;
-    };
-    // SAFETY: `c` is a valid NUL-terminated path that outlives the call.
-    unsafe { libc::umount2(c.as_ptr(), libc::MNT_DETACH) };
+    // Nothing mounted there is fine.
+    let _ = nix::mount::umount2(path, nix::mount::MntFlags::MNT_DETACH);
 }
