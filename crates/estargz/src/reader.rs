@@ -650,18 +650,27 @@ impl Index {
 
     /// The directory at `path`, created (as an implicit directory) if missing. Errors
     /// are a budget overrun, or [`Error::Mismatch`] saying what is wrong with the path.
+    /// Iterative: a name may have thousands of components.
     fn dir_for(&mut self, path: &str) -> Result<NodeId> {
-        if let Some(&id) = self.by_path.get(path) {
-            return match self.nodes[id as usize].kind {
-                NodeKind::Dir => Ok(id),
-                _ => Err(Error::Mismatch(format!(
-                    "parent {path:?} is not a directory"
-                ))),
-            };
+        let mut missing: Vec<&str> = Vec::new();
+        let mut cur = path;
+        let mut id = loop {
+            if let Some(&id) = self.by_path.get(cur) {
+                if self.nodes[id as usize].kind != NodeKind::Dir {
+                    return Err(Error::Mismatch(format!(
+                        "parent {cur:?} is not a directory"
+                    )));
+                }
+                break id;
+            }
+            missing.push(cur);
+            cur = parent_of(cur);
+        };
+        for p in missing.into_iter().rev() {
+            let node = Node::new(p.to_string(), NodeKind::Dir, id);
+            id = self.push_child(id, base_of(p), node, p.to_string())?;
         }
-        let parent = self.dir_for(parent_of(path))?;
-        let node = Node::new(path.to_string(), NodeKind::Dir, parent);
-        self.push_child(parent, base_of(path), node, path.to_string())
+        Ok(id)
     }
 
     /// Adds `bytes` to the index's estimated size; past the budget the layer is refused.

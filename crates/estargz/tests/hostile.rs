@@ -54,7 +54,7 @@ fn bounded(case: &str, body: impl FnOnce() -> String) -> String {
     );
     stdout
         .lines()
-        .find_map(|l| l.strip_prefix(RESULT_TAG))
+        .find_map(|l| l.split_once(RESULT_TAG).map(|(_, r)| r))
         .unwrap_or_else(|| panic!("{case}: no result from the child: {stdout}"))
         .to_string()
 }
