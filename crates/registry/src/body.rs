@@ -14,8 +14,6 @@ pub(crate) const MAX_MANIFEST_BYTES: u64 = 4 << 20;
 pub(crate) const MAX_TOKEN_BYTES: u64 = 1 << 20;
 /// Bytes of an error body kept for a message.
 pub(crate) const ERROR_SNIPPET_BYTES: usize = 512;
-/// Bytes of an error body read before the connection is dropped.
-pub(crate) const MAX_ERROR_BODY_BYTES: u64 = 64 << 10;
 /// Headers and delimiters a `multipart/byteranges` reply may add per part.
 pub(crate) const MULTIPART_PART_OVERHEAD: u64 = 1 << 10;
 /// Most bytes reserved up front for a body, whatever its announced length.
