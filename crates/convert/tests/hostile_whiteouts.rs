@@ -64,9 +64,13 @@ fn whiteouts_through_image_symlinks_never_touch_the_host() {
     let f1 = canary(&host1);
     let f2 = canary(&host2);
     let climb = "../".repeat(12) + host1.to_str().unwrap();
-    let cases: Vec<(Vec<(&str, String)>, Vec<&str>)> = vec![
+    type Case<'a> = (Vec<(&'a str, String)>, Vec<&'a str>);
+    let cases: Vec<Case> = vec![
         (vec![("x", host1.display().to_string())], vec!["x/.wh.file"]),
-        (vec![("y", host2.display().to_string())], vec!["y/.wh..wh..opq"]),
+        (
+            vec![("y", host2.display().to_string())],
+            vec!["y/.wh..wh..opq"],
+        ),
         // Through a relative link that climbs out, and a link higher up the path.
         (vec![("r", climb)], vec!["r/.wh.file"]),
         (

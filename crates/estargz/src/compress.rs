@@ -134,7 +134,10 @@ fn read_exactly(r: &mut impl Read, len: usize) -> std::io::Result<Vec<u8>> {
         if n < room {
             return Err(std::io::Error::new(
                 std::io::ErrorKind::UnexpectedEof,
-                format!("compressed data holds {} of the chunk's {len} bytes", out.len()),
+                format!(
+                    "compressed data holds {} of the chunk's {len} bytes",
+                    out.len()
+                ),
             ));
         }
     }

@@ -855,8 +855,7 @@ impl Reader {
         let toc = Toc::from_json_limited(&raw.json, opts.max_entries)?;
         // The JSON is not needed once parsed: free it before the index grows.
         raw.json = Vec::new();
-        let index =
-            Index::build_with_budget(&toc, payload_end(&raw.footer), opts.max_index_bytes)?;
+        let index = Index::build_with_budget(&toc, payload_end(&raw.footer), opts.max_index_bytes)?;
         Ok((
             Reader {
                 footer: raw.footer,

@@ -210,40 +210,43 @@ fn decoding_never_allocates_for_the_inner_offset() {
 
 #[test]
 fn a_large_inner_offset_streams_through_a_small_window() {
-    let r = bounded("a_large_inner_offset_streams_through_a_small_window", || {
-        // A member of zeros with the chunk at its very end, as far in as allowed.
-        let skip = MAX_INNER_OFFSET;
-        let mut data = vec![0u8; skip as usize];
-        data.extend_from_slice(b"the chunk");
-        let member = compress_member(Codec::Gzip { level: 6 }, &data).unwrap();
-        drop(data);
-        let chunk = Chunk {
-            file_offset: 0,
-            size: 9,
-            blob_offset: 1,
-            blob_end: 1 + member.len() as u64,
-            inner_offset: skip,
-            digest: Some(Sha256::digest(b"the chunk").into()),
-        };
-        let before = peak_rss();
-        let got = decode_chunk(Compression::Gzip, &member, &chunk, "f", true).unwrap();
-        assert_eq!(got, b"the chunk");
-        let z = compress_member(Codec::Zstd { level: 3 }, &{
-            let mut d = vec![0u8; skip as usize];
-            d.extend_from_slice(b"the chunk");
-            d
-        })
-        .unwrap();
-        let before_z = peak_rss();
-        let got = decode_chunk(Compression::Zstd, &z, &chunk, "f", true).unwrap();
-        assert_eq!(got, b"the chunk");
-        // Neither decoder held the 64 MiB before the chunk.
-        format!(
-            "{} {}",
-            peak_rss().saturating_sub(before),
-            peak_rss().saturating_sub(before_z)
-        )
-    });
+    let r = bounded(
+        "a_large_inner_offset_streams_through_a_small_window",
+        || {
+            // A member of zeros with the chunk at its very end, as far in as allowed.
+            let skip = MAX_INNER_OFFSET;
+            let mut data = vec![0u8; skip as usize];
+            data.extend_from_slice(b"the chunk");
+            let member = compress_member(Codec::Gzip { level: 6 }, &data).unwrap();
+            drop(data);
+            let chunk = Chunk {
+                file_offset: 0,
+                size: 9,
+                blob_offset: 1,
+                blob_end: 1 + member.len() as u64,
+                inner_offset: skip,
+                digest: Some(Sha256::digest(b"the chunk").into()),
+            };
+            let before = peak_rss();
+            let got = decode_chunk(Compression::Gzip, &member, &chunk, "f", true).unwrap();
+            assert_eq!(got, b"the chunk");
+            let z = compress_member(Codec::Zstd { level: 3 }, &{
+                let mut d = vec![0u8; skip as usize];
+                d.extend_from_slice(b"the chunk");
+                d
+            })
+            .unwrap();
+            let before_z = peak_rss();
+            let got = decode_chunk(Compression::Zstd, &z, &chunk, "f", true).unwrap();
+            assert_eq!(got, b"the chunk");
+            // Neither decoder held the 64 MiB before the chunk.
+            format!(
+                "{} {}",
+                peak_rss().saturating_sub(before),
+                peak_rss().saturating_sub(before_z)
+            )
+        },
+    );
     let grew: Vec<u64> = r.split(' ').map(|n| n.parse().unwrap()).collect();
     assert!(grew.iter().all(|&g| g < 16 << 20), "peak grew by {grew:?}");
 }
@@ -337,7 +340,10 @@ fn a_lying_blob_size_costs_no_memory() {
             largest_read: AtomicU64::new(0),
         };
         let e = err_text(Reader::open(&src, &OpenOptions::default()));
-        format!("{e} | largest read {}", src.largest_read.load(Ordering::SeqCst))
+        format!(
+            "{e} | largest read {}",
+            src.largest_read.load(Ordering::SeqCst)
+        )
     });
     assert!(r.contains("TOC"), "{r}");
 }
@@ -435,7 +441,10 @@ fn a_million_directories_exceed_the_toc_budget() {
         let e = err_text(open_trusted(&blob));
         format!("{e} | blob {size} bytes | {:?}", t.elapsed())
     });
-    assert!(r.contains("per-layer budget") && r.contains("entries"), "{r}");
+    assert!(
+        r.contains("per-layer budget") && r.contains("entries"),
+        "{r}"
+    );
 }
 
 #[test]
@@ -463,8 +472,7 @@ fn a_chunk_of_512_mib_of_zeros_is_refused() {
     let r = bounded("a_chunk_of_512_mib_of_zeros_is_refused", || {
         // 512 MiB of zeros compress to ~0.5 MB; the TOC claims one chunk for all of it.
         let zeros = vec![0u8; 1 << 20];
-        let mut enc =
-            flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(9));
+        let mut enc = flate2::write::GzEncoder::new(Vec::new(), flate2::Compression::new(9));
         for _ in 0..512 {
             std::io::Write::write_all(&mut enc, &zeros).unwrap();
         }
@@ -491,21 +499,24 @@ fn a_chunk_of_512_mib_of_zeros_is_refused() {
 
 #[test]
 fn a_chunk_that_decompresses_short_costs_what_it_holds() {
-    let r = bounded("a_chunk_that_decompresses_short_costs_what_it_holds", || {
-        // A zstd chunk that claims the maximum size but holds a few bytes.
-        let z = compress_member(Codec::Zstd { level: 3 }, b"short").unwrap();
-        let chunk = Chunk {
-            file_offset: 0,
-            size: MAX_CHUNK_SIZE,
-            blob_offset: 1,
-            blob_end: 1 + z.len() as u64,
-            inner_offset: 0,
-            digest: None,
-        };
-        let before = peak_rss();
-        let e = err_text(decode_chunk(Compression::Zstd, &z, &chunk, "f", false));
-        format!("{e} | grew {}", peak_rss().saturating_sub(before))
-    });
+    let r = bounded(
+        "a_chunk_that_decompresses_short_costs_what_it_holds",
+        || {
+            // A zstd chunk that claims the maximum size but holds a few bytes.
+            let z = compress_member(Codec::Zstd { level: 3 }, b"short").unwrap();
+            let chunk = Chunk {
+                file_offset: 0,
+                size: MAX_CHUNK_SIZE,
+                blob_offset: 1,
+                blob_end: 1 + z.len() as u64,
+                inner_offset: 0,
+                digest: None,
+            };
+            let before = peak_rss();
+            let e = err_text(decode_chunk(Compression::Zstd, &z, &chunk, "f", false));
+            format!("{e} | grew {}", peak_rss().saturating_sub(before))
+        },
+    );
     assert!(r.contains("cannot decompress"), "{r}");
     let grew: u64 = r.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(grew < 16 << 20, "{r}");
@@ -599,13 +610,29 @@ fn absurd_numbers_end_in_clear_errors() {
         err_text(open_trusted(&with_toc(&blob, &t)))
     };
     let cases: Vec<(&str, String, &str)> = vec![
-        ("chunkSize max", edit(&|e| e.chunk_size = u64::MAX), "chunk size"),
-        ("chunkSize 2^63", edit(&|e| e.chunk_size = 1 << 63), "chunk size"),
+        (
+            "chunkSize max",
+            edit(&|e| e.chunk_size = u64::MAX),
+            "chunk size",
+        ),
+        (
+            "chunkSize 2^63",
+            edit(&|e| e.chunk_size = 1 << 63),
+            "chunk size",
+        ),
         ("size max", edit(&|e| e.size = u64::MAX), "dir/big"),
         ("offset max", edit(&|e| e.offset = u64::MAX), "outside"),
         ("uid max", edit(&|e| e.uid = u64::MAX), "uid"),
-        ("devMajor max", edit(&|e| e.dev_major = u64::MAX), "devMajor"),
-        ("bad digest", edit(&|e| e.digest = "sha256:zz".into()), "dir/big"),
+        (
+            "devMajor max",
+            edit(&|e| e.dev_major = u64::MAX),
+            "devMajor",
+        ),
+        (
+            "bad digest",
+            edit(&|e| e.digest = "sha256:zz".into()),
+            "dir/big",
+        ),
         (
             "chunkOffset max",
             chunk_edit(&|e| e.chunk_offset = u64::MAX),
@@ -625,8 +652,16 @@ fn absurd_numbers_end_in_clear_errors() {
             "inner offset",
         ),
         ("chunk offset 0", chunk_edit(&|e| e.offset = 0), "outside"),
-        ("name ../", edit(&|e| e.name = "../../etc/shadow".into()), ".."),
-        ("name absolute", edit(&|e| e.name = "/etc/shadow".into()), "absolute"),
+        (
+            "name ../",
+            edit(&|e| e.name = "../../etc/shadow".into()),
+            "..",
+        ),
+        (
+            "name absolute",
+            edit(&|e| e.name = "/etc/shadow".into()),
+            "absolute",
+        ),
         ("name NUL", edit(&|e| e.name = "a\0b".into()), "NUL"),
     ];
     for (what, got, want) in cases {
@@ -648,10 +683,12 @@ fn a_toc_offset_beyond_the_blob_or_a_toc_larger_than_claimed_is_refused() {
     member.extend_from_slice(&json);
     let mut bad = blob[..footer.toc_offset() as usize].to_vec();
     bad.extend(compress_member(Codec::Gzip { level: 6 }, &member).unwrap());
-    bad.extend(Footer::Estargz {
-        toc_offset: footer.toc_offset(),
-    }
-    .encode());
+    bad.extend(
+        Footer::Estargz {
+            toc_offset: footer.toc_offset(),
+        }
+        .encode(),
+    );
     let e = err_text(Reader::open(&bad, &OpenOptions::default()));
     assert!(e.contains("TOC"), "{e}");
 }

@@ -201,9 +201,9 @@ fn hostile_layers_fail_alone_while_a_good_layer_keeps_serving() {
     );
 
     // The good layer, in the same process, is unaffected.
-    for i in 1..=3 {
+    for (i, e) in entries.iter().enumerate().skip(1) {
         assert_eq!(
-            std::fs::read(good_mnt.path().join(&entries[i].path)).expect("good read"),
+            std::fs::read(good_mnt.path().join(&e.path)).expect("good read"),
             want(i)
         );
     }

@@ -32,7 +32,11 @@ pub(crate) async fn read_limited(
             return Err(too_large(host, what, max));
         }
     }
-    let reserve = resp.content_length().unwrap_or(0).min(max).min(MAX_PREALLOC);
+    let reserve = resp
+        .content_length()
+        .unwrap_or(0)
+        .min(max)
+        .min(MAX_PREALLOC);
     let mut buf = BytesMut::with_capacity(reserve as usize);
     while let Some(c) = resp.chunk().await.map_err(|e| Error::Connection {
         host: host.to_string(),
@@ -47,7 +51,10 @@ pub(crate) async fn read_limited(
 }
 
 fn too_large(host: &str, what: &str, max: u64) -> Error {
-    Error::protocol(host, format!("{what} is larger than the limit of {max} bytes"))
+    Error::protocol(
+        host,
+        format!("{what} is larger than the limit of {max} bytes"),
+    )
 }
 
 /// Reads at most `max` bytes of a body and drops the rest (closing the connection).

@@ -173,7 +173,10 @@ async fn endless_error_bodies_and_huge_retry_after_are_bounded() {
         // The clamped wait is longer than the deadline: no retry, no hour-long sleep.
         assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
         let sent = FrontStats::get(&front.stats.hostile_bytes_sent);
-        assert!(sent < READ_BOUND, "client read {sent} bytes of error bodies");
+        assert!(
+            sent < READ_BOUND,
+            "client read {sent} bytes of error bodies"
+        );
     }
 }
 
@@ -214,13 +217,9 @@ async fn a_token_that_lives_forever_is_clamped() {
     .expect("client");
     let r = registry::Reference::parse(&format!("{}/tok/forever:v1", reg.host())).expect("ref");
     let data = random_bytes(1000, 9);
-    c.push_blob(
-        &r,
-        bytes::Bytes::from(data.clone()),
-        &Default::default(),
-    )
-    .await
-    .expect("push with a forever token");
+    c.push_blob(&r, bytes::Bytes::from(data.clone()), &Default::default())
+        .await
+        .expect("push with a forever token");
     let d = Digest::sha256(&data);
     assert_eq!(&c.get_blob(&r, &d).await.expect("pull")[..], &data[..]);
     assert!(issuer.tokens_issued() >= 1);
@@ -232,9 +231,13 @@ async fn errors_never_show_signed_query_strings_or_userinfo() {
         return;
     };
     let data = random_bytes(10_000, 10);
-    let pushed =
-        testenv::push_image(&reg.base_url(), "hostile/redir", "v1", std::slice::from_ref(&data))
-            .await;
+    let pushed = testenv::push_image(
+        &reg.base_url(),
+        "hostile/redir",
+        "v1",
+        std::slice::from_ref(&data),
+    )
+    .await;
     // The redirect target always fails; its URL carries a signature and userinfo.
     let target = Front::start(FrontOpts {
         upstream: reg.base_url(),
@@ -248,8 +251,7 @@ async fn errors_never_show_signed_query_strings_or_userinfo() {
         ..Default::default()
     })
     .await;
-    let r = registry::Reference::parse(&format!("{}/hostile/redir:v1", front.host()))
-        .expect("ref");
+    let r = registry::Reference::parse(&format!("{}/hostile/redir:v1", front.host())).expect("ref");
     let c = client(fast_blob());
     let reader = c.blob_reader(
         &r,

@@ -53,7 +53,10 @@ pub fn unpack_layer(blob: &Path, dest: &Path) -> Result<()> {
         } else {
             let hidden = &file_name[WHITEOUT_PREFIX.len()..];
             if hidden.is_empty() || hidden == "." || hidden == ".." {
-                return Err(Error::bad(&what, format!("whiteout {name:?} names no file")));
+                return Err(Error::bad(
+                    &what,
+                    format!("whiteout {name:?} names no file"),
+                ));
             }
             let c = CString::new(hidden)
                 .map_err(|_| Error::bad(&what, format!("whiteout {name:?} has a NUL byte")))?;
@@ -78,7 +81,11 @@ pub fn unpack_layer(blob: &Path, dest: &Path) -> Result<()> {
 /// non-directory on the way is an error: nothing outside `root` is ever reached.
 fn open_dir_beneath(root: &Path, rel: &Path, create: bool) -> std::io::Result<OwnedFd> {
     let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
-    let mut cur = open_at(libc::AT_FDCWD, &cstring(root.as_os_str().as_bytes())?, flags)?;
+    let mut cur = open_at(
+        libc::AT_FDCWD,
+        &cstring(root.as_os_str().as_bytes())?,
+        flags,
+    )?;
     for c in rel.components() {
         let part = match c {
             Component::Normal(p) => cstring(p.as_bytes())?,
@@ -128,9 +135,8 @@ fn open_at(dir: RawFd, name: &CString, flags: libc::c_int) -> std::io::Result<Ow
 }
 
 fn cstring(b: &[u8]) -> std::io::Result<CString> {
-    CString::new(b).map_err(|_| {
-        std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has a NUL byte")
-    })
+    CString::new(b)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has a NUL byte"))
 }
 
 fn fset_xattr(fd: &OwnedFd, key: &str, value: &[u8]) -> std::io::Result<()> {
