@@ -93,9 +93,13 @@ pub fn redact_text(text: &str) -> String {
     let mut rest = text;
     while let Some(i) = rest.find("://") {
         // The scheme: letters, digits, '+', '-', '.' just before "://".
+        // Scheme characters are ASCII, so the char found may be multi-byte: step
+        // over it by its length, not by one byte.
         let scheme_start = rest[..i]
-            .rfind(|c: char| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
-            .map(|p| p + 1)
+            .char_indices()
+            .rev()
+            .find(|&(_, c)| !(c.is_ascii_alphanumeric() || matches!(c, '+' | '-' | '.')))
+            .map(|(p, c)| p + c.len_utf8())
             .unwrap_or(0);
         let end = rest[i..]
             .find(|c: char| c.is_whitespace() || matches!(c, ')' | '"' | '\'' | '<' | '>'))
@@ -144,5 +148,8 @@ mod tests {
         assert_eq!(redact_text("no url here"), "no url here");
         let t = redact_text("x http://[bad?sig=1 y");
         assert!(!t.contains("sig=1"), "{t}");
+        // A multi-byte character right before "://" (found by fuzzing).
+        let t = redact_text("8[5\u{f8}://$x?sig=2 \u{e9}://h/?q=3");
+        assert!(!t.contains("sig=2") && !t.contains("q=3"), "{t}");
     }
 }
