@@ -122,6 +122,17 @@ pub fn build_from_file(input: &File, out: impl Write, opts: &BuildOptions) -> Re
     if opts.chunk_size == 0 {
         return Err(Error::InvalidOption("chunk size must be positive".into()));
     }
+    // Readers refuse larger chunks; a blob they cannot open is not worth writing.
+    if opts.chunk_size > crate::reader::MAX_CHUNK_SIZE
+        || opts.min_chunk_size > crate::reader::MAX_INNER_OFFSET
+    {
+        return Err(Error::InvalidOption(format!(
+            "chunk size {} or minimum chunk size {} is over the reader's limit of {} bytes",
+            opts.chunk_size,
+            opts.min_chunk_size,
+            crate::reader::MAX_CHUNK_SIZE
+        )));
+    }
     let (order, missing) = plan_order(input, opts)?;
     let threads = if opts.threads == 0 {
         rayon::current_num_threads()

@@ -79,9 +79,21 @@ pub fn compress_member(codec: Codec, data: &[u8]) -> Result<Vec<u8>> {
     }
 }
 
+/// Bytes the fast path may inflate ahead of a chunk into its own buffer. Past this
+/// inner offset the streaming decoder skips the prefix through a fixed buffer instead,
+/// so no inner offset, however large, turns into an allocation.
+const FAST_PATH_MAX_SKIP: u64 = 1 << 20;
+
+/// Largest zstd window accepted: a frame asking for more is refused instead of making
+/// the decoder allocate it. Chunks are capped well below this.
+const ZSTD_WINDOW_LOG_MAX: u32 = 27;
+
 /// Decompresses `compressed`, which starts at a member boundary, and returns the
 /// `len` bytes that start `skip` bytes into the decompressed stream. Reads no further
 /// than needed, so a range holding several members costs only what is used.
+///
+/// Memory is `len` plus a fixed window whatever `skip` is: the bytes before the chunk
+/// stream through a small buffer, and the output is filled in place.
 pub fn decompress_range(
     compression: Compression,
     compressed: &[u8],
@@ -90,24 +102,68 @@ pub fn decompress_range(
 ) -> std::io::Result<Vec<u8>> {
     match compression {
         Compression::Gzip => {
-            if let Some(data) = try_libdeflate(compressed, skip, len) {
-                return Ok(data);
+            if skip <= FAST_PATH_MAX_SKIP {
+                if let Some(data) = try_libdeflate(compressed, skip, len) {
+                    return Ok(data);
+                }
             }
-            let mut out = vec![0u8; len];
             let mut d = flate2::read::MultiGzDecoder::new(compressed);
             skip_exact(&mut d, skip)?;
-            d.read_exact(&mut out)?;
-            Ok(out)
+            read_exactly(&mut d, len)
         }
         Compression::Zstd => {
-            let mut out = vec![0u8; len];
             let mut d = zstd::stream::read::Decoder::with_buffer(compressed)?;
+            d.window_log_max(ZSTD_WINDOW_LOG_MAX)?;
             skip_exact(&mut d, skip)?;
-            d.read_exact(&mut out)?;
-            Ok(out)
+            read_exactly(&mut d, len)
         }
     }
 }
+
+/// Reads exactly `len` bytes, growing the buffer only as data arrives (never past
+/// `len`), so a short stream that claims a large chunk costs what it holds rather than
+/// what it claims.
+fn read_exactly(r: &mut impl Read, len: usize) -> std::io::Result<Vec<u8>> {
+    let mut out: Vec<u8> = Vec::new();
+    while out.len() < len {
+        if out.len() == out.capacity() {
+            let target = len.min(out.capacity().saturating_mul(2).max(READ_STEP));
+            out.reserve_exact(target - out.len());
+        }
+        let start = out.len();
+        let room = out.capacity().min(len) - start;
+        out.resize(start + room, 0);
+        let n = read_full(r, &mut out[start..])?;
+        out.truncate(start + n);
+        if n < room {
+            return Err(std::io::Error::new(
+                std::io::ErrorKind::UnexpectedEof,
+                format!(
+                    "compressed data holds {} of the chunk's {len} bytes",
+                    out.len()
+                ),
+            ));
+        }
+    }
+    Ok(out)
+}
+
+/// Fills `buf` as far as the stream goes; returns how much it filled.
+fn read_full(r: &mut impl Read, buf: &mut [u8]) -> std::io::Result<usize> {
+    let mut n = 0;
+    while n < buf.len() {
+        match r.read(&mut buf[n..]) {
+            Ok(0) => break,
+            Ok(k) => n += k,
+            Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    Ok(n)
+}
+
+/// Initial output reservation of the streaming decoder.
+const READ_STEP: usize = 4 << 20;
 
 /// Headers of the entries that follow a chunk in its member rarely take more than
 /// this; when they do, the streaming decoder takes over.
@@ -115,7 +171,8 @@ const MEMBER_SLACK: usize = 128 << 10;
 
 /// Fast path: inflate the first member in one call. libdeflate ignores what follows
 /// the member, so a range spanning several members works as long as the first one
-/// holds the chunk and fits the buffer.
+/// holds the chunk and fits the buffer. The caller keeps `skip` small, so the buffer
+/// is the chunk plus a bounded margin; the prefix is dropped in place.
 fn try_libdeflate(compressed: &[u8], skip: u64, len: usize) -> Option<Vec<u8>> {
     thread_local! {
         static INFLATER: RefCell<libdeflater::Decompressor> = RefCell::new(libdeflater::Decompressor::new());
@@ -127,12 +184,9 @@ fn try_libdeflate(compressed: &[u8], skip: u64, len: usize) -> Option<Vec<u8>> {
     if n < need {
         return None;
     }
-    if skip == 0 {
-        out.truncate(len);
-        Some(out)
-    } else {
-        Some(out[skip..need].to_vec())
-    }
+    out.truncate(need);
+    out.drain(..skip);
+    Some(out)
 }
 
 fn skip_exact(r: &mut impl Read, n: u64) -> std::io::Result<()> {

@@ -28,6 +28,8 @@ pub enum Error {
     TocJson(#[from] serde_json::Error),
     #[error("TOC is {size} bytes, over the limit of {limit}")]
     TocTooLarge { size: u64, limit: u64 },
+    #[error("layer refused: its TOC holds more {what} than the per-layer budget of {limit}")]
+    TocBudget { what: String, limit: u64 },
     #[error("TOC digest mismatch: expected {expected}, computed {actual}")]
     TocDigestMismatch { expected: String, actual: String },
     #[error("entry {index} ({name:?}) is invalid: {reason}")]

@@ -63,8 +63,11 @@ pub fn extract(
                     stack.push((id, path.clone()));
                 }
                 NodeKind::Reg => {
-                    let data = reader.read_file(src, id)?;
-                    fs::write(&path, data).map_err(io)?;
+                    // Chunk by chunk: a large file never sits in memory whole.
+                    let file = fs::File::create(&path).map_err(io)?;
+                    let mut out = std::io::BufWriter::new(file);
+                    reader.copy_file(src, id, &mut out)?;
+                    std::io::Write::flush(&mut out).map_err(io)?;
                 }
                 NodeKind::Symlink => symlink(&node.link_target, &path).map_err(io)?,
                 NodeKind::Char | NodeKind::Block | NodeKind::Fifo => {

@@ -2,9 +2,9 @@
 //! the file index, and maps any byte range of any file to the compressed ranges that
 //! hold it, verifying every chunk it decompresses.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs::File;
-use std::io::{self, Read};
+use std::io::{self, Read, Write};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
@@ -92,6 +92,10 @@ pub struct OpenOptions {
     pub max_toc_size: u64,
     /// When set, the TOC must have this digest.
     pub expected_toc_digest: Option<String>,
+    /// Most TOC entries a layer may have; past it the layer is refused while parsing.
+    pub max_entries: usize,
+    /// Most memory (estimated) the file index of one layer may take.
+    pub max_index_bytes: u64,
 }
 
 impl Default for OpenOptions {
@@ -100,12 +104,34 @@ impl Default for OpenOptions {
             tail_size: MAX_FOOTER_SIZE as u64,
             max_toc_size: 256 << 20,
             expected_toc_digest: None,
+            max_entries: DEFAULT_MAX_TOC_ENTRIES,
+            max_index_bytes: DEFAULT_MAX_INDEX_BYTES,
         }
     }
 }
 
-/// Largest chunk accepted: a reader allocates this much for one chunk.
-pub const MAX_CHUNK_SIZE: u64 = 512 << 20;
+/// Largest chunk accepted: a reader allocates this much for one chunk. The builder's
+/// default is 4 MiB; a layer with a larger chunk is refused when it is opened.
+pub const MAX_CHUNK_SIZE: u64 = 64 << 20;
+
+/// Largest `innerOffset` accepted: how far into its decompressed member a chunk may
+/// start. Members shared by small files stay far below it; the bytes before a chunk
+/// are decompressed (and thrown away) on every read, so this bounds that work.
+pub const MAX_INNER_OFFSET: u64 = 64 << 20;
+
+/// Default for [`OpenOptions::max_entries`].
+pub const DEFAULT_MAX_TOC_ENTRIES: usize = 500_000;
+
+/// Default for [`OpenOptions::max_index_bytes`].
+pub const DEFAULT_MAX_INDEX_BYTES: u64 = 256 << 20;
+
+/// Most compressed bytes that can hold `n` decompressed bytes of one member, for any
+/// sane encoder: stored deflate blocks or raw zstd blocks add a few bytes per block,
+/// plus header and trailer slack. A chunk's fetch range is capped at this, so a gap in
+/// the blob (or a lying footer) never turns into a huge fetch.
+pub fn max_compressed_len(n: u64) -> u64 {
+    n.saturating_add(n / 64).saturating_add(256 << 10)
+}
 
 /// The TOC as found in a blob, before indexing.
 #[derive(Debug, Clone)]
@@ -156,9 +182,13 @@ pub fn read_toc(src: &dyn BlobSource, opts: &OpenOptions) -> Result<RawToc> {
                     limit: opts.max_toc_size,
                 });
             }
-            let mut out = Vec::with_capacity(toc_size as usize);
+            // The footer's size is a claim: grow with the data rather than trust it.
+            let mut out = Vec::with_capacity(toc_size.min(1 << 20) as usize);
             zstd::stream::read::Decoder::new(&compressed[..])
-                .and_then(|d| d.take(toc_size + 1).read_to_end(&mut out))
+                .and_then(|mut d| {
+                    d.window_log_max(27)?;
+                    d.take(toc_size + 1).read_to_end(&mut out)
+                })
                 .map_err(|e| bad(format!("zstd: {e}")))?;
             if out.len() as u64 != toc_size {
                 return Err(bad(format!(
@@ -188,10 +218,18 @@ pub fn read_toc(src: &dyn BlobSource, opts: &OpenOptions) -> Result<RawToc> {
                     limit: opts.max_toc_size,
                 });
             }
-            let mut json = vec![0u8; entry.size as usize];
-            scanner
-                .read_data(&mut json)
-                .map_err(|e| bad(format!("TOC member: {e}")))?;
+            // The tar header's size is a claim: read in steps rather than trust it.
+            let mut json = Vec::new();
+            let mut left = entry.size;
+            while left > 0 {
+                let n = left.min(1 << 20) as usize;
+                let at = json.len();
+                json.resize(at + n, 0);
+                scanner
+                    .read_data(&mut json[at..])
+                    .map_err(|e| bad(format!("TOC member: {e}")))?;
+                left -= n as u64;
+            }
             json
         }
     };
@@ -323,18 +361,32 @@ pub struct Index {
     pub prefetch_end: Option<u64>,
     /// The layer says nothing is worth prefetching.
     pub no_prefetch_landmark: bool,
+    /// Estimated bytes the index takes, and the most it may.
+    mem: u64,
+    mem_limit: u64,
 }
+
+/// Estimated bookkeeping cost of a map entry (hash or tree), beyond its key and value.
+const MAP_ENTRY_OVERHEAD: u64 = 48;
 
 pub const ROOT: NodeId = 0;
 
 impl Index {
     /// Builds the tree. `payload_end` is where compressed file data ends (the TOC's start).
     pub fn build(toc: &Toc, payload_end: u64) -> Result<Index> {
+        Self::build_with_budget(toc, payload_end, DEFAULT_MAX_INDEX_BYTES)
+    }
+
+    /// As [`Index::build`], refusing the layer once the index would take more than
+    /// `max_bytes` (estimated: nodes, names, xattrs, chunks and lookup tables).
+    pub fn build_with_budget(toc: &Toc, payload_end: u64, max_bytes: u64) -> Result<Index> {
         let mut ix = Index {
             nodes: vec![Node::new(String::new(), NodeKind::Dir, ROOT)],
             by_path: HashMap::from([(String::new(), ROOT)]),
             prefetch_end: None,
             no_prefetch_landmark: false,
+            mem: 0,
+            mem_limit: max_bytes,
         };
         ix.nodes[ROOT as usize].nlink = 2;
         let mut current_reg: Option<NodeId> = None;
@@ -367,6 +419,7 @@ impl Index {
                 };
                 node.chunks
                     .push(chunk_of(e, size, payload_end).map_err(fail)?);
+                ix.charge(std::mem::size_of::<Chunk>() as u64)?;
                 continue;
             }
             current_reg = None;
@@ -386,7 +439,9 @@ impl Index {
                 apply_metadata(&mut ix.nodes[ROOT as usize], e).map_err(fail)?;
                 continue;
             }
-            let parent = ix.dir_for(parent_of(&path)).map_err(fail)?;
+            let parent = ix
+                .dir_for(parent_of(&path))
+                .map_err(|err| entry_error(err, &fail))?;
             if e.kind == EntryType::Hardlink {
                 let target =
                     clean_name(&e.link_name).map_err(|r| fail(format!("hardlink target: {r}")))?;
@@ -426,6 +481,13 @@ impl Index {
             };
             let node = &mut ix.nodes[id as usize];
             apply_metadata(node, e).map_err(fail)?;
+            let extra = (node.user_name.len() + node.group_name.len() + e.link_name.len()) as u64
+                + node
+                    .xattrs
+                    .iter()
+                    .map(|(k, v)| (k.len() + v.len()) as u64 + MAP_ENTRY_OVERHEAD)
+                    .sum::<u64>()
+                + std::mem::size_of::<Chunk>() as u64;
             node.size = if kind == NodeKind::Reg { e.size } else { 0 };
             if kind == NodeKind::Symlink {
                 node.link_target = e.link_name.clone();
@@ -449,45 +511,76 @@ impl Index {
                 }
                 current_reg = Some(id);
             }
+            ix.charge(extra)?;
         }
-        // Links may point at other links: resolve in rounds until nothing changes.
-        let mut pending: Vec<(String, usize, String)> =
-            links.into_iter().map(|(p, (i, t))| (p, i, t)).collect();
-        while !pending.is_empty() {
-            let before = pending.len();
-            let mut rest = Vec::new();
-            for (path, i, target) in pending {
+        // Links may point at other links. Each link is resolved by walking its chain
+        // to a real node once; every link on the way is attached as the walk unwinds,
+        // so later walks stop at it and the whole pass is linear in the links.
+        let names: Vec<String> = links.keys().cloned().collect();
+        for start in names {
+            if ix.by_path.contains_key(&start) {
+                continue;
+            }
+            let mut chain: Vec<(String, usize)> = Vec::new();
+            let mut on_chain: HashSet<&str> = HashSet::new();
+            let mut cur = start.as_str();
+            let id = loop {
+                if let Some(&id) = ix.by_path.get(cur) {
+                    break id;
+                }
+                let Some((i, target)) = links.get(cur) else {
+                    let (_, i) = chain.last().cloned().unwrap_or((String::new(), 0));
+                    return Err(Error::BadEntry {
+                        index: i,
+                        name: toc.entries[i].name.clone(),
+                        reason: format!("hardlink target {cur:?} does not exist"),
+                    });
+                };
+                if !on_chain.insert(cur) {
+                    return Err(Error::BadEntry {
+                        index: *i,
+                        name: toc.entries[*i].name.clone(),
+                        reason: format!(
+                            "hardlink target {target:?} does not exist (the links form a loop)"
+                        ),
+                    });
+                }
+                chain.push((cur.to_string(), *i));
+                cur = target.as_str();
+            };
+            for (path, i) in chain.into_iter().rev() {
                 let fail = |reason: String| Error::BadEntry {
                     index: i,
                     name: toc.entries[i].name.clone(),
                     reason,
                 };
-                let Some(id) = ix.by_path.get(&target).copied() else {
-                    rest.push((path, i, target));
-                    continue;
-                };
                 if ix.nodes[id as usize].kind == NodeKind::Dir {
                     return Err(fail("hardlink to a directory".into()));
                 }
-                let parent = ix.dir_for(parent_of(&path)).map_err(fail)?;
+                let parent = ix
+                    .dir_for(parent_of(&path))
+                    .map_err(|err| entry_error(err, &fail))?;
+                ix.charge(2 * path.len() as u64 + 2 * MAP_ENTRY_OVERHEAD)?;
                 ix.nodes[parent as usize]
                     .children
                     .insert(base_of(&path).to_string(), id);
-                ix.nodes[id as usize].nlink += 1;
+                ix.nodes[id as usize].nlink = ix.nodes[id as usize].nlink.saturating_add(1);
                 ix.by_path.insert(path, id);
             }
-            if rest.len() == before {
-                let (_, i, target) = &rest[0];
-                return Err(Error::BadEntry {
-                    index: *i,
-                    name: toc.entries[*i].name.clone(),
-                    reason: format!("hardlink target {target:?} does not exist"),
-                });
-            }
-            pending = rest;
         }
         ix.finish(payload_end)?;
-        ix.prefetch_end = landmark_offset.filter(|&o| o > 0 && o <= payload_end);
+        // The prioritized files end at the landmark; a landmark far past the last of
+        // their chunks (a gap the TOC digest does not vouch for) is cut back to it.
+        ix.prefetch_end = landmark_offset
+            .filter(|&o| o > 0 && o <= payload_end)
+            .and_then(|o| {
+                ix.nodes
+                    .iter()
+                    .flat_map(|n| n.chunks.iter())
+                    .filter(|c| c.blob_offset < o)
+                    .map(|c| c.blob_end.min(o))
+                    .max()
+            });
         Ok(ix)
     }
 
@@ -531,7 +624,9 @@ impl Index {
                     });
                 }
                 expect = c.file_offset + c.size;
-                c.blob_end = end_of(c.blob_offset);
+                // The next member start, but never more than the chunk can need.
+                let need = max_compressed_len(c.inner_offset.saturating_add(c.size));
+                c.blob_end = end_of(c.blob_offset).min(c.blob_offset.saturating_add(need));
             }
             if expect != n.size && n.kind == NodeKind::Reg && !n.chunks.is_empty() {
                 return Err(Error::BadChunk {
@@ -553,18 +648,41 @@ impl Index {
         Ok(())
     }
 
-    /// The directory at `path`, created (as an implicit directory) if missing.
-    fn dir_for(&mut self, path: &str) -> std::result::Result<NodeId, String> {
-        if let Some(&id) = self.by_path.get(path) {
-            return match self.nodes[id as usize].kind {
-                NodeKind::Dir => Ok(id),
-                _ => Err(format!("parent {path:?} is not a directory")),
-            };
+    /// The directory at `path`, created (as an implicit directory) if missing. Errors
+    /// are a budget overrun, or [`Error::Mismatch`] saying what is wrong with the path.
+    /// Iterative: a name may have thousands of components.
+    fn dir_for(&mut self, path: &str) -> Result<NodeId> {
+        let mut missing: Vec<&str> = Vec::new();
+        let mut cur = path;
+        let mut id = loop {
+            if let Some(&id) = self.by_path.get(cur) {
+                if self.nodes[id as usize].kind != NodeKind::Dir {
+                    return Err(Error::Mismatch(format!(
+                        "parent {cur:?} is not a directory"
+                    )));
+                }
+                break id;
+            }
+            missing.push(cur);
+            cur = parent_of(cur);
+        };
+        for p in missing.into_iter().rev() {
+            let node = Node::new(p.to_string(), NodeKind::Dir, id);
+            id = self.push_child(id, base_of(p), node, p.to_string())?;
         }
-        let parent = self.dir_for(parent_of(path))?;
-        let node = Node::new(path.to_string(), NodeKind::Dir, parent);
-        self.push_child(parent, base_of(path), node, path.to_string())
-            .map_err(|e| e.to_string())
+        Ok(id)
+    }
+
+    /// Adds `bytes` to the index's estimated size; past the budget the layer is refused.
+    fn charge(&mut self, bytes: u64) -> Result<()> {
+        self.mem = self.mem.saturating_add(bytes);
+        if self.mem > self.mem_limit {
+            return Err(Error::TocBudget {
+                what: "index memory (bytes)".into(),
+                limit: self.mem_limit,
+            });
+        }
+        Ok(())
     }
 
     fn push_child(
@@ -578,6 +696,13 @@ impl Index {
             offset: 0,
             reason: "too many entries".into(),
         })?;
+        // The node, its path twice (node and lookup table), its name in the parent.
+        self.charge(
+            std::mem::size_of::<Node>() as u64
+                + 2 * path.len() as u64
+                + base.len() as u64
+                + 2 * MAP_ENTRY_OVERHEAD,
+        )?;
         self.nodes.push(node);
         self.nodes[parent as usize]
             .children
@@ -659,8 +784,11 @@ fn chunk_of(
             e.offset
         ));
     }
-    if e.inner_offset > 1 << 40 {
-        return Err(format!("inner offset {} is absurd", e.inner_offset));
+    if e.inner_offset > MAX_INNER_OFFSET {
+        return Err(format!(
+            "inner offset {} is out of range (..={MAX_INNER_OFFSET})",
+            e.inner_offset
+        ));
     }
     let digest = match e.chunk_digest.as_str() {
         "" => None,
@@ -674,6 +802,15 @@ fn chunk_of(
         inner_offset: e.inner_offset,
         digest,
     })
+}
+
+/// An error of an entry's path: budget overruns stay typed, the rest names the entry.
+fn entry_error(err: Error, fail: &dyn Fn(String) -> Error) -> Error {
+    match err {
+        Error::TocBudget { .. } => err,
+        Error::Mismatch(reason) => fail(reason),
+        other => fail(other.to_string()),
+    }
 }
 
 fn apply_metadata(n: &mut Node, e: &crate::toc::TocEntry) -> std::result::Result<(), String> {
@@ -714,9 +851,11 @@ impl Reader {
 
     /// As [`Reader::open`], also returning the parsed TOC.
     pub fn open_with_toc(src: &dyn BlobSource, opts: &OpenOptions) -> Result<(Reader, Toc)> {
-        let raw = read_toc(src, opts)?;
-        let toc = Toc::from_json(&raw.json)?;
-        let index = Index::build(&toc, payload_end(&raw.footer))?;
+        let mut raw = read_toc(src, opts)?;
+        let toc = Toc::from_json_limited(&raw.json, opts.max_entries)?;
+        // The JSON is not needed once parsed: free it before the index grows.
+        raw.json = Vec::new();
+        let index = Index::build_with_budget(&toc, payload_end(&raw.footer), opts.max_index_bytes)?;
         Ok((
             Reader {
                 footer: raw.footer,
@@ -751,7 +890,8 @@ impl Reader {
             .get(id)
             .ok_or_else(|| Error::NotFound(format!("inode {id}")))?;
         let end = offset.saturating_add(len).min(node.size);
-        let mut out = Vec::with_capacity(end.saturating_sub(offset) as usize);
+        // The size is the TOC's claim: reserve at most one chunk's worth up front.
+        let mut out = Vec::with_capacity(end.saturating_sub(offset).min(MAX_CHUNK_SIZE) as usize);
         for chunk in node.chunks_for(offset, len) {
             let compressed = src
                 .read_at(
@@ -769,10 +909,30 @@ impl Reader {
 
     /// Reads a whole file and checks it against its digest as well.
     pub fn read_file(&self, src: &dyn BlobSource, id: NodeId) -> Result<Vec<u8>> {
-        let node = self.index.node(id);
-        let data = self.read_range(src, id, 0, node.size)?;
+        let mut out = Vec::new();
+        self.copy_file(src, id, &mut out)?;
+        Ok(out)
+    }
+
+    /// Streams a whole file into `w` one chunk at a time, so memory stays at one chunk
+    /// whatever the file's size, checking every chunk and then the file's digest.
+    /// On a mismatch the bytes before the bad chunk have already been written.
+    pub fn copy_file(&self, src: &dyn BlobSource, id: NodeId, w: &mut dyn Write) -> Result<u64> {
+        let node = self
+            .index
+            .get(id)
+            .ok_or_else(|| Error::NotFound(format!("inode {id}")))?;
+        let mut hash = Sha256::new();
+        let mut written = 0u64;
+        for chunk in &node.chunks {
+            let data = self.read_range(src, id, chunk.file_offset, chunk.size)?;
+            hash.update(&data);
+            w.write_all(&data)
+                .map_err(|e| Error::io_at(format!("writing {:?}", node.path), e))?;
+            written += data.len() as u64;
+        }
         if let Some(want) = node.digest {
-            let got: [u8; 32] = Sha256::digest(&data).into();
+            let got: [u8; 32] = hash.finalize().into();
             if got != want {
                 return Err(Error::DigestMismatch {
                     what: format!("file {:?}", node.path),
@@ -781,7 +941,7 @@ impl Reader {
                 });
             }
         }
-        Ok(data)
+        Ok(written)
     }
 }
 

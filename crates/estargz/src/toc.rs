@@ -177,11 +177,117 @@ impl Toc {
         Ok(serde_json::from_slice(bytes)?)
     }
 
+    /// Parses TOC JSON, refusing it as soon as it holds more than `max_entries`
+    /// entries, before they are all in memory.
+    pub fn from_json_limited(bytes: &[u8], max_entries: usize) -> Result<Toc> {
+        use serde::de::DeserializeSeed as _;
+        let over = std::cell::Cell::new(false);
+        let mut de = serde_json::Deserializer::from_slice(bytes);
+        let parsed = TocSeed {
+            max_entries,
+            over: &over,
+        }
+        .deserialize(&mut de)
+        .and_then(|toc| de.end().map(|()| toc));
+        match parsed {
+            Ok(toc) => Ok(toc),
+            Err(_) if over.get() => Err(crate::error::Error::TocBudget {
+                what: "entries".into(),
+                limit: max_entries as u64,
+            }),
+            Err(e) => Err(e.into()),
+        }
+    }
+
     /// Serializes the TOC as the reference does: tab-indented, `<`, `>` and `&` escaped.
     pub fn to_json(&self) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(128 * self.entries.len() + 64);
         let mut ser = serde_json::Serializer::with_formatter(&mut out, GoStyleFormatter::new());
         self.serialize(&mut ser)?;
+        Ok(out)
+    }
+}
+
+/// Deserializes a TOC object, counting entries as they arrive.
+struct TocSeed<'a> {
+    max_entries: usize,
+    over: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for TocSeed<'_> {
+    type Value = Toc;
+    fn deserialize<D: Deserializer<'de>>(self, d: D) -> std::result::Result<Toc, D::Error> {
+        d.deserialize_map(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for TocSeed<'_> {
+    type Value = Toc;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("a TOC object")
+    }
+    fn visit_map<A: serde::de::MapAccess<'de>>(
+        self,
+        mut m: A,
+    ) -> std::result::Result<Toc, A::Error> {
+        use serde::de::Error as _;
+        let mut version = None;
+        let mut entries = None;
+        while let Some(k) = m.next_key::<std::borrow::Cow<'de, str>>()? {
+            match k.as_ref() {
+                "version" => version = Some(m.next_value::<u32>()?),
+                "entries" => {
+                    // A repeated key replaces the earlier list: free it first.
+                    drop(entries.take());
+                    entries = Some(m.next_value_seed(EntriesSeed {
+                        max_entries: self.max_entries,
+                        over: self.over,
+                    })?);
+                }
+                _ => {
+                    m.next_value::<serde::de::IgnoredAny>()?;
+                }
+            }
+        }
+        Ok(Toc {
+            version: version.ok_or_else(|| A::Error::missing_field("version"))?,
+            entries: entries.ok_or_else(|| A::Error::missing_field("entries"))?,
+        })
+    }
+}
+
+struct EntriesSeed<'a> {
+    max_entries: usize,
+    over: &'a std::cell::Cell<bool>,
+}
+
+impl<'de> serde::de::DeserializeSeed<'de> for EntriesSeed<'_> {
+    type Value = Vec<TocEntry>;
+    fn deserialize<D: Deserializer<'de>>(
+        self,
+        d: D,
+    ) -> std::result::Result<Vec<TocEntry>, D::Error> {
+        d.deserialize_seq(self)
+    }
+}
+
+impl<'de> serde::de::Visitor<'de> for EntriesSeed<'_> {
+    type Value = Vec<TocEntry>;
+    fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+        f.write_str("an array of TOC entries")
+    }
+    fn visit_seq<A: serde::de::SeqAccess<'de>>(
+        self,
+        mut seq: A,
+    ) -> std::result::Result<Vec<TocEntry>, A::Error> {
+        let mut out = Vec::new();
+        while let Some(e) = seq.next_element::<TocEntry>()? {
+            if out.len() >= self.max_entries {
+                self.over.set(true);
+                return Err(serde::de::Error::custom("too many TOC entries"));
+            }
+            out.push(e);
+        }
         Ok(out)
     }
 }

@@ -91,6 +91,9 @@ pub(crate) struct TokenResponse {
     pub expires_in: Option<u64>,
 }
 
+/// Longest a token is reused, whatever `expires_in` the token server sends.
+pub(crate) const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
+
 /// A bearer token and when to stop using it. No `Debug`: it is a secret.
 #[derive(Clone)]
 pub(crate) struct CachedToken {
@@ -101,13 +104,20 @@ pub(crate) struct CachedToken {
 impl CachedToken {
     /// Tokens are dropped a little before the server's expiry so a request
     /// does not race the deadline.
+    ///
+    /// The lifetime comes from the token server and is clamped to
+    /// [`MAX_TOKEN_LIFETIME`], so no value can overflow a deadline.
     pub fn new(token: String, expires_in: Option<u64>) -> Self {
-        let secs = expires_in.filter(|s| *s > 0).unwrap_or(60);
+        let secs = expires_in
+            .filter(|s| *s > 0)
+            .unwrap_or(60)
+            .min(MAX_TOKEN_LIFETIME.as_secs());
         let life = Duration::from_secs(secs);
         let margin = (life / 10).min(Duration::from_secs(10));
+        let now = Instant::now();
         CachedToken {
             token,
-            valid_until: Instant::now() + life - margin,
+            valid_until: now.checked_add(life - margin).unwrap_or(now),
         }
     }
 
@@ -149,5 +159,8 @@ mod tests {
         assert!(t.is_valid());
         let t = CachedToken::new("x".into(), None);
         assert!(t.valid_until > Instant::now() + Duration::from_secs(49));
+        let t = CachedToken::new("x".into(), Some(u64::MAX));
+        assert!(t.is_valid());
+        assert!(t.valid_until <= Instant::now() + MAX_TOKEN_LIFETIME);
     }
 }

@@ -364,7 +364,8 @@ impl BlobReader {
                             let boundary = boundary_of(ct).ok_or_else(|| {
                                 Error::protocol(&host, "multipart reply without boundary")
                             })?;
-                            let body = read_body(resp, &host, None, false).await?;
+                            let max = multipart_max(std::slice::from_ref(&range));
+                            let body = read_body(resp, &host, None, false, max).await?;
                             let parts = parse_multipart(&body, &boundary, size)
                                 .map_err(|d| Error::protocol(&host, d))?;
                             let data = cut(&parts, &range).ok_or_else(|| {
@@ -528,6 +529,8 @@ impl BlobReader {
         let spec = self.spec(ep, Method::GET, h, if multi { &[400, 416] } else { &[] })?;
         let host = ep.host.clone();
         let need_end = ranges.iter().map(|r| r.end).max().unwrap_or(0);
+        let need_start = ranges.iter().map(|r| r.start).min().unwrap_or(0);
+        let multipart_limit = multipart_max(ranges);
         let read = move |resp: Response| {
             let host = host.clone();
             async move {
@@ -537,13 +540,13 @@ impl BlobReader {
                 }
                 if status == 200 {
                     tracing::warn!(%host, "registry ignored Range and sent the whole blob; reading only the needed prefix");
-                    let body = read_body(resp, &host, Some(need_end), true).await?;
+                    let body = read_body(resp, &host, Some(need_end), true, need_end).await?;
                     return Ok(Parts::Got(vec![(0, body)], RangeSupport::Ignored));
                 }
                 let ct = resp.headers().get(CONTENT_TYPE).and_then(|v| v.to_str().ok()).unwrap_or("").to_string();
                 if ct.to_ascii_lowercase().starts_with("multipart/byteranges") {
                     let boundary = boundary_of(&ct).ok_or_else(|| Error::protocol(&host, "multipart reply without boundary"))?;
-                    let body = read_body(resp, &host, None, false).await?;
+                    let body = read_body(resp, &host, None, false, multipart_limit).await?;
                     let parts = parse_multipart(&body, &boundary, size).map_err(|d| Error::protocol(&host, d))?;
                     return Ok(Parts::Got(parts, RangeSupport::Multi));
                 }
@@ -553,7 +556,15 @@ impl BlobReader {
                     .and_then(|v| v.to_str().ok())
                     .and_then(parse_content_range)
                     .ok_or_else(|| Error::protocol(&host, "206 without Content-Range"))?;
-                let body = read_body(resp, &host, Some(end + 1 - start), false).await?;
+                // The reply may merge the requested ranges but never reach beyond them.
+                if start < need_start || end >= need_end {
+                    return Err(Error::protocol(&host, format!(
+                        "206 for bytes {start}-{end}, outside the requested {need_start}-{}",
+                        need_end.saturating_sub(1)
+                    )));
+                }
+                let len = end + 1 - start;
+                let body = read_body(resp, &host, Some(len), false, len).await?;
                 Ok(Parts::Got(vec![(start, body)], if multi { RangeSupport::SingleOnly } else { RangeSupport::Multi }))
             }
             .boxed()
@@ -563,8 +574,9 @@ impl BlobReader {
 
     /// Reads the whole blob and verifies its digest.
     pub async fn read_all(&self) -> Result<Bytes> {
+        // The size is the registry's claim: the buffer grows with what actually arrives.
         let mut buf =
-            Vec::with_capacity(self.size.get().copied().unwrap_or(0).min(1 << 30) as usize);
+            Vec::with_capacity(self.size.get().copied().unwrap_or(0).min(64 << 20) as usize);
         self.copy_to(&mut buf).await?;
         Ok(Bytes::from(buf))
     }
@@ -608,6 +620,8 @@ impl BlobReader {
                         tracing::warn!(%host, "registry ignored Range on resume; skipping the part already read");
                         skip = skip_to;
                     }
+                    // Bytes still wanted from this reply; a longer body is cut off there.
+                    let want = size - skip_to;
                     while let Some(chunk) = resp.chunk().await.map_err(|e| Error::Connection { host: host.clone(), detail: crate::error::error_chain(&e) })? {
                         let n = chunk.len() as u64;
                         let piece = if pos + n <= skip {
@@ -622,6 +636,9 @@ impl BlobReader {
                             if tx.send(p).await.is_err() {
                                 return Ok(());
                             }
+                        }
+                        if pos.saturating_sub(skip) >= want {
+                            break;
                         }
                     }
                     Ok(())
@@ -697,21 +714,42 @@ impl BlobReader {
     }
 }
 
+/// Most bytes a `multipart/byteranges` reply to `ranges` may take: the data plus
+/// part headers and delimiters.
+fn multipart_max(ranges: &[Range<u64>]) -> u64 {
+    ranges
+        .iter()
+        .map(|r| (r.end - r.start).saturating_add(crate::body::MULTIPART_PART_OVERHEAD))
+        .fold(crate::body::MULTIPART_PART_OVERHEAD, u64::saturating_add)
+}
+
 /// Reads a body fully (or its first `limit` bytes when `prefix`), failing
-/// on a body shorter than `limit`.
+/// on a body shorter than `limit` or, unless `prefix`, longer than `max`: the bound is
+/// on bytes received, whatever the headers announced.
 async fn read_body(
     mut resp: Response,
     host: &str,
     limit: Option<u64>,
     prefix: bool,
+    max: u64,
 ) -> Result<Bytes> {
     let mut buf = BytesMut::with_capacity(
-        limit.or(resp.content_length()).unwrap_or(0).min(256 << 20) as usize,
+        limit
+            .or(resp.content_length())
+            .unwrap_or(0)
+            .min(max)
+            .min(256 << 20) as usize,
     );
     while let Some(c) = resp.chunk().await.map_err(|e| Error::Connection {
         host: host.to_string(),
         detail: crate::error::error_chain(&e),
     })? {
+        if !prefix && buf.len() as u64 + c.len() as u64 > max {
+            return Err(Error::protocol(
+                host,
+                format!("reply body is longer than the {max} bytes asked for"),
+            ));
+        }
         buf.extend_from_slice(&c);
         if prefix && limit.is_some_and(|l| buf.len() as u64 >= l) {
             // Dropping the response closes the connection instead of reading the rest.
@@ -775,7 +813,7 @@ pub(crate) fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
     Some((s, e, total))
 }
 
-fn boundary_of(ct: &str) -> Option<String> {
+pub(crate) fn boundary_of(ct: &str) -> Option<String> {
     ct.split(';').skip(1).find_map(|p| {
         let (k, v) = p.trim().split_once('=')?;
         k.trim()
@@ -786,7 +824,7 @@ fn boundary_of(ct: &str) -> Option<String> {
 
 /// Parses a `multipart/byteranges` body. Part lengths come from each part's
 /// Content-Range, so blob bytes that happen to look like a boundary are harmless.
-fn parse_multipart(
+pub(crate) fn parse_multipart(
     body: &Bytes,
     boundary: &str,
     size: u64,
@@ -816,7 +854,10 @@ fn parse_multipart(
             return Err(format!("part range {s}-{e} beyond blob size {size}"));
         }
         let data_start = hdr_end + 4;
-        let data_end = data_start + (e - s + 1) as usize;
+        let data_end = usize::try_from(e - s + 1)
+            .ok()
+            .and_then(|n| data_start.checked_add(n))
+            .ok_or("multipart part too long")?;
         if data_end > body.len() {
             return Err("multipart part cut short".into());
         }

@@ -330,12 +330,15 @@ impl Client {
                 return Err(err);
             }
             let wait = self.backoff(attempt, hint);
-            if Instant::now() + wait >= spec.deadline {
+            if Instant::now()
+                .checked_add(wait)
+                .is_none_or(|t| t >= spec.deadline)
+            {
                 tracing::debug!(host = %ep.host, "no time left for another retry");
                 return Err(err);
             }
             attempt += 1;
-            tracing::warn!(host = %ep.host, url = %spec.url, attempt, ?wait, error = %err, "request failed, retrying");
+            tracing::warn!(host = %ep.host, url = %crate::body::redact_url(&spec.url), attempt, ?wait, error = %err, "request failed, retrying");
             tokio::time::sleep(wait).await;
         }
     }
@@ -413,8 +416,9 @@ impl Client {
             })?;
             if let Some(cache) = spec.redirect_cache {
                 let ttl = Duration::from_secs(self.inner.blob.redirect_cache_sec);
-                *cache.lock().unwrap_or_else(|p| p.into_inner()) =
-                    Some((target.clone(), Instant::now() + ttl));
+                *cache.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now()
+                    .checked_add(ttl)
+                    .map(|until| (target.clone(), until));
             }
             return self.follow(ep, spec, target, timeout, read).await;
         }
@@ -446,8 +450,9 @@ impl Client {
                 })?;
                 if let Some(cache) = spec.redirect_cache {
                     let ttl = Duration::from_secs(self.inner.blob.redirect_cache_sec);
-                    *cache.lock().unwrap_or_else(|p| p.into_inner()) =
-                        Some((url.clone(), Instant::now() + ttl));
+                    *cache.lock().unwrap_or_else(|p| p.into_inner()) = Instant::now()
+                        .checked_add(ttl)
+                        .map(|until| (url.clone(), until));
                 }
                 continue;
             }
@@ -522,7 +527,7 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
         let host = ep.host.clone();
-        let url = resp.url().clone();
+        let url = crate::body::redact_url(resp.url());
         let body = body_snippet(resp).await;
         let err = match status.as_u16() {
             404 => match &spec.subject {
@@ -724,9 +729,14 @@ impl Client {
                 })
             }
         }
-        let tr: TokenResponse = resp
-            .json()
-            .await
+        let body = crate::body::read_limited(
+            resp,
+            &realm_host,
+            crate::body::MAX_TOKEN_BYTES,
+            "token response",
+        )
+        .await?;
+        let tr: TokenResponse = serde_json::from_slice(&body)
             .map_err(|e| Error::protocol(&realm_host, format!("bad token response: {e}")))?;
         let token = tr
             .token
@@ -772,7 +782,9 @@ impl Client {
 
     /// A deadline for a whole operation, from the blob fetching timeout.
     pub(crate) fn deadline(&self) -> Instant {
-        Instant::now() + Duration::from_secs(self.inner.blob.fetching_timeout_sec)
+        let now = Instant::now();
+        now.checked_add(Duration::from_secs(self.inner.blob.fetching_timeout_sec))
+            .unwrap_or(now + MAX_RETRY_AFTER)
     }
 }
 
@@ -797,21 +809,26 @@ fn basic_header(user: &str, pass: &str) -> Result<HeaderValue> {
     ))
 }
 
-fn parse_retry_after(v: &str) -> Option<Duration> {
+/// Longest wait a registry's `Retry-After` can ask for; longer values are clamped.
+pub(crate) const MAX_RETRY_AFTER: Duration = Duration::from_secs(3600);
+
+pub(crate) fn parse_retry_after(v: &str) -> Option<Duration> {
     if let Ok(s) = v.trim().parse::<u64>() {
-        return Some(Duration::from_secs(s));
+        return Some(Duration::from_secs(s).min(MAX_RETRY_AFTER));
     }
     let t = httpdate::parse_http_date(v).ok()?;
     Some(
         t.duration_since(std::time::SystemTime::now())
-            .unwrap_or_default(),
+            .unwrap_or_default()
+            .min(MAX_RETRY_AFTER),
     )
 }
 
 /// The start of an error body, for messages; registries put their error JSON there.
+/// Reads a bounded prefix only: an endless error body costs nothing.
 pub(crate) async fn body_snippet(resp: Response) -> String {
-    let b = resp.bytes().await.unwrap_or_default();
-    let s = String::from_utf8_lossy(&b[..b.len().min(512)])
+    let b = crate::body::read_prefix(resp, crate::body::ERROR_SNIPPET_BYTES as u64).await;
+    let s = String::from_utf8_lossy(&b[..b.len().min(crate::body::ERROR_SNIPPET_BYTES)])
         .trim()
         .to_string();
     if s.is_empty() {
@@ -829,6 +846,14 @@ mod tests {
     fn retry_after() {
         assert_eq!(parse_retry_after("3"), Some(Duration::from_secs(3)));
         assert_eq!(parse_retry_after("junk"), None);
+        assert_eq!(
+            parse_retry_after("18446744073709551615"),
+            Some(MAX_RETRY_AFTER)
+        );
+        assert_eq!(
+            parse_retry_after("Fri, 31 Dec 9999 23:59:59 GMT"),
+            Some(MAX_RETRY_AFTER)
+        );
     }
 
     #[test]

@@ -185,5 +185,6 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         }
         cur = src.source();
     }
-    s
+    // The HTTP stack names the URL it was fetching; signed URLs must not leak.
+    crate::body::redact_text(&s)
 }

@@ -20,6 +20,7 @@
 
 mod auth;
 mod blob;
+mod body;
 mod client;
 mod config;
 mod credprovider;
@@ -33,6 +34,7 @@ mod metrics;
 mod reference;
 
 pub use blob::{coalesce, BlobReader, RangeSink};
+pub use body::{redact_text, redact_url};
 pub use client::Client;
 pub use config::DEFAULT_HOST_KEY;
 pub use config::{
@@ -59,3 +61,54 @@ pub use manifest::{
 };
 pub use metrics::RegistryMetrics;
 pub use reference::{Reference, DOCKER_HUB};
+
+/// Entry points for the fuzz targets: the parsers that see registry-controlled bytes.
+#[doc(hidden)]
+pub mod fuzzing {
+    /// Parses a `WWW-Authenticate` value; true when it is a scheme we speak.
+    pub fn parse_challenge(v: &str) -> bool {
+        crate::auth::parse_challenge(v).is_some()
+    }
+    /// Parses a token endpoint reply and builds the cached token from it.
+    pub fn parse_token_response(body: &[u8]) -> bool {
+        match serde_json::from_slice::<crate::auth::TokenResponse>(body) {
+            Ok(t) => {
+                let _ = crate::auth::CachedToken::new(String::new(), t.expires_in);
+                true
+            }
+            Err(_) => false,
+        }
+    }
+    /// Parses a `multipart/byteranges` body for a blob of `size` bytes.
+    pub fn parse_multipart(body: &[u8], boundary: &str, size: u64) -> usize {
+        crate::blob::parse_multipart(&bytes::Bytes::copy_from_slice(body), boundary, size)
+            .map(|p| p.len())
+            .unwrap_or(0)
+    }
+    /// Parses a `Content-Range` value.
+    pub fn parse_content_range(v: &str) -> bool {
+        crate::blob::parse_content_range(v).is_some()
+    }
+    /// Parses a `Content-Type` boundary parameter.
+    pub fn boundary_of(ct: &str) -> Option<String> {
+        crate::blob::boundary_of(ct)
+    }
+    /// Parses a `Retry-After` value.
+    pub fn parse_retry_after(v: &str) -> Option<std::time::Duration> {
+        crate::client::parse_retry_after(v)
+    }
+    /// Parses manifest or index JSON.
+    pub fn parse_manifest(media_type: &str, body: &[u8]) -> bool {
+        crate::manifest::FetchedManifest {
+            bytes: bytes::Bytes::copy_from_slice(body),
+            digest: crate::Digest::sha256(body),
+            media_type: media_type.to_string(),
+        }
+        .parse()
+        .is_ok()
+    }
+    /// Redacts URLs in free text.
+    pub fn redact_text(s: &str) -> String {
+        crate::body::redact_text(s)
+    }
+}

@@ -32,9 +32,6 @@ pub const OCI_LAYER_GZIP: &str = "application/vnd.oci.image.layer.v1.tar+gzip";
 /// Docker gzip layer.
 pub const DOCKER_LAYER_GZIP: &str = "application/vnd.docker.image.rootfs.diff.tar.gzip";
 
-/// Largest manifest we accept, as registries do (4 MiB).
-const MAX_MANIFEST_BYTES: usize = 4 << 20;
-
 /// A content descriptor.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
@@ -330,16 +327,14 @@ impl Client {
                             .get("docker-content-digest")
                             .and_then(|v| v.to_str().ok())
                             .and_then(|s| Digest::parse(s).ok());
-                        if resp
-                            .content_length()
-                            .is_some_and(|l| l as usize > MAX_MANIFEST_BYTES)
-                        {
-                            return Err(Error::protocol(&host, "manifest larger than 4 MiB"));
-                        }
-                        let bytes = resp.bytes().await.map_err(|e| Error::Connection {
-                            host: host.clone(),
-                            detail: crate::error::error_chain(&e),
-                        })?;
+                        // Bounded by the bytes received: a chunked body has no length to check.
+                        let bytes = crate::body::read_limited(
+                            resp,
+                            &host,
+                            crate::body::MAX_MANIFEST_BYTES,
+                            "manifest",
+                        )
+                        .await?;
                         Ok((bytes, mt, hdr_digest))
                     }
                     .boxed()

@@ -1,6 +1,8 @@
 //! Fault-injecting HTTP fronts placed in front of a real registry: redirects
 //! (with expiring targets), refused HEAD, refused multi-range, ignored
-//! Range, bodies cut mid-way, 503 bursts, and a server that never answers.
+//! Range, bodies cut mid-way, 503 bursts, and a server that never answers; and
+//! hostile replies: chunked bodies without Content-Length that go on and on,
+//! 206 bodies longer than the range, multipart floods, huge `Retry-After`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -38,6 +40,19 @@ pub struct FrontOpts {
     pub fail_503: usize,
     /// Accept connections and never answer.
     pub never_answer: bool,
+    /// `Retry-After` value sent with every 503 (instead of `1` on the first).
+    pub retry_after: Option<String>,
+    /// Answer manifest GETs with 200 and a chunked body (no Content-Length) of
+    /// this many bytes.
+    pub chunked_manifest_bytes: Option<usize>,
+    /// Answer error replies (503 and 404) with a chunked body of this many bytes.
+    pub error_body_bytes: Option<usize>,
+    /// Send this many extra bytes after a single-range 206 body, chunked so no
+    /// Content-Length bounds it.
+    pub oversize_range_body: usize,
+    /// Answer multi-range GETs with a `multipart/byteranges` reply whose first part
+    /// is followed by this many bytes of junk, chunked.
+    pub multipart_flood_bytes: Option<usize>,
 }
 
 /// What the front saw and did.
@@ -53,6 +68,8 @@ pub struct FrontStats {
     pub failed_503: AtomicUsize,
     pub head_refused: AtomicUsize,
     pub multi_rejected: AtomicUsize,
+    /// Bytes of hostile (generated) bodies actually handed to the connection.
+    pub hostile_bytes_sent: AtomicUsize,
 }
 
 impl FrontStats {
@@ -134,6 +151,22 @@ async fn handle(st: &State, req: Request<hyper::body::Incoming>) -> Response<Bod
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);
     let is_blob = path.contains("/blobs/sha256:");
+    if let Some(n) = st.opts.chunked_manifest_bytes {
+        if path.contains("/manifests/") && req.method() == Method::GET {
+            let mut r = Response::new(flood(
+                st.stats.clone(),
+                Bytes::from_static(b"{\"schemaVersion\":2,\"pad\":\""),
+                n,
+            ));
+            r.headers_mut().insert(
+                "content-type",
+                hyper::header::HeaderValue::from_static(
+                    "application/vnd.oci.image.manifest.v1+json",
+                ),
+            );
+            return r;
+        }
+    }
     let range = req
         .headers()
         .get("range")
@@ -194,12 +227,49 @@ async fn handle(st: &State, req: Request<hyper::body::Incoming>) -> Response<Bod
     }
     if is_blob && take(&st.left_503) {
         let n = s.failed_503.fetch_add(1, Ordering::SeqCst);
-        let mut r = respond(503, "busy");
-        if n == 0 {
-            r.headers_mut()
-                .insert("retry-after", hyper::header::HeaderValue::from_static("1"));
+        let mut r = match st.opts.error_body_bytes {
+            Some(len) => {
+                let mut r = Response::new(flood(st.stats.clone(), Bytes::new(), len));
+                *r.status_mut() = hyper::StatusCode::SERVICE_UNAVAILABLE;
+                r
+            }
+            None => respond(503, "busy"),
+        };
+        match &st.opts.retry_after {
+            Some(v) => {
+                if let Ok(v) = hyper::header::HeaderValue::from_str(v) {
+                    r.headers_mut().insert("retry-after", v);
+                }
+            }
+            None if n == 0 => {
+                r.headers_mut()
+                    .insert("retry-after", hyper::header::HeaderValue::from_static("1"));
+            }
+            None => {}
         }
         return r;
+    }
+    let multi = range.as_deref().is_some_and(|r| r.contains(','));
+    if is_blob && multi && req.method() == Method::GET {
+        if let Some(junk) = st.opts.multipart_flood_bytes {
+            // One honest-looking part header, then junk where its data should end.
+            let first = range
+                .as_deref()
+                .and_then(|r| r.strip_prefix("bytes="))
+                .and_then(|r| r.split(',').next())
+                .unwrap_or("0-0")
+                .to_string();
+            let head = format!(
+                "--B\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes {first}/999999999999\r\n\r\n"
+            );
+            let mut r = Response::new(flood(st.stats.clone(), Bytes::from(head), junk));
+            *r.status_mut() = hyper::StatusCode::PARTIAL_CONTENT;
+            r.headers_mut().insert(
+                "content-type",
+                hyper::header::HeaderValue::from_static("multipart/byteranges; boundary=B"),
+            );
+            return r;
+        }
     }
     // Forward to the registry.
     let url = format!(
@@ -246,6 +316,31 @@ async fn handle(st: &State, req: Request<hyper::body::Incoming>) -> Response<Bod
         && data.len() > 1
         && (status == 200 || status == 206)
         && take(&st.left_drop);
+    let oversize = is_blob
+        && method == Method::GET
+        && status == 206
+        && st.opts.oversize_range_body > 0
+        && !up_headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("multipart/"));
+    if oversize || (status == 404 && st.opts.error_body_bytes.is_some()) {
+        let extra = if oversize {
+            st.opts.oversize_range_body
+        } else {
+            st.opts.error_body_bytes.unwrap_or(0)
+        };
+        let mut r = Response::new(flood(st.stats.clone(), data, extra));
+        *r.status_mut() =
+            hyper::StatusCode::from_u16(status).unwrap_or(hyper::StatusCode::BAD_GATEWAY);
+        for (k, v) in up_headers.iter() {
+            if k == "transfer-encoding" || k == "connection" || k == "content-length" {
+                continue;
+            }
+            r.headers_mut().append(k.clone(), v.clone());
+        }
+        return r;
+    }
     let body: Body = if cut {
         s.dropped.fetch_add(1, Ordering::SeqCst);
         let half = data.slice(..data.len() / 2);
@@ -264,4 +359,25 @@ async fn handle(st: &State, req: Request<hyper::body::Incoming>) -> Response<Bod
         r.headers_mut().append(k.clone(), v.clone());
     }
     r
+}
+
+/// A chunked body: `prefix`, then `junk` bytes of `x` generated as the connection
+/// takes them (never held in memory), counted in `hostile_bytes_sent`.
+fn flood(stats: Arc<FrontStats>, prefix: Bytes, junk: usize) -> Body {
+    const PIECE: usize = 64 << 10;
+    let piece = Bytes::from(vec![b'x'; PIECE]);
+    let first = futures::stream::iter([Ok::<_, BoxError>(Frame::data(prefix))]);
+    let rest = futures::stream::unfold(junk, move |left| {
+        let piece = piece.clone();
+        let stats = stats.clone();
+        async move {
+            if left == 0 {
+                return None;
+            }
+            let n = left.min(PIECE);
+            stats.hostile_bytes_sent.fetch_add(n, Ordering::SeqCst);
+            Some((Ok::<_, BoxError>(Frame::data(piece.slice(..n))), left - n))
+        }
+    });
+    BodyExt::boxed(StreamBody::new(futures::StreamExt::chain(first, rest)))
 }

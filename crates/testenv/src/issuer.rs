@@ -172,7 +172,8 @@ async fn handle(
     let (nbf, exp) = if stale {
         (now - 600, now - 300)
     } else {
-        (now - 5, now + life)
+        // The reply may claim any lifetime; the JWT itself stays within ten years.
+        (now - 5, now + life.min(10 * 365 * 86400))
     };
     let claims = serde_json::json!({
         "iss": st.issuer, "sub": account, "aud": st.service,

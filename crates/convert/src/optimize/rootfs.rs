@@ -3,6 +3,7 @@
 //! directory with overlayfs. Unmounted on drop.
 
 use std::ffi::CString;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::os::unix::ffi::OsStrExt;
 use std::path::{Component, Path, PathBuf};
 
@@ -39,22 +40,119 @@ pub fn unpack_layer(blob: &Path, dest: &Path) -> Result<()> {
             entry.unpack_in(dest).map_err(io(what.clone()))?;
             continue;
         }
-        let parent = safe_join(dest, name.parent().unwrap_or(Path::new("")))
-            .ok_or_else(|| Error::bad(&what, format!("unsafe whiteout path {name:?}")))?;
-        std::fs::create_dir_all(&parent).map_err(io(format!("creating {}", parent.display())))?;
+        // Whiteouts are applied by this code, not tar's: every directory on the way is
+        // opened relative to its parent without following symlinks, and the change is
+        // made relative to that directory, so an image's `x -> /etc` never leads to
+        // the host.
+        let parent_rel = name.parent().unwrap_or(Path::new(""));
+        let dir = open_dir_beneath(dest, parent_rel, true)
+            .map_err(|e| Error::bad(&what, format!("whiteout {name:?}: {e}")))?;
         if file_name == OPAQUE_MARKER {
-            set_xattr(&parent, "trusted.overlay.opaque", b"y")?;
+            fset_xattr(&dir, "trusted.overlay.opaque", b"y")
+                .map_err(|e| Error::io(format!("marking {parent_rel:?} opaque"), e))?;
         } else {
-            let hidden = parent.join(&file_name[WHITEOUT_PREFIX.len()..]);
-            let _ = std::fs::remove_file(&hidden);
-            nix::sys::stat::mknod(
-                &hidden,
-                nix::sys::stat::SFlag::S_IFCHR,
-                nix::sys::stat::Mode::empty(),
-                0,
-            )
-            .map_err(|e| Error::io(format!("creating whiteout {}", hidden.display()), e.into()))?;
+            let hidden = &file_name[WHITEOUT_PREFIX.len()..];
+            if hidden.is_empty() || hidden == "." || hidden == ".." {
+                return Err(Error::bad(
+                    &what,
+                    format!("whiteout {name:?} names no file"),
+                ));
+            }
+            let c = CString::new(hidden)
+                .map_err(|_| Error::bad(&what, format!("whiteout {name:?} has a NUL byte")))?;
+            // SAFETY: a valid directory fd and a NUL-terminated name; unlinkat removes
+            // the entry itself (a symlink is removed, never followed).
+            unsafe { libc::unlinkat(dir.as_raw_fd(), c.as_ptr(), 0) };
+            // SAFETY: as above; mknodat creates the 0/0 device in that directory only.
+            let rc = unsafe { libc::mknodat(dir.as_raw_fd(), c.as_ptr(), libc::S_IFCHR, 0) };
+            if rc != 0 {
+                return Err(Error::io(
+                    format!("creating whiteout {}", parent_rel.join(hidden).display()),
+                    std::io::Error::last_os_error(),
+                ));
+            }
         }
+    }
+    Ok(())
+}
+
+/// Opens directory `rel` under `root` one component at a time, each relative to the
+/// one before with `O_NOFOLLOW`, creating missing ones when `create`. A symlink or a
+/// non-directory on the way is an error: nothing outside `root` is ever reached.
+fn open_dir_beneath(root: &Path, rel: &Path, create: bool) -> std::io::Result<OwnedFd> {
+    let flags = libc::O_RDONLY | libc::O_DIRECTORY | libc::O_CLOEXEC;
+    let mut cur = open_at(
+        libc::AT_FDCWD,
+        &cstring(root.as_os_str().as_bytes())?,
+        flags,
+    )?;
+    for c in rel.components() {
+        let part = match c {
+            Component::Normal(p) => cstring(p.as_bytes())?,
+            Component::CurDir | Component::RootDir => continue,
+            Component::ParentDir | Component::Prefix(_) => {
+                return Err(std::io::Error::new(
+                    std::io::ErrorKind::InvalidInput,
+                    "path climbs out with \"..\"",
+                ))
+            }
+        };
+        let next = match open_at(cur.as_raw_fd(), &part, flags | libc::O_NOFOLLOW) {
+            Err(e) if e.raw_os_error() == Some(libc::ENOENT) && create => {
+                // SAFETY: a valid directory fd and a NUL-terminated name.
+                if unsafe { libc::mkdirat(cur.as_raw_fd(), part.as_ptr(), 0o755) } != 0 {
+                    let e = std::io::Error::last_os_error();
+                    if e.raw_os_error() != Some(libc::EEXIST) {
+                        return Err(e);
+                    }
+                }
+                open_at(cur.as_raw_fd(), &part, flags | libc::O_NOFOLLOW)
+            }
+            other => other,
+        };
+        cur = next.map_err(|e| match e.raw_os_error() {
+            Some(libc::ELOOP) | Some(libc::ENOTDIR) => std::io::Error::new(
+                std::io::ErrorKind::InvalidInput,
+                format!(
+                    "{:?} is a symlink or not a directory",
+                    String::from_utf8_lossy(part.as_bytes())
+                ),
+            ),
+            _ => e,
+        })?;
+    }
+    Ok(cur)
+}
+
+fn open_at(dir: RawFd, name: &CString, flags: libc::c_int) -> std::io::Result<OwnedFd> {
+    // SAFETY: `dir` is AT_FDCWD or a directory fd we own; `name` is NUL-terminated.
+    let fd = unsafe { libc::openat(dir, name.as_ptr(), flags) };
+    if fd < 0 {
+        return Err(std::io::Error::last_os_error());
+    }
+    // SAFETY: openat just returned this fd and nothing else owns it.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn cstring(b: &[u8]) -> std::io::Result<CString> {
+    CString::new(b)
+        .map_err(|_| std::io::Error::new(std::io::ErrorKind::InvalidInput, "path has a NUL byte"))
+}
+
+fn fset_xattr(fd: &OwnedFd, key: &str, value: &[u8]) -> std::io::Result<()> {
+    let k = cstring(key.as_bytes())?;
+    // SAFETY: a valid fd, a NUL-terminated name and a buffer with its length.
+    let rc = unsafe {
+        libc::fsetxattr(
+            fd.as_raw_fd(),
+            k.as_ptr(),
+            value.as_ptr().cast(),
+            value.len(),
+            0,
+        )
+    };
+    if rc != 0 {
+        return Err(std::io::Error::last_os_error());
     }
     Ok(())
 }
@@ -70,29 +168,6 @@ fn safe_join(base: &Path, rel: &Path) -> Option<PathBuf> {
         }
     }
     Some(out)
-}
-
-fn set_xattr(path: &Path, key: &str, value: &[u8]) -> Result<()> {
-    let c = CString::new(path.as_os_str().as_bytes())
-        .map_err(|_| Error::Options(format!("{} has a NUL byte", path.display())))?;
-    let k = CString::new(key).map_err(|_| Error::Options(format!("xattr {key:?}")))?;
-    // SAFETY: valid NUL-terminated strings and a buffer with its length.
-    let rc = unsafe {
-        libc::lsetxattr(
-            c.as_ptr(),
-            k.as_ptr(),
-            value.as_ptr().cast(),
-            value.len(),
-            0,
-        )
-    };
-    if rc != 0 {
-        return Err(Error::io(
-            format!("setting {key} on {}", path.display()),
-            std::io::Error::last_os_error(),
-        ));
-    }
-    Ok(())
 }
 
 /// An overlayfs mount of unpacked layers; unmounted when dropped.
@@ -177,12 +252,28 @@ fn escape(p: &Path) -> String {
 /// of a file read through the overlay.
 pub fn providing_layer(layers: &[PathBuf], rel: &str) -> Option<usize> {
     let rel = Path::new(rel);
+    let name = cstring(rel.file_name()?.as_bytes()).ok()?;
+    safe_join(Path::new(""), rel)?;
     layers.iter().enumerate().rev().find_map(|(i, dir)| {
-        let p = safe_join(dir, rel)?;
-        let meta = std::fs::symlink_metadata(&p).ok()?;
+        // Looked up without following the layer's symlinks: a workload's path never
+        // reaches outside the unpacked layer.
+        let parent = open_dir_beneath(dir, rel.parent().unwrap_or(Path::new("")), false).ok()?;
+        // SAFETY: an all-zero stat is a valid value to be overwritten by fstatat.
+        let mut st: libc::stat = unsafe { std::mem::zeroed() };
+        // SAFETY: a valid directory fd, a NUL-terminated name and a stat buffer.
+        let rc = unsafe {
+            libc::fstatat(
+                parent.as_raw_fd(),
+                name.as_ptr(),
+                &mut st,
+                libc::AT_SYMLINK_NOFOLLOW,
+            )
+        };
+        if rc != 0 {
+            return None;
+        }
         // A whiteout means no lower layer shows the file either.
-        use std::os::unix::fs::{FileTypeExt, MetadataExt};
-        if meta.file_type().is_char_device() && meta.rdev() == 0 {
+        if st.st_mode & libc::S_IFMT == libc::S_IFCHR && st.st_rdev == 0 {
             return Some(None);
         }
         Some(Some(i))
