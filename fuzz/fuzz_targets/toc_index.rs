@@ -9,7 +9,7 @@ fuzz_target!(|data: &[u8]| {
     let Ok(toc) = estargz::Toc::from_json_limited(data, 4096) else {
         return;
     };
-    let Ok(index) = estargz::reader::Index::build_with_budget(&toc, 1 << 40, 64 << 20) else {
+    let Ok(index) = estargz::Index::build_with_budget(&toc, 1 << 40, 64 << 20) else {
         return;
     };
     for (id, node) in index.nodes() {
@@ -19,10 +19,10 @@ fuzz_target!(|data: &[u8]| {
             assert!(c.blob_offset < c.blob_end, "empty fetch range");
             assert!(
                 c.blob_end - c.blob_offset
-                    <= estargz::reader::max_compressed_len(c.inner_offset + c.size),
+                    <= estargz::max_compressed_len(c.inner_offset + c.size),
                 "fetch range larger than the chunk can need"
             );
-            assert!(c.size <= estargz::reader::MAX_CHUNK_SIZE);
+            assert!(c.size <= estargz::MAX_CHUNK_SIZE);
         }
         for (name, &child) in &node.children {
             assert!(!name.is_empty() && !name.contains('/'));

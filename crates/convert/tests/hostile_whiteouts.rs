@@ -3,7 +3,7 @@
 
 use std::path::Path;
 
-use convert::optimize::rootfs::unpack_layer;
+use convert::optimize::unpack_layer;
 
 fn is_root() -> bool {
     // SAFETY: geteuid has no preconditions.

@@ -33,13 +33,13 @@ use convert::Store;
 
 use crate::error::{Error, Result};
 
-/// Label naming the snapshot a prepared one becomes once committed.
-pub const SNAPSHOT_REF_LABEL: &str = "containerd.io/snapshot.ref";
 /// Labels the stargz snapshotter reads to fetch a layer itself.
-pub const STARGZ_REFERENCE_LABEL: &str = "containerd.io/snapshot/remote/stargz.reference";
-pub const STARGZ_DIGEST_LABEL: &str = "containerd.io/snapshot/remote/stargz.digest";
-pub const STARGZ_LAYERS_LABEL: &str = "containerd.io/snapshot/remote/stargz.layers";
-pub const STARGZ_SKIP_VERIFY_LABEL: &str = "containerd.io/snapshot/remote/stargz.skipverify";
+pub use remote_layer::label::STARGZ_DIGEST as STARGZ_DIGEST_LABEL;
+pub use remote_layer::label::STARGZ_LAYERS as STARGZ_LAYERS_LABEL;
+pub use remote_layer::label::STARGZ_REFERENCE as STARGZ_REFERENCE_LABEL;
+pub use remote_layer::label::STARGZ_SKIP_VERIFY as STARGZ_SKIP_VERIFY_LABEL;
+/// Label naming the snapshot a prepared one becomes once committed.
+pub use remote_layer::label::TARGET_SNAPSHOT_REF as SNAPSHOT_REF_LABEL;
 
 /// containerd rejects labels larger than this (key plus value).
 const MAX_LABEL_SIZE: usize = 4096;

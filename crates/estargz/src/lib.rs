@@ -31,8 +31,9 @@ pub use extract::{extract, ExtractOptions};
 pub use footer::{Compression, Footer};
 pub use names::clean_name;
 pub use reader::{
-    decode_chunk, read_toc, BlobSource, Chunk, FileBlob, Index, Node, NodeId, NodeKind,
-    OpenOptions, RawToc, Reader, MAX_CHUNK_SIZE,
+    decode_chunk, max_compressed_len, read_toc, BlobSource, Chunk, FileBlob, Index, Node, NodeId,
+    NodeKind, OpenOptions, RawToc, Reader, DEFAULT_MAX_INDEX_BYTES, DEFAULT_MAX_TOC_ENTRIES,
+    MAX_CHUNK_SIZE, MAX_INNER_OFFSET,
 };
 pub use toc::{EntryType, Toc, TocEntry, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK};
 pub use verify::{verify_blob, VerifyReport};
@@ -41,11 +42,13 @@ pub use verify::{verify_blob, VerifyReport};
 #[doc(hidden)]
 pub use tarfmt::synthetic_file_header;
 
+// The layer annotations this format writes; their names are defined once, in
+// `remote-layer`, with the labels that carry them to the snapshotter.
 /// Layer annotation holding the TOC digest.
-pub const TOC_DIGEST_ANNOTATION: &str = "containerd.io/snapshot/stargz/toc.digest";
+pub use remote_layer::annotation::TOC_DIGEST as TOC_DIGEST_ANNOTATION;
 /// Layer annotation holding the size of the decompressed layer.
-pub const UNCOMPRESSED_SIZE_ANNOTATION: &str = "io.containers.estargz.uncompressed-size";
+pub use remote_layer::annotation::UNCOMPRESSED_SIZE as UNCOMPRESSED_SIZE_ANNOTATION;
 /// zstd:chunked: sha256 of the compressed TOC.
-pub const MANIFEST_CHECKSUM_ANNOTATION: &str = "io.containers.zstd-chunked.manifest-checksum";
+pub use remote_layer::annotation::ZSTD_CHUNKED_MANIFEST_CHECKSUM as MANIFEST_CHECKSUM_ANNOTATION;
 /// zstd:chunked: `offset:compressed size:size:1` of the TOC.
-pub const MANIFEST_POSITION_ANNOTATION: &str = "io.containers.zstd-chunked.manifest-position";
+pub use remote_layer::annotation::ZSTD_CHUNKED_MANIFEST_POSITION as MANIFEST_POSITION_ANNOTATION;

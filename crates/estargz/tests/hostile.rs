@@ -9,13 +9,13 @@ use std::process::Command;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use estargz::compress::compress_member;
-use estargz::reader::{BlobSource, Chunk, MAX_CHUNK_SIZE, MAX_INNER_OFFSET};
-use estargz::tarfmt::synthetic_file_header;
+use estargz::compress_member;
+use estargz::synthetic_file_header;
 use estargz::{
     decode_chunk, BuildOptions, Codec, Compression, EntryType, Error, Footer, OpenOptions, Reader,
     Toc, TocEntry,
 };
+use estargz::{BlobSource, Chunk, MAX_CHUNK_SIZE, MAX_INNER_OFFSET};
 use sha2::{Digest as _, Sha256};
 
 const CASE_ENV: &str = "ESTARGZ_HOSTILE_CASE";
@@ -133,7 +133,7 @@ fn with_toc(blob: &[u8], toc: &Toc) -> Vec<u8> {
 /// Opens with the TOC digest expected, as a verifying reader does: the attacker wrote
 /// the TOC, so its digest is "valid".
 fn open_trusted(src: &dyn BlobSource) -> estargz::Result<Reader> {
-    let raw = estargz::reader::read_toc(src, &OpenOptions::default())?;
+    let raw = estargz::read_toc(src, &OpenOptions::default())?;
     let opts = OpenOptions {
         expected_toc_digest: Some(raw.digest),
         ..OpenOptions::default()
@@ -576,7 +576,7 @@ fn verify_and_extract_stream_large_files() {
         let reader = Reader::open(&src, &OpenOptions::default()).unwrap();
         let dest = tempfile::tempdir().unwrap();
         let out = dest.path().join("x");
-        estargz::extract::extract(&reader, &src, &out, &Default::default()).unwrap();
+        estargz::extract(&reader, &src, &out, &Default::default()).unwrap();
         assert_eq!(
             std::fs::metadata(out.join("big")).unwrap().len(),
             256u64 << 20

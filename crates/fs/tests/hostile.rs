@@ -115,8 +115,15 @@ impl Env {
         at: &std::path::Path,
     ) -> fs::Result<fs::MountHandle> {
         let cfg = Config::default();
-        let cache = fs::cache_from_config(&cfg, self.cache_dir.path()).expect("cache");
-        fs::mount(fetcher, desc, at, &cfg, cache)
+        let cache = fs::ChunkCache::from_config(&cfg, self.cache_dir.path(), None).expect("cache");
+        let layer = Arc::new(fs::Layer::open(fetcher, desc, &cfg, cache)?);
+        let pool = fs::FetchPool::shared()?;
+        let opts = fs::MountOptions {
+            cfg: &cfg,
+            metrics: None,
+            pool: &pool,
+        };
+        fs::mount(layer, at, &opts)
     }
 }
 
