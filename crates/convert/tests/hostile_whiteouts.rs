@@ -1,5 +1,10 @@
 //! Whiteouts in a hostile layer: `.wh.NAME` and `.wh..wh..opq` under a path that
 //! goes through the image's own symlink must never reach the host the symlink names.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 use std::path::Path;
 

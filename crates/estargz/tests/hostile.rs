@@ -3,6 +3,11 @@
 //! re-executed) under `RLIMIT_AS`, so an unbounded allocation aborts the child and
 //! fails the test instead of taking the machine down; streaming cases check the
 //! child's peak RSS (`VmHWM`).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 use std::io::Cursor;
 use std::process::Command;

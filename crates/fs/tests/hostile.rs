@@ -2,6 +2,11 @@
 //! one in the same process: a layer whose TOC (digest valid: the attacker wrote it)
 //! holds an innerOffset bomb refuses to mount; a layer whose chunk does not match its
 //! chunkDigest answers EIO for that file only; the good layer keeps serving.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 mod common;
 

@@ -338,7 +338,7 @@ impl Client {
                 return Err(err);
             }
             attempt += 1;
-            tracing::warn!(host = %ep.host, url = %crate::body::redact_url(&spec.url), attempt, ?wait, error = %err, "request failed, retrying");
+            tracing::warn!(host = %ep.host, url = %crate::redact::redact_url(&spec.url), attempt, ?wait, error = %err, "request failed, retrying");
             tokio::time::sleep(wait).await;
         }
     }
@@ -527,7 +527,7 @@ impl Client {
             .and_then(|v| v.to_str().ok())
             .and_then(parse_retry_after);
         let host = ep.host.clone();
-        let url = crate::body::redact_url(resp.url());
+        let url = crate::redact::redact_url(resp.url());
         let body = body_snippet(resp).await;
         let err = match status.as_u16() {
             404 => match &spec.subject {

@@ -186,5 +186,5 @@ pub(crate) fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
         cur = src.source();
     }
     // The HTTP stack names the URL it was fetching; signed URLs must not leak.
-    crate::body::redact_text(&s)
+    crate::redact::redact_text(&s)
 }

@@ -31,10 +31,10 @@ mod keychain;
 mod kubeconfig;
 mod manifest;
 mod metrics;
+mod redact;
 mod reference;
 
 pub use blob::{coalesce, BlobReader, RangeSink};
-pub use body::{redact_text, redact_url};
 pub use client::Client;
 pub use config::DEFAULT_HOST_KEY;
 pub use config::{
@@ -60,6 +60,7 @@ pub use manifest::{
     DOCKER_MANIFEST_LIST, OCI_CONFIG, OCI_INDEX, OCI_LAYER_GZIP, OCI_MANIFEST,
 };
 pub use metrics::RegistryMetrics;
+pub use redact::{redact_text, redact_url};
 pub use reference::{Reference, DOCKER_HUB};
 
 /// Entry points for the fuzz targets: the parsers that see registry-controlled bytes.
@@ -109,6 +110,6 @@ pub mod fuzzing {
     }
     /// Redacts URLs in free text.
     pub fn redact_text(s: &str) -> String {
-        crate::body::redact_text(s)
+        crate::redact::redact_text(s)
     }
 }

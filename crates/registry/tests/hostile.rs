@@ -2,6 +2,11 @@
 //! range replies longer than asked, multipart floods, absurd `Retry-After` and token
 //! lifetimes, signed redirect URLs. Every case ends in a clear error or a correct
 //! answer, with bounded reads, and nothing secret in the message.
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
 
 use std::sync::Arc;
 use std::time::{Duration, Instant};
