@@ -5,7 +5,7 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 secs=${1:-600}; shift || true
-targets=("$@"); ((${#targets[@]})) || targets=(open_blob read_blob build_tar)
+targets=("$@"); ((${#targets[@]})) || targets=(open_blob read_blob build_tar toc_index registry_parsers)
 command -v cargo-fuzz >/dev/null || cargo install cargo-fuzz
 # cargo-fuzz needs unstable compiler flags; the stable toolchain allows them this way.
 export RUSTC_BOOTSTRAP=1

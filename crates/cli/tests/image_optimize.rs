@@ -1015,3 +1015,78 @@ fn terminal_flag_gives_the_workload_a_tty() {
     assert!(stdout.contains("sea"), "{stdout}");
     assert_eq!(prioritized(&dst, scratch.path())[1].0, s(&["data/c.txt"]));
 }
+
+/// A hostile image's whiteouts go through its own symlinks (`x -> /ABS/canary-dir`
+/// then `x/.wh.file`; `y -> /ABS/canary2` then `y/.wh..wh..opq`), in the same layer
+/// and across layers. Whatever optimize makes of the image, nothing outside its
+/// scratch root changes: the canary files stay, no device node replaces them, and no
+/// host directory becomes opaque.
+#[test]
+fn hostile_whiteouts_never_reach_the_host() {
+    let Some((_reg, busybox)) = prerequisites() else {
+        return;
+    };
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let host = scratch.path().join("host");
+    let canaries = [
+        host.join("canary-dir"),
+        host.join("canary2"),
+        host.join("canary3"),
+        host.join("canary4"),
+    ];
+    for dir in &canaries {
+        std::fs::create_dir_all(dir).expect("mkdir");
+        std::fs::write(dir.join("file"), b"canary\n").expect("write");
+    }
+    let abs = |i: usize| canaries[i].to_str().expect("utf8").to_string();
+    let (a0, a1, a2, a3) = (abs(0), abs(1), abs(2), abs(3));
+    let mut tars = layer_tars(&busybox);
+    // Links and whiteouts in one layer.
+    tars.push(tar_of(&[
+        Entry::Link("x", &a0),
+        Entry::File("x/.wh.file", Vec::new(), 0o644),
+        Entry::Link("y", &a1),
+        Entry::File("y/.wh..wh..opq", Vec::new(), 0o644),
+    ]));
+    // Links in one layer, whiteouts through them in the next.
+    tars.push(tar_of(&[Entry::Link("p", &a2), Entry::Link("q", &a3)]));
+    tars.push(tar_of(&[
+        Entry::File("p/.wh.file", Vec::new(), 0o644),
+        Entry::File("q/.wh..wh..opq", Vec::new(), 0o644),
+    ]));
+    let src_dir = scratch.path().join("src");
+    write_layout(&src_dir, "v1", &image(&tars));
+    let src = format!("oci:{}:v1", src_dir.display());
+    let dst = format!("oci:{}:opt", scratch.path().join("dst").display());
+    let wd = scratch.path().join("work");
+    std::fs::create_dir(&wd).expect("mkdir");
+
+    let out = optimize_in(&wd, &[], &src, &dst);
+    eprintln!(
+        "optimize exited {:?}: {}",
+        out.status.code(),
+        String::from_utf8_lossy(&out.stderr)
+    );
+    for dir in &canaries {
+        let file = dir.join("file");
+        let meta = std::fs::symlink_metadata(&file)
+            .unwrap_or_else(|e| panic!("{} is gone: {e}", file.display()));
+        assert!(
+            meta.file_type().is_file(),
+            "{} was replaced",
+            file.display()
+        );
+        assert_eq!(std::fs::read(&file).expect("read"), b"canary\n");
+        let opaque = xattr_of(dir, "trusted.overlay.opaque");
+        assert!(opaque.is_none(), "{} became opaque", dir.display());
+    }
+}
+
+fn xattr_of(path: &Path, name: &str) -> Option<Vec<u8>> {
+    let p = std::ffi::CString::new(path.as_os_str().as_encoded_bytes()).expect("path");
+    let n = std::ffi::CString::new(name).expect("name");
+    let mut buf = [0u8; 64];
+    // SAFETY: both names are NUL-terminated and `buf` is writable for its length.
+    let r = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
+    (r >= 0).then(|| buf[..r as usize].to_vec())
+}
