@@ -184,7 +184,7 @@ fn digest_stream(mut r: impl Read, mut out: Option<&mut dyn Write>) -> io::Resul
 fn file_digest(path: &Path) -> Result<(Digest, u64)> {
     let (d, n) = digest_stream(open(path)?, None)
         .map_err(|e| Error::io(format!("reading {}", path.display()), e))?;
-    Ok((Digest::parse(&d)?, n))
+    Ok((Digest::parse(&d).map_err(registry::Error::from)?, n))
 }
 
 /// Converts the blob at `path` (whose digest and size are `digest`, `size`),
@@ -224,7 +224,7 @@ pub fn convert_blob(
             return Ok(Converted {
                 outcome: Outcome::Converted,
                 format: Some(LayerFormat::Tar),
-                digest: Digest::parse(&diff_id)?,
+                digest: Digest::parse(&diff_id).map_err(registry::Error::from)?,
                 size: n,
                 diff_id: Some(diff_id),
                 annotations: BTreeMap::new(),
@@ -269,7 +269,10 @@ pub fn convert_blob(
         };
         estargz::build(input, w, &build_opts)?
     };
-    let (new_digest, new_size) = (Digest::parse(&out.blob_digest)?, out.blob_size);
+    let (new_digest, new_size) = (
+        Digest::parse(&out.blob_digest).map_err(registry::Error::from)?,
+        out.blob_size,
+    );
     Ok(Converted {
         outcome: Outcome::Converted,
         format: Some(match wanted {

@@ -145,7 +145,7 @@ impl Store {
 
     fn blob_path(dir: &Path, digest: &Digest) -> PathBuf {
         dir.join("blobs")
-            .join(digest.algorithm())
+            .join(digest.algorithm().as_str())
             .join(digest.hex())
     }
 
@@ -228,7 +228,7 @@ impl Store {
                 let data = tokio::fs::read(&p)
                     .await
                     .map_err(|e| Error::io(format!("reading {}", p.display()), e))?;
-                digest.verify(&format!("blob {}", p.display()), &data)?;
+                registry::verify_digest(digest, &format!("blob {}", p.display()), &data)?;
                 Ok(Bytes::from(data))
             }
         }

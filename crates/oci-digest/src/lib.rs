@@ -7,7 +7,7 @@ use std::fmt;
 use std::str::FromStr;
 
 use serde::{Deserialize, Serialize};
-use sha2::{Digest as _, Sha256};
+use sha2::{Digest as _, Sha256, Sha512};
 
 /// A digest algorithm.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -75,20 +75,61 @@ impl Digest {
     }
 
     /// The sha256 digest of `data`.
-    pub fn sha256_of(data: &[u8]) -> Digest {
+    pub fn sha256(data: &[u8]) -> Digest {
         Digest {
             algorithm: Algorithm::Sha256,
             hex: hex::encode(Sha256::digest(data)),
         }
     }
 
+    /// The algorithm this digest was made with.
     pub fn algorithm(&self) -> Algorithm {
         self.algorithm
+    }
+
+    /// A hasher for this digest's algorithm, for checking content as it streams in.
+    pub fn hasher(&self) -> DigestHasher {
+        match self.algorithm {
+            Algorithm::Sha256 => DigestHasher::Sha256(Sha256::new()),
+            Algorithm::Sha512 => DigestHasher::Sha512(Sha512::new()),
+        }
+    }
+
+    /// Whether `data` hashes to this digest.
+    pub fn matches(&self, data: &[u8]) -> bool {
+        let mut h = self.hasher();
+        h.update(data);
+        h.finish() == *self
     }
 
     /// The lowercase hex part.
     pub fn hex(&self) -> &str {
         &self.hex
+    }
+}
+
+/// Incremental hasher for one [`Digest`] algorithm.
+pub enum DigestHasher {
+    Sha256(Sha256),
+    Sha512(Sha512),
+}
+
+impl DigestHasher {
+    /// Feeds more content.
+    pub fn update(&mut self, data: &[u8]) {
+        match self {
+            DigestHasher::Sha256(h) => h.update(data),
+            DigestHasher::Sha512(h) => h.update(data),
+        }
+    }
+
+    /// The digest of everything fed.
+    pub fn finish(self) -> Digest {
+        let (algorithm, hex) = match self {
+            DigestHasher::Sha256(h) => (Algorithm::Sha256, hex::encode(h.finalize())),
+            DigestHasher::Sha512(h) => (Algorithm::Sha512, hex::encode(h.finalize())),
+        };
+        Digest { algorithm, hex }
     }
 }
 
@@ -122,7 +163,7 @@ impl fmt::Display for Digest {
 
 impl fmt::Debug for Digest {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "Digest({self})")
+        fmt::Display::fmt(self, f)
     }
 }
 
@@ -133,8 +174,8 @@ mod tests {
     const EMPTY: &str = "sha256:e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855";
 
     #[test]
-    fn sha256_of_matches_the_known_empty_digest() {
-        let d = Digest::sha256_of(b"");
+    fn sha256_matches_the_known_empty_digest() {
+        let d = Digest::sha256(b"");
         assert_eq!(d.to_string(), EMPTY);
         assert_eq!(d.algorithm(), Algorithm::Sha256);
         assert_eq!(d, EMPTY.parse().unwrap());

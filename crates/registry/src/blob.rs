@@ -706,7 +706,8 @@ impl BlobReader {
             path: "output".into(),
             source: e,
         })?;
-        hasher.finish_verify(
+        crate::digest::finish_verify(
+            hasher,
             &self.digest,
             &format!("blob {}/{}", self.reference.repository(), self.digest),
         )?;

@@ -342,11 +342,11 @@ impl Client {
                 let (bytes, media_type, hdr_digest) = self.execute(&ep, &spec, &read).await?;
                 let digest = match (r.digest(), hdr_digest) {
                     (Some(d), _) => {
-                        d.verify(&format!("manifest {r}"), &bytes)?;
+                        crate::digest::verify_digest(d, &format!("manifest {r}"), &bytes)?;
                         d.clone()
                     }
                     (None, Some(d)) => {
-                        d.verify(&format!("manifest {r}"), &bytes)?;
+                        crate::digest::verify_digest(&d, &format!("manifest {r}"), &bytes)?;
                         d
                     }
                     (None, None) => Digest::sha256(&bytes),
@@ -532,7 +532,7 @@ impl Client {
     ) -> Result<Digest> {
         let digest = Digest::sha256(&bytes);
         if let Some(d) = r.digest() {
-            d.verify("manifest to push", &bytes)?;
+            crate::digest::verify_digest(&d, "manifest to push", &bytes)?;
         }
         let scope = Scope::push(r.repository());
         let ep = self

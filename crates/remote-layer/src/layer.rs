@@ -16,6 +16,13 @@ pub enum LabelError {
         label: &'static str,
         alternative: &'static str,
     },
+    /// The layer digest label is not a digest.
+    #[error("{label:?} is not a digest: {source}")]
+    InvalidDigest {
+        label: &'static str,
+        #[source]
+        source: oci_digest::ParseDigestError,
+    },
 }
 
 /// The remote layer a Prepare asks for: what the daemon needs to fetch, check and
@@ -25,7 +32,7 @@ pub struct RemoteLayer {
     /// Image reference (`host/repo:tag` or `host/repo@digest`).
     pub image_ref: String,
     /// Digest of the compressed layer blob.
-    pub digest: String,
+    pub digest: oci_digest::Digest,
     /// Digests of the image's layers (to open ahead of their own Prepare); empty when
     /// unknown, which means every layer of the image.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
@@ -74,11 +81,24 @@ impl RemoteLayer {
             label::STARGZ_REFERENCE,
             label::CRI_IMAGE_REF,
         )?;
+        let digest_label = if labels
+            .get(label::STARGZ_DIGEST)
+            .is_some_and(|v| !v.is_empty())
+        {
+            label::STARGZ_DIGEST
+        } else {
+            label::CRI_LAYER_DIGEST
+        };
         let digest = required(
             "layer digest",
             label::STARGZ_DIGEST,
             label::CRI_LAYER_DIGEST,
         )?;
+        let digest =
+            oci_digest::Digest::parse(&digest).map_err(|source| LabelError::InvalidDigest {
+                label: digest_label,
+                source,
+            })?;
         let layers = pick(label::STARGZ_LAYERS, label::CRI_IMAGE_LAYERS)
             .map(|s| {
                 s.split(',')
@@ -118,16 +138,22 @@ mod tests {
         let l = RemoteLayer::from_labels(&labels(&[
             (label::TARGET_SNAPSHOT_REF, "chain"),
             (label::CRI_IMAGE_REF, "127.0.0.1:5000/img:1"),
-            (label::CRI_LAYER_DIGEST, "sha256:aa"),
-            (label::CRI_IMAGE_LAYERS, "sha256:aa,,sha256:bb"),
+            (label::CRI_LAYER_DIGEST, "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
+            (label::CRI_IMAGE_LAYERS, "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa,,sha256:bb"),
         ]))
         .unwrap();
         assert_eq!(
             l,
             RemoteLayer {
                 image_ref: "127.0.0.1:5000/img:1".into(),
-                digest: "sha256:aa".into(),
-                layers: vec!["sha256:aa".into(), "sha256:bb".into()],
+                digest: "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+                    .parse()
+                    .unwrap(),
+                layers: vec![
+                    "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"
+                        .into(),
+                    "sha256:bb".into()
+                ],
                 toc_digest: None,
                 uncompressed_digest: None,
                 uncompressed_size: None,
@@ -141,11 +167,11 @@ mod tests {
     fn stargz_labels_win_and_hints_are_read() {
         let l = RemoteLayer::from_labels(&labels(&[
             (label::CRI_IMAGE_REF, "cri/img:1"),
-            (label::CRI_LAYER_DIGEST, "sha256:cri"),
-            (label::CRI_IMAGE_LAYERS, "sha256:cri"),
+            (label::CRI_LAYER_DIGEST, "sha256:cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc"),
+            (label::CRI_IMAGE_LAYERS, "sha256:cccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccccc"),
             (label::STARGZ_REFERENCE, "stargz/img:1"),
-            (label::STARGZ_DIGEST, "sha256:sgz"),
-            (label::STARGZ_LAYERS, "sha256:sgz,sha256:next"),
+            (label::STARGZ_DIGEST, "sha256:5555555555555555555555555555555555555555555555555555555555555555"),
+            (label::STARGZ_LAYERS, "sha256:5555555555555555555555555555555555555555555555555555555555555555,sha256:next"),
             (label::TOC_DIGEST, "sha256:toc"),
             (label::UNCOMPRESSED_DIGEST, "sha256:diff"),
             (label::UNCOMPRESSED_SIZE, "4096"),
@@ -154,8 +180,17 @@ mod tests {
         ]))
         .unwrap();
         assert_eq!(l.image_ref, "stargz/img:1");
-        assert_eq!(l.digest, "sha256:sgz");
-        assert_eq!(l.layers, ["sha256:sgz", "sha256:next"]);
+        assert_eq!(
+            l.digest.to_string(),
+            "sha256:5555555555555555555555555555555555555555555555555555555555555555"
+        );
+        assert_eq!(
+            l.layers,
+            [
+                "sha256:5555555555555555555555555555555555555555555555555555555555555555",
+                "sha256:next"
+            ]
+        );
         assert_eq!(l.toc_digest.as_deref(), Some("sha256:toc"));
         assert_eq!(l.uncompressed_digest.as_deref(), Some("sha256:diff"));
         assert_eq!(l.uncompressed_size, Some(4096));
@@ -165,8 +200,11 @@ mod tests {
 
     #[test]
     fn missing_and_bad_values() {
-        let e = RemoteLayer::from_labels(&labels(&[(label::CRI_LAYER_DIGEST, "sha256:aa")]))
-            .unwrap_err();
+        let e = RemoteLayer::from_labels(&labels(&[(
+            label::CRI_LAYER_DIGEST,
+            "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+        )]))
+        .unwrap_err();
         assert!(matches!(
             e,
             LabelError::Missing {
@@ -179,7 +217,10 @@ mod tests {
         let e = RemoteLayer::from_labels(&labels(&[
             (label::STARGZ_REFERENCE, "r"),
             (label::STARGZ_DIGEST, ""),
-            (label::CRI_LAYER_DIGEST, "sha256:aa"),
+            (
+                label::CRI_LAYER_DIGEST,
+                "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            ),
         ]))
         .unwrap_err();
         assert!(matches!(
@@ -191,7 +232,10 @@ mod tests {
         ));
         let l = RemoteLayer::from_labels(&labels(&[
             (label::STARGZ_REFERENCE, "r"),
-            (label::STARGZ_DIGEST, "sha256:aa"),
+            (
+                label::STARGZ_DIGEST,
+                "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            ),
             (label::STARGZ_PREFETCH, "lots"),
             (label::UNCOMPRESSED_SIZE, "-1"),
             (label::STARGZ_SKIP_VERIFY, "false"),
@@ -200,24 +244,41 @@ mod tests {
         assert_eq!((l.prefetch_size, l.uncompressed_size), (None, None));
         assert!(!l.skip_verify);
         assert!(l.layers.is_empty());
+        // A layer digest that is not a digest names its label.
+        let e = RemoteLayer::from_labels(&labels(&[
+            (label::CRI_IMAGE_REF, "r"),
+            (label::CRI_LAYER_DIGEST, "sha256:short"),
+        ]))
+        .unwrap_err();
+        assert!(
+            matches!(e, LabelError::InvalidDigest { label: l, .. } if l == label::CRI_LAYER_DIGEST),
+            "{e}"
+        );
+        // ... and so does a bad one on the wire.
+        assert!(
+            serde_json::from_str::<RemoteLayer>(r#"{"image_ref":"r","digest":"md5:00"}"#).is_err()
+        );
     }
 
     #[test]
     fn serde_round_trip_and_defaults() {
         let l = RemoteLayer::from_labels(&labels(&[
             (label::STARGZ_REFERENCE, "r"),
-            (label::STARGZ_DIGEST, "sha256:aa"),
+            (
+                label::STARGZ_DIGEST,
+                "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa",
+            ),
             (label::TOC_DIGEST, "sha256:toc"),
         ]))
         .unwrap();
         let text = serde_json::to_string(&l).unwrap();
         assert_eq!(
             text,
-            r#"{"image_ref":"r","digest":"sha256:aa","toc_digest":"sha256:toc","skip_verify":false}"#
+            r#"{"image_ref":"r","digest":"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa","toc_digest":"sha256:toc","skip_verify":false}"#
         );
         assert_eq!(serde_json::from_str::<RemoteLayer>(&text).unwrap(), l);
         let minimal: RemoteLayer =
-            serde_json::from_str(r#"{"image_ref":"r","digest":"sha256:aa"}"#).unwrap();
+            serde_json::from_str(r#"{"image_ref":"r","digest":"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}"#).unwrap();
         assert_eq!(minimal.toc_digest, None);
         assert!(!minimal.skip_verify);
     }

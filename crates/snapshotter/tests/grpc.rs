@@ -54,7 +54,9 @@ impl RemoteFs for FakeRemote {
         if self.timing_out.load(Ordering::SeqCst) {
             return Err(MountError::Timeout("no answer".into()));
         }
-        if layer.digest == "sha256:bad" {
+        if layer.digest.to_string()
+            == "sha256:2f05d4b689d270cafb02285f35f44866f7dc8a2d368a3f9d1124373eeab31fb1"
+        {
             return Err(MountError::RegistryUnreachable("unreachable layer".into()));
         }
         let busy = self.busy.clone().lock_owned().await;
@@ -499,7 +501,10 @@ async fn remote_layers() {
         ns,
         "extract-1 chain1",
         "",
-        layer("sha256:l1", "chain1"),
+        layer(
+            "sha256:2804bad6fe94a55f18b2b37e300919a5fd517b95aa81e95db574c0ba069a3740",
+            "chain1",
+        ),
     )
     .await
     .unwrap_err();
@@ -522,7 +527,10 @@ async fn remote_layers() {
         ns,
         "extract-2",
         "chain1",
-        layer("sha256:bad", "chain2"),
+        layer(
+            "sha256:2f05d4b689d270cafb02285f35f44866f7dc8a2d368a3f9d1124373eeab31fb1",
+            "chain2",
+        ),
     )
     .await
     .unwrap();
@@ -564,7 +572,10 @@ async fn restore_after_restart() {
         let l = labels([
             (LABEL_TARGET, "t"),
             (LABEL_CRI_IMAGE_REF, "r"),
-            (LABEL_CRI_LAYER_DIGEST, "sha256:x"),
+            (
+                LABEL_CRI_LAYER_DIGEST,
+                "sha256:2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881",
+            ),
         ]);
         assert!(matches!(
             sn.prepare("ns", "k", "", l).await,
@@ -604,7 +615,18 @@ async fn restore_refuses_invalid_mounts_unless_allowed() {
     let fake = Arc::new(FakeRemote::default());
     {
         let sn = Snapshotter::open(Options::new(&root), fake.clone()).unwrap();
-        for (key, target, digest) in [("k1", "good", "sha256:x"), ("k2", "gone", "sha256:y")] {
+        for (key, target, digest) in [
+            (
+                "k1",
+                "good",
+                "sha256:2d711642b726b04401627ca9fbac32f5c8530fb1903cc4db02258717921a4881",
+            ),
+            (
+                "k2",
+                "gone",
+                "sha256:a1fce4363854ff888cff4b8e7875d600c2682390412a8cf79b37d0b11148b0fa",
+            ),
+        ] {
             let l = labels([
                 (LABEL_TARGET, target),
                 (LABEL_CRI_IMAGE_REF, "r"),
@@ -623,7 +645,10 @@ async fn restore_refuses_invalid_mounts_unless_allowed() {
                 name: "gone".into(),
                 parent: String::new(),
                 kind: snapshotter::Kind::Committed,
-                labels: labels([(LABEL_CRI_LAYER_DIGEST, "sha256:bad")]),
+                labels: labels([(
+                    LABEL_CRI_LAYER_DIGEST,
+                    "sha256:2f05d4b689d270cafb02285f35f44866f7dc8a2d368a3f9d1124373eeab31fb1",
+                )]),
                 created: std::time::SystemTime::now(),
                 updated: std::time::SystemTime::now(),
             },
@@ -673,7 +698,10 @@ async fn concurrent_remounts_of_one_layer_are_serialized() {
         ns,
         "extract-1",
         "",
-        remote_labels("sha256:l1", "chain1"),
+        remote_labels(
+            "sha256:2804bad6fe94a55f18b2b37e300919a5fd517b95aa81e95db574c0ba069a3740",
+            "chain1",
+        ),
     )
     .await
     .unwrap_err();
@@ -720,7 +748,10 @@ async fn cancelled_prepare_leaves_no_mount() {
             "k8s.io",
             "extract-1",
             "",
-            remote_labels("sha256:l1", "chain1"),
+            remote_labels(
+                "sha256:2804bad6fe94a55f18b2b37e300919a5fd517b95aa81e95db574c0ba069a3740",
+                "chain1",
+            ),
         ),
     )
     .await;
@@ -758,7 +789,10 @@ async fn remove_never_unmounts_a_parent_with_children() {
         ns,
         "extract-1",
         "",
-        remote_labels("sha256:l1", "chain1"),
+        remote_labels(
+            "sha256:2804bad6fe94a55f18b2b37e300919a5fd517b95aa81e95db574c0ba069a3740",
+            "chain1",
+        ),
     )
     .await
     .unwrap_err();

@@ -57,8 +57,7 @@ impl LayerPool {
         self.expire();
         let reference = Reference::parse(&info.image_ref)
             .map_err(|e| MountError::InvalidLabels(e.to_string()))?;
-        let digest =
-            Digest::parse(&info.digest).map_err(|e| MountError::InvalidLabels(e.to_string()))?;
+        let digest = info.digest.clone();
         let mut size = None;
         match self.manifest(&info.image_ref, &reference).await {
             Ok(layers) => {
@@ -86,7 +85,7 @@ impl LayerPool {
         // This layer is checked against the TOC digest containerd gave, never the one
         // the manifest carries now (the tag may have moved since the pull).
         let opening = self.start(&reference, digest, size, info.toc_digest.clone());
-        locked(&self.opening).remove(&key(&info.digest, &info.toc_digest));
+        locked(&self.opening).remove(&key(&info.digest.to_string(), &info.toc_digest));
         opening.await
     }
 

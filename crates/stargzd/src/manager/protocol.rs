@@ -96,11 +96,11 @@ mod tests {
         let r: Request = serde_json::from_str(r#"{"op":"check","mountpoint":"/m"}"#).unwrap();
         assert!(matches!(r, Request::Check { mountpoint } if mountpoint == Path::new("/m")));
         let r: Request = serde_json::from_str(
-            r#"{"op":"mount","mountpoint":"/m","layer":{"image_ref":"h/r:1","digest":"sha256:aa"}}"#,
+            r#"{"op":"mount","mountpoint":"/m","layer":{"image_ref":"h/r:1","digest":"sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"}}"#,
         )
         .unwrap();
         assert!(
-            matches!(r, Request::Mount { ref layer, .. } if layer.image_ref == "h/r:1" && layer.digest == "sha256:aa"),
+            matches!(r, Request::Mount { ref layer, .. } if layer.image_ref == "h/r:1" && layer.digest.to_string() == "sha256:aaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaaa"),
             "{r:?}"
         );
         let text = serde_json::to_string(&Response::from_result(Err(MountError::NotMounted(
