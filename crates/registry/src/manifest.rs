@@ -532,7 +532,7 @@ impl Client {
     ) -> Result<Digest> {
         let digest = Digest::sha256(&bytes);
         if let Some(d) = r.digest() {
-            crate::digest::verify_digest(&d, "manifest to push", &bytes)?;
+            crate::digest::verify_digest(d, "manifest to push", &bytes)?;
         }
         let scope = Scope::push(r.repository());
         let ep = self
