@@ -75,6 +75,9 @@ pub struct ChunkCache {
     /// Chunks whose disk copy this process wrote or hashed: parts of them may be read
     /// straight from the file without hashing the whole chunk again.
     verified: Mutex<HashSet<Key>>,
+    /// Whole-file copies (by file digest) this process wrote or hashed: only these are
+    /// handed to the kernel for passthrough, which serves them without any check.
+    verified_files: Mutex<HashSet<[u8; 32]>>,
     priority: Arc<Priority>,
     counters: CacheCounters,
 }
@@ -92,6 +95,7 @@ impl ChunkCache {
             }),
             dir: None,
             verified: Mutex::new(HashSet::new()),
+            verified_files: Mutex::new(HashSet::new()),
             priority: Priority::new(DEFAULT_QUIET),
             counters: CacheCounters::default(),
         }
@@ -138,6 +142,7 @@ impl ChunkCache {
     pub fn directory(dir: impl Into<PathBuf>, max_mem_bytes: u64) -> Result<ChunkCache> {
         let dir = dir.into();
         fs::create_dir_all(dir.join("files")).map_err(|e| cache_err(&dir, e))?;
+        sweep_temp_files(&dir);
         // Cached bytes are served without a second hash (passthrough): only root may
         // touch them.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
@@ -166,6 +171,72 @@ impl ChunkCache {
     /// was stored.
     pub fn chunk_file(&self, key: &Key) -> Option<PathBuf> {
         self.chunk_path(key).filter(|p| p.exists())
+    }
+
+    /// The on-disk copy of a chunk if this process wrote it or checked its bytes: safe
+    /// to hand to the kernel for passthrough.
+    pub fn verified_chunk_file(&self, key: &Key) -> Option<PathBuf> {
+        if !self.verified.lock().ok()?.contains(key) {
+            return None;
+        }
+        self.chunk_file(key)
+    }
+
+    /// Checks a chunk's disk copy against its key (when `check` is set; chunks without
+    /// a digest are trusted as the read path trusts them) and remembers it as verified.
+    /// A damaged copy is removed, so the chunk is fetched again. Whether the copy is
+    /// now verified.
+    pub fn verify_chunk_file(&self, key: &Key, check: bool) -> bool {
+        if self.verified.lock().is_ok_and(|v| v.contains(key)) {
+            return true;
+        }
+        let Some(path) = self.chunk_path(key) else {
+            return false;
+        };
+        let Ok(data) = fs::read(&path) else {
+            return false;
+        };
+        if check && <[u8; 32]>::from(Sha256::digest(&data)) != *key {
+            warn!(path = %path.display(), "cached chunk is damaged; dropping it");
+            let _ = fs::remove_file(&path);
+            return false;
+        }
+        self.mark_verified(*key);
+        true
+    }
+
+    /// The whole-file copy with sha256 `digest` and length `size`, if this process
+    /// wrote it or checked it ([`ChunkCache::verify_file`]): safe for passthrough.
+    pub fn verified_file(&self, digest: &[u8; 32], size: u64) -> Option<PathBuf> {
+        if !self.verified_files.lock().ok()?.contains(digest) {
+            return None;
+        }
+        let path = self.file_path(digest)?;
+        fs::metadata(&path)
+            .is_ok_and(|m| m.len() == size)
+            .then_some(path)
+    }
+
+    /// Hashes a whole-file copy left by an earlier process. A copy that matches is
+    /// remembered as verified and returned; a damaged or short one is removed.
+    pub fn verify_file(&self, digest: &[u8; 32], size: u64) -> Option<PathBuf> {
+        if let Some(p) = self.verified_file(digest, size) {
+            return Some(p);
+        }
+        let path = self.file_path(digest)?;
+        let mut f = fs::File::open(&path).ok()?;
+        let mut hasher = Sha256::new();
+        let good = io::copy(&mut f, &mut hasher)
+            .is_ok_and(|n| n == size && <[u8; 32]>::from(hasher.finalize()) == *digest);
+        if !good {
+            warn!(path = %path.display(), "cached whole file is damaged; dropping it");
+            let _ = fs::remove_file(&path);
+            return None;
+        }
+        if let Ok(mut v) = self.verified_files.lock() {
+            v.insert(*digest);
+        }
+        Some(path)
     }
 
     /// The chunk from memory only: never touches the disk.
@@ -322,10 +393,7 @@ impl ChunkCache {
         let parent = path
             .parent()
             .ok_or_else(|| cache_err(&path, io::Error::other("no parent directory")))?;
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
-            .tempfile_in(parent)
-            .map_err(|e| cache_err(parent, e))?;
+        let mut tmp = temp_file_in(parent)?;
         let mut hasher = Sha256::new();
         for piece in pieces {
             let Some(piece) = piece else {
@@ -338,7 +406,10 @@ impl ChunkCache {
         if &got != digest {
             return Ok(None);
         }
-        tmp.persist(&path).map_err(|e| cache_err(&path, e.error))?;
+        persist_durably(tmp, &path)?;
+        if let Ok(mut v) = self.verified_files.lock() {
+            v.insert(*digest);
+        }
         Ok(Some(path))
     }
 }
@@ -350,19 +421,78 @@ fn cache_err(path: &Path, source: io::Error) -> Error {
     }
 }
 
+/// Prefix of every file the cache is still writing. Such a file is never read, and one
+/// left behind by a crash is removed when the cache is next opened.
+pub const TEMP_PREFIX: &str = ".tmp-";
+
+fn temp_file_in(parent: &Path) -> Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .tempfile_in(parent)
+        .map_err(|e| cache_err(parent, e))
+}
+
+/// Makes a fully written temp file visible at `path` so that after a crash the name
+/// holds either nothing or all of the bytes: data reaches the disk before the rename,
+/// and the rename itself before this returns.
+fn persist_durably(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
+    tmp.as_file().sync_all().map_err(|e| cache_err(path, e))?;
+    tmp.persist(path).map_err(|e| cache_err(path, e.error))?;
+    if let Some(parent) = path.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| cache_err(dir, e))
+}
+
 /// Temp file in the same directory, then rename: readers see nothing or everything.
 fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let parent = path
         .parent()
         .ok_or_else(|| cache_err(path, io::Error::other("no parent directory")))?;
-    fs::create_dir_all(parent).map_err(|e| cache_err(parent, e))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(parent)
-        .map_err(|e| cache_err(parent, e))?;
+    if !parent.exists() {
+        fs::create_dir_all(parent).map_err(|e| cache_err(parent, e))?;
+        // The new directory's own entry must survive a crash too.
+        if let Some(grand) = parent.parent() {
+            sync_dir(grand)?;
+        }
+    }
+    let mut tmp = temp_file_in(parent)?;
     tmp.write_all(data).map_err(|e| cache_err(path, e))?;
-    tmp.persist(path).map_err(|e| cache_err(path, e.error))?;
-    Ok(())
+    persist_durably(tmp, path)
+}
+
+/// Removes temp files a killed process left in the cache directory and its
+/// subdirectories (one level: chunk shards, `files/`, `ranges/`).
+fn sweep_temp_files(dir: &Path) {
+    let is_temp = |e: &fs::DirEntry| e.file_name().to_string_lossy().starts_with(TEMP_PREFIX);
+    let Ok(top) = fs::read_dir(dir) else {
+        return;
+    };
+    let mut swept = 0usize;
+    for e in top.flatten() {
+        let Ok(kind) = e.file_type() else { continue };
+        if kind.is_dir() {
+            let Ok(sub) = fs::read_dir(e.path()) else {
+                continue;
+            };
+            for f in sub.flatten() {
+                if is_temp(&f) && fs::remove_file(f.path()).is_ok() {
+                    swept += 1;
+                }
+            }
+        } else if is_temp(&e) && fs::remove_file(e.path()).is_ok() {
+            swept += 1;
+        }
+    }
+    if swept > 0 {
+        tracing::info!(dir = %dir.display(), swept, "removed unfinished cache files");
+    }
 }
 
 #[cfg(test)]
@@ -371,6 +501,54 @@ mod tests {
 
     fn key(b: &[u8]) -> Key {
         Sha256::digest(b).into()
+    }
+
+    #[test]
+    fn opening_sweeps_unfinished_writes_and_writes_are_complete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data: Vec<u8> = (0..=255u8).cycle().take(50_000).collect();
+        let k = key(&data);
+        let hex = hex::encode(k);
+        {
+            let c = ChunkCache::directory(dir.path(), 0).expect("cache");
+            c.put(k, Arc::new(data.clone())).expect("put");
+            c.put_range("sha256:ab", 7, b"footer").expect("range");
+            let whole = c
+                .put_file(&k, [Some(Arc::new(data.clone()))])
+                .expect("file");
+            assert!(whole.is_some());
+        }
+        // What a process killed mid-write leaves behind.
+        let strays = [
+            dir.path()
+                .join(&hex[..2])
+                .join(format!("{TEMP_PREFIX}chunk")),
+            dir.path().join("files").join(format!("{TEMP_PREFIX}whole")),
+            dir.path()
+                .join("ranges")
+                .join(format!("{TEMP_PREFIX}range")),
+            dir.path().join(format!("{TEMP_PREFIX}top")),
+        ];
+        for s in &strays {
+            fs::write(s, b"half").expect("stray");
+        }
+        let c = ChunkCache::directory(dir.path(), 0).expect("cache");
+        for s in &strays {
+            assert!(!s.exists(), "{} swept", s.display());
+        }
+        assert_eq!(
+            fs::read(dir.path().join(&hex[..2]).join(&hex)).expect("chunk"),
+            data
+        );
+        assert_eq!(
+            fs::read(dir.path().join("files").join(&hex)).expect("file"),
+            data
+        );
+        assert_eq!(
+            c.get_range("sha256:ab", 7, 6).as_deref(),
+            Some(&b"footer"[..])
+        );
+        assert_eq!(c.get(&k, true).as_deref(), Some(&data));
     }
 
     #[test]
