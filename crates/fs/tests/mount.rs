@@ -227,8 +227,17 @@ fn mount_with(fetcher: Arc<dyn Fetcher>, blob: &Blob, cfg: &Config) -> Mounted {
 }
 
 fn mount_cached(fetcher: Arc<dyn Fetcher>, blob: &Blob, cfg: &Config, cache_dir: &Path) -> Mounted {
-    let mnt_dir = tempfile::tempdir().expect("tempdir");
     let cache = ChunkCache::from_config(cfg, cache_dir, None).expect("cache");
+    mount_on_cache(fetcher, blob, cfg, cache)
+}
+
+fn mount_on_cache(
+    fetcher: Arc<dyn Fetcher>,
+    blob: &Blob,
+    cfg: &Config,
+    cache: Arc<ChunkCache>,
+) -> Mounted {
+    let mnt_dir = tempfile::tempdir().expect("tempdir");
     let mnt = mnt_dir.path().to_path_buf();
     let guard = MountGuard(mnt.clone());
     let layer = fs::Layer::open(fetcher, blob.desc.clone(), cfg, cache).expect("open");
@@ -1183,4 +1192,66 @@ fn damaged_cache_files_are_never_served() {
             std::thread::sleep(Duration::from_millis(50));
         }
     }
+}
+
+/// Bytes of the files under `dir` (cache files and any in-progress temp file).
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let m = e.metadata().expect("stat");
+        total += if m.is_dir() {
+            dir_bytes(&e.path())
+        } else {
+            m.len()
+        };
+    }
+    total
+}
+
+#[test]
+fn bounded_cache_evicts_and_the_layer_keeps_working() {
+    if !fuse_ready("bounded_cache_evicts_and_the_layer_keeps_working") {
+        return;
+    }
+    init_tracing();
+    let chunk = 64u64 << 10;
+    // 40 files of two chunks each: about 4x the 1 MiB bound.
+    let entries = many_files(40, 100_000, 1300);
+    let blob = make_blob(&entries, chunk, &[]);
+    let cache_dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = test_config();
+    cfg.fuse.passthrough = false;
+    cfg.directory_cache.max_size_mib = Some(1);
+    cfg.directory_cache.max_memory_bytes = 0;
+    cfg.sequential_readahead_kib = 0;
+    let limit = 1u64 << 20;
+    let cache = ChunkCache::from_config(&cfg, cache_dir.path(), None).expect("cache");
+    let fetcher = TestFetcher::open(&blob.path);
+    let mut fetched = Vec::new();
+    for round in 0..2 {
+        // A fresh mount each round: its reads reach the layer, not the page cache.
+        let m = mount_on_cache(fetcher.clone(), &blob, &cfg, cache.clone());
+        let before = fetcher.requests();
+        for e in &entries {
+            let Kind::Reg(d) = &e.kind else { continue };
+            assert!(
+                std::fs::read(m.path(&e.path)).expect("read") == *d,
+                "{}",
+                e.path
+            );
+            let on_disk = dir_bytes(cache_dir.path());
+            assert!(
+                on_disk <= limit + chunk,
+                "round {round}, {}: {on_disk} bytes on disk",
+                e.path
+            );
+        }
+        fetched.push(fetcher.requests() - before);
+    }
+    let (bytes, bound, evictions) = cache.disk_usage();
+    assert_eq!(bound, limit);
+    assert!(bytes <= limit, "{bytes} bytes accounted");
+    assert!(evictions > 0, "nothing evicted");
+    // What was evicted is simply fetched again.
+    assert!(fetched[1] > 0, "requests per round: {fetched:?}");
 }
