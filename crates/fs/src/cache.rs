@@ -822,6 +822,26 @@ mod tests {
     }
 
     #[test]
+    fn disk_size_bound_and_evictions_are_metrics() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = FsMetrics::default();
+        let c = ChunkCache::directory(dir.path(), 0)
+            .expect("cache")
+            .with_metrics(&m)
+            .with_disk_bounds(150, None);
+        c.put(key(b"a"), Arc::new(vec![1; 100])).expect("put");
+        c.put(key(b"b"), Arc::new(vec![2; 100])).expect("put");
+        let text = m.encode();
+        for line in [
+            "stargz_fs_chunk_cache_disk_size_bytes 100",
+            "stargz_fs_chunk_cache_disk_limit_bytes 150",
+            "stargz_fs_chunk_cache_evictions_total 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
+
+    #[test]
     fn lru_evicts_oldest_by_bytes() {
         let c = ChunkCache::memory(10);
         c.put(key(b"a"), Arc::new(vec![0; 4])).expect("put");
