@@ -844,7 +844,19 @@ fn passthrough_serves_fully_cached_files() {
         "first open of a multi-chunk file"
     );
     let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_dir(&files_dir).expect("files dir").count() == 0 {
+    // A copy still being written sits there under a temp name first.
+    let copies = || {
+        std::fs::read_dir(&files_dir)
+            .expect("files dir")
+            .flatten()
+            .filter(|e| {
+                !e.file_name()
+                    .to_string_lossy()
+                    .starts_with(fs::cache::TEMP_PREFIX)
+            })
+            .count()
+    };
+    while copies() == 0 {
         assert!(Instant::now() < deadline, "whole-file copy never assembled");
         std::thread::sleep(Duration::from_millis(20));
     }
