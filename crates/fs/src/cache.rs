@@ -9,7 +9,7 @@ use std::io::{self, Write};
 use std::os::unix::fs::{FileExt, PermissionsExt};
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::Duration;
+use std::time::{Duration, SystemTime};
 
 use sha2::{Digest as _, Sha256};
 use tracing::warn;
@@ -65,6 +65,97 @@ impl Lru {
     }
 }
 
+/// What the cache directory holds on disk, for the size bound: each file's length and
+/// when it was last used, in memory only (seeded from the files' mtimes at open).
+struct DiskIndex {
+    /// Bytes the directory may hold; 0 = unbounded.
+    limit: u64,
+    /// Files unused for this long are removed; `None` = no age bound.
+    max_age: Option<Duration>,
+    bytes: u64,
+    tick: u64,
+    entries: HashMap<PathBuf, DiskEntry>,
+    order: BTreeMap<u64, PathBuf>,
+}
+
+struct DiskEntry {
+    len: u64,
+    tick: u64,
+    used: SystemTime,
+}
+
+impl DiskIndex {
+    fn touch(&mut self, path: &Path) {
+        let tick = self.tick + 1;
+        let Some(e) = self.entries.get_mut(path) else {
+            return;
+        };
+        if let Some(p) = self.order.remove(&e.tick) {
+            self.order.insert(tick, p);
+        }
+        e.tick = tick;
+        e.used = SystemTime::now();
+        self.tick = tick;
+    }
+
+    fn insert(&mut self, path: PathBuf, len: u64, used: SystemTime) {
+        self.remove(&path);
+        self.tick += 1;
+        self.order.insert(self.tick, path.clone());
+        self.entries.insert(
+            path,
+            DiskEntry {
+                len,
+                tick: self.tick,
+                used,
+            },
+        );
+        self.bytes += len;
+    }
+
+    fn remove(&mut self, path: &Path) {
+        if let Some(old) = self.entries.remove(path) {
+            self.order.remove(&old.tick);
+            self.bytes -= old.len;
+        }
+    }
+
+    /// Takes out of the index, least recently used first, the files that must go to
+    /// bring it under its bounds, sparing `keep` (the file just written).
+    fn victims(&mut self, keep: Option<&Path>) -> Vec<PathBuf> {
+        let mut out = Vec::new();
+        let too_old = self
+            .max_age
+            .and_then(|age| SystemTime::now().checked_sub(age));
+        let mut spared = Vec::new();
+        while let Some((&tick, path)) = self.order.first_key_value() {
+            let over = self.limit > 0 && self.bytes > self.limit;
+            let old = too_old.is_some_and(|t| self.entries.get(path).is_some_and(|e| e.used < t));
+            if !over && !old {
+                break;
+            }
+            let Some(path) = self.order.remove(&tick) else {
+                break;
+            };
+            if keep == Some(path.as_path()) {
+                spared.push((tick, path));
+                continue;
+            }
+            if let Some(e) = self.entries.remove(&path) {
+                self.bytes -= e.len;
+            }
+            out.push(path);
+        }
+        for (tick, path) in spared {
+            self.order.insert(tick, path);
+        }
+        out
+    }
+}
+
+/// Default bound of the cache directory: a tenth of its filesystem, at most this.
+pub const DEFAULT_MAX_DISK_BYTES: u64 = 20 << 30;
+
 /// Memory LRU plus optional directory. Cheap to share behind an `Arc`.
 ///
 /// Every layer of a process shares its cache, so the cache also carries the
@@ -75,6 +166,11 @@ pub struct ChunkCache {
     /// Chunks whose disk copy this process wrote or hashed: parts of them may be read
     /// straight from the file without hashing the whole chunk again.
     verified: Mutex<HashSet<Key>>,
+    /// Whole-file copies (by file digest) this process wrote or hashed: only these are
+    /// handed to the kernel for passthrough, which serves them without any check.
+    verified_files: Mutex<HashSet<[u8; 32]>>,
+    /// Sizes and last uses of the directory's files, for its size and age bounds.
+    disk: Mutex<DiskIndex>,
     priority: Arc<Priority>,
     counters: CacheCounters,
 }
@@ -92,6 +188,15 @@ impl ChunkCache {
             }),
             dir: None,
             verified: Mutex::new(HashSet::new()),
+            verified_files: Mutex::new(HashSet::new()),
+            disk: Mutex::new(DiskIndex {
+                limit: 0,
+                max_age: None,
+                bytes: 0,
+                tick: 0,
+                entries: HashMap::new(),
+                order: BTreeMap::new(),
+            }),
             priority: Priority::new(DEFAULT_QUIET),
             counters: CacheCounters::default(),
         }
@@ -113,6 +218,15 @@ impl ChunkCache {
         if let Some(m) = metrics {
             cache = cache.with_metrics(m);
         }
+        if cfg.uses_directory_cache() {
+            let dc = &cfg.directory_cache;
+            let limit = match dc.max_size_mib {
+                Some(mib) => mib.saturating_mul(1 << 20),
+                None => default_disk_limit(dir),
+            };
+            let age = (dc.max_age_sec > 0).then(|| Duration::from_secs(dc.max_age_sec));
+            cache = cache.with_disk_bounds(limit, age);
+        }
         let quiet = Duration::from_millis(cfg.background_fetch_quiet_msec);
         Ok(Arc::new(cache.with_background_quiet(quiet)))
     }
@@ -131,19 +245,99 @@ impl ChunkCache {
     /// Counts hits and misses into `metrics` from now on.
     pub fn with_metrics(mut self, metrics: &FsMetrics) -> ChunkCache {
         self.counters = metrics.cache_counters();
+        self.update_gauges();
         self
+    }
+
+    /// Bounds the directory to `limit` bytes (0 = unbounded) and, if given, removes
+    /// files unused for `max_age`; least recently used files go first. Applies at once
+    /// to what an earlier process left.
+    pub fn with_disk_bounds(self, limit: u64, max_age: Option<Duration>) -> ChunkCache {
+        if let Ok(mut d) = self.disk.lock() {
+            d.limit = limit;
+            d.max_age = max_age;
+        }
+        self.evict(None);
+        self
+    }
+
+    /// Bytes of files in the cache directory, its bound (0 = none) and how many files
+    /// were removed to keep to it.
+    pub fn disk_usage(&self) -> (u64, u64, u64) {
+        let (bytes, limit) = self.disk.lock().map_or((0, 0), |d| (d.bytes, d.limit));
+        (bytes, limit, self.counters.evictions.get())
+    }
+
+    fn update_gauges(&self) {
+        let (bytes, limit, _) = self.disk_usage();
+        self.counters
+            .disk_bytes
+            .set(i64::try_from(bytes).unwrap_or(i64::MAX));
+        self.counters
+            .disk_limit
+            .set(i64::try_from(limit).unwrap_or(i64::MAX));
+    }
+
+    /// Notes a file just written into the directory and removes what its bounds no
+    /// longer allow.
+    fn record(&self, path: &Path, len: u64) {
+        if let Ok(mut d) = self.disk.lock() {
+            d.insert(path.to_path_buf(), len, SystemTime::now());
+        }
+        self.evict(Some(path));
+    }
+
+    fn touch(&self, path: &Path) {
+        if let Ok(mut d) = self.disk.lock() {
+            d.touch(path);
+        }
+    }
+
+    /// Removes a cache file and forgets it.
+    fn remove(&self, path: &Path) {
+        let _ = fs::remove_file(path);
+        if let Ok(mut d) = self.disk.lock() {
+            d.remove(path);
+        }
+        self.update_gauges();
+    }
+
+    fn evict(&self, keep: Option<&Path>) {
+        let victims = self
+            .disk
+            .lock()
+            .map(|mut d| d.victims(keep))
+            .unwrap_or_default();
+        // Unlinked outside the lock; a reader holding one open keeps its bytes, and
+        // one opening it next finds it missing and fetches the chunk again.
+        for v in &victims {
+            match fs::remove_file(v) {
+                Ok(()) => {
+                    self.counters.evictions.inc();
+                }
+                Err(e) if e.kind() == io::ErrorKind::NotFound => {}
+                Err(e) => warn!(path = %v.display(), error = %e, "cannot evict a cache file"),
+            };
+        }
+        self.update_gauges();
     }
 
     /// A cache in `dir` (created if missing) with a memory LRU of `max_mem_bytes`.
     pub fn directory(dir: impl Into<PathBuf>, max_mem_bytes: u64) -> Result<ChunkCache> {
         let dir = dir.into();
         fs::create_dir_all(dir.join("files")).map_err(|e| cache_err(&dir, e))?;
+        let found = scan(&dir);
         // Cached bytes are served without a second hash (passthrough): only root may
         // touch them.
         fs::set_permissions(&dir, fs::Permissions::from_mode(0o700))
             .map_err(|e| cache_err(&dir, e))?;
         let mut c = ChunkCache::memory(max_mem_bytes);
         c.dir = Some(dir);
+        if let Ok(mut d) = c.disk.lock() {
+            for (path, len, mtime) in found {
+                d.insert(path, len, mtime);
+            }
+        }
         Ok(c)
     }
 
@@ -166,6 +360,76 @@ impl ChunkCache {
     /// was stored.
     pub fn chunk_file(&self, key: &Key) -> Option<PathBuf> {
         self.chunk_path(key).filter(|p| p.exists())
+    }
+
+    /// The on-disk copy of a chunk if this process wrote it or checked its bytes: safe
+    /// to hand to the kernel for passthrough.
+    pub fn verified_chunk_file(&self, key: &Key) -> Option<PathBuf> {
+        if !self.verified.lock().ok()?.contains(key) {
+            return None;
+        }
+        let path = self.chunk_file(key)?;
+        self.touch(&path);
+        Some(path)
+    }
+
+    /// Checks a chunk's disk copy against its key (when `check` is set; chunks without
+    /// a digest are trusted as the read path trusts them) and remembers it as verified.
+    /// A damaged copy is removed, so the chunk is fetched again. Whether the copy is
+    /// now verified.
+    pub fn verify_chunk_file(&self, key: &Key, check: bool) -> bool {
+        if self.verified.lock().is_ok_and(|v| v.contains(key)) {
+            return true;
+        }
+        let Some(path) = self.chunk_path(key) else {
+            return false;
+        };
+        let Ok(data) = fs::read(&path) else {
+            return false;
+        };
+        if check && <[u8; 32]>::from(Sha256::digest(&data)) != *key {
+            warn!(path = %path.display(), "cached chunk is damaged; dropping it");
+            self.remove(&path);
+            return false;
+        }
+        self.mark_verified(*key);
+        true
+    }
+
+    /// The whole-file copy with sha256 `digest` and length `size`, if this process
+    /// wrote it or checked it ([`ChunkCache::verify_file`]): safe for passthrough.
+    pub fn verified_file(&self, digest: &[u8; 32], size: u64) -> Option<PathBuf> {
+        if !self.verified_files.lock().ok()?.contains(digest) {
+            return None;
+        }
+        let path = self.file_path(digest)?;
+        if !fs::metadata(&path).is_ok_and(|m| m.len() == size) {
+            return None;
+        }
+        self.touch(&path);
+        Some(path)
+    }
+
+    /// Hashes a whole-file copy left by an earlier process. A copy that matches is
+    /// remembered as verified and returned; a damaged or short one is removed.
+    pub fn verify_file(&self, digest: &[u8; 32], size: u64) -> Option<PathBuf> {
+        if let Some(p) = self.verified_file(digest, size) {
+            return Some(p);
+        }
+        let path = self.file_path(digest)?;
+        let mut f = fs::File::open(&path).ok()?;
+        let mut hasher = Sha256::new();
+        let good = io::copy(&mut f, &mut hasher)
+            .is_ok_and(|n| n == size && <[u8; 32]>::from(hasher.finalize()) == *digest);
+        if !good {
+            warn!(path = %path.display(), "cached whole file is damaged; dropping it");
+            self.remove(&path);
+            return None;
+        }
+        if let Ok(mut v) = self.verified_files.lock() {
+            v.insert(*digest);
+        }
+        Some(path)
     }
 
     /// The chunk from memory only: never touches the disk.
@@ -193,12 +457,13 @@ impl ChunkCache {
             let got: [u8; 32] = Sha256::digest(&data).into();
             if &got != key {
                 warn!(path = %path.display(), "cached chunk is damaged; dropping it");
-                let _ = fs::remove_file(&path);
+                self.remove(&path);
                 self.counters.disk_miss.inc();
                 return None;
             }
         }
         self.counters.disk_hit.inc();
+        self.touch(&path);
         self.mark_verified(*key);
         let data = Arc::new(data);
         if let Ok(mut mem) = self.mem.lock() {
@@ -229,6 +494,7 @@ impl ChunkCache {
         match read {
             Ok(()) => {
                 self.counters.disk_hit.inc();
+                self.touch(&path);
                 Some(buf)
             }
             Err(_) => {
@@ -260,8 +526,10 @@ impl ChunkCache {
         }
         if let Some(path) = self.chunk_path(&key) {
             if !path.exists() {
-                write_atomic(&path, &data)?;
+                // Marked first: the file may be handed out as soon as it has its name.
                 self.mark_verified(key);
+                write_atomic(&path, &data)?;
+                self.record(&path, data.len() as u64);
             }
         }
         Ok(())
@@ -288,10 +556,11 @@ impl ChunkCache {
     }
 
     pub fn put_range(&self, blob: &str, offset: u64, data: &[u8]) -> Result<()> {
-        match self.range_path(blob, offset, data.len()) {
-            Some(path) => write_atomic(&path, data),
-            None => Ok(()),
+        if let Some(path) = self.range_path(blob, offset, data.len()) {
+            write_atomic(&path, data)?;
+            self.record(&path, data.len() as u64);
         }
+        Ok(())
     }
 
     /// Forgets the raw ranges of a blob, e.g. after they failed verification.
@@ -303,7 +572,7 @@ impl ChunkCache {
         if let Ok(entries) = fs::read_dir(dir) {
             for e in entries.flatten() {
                 if e.file_name().to_string_lossy().starts_with(&prefix) {
-                    let _ = fs::remove_file(e.path());
+                    self.remove(&e.path());
                 }
             }
         }
@@ -322,23 +591,28 @@ impl ChunkCache {
         let parent = path
             .parent()
             .ok_or_else(|| cache_err(&path, io::Error::other("no parent directory")))?;
-        let mut tmp = tempfile::Builder::new()
-            .prefix(".tmp-")
-            .tempfile_in(parent)
-            .map_err(|e| cache_err(parent, e))?;
+        let mut tmp = temp_file_in(parent)?;
         let mut hasher = Sha256::new();
+        let mut len = 0u64;
         for piece in pieces {
             let Some(piece) = piece else {
                 return Ok(None);
             };
             hasher.update(piece.as_slice());
+            len += piece.len() as u64;
             tmp.write_all(&piece).map_err(|e| cache_err(&path, e))?;
         }
         let got: [u8; 32] = hasher.finalize().into();
         if &got != digest {
             return Ok(None);
         }
-        tmp.persist(&path).map_err(|e| cache_err(&path, e.error))?;
+        // Marked first: the copy may be handed out as soon as it has its name, and
+        // nothing else can appear under that name (a damaged copy is removed first).
+        if let Ok(mut v) = self.verified_files.lock() {
+            v.insert(*digest);
+        }
+        persist_durably(tmp, &path)?;
+        self.record(&path, len);
         Ok(Some(path))
     }
 }
@@ -350,19 +624,102 @@ fn cache_err(path: &Path, source: io::Error) -> Error {
     }
 }
 
+/// Prefix of every file the cache is still writing. Such a file is never read, and one
+/// left behind by a crash is removed when the cache is next opened.
+pub const TEMP_PREFIX: &str = ".tmp-";
+
+fn temp_file_in(parent: &Path) -> Result<tempfile::NamedTempFile> {
+    tempfile::Builder::new()
+        .prefix(TEMP_PREFIX)
+        .tempfile_in(parent)
+        .map_err(|e| cache_err(parent, e))
+}
+
+/// Makes a fully written temp file visible at `path` so that after a crash the name
+/// holds either nothing or all of the bytes: data reaches the disk before the rename,
+/// and the rename itself before this returns.
+fn persist_durably(tmp: tempfile::NamedTempFile, path: &Path) -> Result<()> {
+    tmp.as_file().sync_all().map_err(|e| cache_err(path, e))?;
+    tmp.persist(path).map_err(|e| cache_err(path, e.error))?;
+    if let Some(parent) = path.parent() {
+        sync_dir(parent)?;
+    }
+    Ok(())
+}
+
+fn sync_dir(dir: &Path) -> Result<()> {
+    fs::File::open(dir)
+        .and_then(|d| d.sync_all())
+        .map_err(|e| cache_err(dir, e))
+}
+
 /// Temp file in the same directory, then rename: readers see nothing or everything.
 fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
     let parent = path
         .parent()
         .ok_or_else(|| cache_err(path, io::Error::other("no parent directory")))?;
-    fs::create_dir_all(parent).map_err(|e| cache_err(parent, e))?;
-    let mut tmp = tempfile::Builder::new()
-        .prefix(".tmp-")
-        .tempfile_in(parent)
-        .map_err(|e| cache_err(parent, e))?;
+    if !parent.exists() {
+        fs::create_dir_all(parent).map_err(|e| cache_err(parent, e))?;
+        // The new directory's own entry must survive a crash too.
+        if let Some(grand) = parent.parent() {
+            sync_dir(grand)?;
+        }
+    }
+    let mut tmp = temp_file_in(parent)?;
     tmp.write_all(data).map_err(|e| cache_err(path, e))?;
-    tmp.persist(path).map_err(|e| cache_err(path, e.error))?;
-    Ok(())
+    persist_durably(tmp, path)
+}
+
+/// Removes temp files a killed process left in the cache directory and its
+/// subdirectories (one level: chunk shards, `files/`, `ranges/`), and lists every other
+/// file with its length and mtime, oldest first.
+fn scan(dir: &Path) -> Vec<(PathBuf, u64, SystemTime)> {
+    let mut found = Vec::new();
+    let mut swept = 0usize;
+    let mut visit = |e: fs::DirEntry| {
+        if e.file_name().to_string_lossy().starts_with(TEMP_PREFIX) {
+            if fs::remove_file(e.path()).is_ok() {
+                swept += 1;
+            }
+        } else if let Ok(m) = e.metadata() {
+            if m.is_file() {
+                found.push((
+                    e.path(),
+                    m.len(),
+                    m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
+                ));
+            }
+        }
+    };
+    let Ok(top) = fs::read_dir(dir) else {
+        return found;
+    };
+    for e in top.flatten() {
+        if e.file_type().is_ok_and(|k| k.is_dir()) {
+            if let Ok(sub) = fs::read_dir(e.path()) {
+                sub.flatten().for_each(&mut visit);
+            }
+        } else {
+            visit(e);
+        }
+    }
+    if swept > 0 {
+        tracing::info!(dir = %dir.display(), swept, "removed unfinished cache files");
+    }
+    found.sort_by_key(|f| f.2);
+    found
+}
+
+/// A tenth of the filesystem holding `dir`, at most [`DEFAULT_MAX_DISK_BYTES`];
+/// unbounded if the filesystem cannot be asked.
+fn default_disk_limit(dir: &Path) -> u64 {
+    match nix::sys::statvfs::statvfs(dir) {
+        Ok(s) => (s.blocks().saturating_mul(s.fragment_size()) / 10).min(DEFAULT_MAX_DISK_BYTES),
+        Err(e) => {
+            warn!(dir = %dir.display(), error = %e, "cannot size the cache filesystem; cache unbounded");
+            0
+        }
+    }
 }
 
 #[cfg(test)]
@@ -371,6 +728,117 @@ mod tests {
 
     fn key(b: &[u8]) -> Key {
         Sha256::digest(b).into()
+    }
+
+    #[test]
+    fn opening_sweeps_unfinished_writes_and_writes_are_complete() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let data: Vec<u8> = (0..=255u8).cycle().take(50_000).collect();
+        let k = key(&data);
+        let hex = hex::encode(k);
+        {
+            let c = ChunkCache::directory(dir.path(), 0).expect("cache");
+            c.put(k, Arc::new(data.clone())).expect("put");
+            c.put_range("sha256:ab", 7, b"footer").expect("range");
+            let whole = c
+                .put_file(&k, [Some(Arc::new(data.clone()))])
+                .expect("file");
+            assert!(whole.is_some());
+        }
+        // What a process killed mid-write leaves behind.
+        let strays = [
+            dir.path()
+                .join(&hex[..2])
+                .join(format!("{TEMP_PREFIX}chunk")),
+            dir.path().join("files").join(format!("{TEMP_PREFIX}whole")),
+            dir.path()
+                .join("ranges")
+                .join(format!("{TEMP_PREFIX}range")),
+            dir.path().join(format!("{TEMP_PREFIX}top")),
+        ];
+        for s in &strays {
+            fs::write(s, b"half").expect("stray");
+        }
+        let c = ChunkCache::directory(dir.path(), 0).expect("cache");
+        for s in &strays {
+            assert!(!s.exists(), "{} swept", s.display());
+        }
+        assert_eq!(
+            fs::read(dir.path().join(&hex[..2]).join(&hex)).expect("chunk"),
+            data
+        );
+        assert_eq!(
+            fs::read(dir.path().join("files").join(&hex)).expect("file"),
+            data
+        );
+        assert_eq!(
+            c.get_range("sha256:ab", 7, 6).as_deref(),
+            Some(&b"footer"[..])
+        );
+        assert_eq!(c.get(&k, true).as_deref(), Some(&data));
+    }
+
+    #[test]
+    fn directory_keeps_to_its_bounds_least_recently_used_first() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let chunks: Vec<Vec<u8>> = (0..4u8).map(|i| vec![i; 100]).collect();
+        let path = |d: &[u8]| {
+            let hex = hex::encode(key(d));
+            dir.path().join(&hex[..2]).join(hex)
+        };
+        {
+            let c = ChunkCache::directory(dir.path(), 0)
+                .expect("cache")
+                .with_disk_bounds(250, None);
+            c.put(key(&chunks[0]), Arc::new(chunks[0].clone()))
+                .expect("put");
+            c.put(key(&chunks[1]), Arc::new(chunks[1].clone()))
+                .expect("put");
+            // A use makes chunk 0 the most recent: chunk 1 goes first.
+            assert!(c.get(&key(&chunks[0]), true).is_some());
+            c.put(key(&chunks[2]), Arc::new(chunks[2].clone()))
+                .expect("put");
+            assert!(path(&chunks[0]).exists() && path(&chunks[2]).exists());
+            assert!(!path(&chunks[1]).exists(), "least recently used evicted");
+            assert!(
+                c.get(&key(&chunks[1]), true).is_none(),
+                "a miss, not an error"
+            );
+            assert_eq!(c.disk_usage(), (200, 250, 1));
+        }
+        // A smaller bound applies at once to what an earlier process left.
+        let c = ChunkCache::directory(dir.path(), 0)
+            .expect("cache")
+            .with_disk_bounds(150, None);
+        assert_eq!(c.disk_usage().0, 100);
+        // Files unused for longer than the age bound go too.
+        let c = c.with_disk_bounds(0, Some(Duration::from_millis(30)));
+        std::thread::sleep(Duration::from_millis(60));
+        c.put(key(&chunks[3]), Arc::new(chunks[3].clone()))
+            .expect("put");
+        assert_eq!(c.disk_usage().0, 100);
+        assert!(path(&chunks[3]).exists());
+        assert!(!path(&chunks[0]).exists() && !path(&chunks[2]).exists());
+    }
+
+    #[test]
+    fn disk_size_bound_and_evictions_are_metrics() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let m = FsMetrics::default();
+        let c = ChunkCache::directory(dir.path(), 0)
+            .expect("cache")
+            .with_metrics(&m)
+            .with_disk_bounds(150, None);
+        c.put(key(b"a"), Arc::new(vec![1; 100])).expect("put");
+        c.put(key(b"b"), Arc::new(vec![2; 100])).expect("put");
+        let text = m.encode();
+        for line in [
+            "stargz_fs_chunk_cache_disk_size_bytes 100",
+            "stargz_fs_chunk_cache_disk_limit_bytes 150",
+            "stargz_fs_chunk_cache_evictions_total 1",
+        ] {
+            assert!(text.contains(line), "{line} missing from\n{text}");
+        }
     }
 
     #[test]

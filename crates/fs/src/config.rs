@@ -39,6 +39,14 @@ pub struct DirectoryCacheConfig {
     pub direct: bool,
     /// Bytes the memory LRU may hold (not in the reference; bounds memory by size).
     pub max_memory_bytes: u64,
+    /// Not a reference key: MiB the cache directory may hold before least recently used
+    /// files are removed; 0 = unbounded; unset = 10% of the cache filesystem, at most
+    /// 20 GiB.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub max_size_mib: Option<u64>,
+    /// Not a reference key: cache files unused for this many seconds are removed;
+    /// 0 = no age bound.
+    pub max_age_sec: u64,
 }
 
 impl Default for DirectoryCacheConfig {
@@ -49,6 +57,8 @@ impl Default for DirectoryCacheConfig {
             sync_add: false,
             direct: true,
             max_memory_bytes: 64 << 20,
+            max_size_mib: None,
+            max_age_sec: 0,
         }
     }
 }
@@ -153,6 +163,8 @@ mod tests {
             some_unknown_key = 1
             [directory_cache]
             max_lru_cache_entry = 100
+            max_size_mib = 512
+            max_age_sec = 86400
             [fuse]
             attr_timeout = 5
             entry_timeout = 6
@@ -165,6 +177,8 @@ mod tests {
         assert_eq!(cfg.filesystem_cache_type, CacheType::Memory);
         assert_eq!(cfg.http_cache_type, CacheType::Directory);
         assert_eq!(cfg.directory_cache.max_lru_cache_entry, 100);
+        assert_eq!(cfg.directory_cache.max_size_mib, Some(512));
+        assert_eq!(cfg.directory_cache.max_age_sec, 86400);
         assert_eq!(cfg.fuse.attr_timeout, 5);
         assert_eq!(cfg.fuse.entry_timeout, 6);
         assert!(!cfg.fuse.passthrough);
@@ -178,6 +192,11 @@ mod tests {
         assert_eq!(cfg.fuse.attr_timeout, 1);
         assert_eq!(cfg.max_concurrency, 2);
         assert!(!cfg.allow_no_verification);
+        assert_eq!(
+            cfg.directory_cache.max_size_mib, None,
+            "sized from the filesystem"
+        );
+        assert_eq!(cfg.directory_cache.max_age_sec, 0);
         // Off in the reference; on here, and each mount falls back by itself when the
         // kernel lacks FUSE passthrough.
         assert!(cfg.fuse.passthrough);

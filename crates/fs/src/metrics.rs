@@ -15,7 +15,7 @@ use prometheus_client::collector::Collector;
 use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::ConstGauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::{Registry, Unit};
 
@@ -99,6 +99,9 @@ struct Inner {
     fuse: HistogramFamily,
     cache_hits: Family<CacheLabels, Counter>,
     cache_misses: Family<CacheLabels, Counter>,
+    cache_disk_bytes: Gauge,
+    cache_disk_limit: Gauge,
+    cache_evictions: Counter,
 }
 
 impl Default for FsMetrics {
@@ -109,6 +112,9 @@ impl Default for FsMetrics {
                 fuse: HistogramFamily::new_with_constructor(latency_histogram),
                 cache_hits: Family::default(),
                 cache_misses: Family::default(),
+                cache_disk_bytes: Gauge::default(),
+                cache_disk_limit: Gauge::default(),
+                cache_evictions: Counter::default(),
             }),
         }
     }
@@ -131,6 +137,23 @@ impl FsMetrics {
             "Latency of FUSE operations, by operation type",
             Unit::Other("microseconds".into()),
             self.inner.fuse.clone(),
+        );
+        reg.register_with_unit(
+            "chunk_cache_disk_size",
+            "Bytes of files in the chunk cache directory",
+            Unit::Bytes,
+            self.inner.cache_disk_bytes.clone(),
+        );
+        reg.register_with_unit(
+            "chunk_cache_disk_limit",
+            "Bytes the chunk cache directory may hold (0: unbounded)",
+            Unit::Bytes,
+            self.inner.cache_disk_limit.clone(),
+        );
+        reg.register(
+            "chunk_cache_evictions",
+            "Cache files removed to keep the directory under its size or age bound",
+            self.inner.cache_evictions.clone(),
         );
         reg.register(
             "chunk_cache_hits",
@@ -208,6 +231,9 @@ impl FsMetrics {
             memory_miss: miss("memory"),
             disk_hit: hit("disk"),
             disk_miss: miss("disk"),
+            disk_bytes: self.inner.cache_disk_bytes.clone(),
+            disk_limit: self.inner.cache_disk_limit.clone(),
+            evictions: self.inner.cache_evictions.clone(),
         }
     }
 }
@@ -228,6 +254,9 @@ pub(crate) struct CacheCounters {
     pub memory_miss: Counter,
     pub disk_hit: Counter,
     pub disk_miss: Counter,
+    pub disk_bytes: Gauge,
+    pub disk_limit: Gauge,
+    pub evictions: Counter,
 }
 
 /// One histogram per FUSE operation, resolved once per mount so timing costs no lookup.

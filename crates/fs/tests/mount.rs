@@ -227,8 +227,17 @@ fn mount_with(fetcher: Arc<dyn Fetcher>, blob: &Blob, cfg: &Config) -> Mounted {
 }
 
 fn mount_cached(fetcher: Arc<dyn Fetcher>, blob: &Blob, cfg: &Config, cache_dir: &Path) -> Mounted {
-    let mnt_dir = tempfile::tempdir().expect("tempdir");
     let cache = ChunkCache::from_config(cfg, cache_dir, None).expect("cache");
+    mount_on_cache(fetcher, blob, cfg, cache)
+}
+
+fn mount_on_cache(
+    fetcher: Arc<dyn Fetcher>,
+    blob: &Blob,
+    cfg: &Config,
+    cache: Arc<ChunkCache>,
+) -> Mounted {
+    let mnt_dir = tempfile::tempdir().expect("tempdir");
     let mnt = mnt_dir.path().to_path_buf();
     let guard = MountGuard(mnt.clone());
     let layer = fs::Layer::open(fetcher, blob.desc.clone(), cfg, cache).expect("open");
@@ -835,7 +844,19 @@ fn passthrough_serves_fully_cached_files() {
         "first open of a multi-chunk file"
     );
     let deadline = Instant::now() + Duration::from_secs(30);
-    while std::fs::read_dir(&files_dir).expect("files dir").count() == 0 {
+    // A copy still being written sits there under a temp name first.
+    let copies = || {
+        std::fs::read_dir(&files_dir)
+            .expect("files dir")
+            .flatten()
+            .filter(|e| {
+                !e.file_name()
+                    .to_string_lossy()
+                    .starts_with(fs::cache::TEMP_PREFIX)
+            })
+            .count()
+    };
+    while copies() == 0 {
         assert!(Instant::now() < deadline, "whole-file copy never assembled");
         std::thread::sleep(Duration::from_millis(20));
     }
@@ -1090,4 +1111,159 @@ fn prefetched_files_read_in_order_fetch_nothing_more() {
         after_prefetch,
         "reads of prefetched files fetched more"
     );
+}
+
+/// Reads `rel` whole: the right bytes or EIO, never short or wrong data.
+fn read_right_or_eio(m: &Mounted, rel: &str, want: &[u8]) {
+    match std::fs::read(m.path(rel)) {
+        Ok(got) => assert!(
+            got == want,
+            "{rel}: {} bytes read, {} expected, or wrong content",
+            got.len(),
+            want.len()
+        ),
+        Err(e) => assert_eq!(e.raw_os_error(), Some(libc::EIO), "{rel}: {e}"),
+    }
+}
+
+#[test]
+fn damaged_cache_files_are_never_served() {
+    if !fuse_ready("damaged_cache_files_are_never_served") {
+        return;
+    }
+    init_tracing();
+    let one = pseudo_random(40_000, 901);
+    let multi = pseudo_random(300_000, 902);
+    let entries = vec![
+        Entry::new("one", Kind::Reg(one.clone())),
+        Entry::new("multi", Kind::Reg(multi.clone())),
+    ];
+    let blob = make_blob(&entries, 64 << 10, &[]);
+    let cache_dir = tempfile::tempdir().expect("tempdir");
+    let hex = |d: &[u8]| {
+        use sha2::Digest as _;
+        hex::encode(sha2::Sha256::digest(d))
+    };
+    let (one_hex, multi_hex) = (hex(&one), hex(&multi));
+    let chunk_of_one = cache_dir.path().join(&one_hex[..2]).join(&one_hex);
+    let copy_of_multi = cache_dir.path().join("files").join(&multi_hex);
+    {
+        let m = mount_cached(
+            TestFetcher::open(&blob.path),
+            &blob,
+            &Config::default(),
+            cache_dir.path(),
+        );
+        wait_complete(&m);
+        read_right_or_eio(&m, "multi", &multi);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !copy_of_multi.exists() {
+            assert!(Instant::now() < deadline, "whole-file copy never assembled");
+            read_right_or_eio(&m, "multi", &multi);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    for passthrough in [true, false] {
+        // What a crash or a bad disk leaves behind between two runs.
+        std::fs::File::options()
+            .write(true)
+            .open(&chunk_of_one)
+            .expect("chunk file")
+            .set_len(0)
+            .expect("truncate");
+        let mut bytes = std::fs::read(&copy_of_multi).expect("whole-file copy");
+        bytes[150_000] ^= 0x40;
+        std::fs::write(&copy_of_multi, bytes).expect("damage copy");
+
+        let mut cfg = test_config();
+        cfg.fuse.passthrough = passthrough;
+        let m = mount_cached(TestFetcher::open(&blob.path), &blob, &cfg, cache_dir.path());
+        for _ in 0..6 {
+            read_right_or_eio(&m, "one", &one);
+            read_right_or_eio(&m, "multi", &multi);
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let opens = m.handle.as_ref().expect("handle").passthrough_opens();
+        if passthrough {
+            assert!(
+                opens >= 4,
+                "repaired files pass through again ({opens} opens)"
+            );
+        } else {
+            assert_eq!(opens, 0);
+        }
+        // The damaged chunk was fetched again; with passthrough the damaged whole-file
+        // copy was replaced by a good one too (without, copies are never made or used).
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while !(std::fs::read(&chunk_of_one).is_ok_and(|d| d == one)
+            && (!passthrough || std::fs::read(&copy_of_multi).is_ok_and(|d| d == multi)))
+        {
+            assert!(Instant::now() < deadline, "cache never repaired");
+            read_right_or_eio(&m, "one", &one);
+            read_right_or_eio(&m, "multi", &multi);
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+}
+
+/// Bytes of the files under `dir` (cache files and any in-progress temp file).
+fn dir_bytes(dir: &Path) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let m = e.metadata().expect("stat");
+        total += if m.is_dir() {
+            dir_bytes(&e.path())
+        } else {
+            m.len()
+        };
+    }
+    total
+}
+
+#[test]
+fn bounded_cache_evicts_and_the_layer_keeps_working() {
+    if !fuse_ready("bounded_cache_evicts_and_the_layer_keeps_working") {
+        return;
+    }
+    init_tracing();
+    let chunk = 64u64 << 10;
+    // 40 files of two chunks each: about 4x the 1 MiB bound.
+    let entries = many_files(40, 100_000, 1300);
+    let blob = make_blob(&entries, chunk, &[]);
+    let cache_dir = tempfile::tempdir().expect("tempdir");
+    let mut cfg = test_config();
+    cfg.fuse.passthrough = false;
+    cfg.directory_cache.max_size_mib = Some(1);
+    cfg.directory_cache.max_memory_bytes = 0;
+    cfg.sequential_readahead_kib = 0;
+    let limit = 1u64 << 20;
+    let cache = ChunkCache::from_config(&cfg, cache_dir.path(), None).expect("cache");
+    let fetcher = TestFetcher::open(&blob.path);
+    let mut fetched = Vec::new();
+    for round in 0..2 {
+        // A fresh mount each round: its reads reach the layer, not the page cache.
+        let m = mount_on_cache(fetcher.clone(), &blob, &cfg, cache.clone());
+        let before = fetcher.requests();
+        for e in &entries {
+            let Kind::Reg(d) = &e.kind else { continue };
+            assert!(
+                std::fs::read(m.path(&e.path)).expect("read") == *d,
+                "{}",
+                e.path
+            );
+            let on_disk = dir_bytes(cache_dir.path());
+            assert!(
+                on_disk <= limit + chunk,
+                "round {round}, {}: {on_disk} bytes on disk",
+                e.path
+            );
+        }
+        fetched.push(fetcher.requests() - before);
+    }
+    let (bytes, bound, evictions) = cache.disk_usage();
+    assert_eq!(bound, limit);
+    assert!(bytes <= limit, "{bytes} bytes accounted");
+    assert!(evictions > 0, "nothing evicted");
+    // What was evicted is simply fetched again.
+    assert!(fetched[1] > 0, "requests per round: {fetched:?}");
 }

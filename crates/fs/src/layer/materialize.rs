@@ -15,36 +15,55 @@ impl Layer {
     /// files, and no copy at all), else a whole-file copy made by [`Layer::materialize`].
     pub fn backing_file(&self, id: NodeId) -> Option<PathBuf> {
         let node = self.regular(id).ok()?;
-        if let [only] = node.chunks.as_slice() {
-            if only.file_offset == 0 && only.size == node.size {
-                return self.cache.chunk_file(&self.key_of((id, 0)));
-            }
+        if let Some(key) = self.sole_chunk(id, node) {
+            return self.cache.verified_chunk_file(&key);
         }
-        let path = self.cache.file_path(&node.digest?)?;
-        std::fs::metadata(&path)
-            .is_ok_and(|m| m.len() == node.size)
-            .then_some(path)
+        self.cache.verified_file(&node.digest?, node.size)
     }
 
-    /// Whether [`Layer::materialize`] would build a whole-file copy of `id` without the
-    /// network: a disk cache, several chunks (one chunk is its own backing file), all of
-    /// them cached. Cheap checks first: this runs on the FUSE open path.
+    /// The key of the one chunk that is the whole of `node`, if there is such a chunk.
+    fn sole_chunk(&self, id: NodeId, node: &estargz::Node) -> Option<Key> {
+        match node.chunks.as_slice() {
+            [only] if only.file_offset == 0 && only.size == node.size => Some(self.key_of((id, 0))),
+            _ => None,
+        }
+    }
+
+    /// Whether [`Layer::materialize`] could give `id` a backing file without the
+    /// network: a disk cache, and either a copy on disk it has not checked yet or every
+    /// chunk cached. Cheap checks first: this runs on the FUSE open path.
     pub fn materializable(&self, id: NodeId) -> bool {
-        self.cache.dir().is_some()
-            && self.regular(id).is_ok_and(|node| {
-                node.chunks.len() > 1
-                    && (0..node.chunks.len()).all(|i| self.cache.contains(&self.key_of((id, i))))
-            })
+        if self.cache.dir().is_none() {
+            return false;
+        }
+        let Ok(node) = self.regular(id) else {
+            return false;
+        };
+        if let Some(key) = self.sole_chunk(id, node) {
+            return self.cache.chunk_file(&key).is_some();
+        }
+        node.digest
+            .and_then(|d| self.cache.file_path(&d))
+            .is_some_and(|p| p.exists())
+            || (0..node.chunks.len()).all(|i| self.cache.contains(&self.key_of((id, i))))
     }
 
-    /// A local file holding exactly the content of regular file `id`, assembled from
-    /// the cache if every chunk is there; for FUSE passthrough.
+    /// A local file holding exactly the content of regular file `id`, for FUSE
+    /// passthrough: a copy this process wrote or has just hashed (a damaged one left by
+    /// an earlier process is removed), or one assembled from the cached chunks.
     pub fn materialize(&self, id: NodeId) -> Option<PathBuf> {
         let node = self.regular(id).ok()?;
+        if let Some(key) = self.sole_chunk(id, node) {
+            let check = self.verify && node.chunks[0].digest.is_some();
+            return self
+                .cache
+                .verify_chunk_file(&key, check)
+                .then(|| self.cache.verified_chunk_file(&key))
+                .flatten();
+        }
         let digest = node.digest?;
-        let path = self.cache.file_path(&digest)?;
-        if std::fs::metadata(&path).is_ok_and(|m| m.len() == node.size) {
-            return Some(path);
+        if let Some(p) = self.cache.verify_file(&digest, node.size) {
+            return Some(p);
         }
         let keys: Vec<Key> = (0..node.chunks.len())
             .map(|i| self.key_of((id, i)))
