@@ -186,7 +186,7 @@ impl Default for BlobConfig {
             max_retries: 5,
             min_wait_msec: 30,
             max_wait_msec: 300_000,
-            coalesce_gap_bytes: 16 * 1024,
+            coalesce_gap_bytes: 32 * 1024,
             max_ranges_per_request: 64,
             multi_range_parallelism: 1,
             force_single_range_mode: false,
