@@ -95,13 +95,6 @@ impl Digest {
         }
     }
 
-    /// Whether `data` hashes to this digest.
-    pub fn matches(&self, data: &[u8]) -> bool {
-        let mut h = self.hasher();
-        h.update(data);
-        h.finish() == *self
-    }
-
     /// The lowercase hex part.
     pub fn hex(&self) -> &str {
         &self.hex

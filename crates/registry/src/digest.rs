@@ -19,7 +19,7 @@ pub fn verify_digest(expected: &Digest, what: &str, data: &[u8]) -> Result<()> {
 }
 
 /// Finishes `hasher` and compares with `expected`.
-pub fn finish_verify(hasher: DigestHasher, expected: &Digest, what: &str) -> Result<()> {
+pub(crate) fn finish_verify(hasher: DigestHasher, expected: &Digest, what: &str) -> Result<()> {
     let actual = hasher.finish();
     if actual != *expected {
         return Err(Error::DigestMismatch {

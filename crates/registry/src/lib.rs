@@ -46,7 +46,7 @@ pub use credprovider::{
     image_matches, parse_go_duration, CredentialProvider, CredentialProviderConfig,
     CredentialProviderKeychain, CredentialProviderOptions, EnvVar,
 };
-pub use digest::{finish_verify, verify_digest, Algorithm, Digest, DigestHasher, ParseDigestError};
+pub use digest::{verify_digest, Algorithm, Digest, DigestHasher, ParseDigestError};
 pub use error::{Error, Result};
 pub use hostsdir::{load_hosts_dir, HostsDir};
 pub use keychain::{
