@@ -22,6 +22,12 @@ if ((${#missing[@]})); then
   apt-get -o DPkg::Lock::Timeout=600 -qq install -y --no-install-recommends "${missing[@]}" >/dev/null
 fi
 
+# The strict Kubernetes schema checker for deploy/kubernetes (no cluster runs here).
+if ! command -v kubernetes-validate >/dev/null; then
+  echo "deps.sh: installing kubernetes-validate from PyPI" >&2
+  python3 -m pip install -q --root-user-action=ignore kubernetes-validate >/dev/null
+fi
+
 shared=${STARGZ_SHARED_DIR:-$(cd .. && pwd)/shared}
 if [[ -x "$shared/oracle/build.sh" || -f "$shared/oracle/build.sh" ]]; then
   bash "$shared/oracle/build.sh" target/oracle >/dev/null

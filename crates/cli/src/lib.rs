@@ -3,6 +3,7 @@
 
 pub mod blob;
 mod common;
+pub mod doctor;
 pub mod image;
 pub mod mount;
 pub mod optimize;

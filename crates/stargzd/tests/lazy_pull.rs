@@ -716,6 +716,112 @@ async fn our_rpull_mounts_estargz_and_unpacks_plain() {
     });
 }
 
+impl Env {
+    /// `ctr-remote doctor` of this workspace against this environment's containerd and
+    /// daemon; returns whether it passed, and what it printed.
+    fn doctor(&self, extra: &[&str]) -> (bool, String) {
+        self.doctor_with(&self.dir.join("containerd.toml"), extra)
+    }
+
+    fn doctor_with(&self, containerd_config: &Path, extra: &[&str]) -> (bool, String) {
+        let bin =
+            Path::new(env!("CARGO_BIN_EXE_containerd-stargz-grpc")).with_file_name("ctr-remote");
+        let out = Command::new(&bin)
+            .arg("-a")
+            .arg(&self.sock)
+            .args(["-n", NS, "doctor", "--containerd-config"])
+            .arg(containerd_config)
+            .arg("--snapshotter-address")
+            .arg(&self.snap_sock)
+            .arg("--snapshotter-config")
+            .arg(self.dir.join("stargz.toml"))
+            .args(extra)
+            .stdin(Stdio::null())
+            .output()
+            .expect("run ctr-remote doctor");
+        let text = format!(
+            "{}{}",
+            String::from_utf8_lossy(&out.stdout),
+            String::from_utf8_lossy(&out.stderr)
+        );
+        (out.status.success(), text)
+    }
+}
+
+/// `ctr-remote doctor` on a working node passes and proves lazy pulling with a test
+/// pull it cleans up after; each broken piece (a plain image, a containerd config
+/// without the proxy plugin, kubelet aimed at a keychain that is off, a stopped
+/// daemon) fails with a message that names it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn doctor_names_what_is_wrong_with_a_node() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(reg) = testenv::Registry::start(testenv::RegistryOpts::default()) else {
+        return;
+    };
+    let (t1, t2) = image_tars();
+    let lazy = push(
+        &reg,
+        "doctor/lazy",
+        &[estargz_layer(&t1), estargz_layer(&t2)],
+    )
+    .await;
+    let plain = push(&reg, "doctor/plain", &[gzip_layer(&t1), gzip_layer(&t2)]).await;
+
+    let mut env = Env::start("");
+    env.checked(|env| {
+        let no_kubelet = env.dir.join("no-kubelet.yaml");
+        let kubelet = ["--kubelet-config", no_kubelet.to_str().unwrap()];
+        let (ok, out) = env.doctor(&[&kubelet[..], &["--plain-http", "--image", &lazy]].concat());
+        assert!(ok, "{out}");
+        assert!(out.contains("all 2 layer(s) mounted lazily"), "{out}");
+        assert!(out.contains("has snapshotter \"stargz\""), "{out}");
+        assert!(out.contains("the CRI plugin is disabled"), "{out}");
+        assert!(out.contains("skip  kubelet"), "{out}");
+        assert!(!out.contains("FAIL"), "{out}");
+        // The test pull left nothing behind in containerd.
+        let ns = env.ok(&["namespaces", "ls"]);
+        assert!(!ns.contains("stargz-doctor"), "{ns}");
+
+        let (ok, out) = env.doctor(&[&kubelet[..], &["--plain-http", "--image", &plain]].concat());
+        assert!(!ok, "{out}");
+        assert!(
+            out.contains("none of 2 layer(s) was mounted lazily"),
+            "{out}"
+        );
+
+        // kubelet sends image calls to the snapshotter, whose CRI keychain is off.
+        let kubelet_cfg = env.dir.join("kubelet.yaml");
+        std::fs::write(
+            &kubelet_cfg,
+            format!(
+                "kind: KubeletConfiguration\nimageServiceEndpoint: unix://{}\n",
+                env.snap_sock.display()
+            ),
+        )
+        .unwrap();
+        let (ok, out) = env.doctor(&["--kubelet-config", kubelet_cfg.to_str().unwrap()]);
+        assert!(!ok, "{out}");
+        assert!(out.contains("[cri_keychain] is off"), "{out}");
+
+        // A containerd config that lacks the proxy plugin.
+        let bare = env.dir.join("bare.toml");
+        std::fs::write(&bare, "version = 2\n").unwrap();
+        let (ok, out) = env.doctor_with(&bare, &kubelet);
+        assert!(!ok, "{out}");
+        assert!(out.contains("has no [proxy_plugins.stargz]"), "{out}");
+        assert!(
+            out.contains("disable_snapshot_annotations is not false"),
+            "{out}"
+        );
+    });
+    env.stop_daemon(libc::SIGINT);
+    let (ok, out) = env.doctor(&["--kubelet-config", "/nonexistent"]);
+    assert!(!ok, "{out}");
+    assert!(out.contains("the snapshotter is not running"), "{out}");
+}
+
 fn sha_hex(data: &[u8]) -> String {
     format!("{:x}", Sha256::digest(data))
 }

@@ -50,6 +50,8 @@ enum Command {
     /// Work on single layers of images (mount one lazily, for debugging and benchmarks).
     #[command(subcommand)]
     Layer(LayerCommand),
+    /// Check this node's lazy-pulling set-up end to end and say what is wrong.
+    Doctor(cli::doctor::DoctorArgs),
 }
 
 #[derive(Debug, Subcommand)]
@@ -176,6 +178,7 @@ fn main() -> std::process::ExitCode {
             },
         ),
         Command::Layer(LayerCommand::Mount(args)) => cli::mount::run(args),
+        Command::Doctor(args) => cli::doctor::run(args, &cli.address, &cli.namespace),
     };
     match result {
         Ok(()) => std::process::ExitCode::SUCCESS,
