@@ -190,7 +190,8 @@ impl LayerPool {
 fn without_toc_digest(fetcher: &fs::RegistryFetcher, digest: &Digest) -> MountError {
     let size = fs::Fetcher::size(fetcher);
     let tail = size.min(estargz::MAX_FOOTER_SIZE as u64);
-    let bytes = match fs::Fetcher::read_ranges(fetcher, &[size - tail..size]) {
+    let range = size - tail..size;
+    let bytes = match fs::Fetcher::read_ranges(fetcher, std::slice::from_ref(&range)) {
         Ok(mut parts) if parts.len() == 1 => parts.remove(0),
         Ok(_) => return MountError::Other(format!("blob {digest}: short read of its tail")),
         Err(e) => return classify::io_error(&e).context(format!("blob {digest}")),

@@ -112,7 +112,10 @@ impl Env {
                 if ok {
                     break;
                 }
-                assert!(Instant::now() < deadline, "containerd did not reconnect: {text}");
+                assert!(
+                    Instant::now() < deadline,
+                    "containerd did not reconnect: {text}"
+                );
                 std::thread::sleep(Duration::from_millis(200));
             }
         }
@@ -587,7 +590,11 @@ state = "{d}/state"
         let out = env.exec(
             "priv",
             exec_id,
-            &["/bin/busybox", "cat", &format!("/.stargz-snapshotter/{lazy_blob_digest}.json")],
+            &[
+                "/bin/busybox",
+                "cat",
+                &format!("/.stargz-snapshotter/{lazy_blob_digest}.json"),
+            ],
         );
         let v: serde_json::Value = serde_json::from_str(&out).unwrap();
         v["fetchedSize"].as_u64().unwrap()
@@ -730,5 +737,8 @@ async fn listen_path_serves_the_image_service_apart() {
     assert_eq!(e.code(), tonic::Code::Unimplemented, "{e}");
     assert!(log().contains("CRI image service unreachable"), "{}", log());
     stop(&mut daemon, libc::SIGINT, Duration::from_secs(10));
-    assert!(!cri_sock.exists(), "the image service socket is removed at exit");
+    assert!(
+        !cri_sock.exists(),
+        "the image service socket is removed at exit"
+    );
 }
