@@ -488,15 +488,24 @@ pub fn kubelet_image_endpoint(text: &str) -> Option<String> {
     None
 }
 
-/// Whether the snapshotter's config turns the CRI keychain on.
-fn cri_keychain_enabled(path: &Path) -> Option<bool> {
-    let text = std::fs::read_to_string(path).ok()?;
-    let doc: toml::Value = toml::from_str(&text).ok()?;
-    Some(
-        lookup(&doc, &["cri_keychain", "enable_keychain"])
-            .and_then(|v| v.as_bool())
-            .unwrap_or(false),
-    )
+/// Whether the snapshotter's config turns the CRI keychain on, and the socket it
+/// then serves kubelet on when that is not the snapshotter's own (`listen_path`).
+fn cri_keychain(path: &Path) -> (bool, Option<String>) {
+    let Some(doc) = std::fs::read_to_string(path)
+        .ok()
+        .and_then(|t| toml::from_str::<toml::Value>(&t).ok())
+    else {
+        return (false, None);
+    };
+    let enabled = lookup(&doc, &["cri_keychain", "enable_keychain"])
+        .and_then(|v| v.as_bool())
+        .unwrap_or(false);
+    let listen = lookup(&doc, &["listen_path"])
+        .or_else(|| lookup(&doc, &["cri_keychain", "listen_path"]))
+        .and_then(|v| v.as_str())
+        .filter(|s| !s.is_empty())
+        .map(str::to_string);
+    (enabled, listen)
 }
 
 fn check_kubelet(args: &DoctorArgs) -> Finding {
@@ -516,8 +525,8 @@ fn check_kubelet(args: &DoctorArgs) -> Finding {
             }
         }
     }
-    let keychain = cri_keychain_enabled(&args.snapshotter_config).unwrap_or(false);
-    let ours = args.snapshotter_address.display().to_string();
+    let (keychain, listen) = cri_keychain(&args.snapshotter_config);
+    let ours = listen.unwrap_or_else(|| args.snapshotter_address.display().to_string());
     match (seen, endpoint, keychain) {
         (false, _, _) => Finding::new(Status::Skip, C, "no kubelet configuration on this node"),
         (true, Some((e, f)), true) if e == ours => Finding::new(
@@ -571,7 +580,7 @@ async fn check_pull(args: &DoctorArgs, image: &str, address: &str, namespace: &s
                     C,
                     format!("{image}: none of {total} layer(s) was mounted lazily: all were downloaded in full"),
                 )
-                .fix("check that the image is eStargz or zstd:chunked (ctr-remote image inspect); the snapshotter's log names each layer that fell back and why")
+                .fix("check that the image is eStargz or zstd:chunked (ctr-remote image inspect); the snapshotter logs each layer that fell back with its reason and counts it in stargz_layer_fallbacks_total{reason}")
             } else {
                 Finding::new(
                     Status::Warn,

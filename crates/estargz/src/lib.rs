@@ -28,7 +28,7 @@ pub use build::{build, build_from_file, BuildOptions, BuildOutput, DEFAULT_CHUNK
 pub use compress::{compress_member, Codec};
 pub use error::{Error, Result};
 pub use extract::{extract, ExtractOptions};
-pub use footer::{Compression, Footer};
+pub use footer::{Compression, Footer, MAX_FOOTER_SIZE};
 pub use names::clean_name;
 pub use reader::{
     decode_chunk, max_compressed_len, read_toc, BlobSource, Chunk, FileBlob, Index, Node, NodeId,

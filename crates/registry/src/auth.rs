@@ -99,6 +99,9 @@ pub(crate) const MAX_TOKEN_LIFETIME: Duration = Duration::from_secs(24 * 3600);
 pub(crate) struct CachedToken {
     pub token: String,
     pub valid_until: Instant,
+    /// The credential the token was obtained with: the one to set aside when the
+    /// registry refuses what it grants.
+    pub credential: Option<crate::Credential>,
 }
 
 impl CachedToken {
@@ -118,6 +121,7 @@ impl CachedToken {
         CachedToken {
             token,
             valid_until: now.checked_add(life - margin).unwrap_or(now),
+            credential: None,
         }
     }
 

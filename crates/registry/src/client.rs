@@ -25,6 +25,13 @@ use crate::reference::DOCKER_HUB;
 
 const USER_AGENT: &str = concat!("stargz-rs-registry/", env!("CARGO_PKG_VERSION"));
 const MAX_REDIRECTS: usize = 5;
+/// 401s one request goes through: learning the challenge, a token that expired, and a
+/// credential refused twice before the next source's is asked.
+const MAX_AUTH_ROUNDS: usize = 5;
+/// Bounds of the memory of refused credentials: (host, repository) pairs, and
+/// credentials per pair.
+const MAX_REJECTED_KEYS: usize = 1024;
+const MAX_REJECTED_PER_KEY: usize = 8;
 
 /// A client for OCI distribution registries. Cheap to clone; clones share
 /// connections, tokens and learned host capabilities.
@@ -39,6 +46,9 @@ pub(crate) struct Inner {
     keychain: Arc<dyn Keychain>,
     http: Mutex<HashMap<(bool, Vec<String>), reqwest::Client>>,
     tokens: Mutex<HashMap<(String, String), CachedToken>>,
+    /// Credentials a registry refused, per (host, repository): later requests prefer
+    /// the other sources' (see [`Keychain::candidates`]).
+    rejected: Mutex<HashMap<(String, String), Vec<Credential>>>,
     challenges: Mutex<HashMap<String, Challenge>>,
     semaphores: Mutex<HashMap<String, Arc<Semaphore>>>,
     /// Hosts that answered a multi-range request badly; see the blob reader.
@@ -87,6 +97,12 @@ impl Scope {
     fn key(&self) -> String {
         self.0.join(" ")
     }
+    /// The repository the scope is first about (`org/app`): what per-image
+    /// credentials are looked up by.
+    fn repository(&self) -> Option<&str> {
+        let s = self.0.first()?.strip_prefix("repository:")?;
+        s.rsplit_once(':').map(|(r, _)| r)
+    }
 }
 
 /// One request, rebuilt on every attempt.
@@ -116,8 +132,16 @@ enum Failure {
     /// Worth another attempt after a backoff (optionally server-suggested).
     Retry(Error, Option<Duration>),
     Fatal(Error),
-    /// 401 from the registry with this challenge header.
-    Auth(Option<String>),
+    /// 401 from the registry with this challenge header, to a request authorized
+    /// with this credential (directly or through a token).
+    Auth {
+        challenge: Option<String>,
+        used: Option<Credential>,
+    },
+    /// The token endpoint refused the credential (it was set aside).
+    Refused(Error),
+    /// 403 to a request authorized with this credential.
+    Denied(Error, Credential),
 }
 
 impl Spec<'_> {
@@ -153,6 +177,7 @@ impl Client {
                 keychain,
                 http: Mutex::new(HashMap::new()),
                 tokens: Mutex::new(HashMap::new()),
+                rejected: Mutex::new(HashMap::new()),
                 challenges: Mutex::new(HashMap::new()),
                 semaphores: Mutex::new(HashMap::new()),
                 no_multi_range: Mutex::new(HashSet::new()),
@@ -305,6 +330,8 @@ impl Client {
         let max_retries = self.inner.blob.max_retries;
         let mut attempt: u32 = 0;
         let mut auth_rounds = 0;
+        let mut denied = false;
+        let mut last_refused: Option<Credential> = None;
         let kind = spec.kind();
         loop {
             self.inner.metrics.request(kind);
@@ -315,13 +342,45 @@ impl Client {
             let (err, hint) = match outcome {
                 Ok(v) => return Ok(v),
                 Err(Failure::Fatal(e)) => return Err(e),
-                Err(Failure::Auth(challenge)) => {
+                Err(Failure::Auth { challenge, used }) => {
                     auth_rounds += 1;
-                    if auth_rounds > 2 {
-                        return Err(self.unauthorized(ep));
+                    // Basic credentials the registry refuses are wrong; a token is
+                    // fetched again once (it may just have expired), and a credential
+                    // whose fresh token is refused too is set aside: the next round
+                    // asks the next credential source.
+                    if let Some(c) = &used {
+                        let basic = challenge
+                            .as_deref()
+                            .and_then(parse_challenge)
+                            .is_some_and(|ch| ch == Challenge::Basic);
+                        if basic || last_refused.as_ref() == Some(c) {
+                            self.reject(ep, spec.scope, c);
+                        }
                     }
-                    self.authenticate(ep, spec.scope, challenge.as_deref())
-                        .await?;
+                    if auth_rounds > MAX_AUTH_ROUNDS {
+                        return Err(self.unauthorized(ep, used.is_some()));
+                    }
+                    self.authenticate(ep, spec.scope, challenge.as_deref(), used.is_some())?;
+                    last_refused = used;
+                    continue;
+                }
+                Err(Failure::Refused(e)) => {
+                    auth_rounds += 1;
+                    if auth_rounds > MAX_AUTH_ROUNDS {
+                        return Err(e);
+                    }
+                    continue;
+                }
+                Err(Failure::Denied(e, used)) => {
+                    // A 403 to a token of a credential that lost its access (or that a
+                    // registry reports as 403 when it expired): the sources are asked
+                    // again, once.
+                    if denied {
+                        return Err(e);
+                    }
+                    denied = true;
+                    self.reject(ep, spec.scope, &used);
+                    self.drop_token(ep, spec.scope);
                     continue;
                 }
                 Err(Failure::Retry(e, hint)) => (e, hint),
@@ -343,11 +402,88 @@ impl Client {
         }
     }
 
-    fn unauthorized(&self, ep: &Endpoint) -> Error {
-        Error::Unauthorized {
-            host: ep.host.clone(),
-            credentials_source: self.inner.keychain.describe(),
+    /// The error for a registry that wants credentials it did not get (or refused).
+    fn unauthorized(&self, ep: &Endpoint, had_credentials: bool) -> Error {
+        let (host, credentials_source) = (ep.host.clone(), self.inner.keychain.describe());
+        if had_credentials {
+            Error::Unauthorized {
+                host,
+                credentials_source,
+            }
+        } else {
+            Error::NoCredentials {
+                host,
+                credentials_source,
+            }
         }
+    }
+
+    /// The credential to authenticate to `ep` for `scope` with: the keychain's answer
+    /// for the scope's repository, unless the registry refused that one since; then the
+    /// next source's. When every source's credential was refused, the first is tried
+    /// again (it may have been fixed since).
+    async fn credential(&self, ep: &Endpoint, scope: &Scope) -> Result<Option<Credential>> {
+        let k = &self.inner.keychain;
+        let Some(repo) = scope.repository() else {
+            return k.resolve(&ep.host).await;
+        };
+        let Some(first) = k.resolve_image(&ep.host, repo).await? else {
+            return Ok(None);
+        };
+        let rejected = self
+            .inner
+            .rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .get(&(ep.host.clone(), repo.to_string()))
+            .cloned()
+            .unwrap_or_default();
+        if !rejected.contains(&first) {
+            return Ok(Some(first));
+        }
+        let next = k
+            .candidates(&ep.host, repo)
+            .await?
+            .into_iter()
+            .find(|c| !rejected.contains(c));
+        if next.is_some() {
+            tracing::info!(host = %ep.host, repository = repo,
+                "the first source's credentials were refused; using the next source's");
+        }
+        Ok(Some(next.unwrap_or(first)))
+    }
+
+    /// Sets `c` aside for `scope` on `ep`: the registry refused it.
+    fn reject(&self, ep: &Endpoint, scope: &Scope, c: &Credential) {
+        let Some(repo) = scope.repository() else {
+            return;
+        };
+        let key = (ep.host.clone(), repo.to_string());
+        let mut map = self
+            .inner
+            .rejected
+            .lock()
+            .unwrap_or_else(|p| p.into_inner());
+        if map.len() >= MAX_REJECTED_KEYS && !map.contains_key(&key) {
+            map.clear();
+        }
+        let list = map.entry(key).or_default();
+        if !list.contains(c) {
+            if list.len() >= MAX_REJECTED_PER_KEY {
+                list.remove(0);
+            }
+            list.push(c.clone());
+            tracing::warn!(host = %ep.host, repository = repo,
+                "registry refused the credentials; asking the credential sources again");
+        }
+    }
+
+    fn drop_token(&self, ep: &Endpoint, scope: &Scope) {
+        self.inner
+            .tokens
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .remove(&(ep.host.clone(), scope.key()));
     }
 
     async fn attempt<T>(
@@ -387,13 +523,15 @@ impl Client {
             .request(spec.method.clone(), spec.url.clone())
             .headers(ep.headers.clone())
             .headers(spec.headers.clone());
-        if let Some(h) = self
-            .auth_header(ep, spec.scope)
-            .await
-            .map_err(Failure::Fatal)?
-        {
-            rb = rb.header(AUTHORIZATION, h);
-        }
+        let used = match self.auth_header(ep, spec.scope).await {
+            Ok((Some(h), used)) => {
+                rb = rb.header(AUTHORIZATION, h);
+                used
+            }
+            Ok((None, used)) => used,
+            Err(e @ Error::Unauthorized { .. }) => return Err(Failure::Refused(e)),
+            Err(e) => return Err(Failure::Fatal(e)),
+        };
         if let Some(body) = &spec.body {
             rb = rb.body(body.clone());
         }
@@ -405,7 +543,10 @@ impl Client {
                 .get(WWW_AUTHENTICATE)
                 .and_then(|v| v.to_str().ok())
                 .map(str::to_string);
-            return Err(Failure::Auth(ch));
+            return Err(Failure::Auth {
+                challenge: ch,
+                used,
+            });
         }
         if status.is_redirection() && spec.redirect_cache.is_some() {
             let target = location(&resp, &spec.url).ok_or_else(|| {
@@ -422,7 +563,12 @@ impl Client {
             }
             return self.follow(ep, spec, target, timeout, read).await;
         }
-        self.finish(ep, spec, resp, read).await
+        match (self.finish(ep, spec, resp, read).await, used) {
+            (Err(Failure::Fatal(e @ Error::Forbidden { .. })), Some(c)) => {
+                Err(Failure::Denied(e, c))
+            }
+            (res, _) => res,
+        }
     }
 
     /// Follows redirects from `url` with no credentials and no endpoint headers.
@@ -583,8 +729,13 @@ impl Client {
         Err(Failure::Fatal(err))
     }
 
-    /// The Authorization value to send, from cached tokens or known basic-auth hosts.
-    async fn auth_header(&self, ep: &Endpoint, scope: &Scope) -> Result<Option<HeaderValue>> {
+    /// The Authorization value to send, from cached tokens or known basic-auth hosts,
+    /// and the credential behind it.
+    async fn auth_header(
+        &self,
+        ep: &Endpoint,
+        scope: &Scope,
+    ) -> Result<(Option<HeaderValue>, Option<Credential>)> {
         let key = (ep.host.clone(), scope.key());
         let cached = self
             .inner
@@ -595,7 +746,10 @@ impl Client {
             .cloned();
         if let Some(t) = cached {
             if t.is_valid() {
-                return Ok(Some(secret_header(&format!("Bearer {}", t.token))?));
+                return Ok((
+                    Some(secret_header(&format!("Bearer {}", t.token))?),
+                    t.credential,
+                ));
             }
         }
         let challenge = self
@@ -608,32 +762,37 @@ impl Client {
         match challenge {
             // The host's scheme is known: get a token for this scope now instead of waiting for a 401.
             Some(Challenge::Bearer { realm, service, .. }) => {
-                let t = self
+                let (t, used) = self
                     .fetch_token(ep, &realm, service.as_deref(), scope)
                     .await?;
-                Ok(Some(secret_header(&format!("Bearer {t}"))?))
+                Ok((Some(secret_header(&format!("Bearer {t}"))?), used))
             }
-            Some(Challenge::Basic) => match self.inner.keychain.resolve(&ep.host).await? {
+            Some(Challenge::Basic) => match self.credential(ep, scope).await? {
                 Some(Credential::Basic { username, password }) => {
-                    Ok(Some(basic_header(&username, &password)?))
+                    let h = basic_header(&username, &password)?;
+                    Ok((Some(h), Some(Credential::Basic { username, password })))
                 }
-                _ => Err(self.unauthorized(ep)),
+                // Tokens do not answer a basic challenge.
+                Some(_) => Err(self.unauthorized(ep, true)),
+                None => Err(self.unauthorized(ep, false)),
             },
-            None => Ok(None),
+            None => Ok((None, None)),
         }
     }
 
     /// Handles a 401: learns the challenge and drops the stale token.
-    async fn authenticate(&self, ep: &Endpoint, scope: &Scope, header: Option<&str>) -> Result<()> {
+    fn authenticate(
+        &self,
+        ep: &Endpoint,
+        scope: &Scope,
+        header: Option<&str>,
+        had_credentials: bool,
+    ) -> Result<()> {
         let ch = header
             .and_then(parse_challenge)
-            .ok_or_else(|| self.unauthorized(ep))?;
+            .ok_or_else(|| self.unauthorized(ep, had_credentials))?;
         tracing::debug!(host = %ep.host, scheme = match ch { Challenge::Basic => "basic", _ => "bearer" }, "registry asked for authentication");
-        self.inner
-            .tokens
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .remove(&(ep.host.clone(), scope.key()));
+        self.drop_token(ep, scope);
         self.inner
             .challenges
             .lock()
@@ -648,13 +807,27 @@ impl Client {
         realm: &str,
         service: Option<&str>,
         scope: &Scope,
-    ) -> Result<String> {
+    ) -> Result<(String, Option<Credential>)> {
+        let cred = self.credential(ep, scope).await?;
+        if let Some(Credential::RegistryToken(t)) = &cred {
+            // Sent as is; kept like a fetched token, so a 401 drops it as well.
+            let mut cached = CachedToken::new(t.clone(), None);
+            cached.credential = cred.clone();
+            self.inner
+                .tokens
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .insert((ep.host.clone(), scope.key()), cached);
+            return Ok((t.clone(), cred));
+        }
         self.inner.metrics.request(RequestKind::Token);
-        let res = self.fetch_token_once(ep, realm, service, scope).await;
+        let res = self
+            .fetch_token_once(ep, realm, service, scope, cred.as_ref())
+            .await;
         if res.is_err() {
             self.inner.metrics.error(RequestKind::Token);
         }
-        res
+        res.map(|t| (t, cred))
     }
 
     async fn fetch_token_once(
@@ -663,14 +836,14 @@ impl Client {
         realm: &str,
         service: Option<&str>,
         scope: &Scope,
+        cred: Option<&Credential>,
     ) -> Result<String> {
         let mut url = Url::parse(realm)
             .map_err(|e| Error::protocol(&ep.host, format!("bad token realm: {e}")))?;
-        let cred = self.inner.keychain.resolve(&ep.host).await?;
         let timeout = ep.timeout.unwrap_or(Duration::from_secs(
             crate::config::DEFAULT_REQUEST_TIMEOUT_SEC as u64,
         ));
-        let resp = match &cred {
+        let resp = match cred {
             Some(Credential::IdentityToken(rt)) => {
                 // Built before the await: the serializer is not Send, and reads of
                 // blobs run as spawned tasks on the runtime.
@@ -719,7 +892,12 @@ impl Client {
         let resp = resp.map_err(|e| Error::from_reqwest(&realm_host, timeout, &e))?;
         match resp.status().as_u16() {
             200 => {}
-            401 | 403 => return Err(self.unauthorized(ep)),
+            401 | 403 => {
+                if let Some(c) = cred {
+                    self.reject(ep, scope, c);
+                }
+                return Err(self.unauthorized(ep, cred.is_some()));
+            }
             s => {
                 return Err(Error::Status {
                     method: "token".into(),
@@ -748,10 +926,11 @@ impl Client {
             .tokens
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(
-                (ep.host.clone(), scope.key()),
-                CachedToken::new(token.clone(), tr.expires_in),
-            );
+            .insert((ep.host.clone(), scope.key()), {
+                let mut t = CachedToken::new(token.clone(), tr.expires_in);
+                t.credential = cred.cloned();
+                t
+            });
         Ok(token)
     }
 

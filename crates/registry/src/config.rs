@@ -118,6 +118,53 @@ impl KubeconfigKeychainConfig {
     }
 }
 
+/// `[cri_keychain]`, the reference snapshotter's keys: the daemon serves the CRI
+/// image service, forwards it to `image_service_path`, and keeps the credentials of
+/// each `PullImage` for the layers it then mounts.
+#[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
+#[serde(default, deny_unknown_fields)]
+pub struct CriKeychainConfig {
+    pub enable_keychain: bool,
+    /// containerd's socket, whose CRI plugin the calls are forwarded to. Empty:
+    /// `/run/containerd/containerd.sock`.
+    pub image_service_path: Option<PathBuf>,
+    /// A socket of its own for the image service. Empty (or the daemon's `--address`):
+    /// the daemon's socket serves it beside the Snapshots API.
+    pub listen_path: Option<PathBuf>,
+    /// Ours: seconds a captured credential is used after the last `PullImage` that
+    /// brought it; 0 means seven days.
+    pub credential_ttl_sec: u64,
+}
+
+/// containerd's socket, where its CRI plugin serves.
+pub const DEFAULT_IMAGE_SERVICE_PATH: &str = "/run/containerd/containerd.sock";
+/// The file under the daemon's root where captured CRI credentials are kept.
+pub const CRI_CREDENTIALS_FILE: &str = "cri-credentials.json";
+
+impl CriKeychainConfig {
+    /// The backend image service socket.
+    pub fn image_service_path(&self) -> PathBuf {
+        self.image_service_path
+            .clone()
+            .filter(|p| !p.as_os_str().is_empty())
+            .unwrap_or_else(|| PathBuf::from(DEFAULT_IMAGE_SERVICE_PATH))
+    }
+
+    /// The credential store kept under the daemon's `root`, when enabled.
+    pub fn open(&self, root: &std::path::Path) -> Option<crate::CriKeychain> {
+        self.enable_keychain.then(|| {
+            crate::CriKeychain::open(crate::CriKeychainOptions {
+                path: Some(root.join(CRI_CREDENTIALS_FILE)),
+                ttl: match self.credential_ttl_sec {
+                    0 => crate::DEFAULT_CRI_CREDENTIAL_TTL,
+                    s => Duration::from_secs(s),
+                },
+                ..Default::default()
+            })
+        })
+    }
+}
+
 /// `[credential_provider_keychain]`: kubelet credential provider plugins.
 #[derive(Clone, Debug, Default, Serialize, Deserialize, PartialEq)]
 #[serde(default, deny_unknown_fields)]
@@ -311,6 +358,20 @@ max_retries = 3
         let k: KubeconfigKeychainConfig =
             toml::from_str("enable_keychain = true\nkubeconfig_path = \"/k\"").expect("kube");
         assert!(k.enable_keychain);
+        let c: CriKeychainConfig = toml::from_str(
+            "enable_keychain = true\nimage_service_path = \"/run/containerd/containerd.sock\"\nlisten_path = \"/run/cri.sock\"",
+        )
+        .expect("cri");
+        assert!(c.enable_keychain);
+        assert_eq!(
+            c.listen_path.as_deref(),
+            Some(std::path::Path::new("/run/cri.sock"))
+        );
+        assert_eq!(
+            CriKeychainConfig::default().image_service_path(),
+            PathBuf::from(DEFAULT_IMAGE_SERVICE_PATH)
+        );
+        assert!(toml::from_str::<CriKeychainConfig>("enable_keychian = true").is_err());
         let c: CredentialProviderKeychainConfig =
             toml::from_str("enable_keychain = false\nconfig_path = \"/c\"\nbin_dir = \"/b\"")
                 .expect("credprovider");

@@ -47,6 +47,13 @@ pub enum Error {
         credentials_source: String,
     },
 
+    /// The registry asks for authentication and no source had credentials for it.
+    #[error("authentication to {host} required (401) and no credentials for it from {credentials_source}")]
+    NoCredentials {
+        host: String,
+        credentials_source: String,
+    },
+
     /// The credentials were accepted but do not grant access.
     #[error("access to {what} on {host} denied (403)")]
     Forbidden { host: String, what: String },

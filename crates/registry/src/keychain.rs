@@ -16,6 +16,9 @@ pub enum Credential {
     Basic { username: String, password: String },
     /// A refresh token for the OAuth2 token endpoint (docker's `identitytoken`).
     IdentityToken(String),
+    /// A bearer token sent to the registry as is (docker's `registrytoken`, the
+    /// CRI's `registry_token`): no token endpoint is asked.
+    RegistryToken(String),
 }
 
 impl fmt::Debug for Credential {
@@ -23,12 +26,16 @@ impl fmt::Debug for Credential {
         match self {
             Credential::Basic { username, .. } => write!(f, "Basic({username}, <redacted>)"),
             Credential::IdentityToken(_) => write!(f, "IdentityToken(<redacted>)"),
+            Credential::RegistryToken(_) => write!(f, "RegistryToken(<redacted>)"),
         }
     }
 }
 
 /// Boxed future returned by [`Keychain::resolve`].
 pub type KeychainFuture<'a> = Pin<Box<dyn Future<Output = Result<Option<Credential>>> + Send + 'a>>;
+
+/// Boxed future returned by [`Keychain::candidates`].
+pub type CandidatesFuture<'a> = Pin<Box<dyn Future<Output = Result<Vec<Credential>>> + Send + 'a>>;
 
 /// A source of credentials, looked up by registry host (`host[:port]`).
 ///
@@ -44,6 +51,20 @@ pub trait Keychain: Send + Sync {
     fn resolve_image<'a>(&'a self, host: &'a str, repository: &'a str) -> KeychainFuture<'a> {
         let _ = repository;
         self.resolve(host)
+    }
+
+    /// Every credential the source has for `repository` on `host`, best first. The
+    /// client asks for them only after the registry refused the first answer of
+    /// [`Keychain::resolve_image`] (an expired token, a revoked password), to go on
+    /// with the next source's. A single source has at most that one answer.
+    fn candidates<'a>(&'a self, host: &'a str, repository: &'a str) -> CandidatesFuture<'a> {
+        Box::pin(async move {
+            Ok(self
+                .resolve_image(host, repository)
+                .await?
+                .into_iter()
+                .collect())
+        })
     }
 
     /// A human-readable name of the source (a path, "command line"...),
@@ -275,6 +296,26 @@ impl Keychain for ChainKeychain {
     fn resolve_image<'a>(&'a self, host: &'a str, repository: &'a str) -> KeychainFuture<'a> {
         Box::pin(self.first(host, Some(repository)))
     }
+    fn candidates<'a>(&'a self, host: &'a str, repository: &'a str) -> CandidatesFuture<'a> {
+        Box::pin(async move {
+            let mut out: Vec<Credential> = Vec::new();
+            for k in &self.chain {
+                match k.candidates(host, repository).await {
+                    Ok(found) => {
+                        for c in found {
+                            if !out.contains(&c) {
+                                out.push(c);
+                            }
+                        }
+                    }
+                    Err(e) => {
+                        tracing::warn!(source = %k.describe(), error = %e, "credential source failed")
+                    }
+                }
+            }
+            Ok(out)
+        })
+    }
     fn describe(&self) -> String {
         if self.chain.is_empty() {
             return Anonymous.describe();
@@ -342,5 +383,29 @@ mod tests {
         );
         assert_eq!(chain.resolve("other").await.expect("o"), None);
         assert!(StaticKeychain::from_user_pass(None, "nocolon").is_err());
+        // Every source's answer, in chain order, each once.
+        let first = StaticKeychain::from_user_pass(Some("h:1"), "a:1").expect("first");
+        let again = StaticKeychain::from_user_pass(None, "a:1").expect("again");
+        let second = StaticKeychain::new(None, Credential::RegistryToken("t".into()));
+        let chain = ChainKeychain::new()
+            .with(Arc::new(first))
+            .with(Arc::new(again))
+            .with(Arc::new(second));
+        let all = chain.candidates("h:1", "org/app").await.expect("all");
+        assert_eq!(
+            all,
+            [
+                Credential::Basic {
+                    username: "a".into(),
+                    password: "1".into()
+                },
+                Credential::RegistryToken("t".into())
+            ]
+        );
+        assert_eq!(
+            format!("{:?}", all[1]),
+            "RegistryToken(<redacted>)",
+            "no secret in Debug"
+        );
     }
 }

@@ -24,6 +24,7 @@ mod body;
 mod client;
 mod config;
 mod credprovider;
+mod crikeychain;
 mod digest;
 mod error;
 mod hostsdir;
@@ -38,20 +39,24 @@ pub use blob::{coalesce, BlobReader, RangeSink};
 pub use client::Client;
 pub use config::DEFAULT_HOST_KEY;
 pub use config::{
-    is_local_host, BlobConfig, CredentialProviderKeychainConfig, HostConfig,
-    KubeconfigKeychainConfig, MirrorConfig, RegistryConfig, ResolverConfig,
-    DEFAULT_REQUEST_TIMEOUT_SEC,
+    is_local_host, BlobConfig, CredentialProviderKeychainConfig, CriKeychainConfig, HostConfig,
+    KubeconfigKeychainConfig, MirrorConfig, RegistryConfig, ResolverConfig, CRI_CREDENTIALS_FILE,
+    DEFAULT_IMAGE_SERVICE_PATH, DEFAULT_REQUEST_TIMEOUT_SEC,
 };
 pub use credprovider::{
     image_matches, parse_go_duration, CredentialProvider, CredentialProviderConfig,
     CredentialProviderKeychain, CredentialProviderOptions, EnvVar,
 };
+pub use crikeychain::{
+    CriKeychain, CriKeychainOptions, RecordedCredential, DEFAULT_CRI_CREDENTIAL_TTL,
+    DEFAULT_CRI_MAX_ENTRIES,
+};
 pub use digest::{verify_digest, Algorithm, Digest, DigestHasher, ParseDigestError};
 pub use error::{Error, Result};
 pub use hostsdir::{load_hosts_dir, HostsDir};
 pub use keychain::{
-    Anonymous, ChainKeychain, Credential, DockerConfigKeychain, Keychain, KeychainFuture,
-    StaticKeychain,
+    Anonymous, CandidatesFuture, ChainKeychain, Credential, DockerConfigKeychain, Keychain,
+    KeychainFuture, StaticKeychain,
 };
 pub use kubeconfig::{KubeApiTarget, KubeconfigKeychain, KubeconfigKeychainOptions};
 pub use manifest::{

@@ -1,7 +1,8 @@
 //! Kubernetes-facing credential sources and containerd's hosts directory,
 //! against a real registry: the kubeconfig keychain (list/watch of secrets on
-//! a fake API server), kubelet credential provider plugins, and mirrors from
-//! `hosts.toml`.
+//! a fake API server), kubelet credential provider plugins, credentials captured
+//! from CRI pulls, the next source's credentials after a refusal, and mirrors
+//! from `hosts.toml`.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -15,13 +16,13 @@ use std::time::{Duration, Instant};
 
 use bytes::Bytes;
 use registry::{
-    BlobConfig, Client, Credential, CredentialProviderKeychain, CredentialProviderOptions, Digest,
-    Error, Keychain, KubeconfigKeychain, KubeconfigKeychainOptions, Reference, RegistryConfig,
-    StaticKeychain,
+    BlobConfig, ChainKeychain, Client, Credential, CredentialProviderKeychain,
+    CredentialProviderOptions, CriKeychain, CriKeychainOptions, Digest, Error, Keychain,
+    KubeconfigKeychain, KubeconfigKeychainOptions, Reference, RegistryConfig, StaticKeychain,
 };
 use testenv::{
-    push_image, random_bytes, FakeKubeApi, Front, FrontOpts, Registry, RegistryOpts,
-    DOCKERCONFIGJSON,
+    push_image, random_bytes, FakeKubeApi, Front, FrontOpts, IssuerOpts, Registry, RegistryOpts,
+    TokenIssuer, DOCKERCONFIGJSON,
 };
 
 fn fast_blob() -> BlobConfig {
@@ -130,7 +131,7 @@ async fn kubeconfig_keychain_follows_secrets_through_watch_and_410() {
         .get_manifest(&r)
         .await
         .expect_err("no creds yet");
-    assert!(matches!(e, Error::Unauthorized { .. }), "{e}");
+    assert!(matches!(e, Error::NoCredentials { .. }), "{e}");
 
     std::fs::create_dir_all(kubeconfig.parent().expect("parent")).expect("mkdir");
     std::fs::write(&kubeconfig, api.kubeconfig()).expect("kubeconfig");
@@ -342,7 +343,8 @@ providers:
     let req: serde_json::Value =
         serde_json::from_slice(&std::fs::read(&last_request).expect("request")).expect("json");
     assert_eq!(req["apiVersion"], "credentialprovider.kubelet.k8s.io/v1");
-    assert_eq!(req["image"], host.as_str());
+    // The client asks with the image being pulled, as kubelet does.
+    assert_eq!(req["image"], format!("{host}/private/app"));
 
     // Image-aware lookups send the full image; the registry-wide cache still answers.
     let c = keychain
@@ -553,4 +555,222 @@ async fn hosts_dir_mirror_serves_blobs_and_range_ignoring_mirror_is_skipped() {
         text.contains("mirror ignores Range") && text.contains(&bad.host()),
         "log: {text}"
     );
+}
+
+fn basic(u: &str, p: &str) -> Credential {
+    Credential::Basic {
+        username: u.into(),
+        password: p.into(),
+    }
+}
+
+/// Credentials captured from CRI pulls: per repository, kept in a file a second
+/// reader (the FUSE manager) shares, and set aside for the next source's when the
+/// registry refuses them.
+#[tokio::test]
+async fn cri_keychain_is_per_repository_and_refused_credentials_give_way() {
+    let Some(reg) = Registry::start(RegistryOpts {
+        htpasswd: Some(("carol".into(), "cri-pw".into())),
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let host = reg.host();
+    let r = push_private(&reg, "carol", "cri-pw").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let path = dir.path().join("cri-credentials.json");
+    let store = Arc::new(CriKeychain::open(CriKeychainOptions {
+        path: Some(path.clone()),
+        ..Default::default()
+    }));
+    store
+        .record(
+            &format!("{host}/private/app:1"),
+            &basic("carol", "cri-pw"),
+            "",
+        )
+        .expect("record");
+    // The file is what another process reads: a keychain opened on it alone works.
+    let reader: Arc<dyn Keychain> = Arc::new(CriKeychain::open(CriKeychainOptions {
+        path: Some(path.clone()),
+        ..Default::default()
+    }));
+    let got = client(reader.clone())
+        .get_manifest(&r)
+        .await
+        .expect("pull with the CRI credential");
+    assert!(!got.bytes.is_empty());
+    // Another repository of the host gets nothing from it.
+    let other = Reference::parse(&format!("{host}/private/other:1")).expect("ref");
+    let e = client(reader)
+        .get_manifest(&other)
+        .await
+        .expect_err("no credential for another repository");
+    assert!(matches!(e, Error::NoCredentials { .. }), "{e}");
+
+    // A refused (stale) CRI credential gives way to the next source's.
+    store
+        .record(
+            &format!("{host}/private/app:1"),
+            &basic("carol", "expired"),
+            "",
+        )
+        .expect("record stale");
+    let chain: Arc<dyn Keychain> = Arc::new(ChainKeychain::new().with(store.clone()).with(
+        Arc::new(StaticKeychain::new(None, basic("carol", "cri-pw"))),
+    ));
+    let c = client(chain);
+    let m = c
+        .get_manifest(&r)
+        .await
+        .expect("next source after a refusal");
+    assert_eq!(m.bytes, got.bytes);
+    // The same client keeps preferring the working credential.
+    c.get_manifest(&r).await.expect("again");
+    // With no other source, the refusal is the registry's.
+    let e = client(store.clone())
+        .get_manifest(&r)
+        .await
+        .expect_err("stale only");
+    assert!(matches!(e, Error::Unauthorized { .. }), "{e}");
+    assert!(
+        e.to_string().contains("CRI PullImage credentials") && !e.to_string().contains("expired"),
+        "{e}"
+    );
+}
+
+/// Token auth: a credential the token issuer refuses (an expired ECR-style password)
+/// gives way to the next source's, and a 403 to a credential that lost its access
+/// makes the client ask the sources again once.
+#[tokio::test]
+async fn refused_and_forbidden_credentials_are_resolved_again() {
+    let dir = tempfile::tempdir().expect("tmp");
+    let issuer = TokenIssuer::start(
+        dir.path(),
+        IssuerOpts {
+            user: Some(("dave".into(), "fresh".into())),
+            expires_in: 60,
+            ..Default::default()
+        },
+    )
+    .await;
+    let Some(reg) = Registry::start(RegistryOpts {
+        token: Some(issuer.registry_config()),
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let r = push_private(&reg, "dave", "fresh").await;
+    let chain: Arc<dyn Keychain> = Arc::new(
+        ChainKeychain::new()
+            .with(Arc::new(StaticKeychain::new(None, basic("dave", "stale"))))
+            .with(Arc::new(StaticKeychain::new(None, basic("dave", "fresh")))),
+    );
+    let c = client(chain);
+    let img = c
+        .resolve_image(&r, &registry::Platform::host())
+        .await
+        .expect("token from the second source");
+    let layer = img.manifest.layers[0].clone();
+    let data = c
+        .blob_reader(&r, layer.digest.clone(), Some(layer.size))
+        .read_at(0, 100)
+        .await
+        .expect("blob read with the token");
+    assert_eq!(data.len(), 100);
+
+    // 403 (basic auth through a front that forbids one credential).
+    let Some(basic_reg) = Registry::start(RegistryOpts::default()) else {
+        return;
+    };
+    let pushed = push_image(
+        &basic_reg.base_url(),
+        "forbid/app",
+        "1",
+        &[random_bytes(5000, 3)],
+    )
+    .await;
+    let front = Front::start(FrontOpts {
+        upstream: basic_reg.base_url(),
+        require_basic: Some(("erin".into(), "ok".into())),
+        forbid_basic: Some(("erin".into(), "revoked".into())),
+        ..Default::default()
+    })
+    .await;
+    let fr = Reference::parse(&format!("{}/forbid/app:1", front.host())).expect("ref");
+    let chain: Arc<dyn Keychain> = Arc::new(
+        ChainKeychain::new()
+            .with(Arc::new(StaticKeychain::new(
+                None,
+                basic("erin", "revoked"),
+            )))
+            .with(Arc::new(StaticKeychain::new(None, basic("erin", "ok")))),
+    );
+    let digest = Digest::parse(&pushed.layer_digests[0]).expect("digest");
+    let data = client(chain)
+        .blob_reader(&fr, digest.clone(), Some(5000))
+        .read_at(10, 20)
+        .await
+        .expect("read after a 403");
+    assert_eq!(data.len(), 20);
+    assert!(testenv::FrontStats::get(&front.stats.forbidden) >= 1);
+    // Only the revoked one: the 403 stands after one more try.
+    let before = testenv::FrontStats::get(&front.stats.forbidden);
+    let e = client(Arc::new(StaticKeychain::new(
+        None,
+        basic("erin", "revoked"),
+    )))
+    .blob_reader(&fr, digest, Some(5000))
+    .read_at(10, 20)
+    .await
+    .expect_err("revoked only");
+    assert!(matches!(e, Error::Forbidden { .. }), "{e}");
+    // The ranged GET is tried twice, no more (a HEAD answered 403 before it is
+    // passed over: some registries refuse HEAD that way).
+    let forbidden = testenv::FrontStats::get(&front.stats.forbidden) - before;
+    assert!((2..=3).contains(&forbidden), "{forbidden} requests refused");
+}
+
+/// A kubelet credential provider whose `matchImages` names a path is asked by the
+/// client with the image's repository.
+#[tokio::test]
+async fn credential_provider_path_patterns_match_client_requests() {
+    let Some(reg) = Registry::start(RegistryOpts {
+        htpasswd: Some(("frank".into(), "path-pw".into())),
+        ..Default::default()
+    }) else {
+        return;
+    };
+    let host = reg.host();
+    let r = push_private(&reg, "frank", "path-pw").await;
+    let dir = tempfile::tempdir().expect("tempdir");
+    let bin = dir.path().join("bin");
+    std::fs::create_dir_all(&bin).expect("bin dir");
+    write_exec(
+        &bin.join("path-provider"),
+        &format!(
+            r#"#!/bin/sh
+cat > /dev/null
+cat <<EOF
+{{"apiVersion":"credentialprovider.kubelet.k8s.io/v1","kind":"CredentialProviderResponse","cacheKeyType":"Image","auth":{{"{host}/private/app":{{"username":"frank","password":"path-pw"}}}}}}
+EOF
+"#
+        ),
+    );
+    let config = dir.path().join("config.yaml");
+    std::fs::write(
+        &config,
+        format!(
+            "apiVersion: kubelet.config.k8s.io/v1\nkind: CredentialProviderConfig\nproviders:\n  - name: path-provider\n    matchImages:\n      - \"{host}/private/app\"\n    defaultCacheDuration: \"1m\"\n    apiVersion: credentialprovider.kubelet.k8s.io/v1\n"
+        ),
+    )
+    .expect("config");
+    let k: Arc<dyn Keychain> = Arc::new(
+        CredentialProviderKeychain::new(CredentialProviderOptions::new(&config, &bin))
+            .expect("keychain"),
+    );
+    client(k)
+        .get_manifest(&r)
+        .await
+        .expect("path pattern matched");
 }

@@ -447,7 +447,7 @@ async fn htpasswd_basic_auth_over_tls() {
         .get_manifest(&r)
         .await
         .expect_err("anonymous");
-    assert!(matches!(e, Error::Unauthorized { .. }), "{e}");
+    assert!(matches!(e, Error::NoCredentials { .. }), "{e}");
     assert!(e.to_string().contains("anonymous"), "{e}");
 }
 
@@ -466,6 +466,7 @@ async fn bearer_tokens_refresh_and_identity_tokens() {
             refresh_tokens: vec!["refresh-abc".into()],
             expires_in: 2,
             stale_first: 1,
+            ..Default::default()
         },
     )
     .await;

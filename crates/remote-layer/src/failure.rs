@@ -48,6 +48,9 @@ pub enum MountError {
     /// The registry refused the credentials (401, 403) or they could not be read.
     #[error("registry refused the credentials: {0}")]
     AuthRefused(String),
+    /// The registry wants credentials and no credential source had any for it.
+    #[error("no credentials for the registry: {0}")]
+    NoCredentials(String),
     /// The image, its manifest or the blob does not exist.
     #[error("not found: {0}")]
     NotFound(String),
@@ -78,6 +81,7 @@ impl MountError {
             MountError::Unverifiable(_) => "unverifiable",
             MountError::RegistryUnreachable(_) => "registry_unreachable",
             MountError::AuthRefused(_) => "auth_refused",
+            MountError::NoCredentials(_) => "no_credentials",
             MountError::NotFound(_) => "not_found",
             MountError::Timeout(_) => "timeout",
             MountError::Unavailable(_) => "unavailable",
@@ -103,6 +107,7 @@ impl MountError {
             | MountError::Unverifiable(d)
             | MountError::RegistryUnreachable(d)
             | MountError::AuthRefused(d)
+            | MountError::NoCredentials(d)
             | MountError::NotFound(d)
             | MountError::Timeout(d)
             | MountError::Unavailable(d)
@@ -126,6 +131,7 @@ impl MountError {
             | MountError::TocDigestMismatch(_)
             | MountError::Unverifiable(_)
             | MountError::AuthRefused(_)
+            | MountError::NoCredentials(_)
             | MountError::NotFound(_)
             | MountError::Disabled
             | MountError::Other(_) => Fallback::Pull,
@@ -146,6 +152,7 @@ mod tests {
             MountError::Unverifiable(s()),
             MountError::RegistryUnreachable(s()),
             MountError::AuthRefused(s()),
+            MountError::NoCredentials(s()),
             MountError::NotFound(s()),
             MountError::Timeout(s()),
             MountError::Unavailable(s()),
@@ -175,6 +182,7 @@ mod tests {
             MountError::NotEstargz("no footer".into()),
             MountError::TocDigestMismatch("sha256:a != sha256:b".into()),
             MountError::AuthRefused("401".into()),
+            MountError::NoCredentials("401".into()),
             MountError::InvalidLabels("bad digest".into()),
             MountError::Disabled,
         ] {

@@ -25,6 +25,11 @@ pub trait RemoteFs: Send + Sync + 'static {
     fn mounted(&self) -> impl Future<Output = Result<Vec<PathBuf>, MountError>> + Send {
         std::future::ready(Ok(Vec::new()))
     }
+    /// A Prepare of a layer falls back to an ordinary pull (a full download) for
+    /// `reason`: the snapshotter has logged it, the filesystem may count it.
+    fn fell_back(&self, reason: &MountError) {
+        let _ = reason;
+    }
 }
 
 /// A [`RemoteFs`] that never mounts anything: every layer is downloaded by containerd.
@@ -60,5 +65,8 @@ impl<T: RemoteFs> RemoteFs for std::sync::Arc<T> {
     }
     fn mounted(&self) -> impl Future<Output = Result<Vec<PathBuf>, MountError>> + Send {
         (**self).mounted()
+    }
+    fn fell_back(&self, reason: &MountError) {
+        (**self).fell_back(reason)
     }
 }

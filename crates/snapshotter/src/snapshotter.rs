@@ -312,7 +312,15 @@ impl<R: RemoteFs> Snapshotter<R> {
                         return Err(err);
                     }
                 }
-                Err(e) => tracing::debug!(key, reason = %e, "not a remote layer"),
+                // A layer containerd unpacks (it names the snapshot it will commit)
+                // without the labels saying where to fetch it: a plain pull, or the
+                // CRI plugin with snapshot annotations disabled.
+                Err(e) => {
+                    let e = MountError::InvalidLabels(e.to_string());
+                    tracing::warn!(key, target = %target, kind = e.kind(), error = %e,
+                        "no remote layer labels; falling back to an ordinary pull");
+                    self.remote.fell_back(&e);
+                }
             }
         }
         self.mounts_of(ns, &rec).await
@@ -345,15 +353,17 @@ impl<R: RemoteFs> Snapshotter<R> {
         if let Err(e) = mounted {
             cancel.armed = false;
             // Either way containerd downloads this layer; the kind says whether a
-            // later Prepare of it may mount it remotely after all.
+            // later Prepare of it may mount it remotely after all. One line per layer,
+            // loud: a full pull where a lazy one was expected is worth noticing.
             match e.fallback() {
-                Fallback::Pull => tracing::info!(key, layer = %layer.digest,
+                Fallback::Pull => tracing::warn!(key, layer = %layer.digest,
                     image = %layer.image_ref, kind = e.kind(), error = %e,
                     "remote mount failed; falling back to an ordinary pull"),
-                Fallback::Retry => tracing::info!(key, layer = %layer.digest,
+                Fallback::Retry => tracing::warn!(key, layer = %layer.digest,
                     image = %layer.image_ref, kind = e.kind(), error = %e,
                     "remote mount failed for a passing reason; falling back to an ordinary pull"),
             }
+            self.remote.fell_back(&e);
             return None;
         }
         labels.insert(label::REMOTE.to_string(), "remote snapshot".to_string());

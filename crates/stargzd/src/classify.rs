@@ -55,6 +55,7 @@ fn registry_kind(e: &registry::Error, text: String) -> MountError {
         R::Unauthorized { .. } | R::Forbidden { .. } | R::Credentials { .. } => {
             MountError::AuthRefused(text)
         }
+        R::NoCredentials { .. } => MountError::NoCredentials(text),
         R::Status {
             status: 401 | 403, ..
         } => MountError::AuthRefused(text),
@@ -110,6 +111,13 @@ mod tests {
                     credentials_source: "none".into(),
                 },
                 "auth_refused",
+            ),
+            (
+                registry::Error::NoCredentials {
+                    host: host(),
+                    credentials_source: "docker config".into(),
+                },
+                "no_credentials",
             ),
             (
                 registry::Error::Forbidden {

@@ -80,6 +80,9 @@ pub struct DaemonConfig {
     pub kubeconfig_keychain: registry::KubeconfigKeychainConfig,
     /// `[credential_provider_keychain]` (ours): kubelet's credential provider plugins.
     pub credential_provider_keychain: registry::CredentialProviderKeychainConfig,
+    /// `[cri_keychain]` (the reference's keys): the daemon proxies the CRI image
+    /// service and keeps each `PullImage`'s credentials.
+    pub cri_keychain: registry::CriKeychainConfig,
 }
 
 impl DaemonConfig {
@@ -131,6 +134,9 @@ impl DaemonConfig {
             section("credential_provider_keychain")?
                 .try_into()
                 .context("[credential_provider_keychain]")?;
+        let cri_keychain: registry::CriKeychainConfig = section("cri_keychain")?
+            .try_into()
+            .context("[cri_keychain]")?;
         let disable_remote_snapshots = match table.get("disable_remote_snapshots") {
             None => false,
             Some(toml::Value::Boolean(b)) => *b,
@@ -151,16 +157,38 @@ impl DaemonConfig {
             no_prometheus: metrics.no_prometheus,
             kubeconfig_keychain,
             credential_provider_keychain,
+            cri_keychain,
         })
     }
 
-    /// Where registry credentials come from, first answer wins: docker's `config.json`
+    /// The credentials captured from CRI `PullImage` calls, kept under `root`, when
+    /// `[cri_keychain]` is enabled. The daemon records into it; the process that
+    /// mounts layers (the daemon or the FUSE manager) reads it through [`keychain`].
+    ///
+    /// [`keychain`]: DaemonConfig::keychain
+    pub fn cri_credentials(&self, root: &Path) -> Option<Arc<registry::CriKeychain>> {
+        self.cri_keychain.open(root).map(Arc::new)
+    }
+
+    /// Where registry credentials come from, first answer wins: the credentials
+    /// kubelet pulled the image with (`cri`, per repository), docker's `config.json`
     /// (and its helpers), then the cluster's secrets, then kubelet's credential
-    /// provider plugins, as configured. Call inside the tokio runtime (the kubeconfig
-    /// keychain watches the API server from a task).
-    pub fn keychain(&self) -> Result<Arc<dyn registry::Keychain>> {
-        let mut chain = registry::ChainKeychain::new()
-            .with(Arc::new(registry::DockerConfigKeychain::from_env()));
+    /// provider plugins, as configured. When a registry refuses the first answer, the
+    /// client goes on with the next source's. Call inside the tokio runtime (the
+    /// kubeconfig keychain watches the API server from a task).
+    pub fn keychain(
+        &self,
+        cri: Option<Arc<registry::CriKeychain>>,
+    ) -> Result<Arc<dyn registry::Keychain>> {
+        let mut chain = registry::ChainKeychain::new();
+        if let Some(k) = cri {
+            tracing::info!(
+                entries = k.len(),
+                "registry credentials from CRI PullImage calls (cri keychain)"
+            );
+            chain = chain.with(k);
+        }
+        let mut chain = chain.with(Arc::new(registry::DockerConfigKeychain::from_env()));
         if let Some(k) = self.kubeconfig_keychain.start() {
             tracing::info!("registry credentials from Kubernetes secrets (kubeconfig keychain)");
             chain = chain.with(Arc::new(k));
@@ -255,6 +283,7 @@ mod tests {
         let c = DaemonConfig::parse(&format!(
             "[kubeconfig_keychain]\nenable_keychain = true\nkubeconfig_path = \"/etc/kubernetes/snapshotter/config.conf\"\n\
              [credential_provider_keychain]\nenable_keychain = false\nconfig_path = \"/etc/kubernetes/cp.yaml\"\n\
+             [cri_keychain]\nenable_keychain = true\nimage_service_path = \"/run/k3s/containerd/containerd.sock\"\n\
              [resolver]\nconfig_path = \"{}\"\n",
             hosts.path().display()
         ))
@@ -265,6 +294,18 @@ mod tests {
             Some(Path::new("/etc/kubernetes/snapshotter/config.conf"))
         );
         assert!(!c.credential_provider_keychain.enable_keychain);
+        assert!(c.cri_keychain.enable_keychain);
+        assert_eq!(
+            c.cri_keychain.image_service_path(),
+            Path::new("/run/k3s/containerd/containerd.sock")
+        );
+        assert_eq!(c.cri_keychain.listen_path, None);
+        let root = tempfile::tempdir().unwrap();
+        let store = c.cri_credentials(root.path()).expect("enabled");
+        assert_eq!(
+            store.path(),
+            Some(root.path().join(registry::CRI_CREDENTIALS_FILE).as_path())
+        );
         let host = c
             .registry
             .resolver

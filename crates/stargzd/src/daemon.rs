@@ -16,6 +16,7 @@ use snapshotter::{NoRemote, RemoteFs, Snapshotter};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::DaemonConfig;
+use crate::cri::CriProxy;
 use crate::manager::client::ManagerClient;
 use crate::manager::launch::Launch;
 use crate::metrics::{self, DaemonMetrics};
@@ -95,6 +96,31 @@ impl RemoteFs for DaemonRemote {
     }
 }
 
+/// The daemon's [`DaemonRemote`] with the layers that fall back to a full pull counted
+/// (`stargz_layer_fallbacks_total`).
+pub struct Counted {
+    pub remote: DaemonRemote,
+    pub fallbacks: metrics::FallbackMetrics,
+}
+
+impl RemoteFs for Counted {
+    async fn mount(&self, mp: &Path, layer: &RemoteLayer) -> Result<(), MountError> {
+        self.remote.mount(mp, layer).await
+    }
+    async fn check(&self, mp: &Path) -> Result<(), MountError> {
+        self.remote.check(mp).await
+    }
+    async fn unmount(&self, mp: &Path) -> Result<(), MountError> {
+        self.remote.unmount(mp).await
+    }
+    async fn mounted(&self) -> Result<Vec<PathBuf>, MountError> {
+        self.remote.mounted().await
+    }
+    fn fell_back(&self, reason: &MountError) {
+        self.fallbacks.record(reason);
+    }
+}
+
 /// What the daemon mounts layers with, per config: nothing, a FUSE manager (the
 /// default), or FUSE sessions inside the daemon (`[fuse_manager] enable = false`, or
 /// when the manager cannot be started). The manager client is returned too, so
@@ -103,6 +129,7 @@ pub async fn daemon_remote(
     cfg: DaemonConfig,
     opts: &Options,
     metrics: &DaemonMetrics,
+    cri: Option<Arc<registry::CriKeychain>>,
 ) -> (DaemonRemote, Option<Arc<ManagerClient>>) {
     if cfg.disable_remote_snapshots {
         tracing::info!("remote snapshots disabled by config");
@@ -127,7 +154,7 @@ pub async fn daemon_remote(
                 "FUSE manager unavailable; mounting in this process (mounts end with it)"),
         }
     }
-    let remote = cfg.keychain().and_then(|keychain| {
+    let remote = cfg.keychain(cri).and_then(|keychain| {
         FuseRemote::new(
             cfg.fs,
             cfg.registry,
@@ -176,17 +203,37 @@ async fn run(args: Options, cfg: DaemonConfig) -> Result<()> {
         tracing::info!("no_prometheus is set; metrics_address ignored");
     }
     let allow_invalid_mounts_on_restart = cfg.allow_invalid_mounts_on_restart;
-    let (remote, fuse_manager) = daemon_remote(cfg, &args, &metrics).await;
+    // One store: this process records into it, and reads it when it mounts layers
+    // itself; a FUSE manager reads the file it is kept in.
+    let cri_store = cfg.cri_credentials(&args.root);
+    let cri = match &cri_store {
+        Some(store) => {
+            let backend = cfg.cri_keychain.image_service_path();
+            tracing::info!(backend = %backend.display(), "CRI image service proxied (cri keychain)");
+            Some(Arc::new(CriProxy::new(&backend, store.clone())?))
+        }
+        None => None,
+    };
+    let cri_listen = cfg
+        .cri_keychain
+        .listen_path
+        .clone()
+        .filter(|p| !p.as_os_str().is_empty() && *p != args.address);
+    let (remote, fuse_manager) = daemon_remote(cfg, &args, &metrics, cri_store).await;
     if let Some(addr) = &metrics_address {
         // With a FUSE manager the layers, their fetches and the cache live there.
         let source = match &fuse_manager {
-            Some(m) => metrics::Source::Manager(m.clone()),
+            Some(m) => metrics::Source::Manager(m.clone(), metrics.fallbacks.clone()),
             None => metrics::Source::Local(metrics.clone()),
         };
         metrics::serve(addr, source).await?;
     }
     let mut sn_opts = snapshotter::Options::new(args.root.join("snapshotter"));
     sn_opts.allow_invalid_mounts_on_restart = allow_invalid_mounts_on_restart;
+    let remote = Counted {
+        remote,
+        fallbacks: metrics.fallbacks.clone(),
+    };
     let sn = Arc::new(Snapshotter::open(sn_opts, remote)?);
     // As the reference: a remote snapshot that cannot be mounted again stops the start
     // unless allow_invalid_mounts_on_restart says to go on without it.
@@ -196,20 +243,32 @@ async fn run(args: Options, cfg: DaemonConfig) -> Result<()> {
         .context("restoring remote snapshots")?;
     tracing::info!(restored, "remote snapshots restored");
     let listener = snapshotter::bind(&args.address)?;
+    let mut routes =
+        tonic::service::Routes::new(snapshotter::Service::new(sn.clone()).into_server());
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    let mut cri_server = None;
+    if let Some(p) = &cri {
+        match &cri_listen {
+            None => routes = routes.add_service(p.v1()).add_service(p.v1alpha2()),
+            Some(path) => {
+                let l = snapshotter::bind(path)?;
+                tracing::info!(address = %path.display(), "serving the CRI image service");
+                let own = tonic::service::Routes::new(p.v1()).add_service(p.v1alpha2());
+                cri_server = Some((path.clone(), tokio::spawn(serve(own, l, stop_rx.clone()))));
+            }
+        }
+    }
     tracing::info!(address = %args.address.display(), root = %args.root.display(), "serving");
     sd_notify_ready();
 
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
-    let (tx, rx) = tokio::sync::oneshot::channel::<bool>();
-    let server = tokio::spawn(snapshotter::serve(sn.clone(), listener, async move {
-        let _ = rx.await;
-    }));
+    let server = tokio::spawn(serve(routes, listener, stop_rx));
     let unmount = tokio::select! {
         _ = sigint.recv() => { tracing::info!("SIGINT: unmounting remote snapshots and exiting"); true }
         _ = sigterm.recv() => { tracing::info!("SIGTERM: exiting, mounts stay"); false }
     };
-    let _ = tx.send(unmount);
+    let _ = stop_tx.send(true);
     if unmount {
         sn.unmount_all().await?;
         if let Some(m) = &fuse_manager {
@@ -221,5 +280,27 @@ async fn run(args: Options, cfg: DaemonConfig) -> Result<()> {
     // In-flight requests get a moment; containerd retries on its side.
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), server).await;
     let _ = std::fs::remove_file(&args.address);
+    if let Some((path, task)) = cri_server {
+        let _ = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+        let _ = std::fs::remove_file(path);
+    }
     Ok(())
+}
+
+/// Serves gRPC `routes` on `listener` until `stop` turns true.
+async fn serve(
+    routes: tonic::service::Routes,
+    listener: tokio::net::UnixListener,
+    mut stop: tokio::sync::watch::Receiver<bool>,
+) {
+    let incoming = tokio_stream::wrappers::UnixListenerStream::new(listener);
+    let res = tonic::transport::Server::builder()
+        .add_routes(routes)
+        .serve_with_incoming_shutdown(incoming, async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = res {
+        tracing::error!(error = %e, "gRPC server failed");
+    }
 }

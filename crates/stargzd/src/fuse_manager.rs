@@ -118,7 +118,9 @@ async fn run(args: &Options, cfg: DaemonConfig, digest: String) -> Result<()> {
     // Bound first: a second manager gives up before it touches anything.
     let listener = bind(&args.address).await?;
     let metrics = DaemonMetrics::default();
-    let remote = cfg.keychain().and_then(|keychain| {
+    // Credentials the daemon captured from CRI pulls, read from the file it keeps.
+    let cri = cfg.cri_credentials(&args.root);
+    let remote = cfg.keychain(cri).and_then(|keychain| {
         FuseRemote::new(
             cfg.fs,
             cfg.registry,

@@ -5,13 +5,15 @@
 //! Modules depend on each other one way only, from the bottom up:
 //! [`config`] and [`manager::protocol`] need nothing of this crate; [`manager::launch`]
 //! reads [`config`]; [`manager::client`] speaks the protocol to a launched manager;
-//! [`metrics`] scrapes this process or that client; `classify` sorts `fs` and
+//! [`metrics`] scrapes this process or that client; [`cri`] forwards the CRI image
+//! service and records its credentials (no other module of this crate); `classify` sorts `fs` and
 //! `registry` errors into [`remote_layer::MountError`] kinds; `preopen` opens layers
 //! with them; [`remote`] mounts what `preopen` opened; [`fuse_manager`] and
 //! [`daemon`] put these together into the two processes.
 
 mod classify;
 pub mod config;
+pub mod cri;
 pub mod daemon;
 pub mod fuse_manager;
 pub mod manager;

@@ -1,5 +1,6 @@
 //! The daemon's Prometheus endpoint: one registry holding the `fs` and `registry`
-//! metrics handles, served as text on `GET /metrics` at `metrics_address`.
+//! metrics handles and the daemon's own fallback counter, served as text on
+//! `GET /metrics` at `metrics_address`.
 
 use std::convert::Infallible;
 use std::sync::Arc;
@@ -9,7 +10,11 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
 use prometheus_client::registry::Registry;
+use remote_layer::MountError;
 
 use crate::manager::client::ManagerClient;
 
@@ -18,31 +23,100 @@ use crate::manager::client::ManagerClient;
 pub struct DaemonMetrics {
     pub fs: fs::FsMetrics,
     pub registry: registry::RegistryMetrics,
+    /// Counted where the snapshotter runs (the daemon), never in a FUSE manager.
+    pub fallbacks: FallbackMetrics,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct Reason {
+    reason: String,
+}
+
+/// `stargz_layer_fallbacks_total{reason}`: layers a Prepare asked to mount lazily
+/// that were downloaded in full instead, by the [`MountError::kind`] that made them.
+#[derive(Clone, Default)]
+pub struct FallbackMetrics {
+    total: Family<Reason, Counter>,
+}
+
+impl FallbackMetrics {
+    /// One more layer fell back for `reason`.
+    pub fn record(&self, reason: &MountError) {
+        self.total
+            .get_or_create(&Reason {
+                reason: reason.kind().to_string(),
+            })
+            .inc();
+    }
+
+    /// Layers counted for `reason` (a [`MountError::kind`]) so far.
+    pub fn count(&self, reason: &str) -> u64 {
+        self.total
+            .get_or_create(&Reason {
+                reason: reason.to_string(),
+            })
+            .get()
+    }
+
+    fn register(&self, registry: &mut Registry) {
+        registry.sub_registry_with_prefix("stargz_layer").register(
+            "fallbacks",
+            "Layers downloaded in full instead of mounted lazily, by reason",
+            self.total.clone(),
+        );
+    }
+
+    /// The counter alone in Prometheus text form, without the closing `# EOF`.
+    fn encode(&self) -> String {
+        let mut reg = Registry::default();
+        self.register(&mut reg);
+        let mut out = String::new();
+        let _ = prometheus_client::encoding::text::encode_registry(&mut out, &reg);
+        out
+    }
 }
 
 /// Where a scrape's text comes from: this process, or the FUSE manager process that
-/// holds the layers (their mounts, fetches and cache are counted there).
+/// holds the layers (their mounts, fetches and cache are counted there) with this
+/// process's fallback counter.
 #[derive(Clone)]
 pub enum Source {
     Local(DaemonMetrics),
-    Manager(Arc<ManagerClient>),
+    Manager(Arc<ManagerClient>, FallbackMetrics),
 }
 
 impl Source {
     async fn text(&self) -> Result<String> {
         match self {
             Source::Local(m) => Ok(m.encode()),
-            Source::Manager(c) => c.metrics_text().await,
+            Source::Manager(c, fallbacks) => {
+                let text = c.metrics_text().await?;
+                let body = text.strip_suffix("# EOF\n").unwrap_or(&text);
+                Ok(format!("{body}{}# EOF\n", fallbacks.encode()))
+            }
         }
     }
 }
 
 impl DaemonMetrics {
-    /// Every metric in Prometheus text form.
+    /// Every metric of this process in Prometheus text form.
     pub fn encode(&self) -> String {
+        self.encode_with(true)
+    }
+
+    /// The layer metrics (FUSE, cache, registry) alone: what a FUSE manager serves,
+    /// the daemon adding its fallback counter.
+    pub fn encode_layers(&self) -> String {
+        self.encode_with(false)
+    }
+
+    fn encode_with(&self, fallbacks: bool) -> String {
         let mut reg = Registry::default();
         self.fs.register(&mut reg);
         self.registry.register(&mut reg);
+        if fallbacks {
+            self.fallbacks.register(&mut reg);
+        }
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &reg);

@@ -157,6 +157,9 @@ impl LayerPool {
                     .block_on(fs::RegistryFetcher::new(reader, handle.clone()))
                     .map_err(|e| classify::io_error(&e).context(format!("blob {digest}")))?,
             };
+            if toc_digest.is_none() && !cfg.disable_verification && !cfg.allow_no_verification {
+                return Err(without_toc_digest(&fetcher, &digest));
+            }
             let desc = fs::LayerDesc {
                 digest: digest.to_string(),
                 size: fs::Fetcher::size(&fetcher),
@@ -178,6 +181,27 @@ impl LayerPool {
         let opening = async move { task.await.map_err(joined)? }.boxed().shared();
         map.insert(k, (Instant::now(), opening.clone()));
         opening
+    }
+}
+
+/// Why a layer without a TOC digest is not served: it is no eStargz at all (a plain
+/// layer, the common case), or an eStargz layer that cannot be verified. One read of
+/// the blob's tail tells them apart, so the fallback names the reason that helps.
+fn without_toc_digest(fetcher: &fs::RegistryFetcher, digest: &Digest) -> MountError {
+    let size = fs::Fetcher::size(fetcher);
+    let tail = size.min(estargz::MAX_FOOTER_SIZE as u64);
+    let range = size - tail..size;
+    let bytes = match fs::Fetcher::read_ranges(fetcher, std::slice::from_ref(&range)) {
+        Ok(mut parts) if parts.len() == 1 => parts.remove(0),
+        Ok(_) => return MountError::Other(format!("blob {digest}: short read of its tail")),
+        Err(e) => return classify::io_error(&e).context(format!("blob {digest}")),
+    };
+    match estargz::Footer::detect(&bytes, size) {
+        Err(e) => MountError::NotEstargz(format!("layer {digest}: {e}")),
+        Ok(_) => MountError::Unverifiable(format!(
+            "eStargz layer {digest} has no TOC digest annotation \
+             (allow_no_verification serves such layers unverified)"
+        )),
     }
 }
 

@@ -73,7 +73,7 @@ impl FuseRemote {
 
     /// This process's metrics (layers, FUSE, cache, registry) in Prometheus text form.
     pub fn metrics_text(&self) -> String {
-        self.metrics.encode()
+        self.metrics.encode_layers()
     }
 
     fn handles(&self) -> std::sync::MutexGuard<'_, HashMap<PathBuf, fs::MountHandle>> {

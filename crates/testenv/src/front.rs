@@ -24,6 +24,9 @@ pub struct FrontOpts {
     pub upstream: String,
     /// Demand these basic credentials on every request (then strip them).
     pub require_basic: Option<(String, String)>,
+    /// Answer 403 to requests with these basic credentials (accepted, without
+    /// access: a credential that lost its rights).
+    pub forbid_basic: Option<(String, String)>,
     /// Answer blob GETs with 307 to this base URL (+ path + `?sig=N`).
     pub redirect_blobs_to: Option<String>,
     /// As a redirect target: each `sig` serves this many requests, then 403.
@@ -172,6 +175,21 @@ async fn handle(st: &State, req: Request<hyper::body::Incoming>) -> Response<Bod
         .get("range")
         .and_then(|v| v.to_str().ok())
         .map(str::to_string);
+    if let Some((u, p)) = &st.opts.forbid_basic {
+        let refused = format!(
+            "Basic {}",
+            base64::engine::general_purpose::STANDARD.encode(format!("{u}:{p}"))
+        );
+        if req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok())
+            == Some(refused.as_str())
+        {
+            s.forbidden.fetch_add(1, Ordering::SeqCst);
+            return respond(403, r#"{"errors":[{"code":"DENIED"}]}"#);
+        }
+    }
     if let Some((u, p)) = &st.opts.require_basic {
         let want = format!(
             "Basic {}",

@@ -27,6 +27,10 @@ pub struct IssuerOpts {
     /// The first N tokens are already expired for the registry (even with its
     /// 60 s leeway) while claiming a long life, to exercise refresh on 401.
     pub stale_first: usize,
+    /// Seconds after which the registry refuses each token (its 60 s leeway taken
+    /// into account), whatever `expires_in` claims; 0: the claimed life. Tokens that
+    /// expire under a client that still trusts them, as real ones do.
+    pub registry_life: u64,
 }
 
 /// A running token issuer. Aborted on drop.
@@ -171,6 +175,9 @@ async fn handle(
     };
     let (nbf, exp) = if stale {
         (now - 600, now - 300)
+    } else if st.opts.registry_life > 0 {
+        // distribution accepts a token until 60 s past its `exp`.
+        (now - 5, (now + st.opts.registry_life).saturating_sub(60))
     } else {
         // The reply may claim any lifetime; the JWT itself stays within ten years.
         (now - 5, now + life.min(10 * 365 * 86400))
