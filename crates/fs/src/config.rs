@@ -11,18 +11,31 @@ use crate::error::{Error, Result};
 pub const DEFAULT_PREFETCH_TIMEOUT_SEC: u64 = 10;
 /// Default FUSE attribute/entry cache lifetime.
 pub const DEFAULT_FUSE_TIMEOUT_SEC: u64 = 1;
-/// Default number of concurrent background fetches per layer.
+/// Default number of background fetches in flight in a process.
 pub const DEFAULT_MAX_CONCURRENCY: usize = 2;
+/// Default lifetime of a layer opened ahead of its mount, as in the reference.
+pub const DEFAULT_RESOLVE_RESULT_ENTRY_TTL_SEC: u64 = 120;
 
-/// Where decompressed chunks are kept.
+/// Where decompressed chunks are kept. As in the reference, `memory` means memory and
+/// any other value (`directory`, `""`, anything) means the directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", from = "String")]
 pub enum CacheType {
     /// On disk under the cache directory, with a memory LRU in front.
     #[default]
     Directory,
     /// Only in the memory LRU.
     Memory,
+}
+
+impl From<String> for CacheType {
+    fn from(s: String) -> CacheType {
+        if s == "memory" {
+            CacheType::Memory
+        } else {
+            CacheType::Directory
+        }
+    }
 }
 
 /// `[directory_cache]`.
@@ -94,11 +107,21 @@ pub struct Config {
     /// Cache of decompressed file data; `directory` or `memory`.
     pub filesystem_cache_type: CacheType,
     pub prefetch_timeout_sec: u64,
+    /// Bytes from the start of a layer to prefetch when it has no prefetch landmark
+    /// (the `containerd.io/snapshot/remote/stargz.prefetch` label wins); 0 = none.
+    pub prefetch_size: i64,
+    /// A prefetch larger than this many bytes no longer holds up the mount (it goes
+    /// on in the background); 0 = always wait (up to `prefetch_timeout_sec`).
+    pub prefetch_async_size: i64,
+    /// Seconds a layer opened ahead of its mount (with its manifest lookup) is kept
+    /// for that mount; 0 = 120, as in the reference.
+    pub resolve_result_entry_ttl_sec: i64,
     pub noprefetch: bool,
     pub no_background_fetch: bool,
     pub allow_no_verification: bool,
     pub disable_verification: bool,
-    /// Concurrent background fetches per layer.
+    /// Background fetches in flight at once, over every layer of the process (the
+    /// reference's meaning); each layer runs up to this many workers.
     pub max_concurrency: usize,
     /// Not a reference key: milliseconds without prioritized work (mounts, prefetch,
     /// reads) in any layer before background fetch runs.
@@ -116,6 +139,9 @@ impl Default for Config {
             http_cache_type: CacheType::Directory,
             filesystem_cache_type: CacheType::Directory,
             prefetch_timeout_sec: DEFAULT_PREFETCH_TIMEOUT_SEC,
+            prefetch_size: 0,
+            prefetch_async_size: 0,
+            resolve_result_entry_ttl_sec: 0,
             noprefetch: false,
             no_background_fetch: false,
             allow_no_verification: false,
@@ -144,6 +170,22 @@ impl Config {
 
     pub(crate) fn background_workers(&self) -> usize {
         self.max_concurrency.clamp(1, 8)
+    }
+
+    /// How long a layer opened ahead waits for its mount.
+    pub fn resolve_result_ttl(&self) -> std::time::Duration {
+        let secs = match self.resolve_result_entry_ttl_sec {
+            n if n > 0 => n.unsigned_abs(),
+            _ => DEFAULT_RESOLVE_RESULT_ENTRY_TTL_SEC,
+        };
+        std::time::Duration::from_secs(secs)
+    }
+
+    /// The prefetch size to use without a prefetch landmark: `label` (the snapshot's
+    /// prefetch label) if given, else `prefetch_size`; `None` when that is not positive.
+    pub fn prefetch_bytes(&self, label: Option<u64>) -> Option<u64> {
+        let n = label.unwrap_or_else(|| self.prefetch_size.max(0).unsigned_abs());
+        (n > 0).then_some(n)
     }
 }
 
@@ -183,6 +225,44 @@ mod tests {
         assert_eq!(cfg.fuse.entry_timeout, 6);
         assert!(!cfg.fuse.passthrough);
         assert_eq!(cfg.max_concurrency, 4);
+    }
+
+    #[test]
+    fn cache_types_as_the_reference() {
+        for (v, want) in [
+            ("memory", CacheType::Memory),
+            ("directory", CacheType::Directory),
+            ("", CacheType::Directory),
+            ("disk", CacheType::Directory),
+            ("Memory", CacheType::Directory),
+        ] {
+            let cfg = Config::from_toml(&format!(
+                "http_cache_type = {v:?}\nfilesystem_cache_type = {v:?}\n"
+            ))
+            .expect("any string is accepted");
+            assert_eq!(cfg.http_cache_type, want, "{v:?}");
+            assert_eq!(
+                cfg.uses_directory_cache(),
+                want == CacheType::Directory,
+                "{v:?}"
+            );
+        }
+        assert!(Config::from_toml("http_cache_type = 1\n").is_err());
+    }
+
+    #[test]
+    fn prefetch_sizes_and_ttl() {
+        let cfg = Config::from_toml("prefetch_size = 4096\nresolve_result_entry_ttl_sec = 7\n")
+            .expect("valid");
+        assert_eq!(cfg.prefetch_bytes(None), Some(4096));
+        assert_eq!(cfg.prefetch_bytes(Some(10)), Some(10));
+        assert_eq!(cfg.prefetch_bytes(Some(0)), None);
+        assert_eq!(cfg.resolve_result_ttl(), std::time::Duration::from_secs(7));
+        let d = Config::default();
+        assert_eq!(d.prefetch_bytes(None), None);
+        assert_eq!(d.resolve_result_ttl(), std::time::Duration::from_secs(120));
+        let neg = Config::from_toml("prefetch_size = -1\n").expect("valid");
+        assert_eq!(neg.prefetch_bytes(None), None);
     }
 
     #[test]
