@@ -170,7 +170,16 @@ const TOP: &[(&str, Key)] = &[
     ("metadata_store", Check(metadata_store)),
     (
         "fuse_manager",
-        Table(&[("enable", Used), ("address", Used), ("path", Used)]),
+        Table(&[
+            ("enable", Used),
+            ("address", Used),
+            ("path", Used),
+            // Newer than v0.18 in the reference.
+            (
+                "metrics_address",
+                Ignored("the daemon's metrics_address answers with the FUSE manager's metrics"),
+            ),
+        ]),
     ),
     ("background_fetch_quiet_msec", Used),
     ("sequential_readahead_kib", Used),

@@ -392,8 +392,14 @@ async fn reference_metric_names_are_ours_too() {
     // with the operations this workload makes, and its process metrics.
     for (name, op) in [
         ("stargz_fs_operation_duration_milliseconds_count", "mount"),
-        ("stargz_fs_operation_duration_milliseconds_count", "stargz_toc_get"),
-        ("stargz_fs_operation_duration_microseconds_count", "read_on_demand"),
+        (
+            "stargz_fs_operation_duration_milliseconds_count",
+            "stargz_toc_get",
+        ),
+        (
+            "stargz_fs_operation_duration_microseconds_count",
+            "read_on_demand",
+        ),
         ("stargz_fs_operation_count", "on_demand_read_access_count"),
         ("stargz_fs_bytes_served", "on_demand_bytes_served"),
         ("stargz_fs_layer_fetched_size_bytes", ""),
@@ -402,7 +408,11 @@ async fn reference_metric_names_are_ours_too() {
         let seen = theirs
             .get(name)
             .is_some_and(|ops| op.is_empty() || ops.contains(op));
-        assert!(seen, "{}", fail(format!("the reference has no {name} {op}")));
+        assert!(
+            seen,
+            "{}",
+            fail(format!("the reference has no {name} {op}"))
+        );
     }
     let mut listed: Vec<String> = theirs
         .iter()
