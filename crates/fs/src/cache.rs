@@ -231,9 +231,7 @@ impl ChunkCache {
         let cache = cache.with_background_quiet(quiet);
         // `max_concurrency` bounds background windows over every layer sharing this
         // cache, as the reference's background task manager does.
-        cache
-            .priority
-            .set_background_limit(cfg.max_concurrency.max(1));
+        cache.priority.set_background_limit(cfg.background_limit());
         Ok(Arc::new(cache))
     }
 

@@ -50,8 +50,8 @@ pub fn mount(layer: Arc<Layer>, mountpoint: &Path, opts: &MountOptions<'_>) -> R
         source,
     };
     let fopts = FuseOpts {
-        attr_ttl: Duration::from_secs(cfg.fuse.attr_timeout),
-        entry_ttl: Duration::from_secs(cfg.fuse.entry_timeout),
+        attr_ttl: cfg.fuse.attr_ttl(),
+        entry_ttl: cfg.fuse.entry_ttl(),
         passthrough: cfg.fuse.passthrough,
     };
     let passthrough_opens = Arc::new(AtomicU64::new(0));
@@ -110,10 +110,7 @@ pub fn mount(layer: Arc<Layer>, mountpoint: &Path, opts: &MountOptions<'_>) -> R
     }
     if wait {
         let started = Instant::now();
-        if !handle
-            .layer
-            .wait_prefetch(Duration::from_secs(cfg.prefetch_timeout_sec))
-        {
+        if !handle.layer.wait_prefetch(cfg.prefetch_timeout()) {
             warn!(layer = %handle.layer.desc().digest, "prefetch still running; mount proceeds");
         }
         handle.prefetch_waited = started.elapsed();

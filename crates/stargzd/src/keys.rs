@@ -15,6 +15,9 @@ enum Key {
     Ignored(&'static str),
     /// Looked at by value: `Some(reason)` when this value cannot be honoured.
     Check(fn(&toml::Value) -> Option<&'static str>),
+    /// A count or duration: a negative value (which the reference takes) is read as
+    /// 0, the default, with a warning.
+    Count,
     /// A table with these keys.
     Table(&'static [(&'static str, Key)]),
     /// A table whose every key (a registry host) holds this shape.
@@ -26,7 +29,7 @@ enum Key {
     Opaque,
 }
 
-use Key::{Check, Ignored, List, Map, Opaque, Table, Used};
+use Key::{Check, Count, Ignored, List, Map, Opaque, Table, Used};
 
 /// `[[resolver.host."NAME".mirrors]]` and our `[resolver.host."NAME".self]`.
 const ENDPOINT: Key = Table(&[
@@ -87,11 +90,11 @@ const TOP: &[(&str, Key)] = &[
                 "prefetch_chunk_size",
                 Ignored("prefetch asks for its range in one request"),
             ),
-            ("fetching_timeout_sec", Used),
+            ("fetching_timeout_sec", Count),
             ("force_single_range_mode", Used),
-            ("max_retries", Used),
-            ("min_wait_msec", Used),
-            ("max_wait_msec", Used),
+            ("max_retries", Count),
+            ("min_wait_msec", Count),
+            ("max_wait_msec", Count),
             ("coalesce_gap_bytes", Used),
             ("max_ranges_per_request", Used),
             ("multi_range_parallelism", Used),
@@ -256,6 +259,14 @@ fn walk_table(table: &mut toml::Table, schema: &[(&str, Key)], prefix: &str, out
                 }
                 true
             }
+            (Count, Some(v)) => {
+                if v.as_integer().is_some_and(|i| i < 0) {
+                    *v = toml::Value::Integer(0);
+                    out.ignored
+                        .push((path, "a negative value is read as 0, the default"));
+                }
+                false
+            }
             (Check(f), Some(v)) => match f(v) {
                 Some(reason) => {
                     out.ignored.push((path, reason));
@@ -362,6 +373,15 @@ image_service_path = "/run/containerd/containerd.sock"
         assert!(s.ignored.is_empty());
         assert_eq!(s.unknown, ["not_a_key", "not_a_table"]);
         assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn negative_counts_mean_the_default() {
+        let (t, s) = run("[blob]\nmax_retries = -1\nmin_wait_msec = 5\n");
+        assert_eq!(t["blob"]["max_retries"].as_integer(), Some(0));
+        assert_eq!(t["blob"]["min_wait_msec"].as_integer(), Some(5));
+        assert_eq!(s.ignored.len(), 1);
+        assert_eq!(s.ignored[0].0, "blob.max_retries");
     }
 
     #[test]
