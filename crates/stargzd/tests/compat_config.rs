@@ -612,6 +612,12 @@ allow_invalid_mounts_on_restart = false
             &[],
         ),
         (
+            "zero and negative values the reference takes",
+            "prefetch_timeout_sec = 0\nmax_concurrency = -1\n[fuse]\nattr_timeout = -1\n\
+             [blob]\nmax_retries = -1\n[directory_cache]\nmax_cache_fds = -1\n",
+            &["blob.max_retries", "directory_cache.max_cache_fds"],
+        ),
+        (
             "a key nobody knows",
             "no_such_key = 1\n[fuse]\nno_such_fuse_key = true\n",
             &["no_such_key", "fuse.no_such_fuse_key"],
