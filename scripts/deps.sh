@@ -34,3 +34,9 @@ if [[ -x "$shared/oracle/build.sh" || -f "$shared/oracle/build.sh" ]]; then
 else
   echo "deps.sh: $shared/oracle/build.sh not found; compatibility tests will fail under CI" >&2
 fi
+# The reference daemon, scraped beside ours by crates/stargzd/tests/compat_metrics.rs.
+if [[ -f "$shared/reference/build.sh" ]]; then
+  bash "$shared/reference/build.sh" target/reference >/dev/null
+else
+  echo "deps.sh: $shared/reference/build.sh not found; compat_metrics will fail under CI" >&2
+fi

@@ -228,7 +228,11 @@ impl ChunkCache {
             cache = cache.with_disk_bounds(limit, age);
         }
         let quiet = Duration::from_millis(cfg.background_fetch_quiet_msec);
-        Ok(Arc::new(cache.with_background_quiet(quiet)))
+        let cache = cache.with_background_quiet(quiet);
+        // `max_concurrency` bounds background windows over every layer sharing this
+        // cache, as the reference's background task manager does.
+        cache.priority.set_background_limit(cfg.background_limit());
+        Ok(Arc::new(cache))
     }
 
     /// Sets how long background fetch waits after the last prioritized work.

@@ -11,12 +11,17 @@ use crate::error::{Error, Result};
 pub const DEFAULT_PREFETCH_TIMEOUT_SEC: u64 = 10;
 /// Default FUSE attribute/entry cache lifetime.
 pub const DEFAULT_FUSE_TIMEOUT_SEC: u64 = 1;
-/// Default number of concurrent background fetches per layer.
+/// Default number of background fetches in flight in a process.
 pub const DEFAULT_MAX_CONCURRENCY: usize = 2;
+/// Most background windows in flight in a process, whatever `max_concurrency` says.
+pub const MAX_BACKGROUND_LIMIT: usize = 64;
+/// Default lifetime of a layer opened ahead of its mount, as in the reference.
+pub const DEFAULT_RESOLVE_RESULT_ENTRY_TTL_SEC: u64 = 120;
 
-/// Where decompressed chunks are kept.
+/// Where decompressed chunks are kept. As in the reference, `memory` means memory and
+/// any other value (`directory`, `""`, anything) means the directory.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Serialize, Deserialize)]
-#[serde(rename_all = "lowercase")]
+#[serde(rename_all = "lowercase", from = "String")]
 pub enum CacheType {
     /// On disk under the cache directory, with a memory LRU in front.
     #[default]
@@ -25,14 +30,24 @@ pub enum CacheType {
     Memory,
 }
 
+impl From<String> for CacheType {
+    fn from(s: String) -> CacheType {
+        if s == "memory" {
+            CacheType::Memory
+        } else {
+            CacheType::Directory
+        }
+    }
+}
+
 /// `[directory_cache]`.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct DirectoryCacheConfig {
-    /// Entries kept in the memory LRU in front of the directory.
-    pub max_lru_cache_entry: usize,
+    /// Kept for compatibility (the memory LRU is bounded by `max_memory_bytes`).
+    pub max_lru_cache_entry: i64,
     /// Kept for compatibility; files are opened per access.
-    pub max_cache_fds: usize,
+    pub max_cache_fds: i64,
     /// Write cache files before replying to the read that fetched them.
     pub sync_add: bool,
     /// Kept for compatibility.
@@ -67,19 +82,42 @@ impl Default for DirectoryCacheConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct FuseConfig {
-    /// Seconds the kernel may cache attributes.
-    pub attr_timeout: u64,
-    /// Seconds the kernel may cache name lookups.
-    pub entry_timeout: u64,
+    /// Seconds the kernel may cache attributes; 0 = 1, negative = no caching (see
+    /// [`FuseConfig::attr_ttl`]).
+    pub attr_timeout: i64,
+    /// Seconds the kernel may cache name lookups; as `attr_timeout`.
+    pub entry_timeout: i64,
     /// Open fully cached files with FUSE passthrough when the kernel supports it.
     pub passthrough: bool,
+}
+
+impl FuseConfig {
+    /// `attr_timeout` as the reference reads it: 0 means the default (1 s).
+    pub fn attr_ttl(&self) -> std::time::Duration {
+        secs_or_default(self.attr_timeout, DEFAULT_FUSE_TIMEOUT_SEC)
+    }
+
+    /// `entry_timeout` as the reference reads it: 0 means the default (1 s).
+    pub fn entry_ttl(&self) -> std::time::Duration {
+        secs_or_default(self.entry_timeout, DEFAULT_FUSE_TIMEOUT_SEC)
+    }
+}
+
+/// Seconds from a config value where 0 means `default` and a negative value none,
+/// as the reference turns its integer durations into time.
+fn secs_or_default(v: i64, default: u64) -> std::time::Duration {
+    std::time::Duration::from_secs(match v {
+        0 => default,
+        n if n < 0 => 0,
+        n => n.unsigned_abs(),
+    })
 }
 
 impl Default for FuseConfig {
     fn default() -> Self {
         FuseConfig {
-            attr_timeout: DEFAULT_FUSE_TIMEOUT_SEC,
-            entry_timeout: DEFAULT_FUSE_TIMEOUT_SEC,
+            attr_timeout: DEFAULT_FUSE_TIMEOUT_SEC as i64,
+            entry_timeout: DEFAULT_FUSE_TIMEOUT_SEC as i64,
             passthrough: true,
         }
     }
@@ -93,13 +131,24 @@ pub struct Config {
     pub http_cache_type: CacheType,
     /// Cache of decompressed file data; `directory` or `memory`.
     pub filesystem_cache_type: CacheType,
-    pub prefetch_timeout_sec: u64,
+    /// Longest wait for prefetch at mount; 0 = 10 s, as the reference.
+    pub prefetch_timeout_sec: i64,
+    /// Bytes from the start of a layer to prefetch when it has no prefetch landmark
+    /// (the `containerd.io/snapshot/remote/stargz.prefetch` label wins); 0 = none.
+    pub prefetch_size: i64,
+    /// A prefetch larger than this many bytes no longer holds up the mount (it goes
+    /// on in the background); 0 = always wait (up to `prefetch_timeout_sec`).
+    pub prefetch_async_size: i64,
+    /// Seconds a layer opened ahead of its mount (with its manifest lookup) is kept
+    /// for that mount; 0 = 120, as in the reference.
+    pub resolve_result_entry_ttl_sec: i64,
     pub noprefetch: bool,
     pub no_background_fetch: bool,
     pub allow_no_verification: bool,
     pub disable_verification: bool,
-    /// Concurrent background fetches per layer.
-    pub max_concurrency: usize,
+    /// Background fetches in flight at once, over every layer of the process (the
+    /// reference's meaning); each layer runs up to this many workers.
+    pub max_concurrency: i64,
     /// Not a reference key: milliseconds without prioritized work (mounts, prefetch,
     /// reads) in any layer before background fetch runs.
     pub background_fetch_quiet_msec: u64,
@@ -115,12 +164,15 @@ impl Default for Config {
         Config {
             http_cache_type: CacheType::Directory,
             filesystem_cache_type: CacheType::Directory,
-            prefetch_timeout_sec: DEFAULT_PREFETCH_TIMEOUT_SEC,
+            prefetch_timeout_sec: DEFAULT_PREFETCH_TIMEOUT_SEC as i64,
+            prefetch_size: 0,
+            prefetch_async_size: 0,
+            resolve_result_entry_ttl_sec: 0,
             noprefetch: false,
             no_background_fetch: false,
             allow_no_verification: false,
             disable_verification: false,
-            max_concurrency: DEFAULT_MAX_CONCURRENCY,
+            max_concurrency: DEFAULT_MAX_CONCURRENCY as i64,
             background_fetch_quiet_msec: crate::priority::DEFAULT_QUIET.as_millis() as u64,
             sequential_readahead_kib: crate::readahead::DEFAULT_MAX_WINDOW >> 10,
             directory_cache: DirectoryCacheConfig::default(),
@@ -143,7 +195,37 @@ impl Config {
     }
 
     pub(crate) fn background_workers(&self) -> usize {
-        self.max_concurrency.clamp(1, 8)
+        self.background_limit().clamp(1, 8)
+    }
+
+    /// `max_concurrency` as the reference reads it (0 or less: the default, 2), at
+    /// most [`MAX_BACKGROUND_LIMIT`].
+    pub fn background_limit(&self) -> usize {
+        match usize::try_from(self.max_concurrency) {
+            Ok(0) | Err(_) => DEFAULT_MAX_CONCURRENCY,
+            Ok(n) => n.min(MAX_BACKGROUND_LIMIT),
+        }
+    }
+
+    /// `prefetch_timeout_sec` as the reference reads it: 0 means the default (10 s).
+    pub fn prefetch_timeout(&self) -> std::time::Duration {
+        secs_or_default(self.prefetch_timeout_sec, DEFAULT_PREFETCH_TIMEOUT_SEC)
+    }
+
+    /// How long a layer opened ahead waits for its mount.
+    pub fn resolve_result_ttl(&self) -> std::time::Duration {
+        let secs = match self.resolve_result_entry_ttl_sec {
+            n if n > 0 => n.unsigned_abs(),
+            _ => DEFAULT_RESOLVE_RESULT_ENTRY_TTL_SEC,
+        };
+        std::time::Duration::from_secs(secs)
+    }
+
+    /// The prefetch size to use without a prefetch landmark: `label` (the snapshot's
+    /// prefetch label) if given, else `prefetch_size`; `None` when that is not positive.
+    pub fn prefetch_bytes(&self, label: Option<u64>) -> Option<u64> {
+        let n = label.unwrap_or_else(|| self.prefetch_size.max(0).unsigned_abs());
+        (n > 0).then_some(n)
     }
 }
 
@@ -183,6 +265,69 @@ mod tests {
         assert_eq!(cfg.fuse.entry_timeout, 6);
         assert!(!cfg.fuse.passthrough);
         assert_eq!(cfg.max_concurrency, 4);
+    }
+
+    #[test]
+    fn cache_types_as_the_reference() {
+        for (v, want) in [
+            ("memory", CacheType::Memory),
+            ("directory", CacheType::Directory),
+            ("", CacheType::Directory),
+            ("disk", CacheType::Directory),
+            ("Memory", CacheType::Directory),
+        ] {
+            let cfg = Config::from_toml(&format!(
+                "http_cache_type = {v:?}\nfilesystem_cache_type = {v:?}\n"
+            ))
+            .expect("any string is accepted");
+            assert_eq!(cfg.http_cache_type, want, "{v:?}");
+            assert_eq!(
+                cfg.uses_directory_cache(),
+                want == CacheType::Directory,
+                "{v:?}"
+            );
+        }
+        assert!(Config::from_toml("http_cache_type = 1\n").is_err());
+    }
+
+    #[test]
+    fn prefetch_sizes_and_ttl() {
+        let cfg = Config::from_toml("prefetch_size = 4096\nresolve_result_entry_ttl_sec = 7\n")
+            .expect("valid");
+        assert_eq!(cfg.prefetch_bytes(None), Some(4096));
+        assert_eq!(cfg.prefetch_bytes(Some(10)), Some(10));
+        assert_eq!(cfg.prefetch_bytes(Some(0)), None);
+        assert_eq!(cfg.resolve_result_ttl(), std::time::Duration::from_secs(7));
+        let d = Config::default();
+        assert_eq!(d.prefetch_bytes(None), None);
+        assert_eq!(d.resolve_result_ttl(), std::time::Duration::from_secs(120));
+        let neg = Config::from_toml("prefetch_size = -1\n").expect("valid");
+        assert_eq!(neg.prefetch_bytes(None), None);
+    }
+
+    #[test]
+    fn zero_means_default_as_in_the_reference() {
+        use std::time::Duration;
+        let cfg = Config::from_toml(
+            "prefetch_timeout_sec = 0\nmax_concurrency = 0\n[fuse]\nattr_timeout = 0\nentry_timeout = -1\n\
+             [directory_cache]\nmax_lru_cache_entry = -1\n",
+        )
+        .expect("the reference accepts these");
+        assert_eq!(cfg.prefetch_timeout(), Duration::from_secs(10));
+        assert_eq!(cfg.background_limit(), 2);
+        assert_eq!(cfg.fuse.attr_ttl(), Duration::from_secs(1));
+        assert_eq!(cfg.fuse.entry_ttl(), Duration::ZERO);
+        let cfg = Config::from_toml("prefetch_timeout_sec = 3\nmax_concurrency = 100000\n")
+            .expect("valid");
+        assert_eq!(cfg.prefetch_timeout(), Duration::from_secs(3));
+        assert_eq!(cfg.background_limit(), MAX_BACKGROUND_LIMIT);
+        assert_eq!(cfg.background_workers(), 8);
+        assert_eq!(
+            Config::from_toml("max_concurrency = -3\n")
+                .expect("valid")
+                .background_limit(),
+            2
+        );
     }
 
     #[test]

@@ -17,7 +17,7 @@ pub enum Error {
         #[source]
         source: estargz::Error,
     },
-    #[error("layer {layer} has no TOC digest to verify against (set allow_no_verification to mount it anyway)")]
+    #[error("layer {layer} has no TOC digest to verify against (mounting it anyway needs allow_no_verification, and the stargz.skipverify label on its snapshot)")]
     NoVerification { layer: String },
     #[error(
         "layer {layer}, file {file:?}: chunk at file offset {file_offset} is corrupt: {reason}"

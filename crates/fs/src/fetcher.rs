@@ -196,6 +196,22 @@ pub(crate) struct SourceAdapter<'a> {
     pub read: Mutex<Vec<Range<u64>>>,
     /// Where footer and TOC bytes are kept across restarts, and the blob they belong to.
     pub cache: Option<(&'a crate::cache::ChunkCache, &'a str)>,
+    /// When the first read (the footer's) and the last one (the TOC's end) finished.
+    pub finished: Mutex<Option<(std::time::Instant, std::time::Instant)>>,
+}
+
+impl<'a> SourceAdapter<'a> {
+    pub fn new(
+        fetcher: &'a dyn Fetcher,
+        cache: Option<(&'a crate::cache::ChunkCache, &'a str)>,
+    ) -> SourceAdapter<'a> {
+        SourceAdapter {
+            fetcher,
+            read: Mutex::new(Vec::new()),
+            cache,
+            finished: Mutex::new(None),
+        }
+    }
 }
 
 impl estargz::BlobSource for SourceAdapter<'_> {
@@ -225,6 +241,10 @@ impl estargz::BlobSource for SourceAdapter<'_> {
         };
         if let Ok(mut read) = self.read.lock() {
             read.push(range);
+        }
+        if let Ok(mut f) = self.finished.lock() {
+            let now = std::time::Instant::now();
+            *f = Some(f.map_or((now, now), |(first, _)| (first, now)));
         }
         Ok(data)
     }

@@ -509,13 +509,21 @@ impl Filesystem for FuseLayer {
             }
         };
         if let Some(data) = cached {
+            if let Some(m) = &self.ops {
+                m.served(data.len());
+            }
             return reply.data(&data);
         }
-        let layer = self.layer.clone();
+        let (layer, ops) = (self.layer.clone(), self.ops.clone());
         self.pool.spawn(move || {
             let _timer = _timer;
             match catch_unwind(AssertUnwindSafe(|| layer.read_missed(id, offset, size))) {
-                Ok(Ok(data)) => reply.data(&data),
+                Ok(Ok(data)) => {
+                    if let Some(m) = &ops {
+                        m.served(data.len());
+                    }
+                    reply.data(&data)
+                }
                 Ok(Err(e)) => {
                     debug!(ino = ino.0, offset, size, error = %e, "read failed");
                     reply.error(Errno::EIO)

@@ -6,7 +6,7 @@ use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::mpsc;
 use std::sync::{Arc, Weak};
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 use fuser::{MountOption, SessionACL};
 use tracing::{info, warn};
@@ -15,7 +15,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fusefs::{is_mounted, FuseLayer, FuseOpts};
 use crate::layer::Layer;
-use crate::metrics::{FsMetrics, LayerGauges};
+use crate::metrics::{FsMetrics, LayerGauges, Op, NO_LAYER};
 use crate::pool::FetchPool;
 
 /// FUSE request threads per mount.
@@ -50,8 +50,8 @@ pub fn mount(layer: Arc<Layer>, mountpoint: &Path, opts: &MountOptions<'_>) -> R
         source,
     };
     let fopts = FuseOpts {
-        attr_ttl: Duration::from_secs(cfg.fuse.attr_timeout),
-        entry_ttl: Duration::from_secs(cfg.fuse.entry_timeout),
+        attr_ttl: cfg.fuse.attr_ttl(),
+        entry_ttl: cfg.fuse.entry_ttl(),
         passthrough: cfg.fuse.passthrough,
     };
     let passthrough_opens = Arc::new(AtomicU64::new(0));
@@ -60,7 +60,7 @@ pub fn mount(layer: Arc<Layer>, mountpoint: &Path, opts: &MountOptions<'_>) -> R
         fopts,
         opts.pool.clone(),
         passthrough_opens.clone(),
-        opts.metrics.map(FsMetrics::fuse_ops),
+        opts.metrics.map(|m| m.fuse_ops(&layer.desc().digest)),
     );
     let mut fcfg = fuser::Config::default();
     fcfg.mount_options = vec![
@@ -80,9 +80,11 @@ pub fn mount(layer: Arc<Layer>, mountpoint: &Path, opts: &MountOptions<'_>) -> R
     if let Some(m) = opts.metrics {
         let gauges: Weak<dyn LayerGauges> = Arc::downgrade(&layer) as Weak<dyn LayerGauges>;
         m.layer_mounted(mountpoint, gauges);
+        layer.observe_with(m);
     }
 
-    let prefetch = !cfg.noprefetch && layer.index().prefetch_end.is_some();
+    let prefetch_end = layer.prefetch_end().filter(|_| !cfg.noprefetch);
+    let prefetch = prefetch_end.is_some();
     if prefetch {
         // A no-op when the layer was opened ahead of its mount and its prefetch started.
         layer.start_prefetch(opts.pool);
@@ -90,19 +92,31 @@ pub fn mount(layer: Arc<Layer>, mountpoint: &Path, opts: &MountOptions<'_>) -> R
     if !cfg.no_background_fetch {
         layer.start_background(opts.pool, cfg.background_workers());
     }
-    let handle = MountHandle {
+    let mut handle = MountHandle {
         session: Some(session),
         layer,
         mountpoint: mountpoint.to_path_buf(),
         passthrough_opens,
         metrics: opts.metrics.cloned(),
+        prefetch_waited: Duration::ZERO,
     };
-    if prefetch
-        && !handle
-            .layer
-            .wait_prefetch(Duration::from_secs(cfg.prefetch_timeout_sec))
-    {
-        warn!(layer = %handle.layer.desc().digest, "prefetch still running; mount proceeds");
+    // `prefetch_async_size`: a prefetch larger than that goes on without holding up
+    // the mount.
+    let async_above = u64::try_from(cfg.prefetch_async_size).unwrap_or(0);
+    let wait = prefetch_end.is_some_and(|end| async_above == 0 || end <= async_above);
+    if prefetch && !wait {
+        info!(layer = %handle.layer.desc().digest, bytes = prefetch_end.unwrap_or(0),
+            threshold = async_above, "prefetch continues in the background");
+    }
+    if wait {
+        let started = Instant::now();
+        if !handle.layer.wait_prefetch(cfg.prefetch_timeout()) {
+            warn!(layer = %handle.layer.desc().digest, "prefetch still running; mount proceeds");
+        }
+        handle.prefetch_waited = started.elapsed();
+        if let Some(m) = opts.metrics {
+            m.observe_ms(Op::PrefetchesCompleted, NO_LAYER, handle.prefetch_waited);
+        }
     }
     Ok(handle)
 }
@@ -114,9 +128,15 @@ pub struct MountHandle {
     mountpoint: PathBuf,
     passthrough_opens: Arc<AtomicU64>,
     metrics: Option<FsMetrics>,
+    prefetch_waited: Duration,
 }
 
 impl MountHandle {
+    /// How long [`mount`] waited for the layer's prefetch.
+    pub fn prefetch_waited(&self) -> Duration {
+        self.prefetch_waited
+    }
+
     pub fn layer(&self) -> &Arc<Layer> {
         &self.layer
     }
@@ -161,7 +181,7 @@ impl MountHandle {
 
     fn shutdown(&mut self) -> Result<()> {
         if let Some(m) = self.metrics.take() {
-            m.layer_unmounted(&self.mountpoint);
+            m.layer_unmounted(&self.mountpoint, &self.layer.desc().digest);
         }
         self.layer.stop();
         let res = match self.session.take() {

@@ -255,7 +255,7 @@ impl Client {
                 host: m.host.clone(),
                 base,
                 client,
-                timeout: m.request_timeout(),
+                timeout: m.request_timeout_with(self.inner.config.resolver.request_timeout_sec),
                 headers,
                 semaphore,
             });

@@ -17,6 +17,8 @@ pub const DEFAULT_REQUEST_TIMEOUT_SEC: i64 = 30;
 /// `[resolver]`: per-host mirrors and TLS settings.
 ///
 /// ```toml
+/// [resolver]
+/// request_timeout_sec = 60
 /// [[resolver.host."docker.io".mirrors]]
 /// host = "mirror.example.com:5000"
 /// insecure = false
@@ -34,6 +36,9 @@ pub struct ResolverConfig {
     /// containerd's hosts directory (`<dir>/<host>/hosts.toml`), read by
     /// [`ResolverConfig::apply_hosts_dir`].
     pub config_path: Option<PathBuf>,
+    /// Timeout of each request in seconds for endpoints that set none of their own;
+    /// only a positive value counts (else 30 s), as in the reference.
+    pub request_timeout_sec: i64,
 }
 
 impl ResolverConfig {
@@ -80,7 +85,9 @@ pub struct MirrorConfig {
     pub insecure: Option<bool>,
     /// Timeout of each request in seconds: 0 means the default (30 s), negative means none.
     pub request_timeout_sec: i64,
-    /// Extra headers sent to this endpoint only (never to redirect targets).
+    /// Extra headers sent to this endpoint only (never to redirect targets). Each value
+    /// is a string or a list of strings, as in the reference.
+    #[serde(deserialize_with = "header_values")]
     pub header: BTreeMap<String, Vec<String>>,
     /// CA bundle (PEM) trusted for this endpoint, on top of the system roots.
     pub ca_file: Option<PathBuf>,
@@ -89,12 +96,45 @@ pub struct MirrorConfig {
 impl MirrorConfig {
     /// The effective request timeout, `None` when disabled.
     pub fn request_timeout(&self) -> Option<Duration> {
+        self.request_timeout_with(0)
+    }
+
+    /// The effective request timeout when `[resolver] request_timeout_sec` is
+    /// `global`: this endpoint's own value unless 0, else `global` if positive, else
+    /// 30 s. `None` when disabled (negative).
+    pub fn request_timeout_with(&self, global: i64) -> Option<Duration> {
+        let secs = |n: i64| Some(Duration::from_secs(n.unsigned_abs()));
         match self.request_timeout_sec {
-            0 => Some(Duration::from_secs(DEFAULT_REQUEST_TIMEOUT_SEC as u64)),
+            0 if global > 0 => secs(global),
+            0 => secs(DEFAULT_REQUEST_TIMEOUT_SEC),
             n if n < 0 => None,
-            n => Some(Duration::from_secs(n as u64)),
+            n => secs(n),
         }
     }
+}
+
+/// Header values as the reference takes them: `name = "v"` or `name = ["v1", "v2"]`.
+fn header_values<'de, D>(d: D) -> Result<BTreeMap<String, Vec<String>>, D::Error>
+where
+    D: serde::Deserializer<'de>,
+{
+    #[derive(Deserialize)]
+    #[serde(untagged)]
+    enum OneOrMany {
+        One(String),
+        Many(Vec<String>),
+    }
+    let raw = BTreeMap::<String, OneOrMany>::deserialize(d)?;
+    Ok(raw
+        .into_iter()
+        .map(|(k, v)| {
+            let v = match v {
+                OneOrMany::One(s) => vec![s],
+                OneOrMany::Many(l) => l,
+            };
+            (k, v)
+        })
+        .collect())
 }
 
 /// `[kubeconfig_keychain]`, the reference snapshotter's keys.
@@ -345,6 +385,7 @@ max_retries = 3
             Some(Duration::from_secs(30))
         );
         assert_eq!(h.mirrors[0].header["x-a"], vec!["1", "2"]);
+        assert_eq!(h.mirrors[1].header, BTreeMap::new());
         assert_eq!(cfg.blob.max_retries, 3);
         assert_eq!(cfg.blob.fetching_timeout_sec, 300);
         assert!(RegistryConfig::from_toml("[resolver]\nbogus = 1").is_err());
@@ -376,6 +417,48 @@ max_retries = 3
             toml::from_str("enable_keychain = false\nconfig_path = \"/c\"\nbin_dir = \"/b\"")
                 .expect("credprovider");
         assert!(c.build().expect("disabled").is_none());
+    }
+
+    #[test]
+    fn header_forms_and_global_timeout() {
+        let cfg = RegistryConfig::from_toml(
+            r#"
+[resolver]
+request_timeout_sec = 300
+[[resolver.host."registry2:5000".mirrors]]
+host = "registry2:5000"
+  [resolver.host."registry2:5000".mirrors.header]
+  x-custom-1 = "value1"
+  x-custom-2 = ["value3", "value4"]
+[[resolver.host."registry2:5000".mirrors]]
+host = "other:5000"
+request_timeout_sec = 7
+[[resolver.host."registry2:5000".mirrors]]
+host = "third:5000"
+request_timeout_sec = -1
+"#,
+        )
+        .expect("parse");
+        let m = &cfg.resolver.host["registry2:5000"].mirrors;
+        assert_eq!(m[0].header["x-custom-1"], ["value1"]);
+        assert_eq!(m[0].header["x-custom-2"], ["value3", "value4"]);
+        let global = cfg.resolver.request_timeout_sec;
+        assert_eq!(
+            m[0].request_timeout_with(global),
+            Some(Duration::from_secs(300))
+        );
+        assert_eq!(
+            m[1].request_timeout_with(global),
+            Some(Duration::from_secs(7))
+        );
+        assert_eq!(m[2].request_timeout_with(global), None);
+        // A global value that is not positive means the default, as in the reference.
+        assert_eq!(m[0].request_timeout_with(-5), Some(Duration::from_secs(30)));
+        let e = RegistryConfig::from_toml(
+            "[[resolver.host.\"h\".mirrors]]\nhost = \"h\"\nheader = { x = 1 }\n",
+        )
+        .unwrap_err();
+        assert!(e.to_string().contains("header"), "{e}");
     }
 
     #[test]

@@ -1,44 +1,12 @@
 //! The daemon's TOML configuration (shared by the FUSE manager): the reference's key
-//! names, unknown keys warned about, and the digest that tells one version of the file
-//! from another.
+//! names, ignored and unknown keys warned about ([`crate::keys`]), and the digest that
+//! tells one version of the file from another.
 
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use serde::Deserialize;
-
-/// Top-level keys the reference daemon understands (fs, resolver, keychain sections).
-const KNOWN: &[&str] = &[
-    "http_cache_type",
-    "filesystem_cache_type",
-    "resolve_result_entry_ttl_sec",
-    "resolve_result_entry",
-    "prefetch_size",
-    "prefetch_timeout_sec",
-    "noprefetch",
-    "no_background_fetch",
-    "debug",
-    "allow_no_verification",
-    "disable_verification",
-    "max_concurrency",
-    "background_fetch_quiet_msec",
-    "sequential_readahead_kib",
-    "no_prometheus",
-    "blob",
-    "directory_cache",
-    "fuse",
-    "resolver",
-    "kubeconfig_keychain",
-    "cri_keychain",
-    "credential_provider_keychain",
-    "metrics_address",
-    "debug_address",
-    "proxy_plugins",
-    "disable_remote_snapshots",
-    "fuse_manager",
-    "snapshotter",
-];
 
 /// The metrics keys, read on their own so type errors carry their position.
 #[derive(Deserialize)]
@@ -101,13 +69,12 @@ impl DaemonConfig {
 
     /// Parses the TOML text; errors name the key and line.
     pub fn parse(text: &str) -> Result<DaemonConfig> {
-        let table: toml::Table = toml::from_str(text)?;
-        for k in table.keys() {
-            if !KNOWN.contains(&k.as_str()) {
-                tracing::warn!(key = %k, "unknown config key ignored");
-            }
-        }
-        // Each part deserializes from the same text so its errors carry positions.
+        let mut table: toml::Table = toml::from_str(text)?;
+        // Ignored and unknown keys leave the table (with a warning each), so the parts
+        // read from it below never fail on a key the reference would start with.
+        crate::keys::screen(&mut table);
+        // Each part deserializes from the same text so its errors carry positions; the
+        // typed parts skip keys they do not know.
         let fs: fs::Config = toml::from_str(text)?;
         let mut reg = toml::Table::new();
         for k in ["resolver", "blob"] {
@@ -230,8 +197,6 @@ struct RawSection {
     enable: Option<bool>,
     address: Option<PathBuf>,
     path: Option<PathBuf>,
-    #[serde(flatten)]
-    other: toml::Table,
 }
 
 #[derive(Deserialize)]
@@ -246,9 +211,6 @@ impl FuseManagerConfig {
         let Some(raw) = top.fuse_manager else {
             return Ok(FuseManagerConfig::default());
         };
-        for k in raw.other.keys() {
-            tracing::warn!(key = %format!("fuse_manager.{k}"), "unknown config key ignored");
-        }
         let empty = |p: Option<PathBuf>| p.filter(|p| !p.as_os_str().is_empty());
         Ok(FuseManagerConfig {
             enable: raw.enable.unwrap_or(true),

@@ -17,6 +17,7 @@ use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::DaemonConfig;
 use crate::cri::CriProxy;
+use crate::logging::LogFormat;
 use crate::manager::client::ManagerClient;
 use crate::manager::launch::Launch;
 use crate::metrics::{self, DaemonMetrics};
@@ -34,20 +35,16 @@ pub struct Options {
     pub config: PathBuf,
     /// State directory: metadata, snapshots and caches.
     pub root: PathBuf,
-    /// trace, debug, info, warn or error (or a tracing filter directive).
+    /// trace, debug, info, warn, error, fatal or panic (or a tracing filter directive).
     pub log_level: String,
+    /// Text or JSON log lines.
+    pub log_format: LogFormat,
 }
 
 /// Sets up logging and the runtime and serves until SIGINT or SIGTERM.
 pub fn run_process(opts: Options) -> Result<()> {
     keep_large_buffers_mapped();
-    let filter = tracing_subscriber::EnvFilter::try_new(&opts.log_level)
-        .with_context(|| format!("--log-level {:?}", opts.log_level))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-        .init();
+    crate::logging::init(&opts.log_level, opts.log_format)?;
     let explicit = opts.config != Path::new(DEFAULT_CONFIG);
     let cfg = DaemonConfig::load(&opts.config, explicit)?;
     tokio::runtime::Builder::new_multi_thread()
@@ -136,13 +133,14 @@ pub async fn daemon_remote(
         return (DaemonRemote::Disabled(NoRemote), None);
     }
     if cfg.fuse_manager.enable {
-        let launch = Launch::new(
+        let mut launch = Launch::new(
             &cfg.fuse_manager,
             &opts.address,
             &opts.root,
             &opts.config,
             &opts.log_level,
         );
+        launch.log_format = opts.log_format;
         let client = Arc::new(ManagerClient::new(launch));
         match client.ensure_running().await {
             Ok(pid) => {
@@ -264,9 +262,19 @@ async fn run(args: Options, cfg: DaemonConfig) -> Result<()> {
     let mut sigint = signal(SignalKind::interrupt())?;
     let mut sigterm = signal(SignalKind::terminate())?;
     let server = tokio::spawn(serve(routes, listener, stop_rx));
+    // SIGTERM leaves the mounts to a FUSE manager that keeps serving them; mounts of
+    // this process would die with it, so they are unmounted, as the reference does.
     let unmount = tokio::select! {
         _ = sigint.recv() => { tracing::info!("SIGINT: unmounting remote snapshots and exiting"); true }
-        _ = sigterm.recv() => { tracing::info!("SIGTERM: exiting, mounts stay"); false }
+        _ = sigterm.recv() => {
+            if fuse_manager.is_some() {
+                tracing::info!("SIGTERM: exiting, mounts stay with the FUSE manager");
+                false
+            } else {
+                tracing::info!("SIGTERM: unmounting remote snapshots (no FUSE manager holds them) and exiting");
+                true
+            }
+        }
     };
     let _ = stop_tx.send(true);
     if unmount {

@@ -33,8 +33,10 @@ pub struct Options {
     pub root: PathBuf,
     /// The daemon's TOML configuration (a missing file means defaults).
     pub config: PathBuf,
-    /// A tracing filter directive.
+    /// A level name or tracing filter directive.
     pub log_level: String,
+    /// Text or JSON log lines.
+    pub log_format: crate::logging::LogFormat,
 }
 
 /// Runs the manager until it is told to stop, then exits the process: fetch threads
@@ -44,14 +46,8 @@ pub fn run_process(opts: Options) -> Result<()> {
     keep_large_buffers_mapped();
     // Socket, pid file and cache are root's alone from the moment they exist.
     nix::sys::stat::umask(nix::sys::stat::Mode::from_bits_truncate(0o077));
-    let filter = tracing_subscriber::EnvFilter::try_new(&opts.log_level)
-        .with_context(|| format!("--log-level {:?}", opts.log_level))?;
-    tracing_subscriber::fmt()
-        .with_env_filter(filter)
-        .with_writer(std::io::stderr)
-        // Its stderr is a log file.
-        .with_ansi(false)
-        .init();
+    // Its stderr is a log file: no colours (stderr is no terminal).
+    crate::logging::init(&opts.log_level, opts.log_format)?;
     let digest = config_digest(&opts.config);
     let cfg = DaemonConfig::load(&opts.config, false)?;
     let runtime = tokio::runtime::Builder::new_multi_thread()

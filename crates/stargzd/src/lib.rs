@@ -3,7 +3,8 @@
 //! ([`fuse_manager`]).
 //!
 //! Modules depend on each other one way only, from the bottom up:
-//! [`config`] and [`manager::protocol`] need nothing of this crate; [`manager::launch`]
+//! [`keys`] and [`manager::protocol`] need nothing of this crate; [`config`] screens
+//! the file with [`keys`]; [`manager::launch`]
 //! reads [`config`]; [`manager::client`] speaks the protocol to a launched manager;
 //! [`metrics`] scrapes this process or that client; [`cri`] forwards the CRI image
 //! service and records its credentials (no other module of this crate); `classify` sorts `fs` and
@@ -16,6 +17,8 @@ pub mod config;
 pub mod cri;
 pub mod daemon;
 pub mod fuse_manager;
+pub mod keys;
+pub mod logging;
 pub mod manager;
 pub mod metrics;
 mod preopen;

@@ -1,5 +1,6 @@
 //! The daemon's Prometheus endpoint: one registry holding the `fs` and `registry`
-//! metrics handles and the daemon's own fallback counter, served as text on
+//! metrics handles, the daemon's own fallback counter and the process's own figures
+//! (the `process_*` metrics the reference's Go client exposes), served as text on
 //! `GET /metrics` at `metrics_address`.
 
 use std::convert::Infallible;
@@ -10,9 +11,13 @@ use http_body_util::Full;
 use hyper::body::{Bytes, Incoming};
 use hyper::{Method, Request, Response, StatusCode};
 use hyper_util::rt::TokioIo;
+use prometheus_client::collector::Collector;
 use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeMetric};
+use prometheus_client::metrics::counter::ConstCounter;
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::ConstGauge;
 use prometheus_client::registry::Registry;
 use remote_layer::MountError;
 
@@ -117,6 +122,7 @@ impl DaemonMetrics {
         if fallbacks {
             self.fallbacks.register(&mut reg);
         }
+        reg.register_collector(Box::new(ProcessCollector));
         let mut out = String::new();
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &reg);
@@ -185,6 +191,189 @@ async fn answer(req: &Request<Incoming>, metrics: &Source) -> Response<Full<Byte
         Err(e) => {
             tracing::warn!(error = %format!("{e:#}"), "metrics scrape failed");
             reply(StatusCode::SERVICE_UNAVAILABLE, format!("{e:#}\n"))
+        }
+    }
+}
+
+/// This process's CPU time, memory, file descriptors and start time from `/proc`,
+/// under the names Prometheus' Go client gives them.
+#[derive(Debug)]
+struct ProcessCollector;
+
+/// The figures of one scrape; a value `/proc` does not give is left out.
+#[derive(Debug, Default, PartialEq)]
+struct ProcessStats {
+    cpu_seconds: Option<f64>,
+    start_time_seconds: Option<f64>,
+    virtual_bytes: Option<f64>,
+    resident_bytes: Option<f64>,
+    open_fds: Option<f64>,
+    max_fds: Option<f64>,
+    max_virtual_bytes: Option<f64>,
+}
+
+impl ProcessStats {
+    fn read() -> ProcessStats {
+        // SAFETY: sysconf only reads a system constant.
+        let (ticks, page) = unsafe {
+            (
+                libc::sysconf(libc::_SC_CLK_TCK),
+                libc::sysconf(libc::_SC_PAGESIZE),
+            )
+        };
+        let stat = std::fs::read_to_string("/proc/self/stat").unwrap_or_default();
+        let boot = std::fs::read_to_string("/proc/stat")
+            .ok()
+            .and_then(|s| boot_time(&s));
+        let limits = std::fs::read_to_string("/proc/self/limits").unwrap_or_default();
+        let mut st = parse_stat(&stat, ticks as f64, page as f64, boot);
+        st.open_fds = std::fs::read_dir("/proc/self/fd")
+            .ok()
+            .map(|d| d.count() as f64);
+        st.max_fds = soft_limit(&limits, "Max open files");
+        st.max_virtual_bytes = soft_limit(&limits, "Max address space");
+        st
+    }
+}
+
+/// CPU seconds, start time, virtual and resident size from `/proc/self/stat`.
+fn parse_stat(stat: &str, ticks: f64, page: f64, boot: Option<f64>) -> ProcessStats {
+    // Fields after the command name, which may itself hold spaces and parentheses.
+    let Some((_, rest)) = stat.rsplit_once(')') else {
+        return ProcessStats::default();
+    };
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // `rest` starts at field 3 (state): field n is f[n - 3].
+    let num = |n: usize| f.get(n - 3).and_then(|v| v.parse::<f64>().ok());
+    let ticks = if ticks > 0.0 { ticks } else { 100.0 };
+    ProcessStats {
+        cpu_seconds: num(14).zip(num(15)).map(|(u, s)| (u + s) / ticks),
+        start_time_seconds: num(22).zip(boot).map(|(t, b)| b + t / ticks),
+        virtual_bytes: num(23),
+        resident_bytes: num(24).map(|p| p * page),
+        ..ProcessStats::default()
+    }
+}
+
+/// `btime` of `/proc/stat`: boot time in seconds since the epoch.
+fn boot_time(stat: &str) -> Option<f64> {
+    stat.lines()
+        .find_map(|l| l.strip_prefix("btime "))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The soft limit of a `/proc/self/limits` row; `unlimited` as the largest u64, as the
+/// Go client reports it.
+fn soft_limit(limits: &str, name: &str) -> Option<f64> {
+    let row = limits.lines().find(|l| l.starts_with(name))?;
+    let soft = row[name.len()..].split_whitespace().next()?;
+    if soft == "unlimited" {
+        Some(u64::MAX as f64)
+    } else {
+        soft.parse().ok()
+    }
+}
+
+impl Collector for ProcessCollector {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        let st = ProcessStats::read();
+        if let Some(v) = st.cpu_seconds {
+            let c = ConstCounter::new(v);
+            c.encode(encoder.encode_descriptor(
+                "process_cpu_seconds",
+                "Total user and system CPU time spent in seconds.",
+                None,
+                c.metric_type(),
+            )?)?;
+        }
+        let gauges = [
+            (
+                "process_start_time_seconds",
+                "Start time of the process since unix epoch in seconds.",
+                st.start_time_seconds,
+            ),
+            (
+                "process_virtual_memory_bytes",
+                "Virtual memory size in bytes.",
+                st.virtual_bytes,
+            ),
+            (
+                "process_resident_memory_bytes",
+                "Resident memory size in bytes.",
+                st.resident_bytes,
+            ),
+            (
+                "process_open_fds",
+                "Number of open file descriptors.",
+                st.open_fds,
+            ),
+            (
+                "process_max_fds",
+                "Maximum number of open file descriptors.",
+                st.max_fds,
+            ),
+            (
+                "process_virtual_memory_max_bytes",
+                "Maximum amount of virtual memory available in bytes.",
+                st.max_virtual_bytes,
+            ),
+        ];
+        for (name, help, value) in gauges {
+            if let Some(v) = value {
+                let g = ConstGauge::new(v);
+                g.encode(encoder.encode_descriptor(name, help, None, g.metric_type())?)?;
+            }
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn proc_figures() {
+        let stat = "4242 (a (b) c) S 1 4242 4242 0 -1 4194560 100 0 0 0 250 150 0 0 20 0 \
+                    8 0 5000 123456789 300 18446744073709551615";
+        let st = parse_stat(stat, 100.0, 4096.0, Some(1_700_000_000.0));
+        assert_eq!(st.cpu_seconds, Some(4.0));
+        assert_eq!(st.start_time_seconds, Some(1_700_000_050.0));
+        assert_eq!(st.virtual_bytes, Some(123_456_789.0));
+        assert_eq!(st.resident_bytes, Some(300.0 * 4096.0));
+        assert_eq!(
+            parse_stat("garbage", 100.0, 4096.0, None),
+            ProcessStats::default()
+        );
+        assert_eq!(
+            boot_time("cpu 1 2\nbtime 1700000000\n"),
+            Some(1_700_000_000.0)
+        );
+        let limits = "Limit                     Soft Limit           Hard Limit           Units\n\
+                      Max open files            1024                 524288               files\n\
+                      Max address space         unlimited            unlimited            bytes\n";
+        assert_eq!(soft_limit(limits, "Max open files"), Some(1024.0));
+        assert_eq!(
+            soft_limit(limits, "Max address space"),
+            Some(u64::MAX as f64)
+        );
+        let live = ProcessStats::read();
+        assert!(
+            live.cpu_seconds.is_some() && live.open_fds.unwrap_or(0.0) > 0.0,
+            "{live:?}"
+        );
+    }
+
+    #[test]
+    fn endpoint_text_has_process_metrics() {
+        let text = DaemonMetrics::default().encode();
+        for name in [
+            "process_cpu_seconds_total",
+            "process_resident_memory_bytes",
+            "process_open_fds",
+            "process_start_time_seconds",
+        ] {
+            assert!(text.lines().any(|l| l.starts_with(name)), "{name}: {text}");
         }
     }
 }

@@ -19,8 +19,6 @@ use crate::classify;
 type Opening = Shared<BoxFuture<'static, Result<Arc<fs::Layer>, MountError>>>;
 type Resolving = Shared<BoxFuture<'static, Result<Arc<Vec<registry::Descriptor>>, MountError>>>;
 
-/// How long a layer opened ahead waits for its Prepare before it is dropped.
-const UNCLAIMED_TTL: Duration = Duration::from_secs(300);
 /// How long one manifest lookup serves the Prepares of the same image.
 const MANIFEST_TTL: Duration = Duration::from_secs(60);
 
@@ -32,6 +30,7 @@ pub struct LayerPool {
     client: registry::Client,
     cfg: fs::Config,
     cache: Arc<fs::ChunkCache>,
+    metrics: fs::FsMetrics,
     manifests: Mutex<HashMap<String, (Instant, Resolving)>>,
     opening: Mutex<HashMap<LayerKey, (Instant, Opening)>>,
 }
@@ -41,11 +40,17 @@ fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 }
 
 impl LayerPool {
-    pub fn new(client: registry::Client, cfg: fs::Config, cache: Arc<fs::ChunkCache>) -> Self {
+    pub fn new(
+        client: registry::Client,
+        cfg: fs::Config,
+        cache: Arc<fs::ChunkCache>,
+        metrics: fs::FsMetrics,
+    ) -> Self {
         LayerPool {
             client,
             cfg,
             cache,
+            metrics,
             manifests: Mutex::default(),
             opening: Mutex::default(),
         }
@@ -58,6 +63,7 @@ impl LayerPool {
         let reference = Reference::parse(&info.image_ref)
             .map_err(|e| MountError::InvalidLabels(e.to_string()))?;
         let digest = info.digest.clone();
+        let cfg = layer_config(&self.cfg, info);
         let mut size = None;
         match self.manifest(&info.image_ref, &reference).await {
             Ok(layers) => {
@@ -75,7 +81,7 @@ impl LayerPool {
                         .cloned();
                     if listed && toc.is_some() {
                         // Runs on its own; the pool keeps the handle for that layer's mount.
-                        drop(self.start(&reference, d.digest.clone(), Some(d.size), toc));
+                        drop(self.start(&reference, d.digest.clone(), Some(d.size), toc, &cfg));
                     }
                 }
             }
@@ -84,7 +90,7 @@ impl LayerPool {
         }
         // This layer is checked against the TOC digest containerd gave, never the one
         // the manifest carries now (the tag may have moved since the pull).
-        let opening = self.start(&reference, digest, size, info.toc_digest.clone());
+        let opening = self.start(&reference, digest, size, info.toc_digest.clone(), &cfg);
         locked(&self.opening).remove(&key(&info.digest.to_string(), &info.toc_digest));
         opening.await
     }
@@ -98,7 +104,10 @@ impl LayerPool {
 
     fn expire(&self) {
         let now = Instant::now();
-        locked(&self.opening).retain(|_, (t, _)| now.duration_since(*t) < UNCLAIMED_TTL);
+        // `resolve_result_entry_ttl_sec`: how long a layer opened ahead waits for its
+        // Prepare before it is dropped.
+        let ttl = self.cfg.resolve_result_ttl();
+        locked(&self.opening).retain(|_, (t, _)| now.duration_since(*t) < ttl);
         locked(&self.manifests).retain(|_, (t, _)| now.duration_since(*t) < MANIFEST_TTL);
     }
 
@@ -141,6 +150,7 @@ impl LayerPool {
         digest: Digest,
         size: Option<u64>,
         toc_digest: Option<String>,
+        cfg: &fs::Config,
     ) -> Opening {
         let k = key(&digest.to_string(), &toc_digest);
         let mut map = locked(&self.opening);
@@ -148,14 +158,18 @@ impl LayerPool {
             return o.clone();
         }
         let reader = self.client.blob_reader(reference, digest.clone(), size);
-        let (cfg, cache) = (self.cfg.clone(), self.cache.clone());
+        let (cfg, cache, metrics) = (cfg.clone(), self.cache.clone(), self.metrics.clone());
         let handle = tokio::runtime::Handle::current();
         let task = tokio::task::spawn_blocking(move || {
             let fetcher = match size {
                 Some(s) => fs::RegistryFetcher::with_size(reader, handle.clone(), s),
-                None => handle
-                    .block_on(fs::RegistryFetcher::new(reader, handle.clone()))
-                    .map_err(|e| classify::io_error(&e).context(format!("blob {digest}")))?,
+                None => {
+                    let started = Instant::now();
+                    let f = handle.block_on(fs::RegistryFetcher::new(reader, handle.clone()));
+                    let layer = digest.to_string();
+                    metrics.observe_ms(fs::metrics::Op::HeaderGet, &layer, started.elapsed());
+                    f.map_err(|e| classify::io_error(&e).context(format!("blob {digest}")))?
+                }
             };
             if toc_digest.is_none() && !cfg.disable_verification && !cfg.allow_no_verification {
                 return Err(without_toc_digest(&fetcher, &digest));
@@ -168,6 +182,7 @@ impl LayerPool {
             let layer = fs::Layer::open(Arc::new(fetcher), desc, &cfg, cache)
                 .map_err(|e| classify::fs_error(&e))?;
             let layer = Arc::new(layer);
+            layer.observe_with(&metrics);
             if !cfg.noprefetch {
                 // The mount starts it too; it runs once either way.
                 match fs::FetchPool::shared() {
@@ -203,6 +218,19 @@ fn without_toc_digest(fetcher: &fs::RegistryFetcher, digest: &Digest) -> MountEr
              (allow_no_verification serves such layers unverified)"
         )),
     }
+}
+
+/// The filesystem settings for the layers one Prepare opens, from its labels as the
+/// reference reads them: an unverifiable layer (no TOC digest) only with both
+/// `allow_no_verification` and the `stargz.skipverify` label, and the `stargz.prefetch`
+/// label's size instead of `prefetch_size` for layers without a prefetch landmark.
+pub(crate) fn layer_config(base: &fs::Config, info: &RemoteLayer) -> fs::Config {
+    let mut cfg = base.clone();
+    cfg.allow_no_verification = base.allow_no_verification && info.skip_verify;
+    if let Some(n) = info.prefetch_size {
+        cfg.prefetch_size = i64::try_from(n).unwrap_or(i64::MAX);
+    }
+    cfg
 }
 
 /// A task that panicked or was cancelled.

@@ -63,7 +63,7 @@ impl FuseRemote {
         std::fs::create_dir_all(cache_dir)?;
         let cache = fs::ChunkCache::from_config(&cfg, cache_dir, Some(&metrics.fs))?;
         Ok(FuseRemote {
-            layers: LayerPool::new(client, cfg.clone(), cache),
+            layers: LayerPool::new(client, cfg.clone(), cache, metrics.fs.clone()),
             cfg,
             mounts: Mutex::default(),
             busy: Mutex::default(),
@@ -120,6 +120,7 @@ impl RemoteFs for FuseRemote {
         if let Some(h) = stale {
             let _ = tokio::task::spawn_blocking(move || h.unmount()).await;
         }
+        let started = std::time::Instant::now();
         let opened = self.layers.open(layer).await?;
         let (cfg, mp, metrics) = (
             self.cfg.clone(),
@@ -138,6 +139,11 @@ impl RemoteFs for FuseRemote {
         .await
         .map_err(|e| MountError::Other(e.to_string()))?
         .map_err(|e| classify::fs_error(&e))?;
+        // As the reference times a mount: without the wait for prefetch.
+        let took = started.elapsed().saturating_sub(handle.prefetch_waited());
+        self.metrics
+            .fs
+            .observe_ms(fs::metrics::Op::Mount, &layer.digest.to_string(), took);
         self.handles().insert(mountpoint.to_path_buf(), handle);
         Ok(())
     }

@@ -48,6 +48,9 @@ pub struct FrontOpts {
     /// Answer manifest GETs with 200 and a chunked body (no Content-Length) of
     /// this many bytes.
     pub chunked_manifest_bytes: Option<usize>,
+    /// Answer 400 to requests that lack any of these header values (a name may
+    /// appear more than once: each value must be among the request's).
+    pub require_headers: Vec<(String, String)>,
     /// Answer error replies (503 and 404) with a chunked body of this many bytes.
     pub error_body_bytes: Option<usize>,
     /// Send this many extra bytes after a single-range 206 body, chunked so no
@@ -73,6 +76,8 @@ pub struct FrontStats {
     pub multi_rejected: AtomicUsize,
     /// Bytes of hostile (generated) bodies actually handed to the connection.
     pub hostile_bytes_sent: AtomicUsize,
+    /// Requests refused for lacking a required header value.
+    pub missing_header: AtomicUsize,
 }
 
 impl FrontStats {
@@ -150,6 +155,16 @@ async fn handle(st: &State, req: Request<hyper::body::Incoming>) -> Response<Bod
     }
     if req.headers().contains_key("authorization") {
         s.with_authorization.fetch_add(1, Ordering::SeqCst);
+    }
+    let lacks = |(name, value): &(String, String)| {
+        !req.headers()
+            .get_all(name.as_str())
+            .iter()
+            .any(|v| v.as_bytes() == value.as_bytes())
+    };
+    if st.opts.require_headers.iter().any(lacks) {
+        s.missing_header.fetch_add(1, Ordering::SeqCst);
+        return respond(400, "missing header");
     }
     let path = req.uri().path().to_string();
     let query = req.uri().query().map(str::to_string);

@@ -90,11 +90,13 @@ impl Layer {
     /// `check_cache`, the cache is looked at first (the caller has not yet); missing
     /// chunks are claimed (others wait for them instead of fetching again) and fetched
     /// either as `window` or as their own blob ranges, then decoded and verified.
+    /// `on_demand` marks a read a process waits for: a chunk whose shared fetch failed
+    /// is tried once more on its own, and the fetch counts as on demand in the metrics.
     pub(super) fn fill(
         &self,
         refs: &[ChunkRef],
         window: Option<Range<u64>>,
-        retry_shared: bool,
+        on_demand: bool,
         check_cache: bool,
     ) -> Vec<Result<Arc<Vec<u8>>>> {
         enum St {
@@ -141,7 +143,7 @@ impl Layer {
                 Some(w) => vec![w],
                 None => chunk_ranges(mine.iter().map(|&(r, _)| self.chunk(r).blob_range())),
             };
-            self.fetch_and_decode(&ranges, &mine, &mut claims, &mut got);
+            self.fetch_and_decode(&ranges, &mine, &mut claims, &mut got, on_demand);
         }
 
         states
@@ -158,7 +160,7 @@ impl Layer {
                 // this chunk once on our own before giving up.
                 St::Wait(slot, r) => match slot.wait() {
                     Ok(d) => Ok(d),
-                    Err(_) if retry_shared => self.fill_one(r),
+                    Err(_) if on_demand => self.fill_one(r),
                     Err(e) => Err(Error::Shared(e)),
                 },
             })
@@ -185,6 +187,7 @@ impl Layer {
         mine: &[(ChunkRef, Key)],
         claims: &mut Claims<'_>,
         got: &mut Got,
+        on_demand: bool,
     ) {
         let (Some(first), Some(last)) = (ranges.first(), ranges.last()) else {
             return;
@@ -227,10 +230,12 @@ impl Layer {
         let mut buf: Vec<u8> = Vec::with_capacity(prealloc(first.end - first.start));
         let mut next = 0usize;
         let skipped = "the fetcher skipped the chunk's bytes";
+        let mut received = 0u64;
         let res = self
             .fetcher
             .read_ranges_streaming(ranges, &mut |off, piece| {
                 let piece_end = off.saturating_add(piece.len() as u64);
+                received = received.saturating_add(piece.len() as u64);
                 if off < start || piece_end > end {
                     return Err(std::io::Error::new(
                         std::io::ErrorKind::InvalidData,
@@ -282,6 +287,15 @@ impl Layer {
                 self.add_coverage(off..piece_end);
                 Ok(())
             });
+        if let Some(m) = self.metrics.get() {
+            m.registry_get
+                .observe(started.elapsed().as_secs_f64() * 1e3);
+            if on_demand {
+                m.fetches.inc_by(1);
+                m.fetched
+                    .inc_by(i64::try_from(received).unwrap_or(i64::MAX));
+            }
+        }
         let what = || format!("bytes {start}-{end} of layer {}", self.desc.digest);
         let failure = match res {
             Err(source) => Some(Error::Fetch {

@@ -12,7 +12,8 @@ mod windows;
 use std::collections::HashMap;
 use std::ops::Range;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Condvar, Mutex};
+use std::sync::{Arc, Condvar, Mutex, OnceLock};
+use std::time::{Duration, Instant};
 
 use estargz::{Compression, Index, NodeId, NodeKind, OpenOptions, Reader};
 use sha2::{Digest as _, Sha256};
@@ -22,7 +23,7 @@ use crate::cache::{ChunkCache, Key};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fetcher::{Fetcher, SourceAdapter};
-use crate::metrics::LayerGauges;
+use crate::metrics::{FsMetrics, LayerGauges, LayerOps, Op};
 use crate::readahead::Stream;
 
 use coverage::RangeSet;
@@ -66,12 +67,28 @@ pub struct Layer {
     readahead: Stream,
     /// End of the file data in the blob (TOC and footer follow).
     payload_end: u64,
+    /// Prefetch covers blob bytes `0..prefetch_end`: up to the prefetch landmark, or
+    /// without one `prefetch_size` bytes; none with the no-prefetch landmark.
+    prefetch_end: Option<u64>,
     complete: AtomicBool,
     stop: AtomicBool,
     prefetched: AtomicU64,
     /// Prefetch and background runs started on the fetch pool.
     work: Mutex<Work>,
     work_changed: Condvar,
+    open_timings: OpenTimings,
+    /// Set once the layer is given a metrics handle.
+    metrics: OnceLock<LayerOps>,
+}
+
+/// How long the phases of [`Layer::open`] took.
+struct OpenTimings {
+    /// Until the first read (the blob's tail, footer included) was in.
+    footer: Duration,
+    /// Until the last read (the TOC's end) was in.
+    toc: Duration,
+    /// Parsing and indexing the TOC after that.
+    deserialize: Duration,
 }
 
 impl Layer {
@@ -108,21 +125,15 @@ impl Layer {
         let trusted_cache = expected
             .is_some()
             .then_some((cache.as_ref(), desc.digest.as_str()));
-        let mut src = SourceAdapter {
-            fetcher: fetcher.as_ref(),
-            read: Mutex::new(Vec::new()),
-            cache: trusted_cache,
-        };
+        let started = Instant::now();
+        let mut src = SourceAdapter::new(fetcher.as_ref(), trusted_cache);
         let mut opened = Reader::open(&src, &opts);
         if opened.is_err() && trusted_cache.is_some() {
             cache.drop_ranges(&desc.digest);
-            src = SourceAdapter {
-                fetcher: fetcher.as_ref(),
-                read: Mutex::new(Vec::new()),
-                cache: trusted_cache,
-            };
+            src = SourceAdapter::new(fetcher.as_ref(), trusted_cache);
             opened = Reader::open(&src, &opts);
         }
+        let parsed = Instant::now();
         let reader = opened.map_err(|e| match e {
             estargz::Error::IoAt { context, source } => Error::Fetch {
                 what: format!("{context} of layer {}", desc.digest),
@@ -137,11 +148,31 @@ impl Layer {
                 source,
             },
         })?;
+        let (footer_done, toc_done) = src
+            .finished
+            .lock()
+            .ok()
+            .and_then(|f| *f)
+            .unwrap_or((started, started));
+        let open_timings = OpenTimings {
+            footer: footer_done.duration_since(started),
+            toc: toc_done.duration_since(started),
+            deserialize: parsed.duration_since(toc_done),
+        };
         let mut coverage = RangeSet::default();
         for r in src.read.into_inner().unwrap_or_default() {
             coverage.insert(r);
         }
         let payload_end = reader.payload_end();
+        let prefetch_end = if reader.index.no_prefetch_landmark {
+            None
+        } else {
+            reader.index.prefetch_end.or_else(|| {
+                cfg.prefetch_bytes(None)
+                    .map(|n| n.min(payload_end))
+                    .filter(|&n| n > 0)
+            })
+        };
         let (order, windows) = plan_windows(&reader.index, payload_end);
         info!(layer = %desc.digest, files = reader.index.len(), toc = %reader.toc_digest,
             "layer opened");
@@ -159,12 +190,32 @@ impl Layer {
             windows,
             readahead: Stream::new(cfg.sequential_readahead_kib.saturating_mul(1024)),
             payload_end,
+            prefetch_end,
             complete: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             prefetched: AtomicU64::new(0),
             work: Mutex::new(Work::default()),
             work_changed: Condvar::new(),
+            open_timings,
+            metrics: OnceLock::new(),
         })
+    }
+
+    /// Records into `metrics` from now on (the first handle given wins), starting with
+    /// how long the open took.
+    pub fn observe_with(&self, metrics: &FsMetrics) {
+        let mut fresh = false;
+        self.metrics.get_or_init(|| {
+            fresh = true;
+            metrics.layer_ops(&self.desc.digest)
+        });
+        if fresh {
+            let t = &self.open_timings;
+            let layer = &self.desc.digest;
+            metrics.observe_ms(Op::FooterGet, layer, t.footer);
+            metrics.observe_ms(Op::TocGet, layer, t.toc);
+            metrics.observe_ms(Op::TocDeserialize, layer, t.deserialize);
+        }
     }
 
     pub fn desc(&self) -> &LayerDesc {
@@ -173,6 +224,12 @@ impl Layer {
 
     pub fn index(&self) -> &Index {
         &self.index
+    }
+
+    /// The blob range `0..end` prefetch fetches, if any: the prefetch landmark's
+    /// offset, else `prefetch_size`, never with the no-prefetch landmark.
+    pub fn prefetch_end(&self) -> Option<u64> {
+        self.prefetch_end
     }
 
     pub fn cache(&self) -> &Arc<ChunkCache> {

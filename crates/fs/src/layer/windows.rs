@@ -125,9 +125,9 @@ impl Layer {
 
     /// Fetches the prioritized files (blob range `0..prefetch_end`) in one request and
     /// caches every chunk in it, on the calling thread. Does nothing for layers without
-    /// a prefetch landmark. [`Layer::start_prefetch`] runs it once on the fetch pool.
+    /// a prefetch range (see [`Layer::prefetch_end`]). [`Layer::start_prefetch`] runs it once on the fetch pool.
     pub fn prefetch(&self) -> Result<()> {
-        let Some(end) = self.index.prefetch_end else {
+        let Some(end) = self.prefetch_end else {
             return Ok(());
         };
         let _busy = self.cache.priority().busy();
@@ -155,14 +155,14 @@ impl Layer {
 
     /// Starts the prefetch on `pool` unless it was started before (by a mount, or by
     /// whoever opened the layer ahead of its mount): it runs once per layer. A layer
-    /// without a prefetch landmark counts as prefetched at once.
+    /// without a prefetch range counts as prefetched at once.
     pub fn start_prefetch(self: &Arc<Self>, pool: &FetchPool) {
         {
             let mut w = self.work();
             if w.prefetch != Phase::Idle {
                 return;
             }
-            if self.index.prefetch_end.is_none() {
+            if self.prefetch_end.is_none() {
                 w.prefetch = Phase::Done;
                 return;
             }
@@ -297,9 +297,9 @@ impl Layer {
         let Some(w) = layer.windows.get(i) else {
             return;
         };
-        if !layer.cache.priority().wait_quiet(&layer.stop) {
+        let Some(_slot) = layer.cache.priority().background_slot(&layer.stop) else {
             return;
-        }
+        };
         let chunks = &layer.order[w.chunks.clone()];
         if chunks
             .iter()
@@ -307,7 +307,12 @@ impl Layer {
         {
             layer.add_coverage(w.range.clone());
         } else {
-            for res in layer.fill(chunks, Some(w.range.clone()), false, true) {
+            let started = Instant::now();
+            let results = layer.fill(chunks, Some(w.range.clone()), false, true);
+            if let Some(m) = layer.metrics.get() {
+                m.background.observe(started.elapsed().as_secs_f64() * 1e3);
+            }
+            for res in results {
                 if let Err(e) = res {
                     warn!(layer = %layer.desc.digest, error = %e, "background fetch failed");
                     step.run.failed.store(true, Ordering::SeqCst);

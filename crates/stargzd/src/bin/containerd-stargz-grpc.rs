@@ -4,11 +4,12 @@ use std::path::PathBuf;
 
 use clap::Parser;
 use stargzd::daemon::{self, DEFAULT_CONFIG};
+use stargzd::logging::{go_style_args, LogFormat, VERSION};
 
 #[derive(Parser, Debug)]
 #[command(
     name = "containerd-stargz-grpc",
-    version,
+    version = VERSION,
     about = "Stargz remote snapshotter for containerd"
 )]
 struct Args {
@@ -24,17 +25,34 @@ struct Args {
     /// State directory: metadata, snapshots and caches.
     #[arg(long, default_value = "/var/lib/containerd-stargz-grpc")]
     root: PathBuf,
-    /// trace, debug, info, warn or error (or a tracing filter directive).
+    /// trace, debug, info, warn, error, fatal or panic (or a tracing filter directive).
     #[arg(long, default_value = "info")]
     log_level: String,
+    /// Log lines as text or as JSON objects (the reference's format).
+    #[arg(long, value_enum, default_value_t = LogFormat::Text)]
+    log_format: LogFormat,
 }
 
 fn main() -> anyhow::Result<()> {
-    let args = Args::parse();
+    // The reference's flags are Go flags: `-address` works as well as `--address`.
+    let argv = go_style_args(
+        std::env::args_os(),
+        &[
+            "address",
+            "config",
+            "root",
+            "log-level",
+            "log-format",
+            "version",
+            "help",
+        ],
+    );
+    let args = Args::parse_from(argv);
     daemon::run_process(daemon::Options {
         address: args.address,
         config: args.config,
         root: args.root,
         log_level: args.log_level,
+        log_format: args.log_format,
     })
 }

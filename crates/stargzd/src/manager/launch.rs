@@ -27,6 +27,8 @@ pub struct Launch {
     pub root: PathBuf,
     pub config: PathBuf,
     pub log_level: String,
+    /// Set after [`Launch::new`]; text unless the daemon logs JSON.
+    pub log_format: crate::logging::LogFormat,
 }
 
 impl Launch {
@@ -57,6 +59,7 @@ impl Launch {
             root: absolute(root),
             config: absolute(config),
             log_level: log_level.to_string(),
+            log_format: crate::logging::LogFormat::Text,
         }
     }
 
@@ -83,6 +86,8 @@ impl Launch {
             .arg(&self.config)
             .arg("--log-level")
             .arg(&self.log_level)
+            .arg("--log-format")
+            .arg(self.log_format.as_str())
             .current_dir("/")
             // The manager is not the unit's main process; it must not talk to systemd.
             .env_remove("NOTIFY_SOCKET")

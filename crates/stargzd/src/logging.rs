@@ -1,0 +1,301 @@
+//! Command-line and logging conventions the two binaries share with the reference:
+//! Go-style single-dash long flags, its log level names, its version line, and logs as
+//! JSON lines (the reference's logrus keys `time`, `level`, `msg`) or as text.
+
+use std::ffi::OsString;
+
+use anyhow::{Context, Result};
+use tracing::field::{Field, Visit};
+use tracing_subscriber::fmt::format::Writer;
+use tracing_subscriber::fmt::{FmtContext, FormatEvent, FormatFields};
+use tracing_subscriber::registry::LookupSpan;
+
+/// `--version`'s text after the program name: `v<version> <git revision>`, as the
+/// reference prints `containerd-stargz-grpc v0.18.2 <revision>`.
+pub const VERSION: &str = concat!("v", env!("CARGO_PKG_VERSION"), " ", env!("STARGZ_REVISION"));
+
+/// How log lines are written.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    /// One human-readable line per event.
+    #[default]
+    Text,
+    /// One JSON object per line, with the reference's keys.
+    Json,
+}
+
+impl LogFormat {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            LogFormat::Text => "text",
+            LogFormat::Json => "json",
+        }
+    }
+}
+
+/// Rewrites Go-style flags (`-address x`, `-log-level=debug`, `-version`) to the
+/// double-dash form for the long options named in `long`; anything else, and
+/// everything after `--`, is left as it is.
+pub fn go_style_args<I: IntoIterator<Item = OsString>>(args: I, long: &[&str]) -> Vec<OsString> {
+    let mut out = Vec::new();
+    let mut rest = false;
+    for (i, arg) in args.into_iter().enumerate() {
+        if i == 0 || rest {
+            out.push(arg);
+            continue;
+        }
+        let Some(s) = arg.to_str() else {
+            out.push(arg);
+            continue;
+        };
+        if s == "--" {
+            rest = true;
+            out.push(arg);
+            continue;
+        }
+        let rewritten = s
+            .strip_prefix('-')
+            .filter(|r| !r.starts_with('-'))
+            .filter(|r| long.contains(&r.split_once('=').map_or(*r, |(name, _)| name)))
+            .map(|r| OsString::from(format!("--{r}")));
+        out.push(rewritten.unwrap_or(arg));
+    }
+    out
+}
+
+/// The tracing filter for a `--log-level`: the reference's names (`trace`, `debug`,
+/// `info`, `warn`/`warning`, `error`, `fatal`, `panic`; the last two log errors only),
+/// or a tracing filter directive.
+pub fn level_filter(level: &str) -> Result<tracing_subscriber::EnvFilter> {
+    let directive = match level.to_ascii_lowercase().as_str() {
+        "warning" => "warn".to_string(),
+        "fatal" | "panic" => "error".to_string(),
+        _ => level.to_string(),
+    };
+    tracing_subscriber::EnvFilter::try_new(&directive).with_context(|| {
+        format!(
+            "--log-level {level:?}: not one of trace, debug, info, warn, error, fatal, panic, \
+             nor a tracing filter"
+        )
+    })
+}
+
+/// Installs the process's logger: to stderr, in `format`, colours only on a terminal
+/// (and never in JSON).
+pub fn init(level: &str, format: LogFormat) -> Result<()> {
+    let filter = level_filter(level)?;
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    match format {
+        LogFormat::Text => builder
+            .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
+            .init(),
+        LogFormat::Json => builder.with_ansi(false).event_format(JsonLines).init(),
+    }
+    Ok(())
+}
+
+/// One JSON object per event: `time` (RFC 3339, UTC, nanoseconds), `level` (logrus'
+/// names: `warning` for warn), `msg`, then the event's fields and those of its spans.
+struct JsonLines;
+
+impl<S, N> FormatEvent<S, N> for JsonLines
+where
+    S: tracing::Subscriber + for<'a> LookupSpan<'a>,
+    N: for<'a> FormatFields<'a> + 'static,
+{
+    fn format_event(
+        &self,
+        ctx: &FmtContext<'_, S, N>,
+        mut writer: Writer<'_>,
+        event: &tracing::Event<'_>,
+    ) -> std::fmt::Result {
+        let mut fields = Fields::default();
+        if let Some(scope) = ctx.event_scope() {
+            for span in scope.from_root() {
+                // Span fields are kept as formatted text; each span's under its name.
+                let ext = span.extensions();
+                if let Some(text) = ext.get::<tracing_subscriber::fmt::FormattedFields<N>>() {
+                    if !text.fields.is_empty() {
+                        fields
+                            .map
+                            .insert(span.name().to_string(), text.fields.clone().into());
+                    }
+                }
+            }
+        }
+        event.record(&mut fields);
+        let level = match *event.metadata().level() {
+            tracing::Level::TRACE => "trace",
+            tracing::Level::DEBUG => "debug",
+            tracing::Level::INFO => "info",
+            tracing::Level::WARN => "warning",
+            tracing::Level::ERROR => "error",
+        };
+        let mut obj = serde_json::Map::new();
+        obj.insert("time".into(), rfc3339_now().into());
+        obj.insert("level".into(), level.into());
+        obj.insert(
+            "msg".into(),
+            fields.message.take().unwrap_or_default().into(),
+        );
+        for (k, v) in fields.map {
+            // The three keys above stay the reference's.
+            let k = if matches!(k.as_str(), "time" | "level" | "msg") {
+                format!("fields.{k}")
+            } else {
+                k
+            };
+            obj.insert(k, v);
+        }
+        let line = serde_json::Value::Object(obj).to_string();
+        writer.write_str(&line)?;
+        writer.write_char('\n')
+    }
+}
+
+#[derive(Default)]
+struct Fields {
+    message: Option<String>,
+    map: serde_json::Map<String, serde_json::Value>,
+}
+
+impl Fields {
+    fn put(&mut self, field: &Field, v: serde_json::Value) {
+        if field.name() == "message" {
+            self.message = Some(match v {
+                serde_json::Value::String(s) => s,
+                other => other.to_string(),
+            });
+        } else {
+            self.map.insert(field.name().to_string(), v);
+        }
+    }
+}
+
+impl Visit for Fields {
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        self.put(field, format!("{value:?}").into());
+    }
+    fn record_str(&mut self, field: &Field, value: &str) {
+        self.put(field, value.into());
+    }
+    fn record_i64(&mut self, field: &Field, value: i64) {
+        self.put(field, value.into());
+    }
+    fn record_u64(&mut self, field: &Field, value: u64) {
+        self.put(field, value.into());
+    }
+    fn record_bool(&mut self, field: &Field, value: bool) {
+        self.put(field, value.into());
+    }
+    fn record_f64(&mut self, field: &Field, value: f64) {
+        self.put(field, value.into());
+    }
+}
+
+/// Now as `YYYY-MM-DDTHH:MM:SS.nnnnnnnnnZ`.
+fn rfc3339_now() -> String {
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .unwrap_or_default();
+    rfc3339(now.as_secs(), now.subsec_nanos())
+}
+
+fn rfc3339(secs: u64, nanos: u32) -> String {
+    let days = secs / 86_400;
+    let rem = secs % 86_400;
+    let (y, m, d) = civil_from_days(days);
+    format!(
+        "{y:04}-{m:02}-{d:02}T{:02}:{:02}:{:02}.{nanos:09}Z",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Days since 1970-01-01 to (year, month, day), proleptic Gregorian.
+fn civil_from_days(days: u64) -> (u64, u64, u64) {
+    let z = days + 719_468;
+    let era = z / 146_097;
+    let doe = z % 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + u64::from(m <= 2);
+    (y, m, d)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn args(v: &[&str]) -> Vec<String> {
+        go_style_args(
+            v.iter().map(OsString::from),
+            &["address", "config", "log-level", "root", "version"],
+        )
+        .into_iter()
+        .map(|s| s.into_string().unwrap())
+        .collect()
+    }
+
+    #[test]
+    fn single_dash_long_flags() {
+        assert_eq!(
+            args(&[
+                "prog",
+                "-address",
+                "/run/x.sock",
+                "-log-level=debug",
+                "--root",
+                "/r",
+                "-version",
+                "-x",
+                "--",
+                "-config",
+            ]),
+            [
+                "prog",
+                "--address",
+                "/run/x.sock",
+                "--log-level=debug",
+                "--root",
+                "/r",
+                "--version",
+                "-x",
+                "--",
+                "-config",
+            ]
+        );
+        // A value that looks like a flag stays a value only after `=`.
+        assert_eq!(args(&["prog", "-config=-root"]), ["prog", "--config=-root"]);
+    }
+
+    #[test]
+    fn reference_level_names() {
+        for l in [
+            "trace", "debug", "info", "warn", "warning", "error", "fatal", "panic", "INFO",
+        ] {
+            assert!(level_filter(l).is_ok(), "{l}");
+        }
+        assert_eq!(level_filter("fatal").unwrap().to_string(), "error");
+        assert_eq!(level_filter("warning").unwrap().to_string(), "warn");
+        assert!(level_filter("stargzd=debug,info").is_ok());
+        let e = format!("{:#}", level_filter("loud=[").unwrap_err());
+        assert!(e.contains("fatal"), "{e}");
+    }
+
+    #[test]
+    fn timestamps() {
+        assert_eq!(rfc3339(0, 0), "1970-01-01T00:00:00.000000000Z");
+        assert_eq!(rfc3339(951_782_400, 5), "2000-02-29T00:00:00.000000005Z");
+        assert_eq!(
+            rfc3339(1_767_225_599, 999_999_999),
+            "2025-12-31T23:59:59.999999999Z"
+        );
+    }
+}
