@@ -476,11 +476,15 @@ pub fn kubelet_image_endpoint(text: &str) -> Option<String> {
             return Some(strip(v));
         }
         let mut words = line.split(|c: char| c.is_whitespace() || c == '"' || c == '\'');
+        const FLAG: &str = "--image-service-endpoint";
         while let Some(w) = words.next() {
-            if let Some(v) = w.strip_prefix("--image-service-endpoint=") {
+            // The flag may follow a variable's `=` (`KUBELET_EXTRA_ARGS=--image-...`).
+            let Some(at) = w.find(FLAG) else { continue };
+            let rest = &w[at + FLAG.len()..];
+            if let Some(v) = rest.strip_prefix('=') {
                 return Some(strip(v));
             }
-            if w == "--image-service-endpoint" {
+            if rest.is_empty() {
                 return words.find(|w| !w.is_empty()).map(strip);
             }
         }
