@@ -87,7 +87,17 @@ pub fn verify_blob(
         expected_toc_digest: expected_toc_digest.map(str::to_string),
         ..OpenOptions::default()
     };
-    let (reader, toc) = Reader::open_with_toc(src, &opts)?;
+    verify_blob_with(src, &opts, original_tar)
+}
+
+/// As [`verify_blob`], opening the blob with `opts` (an expected TOC digest, the
+/// source of an external TOC, limits).
+pub fn verify_blob_with(
+    src: &dyn BlobSource,
+    opts: &OpenOptions,
+    original_tar: Option<&mut dyn Read>,
+) -> Result<VerifyReport> {
+    let (reader, toc) = Reader::open_with_toc(src, opts)?;
     let mut regular_files = 0;
     let mut chunks = 0;
     for (id, node) in reader.index.nodes() {
