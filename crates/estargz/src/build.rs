@@ -533,7 +533,11 @@ fn produce_members(
     for src in order {
         let mut entry = match src {
             Source::Tar(e) => {
-                let from = if opts.lossless { copied } else { e.header_start };
+                let from = if opts.lossless {
+                    copied
+                } else {
+                    e.header_start
+                };
                 let start = p.cur.len();
                 let hlen = usize::try_from(e.data_start - from).map_err(|_| Error::BadTar {
                     offset: from,

@@ -280,7 +280,8 @@ fn parse_external_footer(p: &[u8]) -> std::result::Result<(), String> {
             4 + EXTERNAL_TOC_MAGIC.len()
         ));
     }
-    if &p[12..14] != b"SG" || u16::from_le_bytes([p[14], p[15]]) as usize != EXTERNAL_TOC_MAGIC.len()
+    if &p[12..14] != b"SG"
+        || u16::from_le_bytes([p[14], p[15]]) as usize != EXTERNAL_TOC_MAGIC.len()
     {
         return Err("no SG subfield of 17 bytes".into());
     }

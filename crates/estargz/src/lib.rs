@@ -32,9 +32,8 @@ pub use footer::{Compression, Footer, EXTERNAL_TOC_FOOTER_SIZE};
 pub use names::clean_name;
 pub use reader::{
     decode_chunk, max_compressed_len, read_toc, BlobSource, Chunk, ExternalTocFn, FileBlob, Index,
-    Node, NodeId,
-    NodeKind, OpenOptions, RawToc, Reader, DEFAULT_MAX_INDEX_BYTES, DEFAULT_MAX_TOC_ENTRIES,
-    MAX_CHUNK_SIZE, MAX_INNER_OFFSET,
+    Node, NodeId, NodeKind, OpenOptions, RawToc, Reader, DEFAULT_MAX_INDEX_BYTES,
+    DEFAULT_MAX_TOC_ENTRIES, MAX_CHUNK_SIZE, MAX_INNER_OFFSET,
 };
 pub use toc::{EntryType, Toc, TocEntry, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK};
 pub use verify::{verify_blob, verify_blob_with, VerifyReport};

@@ -229,6 +229,9 @@ fn lossless_keeps_extension_headers_and_trailing_records() {
     let id = r.index.lookup(&long).unwrap();
     assert_eq!(r.read_file(&blob.to_vec(), id).unwrap(), b"abc");
     let id = r.index.lookup("x/data").unwrap();
-    assert_eq!(r.index.node(id).xattrs.get("user.k").map(Vec::as_slice), Some(&b"v"[..]));
+    assert_eq!(
+        r.index.node(id).xattrs.get("user.k").map(Vec::as_slice),
+        Some(&b"v"[..])
+    );
     assert_eq!(r.read_file(&blob.to_vec(), id).unwrap(), &big()[..70_000]);
 }
