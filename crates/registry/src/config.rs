@@ -34,6 +34,19 @@ pub struct ResolverConfig {
     /// containerd's hosts directory (`<dir>/<host>/hosts.toml`), read by
     /// [`ResolverConfig::apply_hosts_dir`].
     pub config_path: Option<PathBuf>,
+    /// TLS settings that only command lines give (`ctr`'s `--skip-verify`,
+    /// `--tlscert`/`--tlskey`); not part of the configuration file.
+    #[serde(skip)]
+    pub tls: ClientTls,
+}
+
+/// TLS settings for every host, from command-line flags.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClientTls {
+    /// Accept any server certificate (`-k`/`--skip-verify`). Never the default.
+    pub skip_verify: bool,
+    /// Client certificate and key (PEM files) presented to servers that ask.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl ResolverConfig {

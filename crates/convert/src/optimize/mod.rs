@@ -43,8 +43,9 @@ pub struct OptimizeOptions {
     pub optimize: bool,
     /// Attach the workload to a CNI network instead of one with only `lo`.
     pub cni: Option<CniOptions>,
-    /// GPUs to expose: devices `nvidia.com/gpu=<index>` of the CDI specs.
-    pub gpus: Vec<u32>,
+    /// GPUs to expose: devices `nvidia.com/gpu=<name>` of the CDI specs, by name
+    /// (an index, or `all`).
+    pub gpus: Vec<String>,
 }
 
 /// Where the CNI network configuration and plugins are.
@@ -81,8 +82,7 @@ pub async fn optimize(src: &Store, dst: &Store, opts: &OptimizeOptions) -> Resul
         let gpu_edits = if opts.gpus.is_empty() {
             None
         } else {
-            let names: Vec<String> = opts.gpus.iter().map(u32::to_string).collect();
-            Some(cdi::resolve(cdi::GPU_KIND, &names, &cdi::spec_dirs())?)
+            Some(cdi::resolve(cdi::GPU_KIND, &opts.gpus, &cdi::spec_dirs())?)
         };
         let (manifest_digest, layer_digests, entries) =
             analyze(src, opts, gpu_edits.as_ref()).await?;
