@@ -313,3 +313,17 @@ async fn run(
     .with_context(|| format!("optimizing {} into {}", a.source, a.target))?;
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpus_take_indices_or_all() {
+        assert_eq!(gpu_names(&Some("all".into())).unwrap(), ["all"]);
+        assert_eq!(gpu_names(&Some("0, 2".into())).unwrap(), ["0", "2"]);
+        assert!(gpu_names(&None).unwrap().is_empty());
+        let err = gpu_names(&Some("0,x".into())).unwrap_err().to_string();
+        assert!(err.contains("\"x\""), "{err}");
+    }
+}
