@@ -210,10 +210,20 @@ pub fn compare_with_tar(toc: &Toc, tar: &mut dyn Read) -> Result<usize> {
         };
         original.insert(name, (e, digest));
     }
+    // A TOC may list a name twice (a lossless build keeps the tar's duplicates);
+    // readers take the last, so only the last is held against the tar's last.
+    let mut last: HashMap<String, usize> = HashMap::new();
+    for (i, e) in toc.entries.iter().enumerate() {
+        if e.kind != EntryType::Chunk {
+            if let Ok(n) = clean_name(&e.name) {
+                last.insert(n, i);
+            }
+        }
+    }
     let mut seen: BTreeMap<String, ()> = BTreeMap::new();
     let mut users: HashMap<u64, String> = HashMap::new();
     let mut groups: HashMap<u64, String> = HashMap::new();
-    for e in &toc.entries {
+    for (i, e) in toc.entries.iter().enumerate() {
         if e.kind == EntryType::Chunk {
             continue;
         }
@@ -226,6 +236,9 @@ pub fn compare_with_tar(toc: &Toc, tar: &mut dyn Read) -> Result<usize> {
             groups.insert(e.gid, e.group_name.clone());
         }
         if name == PREFETCH_LANDMARK || name == NO_PREFETCH_LANDMARK {
+            continue;
+        }
+        if last.get(&name) != Some(&i) {
             continue;
         }
         let (t, digest) = original.get(&name).ok_or_else(|| {
