@@ -39,6 +39,10 @@ pub struct OptimizeArgs {
     /// Convert without running the workload.
     #[arg(long)]
     pub no_optimize: bool,
+    /// Prioritize the paths and glob patterns (*, ?, [...], **) listed in FILE, one
+    /// per line, instead of running the workload.
+    #[arg(long, value_name = "FILE")]
+    pub prefetch_list: Option<PathBuf>,
     /// Write the accessed files as JSON lines to this file.
     #[arg(long, value_name = "FILE")]
     pub record_out: Option<PathBuf>,
@@ -201,6 +205,9 @@ pub async fn optimize_cmd(a: OptimizeArgs, containerd: &Containerd) -> Result<()
     if a.zstdchunked && !a.format.oci {
         bail!("--zstdchunked must be used with --oci");
     }
+    if a.no_optimize && a.prefetch_list.is_some() {
+        bail!("--no-optimize and --prefetch-list cannot be used together");
+    }
     if a.format.estargz_external_toc && a.reuse {
         bail!("\"estargz-external-toc\" can't be used with \"reuse\" flag");
     }
@@ -267,6 +274,18 @@ async fn run(
     workload: Workload,
     gpus: Vec<String>,
 ) -> Result<convert::optimize::OptimizeReport> {
+    let prefetch_list = match &a.prefetch_list {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading --prefetch-list {}", p.display()))?;
+            let list = convert::optimize::read_prefetch_list(&text)?;
+            if list.is_empty() {
+                tracing::warn!("prefetch list is empty");
+            }
+            Some(list)
+        }
+        None => None,
+    };
     let opts = OptimizeOptions {
         convert: ConvertOptions {
             layer,
@@ -286,6 +305,7 @@ async fn run(
             plugin_dir: convert::optimize::cni_plugin_dir_or_fallback(&a.cni_plugin_dir),
         }),
         gpus,
+        prefetch_list,
     };
     // Ctrl-C drops the work in progress, whose guards delete the container,
     // unmount the rootfs and remove temporary files. With --wait-on-signal the

@@ -1091,3 +1091,65 @@ fn xattr_of(path: &Path, name: &str) -> Option<Vec<u8>> {
     let r = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     (r >= 0).then(|| buf[..r as usize].to_vec())
 }
+
+/// `--prefetch-list`: the listed paths and glob matches are prioritized in the layer
+/// that shows them, without running anything; paths the image lacks are skipped.
+#[test]
+fn prefetch_list_prioritizes_paths_and_globs() {
+    let Some((scratch, src)) = scratch_with_layout() else {
+        return;
+    };
+    let list = scratch.path().join("prefetch.txt");
+    std::fs::write(
+        &list,
+        "# files to prefetch\n/data/a.txt\ndata/[bc].txt\n\netc/*\nmissing/file\n",
+    )
+    .expect("write");
+    let rec = scratch.path().join("rec.json");
+    let dst = format!("oci:{}:listed", scratch.path().join("dst").display());
+    let out = optimize(
+        &[
+            "--prefetch-list",
+            list.to_str().expect("utf8"),
+            "--record-out",
+            rec.to_str().expect("utf8"),
+        ],
+        &src,
+        &dst,
+    );
+    ok(&out);
+    let paths: Vec<String> = record(&rec)
+        .iter()
+        .map(|e| e["path"].as_str().expect("path").to_string())
+        .collect();
+    assert_eq!(
+        paths,
+        s(&[
+            "data/a.txt",
+            "data/b.txt",
+            "data/c.txt",
+            "etc/group",
+            "etc/passwd"
+        ])
+    );
+    assert_eq!(
+        prioritized(&dst, scratch.path()),
+        vec![
+            (s(&["etc/group", "etc/passwd"]), "prefetch"),
+            (s(&["data/b.txt", "data/c.txt"]), "prefetch"),
+            (s(&["data/a.txt"]), "prefetch"),
+            (vec![], "no-prefetch"),
+        ]
+    );
+    let out = optimize(
+        &[
+            "--prefetch-list",
+            list.to_str().expect("utf8"),
+            "--no-optimize",
+        ],
+        &src,
+        &dst,
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used together"));
+}
