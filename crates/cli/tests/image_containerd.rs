@@ -461,8 +461,10 @@ fn the_mode_rule_never_guesses() {
         registry_manifest(&format!("{host}/r2r:1")).0.to_string(),
         d1.trim()
     );
+    // ctr's global flags are accepted before our subcommands too.
     let d2 = ok(&ctd
         .ours()
+        .args(["--timeout", "60s", "--connect-timeout", "5s", "--debug"])
         .args([
             "image",
             "convert",
