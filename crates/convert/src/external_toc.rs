@@ -43,7 +43,7 @@ pub(crate) async fn write_toc_image(dst: &Store, tocs: &[(Digest, Vec<u8>)]) -> 
         );
         layers.push(d);
     }
-    layers.sort_by(|a, b| a.digest.to_string().cmp(&b.digest.to_string()));
+    layers.sort_by_key(|a| a.digest.to_string());
     layers.dedup_by(|a, b| a.digest == b.digest);
     let config = store
         .put_blob_bytes(Bytes::from_static(EMPTY_CONFIG))
