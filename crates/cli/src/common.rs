@@ -1,6 +1,7 @@
 //! Flags and helpers every `ctr-remote image` subcommand shares (registry access,
-//! layer format flags, image locations, progress lines), kept apart so `image`
-//! and `optimize` both depend on this module and not on each other.
+//! layer format flags, the stores a conversion reads and writes, progress and
+//! result lines), kept apart so `image` and `optimize` both depend on this module
+//! and not on each other.
 
 use std::io::{IsTerminal, Write};
 use std::path::PathBuf;
@@ -8,10 +9,10 @@ use std::sync::Arc;
 
 use anyhow::{bail, Context, Result};
 use clap::Args;
-use convert::{LayerEvent, LayerOptions, Target};
+use convert::{ConvertReport, LayerEvent, LayerOptions, Store, Target};
 use registry::{Client, Digest, Platform};
 
-use crate::place::Place;
+use crate::place::{self, Containerd, Place, PlaceArgs};
 
 /// Registry access shared by the image subcommands (`ctr`'s registry flags).
 #[derive(Debug, Args, Clone, Default)]
@@ -191,4 +192,61 @@ pub(crate) fn progress_printer() -> convert::ProgressFn {
 fn short(d: &Digest) -> String {
     let s = d.to_string();
     s.chars().take(19).collect()
+}
+
+/// Where a conversion reads and writes: the stores and the containerd session, if any.
+pub(crate) struct Endpoints {
+    pub src: Store,
+    pub dst: Store,
+    pub session: Option<containerd_pull::ContainerdSession>,
+}
+
+impl Endpoints {
+    /// Resolves SOURCE and TARGET by the rule of [`crate::place`] and opens them; a
+    /// containerd source must exist.
+    pub(crate) async fn open(
+        source: &str,
+        target: &str,
+        place: &PlaceArgs,
+        registry: &RegistryArgs,
+        user: Option<&str>,
+        containerd: &Containerd,
+    ) -> Result<Endpoints> {
+        let src = place::source(source, place.from_registry)?;
+        let dst = place::target(target, &src, place.to_registry)?;
+        let client = client_for(registry, user, &[&src, &dst])?;
+        let (mut stores, session) = place::open_stores(&[&src, &dst], &client, containerd).await?;
+        if let (Place::Containerd(name), Some(s)) = (&src, &session) {
+            place::require_image(s, name, &containerd.namespace).await?;
+        }
+        let dst_store = stores.pop().context("no target store")?;
+        let src_store = stores.pop().context("no source store")?;
+        Ok(Endpoints {
+            src: src_store,
+            dst: dst_store,
+            session,
+        })
+    }
+
+    /// Ends the containerd lease (what was written is now kept by image records).
+    pub(crate) async fn close(self) {
+        if let Some(s) = self.session {
+            s.close().await;
+        }
+    }
+}
+
+/// Prints what a conversion wrote: the TOC image as the reference does
+/// (`extra image: NAME`) and the digest on stdout, a summary on stderr.
+pub(crate) fn report(dst: &Store, r: &ConvertReport, extra: &str) {
+    eprintln!(
+        "wrote {} ({}, {} manifest(s){extra})",
+        dst.describe(),
+        r.media_type,
+        r.manifests.len(),
+    );
+    if let Some(t) = &r.toc_image {
+        println!("extra image: {}", t.name);
+    }
+    println!("{}", r.digest);
 }

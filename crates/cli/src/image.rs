@@ -9,10 +9,10 @@ use std::path::PathBuf;
 
 use anyhow::{bail, Context, Result};
 use clap::{Args, Subcommand};
-use convert::{ConvertOptions, ConvertReport, Store, Target};
+use convert::{ConvertOptions, Store, Target};
 use registry::{Digest, Platform};
 
-use crate::common::{client_for, parse_platforms, progress_printer};
+use crate::common::{client_for, parse_platforms, progress_printer, report, Endpoints};
 pub use crate::common::{FormatArgs, RegistryArgs};
 pub use crate::place::Containerd;
 use crate::place::{self, Place, PlaceArgs};
@@ -180,63 +180,6 @@ pub fn run(cmd: ImageCommand, containerd: &Containerd) -> Result<()> {
             ImageCommand::Optimize(a) => crate::optimize::optimize_cmd(*a, containerd).await,
         }
     })
-}
-
-/// Where a conversion reads and writes: the stores and the containerd session, if any.
-pub(crate) struct Endpoints {
-    pub src: Store,
-    pub dst: Store,
-    pub session: Option<containerd_pull::ContainerdSession>,
-}
-
-impl Endpoints {
-    /// Resolves SOURCE and TARGET by the rule of [`crate::place`] and opens them; a
-    /// containerd source must exist.
-    pub(crate) async fn open(
-        source: &str,
-        target: &str,
-        place: &PlaceArgs,
-        registry: &RegistryArgs,
-        user: Option<&str>,
-        containerd: &Containerd,
-    ) -> Result<Endpoints> {
-        let src = place::source(source, place.from_registry)?;
-        let dst = place::target(target, &src, place.to_registry)?;
-        let client = client_for(registry, user, &[&src, &dst])?;
-        let (mut stores, session) = place::open_stores(&[&src, &dst], &client, containerd).await?;
-        if let (Place::Containerd(name), Some(s)) = (&src, &session) {
-            place::require_image(s, name, &containerd.namespace).await?;
-        }
-        let dst_store = stores.pop().context("no target store")?;
-        let src_store = stores.pop().context("no source store")?;
-        Ok(Endpoints {
-            src: src_store,
-            dst: dst_store,
-            session,
-        })
-    }
-
-    /// Ends the containerd lease (what was written is now kept by image records).
-    pub(crate) async fn close(self) {
-        if let Some(s) = self.session {
-            s.close().await;
-        }
-    }
-}
-
-/// Prints what a conversion wrote: the TOC image as the reference does
-/// (`extra image: NAME`) and the digest on stdout, a summary on stderr.
-pub(crate) fn report(dst: &Store, r: &ConvertReport, extra: &str) {
-    eprintln!(
-        "wrote {} ({}, {} manifest(s){extra})",
-        dst.describe(),
-        r.media_type,
-        r.manifests.len(),
-    );
-    if let Some(t) = &r.toc_image {
-        println!("extra image: {}", t.name);
-    }
-    println!("{}", r.digest);
 }
 
 async fn convert_cmd(a: ConvertArgs, containerd: &Containerd) -> Result<()> {

@@ -9,9 +9,8 @@ use clap::Args;
 use convert::optimize::{CniOptions, MountSpec, OptimizeOptions, StopWhen, Workload};
 use convert::{ConvertOptions, Store, Target};
 
-use crate::common::{parse_platforms, progress_printer, FormatArgs, RegistryArgs};
-use crate::image::{Containerd, Endpoints};
-use crate::place::PlaceArgs;
+use crate::common::{parse_platforms, progress_printer, Endpoints, FormatArgs, RegistryArgs};
+use crate::place::{Containerd, PlaceArgs};
 
 #[derive(Debug, Args)]
 pub struct OptimizeArgs {
@@ -252,7 +251,7 @@ pub async fn optimize_cmd(a: OptimizeArgs, containerd: &Containerd) -> Result<()
         convert::optimize::write_record(out, &report.record)
             .with_context(|| format!("writing --record-out {}", out.display()))?;
     }
-    crate::image::report(
+    crate::common::report(
         &dst,
         &report.convert,
         &format!(", {} file(s) prioritized", report.record.len()),
