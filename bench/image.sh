@@ -119,14 +119,14 @@ layers_size() { # REF -> sum of layer sizes in the registry's manifest
 }
 
 # 1. Convert.
-measure ours_convert "$ours image convert --estargz --oci $reg/src/go:v1 $reg/ours/go:esgz"
+measure ours_convert "$ours image convert --estargz --oci docker://$reg/src/go:v1 $reg/ours/go:esgz"
 measure ref_convert "$R image pull --plain-http $reg/src/go:v1
   $R image convert --estargz --oci $reg/src/go:v1 $reg/ref/go:esgz
   $R image push --plain-http $reg/ref/go:esgz"
 # 2. Optimize (same workload: the image's entrypoint; period 10 s is the default,
 # the workload exits well before).
 $R image rm "$reg/src/go:v1" "$reg/ref/go:esgz" > /dev/null
-measure ours_optimize "$ours image optimize --oci --record-out $work/ours.rec $reg/src/go:v1 $reg/ours/go:opt"
+measure ours_optimize "$ours image optimize --oci --record-out $work/ours.rec docker://$reg/src/go:v1 $reg/ours/go:opt"
 measure ref_optimize "$R image pull --plain-http $reg/src/go:v1
   $R image optimize --oci --record-out $work/ref.rec $reg/src/go:v1 $reg/ref/go:opt
   $R image push --plain-http $reg/ref/go:opt"

@@ -175,8 +175,8 @@ print(f"   layer {layer}: {len(blob)} bytes")
 PY
 
 echo "== converting it registry to registry: ctr-remote image convert --estargz --oci"
-"$bin" image convert --estargz --oci --plain-http "$reg/demo/app:plain" "$reg/demo/app:estargz" | sed 's/^/   /'
-"$bin" image inspect --plain-http "$reg/demo/app:estargz" | sed 's/^/   /'
+"$bin" image convert --estargz --oci --plain-http "docker://$reg/demo/app:plain" "$reg/demo/app:estargz" | sed 's/^/   /'
+"$bin" image inspect --plain-http "docker://$reg/demo/app:estargz" | sed 's/^/   /'
 img=$reg/demo/app:estargz
 script='cat /etc/hello; cat /.stargz-snapshotter/*.json'
 

@@ -150,6 +150,7 @@ fn build(a: BuildArgs) -> Result<()> {
         prioritized_files,
         allow_missing_prioritized: a.allow_missing,
         threads: a.threads,
+        ..BuildOptions::default()
     };
     let tmp = a.output.with_extension("partial");
     let out = File::create(&tmp).with_context(|| format!("creating {}", tmp.display()))?;

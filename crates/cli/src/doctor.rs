@@ -18,9 +18,8 @@ use containerd_client::services::v1::{
 };
 use containerd_client::tonic::Request;
 
-use convert::Location;
-
-use crate::common::{client_for, open, RegistryArgs};
+use crate::common::{client_for, RegistryArgs};
+use crate::place::{Place, REGISTRY_PREFIX};
 
 /// Where kubelet's flags or config may name its image service, in the layouts of
 /// kubeadm, Debian/Ubuntu, RHEL and systemd drop-ins.
@@ -605,20 +604,23 @@ async fn test_pull(
     address: &str,
     ns: &str,
 ) -> Result<containerd_pull::RpullReport> {
-    let loc = open(image)?;
-    let Location::Registry(reference) = &loc else {
-        anyhow::bail!("--image takes a registry reference, not {image}");
-    };
-    let client = client_for(&args.registry, &[&loc])?;
+    let name = image.strip_prefix(REGISTRY_PREFIX).unwrap_or(image);
+    let reference = registry::Reference::parse(name)
+        .with_context(|| format!("--image takes a registry reference, not {image:?}"))?;
+    let place = Place::Registry(reference.clone());
+    let client = client_for(&args.registry, None, &[&place])?;
     let opts = containerd_pull::RpullOptions {
         address: address.to_string(),
         namespace: ns.to_string(),
         snapshotter: args.snapshotter.clone(),
         platform: registry::Platform::host(),
         skip_content_verify: false,
+        containerd_labels: false,
+        image_labels: Default::default(),
+        prefetch_size: containerd_pull::DEFAULT_PREFETCH_SIZE,
     };
     let workdir = tempfile::tempdir().context("a work directory")?;
-    Ok(containerd_pull::rpull(&client, reference, &opts, workdir.path()).await?)
+    Ok(containerd_pull::rpull(&client, &reference, &opts, workdir.path()).await?)
 }
 
 /// Removes the test pull's image (containerd's garbage collector then removes its

@@ -9,15 +9,15 @@ use clap::Args;
 use convert::optimize::{CniOptions, MountSpec, OptimizeOptions, StopWhen, Workload};
 use convert::{ConvertOptions, Store, Target};
 
-use crate::common::{
-    client_for, open, parse_platforms, progress_printer, FormatArgs, RegistryArgs,
-};
+use crate::common::{parse_platforms, progress_printer, Endpoints, FormatArgs, RegistryArgs};
+use crate::place::{Containerd, PlaceArgs};
 
 #[derive(Debug, Args)]
 pub struct OptimizeArgs {
-    /// Source: a registry reference or oci:DIR[:TAG].
+    /// Source: an image in containerd's store, docker://REF or oci:DIR[:TAG].
     pub source: String,
-    /// Target: a registry reference or oci:DIR[:TAG].
+    /// Target: a plain name goes where the source is (containerd's store, else the
+    /// registry); docker://REF, containerd://NAME or oci:DIR[:TAG] say where.
     pub target: String,
     /// Reuse layers that already are eStargz and that the workload did not read.
     #[arg(long)]
@@ -38,6 +38,10 @@ pub struct OptimizeArgs {
     /// Convert without running the workload.
     #[arg(long)]
     pub no_optimize: bool,
+    /// Prioritize the paths and glob patterns (*, ?, [...], **) listed in FILE, one
+    /// per line, instead of running the workload.
+    #[arg(long, value_name = "FILE")]
+    pub prefetch_list: Option<PathBuf>,
     /// Write the accessed files as JSON lines to this file.
     #[arg(long, value_name = "FILE")]
     pub record_out: Option<PathBuf>,
@@ -100,11 +104,12 @@ pub struct OptimizeArgs {
     /// Debian's containernetworking-plugins installs them) is used.
     #[arg(long, default_value = convert::optimize::DEFAULT_CNI_PLUGIN_DIR)]
     pub cni_plugin_dir: PathBuf,
-    /// GPUs to expose, by index (comma-separated or repeated): device
-    /// nvidia.com/gpu=INDEX of a CDI spec in /etc/cdi or /var/run/cdi
-    /// ($CDI_SPEC_DIRS, colon-separated, replaces these directories).
-    #[arg(long, value_delimiter = ',')]
-    pub gpus: Vec<u32>,
+    /// GPUs to expose: comma-separated indices or "all", each the CDI device
+    /// nvidia.com/gpu=NAME of a spec in /etc/cdi or /var/run/cdi ($CDI_SPEC_DIRS,
+    /// colon-separated, replaces these directories). Without such a spec (no GPU set
+    /// up, e.g. by `nvidia-ctk cdi generate`) the command fails saying so.
+    #[arg(long, value_name = "INDICES|all")]
+    pub gpus: Option<String>,
     /// Share the host's network namespace.
     #[arg(long)]
     pub net_host: bool,
@@ -114,12 +119,32 @@ pub struct OptimizeArgs {
     /// Directory for temporary blobs and the workload's rootfs (default: the system temp dir).
     #[arg(long)]
     pub workdir: Option<PathBuf>,
-    /// Use plain HTTP for the registries named (loopback hosts always do).
-    #[arg(long)]
-    pub plain_http: bool,
+    #[command(flatten)]
+    pub place: PlaceArgs,
+    #[command(flatten)]
+    pub registry: RegistryArgs,
     /// Registry credentials as user:password (--user names the workload's user here).
     #[arg(long, value_name = "USER:PASS")]
     pub registry_user: Option<String>,
+}
+
+/// `--gpus` as CDI device names: "all", or the indices listed.
+fn gpu_names(s: &Option<String>) -> Result<Vec<String>> {
+    let Some(s) = s.as_deref().map(str::trim).filter(|s| !s.is_empty()) else {
+        return Ok(Vec::new());
+    };
+    if s == "all" {
+        return Ok(vec!["all".to_string()]);
+    }
+    s.split(',')
+        .map(str::trim)
+        .filter(|p| !p.is_empty())
+        .map(|p| {
+            p.parse::<u32>()
+                .map(|n| n.to_string())
+                .with_context(|| format!("--gpus {s:?}: {p:?} is neither an index nor \"all\""))
+        })
+        .collect()
 }
 
 fn json_array(flag: &str, s: &Option<String>) -> Result<Option<Vec<String>>> {
@@ -175,10 +200,17 @@ fn workload(a: &OptimizeArgs) -> Result<Workload> {
     })
 }
 
-pub async fn optimize_cmd(a: OptimizeArgs) -> Result<()> {
+pub async fn optimize_cmd(a: OptimizeArgs, containerd: &Containerd) -> Result<()> {
     if a.zstdchunked && !a.format.oci {
         bail!("--zstdchunked must be used with --oci");
     }
+    if a.no_optimize && a.prefetch_list.is_some() {
+        bail!("--no-optimize and --prefetch-list cannot be used together");
+    }
+    if a.format.estargz_external_toc && a.reuse {
+        bail!("\"estargz-external-toc\" can't be used with \"reuse\" flag");
+    }
+    let gpus = gpu_names(&a.gpus)?;
     if a.wait_on_signal && a.wait_on_line.is_some() {
         bail!("--wait-on-signal and --wait-on-line exclude each other");
     }
@@ -199,15 +231,60 @@ pub async fn optimize_cmd(a: OptimizeArgs) -> Result<()> {
     };
     let workload = workload(&a)?;
 
-    let src_loc = open(&a.source)?;
-    let dst_loc = open(&a.target)?;
-    let registry = RegistryArgs {
-        plain_http: a.plain_http,
-        user: a.registry_user.clone(),
+    let ends = Endpoints::open(
+        &a.source,
+        &a.target,
+        &a.place,
+        &a.registry,
+        a.registry_user.as_deref(),
+        containerd,
+    )
+    .await?;
+    let result = run(
+        &a, &ends.src, &ends.dst, layer, platforms, stop, workload, gpus,
+    )
+    .await;
+    let dst = ends.dst.clone();
+    ends.close().await;
+    let report = result?;
+    if let Some(out) = &a.record_out {
+        convert::optimize::write_record(out, &report.record)
+            .with_context(|| format!("writing --record-out {}", out.display()))?;
+    }
+    crate::common::report(
+        &dst,
+        &report.convert,
+        &format!(", {} file(s) prioritized", report.record.len()),
+    );
+    Ok(())
+}
+
+#[allow(
+    clippy::too_many_arguments,
+    reason = "the pieces of one command, built above"
+)]
+async fn run(
+    a: &OptimizeArgs,
+    src: &Store,
+    dst: &Store,
+    layer: convert::LayerOptions,
+    platforms: Vec<registry::Platform>,
+    stop: StopWhen,
+    workload: Workload,
+    gpus: Vec<String>,
+) -> Result<convert::optimize::OptimizeReport> {
+    let prefetch_list = match &a.prefetch_list {
+        Some(p) => {
+            let text = std::fs::read_to_string(p)
+                .with_context(|| format!("reading --prefetch-list {}", p.display()))?;
+            let list = convert::optimize::read_prefetch_list(&text)?;
+            if list.is_empty() {
+                tracing::warn!("prefetch list is empty");
+            }
+            Some(list)
+        }
+        None => None,
     };
-    let client = client_for(&registry, &[&src_loc, &dst_loc])?;
-    let src = Store::open(&src_loc, &client);
-    let dst = Store::open(&dst_loc, &client);
     let opts = OptimizeOptions {
         convert: ConvertOptions {
             layer,
@@ -226,13 +303,14 @@ pub async fn optimize_cmd(a: OptimizeArgs) -> Result<()> {
             conf_dir: a.cni_plugin_conf_dir.clone(),
             plugin_dir: convert::optimize::cni_plugin_dir_or_fallback(&a.cni_plugin_dir),
         }),
-        gpus: a.gpus.clone(),
+        gpus,
+        prefetch_list,
     };
     // Ctrl-C drops the work in progress, whose guards delete the container,
     // unmount the rootfs and remove temporary files. With --wait-on-signal the
     // first one only ends the recording.
     // SIGTERM (a supervisor or `kill`) cleans up the same way.
-    let work = convert::optimize::optimize(&src, &dst, &opts);
+    let work = convert::optimize::optimize(src, dst, &opts);
     tokio::pin!(work);
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .context("installing the SIGTERM handler")?;
@@ -252,17 +330,19 @@ pub async fn optimize_cmd(a: OptimizeArgs) -> Result<()> {
         }
     }
     .with_context(|| format!("optimizing {} into {}", a.source, a.target))?;
-    if let Some(out) = &a.record_out {
-        convert::optimize::write_record(out, &report.record)
-            .with_context(|| format!("writing --record-out {}", out.display()))?;
+    Ok(report)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn gpus_take_indices_or_all() {
+        assert_eq!(gpu_names(&Some("all".into())).unwrap(), ["all"]);
+        assert_eq!(gpu_names(&Some("0, 2".into())).unwrap(), ["0", "2"]);
+        assert!(gpu_names(&None).unwrap().is_empty());
+        let err = gpu_names(&Some("0,x".into())).unwrap_err().to_string();
+        assert!(err.contains("\"x\""), "{err}");
     }
-    eprintln!(
-        "wrote {} ({}, {} manifest(s), {} file(s) prioritized)",
-        dst.describe(),
-        report.convert.media_type,
-        report.convert.manifests.len(),
-        report.record.len()
-    );
-    println!("{}", report.convert.digest);
-    Ok(())
 }

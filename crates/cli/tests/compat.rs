@@ -242,3 +242,68 @@ fn toc_entries_equal_the_reference_apart_from_offsets() {
         }
     }
 }
+
+/// Blobs built with an external TOC (`--estargz-external-toc`): with the TOC put back
+/// in front of an ordinary footer the reference verifies them against the original
+/// tar; lossless ones (`--estargz-keep-diff-id`) decompress to the tar itself and
+/// every file reads back through the external TOC.
+#[test]
+fn external_toc_blobs_verify_with_the_reference() {
+    let Some(oracle) = oracle() else { return };
+    let Some(dir) = corpus() else { return };
+    for tar in TARS {
+        let tar_path = dir.path().join(format!("{tar}.tar"));
+        let tar_bytes = std::fs::read(&tar_path).unwrap();
+        for lossless in [false, true] {
+            let blob_path = dir.path().join(format!("{tar}-{lossless}.ext"));
+            let opts = BuildOptions {
+                external_toc: true,
+                lossless,
+                chunk_size: 100_000,
+                ..Default::default()
+            };
+            let built = build_ours(dir.path(), tar, &opts, &blob_path);
+            let toc = built.external_toc.clone().unwrap();
+            let blob = std::fs::read(&blob_path).unwrap();
+            let src = FileBlob::open(&blob_path).unwrap();
+            let t = toc.clone();
+            let open = estargz::OpenOptions {
+                expected_toc_digest: Some(built.toc_digest.clone()),
+                external_toc: Some(std::sync::Arc::new(move || Ok(t.clone()))),
+                ..Default::default()
+            };
+            let mut original = File::open(&tar_path).unwrap();
+            let report = estargz::verify_blob_with(&src, &open, Some(&mut original))
+                .unwrap_or_else(|e| panic!("{tar} lossless={lossless}: {e}"));
+            assert_eq!(report.diff_id, built.diff_id);
+            let mut stream = Vec::new();
+            std::io::Read::read_to_end(
+                &mut flate2::read::MultiGzDecoder::new(&blob[..]),
+                &mut stream,
+            )
+            .unwrap();
+            if lossless {
+                assert_eq!(stream, tar_bytes, "{tar}: lossless keeps the tar");
+                continue;
+            }
+            let payload = &blob[..blob.len() - estargz::EXTERNAL_TOC_FOOTER_SIZE];
+            let mut inside = payload.to_vec();
+            inside.extend_from_slice(&toc);
+            inside.extend(
+                estargz::Footer::Estargz {
+                    toc_offset: payload.len() as u64,
+                }
+                .encode(),
+            );
+            let p = dir.path().join(format!("{tar}.ext-inside"));
+            std::fs::write(&p, &inside).unwrap();
+            let v = json(&run_ok(
+                Command::new(&oracle)
+                    .args(["verify", "--toc-digest", &built.toc_digest])
+                    .arg(&p)
+                    .arg(&tar_path),
+            ));
+            assert_eq!(v["ok"], true, "{tar}: {v}");
+        }
+    }
+}

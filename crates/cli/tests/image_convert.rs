@@ -356,7 +356,7 @@ fn registry_to_registry_and_layout_to_layout() {
             "--estargz-record-in",
         ])
         .arg(&record)
-        .arg(format!("{host}/src/app:v1"))
+        .arg(format!("docker://{host}/src/app:v1"))
         .arg(format!("{host}/dst/app:esgz"))
         .output()
         .expect("run");
@@ -389,7 +389,7 @@ fn registry_to_registry_and_layout_to_layout() {
     let got = run_ok(ctr_remote().args([
         "image",
         "get-toc-digest",
-        &format!("{host}/dst/app:esgz"),
+        &format!("docker://{host}/dst/app:esgz"),
         first,
     ]));
     assert_eq!(
@@ -400,7 +400,7 @@ fn registry_to_registry_and_layout_to_layout() {
         "i",
         "get-toc-digest",
         "--dump-toc",
-        &format!("{host}/dst/app:esgz"),
+        &format!("docker://{host}/dst/app:esgz"),
         first,
     ])));
     assert!(dumped["entries"].as_array().is_some_and(|e| !e.is_empty()));
@@ -408,7 +408,7 @@ fn registry_to_registry_and_layout_to_layout() {
         "images",
         "inspect",
         "--json",
-        &format!("{host}/dst/app:esgz"),
+        &format!("docker://{host}/dst/app:esgz"),
     ])));
     let ls = ins["manifests"][0]["layers"].as_array().expect("layers");
     assert_eq!(ls[0]["format"], "estargz");
@@ -420,7 +420,7 @@ fn registry_to_registry_and_layout_to_layout() {
     let text = String::from_utf8_lossy(&run_ok(ctr_remote().args([
         "image",
         "inspect",
-        &format!("{host}/src/app:v1"),
+        &format!("docker://{host}/src/app:v1"),
     ])))
     .to_string();
     assert!(text.contains("format=plain"), "{text}");
@@ -435,7 +435,7 @@ fn registry_to_registry_and_layout_to_layout() {
             "--estargz-record-in",
         ])
         .arg(&record)
-        .arg(format!("{host}/src/app:v1"))
+        .arg(format!("docker://{host}/src/app:v1"))
         .arg(format!("{host}/dst/app:esgz"))
         .output()
         .expect("run");
@@ -526,7 +526,7 @@ fn multi_platform_index() {
         "--estargz",
         "--oci",
         "--all-platforms",
-        &format!("{host}/multi/app:v1"),
+        &format!("docker://{host}/multi/app:v1"),
         &format!("{host}/multi/app:all"),
     ]));
     let remote = Remote {
@@ -554,7 +554,7 @@ fn multi_platform_index() {
         "--oci",
         "--platform",
         "linux/arm64",
-        &format!("{host}/multi/app:v1"),
+        &format!("docker://{host}/multi/app:v1"),
         &format!("{host}/multi/app:arm"),
     ]));
     let idx = json(&remote.manifest("arm"));
@@ -569,7 +569,7 @@ fn multi_platform_index() {
             "--estargz",
             "--platform",
             "linux/s390x",
-            &format!("{host}/multi/app:v1"),
+            &format!("docker://{host}/multi/app:v1"),
             &format!("{host}/multi/app:none"),
         ])
         .output()
@@ -599,7 +599,7 @@ fn reuse_keeps_estargz_layers() {
             "--estargz",
             "--oci",
             "--reuse",
-            &format!("{host}/reuse/app:v1"),
+            &format!("docker://{host}/reuse/app:v1"),
             &format!("{host}/reuse/app:esgz"),
         ])
         .output()
@@ -636,7 +636,7 @@ fn reuse_keeps_estargz_layers() {
         "--estargz",
         "--oci",
         "--reuse",
-        &format!("{host}/reuse/app:esgz"),
+        &format!("docker://{host}/reuse/app:esgz"),
         &format!("{host}/reuse/app:again"),
     ]));
     let second = json(&remote.manifest("again"));

@@ -288,7 +288,7 @@ fn fetch_blob(image: &str, digest: &str, to: &Path) {
         std::fs::copy(Path::new(dir).join("blobs/sha256").join(&digest[7..]), to).expect("copy");
         return;
     }
-    let r = Reference::parse(image).expect("ref");
+    let r = Reference::parse(image.trim_start_matches("docker://")).expect("ref");
     let data = rt()
         .block_on(Client::anonymous().get_blob(&r, &Digest::parse(digest).expect("digest")))
         .expect("get blob");
@@ -317,7 +317,7 @@ fn default_workload_prioritizes_accessed_files_per_layer() {
     let (src, img) = registry_image(&rt, &host, &busybox);
     let scratch = tempfile::tempdir().expect("tempdir");
     let rec = scratch.path().join("record.json");
-    let dst = format!("{host}/dst/app:opt");
+    let dst = format!("docker://{host}/dst/app:opt");
     let out = optimize(&["--record-out", rec.to_str().expect("utf8")], &src, &dst);
     let stdout = ok(&out);
     assert!(
@@ -371,7 +371,7 @@ fn default_workload_prioritizes_accessed_files_per_layer() {
     );
 
     // The record is accepted back by `image convert`.
-    let again = format!("{host}/dst/app:from-record");
+    let again = format!("docker://{host}/dst/app:from-record");
     run_ok(
         ctr_remote()
             .args([
@@ -404,7 +404,7 @@ fn args_env_and_bind_mount_change_what_is_read() {
     std::fs::create_dir(&shared).expect("mkdir");
     std::fs::write(shared.join("note"), "from the host\n").expect("write");
     let rec = scratch.path().join("record.json");
-    let dst = format!("{host}/dst/app:custom");
+    let dst = format!("docker://{host}/dst/app:custom");
     let mount = format!(
         "type=bind,source={},destination=/mnt/host,options=rbind:ro",
         shared.display()
@@ -553,17 +553,18 @@ fn random() -> u64 {
     h.finish()
 }
 
-/// The four-layer test image pushed to `host` as `HOST/src/app:v1`: its name and image.
+/// The four-layer test image pushed to `host` as `HOST/src/app:v1`: its name on the
+/// command line (`docker://HOST/src/app:v1`) and the image.
 fn registry_image(rt: &tokio::runtime::Runtime, host: &str, busybox: &[u8]) -> (String, TestImage) {
-    let src = format!("{host}/src/app:v1");
+    let name = format!("{host}/src/app:v1");
     let img = image(&layer_tars(busybox));
     push(
         rt,
         &Client::anonymous(),
-        &Reference::parse(&src).expect("ref"),
+        &Reference::parse(&name).expect("ref"),
         &img,
     );
-    (src, img)
+    (format!("docker://{name}"), img)
 }
 
 /// A scratch directory holding the test image as an OCI layout: (scratch, `oci:DIR:v1`).
@@ -1089,4 +1090,66 @@ fn xattr_of(path: &Path, name: &str) -> Option<Vec<u8>> {
     // SAFETY: both names are NUL-terminated and `buf` is writable for its length.
     let r = unsafe { libc::lgetxattr(p.as_ptr(), n.as_ptr(), buf.as_mut_ptr().cast(), buf.len()) };
     (r >= 0).then(|| buf[..r as usize].to_vec())
+}
+
+/// `--prefetch-list`: the listed paths and glob matches are prioritized in the layer
+/// that shows them, without running anything; paths the image lacks are skipped.
+#[test]
+fn prefetch_list_prioritizes_paths_and_globs() {
+    let Some((scratch, src)) = scratch_with_layout() else {
+        return;
+    };
+    let list = scratch.path().join("prefetch.txt");
+    std::fs::write(
+        &list,
+        "# files to prefetch\n/data/a.txt\ndata/[bc].txt\n\netc/*\nmissing/file\n",
+    )
+    .expect("write");
+    let rec = scratch.path().join("rec.json");
+    let dst = format!("oci:{}:listed", scratch.path().join("dst").display());
+    let out = optimize(
+        &[
+            "--prefetch-list",
+            list.to_str().expect("utf8"),
+            "--record-out",
+            rec.to_str().expect("utf8"),
+        ],
+        &src,
+        &dst,
+    );
+    ok(&out);
+    let paths: Vec<String> = record(&rec)
+        .iter()
+        .map(|e| e["path"].as_str().expect("path").to_string())
+        .collect();
+    assert_eq!(
+        paths,
+        s(&[
+            "data/a.txt",
+            "data/b.txt",
+            "data/c.txt",
+            "etc/group",
+            "etc/passwd"
+        ])
+    );
+    assert_eq!(
+        prioritized(&dst, scratch.path()),
+        vec![
+            (s(&["etc/group", "etc/passwd"]), "prefetch"),
+            (s(&["data/b.txt", "data/c.txt"]), "prefetch"),
+            (s(&["data/a.txt"]), "prefetch"),
+            (vec![], "no-prefetch"),
+        ]
+    );
+    let out = optimize(
+        &[
+            "--prefetch-list",
+            list.to_str().expect("utf8"),
+            "--no-optimize",
+        ],
+        &src,
+        &dst,
+    );
+    assert!(!out.status.success());
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used together"));
 }

@@ -212,7 +212,9 @@ fn rpull_unpacks_when_the_snapshotter_refuses() {
         String::from_utf8_lossy(&run_ok(ctd.ctr().args(["content", "ls", "-q"]))).to_string();
     assert!(content.contains(&sha(&config)) && content.contains(&sha(&manifest)));
 
-    // A second pull finds every snapshot in place.
-    let (_, err) = run(&[]);
+    // A second pull finds every snapshot in place; --label labels the image record.
+    let (_, err) = run(&["--label", "org.example/pulled-by=test", "-k"]);
     assert!(err.contains("2 already present"), "{err}");
+    let ls = String::from_utf8_lossy(&run_ok(ctd.ctr().args(["images", "ls"]))).to_string();
+    assert!(ls.contains("org.example/pulled-by=test"), "{ls}");
 }

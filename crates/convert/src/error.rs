@@ -56,6 +56,9 @@ pub enum Error {
     },
     #[error("--gpus: {0}")]
     Cdi(String),
+    /// An image store implemented outside this crate (containerd's) failed.
+    #[error("{0}")]
+    Backend(String),
 }
 
 impl Error {

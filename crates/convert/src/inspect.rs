@@ -102,10 +102,19 @@ async fn manifests(
 async fn read_toc(src: &Store, desc: &Descriptor) -> Result<estargz::RawToc> {
     let src = src.clone();
     let desc = desc.clone();
+    let handle = tokio::runtime::Handle::current();
     tokio::task::spawn_blocking(move || -> Result<estargz::RawToc> {
         let blob = src.blob_source(&desc)?;
+        // Read only when the footer says the TOC lives in the image's TOC image.
+        let (store, layer) = (src.clone(), desc.digest.clone());
+        let external: estargz::ExternalTocFn = std::sync::Arc::new(move || {
+            handle
+                .block_on(crate::external_toc::fetch_external_toc(&store, &layer))
+                .map_err(std::io::Error::other)
+        });
         let opts = estargz::OpenOptions {
             tail_size: 64 << 10,
+            external_toc: Some(external),
             ..Default::default()
         };
         Ok(estargz::read_toc(blob.as_ref(), &opts)?)
@@ -163,6 +172,7 @@ async fn inspect_layer(src: &Store, l: &Descriptor) -> LayerReport {
             r.format = match raw.footer {
                 estargz::Footer::Estargz { .. } => "estargz",
                 estargz::Footer::Legacy { .. } => "stargz",
+                estargz::Footer::ExternalToc { .. } => "estargz (external TOC)",
                 estargz::Footer::ZstdChunked { .. } => "zstd:chunked",
             }
             .into();

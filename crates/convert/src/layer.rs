@@ -39,6 +39,12 @@ pub struct LayerOptions {
     pub reuse: bool,
     /// Compression threads for one layer; 0 means one per core.
     pub threads: usize,
+    /// eStargz only: keep each layer's TOC out of its blob, for a separate TOC image
+    /// (`--estargz-external-toc`).
+    pub external_toc: bool,
+    /// With `external_toc`: keep the tar stream as it is, so diff IDs do not change
+    /// (`--estargz-keep-diff-id`).
+    pub keep_diff_id: bool,
 }
 
 impl Default for LayerOptions {
@@ -52,6 +58,8 @@ impl Default for LayerOptions {
             prioritized_files: Vec::new(),
             reuse: false,
             threads: 0,
+            external_toc: false,
+            keep_diff_id: false,
         }
     }
 }
@@ -110,6 +118,8 @@ pub struct Converted {
     pub annotations: BTreeMap<String, String>,
     /// The new blob's bytes, when a new blob was made.
     pub file: Option<tempfile::NamedTempFile>,
+    /// The compressed TOC, when it was kept out of the blob.
+    pub external_toc: Option<Vec<u8>>,
 }
 
 /// Annotations this crate owns and rewrites on every converted layer.
@@ -205,6 +215,7 @@ pub fn convert_blob(
         diff_id: None,
         annotations: BTreeMap::new(),
         file: None,
+        external_toc: None,
     };
     let wanted = match opts.target {
         Target::Keep => return Ok(unchanged()),
@@ -229,13 +240,14 @@ pub fn convert_blob(
                 diff_id: Some(diff_id),
                 annotations: BTreeMap::new(),
                 file: Some(tmp),
+                external_toc: None,
             });
         }
         Target::Estargz => Compression::Gzip,
         Target::ZstdChunked => Compression::Zstd,
     };
 
-    if opts.reuse {
+    if opts.reuse && !opts.external_toc {
         if let Some(c) = reuse(path, digest, size, compression, wanted)? {
             return Ok(c);
         }
@@ -257,6 +269,8 @@ pub fn convert_blob(
         // One record file serves every layer: each holds only some of the paths.
         allow_missing_prioritized: true,
         threads: opts.threads,
+        external_toc: opts.external_toc,
+        lossless: opts.keep_diff_id,
     };
     let mut tmp = tempfile::NamedTempFile::new_in(workdir)
         .map_err(|e| Error::io("creating a temporary file", e))?;
@@ -284,6 +298,7 @@ pub fn convert_blob(
         diff_id: Some(out.diff_id),
         annotations: out.annotations,
         file: Some(tmp),
+        external_toc: out.external_toc,
     })
 }
 
@@ -354,6 +369,7 @@ fn reuse(
         diff_id: Some(diff_id),
         annotations,
         file: None,
+        external_toc: None,
     }))
 }
 

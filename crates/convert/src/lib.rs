@@ -17,6 +17,7 @@
 //! Talking to containerd is not this crate's business (`containerd-pull` does it).
 
 mod error;
+mod external_toc;
 mod inspect;
 mod layer;
 pub mod optimize;
@@ -36,9 +37,10 @@ use registry::{
 };
 
 pub use error::{Error, Result};
+pub use external_toc::{fetch_external_toc, TocImage, LAYER_DIGEST_ANNOTATION};
 pub use inspect::{get_toc, inspect, ImageReport, LayerReport, ManifestReport, TocInfo};
 pub use layer::{LayerFormat, LayerOptions, Outcome, Target};
-pub use store::{LocalBlob, Location, Store, REF_NAME_ANNOTATION};
+pub use store::{ImageBackend, LocalBlob, Location, Store, REF_NAME_ANNOTATION, TOC_IMAGE_SUFFIX};
 
 /// OCI uncompressed layer.
 pub const OCI_LAYER_TAR: &str = "application/vnd.oci.image.layer.v1.tar";
@@ -126,6 +128,8 @@ pub struct ConvertReport {
     pub manifests: Vec<Descriptor>,
     /// Per distinct source layer: what it became.
     pub layers: Vec<LayerEvent>,
+    /// With an external TOC: the TOC image written beside the image.
+    pub toc_image: Option<TocImage>,
 }
 
 /// A converted layer, ready to be named in manifests.
@@ -136,6 +140,7 @@ struct DoneLayer {
     size: u64,
     diff_id: Option<String>,
     annotations: BTreeMap<String, String>,
+    external_toc: Option<Vec<u8>>,
 }
 
 fn is_manifest(mt: &str) -> bool {
@@ -189,6 +194,33 @@ pub async fn convert(src: &Store, dst: &Store, opts: &ConvertOptions) -> Result<
             "nothing to do: ask for eStargz, zstd:chunked, uncompressed layers or OCI media types"
                 .into(),
         ));
+    }
+    if opts.layer.external_toc && opts.layer.target != Target::Estargz {
+        return Err(Error::Options(
+            "an external TOC is only defined for eStargz layers".into(),
+        ));
+    }
+    if opts.layer.keep_diff_id && !opts.layer.external_toc {
+        return Err(Error::Options(
+            "keeping diff IDs needs an external TOC (--estargz-external-toc)".into(),
+        ));
+    }
+    if opts.layer.external_toc && opts.layer.reuse {
+        // Every layer must be rebuilt for its TOC to go to the TOC image.
+        return Err(Error::Options(
+            "an external TOC cannot be combined with reusing layers".into(),
+        ));
+    }
+    if opts.layer.keep_diff_id
+        && (!opts.layer.prioritized_files.is_empty() || opts.layer_prioritized.is_some())
+    {
+        return Err(Error::Options(
+            "keeping diff IDs cannot be combined with prioritized files (a record)".into(),
+        ));
+    }
+    // The TOC image is named after the target's tag: fail before converting anything.
+    if opts.layer.external_toc {
+        dst.toc_image()?;
     }
     let root = src.root().await?;
     let (index, images): (
@@ -331,11 +363,13 @@ pub async fn convert(src: &Store, dst: &Store, opts: &ConvertOptions) -> Result<
             dst.put_manifest(&mt, bytes).await?;
         } else {
             let digest = dst.put_root(&mt, bytes).await?;
+            let toc_image = write_tocs(dst, opts, &done).await?;
             return Ok(ConvertReport {
                 digest,
                 media_type: mt,
                 manifests: vec![out],
                 layers: events,
+                toc_image,
             });
         }
         written.push(out);
@@ -359,12 +393,31 @@ pub async fn convert(src: &Store, dst: &Store, opts: &ConvertOptions) -> Result<
         serde_json::to_vec(&new_index).map_err(|e| Error::bad("new index", e.to_string()))?,
     );
     let digest = dst.put_root(media_type, bytes).await?;
+    let toc_image = write_tocs(dst, opts, &done).await?;
     Ok(ConvertReport {
         digest,
         media_type: media_type.to_string(),
         manifests: written,
         layers: events,
+        toc_image,
     })
+}
+
+/// Writes the TOC image when layers were built with an external TOC. Like the
+/// reference, one TOC image serves every platform converted.
+async fn write_tocs(
+    dst: &Store,
+    opts: &ConvertOptions,
+    done: &HashMap<Digest, DoneLayer>,
+) -> Result<Option<TocImage>> {
+    if !opts.layer.external_toc {
+        return Ok(None);
+    }
+    let tocs: Vec<(Digest, Vec<u8>)> = done
+        .values()
+        .filter_map(|d| d.external_toc.clone().map(|t| (d.digest.clone(), t)))
+        .collect();
+    Ok(Some(external_toc::write_toc_image(dst, &tocs).await?))
 }
 
 /// Fetches, converts and stores one layer. Returns what it became and whether
@@ -398,6 +451,7 @@ async fn convert_one(
             size: c.size,
             diff_id: c.diff_id,
             annotations: c.annotations,
+            external_toc: c.external_toc,
         },
         uploaded,
     ))

@@ -1,11 +1,13 @@
-//! Where images are read from and written to: a registry repository or an OCI
-//! image layout directory (`oci:DIR[:TAG]`), behind one [`Store`] type.
+//! Where images are read from and written to: a registry repository, an OCI
+//! image layout directory (`oci:DIR[:TAG]`), or a store implemented elsewhere
+//! through [`ImageBackend`] (containerd's), behind one [`Store`] type.
 
 use std::io;
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
 use bytes::Bytes;
+use futures::future::LocalBoxFuture;
 use registry::{
     Client, Descriptor, Digest, FetchedManifest, PushBlobOptions, Reference, OCI_INDEX,
 };
@@ -16,6 +18,63 @@ use crate::error::{Error, Result};
 
 /// Annotation naming an entry of an OCI layout's `index.json`.
 pub const REF_NAME_ANNOTATION: &str = "org.opencontainers.image.ref.name";
+
+pub use remote_layer::TOC_IMAGE_SUFFIX;
+
+/// An image store this crate does not implement itself (containerd's content and
+/// image stores, for one), with the operations the built-in kinds have. Blobs read
+/// through it are checked against their digests by the implementation. Its futures
+/// need not be `Send`: like the registry client's, they run on the caller's task.
+pub trait ImageBackend: Send + Sync {
+    /// The image's name, for messages.
+    fn describe(&self) -> String;
+    /// The manifest or index the image names.
+    fn root(&self) -> LocalBoxFuture<'_, Result<FetchedManifest>>;
+    /// A small blob (config, manifest) whole.
+    fn blob_bytes<'a>(&'a self, digest: &'a Digest) -> LocalBoxFuture<'a, Result<Bytes>>;
+    /// A blob as a local file (a temporary copy in `workdir`).
+    fn fetch_blob<'a>(
+        &'a self,
+        desc: &'a Descriptor,
+        workdir: &'a Path,
+    ) -> LocalBoxFuture<'a, Result<LocalBlob>>;
+    fn has_blob<'a>(&'a self, digest: &'a Digest) -> LocalBoxFuture<'a, Result<bool>>;
+    /// Stores a blob from a file unless present; returns whether bytes moved.
+    fn put_blob_file<'a>(
+        &'a self,
+        digest: &'a Digest,
+        path: &'a Path,
+    ) -> LocalBoxFuture<'a, Result<bool>>;
+    /// Stores a small blob; returns its digest.
+    fn put_blob_bytes(&self, data: Bytes) -> LocalBoxFuture<'_, Result<Digest>>;
+    /// Stores a manifest an index will name.
+    fn put_manifest<'a>(
+        &'a self,
+        media_type: &'a str,
+        data: Bytes,
+    ) -> LocalBoxFuture<'a, Result<Digest>>;
+    /// Stores the top manifest or index and names the image after it.
+    fn put_root<'a>(
+        &'a self,
+        media_type: &'a str,
+        data: Bytes,
+    ) -> LocalBoxFuture<'a, Result<Digest>>;
+    /// Random access to a blob; used from a blocking thread.
+    fn blob_source(&self, desc: &Descriptor) -> Result<Box<dyn estargz::BlobSource>>;
+    /// The same store under the name of this image's TOC image (see [`TOC_IMAGE_SUFFIX`]).
+    fn toc_image(&self) -> Result<Arc<dyn ImageBackend>>;
+}
+
+/// `tag` with the TOC image suffix, checked against the tag grammar.
+fn toc_tag(tag: &str) -> Result<String> {
+    let t = format!("{tag}{TOC_IMAGE_SUFFIX}");
+    if t.len() > 128 {
+        return Err(Error::Options(format!(
+            "the TOC image's tag {t:?} is longer than 128 characters"
+        )));
+    }
+    Ok(t)
+}
 
 /// Uploads of blobs at least this large go out in PATCH chunks, so a failure
 /// costs one chunk rather than the whole layer.
@@ -105,6 +164,7 @@ enum Kind {
         dir: PathBuf,
         tag: Option<String>,
     },
+    Backend(Arc<dyn ImageBackend>),
 }
 
 /// One image's home, read or written.
@@ -119,6 +179,47 @@ impl Store {
         Store {
             kind: Arc::new(Kind::Registry { client, reference }),
         }
+    }
+
+    /// A store implemented outside this crate.
+    pub fn backend(backend: Arc<dyn ImageBackend>) -> Store {
+        Store {
+            kind: Arc::new(Kind::Backend(backend)),
+        }
+    }
+
+    /// The store of this image's TOC image (`<tag>-esgztoc`, in the same place), which
+    /// `--estargz-external-toc` writes and lazy pulls read.
+    pub fn toc_image(&self) -> Result<Store> {
+        let kind = match &*self.kind {
+            Kind::Registry { client, reference } => {
+                let tag = reference.tag().ok_or_else(|| {
+                    Error::Options(format!(
+                        "{reference} has no tag: its TOC image is named after the tag ({TOC_IMAGE_SUFFIX} appended)"
+                    ))
+                })?;
+                Kind::Registry {
+                    client: client.clone(),
+                    reference: reference.at_tag(&toc_tag(tag)?)?,
+                }
+            }
+            Kind::Layout { dir, tag } => {
+                let tag = tag.as_deref().ok_or_else(|| Error::Layout {
+                    path: dir.clone(),
+                    reason: format!(
+                        "name the image with oci:DIR:TAG: its TOC image is tagged TAG{TOC_IMAGE_SUFFIX}"
+                    ),
+                })?;
+                Kind::Layout {
+                    dir: dir.clone(),
+                    tag: Some(toc_tag(tag)?),
+                }
+            }
+            Kind::Backend(b) => Kind::Backend(b.toc_image()?),
+        };
+        Ok(Store {
+            kind: Arc::new(kind),
+        })
     }
 
     /// A store for a location; `client` serves registry locations.
@@ -140,6 +241,7 @@ impl Store {
             Kind::Registry { reference, .. } => reference.to_string(),
             Kind::Layout { dir, tag: Some(t) } => format!("oci:{}:{t}", dir.display()),
             Kind::Layout { dir, tag: None } => format!("oci:{}", dir.display()),
+            Kind::Backend(b) => b.describe(),
         }
     }
 
@@ -163,6 +265,7 @@ impl Store {
     pub async fn root(&self) -> Result<FetchedManifest> {
         match &*self.kind {
             Kind::Registry { client, reference } => Ok(client.get_manifest(reference).await?),
+            Kind::Backend(b) => b.root().await,
             Kind::Layout { dir, tag } => {
                 let idx = Self::read_layout_index(dir)?;
                 let chosen: Vec<&Descriptor> = idx
@@ -211,7 +314,7 @@ impl Store {
             Kind::Registry { client, reference } => Ok(client
                 .get_manifest(&reference.at_digest(desc.digest.clone()))
                 .await?),
-            Kind::Layout { .. } => Ok(FetchedManifest {
+            Kind::Layout { .. } | Kind::Backend(_) => Ok(FetchedManifest {
                 bytes: self.blob_bytes(&desc.digest).await?,
                 digest: desc.digest.clone(),
                 media_type: desc.media_type.clone(),
@@ -223,6 +326,7 @@ impl Store {
     pub async fn blob_bytes(&self, digest: &Digest) -> Result<Bytes> {
         match &*self.kind {
             Kind::Registry { client, reference } => Ok(client.get_blob(reference, digest).await?),
+            Kind::Backend(b) => b.blob_bytes(digest).await,
             Kind::Layout { dir, .. } => {
                 let p = Self::blob_path(dir, digest);
                 let data = tokio::fs::read(&p)
@@ -257,6 +361,7 @@ impl Store {
                     .map_err(|e| Error::io("writing a temporary file", e))?;
                 Ok(LocalBlob::Temp(tmp))
             }
+            Kind::Backend(b) => b.fetch_blob(desc, workdir).await,
             Kind::Layout { dir, .. } => {
                 let p = Self::blob_path(dir, &desc.digest);
                 let meta = tokio::fs::metadata(&p)
@@ -284,6 +389,7 @@ impl Store {
             Kind::Registry { client, reference } => {
                 Ok(client.blob_exists(reference, digest).await?.is_some())
             }
+            Kind::Backend(b) => b.has_blob(digest).await,
             Kind::Layout { dir, .. } => Ok(tokio::fs::try_exists(Self::blob_path(dir, digest))
                 .await
                 .unwrap_or(false)),
@@ -292,10 +398,14 @@ impl Store {
 
     /// Stores a blob from a file unless the store has it. Returns whether bytes moved.
     pub async fn put_blob_file(&self, digest: &Digest, path: &Path) -> Result<bool> {
+        if let Kind::Backend(b) = &*self.kind {
+            return b.put_blob_file(digest, path).await;
+        }
         if self.has_blob(digest).await? {
             return Ok(false);
         }
         match &*self.kind {
+            Kind::Backend(b) => b.put_blob_file(digest, path).await,
             Kind::Registry { client, reference } => {
                 let file = std::fs::File::open(path)
                     .map_err(|e| Error::io(format!("opening {}", path.display()), e))?;
@@ -357,6 +467,7 @@ impl Store {
     pub async fn put_blob_bytes(&self, data: Bytes) -> Result<Digest> {
         let digest = Digest::sha256(&data);
         match &*self.kind {
+            Kind::Backend(b) => return b.put_blob_bytes(data).await,
             Kind::Registry { client, reference } => {
                 client
                     .push_blob(reference, data, &PushBlobOptions::default())
@@ -381,6 +492,7 @@ impl Store {
                     .push_manifest(&reference.at_digest(digest), media_type, data)
                     .await?)
             }
+            Kind::Backend(b) => b.put_manifest(media_type, data).await,
             Kind::Layout { .. } => self.put_blob_bytes(data).await,
         }
     }
@@ -391,6 +503,7 @@ impl Store {
             Kind::Registry { client, reference } => {
                 Ok(client.push_manifest(reference, media_type, data).await?)
             }
+            Kind::Backend(b) => b.put_root(media_type, data).await,
             Kind::Layout { dir, tag } => {
                 let size = data.len() as u64;
                 let digest = self.put_blob_bytes(data).await?;
@@ -449,6 +562,7 @@ impl Store {
                 handle: tokio::runtime::Handle::try_current()
                     .map_err(|e| Error::Task(e.to_string()))?,
             })),
+            Kind::Backend(b) => b.blob_source(desc),
             Kind::Layout { dir, .. } => {
                 let p = Self::blob_path(dir, &desc.digest);
                 Ok(Box::new(estargz::FileBlob::open(&p).map_err(|e| {

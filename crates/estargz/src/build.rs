@@ -43,6 +43,16 @@ pub struct BuildOptions {
     pub allow_missing_prioritized: bool,
     /// Compression threads; 0 means one per core.
     pub threads: usize,
+    /// Leave the TOC out of the blob (gzip only): the blob ends with the 46-byte
+    /// external-TOC footer and the compressed TOC is returned in
+    /// [`BuildOutput::external_toc`], for a separate TOC image (the reference's
+    /// `--estargz-external-toc`).
+    pub external_toc: bool,
+    /// Keep the tar stream byte for byte (the reference's `--estargz-keep-diff-id`):
+    /// entries in their order, duplicates, headers, padding and trailer as they are,
+    /// no landmark. The decompressed blob is the input tar, so the layer keeps its
+    /// diff ID. Needs `external_toc` and no prioritized files.
+    pub lossless: bool,
 }
 
 impl Default for BuildOptions {
@@ -54,6 +64,8 @@ impl Default for BuildOptions {
             prioritized_files: Vec::new(),
             allow_missing_prioritized: false,
             threads: 0,
+            external_toc: false,
+            lossless: false,
         }
     }
 }
@@ -74,6 +86,9 @@ pub struct BuildOutput {
     pub annotations: BTreeMap<String, String>,
     /// Prioritized files that were not found (only with `allow_missing_prioritized`).
     pub missing_prioritized: Vec<String>,
+    /// With [`BuildOptions::external_toc`]: the compressed TOC (a gzip member holding
+    /// the `stargz.index.json` tar entry), which the blob does not contain.
+    pub external_toc: Option<Vec<u8>>,
 }
 
 /// Builds from any tar or tar.gz stream, spooling it to a temporary file first
@@ -133,7 +148,27 @@ pub fn build_from_file(input: &File, out: impl Write, opts: &BuildOptions) -> Re
             crate::reader::MAX_CHUNK_SIZE
         )));
     }
-    let (order, missing) = plan_order(input, opts)?;
+    if opts.external_toc && !matches!(opts.codec, Codec::Gzip { .. }) {
+        return Err(Error::InvalidOption(
+            "an external TOC is only defined for gzip (eStargz) blobs".into(),
+        ));
+    }
+    if opts.lossless && !opts.external_toc {
+        return Err(Error::InvalidOption(
+            "keeping the diff ID needs an external TOC: a TOC inside the blob changes the stream"
+                .into(),
+        ));
+    }
+    if opts.lossless && !opts.prioritized_files.is_empty() {
+        return Err(Error::InvalidOption(
+            "keeping the diff ID cannot reorder files: no prioritized files".into(),
+        ));
+    }
+    let (order, missing) = if opts.lossless {
+        (plan_lossless(input)?, Vec::new())
+    } else {
+        plan_order(input, opts)?
+    };
     let threads = if opts.threads == 0 {
         rayon::current_num_threads()
     } else {
@@ -216,7 +251,22 @@ pub fn build_from_file(input: &File, out: impl Write, opts: &BuildOptions) -> Re
     let toc_digest = sha256_digest(&toc_json);
     let mut annotations = BTreeMap::new();
     let toc_start = writer.count;
+    let mut external_toc = None;
     match opts.codec {
+        Codec::Gzip { .. } if opts.external_toc => {
+            // The TOC member as it would sit in the blob, kept apart: it is neither in
+            // the blob nor in its decompressed stream (and so not in the diff ID).
+            let mut member = synthetic_file_header(TOC_TAR_NAME, toc_json.len() as u64).to_vec();
+            member.extend_from_slice(&toc_json);
+            member.resize(512 + padded(toc_json.len() as u64) as usize + 1024, 0);
+            external_toc = Some(compress_member(opts.codec, &member)?);
+            let footer = Footer::ExternalToc {
+                payload_end: toc_start,
+            };
+            writer
+                .write_all(&footer.encode())
+                .map_err(|e| Error::io_at("writing the footer", e))?;
+        }
         Codec::Gzip { .. } => {
             let mut member = synthetic_file_header(TOC_TAR_NAME, toc_json.len() as u64).to_vec();
             member.extend_from_slice(&toc_json);
@@ -281,7 +331,46 @@ pub fn build_from_file(input: &File, out: impl Write, opts: &BuildOptions) -> Re
         toc,
         annotations,
         missing_prioritized: missing,
+        external_toc,
     })
+}
+
+/// Every entry in tar order, duplicates included, for a lossless build.
+fn plan_lossless(input: &File) -> Result<Vec<Source>> {
+    let mut scanner = TarScanner::new(BufReader::with_capacity(
+        256 << 10,
+        PositionedReader {
+            file: input,
+            pos: 0,
+        },
+    ));
+    let mut order = Vec::new();
+    while let Some(e) = scanner.next_entry()? {
+        let clean = clean_name(&e.name).map_err(|reason| Error::BadTar {
+            offset: e.header_start,
+            reason: format!("entry {:?}: {reason}", e.name),
+        })?;
+        if clean == TOC_TAR_NAME {
+            // Dropping it would change the stream, keeping it would shadow the real TOC.
+            return Err(Error::BadTar {
+                offset: e.header_start,
+                reason: format!(
+                    "the tar already holds {TOC_TAR_NAME}; it cannot be kept byte for byte"
+                ),
+            });
+        }
+        if e.kind != TarKind::Reg && e.stored_size != 0 {
+            return Err(Error::BadTar {
+                offset: e.header_start,
+                reason: format!(
+                    "{:?} is not a regular file but claims {} bytes of data",
+                    e.name, e.stored_size
+                ),
+            });
+        }
+        order.push(Source::Tar(e));
+    }
+    Ok(order)
 }
 
 /// Reads the tar's headers and decides the output order: prioritized files (with their
@@ -438,13 +527,25 @@ fn produce_members(
     let mut entry_members = Vec::with_capacity(order.len());
     let mut last_user: HashMap<u64, String> = HashMap::new();
     let mut last_group: HashMap<u64, String> = HashMap::new();
+    // Lossless: the next input byte not yet copied. Whatever lies between two
+    // entries' data (padding, extension and global headers) goes out as it is.
+    let mut copied = 0u64;
     for src in order {
         let mut entry = match src {
             Source::Tar(e) => {
+                let from = if opts.lossless {
+                    copied
+                } else {
+                    e.header_start
+                };
                 let start = p.cur.len();
-                let hlen = (e.data_start - e.header_start) as usize;
+                let hlen = usize::try_from(e.data_start - from).map_err(|_| Error::BadTar {
+                    offset: from,
+                    reason: "header too large".into(),
+                })?;
                 p.cur.resize(start + hlen, 0);
-                read_exact_at(input, &mut p.cur[start..], e.header_start)?;
+                read_exact_at(input, &mut p.cur[start..], from)?;
+                copied = e.data_start + e.size;
                 toc_entry_for(e, &mut last_user, &mut last_group)
             }
             Source::Landmark(name) => {
@@ -500,8 +601,28 @@ fn produce_members(
             entry_members.push(None);
         }
         entries[first].digest = format!("sha256:{}", hex::encode(file_hash.finalize()));
-        let padded_len = p.cur.len() + (padded(size) - size) as usize;
-        p.cur.resize(padded_len, 0);
+        if !opts.lossless {
+            let padded_len = p.cur.len() + (padded(size) - size) as usize;
+            p.cur.resize(padded_len, 0);
+        }
+    }
+    if opts.lossless {
+        // The end-of-archive blocks and anything after them, as they were.
+        let len = input
+            .metadata()
+            .map_err(|e| Error::io_at("reading the tar's size", e))?
+            .len();
+        let mut at = copied;
+        while at < len {
+            let n = (len - at).min(1 << 20) as usize;
+            let start = p.cur.len();
+            p.cur.resize(start + n, 0);
+            read_exact_at(input, &mut p.cur[start..], at)?;
+            at += n as u64;
+            if p.cur.len() as u64 >= opts.chunk_size {
+                p.finish_member()?;
+            }
+        }
     }
     p.finish_member()?;
     p.flush_batch()?;

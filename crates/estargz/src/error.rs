@@ -22,6 +22,8 @@ pub enum Error {
     NoFooter { checked: u64 },
     #[error("invalid footer: {0}")]
     BadFooter(String),
+    #[error("the blob's TOC is stored outside it (external TOC) and no source for it was given")]
+    ExternalToc,
     #[error("TOC at offset {offset} is invalid: {reason}")]
     BadToc { offset: u64, reason: String },
     #[error("TOC JSON is invalid: {0}")]

@@ -1,5 +1,6 @@
 //! Footers: the fixed-size tails that tell where the TOC is, for eStargz (51 bytes),
-//! legacy stargz (47 bytes, read only) and zstd:chunked (40 bytes inside a skippable frame).
+//! legacy stargz (47 bytes, read only), eStargz with an external TOC (46 bytes, the
+//! TOC lives in another image) and zstd:chunked (40 bytes inside a skippable frame).
 
 use crate::error::{Error, Result};
 
@@ -7,6 +8,10 @@ use crate::error::{Error, Result};
 pub const ESTARGZ_FOOTER_SIZE: usize = 51;
 /// Size of the legacy stargz footer.
 pub const LEGACY_FOOTER_SIZE: usize = 47;
+/// Size of the footer of an eStargz blob whose TOC is stored outside it.
+pub const EXTERNAL_TOC_FOOTER_SIZE: usize = 46;
+/// The gzip extra subfield marking a footer whose TOC is stored outside the blob.
+const EXTERNAL_TOC_MAGIC: &[u8; 17] = b"STARGZEXTERNALTOC";
 /// Size of the zstd:chunked footer payload (what the reference calls its footer).
 pub const ZSTD_CHUNKED_FOOTER_SIZE: usize = 40;
 /// Size of the zstd:chunked trailer as written: skippable-frame header plus payload.
@@ -32,6 +37,10 @@ pub enum Footer {
     Estargz { toc_offset: u64 },
     /// Legacy stargz: as eStargz with a 47-byte footer.
     Legacy { toc_offset: u64 },
+    /// eStargz whose TOC is not in the blob (the reference's `--estargz-external-toc`):
+    /// file data runs up to `payload_end`, where the 46-byte footer starts, and the TOC
+    /// comes from a separate "TOC image".
+    ExternalToc { payload_end: u64 },
     /// zstd:chunked: the TOC is a zstd frame of `toc_compressed_size` bytes at
     /// `toc_offset`, inflating to `toc_size` bytes of JSON.
     ZstdChunked {
@@ -47,16 +56,25 @@ impl Footer {
         match self {
             Footer::Estargz { .. } => ESTARGZ_FOOTER_SIZE,
             Footer::Legacy { .. } => LEGACY_FOOTER_SIZE,
+            Footer::ExternalToc { .. } => EXTERNAL_TOC_FOOTER_SIZE,
             Footer::ZstdChunked { .. } => ZSTD_CHUNKED_TRAILER_SIZE,
         }
     }
 
+    /// Where the TOC starts; for an external TOC, where the footer starts (the TOC
+    /// is not in the blob).
     pub fn toc_offset(&self) -> u64 {
         match *self {
             Footer::Estargz { toc_offset }
             | Footer::Legacy { toc_offset }
             | Footer::ZstdChunked { toc_offset, .. } => toc_offset,
+            Footer::ExternalToc { payload_end } => payload_end,
         }
+    }
+
+    /// Whether the TOC is stored outside the blob.
+    pub fn is_external(&self) -> bool {
+        matches!(self, Footer::ExternalToc { .. })
     }
 
     pub fn compression(&self) -> Compression {
@@ -66,11 +84,20 @@ impl Footer {
         }
     }
 
-    /// The byte range of the compressed TOC, given the blob's size.
+    /// The byte range of the compressed TOC, given the blob's size; empty (at the
+    /// footer) for an external TOC.
     pub fn toc_range(&self, blob_size: u64) -> Result<std::ops::Range<u64>> {
         let footer_start = blob_size
             .checked_sub(self.size() as u64)
             .ok_or(Error::BlobTooSmall { size: blob_size })?;
+        if let Footer::ExternalToc { payload_end } = *self {
+            if payload_end != footer_start {
+                return Err(Error::BadFooter(format!(
+                    "external-TOC footer of a {blob_size}-byte blob must start at {footer_start}, not {payload_end}"
+                )));
+            }
+            return Ok(footer_start..footer_start);
+        }
         let (start, end) = match *self {
             Footer::ZstdChunked {
                 toc_offset,
@@ -112,6 +139,17 @@ impl Footer {
                 f.extend_from_slice(&[0; 8]);
                 f
             }
+            Footer::ExternalToc { .. } => {
+                let mut f = Vec::with_capacity(EXTERNAL_TOC_FOOTER_SIZE);
+                f.extend_from_slice(&[0x1f, 0x8b, 0x08, 0x04, 0, 0, 0, 0, 0, 0xff]);
+                f.extend_from_slice(&(4 + EXTERNAL_TOC_MAGIC.len() as u16).to_le_bytes());
+                f.extend_from_slice(b"SG");
+                f.extend_from_slice(&(EXTERNAL_TOC_MAGIC.len() as u16).to_le_bytes());
+                f.extend_from_slice(EXTERNAL_TOC_MAGIC);
+                f.extend_from_slice(&[0x01, 0x00, 0x00, 0xff, 0xff]);
+                f.extend_from_slice(&[0; 8]);
+                f
+            }
             Footer::ZstdChunked {
                 toc_offset,
                 toc_compressed_size,
@@ -131,7 +169,7 @@ impl Footer {
     }
 
     /// Finds the footer in `tail`, the last bytes of a blob of `blob_size` bytes.
-    /// Tries eStargz, then zstd:chunked, then legacy stargz.
+    /// Tries eStargz, then zstd:chunked, then legacy stargz, then the external-TOC one.
     pub fn detect(tail: &[u8], blob_size: u64) -> Result<Footer> {
         let mut reasons = Vec::new();
         let footer = (|| {
@@ -153,6 +191,17 @@ impl Footer {
                     Err(e) => reasons.push(format!("legacy stargz: {e}")),
                 }
             }
+            if tail.len() >= EXTERNAL_TOC_FOOTER_SIZE {
+                let p = &tail[tail.len() - EXTERNAL_TOC_FOOTER_SIZE..];
+                match parse_external_footer(p) {
+                    Ok(()) => {
+                        return Some(Footer::ExternalToc {
+                            payload_end: blob_size.saturating_sub(EXTERNAL_TOC_FOOTER_SIZE as u64),
+                        })
+                    }
+                    Err(e) => reasons.push(format!("external TOC: {e}")),
+                }
+            }
             None
         })();
         match footer {
@@ -160,7 +209,9 @@ impl Footer {
                 f.toc_range(blob_size)?;
                 Ok(f)
             }
-            None if tail.len() < LEGACY_FOOTER_SIZE => Err(Error::BlobTooSmall { size: blob_size }),
+            None if tail.len() < EXTERNAL_TOC_FOOTER_SIZE => {
+                Err(Error::BlobTooSmall { size: blob_size })
+            }
             None => Err(Error::BadFooter(format!(
                 "no known footer in the last {} bytes ({})",
                 tail.len(),
@@ -213,6 +264,36 @@ fn parse_gzip_footer(p: &[u8], legacy: bool) -> std::result::Result<Footer, Stri
     })
 }
 
+/// The 46-byte footer of a blob with an external TOC: an empty gzip member whose
+/// extra field holds the subfield `SG` = `STARGZEXTERNALTOC`.
+fn parse_external_footer(p: &[u8]) -> std::result::Result<(), String> {
+    if p[0] != 0x1f || p[1] != 0x8b || p[2] != 0x08 {
+        return Err("not a gzip member".into());
+    }
+    if p[3] != 0x04 {
+        return Err(format!("gzip flags {:#04x}, expected FEXTRA only", p[3]));
+    }
+    let xlen = u16::from_le_bytes([p[10], p[11]]) as usize;
+    if xlen != 4 + EXTERNAL_TOC_MAGIC.len() {
+        return Err(format!(
+            "extra field of {xlen} bytes, expected {}",
+            4 + EXTERNAL_TOC_MAGIC.len()
+        ));
+    }
+    if &p[12..14] != b"SG"
+        || u16::from_le_bytes([p[14], p[15]]) as usize != EXTERNAL_TOC_MAGIC.len()
+    {
+        return Err("no SG subfield of 17 bytes".into());
+    }
+    if &p[16..33] != EXTERNAL_TOC_MAGIC {
+        return Err("magic \"STARGZEXTERNALTOC\" missing".into());
+    }
+    if p[33..] != [0x01, 0x00, 0x00, 0xff, 0xff, 0, 0, 0, 0, 0, 0, 0, 0] {
+        return Err("footer member is not empty".into());
+    }
+    Ok(())
+}
+
 fn parse_zstd_footer(p: &[u8]) -> std::result::Result<Footer, String> {
     if &p[32..40] != ZSTD_CHUNKED_MAGIC {
         return Err("magic \"GnUlInUx\" missing".into());
@@ -258,6 +339,7 @@ mod tests {
         for f in [
             Footer::Estargz { toc_offset: 99 },
             Footer::Legacy { toc_offset: 99 },
+            Footer::ExternalToc { payload_end: 100 },
             Footer::ZstdChunked {
                 toc_offset: 90,
                 toc_compressed_size: 10,
@@ -270,6 +352,33 @@ mod tests {
             let tail = &blob[blob.len() - MAX_FOOTER_SIZE..];
             assert_eq!(Footer::detect(tail, blob.len() as u64).unwrap(), f);
         }
+    }
+
+    /// The reference writes this footer with Go's gzip writer at NoCompression and the
+    /// extra field `SG`, length 17, `STARGZEXTERNALTOC`.
+    #[test]
+    fn external_toc_footer_matches_reference_layout() {
+        let f = Footer::ExternalToc { payload_end: 7 }.encode();
+        assert_eq!(
+            hex::encode(&f),
+            format!(
+                "1f8b08040000000000ff150053471100{}010000ffff0000000000000000",
+                hex::encode("STARGZEXTERNALTOC")
+            )
+        );
+        assert_eq!(f.len(), 46);
+        // It is an empty gzip member: the blob still decompresses as a whole.
+        let mut out = Vec::new();
+        std::io::Read::read_to_end(&mut flate2::read::GzDecoder::new(&f[..]), &mut out).unwrap();
+        assert!(out.is_empty());
+        let mut blob = vec![0u8; 7];
+        blob.extend(&f);
+        let got = Footer::detect(&blob, blob.len() as u64).unwrap();
+        assert_eq!(got, Footer::ExternalToc { payload_end: 7 });
+        assert_eq!(got.toc_range(blob.len() as u64).unwrap(), 7..7);
+        let mut bad = f.clone();
+        bad[20] ^= 1;
+        assert!(Footer::detect(&bad, 100).is_err());
     }
 
     #[test]

@@ -28,15 +28,15 @@ pub use build::{build, build_from_file, BuildOptions, BuildOutput, DEFAULT_CHUNK
 pub use compress::{compress_member, Codec};
 pub use error::{Error, Result};
 pub use extract::{extract, ExtractOptions};
-pub use footer::{Compression, Footer, MAX_FOOTER_SIZE};
+pub use footer::{Compression, Footer, EXTERNAL_TOC_FOOTER_SIZE, MAX_FOOTER_SIZE};
 pub use names::clean_name;
 pub use reader::{
-    decode_chunk, max_compressed_len, read_toc, BlobSource, Chunk, FileBlob, Index, Node, NodeId,
-    NodeKind, OpenOptions, RawToc, Reader, DEFAULT_MAX_INDEX_BYTES, DEFAULT_MAX_TOC_ENTRIES,
-    MAX_CHUNK_SIZE, MAX_INNER_OFFSET,
+    decode_chunk, max_compressed_len, read_toc, BlobSource, Chunk, ExternalTocFn, FileBlob, Index,
+    Node, NodeId, NodeKind, OpenOptions, RawToc, Reader, DEFAULT_MAX_INDEX_BYTES,
+    DEFAULT_MAX_TOC_ENTRIES, MAX_CHUNK_SIZE, MAX_INNER_OFFSET,
 };
 pub use toc::{EntryType, Toc, TocEntry, NO_PREFETCH_LANDMARK, PREFETCH_LANDMARK};
-pub use verify::{verify_blob, VerifyReport};
+pub use verify::{verify_blob, verify_blob_with, VerifyReport};
 
 /// A ustar header for a regular file, for tests that hand-craft hostile blobs.
 #[doc(hidden)]

@@ -8,6 +8,7 @@ use std::io::{self, Read, Write};
 use std::ops::Range;
 use std::os::unix::fs::FileExt;
 use std::path::Path;
+use std::sync::Arc;
 
 use sha2::{Digest as _, Sha256};
 
@@ -82,8 +83,14 @@ impl BlobSource for FileBlob {
     }
 }
 
+/// Supplies the compressed TOC of a blob whose footer says the TOC is stored outside
+/// it: the gzip member holding the `stargz.index.json` tar entry, exactly as the
+/// reference's TOC image stores it. Called at most once per open, from the opening
+/// thread; it may block.
+pub type ExternalTocFn = Arc<dyn Fn() -> io::Result<Vec<u8>> + Send + Sync>;
+
 /// Limits and checks applied when opening a blob.
-#[derive(Debug, Clone)]
+#[derive(Clone)]
 pub struct OpenOptions {
     /// Bytes read from the end of the blob in the first request. Larger values may
     /// bring the whole TOC in the same round trip.
@@ -96,6 +103,22 @@ pub struct OpenOptions {
     pub max_entries: usize,
     /// Most memory (estimated) the file index of one layer may take.
     pub max_index_bytes: u64,
+    /// Where the TOC comes from when the footer says it is not in the blob; without
+    /// it such a blob is refused with [`Error::ExternalToc`].
+    pub external_toc: Option<ExternalTocFn>,
+}
+
+impl std::fmt::Debug for OpenOptions {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("OpenOptions")
+            .field("tail_size", &self.tail_size)
+            .field("max_toc_size", &self.max_toc_size)
+            .field("expected_toc_digest", &self.expected_toc_digest)
+            .field("max_entries", &self.max_entries)
+            .field("max_index_bytes", &self.max_index_bytes)
+            .field("external_toc", &self.external_toc.is_some())
+            .finish()
+    }
 }
 
 impl Default for OpenOptions {
@@ -106,6 +129,7 @@ impl Default for OpenOptions {
             expected_toc_digest: None,
             max_entries: DEFAULT_MAX_TOC_ENTRIES,
             max_index_bytes: DEFAULT_MAX_INDEX_BYTES,
+            external_toc: None,
         }
     }
 }
@@ -139,7 +163,7 @@ pub struct RawToc {
     pub footer: Footer,
     pub json: Vec<u8>,
     pub digest: String,
-    /// Compressed TOC range in the blob.
+    /// Compressed TOC range in the blob (empty, at the footer, for an external TOC).
     pub range: Range<u64>,
 }
 
@@ -148,7 +172,7 @@ pub struct RawToc {
 pub fn read_toc(src: &dyn BlobSource, opts: &OpenOptions) -> Result<RawToc> {
     let size = src.size();
     let tail_len = opts.tail_size.max(MAX_FOOTER_SIZE as u64).min(size);
-    if tail_len < crate::footer::LEGACY_FOOTER_SIZE as u64 {
+    if tail_len < crate::footer::EXTERNAL_TOC_FOOTER_SIZE as u64 {
         return Err(Error::BlobTooSmall { size });
     }
     let tail_start = size - tail_len;
@@ -164,7 +188,17 @@ pub fn read_toc(src: &dyn BlobSource, opts: &OpenOptions) -> Result<RawToc> {
             limit: opts.max_toc_size,
         });
     }
-    let compressed = if range.start >= tail_start {
+    let compressed = if footer.is_external() {
+        let provide = opts.external_toc.as_ref().ok_or(Error::ExternalToc)?;
+        let toc = provide().map_err(|e| Error::io_at("fetching the external TOC", e))?;
+        if toc.len() as u64 > opts.max_toc_size {
+            return Err(Error::TocTooLarge {
+                size: toc.len() as u64,
+                limit: opts.max_toc_size,
+            });
+        }
+        toc
+    } else if range.start >= tail_start {
         tail[(range.start - tail_start) as usize..(range.end - tail_start) as usize].to_vec()
     } else {
         src.read_at(range.start, csize as usize)

@@ -87,7 +87,17 @@ pub fn verify_blob(
         expected_toc_digest: expected_toc_digest.map(str::to_string),
         ..OpenOptions::default()
     };
-    let (reader, toc) = Reader::open_with_toc(src, &opts)?;
+    verify_blob_with(src, &opts, original_tar)
+}
+
+/// As [`verify_blob`], opening the blob with `opts` (an expected TOC digest, the
+/// source of an external TOC, limits).
+pub fn verify_blob_with(
+    src: &dyn BlobSource,
+    opts: &OpenOptions,
+    original_tar: Option<&mut dyn Read>,
+) -> Result<VerifyReport> {
+    let (reader, toc) = Reader::open_with_toc(src, opts)?;
     let mut regular_files = 0;
     let mut chunks = 0;
     for (id, node) in reader.index.nodes() {
@@ -200,10 +210,20 @@ pub fn compare_with_tar(toc: &Toc, tar: &mut dyn Read) -> Result<usize> {
         };
         original.insert(name, (e, digest));
     }
+    // A TOC may list a name twice (a lossless build keeps the tar's duplicates);
+    // readers take the last, so only the last is held against the tar's last.
+    let mut last: HashMap<String, usize> = HashMap::new();
+    for (i, e) in toc.entries.iter().enumerate() {
+        if e.kind != EntryType::Chunk {
+            if let Ok(n) = clean_name(&e.name) {
+                last.insert(n, i);
+            }
+        }
+    }
     let mut seen: BTreeMap<String, ()> = BTreeMap::new();
     let mut users: HashMap<u64, String> = HashMap::new();
     let mut groups: HashMap<u64, String> = HashMap::new();
-    for e in &toc.entries {
+    for (i, e) in toc.entries.iter().enumerate() {
         if e.kind == EntryType::Chunk {
             continue;
         }
@@ -216,6 +236,9 @@ pub fn compare_with_tar(toc: &Toc, tar: &mut dyn Read) -> Result<usize> {
             groups.insert(e.gid, e.group_name.clone());
         }
         if name == PREFETCH_LANDMARK || name == NO_PREFETCH_LANDMARK {
+            continue;
+        }
+        if last.get(&name) != Some(&i) {
             continue;
         }
         let (t, digest) = original.get(&name).ok_or_else(|| {

@@ -296,6 +296,29 @@ impl Client {
         if !certs.is_empty() {
             builder = builder.tls_certs_merge(certs);
         }
+        let tls = &self.inner.config.resolver.tls;
+        if tls.skip_verify {
+            builder = builder.danger_accept_invalid_certs(true);
+        }
+        if let Some((cert, key)) = &tls.client_cert {
+            let mut pem = Vec::new();
+            for p in [cert, key] {
+                pem.extend(std::fs::read(p).map_err(|e| Error::Io {
+                    path: p.display().to_string(),
+                    source: e,
+                })?);
+                pem.push(b'\n');
+            }
+            let id = reqwest::Identity::from_pem(&pem).map_err(|e| {
+                Error::Config(format!(
+                    "client certificate {} / key {}: {}",
+                    cert.display(),
+                    key.display(),
+                    crate::error::error_chain(&e)
+                ))
+            })?;
+            builder = builder.identity(id);
+        }
         let c = builder.build().map_err(|e| {
             Error::Config(format!("HTTP client: {}", crate::error::error_chain(&e)))
         })?;

@@ -39,6 +39,19 @@ pub struct ResolverConfig {
     /// Timeout of each request in seconds for endpoints that set none of their own;
     /// only a positive value counts (else 30 s), as in the reference.
     pub request_timeout_sec: i64,
+    /// TLS settings that only command lines give (`ctr`'s `--skip-verify`,
+    /// `--tlscert`/`--tlskey`); not part of the configuration file.
+    #[serde(skip)]
+    pub tls: ClientTls,
+}
+
+/// TLS settings for every host, from command-line flags.
+#[derive(Clone, Debug, Default, PartialEq)]
+pub struct ClientTls {
+    /// Accept any server certificate (`-k`/`--skip-verify`). Never the default.
+    pub skip_verify: bool,
+    /// Client certificate and key (PEM files) presented to servers that ask.
+    pub client_cert: Option<(PathBuf, PathBuf)>,
 }
 
 impl ResolverConfig {

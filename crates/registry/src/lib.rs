@@ -37,12 +37,12 @@ mod reference;
 
 pub use blob::{coalesce, BlobReader, RangeSink};
 pub use client::Client;
-pub use config::DEFAULT_HOST_KEY;
 pub use config::{
     is_local_host, BlobConfig, CredentialProviderKeychainConfig, CriKeychainConfig, HostConfig,
     KubeconfigKeychainConfig, MirrorConfig, RegistryConfig, ResolverConfig, CRI_CREDENTIALS_FILE,
     DEFAULT_IMAGE_SERVICE_PATH, DEFAULT_REQUEST_TIMEOUT_SEC,
 };
+pub use config::{ClientTls, DEFAULT_HOST_KEY};
 pub use credprovider::{
     image_matches, parse_go_duration, CredentialProvider, CredentialProviderConfig,
     CredentialProviderKeychain, CredentialProviderOptions, EnvVar,

@@ -28,7 +28,14 @@ pub mod annotation {
     pub const ZSTD_CHUNKED_MANIFEST_CHECKSUM: &str = "io.containers.zstd-chunked.manifest-checksum";
     /// zstd:chunked: `offset:compressed size:size:1` of the TOC.
     pub const ZSTD_CHUNKED_MANIFEST_POSITION: &str = "io.containers.zstd-chunked.manifest-position";
+    /// On a layer of a TOC image: the digest of the eStargz blob whose TOC it holds.
+    pub const EXTERNAL_TOC_LAYER_DIGEST: &str = "containerd.io/snapshot/stargz/layer.digest";
 }
+
+/// Appended to an image's tag to name its TOC image, which holds the TOCs of layers
+/// converted with an external TOC (one gzip layer per eStargz layer, annotated with
+/// [`annotation::EXTERNAL_TOC_LAYER_DIGEST`]). `host/repo:v1` has `host/repo:v1-esgztoc`.
+pub const TOC_IMAGE_SUFFIX: &str = "-esgztoc";
 
 /// Snapshot labels of the remote-snapshotter protocol.
 pub mod label {

@@ -160,6 +160,12 @@ impl LayerPool {
         let reader = self.client.blob_reader(reference, digest.clone(), size);
         let (cfg, cache, metrics) = (cfg.clone(), self.cache.clone(), self.metrics.clone());
         let handle = tokio::runtime::Handle::current();
+        let toc_source = external_toc_source(
+            self.client.clone(),
+            reference.clone(),
+            digest.clone(),
+            handle.clone(),
+        );
         let task = tokio::task::spawn_blocking(move || {
             let fetcher = match size {
                 Some(s) => fs::RegistryFetcher::with_size(reader, handle.clone(), s),
@@ -179,8 +185,14 @@ impl LayerPool {
                 size: fs::Fetcher::size(&fetcher),
                 toc_digest,
             };
-            let layer = fs::Layer::open(Arc::new(fetcher), desc, &cfg, cache)
-                .map_err(|e| classify::fs_error(&e))?;
+            let layer = fs::Layer::open_with_external_toc(
+                Arc::new(fetcher),
+                desc,
+                &cfg,
+                cache,
+                Some(toc_source),
+            )
+            .map_err(|e| classify::fs_error(&e))?;
             let layer = Arc::new(layer);
             layer.observe_with(&metrics);
             if !cfg.noprefetch {
@@ -231,6 +243,68 @@ pub(crate) fn layer_config(base: &fs::Config, info: &RemoteLayer) -> fs::Config 
         cfg.prefetch_size = i64::try_from(n).unwrap_or(i64::MAX);
     }
     cfg
+}
+
+/// Most bytes of one external TOC fetched (the reader's own TOC limit).
+const MAX_EXTERNAL_TOC: u64 = 256 << 20;
+
+/// Where the TOC of a blob built with an external TOC comes from: the image's TOC
+/// image (`<tag>-esgztoc` in the same repository), whose layer annotated with the
+/// blob's digest holds it, as the reference snapshotter finds it. Only called when
+/// the blob's footer says so, on the opening (blocking) thread.
+fn external_toc_source(
+    client: registry::Client,
+    reference: Reference,
+    digest: Digest,
+    handle: tokio::runtime::Handle,
+) -> estargz::ExternalTocFn {
+    Arc::new(move || {
+        handle
+            .block_on(fetch_external_toc(&client, &reference, &digest))
+            .map_err(std::io::Error::other)
+    })
+}
+
+async fn fetch_external_toc(
+    client: &registry::Client,
+    reference: &Reference,
+    digest: &Digest,
+) -> Result<Vec<u8>, String> {
+    let tag = reference
+        .tag()
+        .ok_or_else(|| format!("{reference} has no tag to name its TOC image after"))?;
+    let toc_ref = reference
+        .at_tag(&format!("{tag}{}", remote_layer::TOC_IMAGE_SUFFIX))
+        .map_err(|e| e.to_string())?;
+    let img = client
+        .resolve_image(&toc_ref, &registry::Platform::host())
+        .await
+        .map_err(|e| format!("TOC image {toc_ref}: {e}"))?;
+    let want = digest.to_string();
+    let layer = img
+        .manifest
+        .layers
+        .iter()
+        .find(|l| {
+            l.annotations
+                .as_ref()
+                .and_then(|a| a.get(annotation::EXTERNAL_TOC_LAYER_DIGEST))
+                .is_some_and(|d| *d == want)
+        })
+        .ok_or_else(|| format!("TOC image {toc_ref} has no TOC for layer {digest}"))?;
+    if layer.size > MAX_EXTERNAL_TOC {
+        return Err(format!(
+            "TOC of layer {digest} in {toc_ref} is {} bytes, over {MAX_EXTERNAL_TOC}",
+            layer.size
+        ));
+    }
+    debug!(layer = %digest, toc_image = %toc_ref, "fetching the external TOC");
+    let bytes = client
+        .blob_reader(&toc_ref, layer.digest.clone(), Some(layer.size))
+        .read_all()
+        .await
+        .map_err(|e| format!("TOC of layer {digest} in {toc_ref}: {e}"))?;
+    Ok(bytes.to_vec())
 }
 
 /// A task that panicked or was cancelled.

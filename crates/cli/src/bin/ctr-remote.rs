@@ -35,6 +35,14 @@ struct Cli {
         default_value = "default"
     )]
     namespace: String,
+    /// ctr's global flags, accepted for the reference's command lines: --debug logs
+    /// at debug level; --timeout and --connect-timeout are for ctr's commands only.
+    #[arg(long, global = true, hide = true)]
+    debug: bool,
+    #[arg(long, global = true, hide = true, value_name = "DURATION")]
+    timeout: Option<String>,
+    #[arg(long, global = true, hide = true, value_name = "DURATION")]
+    connect_timeout: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -167,7 +175,7 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::FAILURE;
     }
     let cli = Cli::parse_from(&args);
-    cli::init_logging(&cli.log_level);
+    cli::init_logging(if cli.debug { "debug" } else { &cli.log_level });
     let result = match cli.command {
         Command::Blob(cmd) => cli::blob::run(cmd),
         Command::Image(cmd) => image::run(

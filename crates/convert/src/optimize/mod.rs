@@ -11,6 +11,7 @@
 
 mod cdi;
 mod cni;
+mod prefetch_list;
 mod record;
 mod recorder;
 mod rootfs;
@@ -28,6 +29,7 @@ pub use cni::{
     plugin_dir_or_fallback as cni_plugin_dir_or_fallback,
     DEFAULT_PLUGIN_DIR as DEFAULT_CNI_PLUGIN_DIR,
 };
+pub use prefetch_list::{glob_match, read_prefetch_list};
 pub use record::{read_record, write_record, RecordEntry};
 pub use rootfs::unpack_layer;
 pub use sandbox::{MountSpec, StopWhen, Workload};
@@ -43,8 +45,12 @@ pub struct OptimizeOptions {
     pub optimize: bool,
     /// Attach the workload to a CNI network instead of one with only `lo`.
     pub cni: Option<CniOptions>,
-    /// GPUs to expose: devices `nvidia.com/gpu=<index>` of the CDI specs.
-    pub gpus: Vec<u32>,
+    /// GPUs to expose: devices `nvidia.com/gpu=<name>` of the CDI specs, by name
+    /// (an index, or `all`).
+    pub gpus: Vec<String>,
+    /// Prioritize these paths and glob patterns instead of running the workload
+    /// (`--prefetch-list`).
+    pub prefetch_list: Option<Vec<String>>,
 }
 
 /// Where the CNI network configuration and plugins are.
@@ -76,25 +82,32 @@ pub async fn optimize(src: &Store, dst: &Store, opts: &OptimizeOptions) -> Resul
     }
     let mut record = Vec::new();
     let mut convert_opts = opts.convert.clone();
-    if run {
+    if let Some(list) = &opts.prefetch_list {
+        if !opts.optimize {
+            return Err(Error::Options(
+                "--no-optimize and --prefetch-list cannot be used together".into(),
+            ));
+        }
+        let workdir = opts
+            .convert
+            .workdir
+            .clone()
+            .unwrap_or_else(std::env::temp_dir);
+        let (manifest_digest, layer_digests, entries) =
+            prefetch_list::record_from_list(src, list, &workdir).await?;
+        tracing::info!(manifest = %manifest_digest, files = entries.len(), "prefetch list recorded");
+        convert_opts.layer_prioritized = Some(Arc::new(per_layer(&layer_digests, &entries)));
+        record = entries;
+    } else if run {
         check_prerequisites(opts)?;
         let gpu_edits = if opts.gpus.is_empty() {
             None
         } else {
-            let names: Vec<String> = opts.gpus.iter().map(u32::to_string).collect();
-            Some(cdi::resolve(cdi::GPU_KIND, &names, &cdi::spec_dirs())?)
+            Some(cdi::resolve(cdi::GPU_KIND, &opts.gpus, &cdi::spec_dirs())?)
         };
         let (manifest_digest, layer_digests, entries) =
             analyze(src, opts, gpu_edits.as_ref()).await?;
-        let mut per_layer: HashMap<Digest, Vec<String>> = HashMap::new();
-        for e in &entries {
-            if let Some(d) = e.layer_index.and_then(|i| layer_digests.get(i)) {
-                let list = per_layer.entry(d.clone()).or_default();
-                if !list.contains(&e.path) {
-                    list.push(e.path.clone());
-                }
-            }
-        }
+        let per_layer = per_layer(&layer_digests, &entries);
         tracing::info!(manifest = %manifest_digest, files = entries.len(), layers = per_layer.len(), "workload recorded");
         convert_opts.layer_prioritized = Some(Arc::new(per_layer));
         record = entries;
@@ -104,6 +117,20 @@ pub async fn optimize(src: &Store, dst: &Store, opts: &OptimizeOptions) -> Resul
         convert: report,
         record,
     })
+}
+
+/// The record's paths per source layer, in first-access order.
+fn per_layer(layer_digests: &[Digest], entries: &[RecordEntry]) -> HashMap<Digest, Vec<String>> {
+    let mut out: HashMap<Digest, Vec<String>> = HashMap::new();
+    for e in entries {
+        if let Some(d) = e.layer_index.and_then(|i| layer_digests.get(i)) {
+            let list = out.entry(d.clone()).or_default();
+            if !list.contains(&e.path) {
+                list.push(e.path.clone());
+            }
+        }
+    }
+    out
 }
 
 fn check_prerequisites(opts: &OptimizeOptions) -> Result<()> {

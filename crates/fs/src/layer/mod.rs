@@ -101,6 +101,18 @@ impl Layer {
         cfg: &Config,
         cache: Arc<ChunkCache>,
     ) -> Result<Layer> {
+        Self::open_with_external_toc(fetcher, desc, cfg, cache, None)
+    }
+
+    /// As [`Layer::open`]; `external_toc` supplies the TOC of a blob whose footer says
+    /// it is stored outside (in the image's TOC image), and is called only then.
+    pub fn open_with_external_toc(
+        fetcher: Arc<dyn Fetcher>,
+        desc: LayerDesc,
+        cfg: &Config,
+        cache: Arc<ChunkCache>,
+        external_toc: Option<estargz::ExternalTocFn>,
+    ) -> Result<Layer> {
         let _busy = cache.priority().busy();
         let expected = if cfg.disable_verification {
             None
@@ -119,6 +131,7 @@ impl Layer {
         let opts = OpenOptions {
             tail_size: TAIL_READ,
             expected_toc_digest: expected.clone(),
+            external_toc,
             ..OpenOptions::default()
         };
         // Footer and TOC come from the cache only when a TOC digest vouches for them.
