@@ -240,11 +240,17 @@ pub async fn push_gzip_image(
 
 /// Converts `src` to `dst` in the registry with this workspace's converter.
 pub async fn convert_ours(src: &str, dst: &str, target: convert::Target) {
-    let client = registry::Client::new(
-        registry::RegistryConfig::default(),
-        std::sync::Arc::new(registry::Anonymous),
-    )
-    .unwrap();
+    convert_with(src, dst, target, std::sync::Arc::new(registry::Anonymous)).await
+}
+
+/// [`convert_ours`] with credentials from `keychain`.
+pub async fn convert_with(
+    src: &str,
+    dst: &str,
+    target: convert::Target,
+    keychain: std::sync::Arc<dyn registry::Keychain>,
+) {
+    let client = registry::Client::new(registry::RegistryConfig::default(), keychain).unwrap();
     let s = convert::Store::registry(client.clone(), registry::Reference::parse(src).unwrap());
     let d = convert::Store::registry(client, registry::Reference::parse(dst).unwrap());
     let opts = convert::ConvertOptions {
@@ -356,6 +362,7 @@ impl Env {
             store_env: Vec::new(),
             registries: registries.to_vec(),
         };
+        std::fs::create_dir_all(&env.mountpoint).unwrap();
         let mut reg = String::from("unqualified-search-registries = []\n");
         for r in registries {
             reg.push_str(&format!(
