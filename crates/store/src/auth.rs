@@ -111,9 +111,11 @@ impl HandoffKeychain {
 }
 
 /// The auth files containers/image reads, in its order: `$REGISTRY_AUTH_FILE` alone
-/// when set; else `$XDG_RUNTIME_DIR/containers/auth.json` (`/run/containers/<uid>/`
-/// without it), `$XDG_CONFIG_HOME/containers/auth.json` (`~/.config` without it),
-/// and docker's `config.json`.
+/// when set; else `$XDG_RUNTIME_DIR/containers/auth.json` (without it
+/// `/run/containers/<uid>/auth.json`, and `/run/user/<uid>/containers/auth.json`,
+/// where a login session of the same user writes it), then
+/// `$XDG_CONFIG_HOME/containers/auth.json` (`~/.config` without it) and docker's
+/// `config.json`.
 pub fn default_auth_files() -> Vec<PathBuf> {
     let env = |k: &str| {
         std::env::var_os(k)
@@ -124,18 +126,23 @@ pub fn default_auth_files() -> Vec<PathBuf> {
         return vec![f];
     }
     let home = env("HOME").unwrap_or_else(|| PathBuf::from("/root"));
-    let runtime = env("XDG_RUNTIME_DIR").unwrap_or_else(|| {
-        // SAFETY: getuid(2) cannot fail and touches no memory.
-        let uid = unsafe { libc::getuid() };
-        PathBuf::from(format!("/run/containers/{uid}"))
-    });
+    let mut files = Vec::new();
+    match env("XDG_RUNTIME_DIR") {
+        Some(dir) => files.push(dir.join("containers/auth.json")),
+        None => {
+            // SAFETY: getuid(2) cannot fail and touches no memory.
+            let uid = unsafe { libc::getuid() };
+            files.push(PathBuf::from(format!("/run/containers/{uid}/auth.json")));
+            files.push(PathBuf::from(format!(
+                "/run/user/{uid}/containers/auth.json"
+            )));
+        }
+    }
     let config = env("XDG_CONFIG_HOME").unwrap_or_else(|| home.join(".config"));
     let docker = env("DOCKER_CONFIG").unwrap_or_else(|| home.join(".docker"));
-    vec![
-        runtime.join("containers/auth.json"),
-        config.join("containers/auth.json"),
-        docker.join("config.json"),
-    ]
+    files.push(config.join("containers/auth.json"));
+    files.push(docker.join("config.json"));
+    files
 }
 
 #[derive(Deserialize, Default)]

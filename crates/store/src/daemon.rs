@@ -83,6 +83,9 @@ fn sd_notify(state: &[u8]) {
 }
 
 async fn run(opts: Options, cfg: StoreConfig) -> Result<()> {
+    // Before anything is mounted: a signal that comes early still unmounts.
+    let mut sigint = signal(SignalKind::interrupt())?;
+    let mut sigterm = signal(SignalKind::terminate())?;
     std::fs::create_dir_all(&opts.root)
         .with_context(|| format!("creating {}", opts.root.display()))?;
     std::fs::create_dir_all(&opts.mountpoint)
@@ -149,8 +152,6 @@ async fn run(opts: Options, cfg: StoreConfig) -> Result<()> {
         })
     };
 
-    let mut sigint = signal(SignalKind::interrupt())?;
-    let mut sigterm = signal(SignalKind::terminate())?;
     tokio::select! {
         _ = sigint.recv() => tracing::info!("SIGINT: exiting"),
         _ = sigterm.recv() => tracing::info!("SIGTERM: exiting"),
