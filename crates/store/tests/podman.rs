@@ -41,7 +41,11 @@ async fn lazy_pull_shows_the_ordinary_tree_and_fetches_only_what_is_read() {
         .map(|l| l["digest"].as_str().unwrap().to_string())
         .collect();
 
-    let mut env = Env::new(std::slice::from_ref(&host), LAZY);
+    let metrics = format!("127.0.0.1:{}", testenv::free_port());
+    let mut env = Env::new(
+        std::slice::from_ref(&host),
+        &format!("{LAZY}metrics_address = \"{metrics}\"\n"),
+    );
     env.start_store();
     let lazy = env.lazy();
     lazy.ok(&["pull", "-q", &esgz]);
@@ -62,6 +66,18 @@ async fn lazy_pull_shows_the_ordinary_tree_and_fetches_only_what_is_read() {
             fetched * 2 < size,
             "layer {d}: {fetched} of {size} bytes fetched for two small files"
         );
+    }
+    let text = reqwest::get(format!("http://{metrics}/metrics"))
+        .await
+        .unwrap()
+        .text()
+        .await
+        .unwrap();
+    for name in [
+        "stargz_fs_layer_fetched_size",
+        "stargz_registry_requests_total",
+    ] {
+        assert!(text.contains(name), "{name} missing from\n{text}");
     }
 
     // The whole tree, as Podman shows it after an ordinary pull of the image before
