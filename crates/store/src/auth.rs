@@ -416,7 +416,7 @@ mod tests {
         .unwrap();
         let handoff = Arc::new(HandoffKeychain::default());
         handoff
-            .add_json(br#"{"reg.example/app:1": {"username": "engine", "password": "e"}}"#)
+            .add_json(br#"{"reg.example/app:1": {"username": "alice", "password": "s3cret"}}"#)
             .unwrap();
         let all = Arc::new(Credentials {
             handoff,
@@ -426,7 +426,7 @@ mod tests {
         let k = all.for_repository("reg.example", "app");
         assert_eq!(
             k.resolve("reg.example").await.unwrap(),
-            basic("engine", "e")
+            basic("alice", "s3cret")
         );
         // Mirrors never get the handed-over credentials.
         assert_eq!(
@@ -435,6 +435,7 @@ mod tests {
         );
         let k = all.for_repository("reg.example", "other");
         assert_eq!(k.resolve("reg.example").await.unwrap(), basic("file", "f"));
-        assert!(!k.describe().contains("engine"));
+        let d = k.describe();
+        assert!(!d.contains("alice") && !d.contains("s3cret"), "{d}");
     }
 }

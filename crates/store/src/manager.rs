@@ -185,7 +185,9 @@ impl Served {
         if offset >= end {
             return Ok(Vec::new());
         }
-        let mut parts = self.fetcher.read_ranges(&[offset..end])?;
+        let mut parts = self
+            .fetcher
+            .read_ranges(std::slice::from_ref(&(offset..end)))?;
         Ok(parts.pop().map(|b| b.to_vec()).unwrap_or_default())
     }
 
