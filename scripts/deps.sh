@@ -9,7 +9,7 @@ PKGS=(
   docker-registry containerd runc skopeo fuse3 protobuf-compiler
   python3 gzip tar zstd curl openssl apache2-utils iproute2 ca-certificates
   busybox-static stargz-snapshotter containernetworking-plugins bsdutils
-  debootstrap fonts-dejavu-core
+  debootstrap fonts-dejavu-core podman
 )
 missing=()
 for p in "${PKGS[@]}"; do
