@@ -1,7 +1,9 @@
 //! The chunk cache: decompressed, verified chunks keyed by their sha256, in a
 //! byte-bounded memory LRU in front of an optional content-addressed directory
 //! (`<dir>/<2 hex>/<64 hex>`), plus whole files (`<dir>/files/<64 hex>`) for passthrough.
-//! The directory survives restarts and may be shared by every layer.
+//! A whole-file copy replaces the chunk files of its file: their bytes are then read out
+//! of the copy ([`InFile`]), so each byte is on disk once. The directory survives
+//! restarts and may be shared by every layer.
 
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::fs;
@@ -21,6 +23,17 @@ use crate::priority::{Priority, DEFAULT_QUIET};
 
 /// Cache key: the chunk's sha256 (or a synthetic one for unverified chunks).
 pub type Key = [u8; 32];
+
+/// Where a chunk's bytes sit in the whole-file copy of the file it belongs to: that
+/// file's sha256 and size, and the chunk's offset and length in it. Only the layer
+/// knows this (the cache is keyed by content), so it passes it along with the key.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct InFile {
+    pub file: [u8; 32],
+    pub file_size: u64,
+    pub offset: u64,
+    pub len: u64,
+}
 
 struct Lru {
     max_bytes: u64,
@@ -169,6 +182,9 @@ pub struct ChunkCache {
     /// Whole-file copies (by file digest) this process wrote or hashed: only these are
     /// handed to the kernel for passthrough, which serves them without any check.
     verified_files: Mutex<HashSet<[u8; 32]>>,
+    /// Chunks inside whole-file copies an earlier process left (file digest, offsets of
+    /// the chunks) whose bytes this process hashed: read again without hashing.
+    verified_slices: Mutex<HashMap<[u8; 32], HashSet<u64>>>,
     /// Sizes and last uses of the directory's files, for its size and age bounds.
     disk: Mutex<DiskIndex>,
     priority: Arc<Priority>,
@@ -189,6 +205,7 @@ impl ChunkCache {
             dir: None,
             verified: Mutex::new(HashSet::new()),
             verified_files: Mutex::new(HashSet::new()),
+            verified_slices: Mutex::new(HashMap::new()),
             disk: Mutex::new(DiskIndex {
                 limit: 0,
                 max_age: None,
@@ -303,7 +320,35 @@ impl ChunkCache {
         if let Ok(mut d) = self.disk.lock() {
             d.remove(path);
         }
+        self.forget(path);
         self.update_gauges();
+    }
+
+    /// Drops what this process remembers as verified about a file that is gone, so
+    /// that memory follows the directory (a node may write millions of chunks over
+    /// its life) and a later file under the same name is checked again.
+    fn forget(&self, path: &Path) {
+        let Some(key) = path
+            .file_name()
+            .and_then(|n| n.to_str())
+            .and_then(parse_key)
+        else {
+            return;
+        };
+        let whole = path
+            .parent()
+            .and_then(|p| p.file_name())
+            .is_some_and(|n| n == "files");
+        if whole {
+            if let Ok(mut v) = self.verified_files.lock() {
+                v.remove(&key);
+            }
+            if let Ok(mut v) = self.verified_slices.lock() {
+                v.remove(&key);
+            }
+        } else if let Ok(mut v) = self.verified.lock() {
+            v.remove(&key);
+        }
     }
 
     fn evict(&self, keep: Option<&Path>) {
@@ -322,6 +367,7 @@ impl ChunkCache {
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
                 Err(e) => warn!(path = %v.display(), error = %e, "cannot evict a cache file"),
             };
+            self.forget(v);
         }
         self.update_gauges();
     }
@@ -433,6 +479,9 @@ impl ChunkCache {
         if let Ok(mut v) = self.verified_files.lock() {
             v.insert(*digest);
         }
+        if let Ok(mut v) = self.verified_slices.lock() {
+            v.remove(digest);
+        }
         Some(path)
     }
 
@@ -446,34 +495,91 @@ impl ChunkCache {
         found
     }
 
-    /// The chunk from memory or disk. Disk copies are re-hashed when `verify` is set,
-    /// and a damaged one is removed and reported as missing.
-    pub fn get(&self, key: &Key, verify: bool) -> Option<Arc<Vec<u8>>> {
+    /// The chunk from memory or disk: its own file, else its slice of the whole-file
+    /// copy `at` of the file it belongs to. Disk bytes not yet checked by this process
+    /// are hashed when `verify` is set; a damaged file is removed and the chunk
+    /// reported as missing.
+    pub fn get(&self, key: &Key, verify: bool, at: Option<&InFile>) -> Option<Arc<Vec<u8>>> {
         if let Some(d) = self.get_mem(key) {
             return Some(d);
         }
-        let path = self.chunk_path(key)?;
-        let Ok(data) = fs::read(&path) else {
+        let found = self
+            .read_chunk_file(key, verify)
+            .or_else(|| at.and_then(|at| self.read_slice(key, at, verify)));
+        let Some(data) = found else {
             self.counters.disk_miss.inc();
             return None;
         };
-        if verify {
-            let got: [u8; 32] = Sha256::digest(&data).into();
-            if &got != key {
-                warn!(path = %path.display(), "cached chunk is damaged; dropping it");
-                self.remove(&path);
-                self.counters.disk_miss.inc();
-                return None;
-            }
-        }
         self.counters.disk_hit.inc();
-        self.touch(&path);
-        self.mark_verified(*key);
         let data = Arc::new(data);
         if let Ok(mut mem) = self.mem.lock() {
             mem.put(*key, data.clone());
         }
         Some(data)
+    }
+
+    fn read_chunk_file(&self, key: &Key, verify: bool) -> Option<Vec<u8>> {
+        let path = self.chunk_path(key)?;
+        let data = fs::read(&path).ok()?;
+        if verify {
+            let got: [u8; 32] = Sha256::digest(&data).into();
+            if &got != key {
+                warn!(path = %path.display(), "cached chunk is damaged; dropping it");
+                self.remove(&path);
+                return None;
+            }
+        }
+        self.touch(&path);
+        self.mark_verified(*key);
+        Some(data)
+    }
+
+    /// Whether this process wrote or hashed the bytes of slice `at`.
+    fn slice_trusted(&self, at: &InFile) -> bool {
+        self.verified_files
+            .lock()
+            .is_ok_and(|v| v.contains(&at.file))
+            || self
+                .verified_slices
+                .lock()
+                .is_ok_and(|v| v.get(&at.file).is_some_and(|s| s.contains(&at.offset)))
+    }
+
+    /// Chunk `key` read out of the whole-file copy `at` names. A copy of the wrong size,
+    /// or whose slice does not hash to `key` (when `verify` asks and the copy is not
+    /// known good), is damaged: it is removed, and its chunks are fetched again.
+    fn read_slice(&self, key: &Key, at: &InFile, verify: bool) -> Option<Vec<u8>> {
+        let path = self.file_path(&at.file)?;
+        let f = fs::File::open(&path).ok()?;
+        let end = at.offset.checked_add(at.len)?;
+        let size = f.metadata().ok()?.len();
+        // Sizes come from the TOC: nothing is allocated before the copy on disk is
+        // known to hold that many bytes.
+        if size != at.file_size || end > size {
+            warn!(path = %path.display(), size, expected = at.file_size,
+                "cached whole file has the wrong size; dropping it");
+            self.remove(&path);
+            return None;
+        }
+        let mut buf = vec![0u8; usize::try_from(at.len).ok()?];
+        if let Err(e) = f.read_exact_at(&mut buf, at.offset) {
+            warn!(path = %path.display(), error = %e, "cannot read a cached whole file; dropping it");
+            self.remove(&path);
+            return None;
+        }
+        if verify && !self.slice_trusted(at) {
+            if <[u8; 32]>::from(Sha256::digest(&buf)) != *key {
+                warn!(path = %path.display(), offset = at.offset,
+                    "cached whole file is damaged; dropping it");
+                self.remove(&path);
+                return None;
+            }
+            if let Ok(mut v) = self.verified_slices.lock() {
+                v.entry(at.file).or_default().insert(at.offset);
+            }
+        }
+        self.touch(&path);
+        Some(buf)
     }
 
     fn mark_verified(&self, key: Key) {
@@ -484,17 +590,43 @@ impl ChunkCache {
         }
     }
 
-    /// `len` bytes at `offset` of a chunk's disk copy, read without loading or hashing
-    /// the whole chunk, if this process already wrote or verified that copy (the
-    /// directory is root-only, as for passthrough). `None` otherwise, or when the file
-    /// no longer holds those bytes.
-    pub fn read_verified(&self, key: &Key, offset: u64, len: usize) -> Option<Vec<u8>> {
-        if !self.verified.lock().ok()?.contains(key) {
+    /// `len` bytes at `offset` of a chunk's disk copy (its own file, else its slice `at`
+    /// of a whole-file copy), read without loading or hashing the whole chunk, if this
+    /// process already wrote or verified that copy (the directory is root-only, as for
+    /// passthrough). `None` otherwise, or when the file no longer holds those bytes.
+    pub fn read_verified(
+        &self,
+        key: &Key,
+        at: Option<&InFile>,
+        offset: u64,
+        len: usize,
+    ) -> Option<Vec<u8>> {
+        let end = offset.checked_add(len as u64)?;
+        if self.verified.lock().ok()?.contains(key) {
+            let path = self.chunk_path(key)?;
+            let mut buf = vec![0u8; len];
+            let read = fs::File::open(&path).and_then(|f| f.read_exact_at(&mut buf, offset));
+            match read {
+                Ok(()) => {
+                    self.counters.disk_hit.inc();
+                    self.touch(&path);
+                    return Some(buf);
+                }
+                Err(_) => {
+                    if let Ok(mut v) = self.verified.lock() {
+                        v.remove(key);
+                    }
+                }
+            }
+        }
+        let at = at?;
+        if end > at.len || !self.slice_trusted(at) {
             return None;
         }
-        let path = self.chunk_path(key)?;
+        let path = self.file_path(&at.file)?;
         let mut buf = vec![0u8; len];
-        let read = fs::File::open(&path).and_then(|f| f.read_exact_at(&mut buf, offset));
+        let read =
+            fs::File::open(&path).and_then(|f| f.read_exact_at(&mut buf, at.offset + offset));
         match read {
             Ok(()) => {
                 self.counters.disk_hit.inc();
@@ -502,16 +634,15 @@ impl ChunkCache {
                 Some(buf)
             }
             Err(_) => {
-                if let Ok(mut v) = self.verified.lock() {
-                    v.remove(key);
-                }
+                self.forget(&path);
                 None
             }
         }
     }
 
-    /// Whether the chunk is in memory or on disk, without reading it.
-    pub fn contains(&self, key: &Key) -> bool {
+    /// Whether the chunk is in memory or on disk (its own file, or the whole-file copy
+    /// `at`), without reading it.
+    pub fn contains(&self, key: &Key, at: Option<&InFile>) -> bool {
         if self
             .mem
             .lock()
@@ -521,6 +652,9 @@ impl ChunkCache {
             return true;
         }
         self.chunk_path(key).is_some_and(|p| p.exists())
+            || at
+                .and_then(|at| self.file_path(&at.file))
+                .is_some_and(|p| p.exists())
     }
 
     /// Stores a chunk in memory and, with a directory, on disk (atomically).
@@ -583,10 +717,13 @@ impl ChunkCache {
     }
 
     /// Writes a whole file for passthrough piece by piece, checking its sha256 before it
-    /// becomes visible. `None` without a directory or when the content does not match.
+    /// becomes visible, then removes the files of its `chunks`: from now on their bytes
+    /// are read out of the copy. `None` without a directory or when the content does not
+    /// match.
     pub fn put_file(
         &self,
         digest: &[u8; 32],
+        chunks: &[Key],
         pieces: impl IntoIterator<Item = Option<Arc<Vec<u8>>>>,
     ) -> Result<Option<PathBuf>> {
         let Some(path) = self.file_path(digest) else {
@@ -617,8 +754,27 @@ impl ChunkCache {
         }
         persist_durably(tmp, &path)?;
         self.record(&path, len);
+        self.drop_chunk_files(chunks);
         Ok(Some(path))
     }
+
+    /// Removes the chunk files of `keys` (those there are): a whole-file copy holding
+    /// their bytes replaces them. Only once the copy is durable, so a crash leaves the
+    /// bytes in one place or both, never in none.
+    pub fn drop_chunk_files(&self, keys: &[Key]) {
+        for k in keys {
+            if let Some(p) = self.chunk_path(k).filter(|p| p.exists()) {
+                self.remove(&p);
+            }
+        }
+    }
+}
+
+/// A 64-hex-digit file name as the key it stands for.
+fn parse_key(name: &str) -> Option<Key> {
+    let mut key = [0u8; 32];
+    hex::decode_to_slice(name, &mut key).ok()?;
+    Some(key)
 }
 
 fn cache_err(path: &Path, source: io::Error) -> Error {
@@ -745,7 +901,7 @@ mod tests {
             c.put(k, Arc::new(data.clone())).expect("put");
             c.put_range("sha256:ab", 7, b"footer").expect("range");
             let whole = c
-                .put_file(&k, [Some(Arc::new(data.clone()))])
+                .put_file(&k, &[], [Some(Arc::new(data.clone()))])
                 .expect("file");
             assert!(whole.is_some());
         }
@@ -779,7 +935,71 @@ mod tests {
             c.get_range("sha256:ab", 7, 6).as_deref(),
             Some(&b"footer"[..])
         );
-        assert_eq!(c.get(&k, true).as_deref(), Some(&data));
+        assert_eq!(c.get(&k, true, None).as_deref(), Some(&data));
+    }
+
+    #[test]
+    fn a_whole_file_copy_replaces_its_chunk_files() {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let parts: Vec<Vec<u8>> = (0..3u8).map(|i| vec![i; 1000]).collect();
+        let whole: Vec<u8> = parts.concat();
+        let file: [u8; 32] = Sha256::digest(&whole).into();
+        let keys: Vec<Key> = parts.iter().map(|p| key(p)).collect();
+        let at = |i: usize| InFile {
+            file,
+            file_size: 3000,
+            offset: i as u64 * 1000,
+            len: 1000,
+        };
+        let chunk_path = |k: &Key| {
+            let hex = hex::encode(k);
+            dir.path().join(&hex[..2]).join(hex)
+        };
+        {
+            let c = ChunkCache::directory(dir.path(), 0).expect("cache");
+            for (k, p) in keys.iter().zip(&parts) {
+                c.put(*k, Arc::new(p.clone())).expect("put");
+            }
+            let pieces = keys.iter().map(|k| c.get(k, true, None));
+            assert!(c.put_file(&file, &keys, pieces).expect("file").is_some());
+            assert!(
+                keys.iter().all(|k| !chunk_path(k).exists()),
+                "chunk files left"
+            );
+            assert_eq!(c.disk_usage().0, 3000, "the copy alone is accounted");
+            // Written by this process: read without hashing.
+            assert_eq!(
+                c.read_verified(&keys[1], Some(&at(1)), 10, 20).as_deref(),
+                Some(&parts[1][10..30])
+            );
+            assert!(c.contains(&keys[2], Some(&at(2))));
+            assert!(!c.contains(&keys[2], None));
+        }
+        let c = ChunkCache::directory(dir.path(), 0).expect("cache");
+        // A new process hashes a slice before it reads it without hashing.
+        assert_eq!(c.read_verified(&keys[1], Some(&at(1)), 0, 10), None);
+        assert_eq!(
+            c.get(&keys[1], true, Some(&at(1))).as_deref(),
+            Some(&parts[1])
+        );
+        assert_eq!(
+            c.read_verified(&keys[1], Some(&at(1)), 0, 10).as_deref(),
+            Some(&parts[1][..10])
+        );
+        assert_eq!(c.read_verified(&keys[2], Some(&at(2)), 0, 10), None);
+        // A damaged slice condemns the copy: it is removed and forgotten.
+        let path = dir.path().join("files").join(hex::encode(file));
+        let mut bytes = fs::read(&path).expect("copy");
+        bytes[2500] ^= 1;
+        fs::write(&path, bytes).expect("damage");
+        assert_eq!(c.get(&keys[2], true, Some(&at(2))), None);
+        assert!(!path.exists());
+        assert_eq!(c.disk_usage().0, 0);
+        assert_eq!(c.read_verified(&keys[1], Some(&at(1)), 0, 10), None);
+        // So does a copy of the wrong size.
+        fs::write(&path, &whole[..2000]).expect("short copy");
+        assert_eq!(c.get(&keys[0], true, Some(&at(0))), None);
+        assert!(!path.exists());
     }
 
     #[test]
@@ -799,13 +1019,13 @@ mod tests {
             c.put(key(&chunks[1]), Arc::new(chunks[1].clone()))
                 .expect("put");
             // A use makes chunk 0 the most recent: chunk 1 goes first.
-            assert!(c.get(&key(&chunks[0]), true).is_some());
+            assert!(c.get(&key(&chunks[0]), true, None).is_some());
             c.put(key(&chunks[2]), Arc::new(chunks[2].clone()))
                 .expect("put");
             assert!(path(&chunks[0]).exists() && path(&chunks[2]).exists());
             assert!(!path(&chunks[1]).exists(), "least recently used evicted");
             assert!(
-                c.get(&key(&chunks[1]), true).is_none(),
+                c.get(&key(&chunks[1]), true, None).is_none(),
                 "a miss, not an error"
             );
             assert_eq!(c.disk_usage(), (200, 250, 1));
@@ -869,12 +1089,12 @@ mod tests {
         let c = ChunkCache::directory(dir.path(), 1 << 20).expect("cache");
         let mode = fs::metadata(dir.path()).expect("stat").permissions().mode();
         assert_eq!(mode & 0o777, 0o700, "cache directory is root-only");
-        assert_eq!(c.get(&k, true).as_deref(), Some(&data));
+        assert_eq!(c.get(&k, true, None).as_deref(), Some(&data));
         let hex = hex::encode(k);
         let path = dir.path().join(&hex[..2]).join(&hex);
         fs::write(&path, b"damaged").expect("write");
         let c = ChunkCache::directory(dir.path(), 1 << 20).expect("cache");
-        assert!(c.get(&k, true).is_none());
+        assert!(c.get(&k, true, None).is_none());
         assert!(!path.exists());
     }
 
@@ -887,31 +1107,31 @@ mod tests {
             let c = ChunkCache::directory(dir.path(), 1 << 20).expect("cache");
             c.put(k, Arc::new(data.clone())).expect("put");
             assert_eq!(
-                c.read_verified(&k, 100, 50).as_deref(),
+                c.read_verified(&k, None, 100, 50).as_deref(),
                 Some(&data[100..150])
             );
         }
         // A new process has not hashed the file yet: no shortcut until it has.
         let c = ChunkCache::directory(dir.path(), 0).expect("cache");
-        assert_eq!(c.read_verified(&k, 100, 50), None);
-        assert_eq!(c.get(&k, true).as_deref(), Some(&data));
+        assert_eq!(c.read_verified(&k, None, 100, 50), None);
+        assert_eq!(c.get(&k, true, None).as_deref(), Some(&data));
         assert_eq!(
-            c.read_verified(&k, 9_990, 10).as_deref(),
+            c.read_verified(&k, None, 9_990, 10).as_deref(),
             Some(&data[9_990..])
         );
         // A file that lost bytes is not trusted any more.
-        assert_eq!(c.read_verified(&k, 9_995, 10), None);
+        assert_eq!(c.read_verified(&k, None, 9_995, 10), None);
         let hex = hex::encode(k);
         fs::write(dir.path().join(&hex[..2]).join(&hex), b"short").expect("write");
-        assert_eq!(c.read_verified(&k, 0, 10), None);
+        assert_eq!(c.read_verified(&k, None, 0, 10), None);
         assert_eq!(
-            c.read_verified(&k, 0, 5),
+            c.read_verified(&k, None, 0, 5),
             None,
             "forgotten after a failed read"
         );
         // A memory-only cache has no files to read.
         let m = ChunkCache::memory(1 << 20);
         m.put(k, Arc::new(data.clone())).expect("put");
-        assert_eq!(m.read_verified(&k, 0, 10), None);
+        assert_eq!(m.read_verified(&k, None, 0, 10), None);
     }
 }

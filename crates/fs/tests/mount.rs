@@ -966,6 +966,84 @@ fn warm_disk_cache_needs_no_fetch_after_restart() {
     assert_eq!(state(&m, &blob)["fetchedPercent"].as_f64(), Some(100.0));
 }
 
+/// Once whole-file copies replaced their files' chunks, a restart finds every chunk in
+/// them: nothing is fetched, with passthrough or without, and the chunk files stay gone.
+#[test]
+fn whole_file_copies_serve_chunks_after_restart() {
+    if !fuse_ready("whole_file_copies_serve_chunks_after_restart") {
+        return;
+    }
+    init_tracing();
+    let entries = many_files(6, 200_000, 750);
+    let blob = make_blob(&entries, 64 << 10, &[]);
+    let cache_dir = tempfile::tempdir().expect("tempdir");
+    let files_dir = cache_dir.path().join("files");
+    let chunk_files = || {
+        std::fs::read_dir(cache_dir.path())
+            .expect("ls")
+            .flatten()
+            .filter(|e| e.file_name().len() == 2)
+            .map(|e| std::fs::read_dir(e.path()).expect("ls shard").count())
+            .sum::<usize>()
+    };
+    {
+        let m = mount_cached(
+            TestFetcher::open(&blob.path),
+            &blob,
+            &Config::default(),
+            cache_dir.path(),
+        );
+        wait_complete(&m);
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while std::fs::read_dir(&files_dir).expect("ls").count() < entries.len() {
+            assert!(
+                Instant::now() < deadline,
+                "whole-file copies never assembled"
+            );
+            for e in &entries {
+                let Kind::Reg(d) = &e.kind else { continue };
+                assert!(std::fs::read(m.path(&e.path)).expect("read") == *d);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+    }
+    assert_eq!(chunk_files(), 0, "copies replace the chunk files");
+    for passthrough in [false, true] {
+        let fetcher = TestFetcher::open(&blob.path);
+        let mut cfg = Config::default();
+        cfg.fuse.passthrough = passthrough;
+        let m = mount_cached(fetcher.clone(), &blob, &cfg, cache_dir.path());
+        wait_complete(&m);
+        for _ in 0..3 {
+            for e in &entries {
+                let Kind::Reg(d) = &e.kind else { continue };
+                assert!(std::fs::read(m.path(&e.path)).expect("read") == *d);
+            }
+        }
+        // Seek into the middle of a file: a part of one chunk, read out of the copy.
+        let Kind::Reg(d) = &entries[2].kind else {
+            unreachable!()
+        };
+        let mut f = std::fs::File::open(m.path(&entries[2].path)).expect("open");
+        f.seek(SeekFrom::Start(100_000)).expect("seek");
+        let mut part = vec![0u8; 5000];
+        f.read_exact(&mut part).expect("read");
+        assert!(part == d[100_000..105_000]);
+        assert_eq!(
+            fetcher.requests(),
+            0,
+            "passthrough {passthrough}: fetched again"
+        );
+        assert_eq!(
+            chunk_files(),
+            0,
+            "passthrough {passthrough}: chunk files came back"
+        );
+        let opens = m.handle.as_ref().expect("handle").passthrough_opens();
+        assert_eq!(opens > 0, passthrough, "{opens} passthrough opens");
+    }
+}
+
 #[test]
 fn memory_cache_writes_nothing_to_disk() {
     if !fuse_ready("memory_cache_writes_nothing_to_disk") {

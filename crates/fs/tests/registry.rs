@@ -1,4 +1,6 @@
-//! A layer pushed to a real registry on loopback, mounted through the registry client.
+//! A layer pushed to a real registry on loopback, mounted through the registry client:
+//! reads, background fetch, and what the cache directory holds after a whole layer was
+//! read.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -7,11 +9,185 @@
 
 mod common;
 
+use std::path::Path;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use common::*;
 use fs::{Config, RegistryFetcher};
+
+/// A registry on loopback holding one pushed blob, and a client to read it through.
+struct Pushed {
+    reg: testenv::Registry,
+    rt: tokio::runtime::Runtime,
+    client: registry::Client,
+}
+
+impl Pushed {
+    fn start(blob: &Blob, repo: &str) -> Option<Pushed> {
+        let reg = testenv::Registry::start(testenv::RegistryOpts::default())?;
+        let bytes = std::fs::read(&blob.path).expect("blob");
+        let rt = tokio::runtime::Runtime::new().expect("runtime");
+        let digest = rt.block_on(testenv::push_blob(&reg.base_url(), repo, &bytes));
+        assert_eq!(digest, blob.desc.digest);
+        let client = registry::Client::new(
+            registry::RegistryConfig::default(),
+            Arc::new(registry::Anonymous),
+        )
+        .expect("client");
+        Some(Pushed { reg, rt, client })
+    }
+
+    fn fetcher(&self, blob: &Blob, repo: &str) -> Arc<RegistryFetcher> {
+        let reference = registry::Reference::parse(&format!("{}/{repo}:latest", self.reg.host()))
+            .expect("reference");
+        let reader = self.client.blob_reader(
+            &reference,
+            registry::Digest::parse(&blob.desc.digest).expect("digest"),
+            Some(blob.desc.size),
+        );
+        Arc::new(RegistryFetcher::with_size(
+            reader,
+            self.rt.handle().clone(),
+            blob.desc.size,
+        ))
+    }
+}
+
+/// Bytes of the files under `dir`, and the names of any still being written.
+fn dir_usage(dir: &Path, temps: &mut Vec<String>) -> u64 {
+    let mut total = 0;
+    for e in std::fs::read_dir(dir).expect("read dir").flatten() {
+        let m = e.metadata().expect("stat");
+        if m.is_dir() {
+            total += dir_usage(&e.path(), temps);
+        } else {
+            if e.file_name()
+                .to_string_lossy()
+                .starts_with(fs::cache::TEMP_PREFIX)
+            {
+                temps.push(e.path().display().to_string());
+            }
+            total += m.len();
+        }
+    }
+    total
+}
+
+fn count_files(dir: &Path) -> usize {
+    std::fs::read_dir(dir).map_or(0, |d| d.count())
+}
+
+/// Reading every file of a layer, through user space and then (with passthrough)
+/// through the whole-file copies its reads lead to, leaves each byte in the cache
+/// directory once: a file's copy replaces its chunk files.
+#[test]
+fn a_read_layer_is_on_disk_once() {
+    if !fuse_ready("a_read_layer_is_on_disk_once") {
+        return;
+    }
+    init_tracing();
+    let chunk = 256u64 << 10;
+    let mut entries = vec![Entry::new("big", Kind::Dir), Entry::new("small", Kind::Dir)];
+    for i in 0..8u64 {
+        let len = (2 << 20) + i as usize * 200_000;
+        entries.push(Entry::new(
+            &format!("big/f{i}"),
+            Kind::Reg(pseudo_random(len, 3000 + i)),
+        ));
+    }
+    for i in 0..10u64 {
+        entries.push(Entry::new(
+            &format!("small/f{i}"),
+            Kind::Reg(pseudo_random(10_000 + i as usize * 5000, 3100 + i)),
+        ));
+    }
+    let files: Vec<(&str, &[u8])> = entries
+        .iter()
+        .filter_map(|e| match &e.kind {
+            Kind::Reg(d) => Some((e.path.as_str(), d.as_slice())),
+            _ => None,
+        })
+        .collect();
+    let data_bytes: u64 = files.iter().map(|(_, d)| d.len() as u64).sum();
+    let multi = files.iter().filter(|(_, d)| d.len() as u64 > chunk).count();
+    let blob = make_blob(&entries, chunk, &[]);
+    let Some(pushed) = Pushed::start(&blob, "fs/once") else {
+        return;
+    };
+    for passthrough in [false, true] {
+        let mut cfg = Config {
+            noprefetch: true,
+            no_background_fetch: true,
+            ..Config::default()
+        };
+        cfg.fuse.passthrough = passthrough;
+        let cache_dir = tempfile::tempdir().expect("tempdir");
+        let mnt_dir = tempfile::tempdir().expect("tempdir");
+        let _guard = MountGuard(mnt_dir.path().to_path_buf());
+        let cache = fs::ChunkCache::from_config(&cfg, cache_dir.path(), None).expect("cache");
+        let layer = fs::Layer::open(
+            pushed.fetcher(&blob, "fs/once"),
+            blob.desc.clone(),
+            &cfg,
+            cache,
+        )
+        .expect("open");
+        let pool = fs::FetchPool::shared().expect("pool");
+        let opts = fs::MountOptions {
+            cfg: &cfg,
+            metrics: None,
+            pool: &pool,
+        };
+        let handle = fs::mount(Arc::new(layer), mnt_dir.path(), &opts).expect("mount");
+        let read_all = || {
+            for (path, want) in &files {
+                let got = std::fs::read(mnt_dir.path().join(path)).expect("read");
+                assert!(got == *want, "{path} differs (passthrough {passthrough})");
+            }
+        };
+        read_all();
+        if passthrough {
+            // Opens of fully cached multi-chunk files have their copies assembled.
+            let copies = cache_dir.path().join("files");
+            let deadline = Instant::now() + Duration::from_secs(60);
+            loop {
+                read_all();
+                let mut temps = Vec::new();
+                dir_usage(&copies, &mut temps);
+                if count_files(&copies) == multi && temps.is_empty() {
+                    break;
+                }
+                assert!(
+                    Instant::now() < deadline,
+                    "whole-file copies never assembled"
+                );
+                std::thread::sleep(Duration::from_millis(100));
+            }
+            read_all();
+            assert!(
+                handle.passthrough_opens() >= files.len() as u64,
+                "{} passthrough opens",
+                handle.passthrough_opens()
+            );
+        }
+        let mut temps = Vec::new();
+        let on_disk = dir_usage(cache_dir.path(), &mut temps);
+        assert!(temps.is_empty(), "unfinished cache files: {temps:?}");
+        // Metadata: the blob's tail kept for the TOC (at most one 512 KiB read).
+        let metadata = fs::layer::TAIL_READ + (64 << 10);
+        eprintln!(
+            "passthrough {passthrough}: {on_disk} bytes on disk for {data_bytes} bytes of files"
+        );
+        assert!(
+            on_disk <= data_bytes + data_bytes / 10 + metadata,
+            "passthrough {passthrough}: {on_disk} bytes on disk for {data_bytes} bytes of files"
+        );
+        let (accounted, _, _) = handle.layer().cache().disk_usage();
+        assert_eq!(accounted, on_disk, "the size bound counts what is on disk");
+        handle.unmount().expect("unmount");
+    }
+}
 
 #[test]
 fn mount_through_registry_blob_reader() {

@@ -337,6 +337,9 @@ impl<R: RemoteFs> Snapshotter<R> {
         rec: &Record,
         mut labels: HashMap<String, String>,
     ) -> Option<Error> {
+        if self.adopt_target(ns, key, target, rec).await {
+            return Some(Error::AlreadyExists(target.to_string()));
+        }
         let fs = self.fs_dir(rec.id);
         let _layer = self.locks.lock(rec.id).await;
         let mut cancel = CancelGuard {
@@ -384,6 +387,33 @@ impl<R: RemoteFs> Snapshotter<R> {
                     tracing::warn!(path = %fs.display(), error = %e, "unmounting remote layer failed");
                 }
                 None
+            }
+        }
+    }
+
+    /// Whether `target` is already committed here on the same parent as the new
+    /// snapshot `key`; then `key` is removed again. That happens when the answer to the
+    /// Prepare that committed the target was lost (the daemon was killed in between, so
+    /// containerd never recorded it), or when two pulls of one layer race. containerd
+    /// takes AlreadyExists from here as it does after a remote mount and records the
+    /// existing target, so the layer is neither mounted a second time nor downloaded.
+    async fn adopt_target(&self, ns: &str, key: &str, target: &str, rec: &Record) -> bool {
+        let store = self.store.clone();
+        let (ns2, target2) = (ns.to_string(), target.to_string());
+        let existing = blocking(move || store.get(&ns2, &target2)).await;
+        let same =
+            matches!(&existing, Ok(Some(t)) if t.kind == Kind::Committed && t.parent == rec.parent);
+        if !same {
+            return false;
+        }
+        match self.remove(ns, key).await {
+            Ok(()) => {
+                tracing::info!(key, target, "target already committed; adopting it");
+                true
+            }
+            Err(e) => {
+                tracing::warn!(key, target, error = %e, "cannot drop the snapshot of a Prepare whose target exists");
+                false
             }
         }
     }

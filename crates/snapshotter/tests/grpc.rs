@@ -733,6 +733,59 @@ async fn concurrent_remounts_of_one_layer_are_serialized() {
     assert!(h.root.join("snapshots/1/fs/remote-file").exists());
 }
 
+/// A Prepare for a target that is already committed (its first Prepare's answer was
+/// lost to a killed daemon, so containerd asks again) adopts the target: AlreadyExists,
+/// no second mount, and the new active snapshot is gone again. On another parent it
+/// is an ordinary Prepare.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn prepare_of_a_committed_target_adopts_it() {
+    let fake = Arc::new(FakeRemote::default());
+    let h = start(fake.clone()).await;
+    let mut c = h.client.clone();
+    let ns = "k8s.io";
+    let digest = "sha256:2804bad6fe94a55f18b2b37e300919a5fd517b95aa81e95db574c0ba069a3740";
+    let e = prepare(&mut c, ns, "extract-1", "", remote_labels(digest, "chain1"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists);
+    assert_eq!(fake.mounts.load(Ordering::SeqCst), 1);
+    let dirs = snapshot_dirs(&h.root);
+    let e = prepare(&mut c, ns, "extract-2", "", remote_labels(digest, "chain1"))
+        .await
+        .unwrap_err();
+    assert_eq!(e.code(), Code::AlreadyExists, "{e:?}");
+    assert_eq!(fake.mounts.load(Ordering::SeqCst), 1, "mounted again");
+    let names: Vec<String> = list(&mut c, ns, &[])
+        .await
+        .into_iter()
+        .map(|i| i.name)
+        .collect();
+    assert_eq!(names, vec!["chain1".to_string()]);
+    assert_eq!(
+        snapshot_dirs(&h.root),
+        dirs,
+        "the second Prepare's directory stays"
+    );
+
+    // The same target name on top of another parent is not the same layer.
+    let m = prepare(&mut c, ns, "base-key", "", HashMap::new())
+        .await
+        .unwrap();
+    assert!(!m.is_empty());
+    commit(&mut c, ns, "base", "base-key").await.unwrap();
+    let e = prepare(
+        &mut c,
+        ns,
+        "extract-3",
+        "base",
+        remote_labels(digest, "chain1"),
+    )
+    .await
+    .unwrap();
+    assert_eq!(e[0].r#type, "overlay", "an ordinary snapshot after all");
+    assert_eq!(fake.mounts.load(Ordering::SeqCst), 2);
+}
+
 /// A Prepare that containerd gives up on while its remote layer is being mounted
 /// leaves no mount behind once that mount finishes.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

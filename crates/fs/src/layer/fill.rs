@@ -114,7 +114,8 @@ impl Layer {
         for &r in refs {
             let key = self.key_of(r);
             if check_cache {
-                if let Some(d) = self.cache.get(&key, self.verify && self.has_digest(r)) {
+                let verify = self.verify && self.has_digest(r);
+                if let Some(d) = self.cache.get(&key, verify, self.in_file(r).as_ref()) {
                     states.push(St::Ready(d));
                     continue;
                 }

@@ -1,13 +1,15 @@
 //! Whole-file copies for FUSE passthrough: which local file already holds a file's
-//! exact content, and assembling one from cached chunks when several make up the file.
+//! exact content, assembling one from cached chunks when several make up the file, and
+//! where a chunk's bytes sit in such a copy (which replaces the chunk files).
 
 use std::path::PathBuf;
 
 use estargz::NodeId;
 use tracing::{error, warn};
 
+use super::ChunkRef;
 use super::Layer;
-use crate::cache::Key;
+use crate::cache::{InFile, Key};
 
 impl Layer {
     /// A local file that already holds exactly the content of regular file `id`, for
@@ -19,6 +21,22 @@ impl Layer {
             return self.cache.verified_chunk_file(&key);
         }
         self.cache.verified_file(&node.digest?, node.size)
+    }
+
+    /// Where chunk `r` would sit in the whole-file copy of its file: `None` for a file
+    /// that is its one chunk (it never gets a copy) or has no digest to name one by.
+    pub(super) fn in_file(&self, r: ChunkRef) -> Option<InFile> {
+        let node = self.index.node(r.0);
+        if self.sole_chunk(r.0, node).is_some() {
+            return None;
+        }
+        let c = node.chunks.get(r.1)?;
+        Some(InFile {
+            file: node.digest?,
+            file_size: node.size,
+            offset: c.file_offset,
+            len: c.size,
+        })
     }
 
     /// The key of the one chunk that is the whole of `node`, if there is such a chunk.
@@ -45,7 +63,7 @@ impl Layer {
         node.digest
             .and_then(|d| self.cache.file_path(&d))
             .is_some_and(|p| p.exists())
-            || (0..node.chunks.len()).all(|i| self.cache.contains(&self.key_of((id, i))))
+            || (0..node.chunks.len()).all(|i| self.cache.contains(&self.key_of((id, i)), None))
     }
 
     /// A local file holding exactly the content of regular file `id`, for FUSE
@@ -62,18 +80,23 @@ impl Layer {
                 .flatten();
         }
         let digest = node.digest?;
-        if let Some(p) = self.cache.verify_file(&digest, node.size) {
-            return Some(p);
-        }
         let keys: Vec<Key> = (0..node.chunks.len())
             .map(|i| self.key_of((id, i)))
             .collect();
-        if !keys.iter().all(|k| self.cache.contains(k)) {
+        if let Some(p) = self.cache.verify_file(&digest, node.size) {
+            // Chunk files an interrupted run left beside the copy hold nothing it lacks.
+            self.cache.drop_chunk_files(&keys);
+            return Some(p);
+        }
+        if !keys.iter().all(|k| self.cache.contains(k, None)) {
             return None;
         }
         // Chunks stream from the cache into the file; memory stays at one chunk.
-        let pieces = keys.iter().map(|k| self.cache.get(k, self.verify));
-        match self.cache.put_file(&digest, pieces) {
+        let pieces = keys.iter().enumerate().map(|(i, k)| {
+            let check = self.verify && node.chunks[i].digest.is_some();
+            self.cache.get(k, check, None)
+        });
+        match self.cache.put_file(&digest, &keys, pieces) {
             Ok(Some(p)) => Some(p),
             Ok(None) => {
                 error!(layer = %self.desc.digest, file = %node.path,

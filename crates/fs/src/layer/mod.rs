@@ -325,6 +325,13 @@ impl Layer {
         }
     }
 
+    /// Whether chunk `r` is in the cache: in memory, in its own file, or in the
+    /// whole-file copy of its file.
+    fn has_local(&self, r: ChunkRef) -> bool {
+        self.cache
+            .contains(&self.key_of(r), self.in_file(r).as_ref())
+    }
+
     fn regular(&self, id: NodeId) -> Result<&estargz::Node> {
         self.index
             .get(id)
@@ -367,7 +374,11 @@ impl Layer {
             }
             match self.cache.get_mem(&key) {
                 Some(d) => out.extend_from_slice(d.get(from as usize..to as usize)?),
-                None => out.extend(self.cache.read_verified(&key, from, (to - from) as usize)?),
+                None => {
+                    let at = self.in_file((id, first + i));
+                    let len = (to - from) as usize;
+                    out.extend(self.cache.read_verified(&key, at.as_ref(), from, len)?);
+                }
             }
         }
         Some(out)

@@ -78,12 +78,8 @@ impl Layer {
             return Vec::new();
         };
         let last = first + chunks.len() - 1;
-        let local = || {
-            cached.unwrap_or_else(|| {
-                self.cache.contains(&self.key_of((id, first)))
-                    && self.cache.contains(&self.key_of((id, last)))
-            })
-        };
+        let local =
+            || cached.unwrap_or_else(|| self.has_local((id, first)) && self.has_local((id, last)));
         self.readahead
             .access(a.blob_offset..b.blob_end, self.payload_end, local)
     }
@@ -101,7 +97,7 @@ impl Layer {
         let mut refs: Vec<ChunkRef> = self.order[from..]
             .iter()
             .take_while(|r| blob_offset(r) < range.end)
-            .filter(|&&r| !self.cache.contains(&self.key_of(r)))
+            .filter(|&&r| !self.has_local(r))
             .copied()
             .collect();
         if let Ok(map) = self.inflight.lock() {
@@ -301,10 +297,7 @@ impl Layer {
             return;
         };
         let chunks = &layer.order[w.chunks.clone()];
-        if chunks
-            .iter()
-            .all(|&r| layer.cache.contains(&layer.key_of(r)))
-        {
+        if chunks.iter().all(|&r| layer.has_local(r)) {
             layer.add_coverage(w.range.clone());
         } else {
             let started = Instant::now();
