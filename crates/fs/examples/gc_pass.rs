@@ -4,7 +4,7 @@
 //! `gc_pass DIR TOTAL_MIB FILE_KIB [real]` fills DIR with TOTAL_MIB of cache files of
 //! FILE_KIB each, laid out as chunk files (`<2 hex>/<64 hex>`), sparse unless `real`
 //! is given, with ascending mtimes (the order of last use a restarted cache starts
-//! from). It then opens DIR as a cache (the scan that sweeps temp files and indexes
+//! from), and syncs. It then opens DIR as a cache (the scan that sweeps temp files and indexes
 //! every file), times 4 KiB reads of a cached chunk on the FUSE fast path (each one
 //! moves the chunk to the front of the index) against the full index and against an
 //! empty one, and sets a bound of a tenth of the bytes: one pass evicts the other nine
@@ -55,13 +55,12 @@ fn run(dir: &Path, total_mib: &str, file_kib: &str, real: bool) -> Res<()> {
     let base = SystemTime::now() - Duration::from_secs(count + 3600);
     let t = Instant::now();
     let block = vec![0x5au8; file as usize];
+    for b in 0..=255u8 {
+        std::fs::create_dir_all(dir.join(hex::encode([b])))?;
+    }
     for i in 0..count {
         let hex = hex::encode(key(i));
-        let shard = dir.join(&hex[..2]);
-        if i < 256 {
-            std::fs::create_dir_all(&shard)?;
-        }
-        let path = shard.join(&hex);
+        let path = dir.join(&hex[..2]).join(&hex);
         let f = std::fs::File::create(&path)?;
         if real {
             std::io::Write::write_all(&mut &f, &block)?;
@@ -70,12 +69,17 @@ fn run(dir: &Path, total_mib: &str, file_kib: &str, real: bool) -> Res<()> {
         }
         f.set_modified(base + Duration::from_secs(i))?;
     }
+    // Written back before anything is timed, as a cache left by an earlier run would be:
+    // unlinking files still under writeback costs far more.
+    nix::unistd::sync();
     let build = t.elapsed();
 
+    let rss_before = rss_kib();
     let t = Instant::now();
     let cache = ChunkCache::directory(dir, 0)?;
     let open = t.elapsed();
     let (indexed, _, _) = cache.disk_usage();
+    let index_kib = rss_kib().saturating_sub(rss_before);
 
     let read_full = fast_reads(&cache)?;
     let empty = tempfile::tempdir()?;
@@ -95,6 +99,7 @@ fn run(dir: &Path, total_mib: &str, file_kib: &str, real: bool) -> Res<()> {
         "build_s": build.as_secs_f64(),
         "open_index_ms": open.as_secs_f64() * 1e3,
         "indexed_bytes": indexed,
+        "index_rss_kib": index_kib,
         "limit_bytes": limit,
         "pass_ms": pass.as_secs_f64() * 1e3,
         "pass_evicted_files": evicted,
@@ -104,6 +109,16 @@ fn run(dir: &Path, total_mib: &str, file_kib: &str, real: bool) -> Res<()> {
     });
     println!("{out}");
     Ok(())
+}
+
+/// This process's resident memory.
+fn rss_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .unwrap_or_default()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.split_whitespace().next()?.parse().ok())
+        .unwrap_or(0)
 }
 
 /// Mean time of a 4 KiB read of a cached chunk without hashing, as a FUSE thread

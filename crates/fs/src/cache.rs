@@ -78,6 +78,46 @@ impl Lru {
     }
 }
 
+/// A file of the cache directory as the size index names it. Chunks and whole-file
+/// copies, nearly all of its files, go by their 32-byte digest rather than a path: a
+/// large cache holds hundreds of thousands of files, and each name is kept twice.
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
+enum Name {
+    Chunk(Key),
+    File([u8; 32]),
+    Other(Box<Path>),
+}
+
+impl Name {
+    /// The name of `path`, a file of the cache directory `dir`.
+    fn of(dir: &Path, path: &Path) -> Name {
+        let parsed = || {
+            let key = parse_key(path.file_name()?.to_str()?)?;
+            let parent = path.parent()?;
+            if parent.parent()? != dir {
+                return None;
+            }
+            match parent.file_name()?.to_str()? {
+                "files" => Some(Name::File(key)),
+                shard if shard == hex::encode(&key[..1]) => Some(Name::Chunk(key)),
+                _ => None,
+            }
+        };
+        parsed().unwrap_or_else(|| Name::Other(path.into()))
+    }
+
+    fn path(&self, dir: &Path) -> PathBuf {
+        match self {
+            Name::Chunk(k) => {
+                let hex = hex::encode(k);
+                dir.join(&hex[..2]).join(hex)
+            }
+            Name::File(k) => dir.join("files").join(hex::encode(k)),
+            Name::Other(p) => p.to_path_buf(),
+        }
+    }
+}
+
 /// What the cache directory holds on disk, for the size bound: each file's length and
 /// when it was last used, in memory only (seeded from the files' mtimes at open).
 struct DiskIndex {
@@ -87,8 +127,8 @@ struct DiskIndex {
     max_age: Option<Duration>,
     bytes: u64,
     tick: u64,
-    entries: HashMap<PathBuf, DiskEntry>,
-    order: BTreeMap<u64, PathBuf>,
+    entries: HashMap<Name, DiskEntry>,
+    order: BTreeMap<u64, Name>,
 }
 
 struct DiskEntry {
@@ -98,9 +138,9 @@ struct DiskEntry {
 }
 
 impl DiskIndex {
-    fn touch(&mut self, path: &Path) {
+    fn touch(&mut self, name: &Name) {
         let tick = self.tick + 1;
-        let Some(e) = self.entries.get_mut(path) else {
+        let Some(e) = self.entries.get_mut(name) else {
             return;
         };
         if let Some(p) = self.order.remove(&e.tick) {
@@ -111,12 +151,12 @@ impl DiskIndex {
         self.tick = tick;
     }
 
-    fn insert(&mut self, path: PathBuf, len: u64, used: SystemTime) {
-        self.remove(&path);
+    fn insert(&mut self, name: Name, len: u64, used: SystemTime) {
+        self.remove(&name);
         self.tick += 1;
-        self.order.insert(self.tick, path.clone());
+        self.order.insert(self.tick, name.clone());
         self.entries.insert(
-            path,
+            name,
             DiskEntry {
                 len,
                 tick: self.tick,
@@ -126,8 +166,8 @@ impl DiskIndex {
         self.bytes += len;
     }
 
-    fn remove(&mut self, path: &Path) {
-        if let Some(old) = self.entries.remove(path) {
+    fn remove(&mut self, name: &Name) {
+        if let Some(old) = self.entries.remove(name) {
             self.order.remove(&old.tick);
             self.bytes -= old.len;
         }
@@ -135,7 +175,7 @@ impl DiskIndex {
 
     /// Takes out of the index, least recently used first, the files that must go to
     /// bring it under its bounds, sparing `keep` (the file just written).
-    fn victims(&mut self, keep: Option<&Path>) -> Vec<PathBuf> {
+    fn victims(&mut self, keep: Option<&Name>) -> Vec<Name> {
         let mut out = Vec::new();
         let too_old = self
             .max_age
@@ -147,20 +187,20 @@ impl DiskIndex {
             if !over && !old {
                 break;
             }
-            let Some(path) = self.order.remove(&tick) else {
+            let Some(name) = self.order.remove(&tick) else {
                 break;
             };
-            if keep == Some(path.as_path()) {
-                spared.push((tick, path));
+            if keep == Some(&name) {
+                spared.push((tick, name));
                 continue;
             }
-            if let Some(e) = self.entries.remove(&path) {
+            if let Some(e) = self.entries.remove(&name) {
                 self.bytes -= e.len;
             }
-            out.push(path);
+            out.push(name);
         }
-        for (tick, path) in spared {
-            self.order.insert(tick, path);
+        for (tick, name) in spared {
+            self.order.insert(tick, name);
         }
         out
     }
@@ -302,56 +342,58 @@ impl ChunkCache {
     /// Notes a file just written into the directory and removes what its bounds no
     /// longer allow.
     fn record(&self, path: &Path, len: u64) {
+        let name = self.name(path);
         if let Ok(mut d) = self.disk.lock() {
-            d.insert(path.to_path_buf(), len, SystemTime::now());
+            d.insert(name.clone(), len, SystemTime::now());
         }
-        self.evict(Some(path));
+        self.evict(Some(&name));
     }
 
-    fn touch(&self, path: &Path) {
+    fn name(&self, path: &Path) -> Name {
+        Name::of(self.dir.as_deref().unwrap_or(Path::new("")), path)
+    }
+
+    /// Marks a file as just used.
+    fn touch(&self, name: &Name) {
         if let Ok(mut d) = self.disk.lock() {
-            d.touch(path);
+            d.touch(name);
         }
     }
 
     /// Removes a cache file and forgets it.
     fn remove(&self, path: &Path) {
         let _ = fs::remove_file(path);
+        let name = self.name(path);
         if let Ok(mut d) = self.disk.lock() {
-            d.remove(path);
+            d.remove(&name);
         }
-        self.forget(path);
+        self.forget(&name);
         self.update_gauges();
     }
 
     /// Drops what this process remembers as verified about a file that is gone, so
     /// that memory follows the directory (a node may write millions of chunks over
     /// its life) and a later file under the same name is checked again.
-    fn forget(&self, path: &Path) {
-        let Some(key) = path
-            .file_name()
-            .and_then(|n| n.to_str())
-            .and_then(parse_key)
-        else {
-            return;
-        };
-        let whole = path
-            .parent()
-            .and_then(|p| p.file_name())
-            .is_some_and(|n| n == "files");
-        if whole {
-            if let Ok(mut v) = self.verified_files.lock() {
-                v.remove(&key);
+    fn forget(&self, name: &Name) {
+        match name {
+            Name::Chunk(key) => {
+                if let Ok(mut v) = self.verified.lock() {
+                    v.remove(key);
+                }
             }
-            if let Ok(mut v) = self.verified_slices.lock() {
-                v.remove(&key);
+            Name::File(digest) => {
+                if let Ok(mut v) = self.verified_files.lock() {
+                    v.remove(digest);
+                }
+                if let Ok(mut v) = self.verified_slices.lock() {
+                    v.remove(digest);
+                }
             }
-        } else if let Ok(mut v) = self.verified.lock() {
-            v.remove(&key);
+            Name::Other(_) => {}
         }
     }
 
-    fn evict(&self, keep: Option<&Path>) {
+    fn evict(&self, keep: Option<&Name>) {
         let victims = self
             .disk
             .lock()
@@ -359,13 +401,15 @@ impl ChunkCache {
             .unwrap_or_default();
         // Unlinked outside the lock; a reader holding one open keeps its bytes, and
         // one opening it next finds it missing and fetches the chunk again.
+        let dir = self.dir.as_deref().unwrap_or(Path::new(""));
         for v in &victims {
-            match fs::remove_file(v) {
+            let path = v.path(dir);
+            match fs::remove_file(&path) {
                 Ok(()) => {
                     self.counters.evictions.inc();
                 }
                 Err(e) if e.kind() == io::ErrorKind::NotFound => {}
-                Err(e) => warn!(path = %v.display(), error = %e, "cannot evict a cache file"),
+                Err(e) => warn!(path = %path.display(), error = %e, "cannot evict a cache file"),
             };
             self.forget(v);
         }
@@ -384,8 +428,8 @@ impl ChunkCache {
         let mut c = ChunkCache::memory(max_mem_bytes);
         c.dir = Some(dir);
         if let Ok(mut d) = c.disk.lock() {
-            for (path, len, mtime) in found {
-                d.insert(path, len, mtime);
+            for (name, len, mtime) in found {
+                d.insert(name, len, mtime);
             }
         }
         Ok(c)
@@ -419,7 +463,7 @@ impl ChunkCache {
             return None;
         }
         let path = self.chunk_file(key)?;
-        self.touch(&path);
+        self.touch(&Name::Chunk(*key));
         Some(path)
     }
 
@@ -456,7 +500,7 @@ impl ChunkCache {
         if !fs::metadata(&path).is_ok_and(|m| m.len() == size) {
             return None;
         }
-        self.touch(&path);
+        self.touch(&Name::File(*digest));
         Some(path)
     }
 
@@ -529,7 +573,7 @@ impl ChunkCache {
                 return None;
             }
         }
-        self.touch(&path);
+        self.touch(&Name::Chunk(*key));
         self.mark_verified(*key);
         Some(data)
     }
@@ -578,7 +622,7 @@ impl ChunkCache {
                 v.entry(at.file).or_default().insert(at.offset);
             }
         }
-        self.touch(&path);
+        self.touch(&Name::File(at.file));
         Some(buf)
     }
 
@@ -609,7 +653,7 @@ impl ChunkCache {
             match read {
                 Ok(()) => {
                     self.counters.disk_hit.inc();
-                    self.touch(&path);
+                    self.touch(&Name::Chunk(*key));
                     return Some(buf);
                 }
                 Err(_) => {
@@ -630,11 +674,11 @@ impl ChunkCache {
         match read {
             Ok(()) => {
                 self.counters.disk_hit.inc();
-                self.touch(&path);
+                self.touch(&Name::File(at.file));
                 Some(buf)
             }
             Err(_) => {
-                self.forget(&path);
+                self.forget(&Name::File(at.file));
                 None
             }
         }
@@ -833,7 +877,7 @@ fn write_atomic(path: &Path, data: &[u8]) -> Result<()> {
 /// Removes temp files a killed process left in the cache directory and its
 /// subdirectories (one level: chunk shards, `files/`, `ranges/`), and lists every other
 /// file with its length and mtime, oldest first.
-fn scan(dir: &Path) -> Vec<(PathBuf, u64, SystemTime)> {
+fn scan(dir: &Path) -> Vec<(Name, u64, SystemTime)> {
     let mut found = Vec::new();
     let mut swept = 0usize;
     let mut visit = |e: fs::DirEntry| {
@@ -844,7 +888,7 @@ fn scan(dir: &Path) -> Vec<(PathBuf, u64, SystemTime)> {
         } else if let Ok(m) = e.metadata() {
             if m.is_file() {
                 found.push((
-                    e.path(),
+                    Name::of(dir, &e.path()),
                     m.len(),
                     m.modified().unwrap_or(SystemTime::UNIX_EPOCH),
                 ));
@@ -1062,6 +1106,28 @@ mod tests {
             "stargz_fs_chunk_cache_evictions_total 1",
         ] {
             assert!(text.contains(line), "{line} missing from\n{text}");
+        }
+    }
+
+    #[test]
+    fn index_names_are_digests_where_the_layout_allows() {
+        let dir = Path::new("/c");
+        let k = key(b"x");
+        let hex = hex::encode(k);
+        let chunk = dir.join(&hex[..2]).join(&hex);
+        let file = dir.join("files").join(&hex);
+        assert_eq!(Name::of(dir, &chunk), Name::Chunk(k));
+        assert_eq!(Name::of(dir, &file), Name::File(k));
+        assert_eq!(Name::Chunk(k).path(dir), chunk);
+        assert_eq!(Name::File(k).path(dir), file);
+        // Anything else keeps its path: a misplaced chunk, a range, another tree.
+        for other in [
+            dir.join("00").join(&hex),
+            dir.join("ranges").join("sha256-ab-0-10"),
+            Path::new("/d").join(&hex[..2]).join(&hex),
+        ] {
+            assert_eq!(Name::of(dir, &other), Name::Other(other.clone().into()));
+            assert_eq!(Name::of(dir, &other).path(dir), other);
         }
     }
 
