@@ -479,10 +479,26 @@ async fn external_toc_images_mount_lazily() {
     assert!(pulled.contains("2 layer(s) remote, 0 unpacked"), "{pulled}");
     check_run(&run);
 
-    // The same image under a tag without a TOC image: unpacked, and it still runs.
+    // An external-TOC image whose TOC image was never pushed: unpacked, and it still
+    // runs. Its layers are new to the node (one more at the bottom changes every chain
+    // id): a chain already committed from the images above would be taken as it is.
+    let mut tars = image_tars();
+    tars.insert(0, tar_of(&[("orphan.txt", Some(b"orphan\n"), 0o644)]));
+    let src2 = push_plain(&reg, "ext/src2", &tars).await;
     let orphan = format!("{host}/ext/orphan:1");
-    env.ctr(BUILD_NS, &["images", "tag", &dst, &orphan])
-        .unwrap();
+    env.ours(BUILD_NS, &["image", "pull", "--plain-http", &src2]);
+    env.ours(
+        BUILD_NS,
+        &[
+            "image",
+            "convert",
+            "--estargz",
+            "--oci",
+            "--estargz-external-toc",
+            &src2,
+            &orphan,
+        ],
+    );
     env.ours(BUILD_NS, &["image", "push", "--plain-http", &orphan]);
     let pulled = env.ours(ORPHAN_NS, &["image", "rpull", "--plain-http", &orphan]);
     assert!(pulled.contains("0 layer(s) remote"), "{pulled}");
