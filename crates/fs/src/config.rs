@@ -9,8 +9,10 @@ use crate::error::{Error, Result};
 
 /// Default wait for prefetch before a mount is reported ready.
 pub const DEFAULT_PREFETCH_TIMEOUT_SEC: u64 = 10;
-/// Default FUSE attribute/entry cache lifetime.
-pub const DEFAULT_FUSE_TIMEOUT_SEC: u64 = 1;
+/// Default FUSE attribute/entry cache lifetime: a day. A layer never changes, so the
+/// kernel may keep its names, attributes and missing names for as long as it likes; the
+/// reference's default is 1 s, which sends every walk of a tree back to user space.
+pub const DEFAULT_FUSE_TIMEOUT_SEC: u64 = 24 * 60 * 60;
 /// Default number of concurrent background fetches per layer.
 pub const DEFAULT_MAX_CONCURRENCY: usize = 2;
 
@@ -69,7 +71,7 @@ impl Default for DirectoryCacheConfig {
 pub struct FuseConfig {
     /// Seconds the kernel may cache attributes.
     pub attr_timeout: u64,
-    /// Seconds the kernel may cache name lookups.
+    /// Seconds the kernel may cache name lookups, found and missing; 0 caches nothing.
     pub entry_timeout: u64,
     /// Open fully cached files with FUSE passthrough when the kernel supports it.
     pub passthrough: bool,
@@ -189,7 +191,9 @@ mod tests {
     fn defaults_match_reference() {
         let cfg = Config::from_toml("").expect("empty config");
         assert_eq!(cfg.prefetch_timeout_sec, 10);
-        assert_eq!(cfg.fuse.attr_timeout, 1);
+        // Unlike the reference's 1 s: layers are immutable, so the kernel keeps metadata.
+        assert_eq!(cfg.fuse.attr_timeout, 86_400);
+        assert_eq!(cfg.fuse.entry_timeout, 86_400);
         assert_eq!(cfg.max_concurrency, 2);
         assert!(!cfg.allow_no_verification);
         assert_eq!(

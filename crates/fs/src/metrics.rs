@@ -8,6 +8,7 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, Weak};
 use std::time::Instant;
 
@@ -97,6 +98,8 @@ pub struct FsMetrics {
 struct Inner {
     mounts: Mutex<BTreeMap<PathBuf, Weak<dyn LayerGauges>>>,
     fuse: HistogramFamily,
+    /// Requests per operation, in the order of `FUSE_OPS` (histograms do not tell).
+    fuse_counts: Arc<[AtomicU64; FUSE_OPS.len()]>,
     cache_hits: Family<CacheLabels, Counter>,
     cache_misses: Family<CacheLabels, Counter>,
     cache_disk_bytes: Gauge,
@@ -110,6 +113,7 @@ impl Default for FsMetrics {
             inner: Arc::new(Inner {
                 mounts: Mutex::default(),
                 fuse: HistogramFamily::new_with_constructor(latency_histogram),
+                fuse_counts: Arc::default(),
                 cache_hits: Family::default(),
                 cache_misses: Family::default(),
                 cache_disk_bytes: Gauge::default(),
@@ -179,6 +183,16 @@ impl FsMetrics {
         out
     }
 
+    /// FUSE requests of one `operation_type` (e.g. `fuse_lookup`, `fuse_getattr`)
+    /// answered so far by the mounts of this handle; 0 for a type never seen.
+    pub fn fuse_op_count(&self, operation_type: &str) -> u64 {
+        FUSE_OPS
+            .iter()
+            .zip(self.inner.fuse_counts.iter())
+            .find(|((_, name), _)| *name == operation_type)
+            .map_or(0, |(_, n)| n.load(Ordering::Relaxed))
+    }
+
     /// Layers mounted with this handle and not yet unmounted.
     pub fn mounts_alive(&self) -> usize {
         self.live_layers().len()
@@ -210,6 +224,7 @@ impl FsMetrics {
                     })
                     .clone()
             }),
+            counts: self.inner.fuse_counts.clone(),
         }
     }
 
@@ -263,12 +278,14 @@ pub(crate) struct CacheCounters {
 #[derive(Clone)]
 pub(crate) struct FuseOpMetrics {
     histograms: [Histogram; FUSE_OPS.len()],
+    counts: Arc<[AtomicU64; FUSE_OPS.len()]>,
 }
 
 impl FuseOpMetrics {
     /// A timer that records into `op`'s histogram when dropped (after the reply).
     pub(crate) fn time(&self, op: FuseOp) -> OpTimer {
         let idx = FUSE_OPS.iter().position(|(o, _)| *o == op).unwrap_or(0);
+        self.counts[idx].fetch_add(1, Ordering::Relaxed);
         OpTimer {
             histogram: self.histograms[idx].clone(),
             started: Instant::now(),
