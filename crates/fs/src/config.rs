@@ -9,8 +9,10 @@ use crate::error::{Error, Result};
 
 /// Default wait for prefetch before a mount is reported ready.
 pub const DEFAULT_PREFETCH_TIMEOUT_SEC: u64 = 10;
-/// Default FUSE attribute/entry cache lifetime.
-pub const DEFAULT_FUSE_TIMEOUT_SEC: u64 = 1;
+/// Default FUSE attribute/entry cache lifetime: a day. A layer never changes, so the
+/// kernel may keep its names, attributes and missing names for as long as it likes; the
+/// reference's default is 1 s, which sends every walk of a tree back to user space.
+pub const DEFAULT_FUSE_TIMEOUT_SEC: u64 = 24 * 60 * 60;
 /// Default number of background fetches in flight in a process.
 pub const DEFAULT_MAX_CONCURRENCY: usize = 2;
 /// Most background windows in flight in a process, whatever `max_concurrency` says.
@@ -82,22 +84,22 @@ impl Default for DirectoryCacheConfig {
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(default)]
 pub struct FuseConfig {
-    /// Seconds the kernel may cache attributes; 0 = 1, negative = no caching (see
-    /// [`FuseConfig::attr_ttl`]).
+    /// Seconds the kernel may cache attributes; 0 = the default (a day), negative = no
+    /// caching (see [`FuseConfig::attr_ttl`]).
     pub attr_timeout: i64,
-    /// Seconds the kernel may cache name lookups; as `attr_timeout`.
+    /// Seconds the kernel may cache name lookups, found and missing; as `attr_timeout`.
     pub entry_timeout: i64,
     /// Open fully cached files with FUSE passthrough when the kernel supports it.
     pub passthrough: bool,
 }
 
 impl FuseConfig {
-    /// `attr_timeout` as the reference reads it: 0 means the default (1 s).
+    /// `attr_timeout` as the reference reads it: 0 means the default (a day here).
     pub fn attr_ttl(&self) -> std::time::Duration {
         secs_or_default(self.attr_timeout, DEFAULT_FUSE_TIMEOUT_SEC)
     }
 
-    /// `entry_timeout` as the reference reads it: 0 means the default (1 s).
+    /// `entry_timeout` as the reference reads it: 0 means the default (a day here).
     pub fn entry_ttl(&self) -> std::time::Duration {
         secs_or_default(self.entry_timeout, DEFAULT_FUSE_TIMEOUT_SEC)
     }
@@ -315,7 +317,10 @@ mod tests {
         .expect("the reference accepts these");
         assert_eq!(cfg.prefetch_timeout(), Duration::from_secs(10));
         assert_eq!(cfg.background_limit(), 2);
-        assert_eq!(cfg.fuse.attr_ttl(), Duration::from_secs(1));
+        assert_eq!(
+            cfg.fuse.attr_ttl(),
+            Duration::from_secs(DEFAULT_FUSE_TIMEOUT_SEC)
+        );
         assert_eq!(cfg.fuse.entry_ttl(), Duration::ZERO);
         let cfg = Config::from_toml("prefetch_timeout_sec = 3\nmax_concurrency = 100000\n")
             .expect("valid");
@@ -334,7 +339,9 @@ mod tests {
     fn defaults_match_reference() {
         let cfg = Config::from_toml("").expect("empty config");
         assert_eq!(cfg.prefetch_timeout_sec, 10);
-        assert_eq!(cfg.fuse.attr_timeout, 1);
+        // Unlike the reference's 1 s: layers are immutable, so the kernel keeps metadata.
+        assert_eq!(cfg.fuse.attr_timeout, 86_400);
+        assert_eq!(cfg.fuse.entry_timeout, 86_400);
         assert_eq!(cfg.max_concurrency, 2);
         assert!(!cfg.allow_no_verification);
         assert_eq!(

@@ -59,6 +59,8 @@ pub(crate) struct FuseLayer {
     whiteout: Vec<bool>,
     /// Directory holds `.wh..wh..opq`.
     opaque: Vec<bool>,
+    /// Directory holds `.wh.NAME` files, so a missing name may be a whiteout.
+    has_whiteouts: Vec<bool>,
     state_dir_ino: u64,
     state_file_ino: u64,
     state_file_name: String,
@@ -74,6 +76,27 @@ pub(crate) struct FuseLayer {
 /// Linux's 32-bit device encoding, as FUSE carries it.
 fn encode_dev(major: u32, minor: u32) -> u32 {
     (minor & 0xff) | ((major & 0xfff) << 8) | ((minor & !0xff) << 12)
+}
+
+/// The attributes sent with a negative entry; the kernel reads only the node id (0).
+fn negative_attr() -> FileAttr {
+    FileAttr {
+        ino: INodeNo(0),
+        size: 0,
+        blocks: 0,
+        atime: UNIX_EPOCH,
+        mtime: UNIX_EPOCH,
+        ctime: UNIX_EPOCH,
+        crtime: UNIX_EPOCH,
+        kind: FileType::RegularFile,
+        perm: 0,
+        nlink: 0,
+        uid: 0,
+        gid: 0,
+        rdev: 0,
+        blksize: 0,
+        flags: 0,
+    }
 }
 
 fn time_of(secs: i64) -> SystemTime {
@@ -95,6 +118,7 @@ impl FuseLayer {
         let index = layer.index();
         let mut whiteout = vec![false; index.len()];
         let mut opaque = vec![false; index.len()];
+        let mut has_whiteouts = vec![false; index.len()];
         for (id, node) in index.nodes() {
             if node.kind != NodeKind::Dir {
                 continue;
@@ -104,6 +128,7 @@ impl FuseLayer {
                     opaque[id as usize] = true;
                 } else if name.starts_with(WHITEOUT_PREFIX) {
                     whiteout[child as usize] = true;
+                    has_whiteouts[id as usize] = true;
                 }
             }
         }
@@ -115,6 +140,7 @@ impl FuseLayer {
             pool,
             whiteout,
             opaque,
+            has_whiteouts,
             state_dir_ino: n + 1,
             state_file_ino: n + 2,
             passthrough_ok: AtomicBool::new(false),
@@ -211,6 +237,16 @@ impl FuseLayer {
         })
     }
 
+    /// How long the kernel may keep the attributes of `ino`: the configured lifetime,
+    /// except for the state file, whose size follows the fetch progress.
+    fn attr_ttl(&self, ino: u64) -> Duration {
+        if ino == self.state_file_ino {
+            Duration::ZERO
+        } else {
+            self.opts.attr_ttl
+        }
+    }
+
     fn attr(&self, ino: INodeNo) -> Option<FileAttr> {
         match self.node_of(ino) {
             Some(id) => Some(self.attr_of(id)),
@@ -232,45 +268,70 @@ impl FuseLayer {
             return None;
         }
         let index = self.layer.index();
-        let child = index
-            .child(dir, name)
-            .or_else(|| index.child(dir, &format!("{WHITEOUT_PREFIX}{name}")))?;
+        let child = match index.child(dir, name) {
+            Some(child) => child,
+            None if self.has_whiteouts[dir as usize] => {
+                index.child(dir, &format!("{WHITEOUT_PREFIX}{name}"))?
+            }
+            None => return None,
+        };
         Some(self.attr_of(child))
     }
 
-    /// Directory entries as shown: whiteout files renamed, the opaque marker and (at
-    /// the root) the state directory hidden.
-    fn entries(&self, ino: INodeNo) -> Option<Vec<(u64, FileType, String)>> {
-        let mut out = Vec::new();
+    /// Walks the directory entries of `ino` as shown (whiteout files renamed, the opaque
+    /// marker and, at the root, the state directory hidden) from position `skip`, handing
+    /// each to `add` with its position until `add` says the reply is full. Nothing is
+    /// collected, so a listing continued at an offset costs no copy of what came before.
+    /// `None` when `ino` is not a directory.
+    fn each_entry(
+        &self,
+        ino: INodeNo,
+        skip: usize,
+        mut add: impl FnMut(usize, u64, FileType, &str) -> bool,
+    ) -> Option<()> {
         if ino.0 == self.state_dir_ino {
-            out.push((self.state_dir_ino, FileType::Directory, ".".into()));
-            out.push((1, FileType::Directory, "..".into()));
-            out.push((
-                self.state_file_ino,
-                FileType::RegularFile,
-                self.state_file_name.clone(),
-            ));
-            return Some(out);
+            let fixed = [
+                (self.state_dir_ino, FileType::Directory, "."),
+                (1, FileType::Directory, ".."),
+                (
+                    self.state_file_ino,
+                    FileType::RegularFile,
+                    self.state_file_name.as_str(),
+                ),
+            ];
+            for (i, (child, kind, name)) in fixed.into_iter().enumerate().skip(skip) {
+                if add(i, child, kind, name) {
+                    break;
+                }
+            }
+            return Some(());
         }
         let id = self.node_of(ino)?;
         let node = self.layer.index().node(id);
         if node.kind != NodeKind::Dir {
             return None;
         }
-        out.push((ino.0, FileType::Directory, ".".into()));
-        out.push((u64::from(node.parent) + 1, FileType::Directory, "..".into()));
-        for (name, &child) in &node.children {
+        let dots = [
+            (ino.0, FileType::Directory, "."),
+            (u64::from(node.parent) + 1, FileType::Directory, ".."),
+        ];
+        let children = node.children.iter().filter_map(|(name, &child)| {
             if name == OPAQUE_MARKER {
-                continue;
+                return None;
             }
             let shown = match name.strip_prefix(WHITEOUT_PREFIX) {
-                Some(real) if node.children.contains_key(real) => continue,
-                Some(real) => real.to_string(),
-                None => name.clone(),
+                Some(real) if node.children.contains_key(real) => return None,
+                Some(real) => real,
+                None => name.as_str(),
             };
-            out.push((u64::from(child) + 1, self.kind_of(child), shown));
+            Some((u64::from(child) + 1, self.kind_of(child), shown))
+        });
+        for (i, (child, kind, name)) in dots.into_iter().chain(children).enumerate().skip(skip) {
+            if add(i, child, kind, name) {
+                break;
+            }
         }
-        Some(out)
+        Some(())
     }
 
     fn xattrs(&self, ino: INodeNo) -> Vec<(String, Vec<u8>)> {
@@ -406,6 +467,10 @@ impl Filesystem for FuseLayer {
     fn init(&mut self, _req: &Request, config: &mut KernelConfig) -> std::io::Result<()> {
         let _ = config.add_capabilities(InitFlags::FUSE_DO_READDIRPLUS);
         let _ = config.add_capabilities(InitFlags::FUSE_READDIRPLUS_AUTO);
+        // Symlink targets never change, so the kernel may keep them in its page cache;
+        // lookups in one directory need not wait for each other.
+        let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS);
+        let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
         // Reads wait on the network in pool threads, so let the kernel keep more of
         // them (readahead included) outstanding than its default of 12.
         let _ = config.set_max_background(64);
@@ -420,11 +485,25 @@ impl Filesystem for FuseLayer {
 
     fn lookup(&self, _req: &Request, parent: INodeNo, name: &OsStr, reply: ReplyEntry) {
         let _timer = self.timer(FuseOp::Lookup);
+        // A name that is not UTF-8 can be in no TOC, so it is as absent as any other.
         let found = name
             .to_str()
             .and_then(|name| self.lookup_child(parent, name));
         match found {
-            Some(attr) => reply.entry(&self.opts.entry_ttl, &attr, Generation(0)),
+            Some(attr) => reply.entry_with_ttls(
+                &self.attr_ttl(attr.ino.0),
+                &self.opts.entry_ttl,
+                &attr,
+                Generation(0),
+            ),
+            // Node id 0 with a lifetime is a negative entry the kernel keeps: a name
+            // missing from an immutable layer stays missing, and interpreters probe many.
+            None if !self.opts.entry_ttl.is_zero() => reply.entry_with_ttls(
+                &Duration::ZERO,
+                &self.opts.entry_ttl,
+                &negative_attr(),
+                Generation(0),
+            ),
             None => reply.error(Errno::ENOENT),
         }
     }
@@ -432,7 +511,7 @@ impl Filesystem for FuseLayer {
     fn getattr(&self, _req: &Request, ino: INodeNo, _fh: Option<FileHandle>, reply: ReplyAttr) {
         let _timer = self.timer(FuseOp::Getattr);
         match self.attr(ino) {
-            Some(attr) => reply.attr(&self.opts.attr_ttl, &attr),
+            Some(attr) => reply.attr(&self.attr_ttl(ino.0), &attr),
             None => reply.error(Errno::ENOENT),
         }
     }
@@ -583,7 +662,12 @@ impl Filesystem for FuseLayer {
             return reply.opened(FileHandle(0), FopenFlags::empty());
         }
         match self.node_of(ino).map(|id| self.layer.index().node(id).kind) {
-            Some(NodeKind::Dir) => reply.opened(FileHandle(0), FopenFlags::FOPEN_CACHE_DIR),
+            // The kernel keeps listings in the directory's page cache, and drops them at
+            // every open that does not ask to keep it.
+            Some(NodeKind::Dir) => reply.opened(
+                FileHandle(0),
+                FopenFlags::FOPEN_CACHE_DIR | FopenFlags::FOPEN_KEEP_CACHE,
+            ),
             Some(_) => reply.error(Errno::ENOTDIR),
             None => reply.error(Errno::ENOENT),
         }
@@ -598,15 +682,13 @@ impl Filesystem for FuseLayer {
         mut reply: ReplyDirectory,
     ) {
         let _timer = self.timer(FuseOp::Readdir);
-        let Some(entries) = self.entries(ino) else {
-            return reply.error(Errno::ENOTDIR);
-        };
-        for (i, (child, kind, name)) in entries.iter().enumerate().skip(offset as usize) {
-            if reply.add(INodeNo(*child), (i + 1) as u64, *kind, name) {
-                break;
-            }
+        let listed = self.each_entry(ino, offset as usize, |i, child, kind, name| {
+            reply.add(INodeNo(child), (i + 1) as u64, kind, name)
+        });
+        match listed {
+            Some(()) => reply.ok(),
+            None => reply.error(Errno::ENOTDIR),
         }
-        reply.ok();
     }
 
     fn readdirplus(
@@ -618,25 +700,30 @@ impl Filesystem for FuseLayer {
         mut reply: ReplyDirectoryPlus,
     ) {
         let _timer = self.timer(FuseOp::Readdirplus);
-        let Some(entries) = self.entries(ino) else {
-            return reply.error(Errno::ENOTDIR);
-        };
-        for (i, (child, _, name)) in entries.iter().enumerate().skip(offset as usize) {
-            let Some(attr) = self.attr(INodeNo(*child)) else {
-                continue;
+        let listed = self.each_entry(ino, offset as usize, |i, child, _, name| {
+            let Some(attr) = self.attr(INodeNo(child)) else {
+                return false;
             };
-            if reply.add(
-                INodeNo(*child),
+            // One lifetime covers both the name and the attributes here, so the state
+            // file (whose size changes) is listed without caching either.
+            let ttl = if child == self.state_file_ino {
+                Duration::ZERO
+            } else {
+                self.opts.entry_ttl.min(self.opts.attr_ttl)
+            };
+            reply.add(
+                INodeNo(child),
                 (i + 1) as u64,
                 name,
-                &self.opts.entry_ttl,
+                &ttl,
                 &attr,
                 Generation(0),
-            ) {
-                break;
-            }
+            )
+        });
+        match listed {
+            Some(()) => reply.ok(),
+            None => reply.error(Errno::ENOTDIR),
         }
-        reply.ok();
     }
 
     fn statfs(&self, _req: &Request, _ino: INodeNo, reply: ReplyStatfs) {

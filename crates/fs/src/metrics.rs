@@ -208,6 +208,8 @@ struct Inner {
     millis: HistogramFamily,
     counts: Family<OpLabels, PlainCounter>,
     bytes: Family<OpLabels, Gauge>,
+    /// Requests per operation, in the order of `FUSE_OPS` (histograms do not tell).
+    fuse_counts: Arc<[AtomicU64; FUSE_OPS.len()]>,
     cache_hits: Family<CacheLabels, Counter>,
     cache_misses: Family<CacheLabels, Counter>,
     cache_disk_bytes: Gauge,
@@ -224,6 +226,7 @@ impl Default for FsMetrics {
                 millis: HistogramFamily::new_with_constructor(millis_histogram),
                 counts: Family::default(),
                 bytes: Family::default(),
+                fuse_counts: Arc::default(),
                 cache_hits: Family::default(),
                 cache_misses: Family::default(),
                 cache_disk_bytes: Gauge::default(),
@@ -307,6 +310,16 @@ impl FsMetrics {
         // Writing into a String cannot fail.
         let _ = prometheus_client::encoding::text::encode(&mut out, &registry);
         out
+    }
+
+    /// FUSE requests of one `operation_type` (e.g. `fuse_lookup`, `fuse_getattr`)
+    /// answered so far by the mounts of this handle; 0 for a type never seen.
+    pub fn fuse_op_count(&self, operation_type: &str) -> u64 {
+        FUSE_OPS
+            .iter()
+            .zip(self.inner.fuse_counts.iter())
+            .find(|((_, name), _)| *name == operation_type)
+            .map_or(0, |(_, n)| n.load(Ordering::Relaxed))
     }
 
     /// Layers mounted with this handle and not yet unmounted.
@@ -420,6 +433,7 @@ impl FsMetrics {
                 .bytes
                 .get_or_create(&OpLabels::new(BYTES_SERVED, layer))
                 .clone(),
+            counts: self.inner.fuse_counts.clone(),
         }
     }
 
@@ -490,6 +504,7 @@ pub(crate) struct FuseOpMetrics {
     aliases: [Option<Histogram>; FUSE_OPS.len()],
     reads: PlainCounter,
     served: Gauge,
+    counts: Arc<[AtomicU64; FUSE_OPS.len()]>,
 }
 
 impl FuseOpMetrics {
@@ -499,6 +514,7 @@ impl FuseOpMetrics {
         if op == FuseOp::Read {
             self.reads.inc_by(1);
         }
+        self.counts[idx].fetch_add(1, Ordering::Relaxed);
         OpTimer {
             histogram: self.histograms[idx].clone(),
             alias: self.aliases[idx].clone(),
