@@ -82,7 +82,7 @@ pub fn mount(layer: Arc<Layer>, mountpoint: &Path, opts: &MountOptions<'_>) -> R
         m.layer_mounted(mountpoint, gauges);
     }
 
-    let prefetch = !cfg.noprefetch && layer.index().prefetch_end.is_some();
+    let prefetch = !cfg.noprefetch && layer.has_prefetch();
     if prefetch {
         // A no-op when the layer was opened ahead of its mount and its prefetch started.
         layer.start_prefetch(opts.pool);

@@ -28,6 +28,10 @@ pub mod annotation {
     pub const ZSTD_CHUNKED_MANIFEST_CHECKSUM: &str = "io.containers.zstd-chunked.manifest-checksum";
     /// zstd:chunked: `offset:compressed size:size:1` of the TOC.
     pub const ZSTD_CHUNKED_MANIFEST_POSITION: &str = "io.containers.zstd-chunked.manifest-position";
+    /// Not the reference's: where the prioritized files end in the blob (the offset of
+    /// its prefetch landmark), as a decimal number of bytes. Written by this project's
+    /// converter so that a snapshotter can fetch them together with the TOC.
+    pub const PREFETCH_END: &str = "io.github.stargz-rs.prefetch-end";
 }
 
 /// Snapshot labels of the remote-snapshotter protocol.

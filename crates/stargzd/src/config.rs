@@ -24,6 +24,7 @@ const KNOWN: &[&str] = &[
     "max_concurrency",
     "background_fetch_quiet_msec",
     "sequential_readahead_kib",
+    "speculative_head_kib",
     "no_prometheus",
     "blob",
     "directory_cache",

@@ -59,11 +59,13 @@ impl LayerPool {
             .map_err(|e| MountError::InvalidLabels(e.to_string()))?;
         let digest = info.digest.clone();
         let mut size = None;
+        let mut hint = None;
         match self.manifest(&info.image_ref, &reference).await {
             Ok(layers) => {
                 for d in layers.iter() {
                     if d.digest == digest {
                         size = Some(d.size);
+                        hint = prefetch_end_hint(d);
                         continue;
                     }
                     let listed = info.layers.is_empty()
@@ -75,7 +77,13 @@ impl LayerPool {
                         .cloned();
                     if listed && toc.is_some() {
                         // Runs on its own; the pool keeps the handle for that layer's mount.
-                        drop(self.start(&reference, d.digest.clone(), Some(d.size), toc));
+                        drop(self.start(
+                            &reference,
+                            d.digest.clone(),
+                            Some(d.size),
+                            toc,
+                            prefetch_end_hint(d),
+                        ));
                     }
                 }
             }
@@ -84,7 +92,7 @@ impl LayerPool {
         }
         // This layer is checked against the TOC digest containerd gave, never the one
         // the manifest carries now (the tag may have moved since the pull).
-        let opening = self.start(&reference, digest, size, info.toc_digest.clone());
+        let opening = self.start(&reference, digest, size, info.toc_digest.clone(), hint);
         locked(&self.opening).remove(&key(&info.digest.to_string(), &info.toc_digest));
         opening.await
     }
@@ -141,6 +149,7 @@ impl LayerPool {
         digest: Digest,
         size: Option<u64>,
         toc_digest: Option<String>,
+        head_hint: Option<u64>,
     ) -> Opening {
         let k = key(&digest.to_string(), &toc_digest);
         let mut map = locked(&self.opening);
@@ -162,7 +171,10 @@ impl LayerPool {
                 size: fs::Fetcher::size(&fetcher),
                 toc_digest,
             };
-            let layer = fs::Layer::open(Arc::new(fetcher), desc, &cfg, cache)
+            // The head (prioritized files) is asked for alongside the TOC: no round trip
+            // of the link goes by idle between the two.
+            let head = fs::speculative_head(&cfg, head_hint);
+            let layer = fs::Layer::open_with_head(Arc::new(fetcher), desc, &cfg, cache, head)
                 .map_err(|e| classify::fs_error(&e))?;
             let layer = Arc::new(layer);
             if !cfg.noprefetch {
@@ -179,6 +191,18 @@ impl LayerPool {
         map.insert(k, (Instant::now(), opening.clone()));
         opening
     }
+}
+
+/// The `prefetch-end` annotation this project's converter writes (bytes at the start of
+/// the blob holding the prioritized files; 0 for none), if the descriptor has a valid one.
+fn prefetch_end_hint(d: &registry::Descriptor) -> Option<u64> {
+    d.annotations
+        .as_ref()?
+        .get(annotation::PREFETCH_END)?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|&end| end <= d.size)
 }
 
 /// A task that panicked or was cancelled.

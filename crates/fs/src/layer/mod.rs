@@ -22,6 +22,7 @@ use crate::cache::{ChunkCache, Key};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fetcher::{Fetcher, SourceAdapter};
+use crate::head::{Head, HeadFetcher, MAX_SPECULATIVE_HEAD};
 use crate::metrics::LayerGauges;
 use crate::readahead::Stream;
 
@@ -72,6 +73,22 @@ pub struct Layer {
     /// Prefetch and background runs started on the fetch pool.
     work: Mutex<Work>,
     work_changed: Condvar,
+    /// The blob's first bytes, fetched alongside the TOC, until the prefetch took them.
+    head: Option<Arc<Head>>,
+}
+
+/// Bytes of a layer's head to fetch in parallel with its footer and TOC (see
+/// [`Layer::open_with_head`]): `hint`, the descriptor's `prefetch-end` annotation (0: no
+/// prioritized files), up to `speculative_head_kib`. Nothing without a hint: a guessed
+/// head costs more in bytes the prefetch never needed than it saves in round trips
+/// (docs/benchmarks/fs.md, "Start-up"). 0 when prefetch is off.
+pub fn speculative_head(cfg: &Config, hint: Option<u64>) -> u64 {
+    if cfg.noprefetch {
+        return 0;
+    }
+    hint.unwrap_or(0)
+        .min(cfg.speculative_head_kib.saturating_mul(1024))
+        .min(MAX_SPECULATIVE_HEAD)
 }
 
 impl Layer {
@@ -83,6 +100,50 @@ impl Layer {
         desc: LayerDesc,
         cfg: &Config,
         cache: Arc<ChunkCache>,
+    ) -> Result<Layer> {
+        Layer::open_with_head(fetcher, desc, cfg, cache, 0)
+    }
+
+    /// [`Layer::open`], fetching the first `head` bytes of the blob (where prioritized
+    /// files live; see [`speculative_head`]) in parallel with the footer and TOC rather
+    /// than after them, so that the prefetch finds them arrived or arriving. The fetch
+    /// starts with the layer's first network read, so a layer whose TOC is cached fetches
+    /// nothing ahead. The bytes are held until the prefetch has decoded every chunk that
+    /// lies wholly in them, even in a layer without prioritized files. `head` is bounded
+    /// by 32 MiB and by the part of the blob before the TOC read.
+    pub fn open_with_head(
+        fetcher: Arc<dyn Fetcher>,
+        desc: LayerDesc,
+        cfg: &Config,
+        cache: Arc<ChunkCache>,
+        head: u64,
+    ) -> Result<Layer> {
+        let head = head
+            .min(MAX_SPECULATIVE_HEAD)
+            .min(fetcher.size().saturating_sub(TAIL_READ));
+        let (fetcher, head) = if head > 0 {
+            let h = Head::new(head);
+            let f: Arc<dyn Fetcher> = Arc::new(HeadFetcher::new(fetcher, h.clone()));
+            (f, Some(h))
+        } else {
+            (fetcher, None)
+        };
+        let res = Layer::open_inner(fetcher, desc, cfg, cache, head.clone());
+        if let Some(h) = &head {
+            match &res {
+                Ok(_) => h.drop_if_unstarted(),
+                Err(_) => h.release(),
+            }
+        }
+        res
+    }
+
+    fn open_inner(
+        fetcher: Arc<dyn Fetcher>,
+        desc: LayerDesc,
+        cfg: &Config,
+        cache: Arc<ChunkCache>,
+        head: Option<Arc<Head>>,
     ) -> Result<Layer> {
         let _busy = cache.priority().busy();
         let expected = if cfg.disable_verification {
@@ -164,6 +225,7 @@ impl Layer {
             prefetched: AtomicU64::new(0),
             work: Mutex::new(Work::default()),
             work_changed: Condvar::new(),
+            head,
         })
     }
 
