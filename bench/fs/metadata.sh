@@ -19,7 +19,7 @@ mkdir -p "$WORK"
 PIDS=()
 
 cleanup() {
-	touch "$WORK"/stop-* 2>/dev/null || true
+	touch "$WORK/stop-ref1s" "$WORK/stop-ours" 2>/dev/null || true
 	for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
 	awk -v w="$WORK" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r |
 		while read -r m; do umount -l "$m" 2>/dev/null || fusermount3 -uz "$m" 2>/dev/null || true; done
