@@ -5,11 +5,12 @@
 # docs/benchmarks/fs.md, "Metadata". Run as root from the workspace root; needs
 # /dev/fuse and hyperfine (apt-get install -y hyperfine).
 #
-#   RUNS=30        hyperfine runs per command (after 3 warm-up runs)
+#   RUNS=20        runs per command (hyperfine, after 3 warm-up runs; and alternating rounds)
+#   SPACED=1       pause 1.2 s before every run (0: back to back)
 #   WORK=DIR       where the tree, blob and mounts go (default: fresh temp dir, removed)
 set -euo pipefail
 
-RUNS=${RUNS:-30}
+RUNS=${RUNS:-20}
 [ "$(id -u)" = 0 ] || { echo "run as root" >&2; exit 2; }
 command -v hyperfine >/dev/null || { echo "needs hyperfine (apt-get install -y hyperfine)" >&2; exit 2; }
 export CARGO_TARGET_DIR=${CARGO_TARGET_DIR:-/work/target-fsbench}
@@ -18,7 +19,7 @@ mkdir -p "$WORK"
 PIDS=()
 
 cleanup() {
-	touch "$WORK"/stop-* 2>/dev/null || true
+	touch "$WORK/stop-ref1s" "$WORK/stop-ours" 2>/dev/null || true
 	for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
 	awk -v w="$WORK" 'index($2, w) == 1 {print $2}' /proc/mounts | sort -r |
 		while read -r m; do umount -l "$m" 2>/dev/null || fusermount3 -uz "$m" 2>/dev/null || true; done
@@ -71,6 +72,39 @@ for m in overlayfs ref1s ours; do
 done
 args=()
 for i in "${!cmds[@]}"; do args+=(-n "${names[$i]}" "${cmds[$i]}"); done
-hyperfine --warmup 3 --runs "$RUNS" --export-markdown "$WORK/result.md" "${args[@]}"
-echo "== table"
-cat "$WORK/result.md"
+# Each run follows a pause longer than the reference's 1 s timeouts, as the next
+# container start on a node would; SPACED=0 runs them back to back.
+prep=()
+[ "${SPACED:-1}" = 1 ] && prep=(--prepare "sleep 1.2")
+hyperfine --warmup 3 --runs "$RUNS" "${prep[@]}" --export-markdown "$WORK/result.md" --export-json "$WORK/result.json" "${args[@]}"
+echo "== hyperfine (consecutive runs of each command): median, mean, min ms"
+python3 - "$WORK/result.json" <<'PY'
+import json, statistics, sys
+for r in json.load(open(sys.argv[1]))["results"]:
+    t = [x * 1000 for x in r["times"]]
+    print(f"{r['command']:<24} {statistics.median(t):8.1f} {statistics.mean(t):8.1f} {min(t):8.1f}")
+PY
+# On a shared machine the load drifts between commands; the same commands taking
+# turns, round after round, compare them under the same load.
+echo "== alternating rounds ($RUNS): median (p25-p75) ms, and ours/ref1s relative to overlayfs"
+python3 - "$RUNS" "${SPACED:-1}" "${cmds[@]}" <<'PY'
+import statistics, subprocess, sys, time
+runs, spaced, cmds = int(sys.argv[1]), sys.argv[2] == "1", sys.argv[3:]
+times = [[] for _ in cmds]
+for _ in range(runs + 2):
+    for i, c in enumerate(cmds):
+        if spaced:
+            time.sleep(1.2)
+        t = time.perf_counter()
+        subprocess.run(c, shell=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        times[i].append((time.perf_counter() - t) * 1000)
+names = ["find", "stat all", "stat missing"]
+med = []
+for i, c in enumerate(cmds):
+    t = sorted(times[i][2:])
+    q = statistics.quantiles(t, n=4)
+    med.append(statistics.median(t))
+    print(f"{names[i % 3]:<13} {['overlayfs', 'ref1s', 'ours'][i // 3]:<10} {med[-1]:8.1f} ({q[0]:.1f}-{q[2]:.1f})")
+for k in range(3):
+    print(f"{names[k]:<13} overlayfs/ref1s {med[k] / med[3 + k]:.2f}x  overlayfs/ours {med[k] / med[6 + k]:.2f}x")
+PY

@@ -123,8 +123,9 @@ pub struct Converted {
 }
 
 /// Annotations this crate owns and rewrites on every converted layer.
-pub const FORMAT_ANNOTATIONS: [&str; 4] = [
+pub const FORMAT_ANNOTATIONS: [&str; 5] = [
     estargz::TOC_DIGEST_ANNOTATION,
+    estargz::PREFETCH_END_ANNOTATION,
     estargz::UNCOMPRESSED_SIZE_ANNOTATION,
     estargz::MANIFEST_CHECKSUM_ANNOTATION,
     estargz::MANIFEST_POSITION_ANNOTATION,
@@ -322,10 +323,13 @@ fn reuse(
         }
     };
     // A footer alone proves little: the TOC must also index cleanly.
-    if let Err(e) = Reader::open(&blob, &OpenOptions::default()) {
-        tracing::debug!(%digest, error = %e, "footer found but the TOC does not index");
-        return Ok(None);
-    }
+    let (reader, toc) = match Reader::open_with_toc(&blob, &OpenOptions::default()) {
+        Ok(opened) => opened,
+        Err(e) => {
+            tracing::debug!(%digest, error = %e, "footer found but the TOC does not index");
+            return Ok(None);
+        }
+    };
     let (diff_id, uncompressed) = digest_stream(decompressed(path, compression)?, None)
         .map_err(|e| Error::io(format!("decompressing {}", path.display()), e))?;
     let mut annotations = BTreeMap::new();
@@ -336,6 +340,12 @@ fn reuse(
     annotations.insert(
         estargz::UNCOMPRESSED_SIZE_ANNOTATION.to_string(),
         uncompressed.to_string(),
+    );
+    annotations.insert(
+        estargz::PREFETCH_END_ANNOTATION.to_string(),
+        toc.prefetch_end_hint(reader.payload_end())
+            .unwrap_or(0)
+            .to_string(),
     );
     if wanted == Compression::Zstd {
         let compressed = estargz::BlobSource::read_at(

@@ -21,8 +21,8 @@ use crate::toc::{
     PREFETCH_LANDMARK, TOC_TAR_NAME,
 };
 use crate::{
-    MANIFEST_CHECKSUM_ANNOTATION, MANIFEST_POSITION_ANNOTATION, TOC_DIGEST_ANNOTATION,
-    UNCOMPRESSED_SIZE_ANNOTATION,
+    MANIFEST_CHECKSUM_ANNOTATION, MANIFEST_POSITION_ANNOTATION, PREFETCH_END_ANNOTATION,
+    TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION,
 };
 
 /// Default size of a chunk of a regular file: 4 MiB, as the reference.
@@ -318,6 +318,11 @@ pub fn build_from_file(input: &File, out: impl Write, opts: &BuildOptions) -> Re
         .flush()
         .map_err(|e| Error::io_at("flushing the blob", e))?;
     annotations.insert(TOC_DIGEST_ANNOTATION.to_string(), toc_digest.clone());
+    // 0 says there are no prioritized files, so a reader fetches nothing ahead.
+    annotations.insert(
+        PREFETCH_END_ANNOTATION.to_string(),
+        toc.prefetch_end_hint(toc_start).unwrap_or(0).to_string(),
+    );
     annotations.insert(
         UNCOMPRESSED_SIZE_ANNOTATION.to_string(),
         uncompressed_size.to_string(),

@@ -44,6 +44,8 @@ pub use tarfmt::synthetic_file_header;
 
 // The layer annotations this format writes; their names are defined once, in
 // `remote-layer`, with the labels that carry them to the snapshotter.
+/// Where the prioritized files end in the blob (not a reference annotation).
+pub use remote_layer::annotation::PREFETCH_END as PREFETCH_END_ANNOTATION;
 /// Layer annotation holding the TOC digest.
 pub use remote_layer::annotation::TOC_DIGEST as TOC_DIGEST_ANNOTATION;
 /// Layer annotation holding the size of the decompressed layer.

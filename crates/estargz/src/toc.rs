@@ -199,6 +199,38 @@ impl Toc {
         }
     }
 
+    /// Where the prioritized files end in the blob, the value of the `prefetch-end`
+    /// annotation: the first chunk after the prefetch landmark's member starts there
+    /// (or the TOC, at `payload_end`), so a reader that fetches `0..end` has every
+    /// byte of every prioritized chunk. `None` without prioritized files.
+    pub fn prefetch_end_hint(&self, payload_end: u64) -> Option<u64> {
+        let landmark = self
+            .entries
+            .iter()
+            .find(|e| {
+                e.kind == EntryType::Reg
+                    && crate::names::clean_name(&e.name).is_ok_and(|n| n == PREFETCH_LANDMARK)
+            })
+            .map(|e| e.offset)
+            .filter(|&o| o > 0)?;
+        let next = self
+            .entries
+            .iter()
+            .filter(|e| match e.kind {
+                EntryType::Chunk => true,
+                EntryType::Reg => {
+                    e.size > 0
+                        && !crate::names::clean_name(&e.name)
+                            .is_ok_and(|n| n == PREFETCH_LANDMARK || n == NO_PREFETCH_LANDMARK)
+                }
+                _ => false,
+            })
+            .map(|e| e.offset)
+            .filter(|&o| o > landmark)
+            .min();
+        Some(next.unwrap_or(payload_end).min(payload_end))
+    }
+
     /// Serializes the TOC as the reference does: tab-indented, `<`, `>` and `&` escaped.
     pub fn to_json(&self) -> Result<Vec<u8>> {
         let mut out = Vec::with_capacity(128 * self.entries.len() + 64);

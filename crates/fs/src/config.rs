@@ -13,6 +13,9 @@ pub const DEFAULT_PREFETCH_TIMEOUT_SEC: u64 = 10;
 /// kernel may keep its names, attributes and missing names for as long as it likes; the
 /// reference's default is 1 s, which sends every walk of a tree back to user space.
 pub const DEFAULT_FUSE_TIMEOUT_SEC: u64 = 24 * 60 * 60;
+/// Default bound of the head fetched alongside a layer's TOC: what a second connection
+/// carries while the tail arrives without holding the tail (and so the TOC) up much.
+pub const DEFAULT_SPECULATIVE_HEAD_KIB: u64 = 1024;
 /// Default number of background fetches in flight in a process.
 pub const DEFAULT_MAX_CONCURRENCY: usize = 2;
 /// Most background windows in flight in a process, whatever `max_concurrency` says.
@@ -157,6 +160,10 @@ pub struct Config {
     /// Not a reference key: the largest read-ahead (KiB of blob) for a reader walking a
     /// layer in the order its files are stored; 0 turns sequential read-ahead off.
     pub sequential_readahead_kib: u64,
+    /// Not a reference key: the most KiB at the start of a layer (its prioritized files,
+    /// as the descriptor's `prefetch-end` annotation says) fetched in parallel with its
+    /// TOC rather than after it; 0 turns this off.
+    pub speculative_head_kib: u64,
     pub directory_cache: DirectoryCacheConfig,
     pub fuse: FuseConfig,
 }
@@ -177,6 +184,7 @@ impl Default for Config {
             max_concurrency: DEFAULT_MAX_CONCURRENCY as i64,
             background_fetch_quiet_msec: crate::priority::DEFAULT_QUIET.as_millis() as u64,
             sequential_readahead_kib: crate::readahead::DEFAULT_MAX_WINDOW >> 10,
+            speculative_head_kib: DEFAULT_SPECULATIVE_HEAD_KIB,
             directory_cache: DirectoryCacheConfig::default(),
             fuse: FuseConfig::default(),
         }

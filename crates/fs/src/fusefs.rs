@@ -65,6 +65,8 @@ pub(crate) struct FuseLayer {
     state_file_ino: u64,
     state_file_name: String,
     passthrough_ok: AtomicBool,
+    /// The kernel opens directories by itself (and then keeps their listings cached).
+    no_opendir: bool,
     opens: Mutex<HashMap<u64, Opens>>,
     /// Files whose whole-file copy is being assembled.
     materializing: Arc<Mutex<HashSet<NodeId>>>,
@@ -144,6 +146,7 @@ impl FuseLayer {
             state_dir_ino: n + 1,
             state_file_ino: n + 2,
             passthrough_ok: AtomicBool::new(false),
+            no_opendir: false,
             opens: Mutex::new(HashMap::new()),
             materializing: Arc::default(),
             next_fh: AtomicU64::new(1),
@@ -471,6 +474,12 @@ impl Filesystem for FuseLayer {
         // lookups in one directory need not wait for each other.
         let _ = config.add_capabilities(InitFlags::FUSE_CACHE_SYMLINKS);
         let _ = config.add_capabilities(InitFlags::FUSE_PARALLEL_DIROPS);
+        // A kernel that can open directories without asking gives every directory
+        // handle FOPEN_CACHE_DIR | FOPEN_KEEP_CACHE once opendir answers ENOSYS: a walk
+        // then sends neither opendir nor releasedir, two requests per directory.
+        self.no_opendir = config
+            .add_capabilities(InitFlags::FUSE_NO_OPENDIR_SUPPORT)
+            .is_ok();
         // Reads wait on the network in pool threads, so let the kernel keep more of
         // them (readahead included) outstanding than its default of 12.
         let _ = config.set_max_background(64);
@@ -658,6 +667,9 @@ impl Filesystem for FuseLayer {
 
     fn opendir(&self, _req: &Request, ino: INodeNo, _flags: OpenFlags, reply: ReplyOpen) {
         let _timer = self.timer(FuseOp::Opendir);
+        if self.no_opendir {
+            return reply.error(Errno::ENOSYS);
+        }
         if ino.0 == self.state_dir_ino {
             return reply.opened(FileHandle(0), FopenFlags::empty());
         }

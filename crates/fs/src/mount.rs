@@ -84,7 +84,7 @@ pub fn mount(layer: Arc<Layer>, mountpoint: &Path, opts: &MountOptions<'_>) -> R
     }
 
     let prefetch_end = layer.prefetch_end().filter(|_| !cfg.noprefetch);
-    let prefetch = prefetch_end.is_some();
+    let prefetch = !cfg.noprefetch && layer.has_prefetch();
     if prefetch {
         // A no-op when the layer was opened ahead of its mount and its prefetch started.
         layer.start_prefetch(opts.pool);
@@ -103,7 +103,7 @@ pub fn mount(layer: Arc<Layer>, mountpoint: &Path, opts: &MountOptions<'_>) -> R
     // `prefetch_async_size`: a prefetch larger than that goes on without holding up
     // the mount.
     let async_above = u64::try_from(cfg.prefetch_async_size).unwrap_or(0);
-    let wait = prefetch_end.is_some_and(|end| async_above == 0 || end <= async_above);
+    let wait = prefetch && (async_above == 0 || prefetch_end.unwrap_or(0) <= async_above);
     if prefetch && !wait {
         info!(layer = %handle.layer.desc().digest, bytes = prefetch_end.unwrap_or(0),
             threshold = async_above, "prefetch continues in the background");

@@ -357,3 +357,71 @@ fn prefetch_runs_once_however_many_start_it() {
         "a late start is a no-op"
     );
 }
+
+#[test]
+fn speculative_head_follows_the_hint_within_bounds() {
+    let cfg = Config::default();
+    // No annotation: nothing is guessed.
+    assert_eq!(fs::speculative_head(&cfg, None), 0);
+    assert_eq!(fs::speculative_head(&cfg, Some(0)), 0);
+    assert_eq!(fs::speculative_head(&cfg, Some(300_000)), 300_000);
+    assert_eq!(fs::speculative_head(&cfg, Some(50 << 20)), 1 << 20);
+    let off = Config {
+        speculative_head_kib: 0,
+        ..Config::default()
+    };
+    assert_eq!(fs::speculative_head(&off, Some(300_000)), 0);
+    let noprefetch = Config {
+        noprefetch: true,
+        ..Config::default()
+    };
+    assert_eq!(fs::speculative_head(&noprefetch, Some(300_000)), 0);
+    let big = Config {
+        speculative_head_kib: 1 << 20,
+        ..Config::default()
+    };
+    assert_eq!(fs::speculative_head(&big, Some(u64::MAX)), 32 << 20);
+}
+
+#[test]
+fn a_speculative_head_serves_the_prefetch_and_is_bounded_by_the_blob() {
+    let e = entries();
+    let names: Vec<String> = (0..40).step_by(5).map(|i| format!("d/f{i}")).collect();
+    let prioritized: Vec<&str> = names.iter().map(String::as_str).collect();
+    let blob = make_blob(&e, 64 << 10, &prioritized);
+    let fetcher = TestFetcher::open(&blob.path);
+    let cfg = Config {
+        no_background_fetch: true,
+        ..Config::default()
+    };
+    // Larger than the blob: cut to the part before the tail read, and still correct.
+    let layer = Arc::new(
+        Layer::open_with_head(
+            fetcher.clone(),
+            blob.desc.clone(),
+            &cfg,
+            Arc::new(ChunkCache::memory(64 << 20)),
+            u64::MAX,
+        )
+        .expect("open"),
+    );
+    let pool = fs::FetchPool::shared().expect("pool");
+    layer.start_prefetch(&pool);
+    assert!(layer.wait_prefetch(Duration::from_secs(30)));
+    let after_prefetch = fetcher.requests();
+    // Tail, head, and at most the part of the prefetch beyond the head.
+    assert!(after_prefetch <= 3, "{after_prefetch} requests");
+    for p in &prioritized {
+        let id = layer.index().lookup(p).expect("file");
+        let want = e.iter().find(|x| x.path == *p).expect("entry");
+        let Kind::Reg(data) = &want.kind else {
+            unreachable!()
+        };
+        assert_eq!(&layer.read(id, 0, 1 << 20).expect("read"), data, "{p}");
+    }
+    assert_eq!(
+        fetcher.requests(),
+        after_prefetch,
+        "prioritized files fetched again"
+    );
+}

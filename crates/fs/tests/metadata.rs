@@ -93,6 +93,7 @@ struct Counts {
     getattr: u64,
     readlink: u64,
     readdir: u64,
+    opendir: u64,
 }
 
 fn counts(m: &FsMetrics) -> Counts {
@@ -101,6 +102,7 @@ fn counts(m: &FsMetrics) -> Counts {
         getattr: m.fuse_op_count("fuse_getattr"),
         readlink: m.fuse_op_count("fuse_readlink"),
         readdir: m.fuse_op_count("fuse_readdir") + m.fuse_op_count("fuse_readdirplus"),
+        opendir: m.fuse_op_count("fuse_opendir"),
     }
 }
 
@@ -201,6 +203,7 @@ fn second_walk_sends_no_lookups_or_getattrs() {
     assert_eq!(second.getattr, first.getattr, "getattrs on the second walk");
     assert_eq!(second.readlink, first.readlink, "symlinks read again");
     assert_eq!(second.readdir, first.readdir, "directories listed again");
+    assert_eq!(second.opendir, first.opendir, "directories opened again");
     // Whiteouts still look like whiteouts (0/0 character devices) after caching.
     let wh = std::fs::symlink_metadata(m.mnt.join("usr/lib/removed.so")).expect("whiteout");
     assert!(std::os::unix::fs::FileTypeExt::is_char_device(

@@ -1,6 +1,6 @@
 //! A layer pushed to a real registry on loopback, mounted through the registry client:
-//! reads, background fetch, and what the cache directory holds after a whole layer was
-//! read.
+//! reads, background fetch, what the cache directory holds after a whole layer was
+//! read, and the head of a blob fetched alongside its TOC, seen in a front's request log.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -266,5 +266,132 @@ fn mount_through_registry_blob_reader() {
     assert_eq!(handle.fetched_bytes(), blob.desc.size);
     handle.check().expect("alive");
     handle.unmount().expect("unmount");
+    drop(rt);
+}
+
+/// Blob GETs the front answered, as (first byte, received, answered).
+fn blob_gets(front: &testenv::Front, size: u64) -> Vec<(u64, Instant, Instant)> {
+    let log = front.stats.log.lock().expect("log");
+    log.iter()
+        .filter(|l| l.method == "GET" && l.path.contains("/blobs/sha256:"))
+        .filter_map(|l| Some((l.range_start(size)?, l.received, l.answered)))
+        .collect()
+}
+
+/// Opens the layer through a front that holds every blob request 300 ms (a slow link's
+/// round trip), with a speculative head of `head` bytes, and runs its prefetch.
+fn open_and_prefetch(
+    rt: &tokio::runtime::Runtime,
+    reg: &testenv::Registry,
+    blob: &Blob,
+    head: u64,
+) -> (Arc<fs::Layer>, testenv::Front, Duration) {
+    let front = rt.block_on(testenv::Front::start(testenv::FrontOpts {
+        upstream: reg.base_url(),
+        blob_delay_ms: 300,
+        ..Default::default()
+    }));
+    let client = registry::Client::new(
+        registry::RegistryConfig::default(),
+        Arc::new(registry::Anonymous),
+    )
+    .expect("client");
+    let reference =
+        registry::Reference::parse(&format!("{}/fs/head:latest", front.host())).expect("reference");
+    let reader = client.blob_reader(
+        &reference,
+        registry::Digest::parse(&blob.desc.digest).expect("digest"),
+        Some(blob.desc.size),
+    );
+    let fetcher = Arc::new(RegistryFetcher::with_size(
+        reader,
+        rt.handle().clone(),
+        blob.desc.size,
+    ));
+    let cfg = Config {
+        no_background_fetch: true,
+        ..Config::default()
+    };
+    let cache = fs::ChunkCache::memory(64 << 20);
+    let started = Instant::now();
+    let layer = fs::Layer::open_with_head(fetcher, blob.desc.clone(), &cfg, Arc::new(cache), head)
+        .expect("open");
+    let layer = Arc::new(layer);
+    let pool = fs::FetchPool::shared().expect("pool");
+    layer.start_prefetch(&pool);
+    assert!(
+        layer.wait_prefetch(Duration::from_secs(30)),
+        "prefetch done"
+    );
+    (layer, front, started.elapsed())
+}
+
+#[test]
+fn head_is_fetched_alongside_the_toc() {
+    init_tracing();
+    let Some(reg) = testenv::Registry::start(testenv::RegistryOpts::default()) else {
+        return;
+    };
+    let mut entries = vec![Entry::new("data", Kind::Dir)];
+    for i in 0..16u64 {
+        entries.push(Entry::new(
+            &format!("data/f{i:02}"),
+            Kind::Reg(pseudo_random(120_000, 900 + i)),
+        ));
+    }
+    let prioritized = ["data/f03", "data/f07", "data/f11"];
+    let blob = make_blob(&entries, 64 << 10, &prioritized);
+    let bytes = std::fs::read(&blob.path).expect("blob");
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    rt.block_on(testenv::push_blob(&reg.base_url(), "fs/head", &bytes));
+    let size = blob.desc.size;
+
+    // The hint our converter writes: where the prioritized files end.
+    let src = estargz::FileBlob::open(&blob.path).expect("open");
+    let (r, toc) =
+        estargz::Reader::open_with_toc(&src, &estargz::OpenOptions::default()).expect("reader");
+    let hint = toc
+        .prefetch_end_hint(r.payload_end())
+        .expect("prioritized files");
+    assert!(hint > 300_000 && hint + fs::layer::TAIL_READ < size);
+    let head = fs::speculative_head(&Config::default(), Some(hint));
+    assert_eq!(head, hint);
+
+    let (layer, front, with_head) = open_and_prefetch(&rt, &reg, &blob, head);
+    let gets = blob_gets(&front, size);
+    let tail = gets.iter().find(|g| g.0 > hint).expect("tail request");
+    let heads: Vec<_> = gets.iter().filter(|g| g.0 == 0).collect();
+    assert_eq!(heads.len(), 1, "the head is fetched once: {gets:?}");
+    assert!(
+        heads[0].1 < tail.2,
+        "the head request came in while the tail request was in flight"
+    );
+    assert_eq!(gets.len(), 2, "tail and head, nothing more: {gets:?}");
+    // The prioritized files are cached: reading them fetches nothing.
+    for p in prioritized {
+        let id = layer.index().lookup(p).expect("file");
+        let want = entries.iter().find(|e| e.path == p).expect("entry");
+        let Kind::Reg(data) = &want.kind else {
+            unreachable!()
+        };
+        assert_eq!(&layer.read(id, 0, 200_000).expect("read"), data, "{p}");
+    }
+    assert_eq!(
+        blob_gets(&front, size).len(),
+        2,
+        "reads went to the network"
+    );
+
+    // Without the head, the prefetch asks only once the TOC is in.
+    let (_layer, front, without_head) = open_and_prefetch(&rt, &reg, &blob, 0);
+    let gets = blob_gets(&front, size);
+    let tail = gets.iter().find(|g| g.0 > hint).expect("tail request");
+    let prefetch = gets.iter().find(|g| g.0 == 0).expect("prefetch request");
+    assert!(prefetch.1 >= tail.2, "the prefetch waited for the TOC");
+    // One held round trip less: 300 ms, less scheduling noise.
+    assert!(
+        without_head > with_head + Duration::from_millis(200),
+        "with head {with_head:?}, without {without_head:?}"
+    );
     drop(rt);
 }

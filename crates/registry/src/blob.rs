@@ -76,8 +76,16 @@ impl BlobReader {
             .get_or_try_init(|| async {
                 // The first endpoint that knows the blob serves all later reads.
                 let mut last = None;
-                let eps = self.client.endpoints(self.reference.registry())?;
+                let mut eps = self.client.endpoints(self.reference.registry())?;
                 let n = eps.len();
+                // With no mirror to choose from and the size known (from the manifest), a
+                // HEAD would only cost a round trip before the first read: the read itself
+                // tells whether the registry has the blob.
+                if n == 1 && self.size.get().is_some() {
+                    if let Some(ep) = eps.pop() {
+                        return Ok(ep);
+                    }
+                }
                 for (i, ep) in eps.into_iter().enumerate() {
                     match self.head_size(&ep).await {
                         Ok(s) => {

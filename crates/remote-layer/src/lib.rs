@@ -30,6 +30,10 @@ pub mod annotation {
     pub const ZSTD_CHUNKED_MANIFEST_POSITION: &str = "io.containers.zstd-chunked.manifest-position";
     /// On a layer of a TOC image: the digest of the eStargz blob whose TOC it holds.
     pub const EXTERNAL_TOC_LAYER_DIGEST: &str = "containerd.io/snapshot/stargz/layer.digest";
+    /// Not the reference's: where the prioritized files end in the blob (the offset of
+    /// its prefetch landmark), as a decimal number of bytes. Written by this project's
+    /// converter so that a snapshotter can fetch them together with the TOC.
+    pub const PREFETCH_END: &str = "io.github.stargz-rs.prefetch-end";
 }
 
 /// Appended to an image's tag to name its TOC image, which holds the TOCs of layers

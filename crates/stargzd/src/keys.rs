@@ -186,6 +186,7 @@ const TOP: &[(&str, Key)] = &[
     ),
     ("background_fetch_quiet_msec", Used),
     ("sequential_readahead_kib", Used),
+    ("speculative_head_kib", Used),
     ("disable_remote_snapshots", Used),
     // A containerd section pasted along; never ours to read.
     ("proxy_plugins", Opaque),

@@ -65,11 +65,13 @@ impl LayerPool {
         let digest = info.digest.clone();
         let cfg = layer_config(&self.cfg, info);
         let mut size = None;
+        let mut hint = None;
         match self.manifest(&info.image_ref, &reference).await {
             Ok(layers) => {
                 for d in layers.iter() {
                     if d.digest == digest {
                         size = Some(d.size);
+                        hint = prefetch_end_hint(d);
                         continue;
                     }
                     let listed = info.layers.is_empty()
@@ -81,7 +83,14 @@ impl LayerPool {
                         .cloned();
                     if listed && toc.is_some() {
                         // Runs on its own; the pool keeps the handle for that layer's mount.
-                        drop(self.start(&reference, d.digest.clone(), Some(d.size), toc, &cfg));
+                        drop(self.start(
+                            &reference,
+                            d.digest.clone(),
+                            Some(d.size),
+                            toc,
+                            prefetch_end_hint(d),
+                            &cfg,
+                        ));
                     }
                 }
             }
@@ -90,7 +99,14 @@ impl LayerPool {
         }
         // This layer is checked against the TOC digest containerd gave, never the one
         // the manifest carries now (the tag may have moved since the pull).
-        let opening = self.start(&reference, digest, size, info.toc_digest.clone(), &cfg);
+        let opening = self.start(
+            &reference,
+            digest,
+            size,
+            info.toc_digest.clone(),
+            hint,
+            &cfg,
+        );
         locked(&self.opening).remove(&key(&info.digest.to_string(), &info.toc_digest));
         opening.await
     }
@@ -150,6 +166,7 @@ impl LayerPool {
         digest: Digest,
         size: Option<u64>,
         toc_digest: Option<String>,
+        head_hint: Option<u64>,
         cfg: &fs::Config,
     ) -> Opening {
         let k = key(&digest.to_string(), &toc_digest);
@@ -185,12 +202,16 @@ impl LayerPool {
                 size: fs::Fetcher::size(&fetcher),
                 toc_digest,
             };
-            let layer = fs::Layer::open_with_external_toc(
+            // The head (prioritized files) is asked for alongside the TOC: no round trip
+            // of the link goes by idle between the two.
+            let head = fs::speculative_head(&cfg, head_hint);
+            let layer = fs::Layer::open_with(
                 Arc::new(fetcher),
                 desc,
                 &cfg,
                 cache,
                 Some(toc_source),
+                head,
             )
             .map_err(|e| classify::fs_error(&e))?;
             let layer = Arc::new(layer);
@@ -305,6 +326,18 @@ async fn fetch_external_toc(
         .await
         .map_err(|e| format!("TOC of layer {digest} in {toc_ref}: {e}"))?;
     Ok(bytes.to_vec())
+}
+
+/// The `prefetch-end` annotation this project's converter writes (bytes at the start of
+/// the blob holding the prioritized files; 0 for none), if the descriptor has a valid one.
+fn prefetch_end_hint(d: &registry::Descriptor) -> Option<u64> {
+    d.annotations
+        .as_ref()?
+        .get(annotation::PREFETCH_END)?
+        .trim()
+        .parse::<u64>()
+        .ok()
+        .filter(|&end| end <= d.size)
 }
 
 /// A task that panicked or was cancelled.

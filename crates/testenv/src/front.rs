@@ -59,6 +59,32 @@ pub struct FrontOpts {
     /// Answer multi-range GETs with a `multipart/byteranges` reply whose first part
     /// is followed by this many bytes of junk, chunked.
     pub multipart_flood_bytes: Option<usize>,
+    /// Hold every blob request this many milliseconds before answering it, as a slow
+    /// link would, so that requests in flight at the same time can be seen in `log`.
+    pub blob_delay_ms: u64,
+}
+
+/// One request the front answered, with when it came and when its answer was ready.
+#[derive(Debug, Clone)]
+pub struct Logged {
+    pub method: String,
+    pub path: String,
+    /// The `Range` header, if any.
+    pub range: Option<String>,
+    pub received: std::time::Instant,
+    pub answered: std::time::Instant,
+}
+
+impl Logged {
+    /// First byte of a `bytes=A-B` or `bytes=-N` range (with `size`, the blob's size).
+    pub fn range_start(&self, size: u64) -> Option<u64> {
+        let r = self.range.as_deref()?.strip_prefix("bytes=")?;
+        let first = r.split(',').next()?;
+        match first.strip_prefix('-') {
+            Some(n) => Some(size.saturating_sub(n.parse().ok()?)),
+            None => first.split('-').next()?.parse().ok(),
+        }
+    }
 }
 
 /// What the front saw and did.
@@ -78,6 +104,8 @@ pub struct FrontStats {
     pub hostile_bytes_sent: AtomicUsize,
     /// Requests refused for lacking a required header value.
     pub missing_header: AtomicUsize,
+    /// Every request, in the order their answers were ready.
+    pub log: Mutex<Vec<Logged>>,
 }
 
 impl FrontStats {
@@ -119,7 +147,33 @@ impl Front {
         });
         let handler: Handler = Arc::new(move |req| {
             let st = st.clone();
-            Box::pin(async move { handle(&st, req).await })
+            Box::pin(async move {
+                let (method, path) = (req.method().to_string(), req.uri().path().to_string());
+                let range = req
+                    .headers()
+                    .get("range")
+                    .and_then(|v| v.to_str().ok())
+                    .map(str::to_string);
+                let received = std::time::Instant::now();
+                if st.opts.blob_delay_ms > 0 && path.contains("/blobs/sha256:") {
+                    tokio::time::sleep(std::time::Duration::from_millis(st.opts.blob_delay_ms))
+                        .await;
+                }
+                let r = handle(&st, req).await;
+                let logged = Logged {
+                    method,
+                    path,
+                    range,
+                    received,
+                    answered: std::time::Instant::now(),
+                };
+                st.stats
+                    .log
+                    .lock()
+                    .unwrap_or_else(|p| p.into_inner())
+                    .push(logged);
+                r
+            })
         });
         let (addr, task) = serve(handler).await;
         Front { addr, task, stats }

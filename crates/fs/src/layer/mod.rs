@@ -23,6 +23,7 @@ use crate::cache::{ChunkCache, Key};
 use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fetcher::{Fetcher, SourceAdapter};
+use crate::head::{Head, HeadFetcher, MAX_SPECULATIVE_HEAD};
 use crate::metrics::{FsMetrics, LayerGauges, LayerOps, Op};
 use crate::readahead::Stream;
 
@@ -76,6 +77,8 @@ pub struct Layer {
     /// Prefetch and background runs started on the fetch pool.
     work: Mutex<Work>,
     work_changed: Condvar,
+    /// The blob's first bytes, fetched alongside the TOC, until the prefetch took them.
+    head: Option<Arc<Head>>,
     open_timings: OpenTimings,
     /// Set once the layer is given a metrics handle.
     metrics: OnceLock<LayerOps>,
@@ -91,6 +94,20 @@ struct OpenTimings {
     deserialize: Duration,
 }
 
+/// Bytes of a layer's head to fetch in parallel with its footer and TOC (see
+/// [`Layer::open_with_head`]): `hint`, the descriptor's `prefetch-end` annotation (0: no
+/// prioritized files), up to `speculative_head_kib`. Nothing without a hint: a guessed
+/// head costs more in bytes the prefetch never needed than it saves in round trips
+/// (docs/benchmarks/fs.md, "Start-up"). 0 when prefetch is off.
+pub fn speculative_head(cfg: &Config, hint: Option<u64>) -> u64 {
+    if cfg.noprefetch {
+        return 0;
+    }
+    hint.unwrap_or(0)
+        .min(cfg.speculative_head_kib.saturating_mul(1024))
+        .min(MAX_SPECULATIVE_HEAD)
+}
+
 impl Layer {
     /// Reads footer and TOC through `fetcher`, checks the TOC against the descriptor's
     /// TOC digest and indexes the layer. Without a TOC digest the layer is refused unless
@@ -101,7 +118,7 @@ impl Layer {
         cfg: &Config,
         cache: Arc<ChunkCache>,
     ) -> Result<Layer> {
-        Self::open_with_external_toc(fetcher, desc, cfg, cache, None)
+        Self::open_with(fetcher, desc, cfg, cache, None, 0)
     }
 
     /// As [`Layer::open`]; `external_toc` supplies the TOC of a blob whose footer says
@@ -112,6 +129,63 @@ impl Layer {
         cfg: &Config,
         cache: Arc<ChunkCache>,
         external_toc: Option<estargz::ExternalTocFn>,
+    ) -> Result<Layer> {
+        Self::open_with(fetcher, desc, cfg, cache, external_toc, 0)
+    }
+
+    /// [`Layer::open`], fetching the first `head` bytes of the blob (where prioritized
+    /// files live; see [`speculative_head`]) in parallel with the footer and TOC rather
+    /// than after them, so that the prefetch finds them arrived or arriving. The fetch
+    /// starts with the layer's first network read, so a layer whose TOC is cached fetches
+    /// nothing ahead. The bytes are held until the prefetch has decoded every chunk that
+    /// lies wholly in them, even in a layer without prioritized files. `head` is bounded
+    /// by 32 MiB and by the part of the blob before the TOC read.
+    pub fn open_with_head(
+        fetcher: Arc<dyn Fetcher>,
+        desc: LayerDesc,
+        cfg: &Config,
+        cache: Arc<ChunkCache>,
+        head: u64,
+    ) -> Result<Layer> {
+        Self::open_with(fetcher, desc, cfg, cache, None, head)
+    }
+
+    /// Both of the above: an external TOC source and a speculative head.
+    pub fn open_with(
+        fetcher: Arc<dyn Fetcher>,
+        desc: LayerDesc,
+        cfg: &Config,
+        cache: Arc<ChunkCache>,
+        external_toc: Option<estargz::ExternalTocFn>,
+        head: u64,
+    ) -> Result<Layer> {
+        let head = head
+            .min(MAX_SPECULATIVE_HEAD)
+            .min(fetcher.size().saturating_sub(TAIL_READ));
+        let (fetcher, head) = if head > 0 {
+            let h = Head::new(head);
+            let f: Arc<dyn Fetcher> = Arc::new(HeadFetcher::new(fetcher, h.clone()));
+            (f, Some(h))
+        } else {
+            (fetcher, None)
+        };
+        let res = Layer::open_inner(fetcher, desc, cfg, cache, external_toc, head.clone());
+        if let Some(h) = &head {
+            match &res {
+                Ok(_) => h.drop_if_unstarted(),
+                Err(_) => h.release(),
+            }
+        }
+        res
+    }
+
+    fn open_inner(
+        fetcher: Arc<dyn Fetcher>,
+        desc: LayerDesc,
+        cfg: &Config,
+        cache: Arc<ChunkCache>,
+        external_toc: Option<estargz::ExternalTocFn>,
+        head: Option<Arc<Head>>,
     ) -> Result<Layer> {
         let _busy = cache.priority().busy();
         let expected = if cfg.disable_verification {
@@ -211,6 +285,7 @@ impl Layer {
             work_changed: Condvar::new(),
             open_timings,
             metrics: OnceLock::new(),
+            head,
         })
     }
 

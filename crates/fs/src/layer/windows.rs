@@ -119,24 +119,48 @@ impl Layer {
             elapsed_ms = started.elapsed().as_millis() as u64, "read ahead");
     }
 
+    /// Whether the layer has anything to prefetch: prioritized files, or a speculative
+    /// head that was fetched (see [`Layer::open_with_head`]).
+    pub fn has_prefetch(&self) -> bool {
+        self.prefetch_end.is_some() || self.head.as_ref().is_some_and(|h| h.in_use())
+    }
+
     /// Fetches the prioritized files (blob range `0..prefetch_end`) in one request and
-    /// caches every chunk in it, on the calling thread. Does nothing for layers without
-    /// a prefetch range (see [`Layer::prefetch_end`]). [`Layer::start_prefetch`] runs it once on the fetch pool.
+    /// caches every chunk in it, on the calling thread; with a speculative head, the
+    /// chunks lying wholly in it too (their bytes are here already). Does nothing for
+    /// layers with neither. [`Layer::start_prefetch`] runs it once on the fetch pool.
     pub fn prefetch(&self) -> Result<()> {
-        let Some(end) = self.prefetch_end else {
+        let res = self.prefetch_inner();
+        if let Some(h) = &self.head {
+            h.release();
+        }
+        res
+    }
+
+    fn prefetch_inner(&self) -> Result<()> {
+        let end = self.prefetch_end.unwrap_or(0);
+        let head = self
+            .head
+            .as_ref()
+            .filter(|h| h.in_use())
+            .map_or(0, |h| h.len());
+        if end == 0 && head == 0 {
             return Ok(());
-        };
+        }
         let _busy = self.cache.priority().busy();
         let mut wend = end;
         let mut refs = Vec::new();
         for w in &self.windows {
             for &r in &self.order[w.chunks.clone()] {
                 let c = self.chunk(r);
-                if c.blob_offset < end {
+                if c.blob_offset < end || c.blob_end <= head {
                     wend = wend.max(c.blob_end);
                     refs.push(r);
                 }
             }
+        }
+        if refs.is_empty() {
+            return Ok(());
         }
         let started = Instant::now();
         for res in self.fill(&refs, Some(0..wend), false, true) {
@@ -144,7 +168,7 @@ impl Layer {
         }
         self.prefetched
             .store(wend.min(self.blob_size), Ordering::Relaxed);
-        info!(layer = %self.desc.digest, bytes = wend, chunks = refs.len(),
+        info!(layer = %self.desc.digest, bytes = wend, chunks = refs.len(), head,
             elapsed_ms = started.elapsed().as_millis() as u64, "prefetch done");
         Ok(())
     }
@@ -158,7 +182,7 @@ impl Layer {
             if w.prefetch != Phase::Idle {
                 return;
             }
-            if self.prefetch_end.is_none() {
+            if !self.has_prefetch() {
                 w.prefetch = Phase::Done;
                 return;
             }

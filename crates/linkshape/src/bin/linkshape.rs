@@ -47,6 +47,10 @@ fn main() -> anyhow::Result<()> {
             .args(&a.command[1..])
             .status()?;
         eprintln!("command exited: {status}");
+        // The link goes down first; then the command's own exit status is ours, so a
+        // failing command fails whoever ran linkshape.
+        drop(link);
+        std::process::exit(status.code().unwrap_or(1));
     }
     drop(link);
     Ok(())

@@ -1,0 +1,359 @@
+//! Start-up benchmark of opening layers over a shaped link (run by bench/fs/startup.sh as
+//! root; needs `ip`, `docker-registry`). See docs/benchmarks/fs.md, "Start-up".
+//!
+//! What a container start waits for before its first read: every layer of the image
+//! opened (footer and TOC fetched, checked, indexed) and its prioritized files
+//! prefetched, all layers at once as the daemon does at the first Prepare.
+//!
+//! Subcommands:
+//! - `prepare WORK` builds four eStargz layers shaped like an optimized interpreter
+//!   image (sizes 30, 20, 12 and 3 MiB of file data, 2 MiB, 1.5 MiB, 512 KiB and
+//!   256 KiB of it prioritized) into `WORK/lN.blob` with `WORK/lN.json`.
+//! - `run WORK SERVER_NS SERVER_ADDR RATE_MBIT RTT_MS ROUNDS [LAYERS...]` runs inside the
+//!   client namespace of a shaped link: starts docker-registry in SERVER_NS, pushes the
+//!   layers, then, for an image of the first LAYERS layers (each number given; all four
+//!   by default), ROUNDS times opens and prefetches all of them with a fresh registry client
+//!   (new connections) and an empty cache in each way below, taking turns:
+//!   - `before`: a HEAD per blob first, no speculative head (how it was done);
+//!   - `no HEAD`: the size from the manifest, no speculative head;
+//!   - no HEAD, a 1 MiB head for a layer without the `prefetch-end` annotation;
+//!   - no HEAD, the whole head the `prefetch-end` annotation names;
+//!   - no HEAD, that head up to `speculative_head_kib` (what the daemon does).
+#![allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "benchmark code: a panic is a failed run"
+)]
+
+use std::path::Path;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use fs::{ChunkCache, Config, FetchPool, Layer, LayerDesc};
+
+type Res<T> = std::result::Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+/// (MiB of file data, KiB of it prioritized) per layer.
+const LAYERS: [(u64, u64); 4] = [(30, 2048), (20, 1536), (12, 512), (3, 256)];
+const FILE: usize = 128 << 10;
+
+struct Shape {
+    rate_mbit: u64,
+    rtt_ms: u64,
+    rounds: usize,
+}
+
+fn main() {
+    if let Err(e) = main_res() {
+        eprintln!("bench_startup: {e}");
+        std::process::exit(1);
+    }
+}
+
+fn main_res() -> Res<()> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    let res = match args.first().map(String::as_str) {
+        Some("prepare") if args.len() == 2 => prepare(Path::new(&args[1])),
+        Some("run") if args.len() >= 7 => {
+            let shape = Shape {
+                rate_mbit: args[4].parse().map_err(|_| "RATE_MBIT")?,
+                rtt_ms: args[5].parse().map_err(|_| "RTT_MS")?,
+                rounds: args[6].parse().map_err(|_| "ROUNDS")?,
+            };
+            let images: Res<Vec<usize>> = args[7..]
+                .iter()
+                .map(|n| Ok(n.parse::<usize>()?.clamp(1, LAYERS.len())))
+                .collect();
+            images.and_then(|mut images| {
+                if images.is_empty() {
+                    images.push(LAYERS.len());
+                }
+                run(Path::new(&args[1]), &args[2], &args[3], &shape, &images)
+            })
+        }
+        _ => Err("usage: bench_startup prepare WORK | \
+                  run WORK SERVER_NS SERVER_ADDR RATE_MBIT RTT_MS ROUNDS [LAYERS...]"
+            .into()),
+    };
+    res
+}
+
+/// Bytes that compress about 2:1, like binaries and libraries do.
+fn content(len: usize, seed: u64) -> Vec<u8> {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    let mut v = Vec::with_capacity(len);
+    while v.len() < len {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        let b = x.to_le_bytes();
+        v.extend_from_slice(&b[..4]);
+        v.extend_from_slice(&[b[4] & 0x0f; 4]);
+    }
+    v.truncate(len);
+    v
+}
+
+fn prepare(work: &Path) -> Res<()> {
+    std::fs::create_dir_all(work)?;
+    for (n, (mib, prio_kib)) in LAYERS.iter().enumerate() {
+        let files = (mib << 20) as usize / FILE;
+        let prio = (prio_kib << 10) as usize / FILE;
+        let mut b = tar::Builder::new(Vec::new());
+        let mut prioritized = Vec::new();
+        for i in 0..files {
+            let name = format!("l{n}/dir{}/file{i}", i % 16);
+            let mut h = tar::Header::new_gnu();
+            h.set_size(FILE as u64);
+            h.set_mode(0o755);
+            h.set_mtime(1_700_000_000);
+            h.set_cksum();
+            b.append_data(&mut h, &name, &content(FILE, (n * 100_000 + i) as u64)[..])?;
+            // Every seventh file, as a workload's files are spread over the layer.
+            if i % 7 == 3 && prioritized.len() < prio {
+                prioritized.push(name);
+            }
+        }
+        let tar = b.into_inner()?;
+        let mut blob = Vec::new();
+        let opts = estargz::BuildOptions {
+            codec: estargz::Codec::Gzip { level: 6 },
+            prioritized_files: prioritized,
+            ..Default::default()
+        };
+        let out = estargz::build(&tar[..], &mut blob, &opts)?;
+        std::fs::write(work.join(format!("l{n}.blob")), &blob)?;
+        let v = serde_json::json!({
+            "digest": out.blob_digest,
+            "size": out.blob_size,
+            "toc_digest": out.toc_digest,
+            "annotations": out.annotations,
+        });
+        std::fs::write(work.join(format!("l{n}.json")), serde_json::to_vec(&v)?)?;
+        println!(
+            "l{n}: blob {:.1} MiB, prefetch-end {} KiB",
+            out.blob_size as f64 / 1048576.0,
+            out.annotations[estargz::PREFETCH_END_ANNOTATION]
+                .parse::<u64>()
+                .unwrap_or(0)
+                >> 10
+        );
+    }
+    Ok(())
+}
+
+struct Registry {
+    child: std::process::Child,
+    _dir: tempfile::TempDir,
+}
+
+impl Drop for Registry {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+fn start_registry(work: &Path, ns: &str, addr: &str, port: u16) -> Res<Registry> {
+    let dir = tempfile::tempdir_in(work)?;
+    let cfg = dir.path().join("config.yml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "version: 0.1\nlog:\n  level: error\n  accesslog:\n    disabled: true\nstorage:\n  \
+             filesystem:\n    rootdirectory: {}\nhttp:\n  addr: {addr}:{port}\n",
+            dir.path().join("storage").display()
+        ),
+    )?;
+    let child = std::process::Command::new("ip")
+        .args(["netns", "exec", ns, "docker-registry", "serve"])
+        .arg(&cfg)
+        .stderr(std::process::Stdio::null())
+        .spawn()?;
+    let reg = Registry { child, _dir: dir };
+    let started = Instant::now();
+    while std::net::TcpStream::connect((addr, port)).is_err() {
+        if started.elapsed() > Duration::from_secs(15) {
+            return Err("registry did not come up".into());
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(reg)
+}
+
+struct Pushed {
+    desc: LayerDesc,
+    hint: u64,
+}
+
+#[derive(Clone, Copy, PartialEq)]
+enum Way {
+    Before,
+    NoHead,
+    Fixed,
+    Hinted,
+    Capped,
+}
+
+const WAYS: [(Way, &str); 5] = [
+    (Way::Before, "before (HEAD, no head)"),
+    (Way::NoHead, "no HEAD, no head"),
+    (Way::Fixed, "no HEAD, 1 MiB head without hint"),
+    (Way::Hinted, "no HEAD, whole hinted head"),
+    (Way::Capped, "no HEAD, hinted head up to 1 MiB (default)"),
+];
+
+/// Opens and prefetches every layer at once; returns when all are ready.
+fn round(
+    rt: &tokio::runtime::Runtime,
+    rcfg: &registry::RegistryConfig,
+    reference: &registry::Reference,
+    layers: &[Pushed],
+    way: Way,
+) -> Res<Duration> {
+    let client = registry::Client::new(rcfg.clone(), Arc::new(registry::Anonymous))?;
+    let cfg = Config {
+        no_background_fetch: true,
+        ..Config::default()
+    };
+    let pool = FetchPool::shared()?;
+    let started = Instant::now();
+    std::thread::scope(|s| -> Res<()> {
+        let mut opening = Vec::new();
+        for l in layers {
+            let (client, cfg, pool) = (&client, &cfg, &pool);
+            opening.push(s.spawn(move || -> Res<()> {
+                let known = (way != Way::Before).then_some(l.desc.size);
+                let reader =
+                    client.blob_reader(reference, registry::Digest::parse(&l.desc.digest)?, known);
+                let fetcher = Arc::new(fs::RegistryFetcher::with_size(
+                    reader,
+                    rt.handle().clone(),
+                    l.desc.size,
+                ));
+                let head = match way {
+                    Way::Before | Way::NoHead => 0,
+                    Way::Fixed => 1 << 20,
+                    Way::Hinted => l.hint,
+                    Way::Capped => fs::speculative_head(cfg, Some(l.hint)),
+                };
+                let cache = Arc::new(ChunkCache::memory(256 << 20));
+                let layer = Arc::new(Layer::open_with_head(
+                    fetcher,
+                    l.desc.clone(),
+                    cfg,
+                    cache,
+                    head,
+                )?);
+                layer.start_prefetch(pool);
+                if !layer.wait_prefetch(Duration::from_secs(60)) {
+                    return Err("prefetch did not finish".into());
+                }
+                Ok(())
+            }));
+        }
+        for o in opening {
+            o.join().map_err(|_| "open panicked")??;
+        }
+        Ok(())
+    })?;
+    Ok(started.elapsed())
+}
+
+fn run(work: &Path, ns: &str, addr: &str, shape: &Shape, images: &[usize]) -> Res<()> {
+    let port = 5000;
+    let _reg = start_registry(work, ns, addr, port)?;
+    let host = format!("{addr}:{port}");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let mut layers = Vec::new();
+    for n in 0..LAYERS.len() {
+        let v: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(work.join(format!("l{n}.json")))?)?;
+        let blob = std::fs::read(work.join(format!("l{n}.blob")))?;
+        rt.block_on(testenv::push_blob(
+            &format!("http://{host}"),
+            "bench/startup",
+            &blob,
+        ));
+        layers.push(Pushed {
+            desc: LayerDesc {
+                digest: v["digest"].as_str().ok_or("digest")?.to_string(),
+                size: v["size"].as_u64().ok_or("size")?,
+                toc_digest: v["toc_digest"].as_str().map(str::to_string),
+            },
+            hint: v["annotations"][estargz::PREFETCH_END_ANNOTATION]
+                .as_str()
+                .ok_or("hint")?
+                .parse()?,
+        });
+    }
+    let mut rcfg = registry::RegistryConfig::default();
+    rcfg.resolver.host.insert(
+        host.clone(),
+        registry::HostConfig {
+            self_: Some(registry::MirrorConfig {
+                insecure: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    let reference = registry::Reference::parse(&format!("{host}/bench/startup:x"))?;
+    for &n in images {
+        image(&rt, &rcfg, &reference, &layers[..n], shape)?;
+    }
+    Ok(())
+}
+
+/// Measures the ways in turns for an image of `layers`.
+fn image(
+    rt: &tokio::runtime::Runtime,
+    rcfg: &registry::RegistryConfig,
+    reference: &registry::Reference,
+    layers: &[Pushed],
+    shape: &Shape,
+) -> Res<()> {
+    // The floor: every needed byte (tails and prioritized files) at the link's rate,
+    // plus one round trip to ask for them.
+    let needed: u64 = layers
+        .iter()
+        .map(|l| l.hint + fs::layer::TAIL_READ.min(l.desc.size))
+        .sum();
+    let floor = needed as f64 * 8.0 / (shape.rate_mbit as f64 * 1e6) + shape.rtt_ms as f64 / 1000.0;
+    println!(
+        "\n{} layer(s), {:.1} MiB of blobs; tails + prioritized files {:.2} MiB; link {} Mbit/s, {} ms: floor {:.3} s",
+        layers.len(),
+        layers.iter().map(|l| l.desc.size).sum::<u64>() as f64 / 1048576.0,
+        needed as f64 / 1048576.0,
+        shape.rate_mbit,
+        shape.rtt_ms,
+        floor
+    );
+    let mut times: Vec<Vec<f64>> = vec![Vec::new(); WAYS.len()];
+    // One warm-up round of each, not counted (first connections, page cache).
+    for r in 0..shape.rounds + 1 {
+        for (i, (way, _)) in WAYS.iter().enumerate() {
+            let t = round(rt, rcfg, reference, layers, *way)?.as_secs_f64();
+            if r > 0 {
+                times[i].push(t);
+            }
+        }
+    }
+    println!("| way | median s | runs s | × floor |");
+    println!("|---|---|---|---|");
+    for (i, (_, name)) in WAYS.iter().enumerate() {
+        let mut v = times[i].clone();
+        v.sort_by(|a, b| a.total_cmp(b));
+        let med = v[v.len() / 2];
+        let runs: Vec<String> = times[i].iter().map(|t| format!("{t:.3}")).collect();
+        println!(
+            "| {name} | {med:.3} | {} | {:.2} |",
+            runs.join(", "),
+            med / floor
+        );
+    }
+    Ok(())
+}
