@@ -205,15 +205,9 @@ impl LayerPool {
             // The head (prioritized files) is asked for alongside the TOC: no round trip
             // of the link goes by idle between the two.
             let head = fs::speculative_head(&cfg, head_hint);
-            let layer = fs::Layer::open_with(
-                Arc::new(fetcher),
-                desc,
-                &cfg,
-                cache,
-                Some(toc_source),
-                head,
-            )
-            .map_err(|e| classify::fs_error(&e))?;
+            let layer =
+                fs::Layer::open_with(Arc::new(fetcher), desc, &cfg, cache, Some(toc_source), head)
+                    .map_err(|e| classify::fs_error(&e))?;
             let layer = Arc::new(layer);
             layer.observe_with(&metrics);
             if !cfg.noprefetch {
