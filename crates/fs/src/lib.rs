@@ -40,7 +40,7 @@ pub use config::{CacheType, Config, DirectoryCacheConfig, FuseConfig};
 pub use error::{Error, Result};
 pub use fetcher::{Fetcher, FileFetcher, RegistryFetcher};
 pub use fusefs::STATE_DIR;
-pub use layer::{speculative_head, Layer, LayerDesc};
+pub use layer::{speculative_head, FilesPrefetched, Layer, LayerDesc};
 pub use metrics::FsMetrics;
 pub use mount::{mount, MountHandle, MountOptions};
 pub use pool::FetchPool;

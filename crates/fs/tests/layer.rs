@@ -425,3 +425,58 @@ fn a_speculative_head_serves_the_prefetch_and_is_bounded_by_the_blob() {
         "prioritized files fetched again"
     );
 }
+
+/// A named set of files is fetched in one fetcher call, verified and cached: reading
+/// them afterwards makes no request, a second batch fetches nothing, the byte budget is
+/// kept, and directories or unknown ids are ignored.
+#[test]
+fn named_files_are_fetched_in_one_batch() {
+    init_tracing();
+    let e = entries();
+    let blob = make_blob(&e, 64 << 10, &[]);
+    let (fetcher, layer) = open(&blob, &Config::default());
+    let wanted: Vec<&Entry> = e
+        .iter()
+        .filter(|x| matches!(&x.kind, Kind::Reg(d) if d.len() >= 5_000))
+        .step_by(2)
+        .collect();
+    let mut ids: Vec<_> = wanted
+        .iter()
+        .map(|x| layer.index().lookup(&x.path).expect("in index"))
+        .collect();
+    ids.push(layer.index().lookup("d").expect("dir"));
+    ids.push(u32::MAX as _);
+    let before = fetcher.requests();
+    let done = layer.prefetch_files(&ids, u64::MAX).expect("prefetch");
+    assert_eq!(
+        fetcher.requests() - before,
+        1,
+        "one fetcher call for the batch"
+    );
+    assert_eq!(done.files, wanted.len());
+    assert!(done.chunks_fetched >= wanted.len());
+    assert!(done.bytes_fetched > 0);
+    let after_batch = fetcher.requests();
+    for x in &wanted {
+        let Kind::Reg(d) = &x.kind else { continue };
+        let id = layer.index().lookup(&x.path).expect("in index");
+        assert!(layer.read(id, 0, d.len() as u32).expect("read") == *d);
+    }
+    assert_eq!(
+        fetcher.requests(),
+        after_batch,
+        "reads served from the batch"
+    );
+    let again = layer
+        .prefetch_files(&ids, u64::MAX)
+        .expect("prefetch again");
+    assert_eq!((again.chunks_fetched, again.bytes_fetched), (0, 0));
+    assert_eq!(fetcher.requests(), after_batch);
+
+    // A budget smaller than any file fetches nothing and says what it left out.
+    let (fetcher2, layer2) = open(&blob, &Config::default());
+    let before = fetcher2.requests();
+    let small = layer2.prefetch_files(&ids, 100).expect("prefetch");
+    assert_eq!((small.files, small.skipped), (0, wanted.len()));
+    assert_eq!(fetcher2.requests(), before);
+}

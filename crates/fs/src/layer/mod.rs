@@ -1,10 +1,11 @@
 //! One opened layer: its verified TOC and index and the mapping from file reads to
 //! chunks. The work behind a read lives in the submodules: in-flight fills and chunk
-//! decoding (`fill`), prefetch, read-ahead and background windows (`windows`), the set of
+//! decoding (`fill`), named start-up files fetched in one batch (`files`), prefetch, read-ahead and background windows (`windows`), the set of
 //! fetched blob bytes behind the state file (`coverage`), and whole-file copies for
 //! passthrough (`materialize`).
 
 mod coverage;
+mod files;
 mod fill;
 mod materialize;
 mod windows;
@@ -28,6 +29,7 @@ use crate::metrics::{FsMetrics, LayerGauges, LayerOps, Op};
 use crate::readahead::Stream;
 
 use coverage::RangeSet;
+pub use files::{FilesPrefetched, MAX_BATCH_FILES};
 use fill::Slot;
 use windows::{plan_windows, Window, Work};
 

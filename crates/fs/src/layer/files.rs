@@ -1,0 +1,100 @@
+//! Prefetch of a named set of files: whole files fetched together in one batch, for
+//! start-up lists worked out from an image (its entrypoint and what that loads) or
+//! learned from earlier runs, rather than recorded into the blob's order by a converter.
+
+use std::sync::atomic::Ordering;
+use std::time::Instant;
+
+use estargz::{NodeId, NodeKind};
+use tracing::{debug, info};
+
+use super::{ChunkRef, Layer};
+use crate::error::Result;
+
+/// Most files one batch takes; lists come from image configs and records on disk.
+pub const MAX_BATCH_FILES: usize = 16_384;
+
+/// What [`Layer::prefetch_files`] did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct FilesPrefetched {
+    /// Regular files whose chunks were asked for (cached ones included).
+    pub files: usize,
+    /// Chunks that were not cached yet and were fetched.
+    pub chunks_fetched: usize,
+    /// Compressed blob bytes those chunks span.
+    pub bytes_fetched: u64,
+    /// Files left out because the batch would have passed `max_bytes` or
+    /// [`MAX_BATCH_FILES`].
+    pub skipped: usize,
+}
+
+impl Layer {
+    /// Makes sure every chunk of the regular files `ids` is cached, fetching the missing
+    /// ones together: their blob ranges go to the fetcher in one call (neighbouring
+    /// ranges merged; the registry client puts many in one multi-range request), in blob
+    /// order, each chunk verified as it arrives. Other ids (directories, links, unknown
+    /// ids) are ignored. Files are taken in the order given until the missing chunks
+    /// would pass `max_bytes` of the blob; the rest is left to on-demand reads. Runs on
+    /// the calling thread as prioritized work (background fetch stays quiet meanwhile).
+    pub fn prefetch_files(&self, ids: &[NodeId], max_bytes: u64) -> Result<FilesPrefetched> {
+        let _busy = self.cache.priority().busy();
+        let started = Instant::now();
+        let mut done = FilesPrefetched::default();
+        let mut seen = std::collections::HashSet::new();
+        let mut refs: Vec<ChunkRef> = Vec::new();
+        let mut budget = max_bytes;
+        for &id in ids {
+            let Some(node) = self.index.get(id) else {
+                continue;
+            };
+            if node.kind != NodeKind::Reg || node.chunks.is_empty() || !seen.insert(id) {
+                continue;
+            }
+            if seen.len() > MAX_BATCH_FILES {
+                done.skipped += 1;
+                continue;
+            }
+            let missing: Vec<ChunkRef> = (0..node.chunks.len())
+                .map(|i| (id, i))
+                .filter(|&r| !self.is_cached(r))
+                .collect();
+            let bytes: u64 = missing
+                .iter()
+                .map(|&r| {
+                    let c = self.chunk(r);
+                    c.blob_end.saturating_sub(c.blob_offset)
+                })
+                .sum();
+            if bytes > budget {
+                done.skipped += 1;
+                continue;
+            }
+            budget -= bytes;
+            done.files += 1;
+            done.bytes_fetched += bytes;
+            done.chunks_fetched += missing.len();
+            refs.extend(missing);
+        }
+        if refs.is_empty() {
+            debug!(layer = %self.desc.digest, files = done.files, "start-up files already cached");
+            return Ok(done);
+        }
+        refs.sort_by_key(|&r| self.chunk(r).blob_offset);
+        for res in self.fill(&refs, None, false, true) {
+            res?;
+        }
+        self.prefetched
+            .fetch_add(done.bytes_fetched, Ordering::Relaxed);
+        info!(layer = %self.desc.digest, files = done.files, chunks = done.chunks_fetched,
+            bytes = done.bytes_fetched, skipped = done.skipped,
+            elapsed_ms = started.elapsed().as_millis() as u64, "start-up files prefetched");
+        Ok(done)
+    }
+
+    /// Whether a chunk is in the memory or disk cache (not verified here: the read
+    /// that serves it verifies).
+    fn is_cached(&self, r: ChunkRef) -> bool {
+        let key = self.key_of(r);
+        self.cache.get_mem(&key).is_some() || self.cache.contains(&key, self.in_file(r).as_ref())
+    }
+}
