@@ -68,7 +68,14 @@ over_link() {
   curl -sf "http://$addr/v2/" >/dev/null || { echo "demo: registry at $addr did not come up" >&2; exit 1; }
 
   # No prefetch or background fetch, so what is fetched is what the container read.
-  printf 'noprefetch = true\nno_background_fetch = true\n' > "$work/stargz.toml"
+  # The registry speaks plain HTTP at an address that is not loopback.
+  cat > "$work/stargz.toml" <<TOML
+noprefetch = true
+no_background_fetch = true
+[[resolver.host."$addr".mirrors]]
+host = "$addr"
+insecure = true
+TOML
   "$daemon_bin" --address "$work/run/stargz.sock" --root "$work/stargz-root" \
     --config "$work/stargz.toml" > "$work/stargz.log" 2>&1 &
   pids+=("INT:$!")
@@ -125,7 +132,7 @@ import json, sys
 for l in sys.stdin:
     if l.startswith("{"):
         s = json.loads(l)
-        print(f"{s[\"fetchedSize\"]} of {s[\"size\"]} bytes ({s[\"fetchedPercent\"]:.1f}%)")')
+        print("%d of %d bytes (%.1f%%)" % (s["fetchedSize"], s["size"], s["fetchedPercent"]))')
   echo
   echo "link: ${LINK_DESC:-loopback}"
   printf '%-10s %10s %10s %10s\n' "" "pull ms" "run ms" "total ms"

@@ -290,10 +290,15 @@ impl Link {
         }
     }
 
-    /// A command that runs `program` inside a side's namespace.
+    /// A command that runs `program` inside a side's network namespace. Only the network
+    /// namespace changes (`nsenter --net`): `ip netns exec` would also give it a mount
+    /// namespace with a fresh /sys without cgroups, where runc cannot start containers
+    /// and whose mounts the rest of the machine does not see.
     pub fn command(&self, side: Side, program: &str) -> Command {
-        let mut c = Command::new("ip");
-        c.args(["netns", "exec", self.ns(side), program]);
+        let mut c = Command::new("nsenter");
+        c.arg(format!("--net=/var/run/netns/{}", self.ns(side)))
+            .arg("--")
+            .arg(program);
         c
     }
 }
