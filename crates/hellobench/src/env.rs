@@ -238,8 +238,29 @@ impl Stack {
         netns: Option<&str>,
         registry_host: &str,
     ) -> Result<Stack> {
+        Self::start_seeded(dir, bins, netns, registry_host, None)
+    }
+
+    /// [`Stack::start`], with our daemon's `learned/` directory (start-up records of
+    /// earlier runs on this "node") copied from `learned` before it starts: nothing else
+    /// of the earlier run (no chunk cache, no snapshots) comes along.
+    pub fn start_seeded(
+        dir: &Path,
+        bins: &Bins,
+        netns: Option<&str>,
+        registry_host: &str,
+        learned: Option<&Path>,
+    ) -> Result<Stack> {
         let _ = fs::remove_dir_all(dir);
         fs::create_dir_all(dir)?;
+        if let Some(from) = learned {
+            let to = dir.join("ours-root").join(LEARNED_DIR);
+            fs::create_dir_all(&to)?;
+            for e in fs::read_dir(from)? {
+                let e = e?;
+                fs::copy(e.path(), to.join(e.file_name()))?;
+            }
+        }
         let resolver = format!(
             "[[resolver.host.\"{registry_host}\".mirrors]]\nhost = \"{registry_host}\"\ninsecure = true\n"
         );
@@ -379,6 +400,9 @@ impl Stack {
         s
     }
 }
+
+/// Where our daemon keeps what containers of an image read at start, under its root.
+pub const LEARNED_DIR: &str = "learned";
 
 impl Drop for Stack {
     fn drop(&mut self) {

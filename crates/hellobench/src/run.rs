@@ -44,6 +44,9 @@ pub struct Mode {
     pub name: &'static str,
     pub variant: Variant,
     pub snapshotter: &'static str,
+    /// Run the workload once first on another fresh node, unmeasured, and start the
+    /// measured one with only what our daemon learned from it (its `learned/` records).
+    pub learned: bool,
 }
 
 pub const MODES: &[Mode] = &[
@@ -51,41 +54,55 @@ pub const MODES: &[Mode] = &[
         name: "legacy",
         variant: Variant::Legacy,
         snapshotter: "overlayfs",
+        learned: false,
     },
     Mode {
         name: "estargz-noopt",
         variant: Variant::EstargzNoopt,
         snapshotter: "stargz",
+        learned: false,
     },
     Mode {
         name: "estargz",
         variant: Variant::EstargzOpt,
         snapshotter: "stargz",
+        learned: false,
     },
     Mode {
         name: "zstdchunked",
         variant: Variant::Zstd,
         snapshotter: "stargz",
+        learned: false,
     },
     Mode {
         name: "ref-estargz-noopt",
         variant: Variant::EstargzNoopt,
         snapshotter: "stargz-ref",
+        learned: false,
     },
     Mode {
         name: "ref-estargz",
         variant: Variant::EstargzOpt,
         snapshotter: "stargz-ref",
+        learned: false,
     },
     Mode {
         name: "reference-converted",
         variant: Variant::RefConverted,
         snapshotter: "stargz",
+        learned: false,
     },
     Mode {
         name: "ref-reference-converted",
         variant: Variant::RefConverted,
         snapshotter: "stargz-ref",
+        learned: false,
+    },
+    Mode {
+        name: "estargz-learned",
+        variant: Variant::EstargzNoopt,
+        snapshotter: "stargz",
+        learned: true,
     },
 ];
 
@@ -474,6 +491,56 @@ fn sample(stack: &Stack, spec: &SampleSpec, rec: &mut Record) -> Result<()> {
     Ok(())
 }
 
+/// The unmeasured first run of a learned mode: on a fresh node, pulls and runs the
+/// workload, waits for our daemon to write what the container read (the record is
+/// written when the learning window closes), and keeps a copy of those records in
+/// `seed` for the measured run.
+fn teach(
+    opts: &Options,
+    bins: &Bins,
+    client_ns: &str,
+    reg: &str,
+    spec: &SampleSpec,
+    seed: &Path,
+) -> Result<()> {
+    let dir = opts.work_dir.join("teach");
+    let stack = Stack::start(&dir, bins, Some(client_ns), reg)?;
+    let mut scratch = Record {
+        image: String::new(),
+        mode: String::new(),
+        profile: String::new(),
+        sample: 0,
+        skipped: None,
+        error: None,
+        pull_s: 0.0,
+        create_s: 0.0,
+        run_s: 0.0,
+        line_seen: None,
+        bytes: 0,
+        bytes_pull: 0,
+        bytes_create: 0,
+        rss_ours_kib: None,
+        rss_ref_kib: None,
+    };
+    sample(&stack, spec, &mut scratch).context("the unmeasured first run")?;
+    let learned = dir.join("ours-root").join(env::LEARNED_DIR);
+    let has_record = || {
+        fs::read_dir(&learned).is_ok_and(|d| {
+            d.flatten()
+                .any(|e| e.path().extension().is_some_and(|x| x == "json"))
+        })
+    };
+    env::wait_until("a learned record", Duration::from_secs(60), has_record)?;
+    let _ = fs::remove_dir_all(seed);
+    fs::create_dir_all(seed)?;
+    for e in fs::read_dir(&learned)? {
+        let e = e?;
+        fs::copy(e.path(), seed.join(e.file_name()))?;
+    }
+    drop(stack);
+    Ok(())
+}
+
 pub fn run(opts: &Options, command_line: &str) -> Result<Vec<Record>> {
     let profile = linkshape::Profile::named(&opts.profile)?;
     let modes: Vec<Mode> = opts.modes.iter().map(|m| mode(m)).collect::<Result<_>>()?;
@@ -633,7 +700,6 @@ pub fn run(opts: &Options, command_line: &str) -> Result<Vec<Record>> {
                 }
                 tracing::info!(image = %img.name, mode = m.name, sample = s, "sample");
                 let dir = opts.work_dir.join("sample");
-                let stack = Stack::start(&dir, &bins, Some(&link.client_ns), &reg)?;
                 let reference = format!("{reg}/{}:{}", img.name, m.variant.tag());
                 let spec = SampleSpec {
                     reference: &reference,
@@ -643,7 +709,20 @@ pub fn run(opts: &Options, command_line: &str) -> Result<Vec<Record>> {
                     server_ns: &link.server_ns,
                     timeout: opts.run_timeout,
                 };
-                let r = sample(&stack, &spec, &mut rec);
+                let seed = opts.work_dir.join("learned-seed");
+                let taught = if m.learned {
+                    teach(opts, &bins, &link.client_ns, &reg, &spec, &seed)
+                } else {
+                    Ok(())
+                };
+                let stack = Stack::start_seeded(
+                    &dir,
+                    &bins,
+                    Some(&link.client_ns),
+                    &reg,
+                    m.learned.then_some(seed.as_path()),
+                )?;
+                let r = taught.and_then(|()| sample(&stack, &spec, &mut rec));
                 rec.rss_ours_kib = stack.ours_peak_rss_kib();
                 rec.rss_ref_kib = stack.reference.as_ref().and_then(Proc::peak_rss_kib);
                 if let Err(e) = r {
