@@ -8,6 +8,9 @@
 #   PROFILE=wan    linkshape profile (lan, wan, slow)
 #   ROUNDS=7       measured rounds of each way
 #   WORK=DIR       where the blobs go (default: fresh temp dir, removed)
+#   SPLIT=1        instead: one prefetch request against K = 2, 4 parallel ranged ones
+#                  for prefetch ranges of SPLIT_MIB (default 4 16 64) MiB after an open's
+#                  reads, then (COLD_MIB, default 4 16) on no connection
 set -euo pipefail
 
 PROFILE=${PROFILE:-wan}
@@ -35,6 +38,16 @@ cargo build --release -p fs --example bench_startup -p linkshape --bin linkshape
 BIN=$CARGO_TARGET_DIR/release
 
 echo "== machine: $(nproc) vCPU, kernel $(uname -r), load $(cut -d' ' -f1-3 /proc/loadavg)"
+if [ "${SPLIT:-0}" = 1 ]; then
+	# shellcheck disable=SC2086 # the size lists are meant to split into arguments
+	for cold in 0 1; do
+		if [ $cold = 1 ]; then sizes=${COLD_MIB:-4 16}; else sizes=${SPLIT_MIB:-4 16 64}; fi
+		SPLIT_COLD=$cold "$BIN/linkshape" --profile "$PROFILE" --prefix "$PREFIX" -- \
+			"$BIN/examples/bench_startup" split "$PREFIX-srv" 10.99.0.1 "$RATE" "$RTT" "$ROUNDS" $sizes
+	done
+	echo "== load $(cut -d' ' -f1-3 /proc/loadavg)"
+	exit 0
+fi
 "$BIN/examples/bench_startup" prepare "$WORK"
 "$BIN/linkshape" --profile "$PROFILE" --prefix "$PREFIX" -- \
 	"$BIN/examples/bench_startup" run "$WORK" "$PREFIX-srv" 10.99.0.1 "$RATE" "$RTT" "$ROUNDS" ${IMAGES:-1 2 4}

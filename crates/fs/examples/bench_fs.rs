@@ -8,7 +8,10 @@
 //! - `net WORK SERVER_NS SERVER_ADDR RATE_MBIT` runs inside the client namespace of a
 //!   shaped link: starts docker-registry in SERVER_NS, then measures cold reads vs curl,
 //!   warm sequential throughput and 4 KiB random read latency vs local disk, and the
-//!   mount time of the 100k-file layer over the link.
+//!   mount time of the 100k-file layer over the link. With `BENCH_FS_ROWS=cache` it
+//!   runs only the rows the chunk cache's bookkeeping can move (curl once, cold reads
+//!   from local disk, parallel with background fetch and sequential without, all warm
+//!   rows), for A/B runs of two builds (bench/fs/cache-ab.sh).
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -547,6 +550,7 @@ fn start_registry(work: &Path, ns: &str, addr: &str, port: u16) -> Res<Registry>
 }
 
 fn net(work: &Path, ns: &str, addr: &str, rate_mbit: u64) -> Res<()> {
+    let cache_rows = std::env::var("BENCH_FS_ROWS").is_ok_and(|v| v == "cache");
     let port = 5000;
     let _reg = start_registry(work, ns, addr, port)?;
     let host = format!("{addr}:{port}");
@@ -603,7 +607,7 @@ fn net(work: &Path, ns: &str, addr: &str, rate_mbit: u64) -> Res<()> {
 
     // --- curl over the same link ---
     let mut curl = Vec::new();
-    for _ in 0..3 {
+    for _ in 0..if cache_rows { 1 } else { 3 } {
         let out = std::process::Command::new("curl")
             .args(["-s", "-f", "-o", "/dev/null", "-w", "%{time_total}"])
             .arg(format!("{base}/v2/bench/layer/blobs/{}", desc.digest))
@@ -674,6 +678,9 @@ fn net(work: &Path, ns: &str, addr: &str, rate_mbit: u64) -> Res<()> {
             false,
         ),
     ] {
+        if cache_rows && readers == 1 && (background || !readahead) {
+            continue;
+        }
         let mut runs = Vec::new();
         for rep in 0..REPS {
             let tmp = tempfile::tempdir_in(work)?;
@@ -865,7 +872,7 @@ fn net(work: &Path, ns: &str, addr: &str, rate_mbit: u64) -> Res<()> {
     }
 
     // --- mount time of the 100k-file layer over the link ---
-    for _ in 0..REPS {
+    for _ in 0..if cache_rows { 0 } else { REPS } {
         let tmp = tempfile::tempdir_in(work)?;
         let cfg = Config {
             no_background_fetch: true,

@@ -19,6 +19,14 @@
 //!   - no HEAD, a 1 MiB head for a layer without the `prefetch-end` annotation;
 //!   - no HEAD, the whole head the `prefetch-end` annotation names;
 //!   - no HEAD, that head up to `speculative_head_kib` (what the daemon does).
+//! - `split SERVER_NS SERVER_ADDR RATE_MBIT RTT_MS ROUNDS [MIB...]` (client namespace of
+//!   a shaped link): whether a large prefetch range comes in sooner as K parallel
+//!   ranged requests than as one. Pushes a blob, then for each prefetch range of MIB
+//!   MiB (4, 16, 64 by default) takes turns of K = 1, 2, 4 with a fresh registry client
+//!   each: first the two reads an open makes at once (the 512 KiB tail with the TOC,
+//!   the 1 MiB speculative head), then `1 MiB..MIB MiB` cut into K ranges fetched at
+//!   once; reports the time to the last byte and the TCP connections left open. With
+//!   `SPLIT_COLD=1` the open's reads are left out: the prefetch starts on no connection.
 #![allow(
     clippy::unwrap_used,
     clippy::expect_used,
@@ -71,8 +79,26 @@ fn main_res() -> Res<()> {
                 run(Path::new(&args[1]), &args[2], &args[3], &shape, &images)
             })
         }
+        Some("split") if args.len() >= 6 => {
+            let shape = Shape {
+                rate_mbit: args[3].parse().map_err(|_| "RATE_MBIT")?,
+                rtt_ms: args[4].parse().map_err(|_| "RTT_MS")?,
+                rounds: args[5].parse().map_err(|_| "ROUNDS")?,
+            };
+            let sizes: Res<Vec<u64>> = args[6..]
+                .iter()
+                .map(|n| Ok(n.parse::<u64>()?.clamp(2, 256)))
+                .collect();
+            sizes.and_then(|mut sizes| {
+                if sizes.is_empty() {
+                    sizes = vec![4, 16, 64];
+                }
+                split(&args[1], &args[2], &shape, &sizes)
+            })
+        }
         _ => Err("usage: bench_startup prepare WORK | \
-                  run WORK SERVER_NS SERVER_ADDR RATE_MBIT RTT_MS ROUNDS [LAYERS...]"
+                  run WORK SERVER_NS SERVER_ADDR RATE_MBIT RTT_MS ROUNDS [LAYERS...] | \
+                  split SERVER_NS SERVER_ADDR RATE_MBIT RTT_MS ROUNDS [MIB...]"
             .into()),
     };
     res
@@ -354,6 +380,153 @@ fn image(
             runs.join(", "),
             med / floor
         );
+    }
+    Ok(())
+}
+
+/// Established TCP connections of this network namespace to `addr:port`.
+fn connections_to(addr: &str, port: u16) -> usize {
+    let Ok(ip) = addr.parse::<std::net::Ipv4Addr>() else {
+        return 0;
+    };
+    // /proc/net/tcp writes the address as the little-endian u32 in hex.
+    let want = format!("{:08X}:{port:04X}", u32::from_le_bytes(ip.octets()));
+    std::fs::read_to_string("/proc/net/tcp")
+        .unwrap_or_default()
+        .lines()
+        .skip(1)
+        .filter(|l| {
+            let f: Vec<&str> = l.split_whitespace().collect();
+            f.len() > 3 && f[2] == want && f[3] == "01"
+        })
+        .count()
+}
+
+/// Reads `ranges` of `reader` all at once, one request each; returns the bytes read.
+async fn read_parallel(
+    reader: &Arc<registry::BlobReader>,
+    ranges: &[std::ops::Range<u64>],
+) -> Res<u64> {
+    let mut tasks = Vec::new();
+    for r in ranges {
+        let (reader, r) = (reader.clone(), r.clone());
+        tasks.push(tokio::spawn(async move {
+            let n = Arc::new(std::sync::atomic::AtomicU64::new(0));
+            let n2 = n.clone();
+            let sink: registry::RangeSink = Arc::new(move |_, piece| {
+                n2.fetch_add(piece.len() as u64, std::sync::atomic::Ordering::Relaxed);
+            });
+            reader.read_range_streaming(r, sink).await?;
+            Ok::<u64, registry::Error>(n.load(std::sync::atomic::Ordering::Relaxed))
+        }));
+    }
+    let mut total = 0;
+    for t in tasks {
+        total += t.await??;
+    }
+    Ok(total)
+}
+
+/// `range` cut into `k` contiguous parts of (nearly) equal length.
+fn tile(range: std::ops::Range<u64>, k: u64) -> Vec<std::ops::Range<u64>> {
+    let len = range.end - range.start;
+    (0..k)
+        .map(|i| range.start + len * i / k..range.start + len * (i + 1) / k)
+        .collect()
+}
+
+fn split(ns: &str, addr: &str, shape: &Shape, sizes: &[u64]) -> Res<()> {
+    const HEAD: u64 = 1 << 20;
+    const TAIL: u64 = 512 << 10;
+    let work = tempfile::tempdir_in("/var/tmp")?;
+    let port = 5000;
+    let _reg = start_registry(work.path(), ns, addr, port)?;
+    let host = format!("{addr}:{port}");
+    let rt = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(2)
+        .enable_all()
+        .build()?;
+    let max = sizes.iter().copied().max().unwrap_or(4) << 20;
+    let blob = content((max + HEAD + TAIL) as usize, 7);
+    let size = blob.len() as u64;
+    let digest = rt.block_on(testenv::push_blob(
+        &format!("http://{host}"),
+        "bench/split",
+        &blob,
+    ));
+    drop(blob);
+    let mut rcfg = registry::RegistryConfig::default();
+    rcfg.resolver.host.insert(
+        host.clone(),
+        registry::HostConfig {
+            self_: Some(registry::MirrorConfig {
+                insecure: Some(true),
+                ..Default::default()
+            }),
+            ..Default::default()
+        },
+    );
+    let reference = registry::Reference::parse(&format!("{host}/bench/split:x"))?;
+    let ks = [1u64, 2, 4];
+    let cold = std::env::var("SPLIT_COLD").is_ok_and(|v| v == "1");
+    let first = if cold { 0 } else { HEAD };
+    println!(
+        "link {} Mbit/s, {} ms; time from the open's first request to the prefetch's last byte \
+         (prefetch part alone in brackets), medians of {} rounds{}",
+        shape.rate_mbit,
+        shape.rtt_ms,
+        shape.rounds,
+        if cold {
+            "; cold: no open reads first"
+        } else {
+            ""
+        }
+    );
+    println!("| prefetch range | K | median s (prefetch s) | runs s | connections after |");
+    println!("|---|---|---|---|---|");
+    for &mib in sizes {
+        let end = mib << 20;
+        let mut times: Vec<Vec<(f64, f64)>> = vec![Vec::new(); ks.len()];
+        let mut conns = vec![0usize; ks.len()];
+        // One warm-up round, not counted.
+        for r in 0..shape.rounds + 1 {
+            for (i, &k) in ks.iter().enumerate() {
+                let client = registry::Client::new(rcfg.clone(), Arc::new(registry::Anonymous))?;
+                let reader = Arc::new(client.blob_reader(
+                    &reference,
+                    registry::Digest::parse(&digest)?,
+                    Some(size),
+                ));
+                let t0 = Instant::now();
+                let (opened, got) = rt.block_on(async {
+                    if !cold {
+                        read_parallel(&reader, &[size - TAIL..size, 0..HEAD]).await?;
+                    }
+                    let opened = t0.elapsed();
+                    let got = read_parallel(&reader, &tile(first..end, k)).await?;
+                    Ok::<_, Box<dyn std::error::Error + Send + Sync>>((opened, got))
+                })?;
+                let total = t0.elapsed();
+                if got != end - first {
+                    return Err(format!("read {got} bytes of {}", end - first).into());
+                }
+                if r > 0 {
+                    times[i].push((total.as_secs_f64(), (total - opened).as_secs_f64()));
+                    conns[i] = connections_to(addr, port);
+                }
+            }
+        }
+        for (i, &k) in ks.iter().enumerate() {
+            let mut v = times[i].clone();
+            v.sort_by(|a, b| a.0.total_cmp(&b.0));
+            let (med, pre) = v[v.len() / 2];
+            let runs: Vec<String> = times[i].iter().map(|t| format!("{:.3}", t.0)).collect();
+            println!(
+                "| {mib} MiB | {k} | {med:.3} ({pre:.3}) | {} | {} |",
+                runs.join(", "),
+                conns[i]
+            );
+        }
     }
     Ok(())
 }

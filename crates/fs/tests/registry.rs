@@ -395,3 +395,114 @@ fn head_is_fetched_alongside_the_toc() {
     );
     drop(rt);
 }
+
+/// Distinct client connections among the blob GETs the front answered.
+fn blob_connections(front: &testenv::Front) -> std::collections::HashSet<std::net::SocketAddr> {
+    let log = front.stats.log.lock().expect("log");
+    log.iter()
+        .filter(|l| l.method == "GET" && l.path.contains("/blobs/sha256:"))
+        .map(|l| l.peer.expect("peer address logged"))
+        .collect()
+}
+
+/// A process reads every layer through one registry client, so one pool of connections
+/// per registry host: a layer opened after another finds the first one's connections
+/// idle and takes them instead of opening new ones (a new TCP connection would cost a
+/// round trip and start slow again).
+#[test]
+fn layers_of_a_process_share_warm_connections() {
+    init_tracing();
+    let Some(reg) = testenv::Registry::start(testenv::RegistryOpts::default()) else {
+        return;
+    };
+    let rt = tokio::runtime::Runtime::new().expect("runtime");
+    let front = rt.block_on(testenv::Front::start(testenv::FrontOpts {
+        upstream: reg.base_url(),
+        ..Default::default()
+    }));
+    let mut blobs = Vec::new();
+    for n in 0..3u64 {
+        let mut entries = vec![Entry::new("data", Kind::Dir)];
+        for i in 0..8u64 {
+            entries.push(Entry::new(
+                &format!("data/f{i}"),
+                Kind::Reg(pseudo_random(100_000, 7_000 + n * 100 + i)),
+            ));
+        }
+        let blob = make_blob(&entries, 64 << 10, &["data/f2", "data/f5"]);
+        let bytes = std::fs::read(&blob.path).expect("blob");
+        rt.block_on(testenv::push_blob(&reg.base_url(), "fs/conns", &bytes));
+        blobs.push((blob, entries));
+    }
+    let client = registry::Client::new(
+        registry::RegistryConfig::default(),
+        Arc::new(registry::Anonymous),
+    )
+    .expect("client");
+    let reference = registry::Reference::parse(&format!("{}/fs/conns:latest", front.host()))
+        .expect("reference");
+    let cfg = Config {
+        no_background_fetch: true,
+        ..Config::default()
+    };
+    let pool = fs::FetchPool::shared().expect("pool");
+    // Each layer in turn: open (with the speculative head the daemon asks for, two
+    // requests at once), prefetch, read every file.
+    let gets_before = |front: &testenv::Front| {
+        front
+            .stats
+            .log
+            .lock()
+            .expect("log")
+            .iter()
+            .filter(|l| l.path.contains("/blobs/sha256:"))
+            .count()
+    };
+    for (n, (blob, entries)) in blobs.iter().enumerate() {
+        let reader = client.blob_reader(
+            &reference,
+            registry::Digest::parse(&blob.desc.digest).expect("digest"),
+            Some(blob.desc.size),
+        );
+        let fetcher = Arc::new(RegistryFetcher::with_size(
+            reader,
+            rt.handle().clone(),
+            blob.desc.size,
+        ));
+        let src = estargz::FileBlob::open(&blob.path).expect("open");
+        let (r, toc) =
+            estargz::Reader::open_with_toc(&src, &estargz::OpenOptions::default()).expect("toc");
+        let head = fs::speculative_head(&cfg, toc.prefetch_end_hint(r.payload_end()));
+        assert!(head > 0);
+        let cache = Arc::new(fs::ChunkCache::memory(64 << 20));
+        let layer = Arc::new(
+            fs::Layer::open_with_head(fetcher, blob.desc.clone(), &cfg, cache, head).expect("open"),
+        );
+        layer.start_prefetch(&pool);
+        assert!(
+            layer.wait_prefetch(Duration::from_secs(30)),
+            "prefetch done"
+        );
+        for e in &entries[1..] {
+            let Kind::Reg(d) = &e.kind else { continue };
+            let id = layer.index().lookup(&e.path).expect("file");
+            assert!(
+                layer.read(id, 0, d.len() as u32).expect("read") == *d,
+                "{} differs",
+                e.path
+            );
+        }
+        let conns = blob_connections(&front);
+        assert!(
+            conns.len() <= 2,
+            "layer {n}: {} blob requests over {} connections: {conns:?}",
+            gets_before(&front),
+            conns.len()
+        );
+    }
+    assert!(
+        gets_before(&front) >= 3 * 3,
+        "tail, head and reads of every layer went through the front"
+    );
+    drop(rt);
+}

@@ -73,6 +73,8 @@ pub struct Logged {
     pub range: Option<String>,
     pub received: std::time::Instant,
     pub answered: std::time::Instant,
+    /// The client's address and port: one per TCP connection.
+    pub peer: Option<SocketAddr>,
 }
 
 impl Logged {
@@ -154,6 +156,7 @@ impl Front {
                     .get("range")
                     .and_then(|v| v.to_str().ok())
                     .map(str::to_string);
+                let peer = req.extensions().get::<SocketAddr>().copied();
                 let received = std::time::Instant::now();
                 if st.opts.blob_delay_ms > 0 && path.contains("/blobs/sha256:") {
                     tokio::time::sleep(std::time::Duration::from_millis(st.opts.blob_delay_ms))
@@ -166,6 +169,7 @@ impl Front {
                     range,
                     received,
                     answered: std::time::Instant::now(),
+                    peer,
                 };
                 st.stats
                     .log

@@ -40,12 +40,14 @@ pub(crate) async fn serve(handler: Handler) -> (SocketAddr, tokio::task::JoinHan
     let addr = listener.local_addr().expect("addr");
     let task = tokio::spawn(async move {
         loop {
-            let Ok((stream, _)) = listener.accept().await else {
+            let Ok((stream, peer)) = listener.accept().await else {
                 continue;
             };
             let h = handler.clone();
             tokio::spawn(async move {
-                let svc = hyper::service::service_fn(move |req| {
+                let svc = hyper::service::service_fn(move |mut req: Request<Incoming>| {
+                    // Handlers tell connections apart by the client's address and port.
+                    req.extensions_mut().insert(peer);
                     let h = h.clone();
                     async move { Ok::<_, Infallible>(h(req).await) }
                 });
