@@ -434,7 +434,10 @@ async fn push(reg_base: &str, repo: &str, img: &Image) {
 }
 
 /// Blob byte ranges the front was asked for so far, by blob digest.
-fn requested(front: &testenv::Front, sizes: &HashMap<String, u64>) -> HashMap<String, Vec<Range<u64>>> {
+fn requested(
+    front: &testenv::Front,
+    sizes: &HashMap<String, u64>,
+) -> HashMap<String, Vec<Range<u64>>> {
     let log = front.stats.log.lock().unwrap().clone();
     let mut out: HashMap<String, Vec<Range<u64>>> = HashMap::new();
     for l in log.iter().filter(|l| l.method == "GET") {
@@ -558,7 +561,11 @@ async fn start_up_files_fetched_before_the_container_runs() {
         for (layer, path) in &img.padding {
             let l = &img.layers[*layer];
             let c = covered(&l.ranges(path), got.get(&l.digest()).map_or(&[], |v| v));
-            assert!(c < 0.25, "{path} fetched {:.0}% though nobody reads it", c * 100.0);
+            assert!(
+                c < 0.25,
+                "{path} fetched {:.0}% though nobody reads it",
+                c * 100.0
+            );
         }
         let before = blob_gets(&front);
         let out = env.run_image(&reference, "zc-on", LISTING);
@@ -588,7 +595,11 @@ async fn turned_off_fetches_nothing_ahead() {
         let libc_ranges = libc.ranges(&format!("{MULTIARCH}/libc.so.6"));
         let got = requested(&front, &sizes);
         let c = covered(&libc_ranges, got.get(&libc.digest()).map_or(&[], |v| v));
-        assert!(c < 0.25, "libc fetched {:.0}% with the prefetch off", c * 100.0);
+        assert!(
+            c < 0.25,
+            "libc fetched {:.0}% with the prefetch off",
+            c * 100.0
+        );
         let out = env.run_image(&reference, "zc-off", LISTING);
         assert_eq!(out, LISTING);
         // The run itself reads libc: the check above would have seen it fetched.

@@ -44,9 +44,9 @@ pub fn parse<R: ReadCacheOps>(r: R) -> Option<ElfDeps> {
         return None;
     }
     // EI_CLASS
-    match ident.get(4)? {
-        &elf::ELFCLASS64 => deps::<elf::FileHeader64<Endianness>, _>(data),
-        &elf::ELFCLASS32 => deps::<elf::FileHeader32<Endianness>, _>(data),
+    match *ident.get(4)? {
+        elf::ELFCLASS64 => deps::<elf::FileHeader64<Endianness>, _>(data),
+        elf::ELFCLASS32 => deps::<elf::FileHeader32<Endianness>, _>(data),
         _ => None,
     }
 }
@@ -62,15 +62,22 @@ where
     let phdrs = &phdrs[..phdrs.len().min(MAX_PHDRS)];
     let mut out = ElfDeps::default();
     let mut dynamic = None;
+    // Only the first segment of each kind, and only of a sane size: each read is kept
+    // by the cache, so a hostile file must not make it read the same bytes over and over.
     for ph in phdrs {
-        if let Ok(Some(interp)) = ph.interpreter(endian, data) {
-            let s = String::from_utf8_lossy(&interp[..interp.len().min(MAX_STR as usize)]);
-            out.interp = Some(s.into_owned());
-        }
-        if dynamic.is_none() {
-            if let Ok(Some(d)) = ph.dynamic(endian, data) {
-                dynamic = Some(d);
+        let filesz: u64 = ph.p_filesz(endian).into();
+        match ph.p_type(endian) {
+            elf::PT_INTERP if out.interp.is_none() && filesz <= MAX_STR => {
+                if let Ok(Some(interp)) = ph.interpreter(endian, data) {
+                    out.interp = Some(String::from_utf8_lossy(interp).into_owned());
+                }
             }
+            elf::PT_DYNAMIC if dynamic.is_none() && filesz <= MAX_DYN as u64 * 16 => {
+                if let Ok(Some(d)) = ph.dynamic(endian, data) {
+                    dynamic = Some(d);
+                }
+            }
+            _ => {}
         }
     }
     let Some(dynamic) = dynamic else {
@@ -181,10 +188,7 @@ mod tests {
         let Some(d) = host("/lib/x86_64-linux-gnu/libc.so.6") else {
             return;
         };
-        assert!(
-            d.needed.iter().any(|n| n.starts_with("ld-linux")),
-            "{d:?}"
-        );
+        assert!(d.needed.iter().any(|n| n.starts_with("ld-linux")), "{d:?}");
     }
 
     #[test]

@@ -78,7 +78,10 @@ pub fn parse(data: &[u8]) -> Option<Process> {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, reason = "test code: a panic is a failed assertion")]
+    #![allow(
+        clippy::unwrap_used,
+        reason = "test code: a panic is a failed assertion"
+    )]
 
     use super::*;
 

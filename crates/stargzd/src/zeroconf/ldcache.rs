@@ -61,8 +61,8 @@ impl LdCache {
         } else if data.starts_with(OLD_MAGIC) {
             // The old table, then the new format aligned to 8 bytes.
             let n = read_u32(data, OLD_MAGIC.len().next_multiple_of(4))? as usize;
-            let end = (OLD_MAGIC.len().next_multiple_of(4) + 4)
-                .checked_add(n.checked_mul(OLD_ENTRY)?)?;
+            let end =
+                (OLD_MAGIC.len().next_multiple_of(4) + 4).checked_add(n.checked_mul(OLD_ENTRY)?)?;
             let at = end.next_multiple_of(8);
             if !data.get(at..)?.starts_with(NEW_MAGIC) {
                 return None;
@@ -147,7 +147,10 @@ mod tests {
         };
         let cache = LdCache::parse(&data).expect("host cache parses");
         let libc = cache.get("libc.so.6").expect("libc.so.6 listed");
-        assert!(libc.starts_with('/') && libc.ends_with("libc.so.6"), "{libc}");
+        assert!(
+            libc.starts_with('/') && libc.ends_with("libc.so.6"),
+            "{libc}"
+        );
         assert!(std::path::Path::new(libc).exists(), "{libc}");
         assert!(cache.len() > 5, "{cache:?}");
     }
@@ -181,7 +184,11 @@ mod tests {
         assert!(st.success());
         let data = std::fs::read(root.path().join("etc/ld.so.cache")).unwrap();
         let cache = LdCache::parse(&data).unwrap();
-        assert_eq!(cache.get("libc.so.6"), Some("/mylibs/libc.so.6"), "{cache:?}");
+        assert_eq!(
+            cache.get("libc.so.6"),
+            Some("/mylibs/libc.so.6"),
+            "{cache:?}"
+        );
         assert!(cache.get("libnothere.so.1").is_none());
     }
 

@@ -63,7 +63,10 @@ impl ZeroConfig {
     /// Starts the prefetch of `image` unless it is turned off, done lately, or its
     /// config is too large. `layers` are the image's eStargz layers being opened,
     /// bottom first. Returns at once.
-    #[allow(clippy::too_many_arguments, reason = "one call site passing what preopen has")]
+    #[allow(
+        clippy::too_many_arguments,
+        reason = "one call site passing what preopen has"
+    )]
     pub fn start<F>(
         &self,
         cfg: &fs::Config,
@@ -101,7 +104,8 @@ impl ZeroConfig {
         drop(tokio::task::spawn_blocking(move || {
             let started = Instant::now();
             let (config_bytes, opened) = handle.block_on(async {
-                let reader = client.blob_reader(&reference, config.digest.clone(), Some(config.size));
+                let reader =
+                    client.blob_reader(&reference, config.digest.clone(), Some(config.size));
                 futures::join!(reader.read_all(), futures::future::join_all(layers))
             });
             let layers: Vec<Arc<fs::Layer>> = opened.into_iter().filter_map(Result::ok).collect();
@@ -164,7 +168,12 @@ pub fn run(layers: &[Arc<fs::Layer>], process: image_config::Process, max_bytes:
                 .zip(&bounds)
                 .filter(|((_, ids), _)| !ids.is_empty())
                 .map(|((layer, ids), &bound)| {
-                    s.spawn(move || (layer.desc().digest.clone(), layer.prefetch_files(ids, bound)))
+                    s.spawn(move || {
+                        (
+                            layer.desc().digest.clone(),
+                            layer.prefetch_files(ids, bound),
+                        )
+                    })
                 })
                 .collect();
             for r in running {

@@ -185,14 +185,24 @@ impl<'v> Plan<'v> {
                     .and_then(|a| a.split_whitespace().find(|w| !w.starts_with('-')));
                 let env = self.view.resolve_file(&interp);
                 if let Some(env) = env {
-                    self.want(env, Role::Program { scripts: scripts + 1 });
+                    self.want(
+                        env,
+                        Role::Program {
+                            scripts: scripts + 1,
+                        },
+                    );
                 }
                 prog.and_then(|p| self.find_program(p))
             } else {
                 self.view.resolve_file(&interp)
             };
             if let Some(t) = target {
-                self.want(t, Role::Program { scripts: scripts + 1 });
+                self.want(
+                    t,
+                    Role::Program {
+                        scripts: scripts + 1,
+                    },
+                );
             }
             return;
         }
@@ -294,7 +304,10 @@ impl<'v> Plan<'v> {
         for m in minors {
             let ver = format!("python3.{m}");
             let tag = format!("cpython-3{m}");
-            for base in runtime::PYTHON_LIB_DIRS.iter().chain(runtime::PYTHON_SITE_DIRS) {
+            for base in runtime::PYTHON_LIB_DIRS
+                .iter()
+                .chain(runtime::PYTHON_SITE_DIRS)
+            {
                 let dir = base.replace("{}", &ver);
                 if self.view.resolve(&dir, true).is_none() {
                     continue;
@@ -470,16 +483,23 @@ mod tests {
     #[test]
     fn script_env_elf_and_libraries_in_rounds() {
         let multiarch = "/lib/x86_64-linux-gnu";
-        let libs = ["libc.so.6", "libselinux.so.1", "libpcre2-8.so.0", "ld-linux-x86-64.so.2"];
+        let libs = [
+            "libc.so.6",
+            "libselinux.so.1",
+            "libpcre2-8.so.0",
+            "ld-linux-x86-64.so.2",
+        ];
         let host_files: Option<Vec<Vec<u8>>> = ["/usr/bin/ls", "/usr/bin/env"]
             .iter()
             .map(|p| p.to_string())
             .chain(libs.iter().map(|l| format!("{multiarch}/{l}")))
             .map(|p| host(&p))
             .collect();
-        let Some(mut host_files) = host_files.filter(|_| std::env::consts::ARCH == "x86_64")
-        else {
-            assert!(std::env::var_os("CI").is_none(), "host lacks ls, env or their libraries");
+        let Some(mut host_files) = host_files.filter(|_| std::env::consts::ARCH == "x86_64") else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "host lacks ls, env or their libraries"
+            );
             return;
         };
         let ls = host_files.remove(0);
@@ -500,7 +520,11 @@ mod tests {
                 Some("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
             ),
             ("usr/local/bin/ls", Some(b"decoy".to_vec()), None),
-            ("usr/lib/x86_64-linux-gnu/unused.so", Some(vec![0; 100]), None),
+            (
+                "usr/lib/x86_64-linux-gnu/unused.so",
+                Some(vec![0; 100]),
+                None,
+            ),
         ];
         for (p, d) in lib_paths.iter().zip(host_files) {
             bottom.push((p, Some(d), None));
@@ -510,7 +534,11 @@ mod tests {
             ("usr/bin/ls", Some(ls), None),
             ("usr/bin/env", Some(env), None),
             ("app/run", Some(b"#!/usr/bin/env ls\n".to_vec()), None),
-            ("etc/passwd", Some(b"root:x:0:0::/root:/bin/sh\n".to_vec()), None),
+            (
+                "etc/passwd",
+                Some(b"root:x:0:0::/root:/bin/sh\n".to_vec()),
+                None,
+            ),
         ];
         let contents = Contents {
             layers: vec![layer(bottom), layer(top)],
@@ -544,7 +572,12 @@ mod tests {
         {
             assert!(paths.iter().any(|p| p == want), "{want} not in {paths:?}");
         }
-        assert!(!paths.iter().any(|p| p.contains("unused") || p == "usr/local/bin/ls"), "{paths:?}");
+        assert!(
+            !paths
+                .iter()
+                .any(|p| p.contains("unused") || p == "usr/local/bin/ls"),
+            "{paths:?}"
+        );
         // Script, then env and ls, then their libraries and loader.
         assert!((3..=5).contains(&rounds), "{rounds} rounds");
         assert_eq!(paths[0], "app/run");

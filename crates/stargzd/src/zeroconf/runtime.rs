@@ -17,8 +17,14 @@ pub const COMMON_FILES: &[(&str, u64)] = &[
     // (C.UTF-8 and a few) is worth it.
     ("usr/lib/locale/locale-archive", 4 << 20),
     ("usr/lib/locale/C.utf8/LC_CTYPE", 1 << 20),
-    ("usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache", 256 << 10),
-    ("usr/lib/aarch64-linux-gnu/gconv/gconv-modules.cache", 256 << 10),
+    (
+        "usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache",
+        256 << 10,
+    ),
+    (
+        "usr/lib/aarch64-linux-gnu/gconv/gconv-modules.cache",
+        256 << 10,
+    ),
     ("usr/lib64/gconv/gconv-modules.cache", 256 << 10),
 ];
 

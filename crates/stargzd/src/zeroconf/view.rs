@@ -223,7 +223,10 @@ fn hides_below(ix: &Index, parts: &[&str]) -> bool {
 
 #[cfg(test)]
 mod tests {
-    #![allow(clippy::unwrap_used, reason = "test code: a panic is a failed assertion")]
+    #![allow(
+        clippy::unwrap_used,
+        reason = "test code: a panic is a failed assertion"
+    )]
 
     use super::*;
 
@@ -327,14 +330,20 @@ mod tests {
                 "/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
             ),
             E::Dir("usr/bin"),
-            E::Link("usr/bin/rel", "../../lib/./x86_64-linux-gnu/ld-linux-x86-64.so.2"),
+            E::Link(
+                "usr/bin/rel",
+                "../../lib/./x86_64-linux-gnu/ld-linux-x86-64.so.2",
+            ),
             E::Link("usr/bin/up", "../../../../../../lib64/ld-linux-x86-64.so.2"),
             E::Link("loop/a", "b"),
             E::Link("loop/b", "/loop/a"),
             E::Link("self", "self"),
         ]);
         let v = MergedView::new(vec![&l0, &l1]);
-        let want = Some((0, "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2".to_string()));
+        let want = Some((
+            0,
+            "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2".to_string(),
+        ));
         assert_eq!(path_of(&v, "/lib64/ld-linux-x86-64.so.2"), want);
         assert_eq!(path_of(&v, "/usr/bin/rel"), want);
         // `..` stops at the root: no way out of the image.
