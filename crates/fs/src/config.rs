@@ -16,6 +16,8 @@ pub const DEFAULT_FUSE_TIMEOUT_SEC: u64 = 24 * 60 * 60;
 /// Default bound of the head fetched alongside a layer's TOC: what a second connection
 /// carries while the tail arrives without holding the tail (and so the TOC) up much.
 pub const DEFAULT_SPECULATIVE_HEAD_KIB: u64 = 1024;
+/// Default bound of the start-up files fetched for an image without prioritized files.
+pub const DEFAULT_ZERO_CONFIG_PREFETCH_MAX_MIB: u64 = 64;
 /// Default number of background fetches in flight in a process.
 pub const DEFAULT_MAX_CONCURRENCY: usize = 2;
 /// Most background windows in flight in a process, whatever `max_concurrency` says.
@@ -164,6 +166,14 @@ pub struct Config {
     /// as the descriptor's `prefetch-end` annotation says) fetched in parallel with its
     /// TOC rather than after it; 0 turns this off.
     pub speculative_head_kib: u64,
+    /// Not a reference key: for an image none of whose layers records prioritized files,
+    /// the daemon works out the files its container opens at start (entrypoint, its
+    /// interpreter and libraries, runtime files) and fetches them before the container
+    /// runs. Off with `noprefetch` too.
+    pub zero_config_prefetch: bool,
+    /// Not a reference key: the most MiB of compressed blob data that prefetch fetches
+    /// per image.
+    pub zero_config_prefetch_max_mib: u64,
     pub directory_cache: DirectoryCacheConfig,
     pub fuse: FuseConfig,
 }
@@ -185,6 +195,8 @@ impl Default for Config {
             background_fetch_quiet_msec: crate::priority::DEFAULT_QUIET.as_millis() as u64,
             sequential_readahead_kib: crate::readahead::DEFAULT_MAX_WINDOW >> 10,
             speculative_head_kib: DEFAULT_SPECULATIVE_HEAD_KIB,
+            zero_config_prefetch: true,
+            zero_config_prefetch_max_mib: DEFAULT_ZERO_CONFIG_PREFETCH_MAX_MIB,
             directory_cache: DirectoryCacheConfig::default(),
             fuse: FuseConfig::default(),
         }

@@ -215,6 +215,8 @@ struct Inner {
     cache_disk_bytes: Gauge,
     cache_disk_limit: Gauge,
     cache_evictions: Counter,
+    zero_config_files: Counter,
+    zero_config_bytes: Counter,
 }
 
 impl Default for FsMetrics {
@@ -232,6 +234,8 @@ impl Default for FsMetrics {
                 cache_disk_bytes: Gauge::default(),
                 cache_disk_limit: Gauge::default(),
                 cache_evictions: Counter::default(),
+                zero_config_files: Counter::default(),
+                zero_config_bytes: Counter::default(),
             }),
         }
     }
@@ -298,7 +302,32 @@ impl FsMetrics {
             "Chunk cache lookups that missed, by cache tier (memory, disk)",
             self.inner.cache_misses.clone(),
         );
+        reg.register(
+            "zero_config_prefetch_files",
+            "Start-up files fetched ahead for images without prioritized files",
+            self.inner.zero_config_files.clone(),
+        );
+        reg.register_with_unit(
+            "zero_config_prefetch",
+            "Compressed blob bytes fetched ahead for images without prioritized files",
+            Unit::Bytes,
+            self.inner.zero_config_bytes.clone(),
+        );
         reg.register_collector(Box::new(LayerCollector(self.inner.clone())));
+    }
+
+    /// Counts one image's zero-config prefetch.
+    pub fn zero_config_prefetched(&self, files: u64, bytes: u64) {
+        self.inner.zero_config_files.inc_by(files);
+        self.inner.zero_config_bytes.inc_by(bytes);
+    }
+
+    /// Files and bytes counted by [`FsMetrics::zero_config_prefetched`] so far.
+    pub fn zero_config_totals(&self) -> (u64, u64) {
+        (
+            self.inner.zero_config_files.get(),
+            self.inner.zero_config_bytes.get(),
+        )
     }
 
     /// The Prometheus text exposition of this handle alone, for a process that serves

@@ -187,6 +187,9 @@ const TOP: &[(&str, Key)] = &[
     ("background_fetch_quiet_msec", Used),
     ("sequential_readahead_kib", Used),
     ("speculative_head_kib", Used),
+    // Ours: start-up files of images without prioritized files.
+    ("zero_config_prefetch", Used),
+    ("zero_config_prefetch_max_mib", Used),
     ("disable_remote_snapshots", Used),
     // A containerd section pasted along; never ours to read.
     ("proxy_plugins", Opaque),

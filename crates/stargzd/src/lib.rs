@@ -9,7 +9,8 @@
 //! [`metrics`] scrapes this process or that client; [`cri`] forwards the CRI image
 //! service and records its credentials (no other module of this crate); `classify` sorts `fs` and
 //! `registry` errors into [`remote_layer::MountError`] kinds; `preopen` opens layers
-//! with them; [`remote`] mounts what `preopen` opened; [`fuse_manager`] and
+//! with them and hands an image's open layers to `zeroconf`, which fetches the
+//! files its container starts with; [`remote`] mounts what `preopen` opened; [`fuse_manager`] and
 //! [`daemon`] put these together into the two processes.
 
 mod classify;
@@ -23,3 +24,4 @@ pub mod manager;
 pub mod metrics;
 mod preopen;
 pub mod remote;
+mod zeroconf;

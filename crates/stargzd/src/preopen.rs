@@ -17,7 +17,7 @@ use tracing::{debug, info, warn};
 use crate::classify;
 
 type Opening = Shared<BoxFuture<'static, Result<Arc<fs::Layer>, MountError>>>;
-type Resolving = Shared<BoxFuture<'static, Result<Arc<Vec<registry::Descriptor>>, MountError>>>;
+type Resolving = Shared<BoxFuture<'static, Result<Arc<registry::ImageManifest>, MountError>>>;
 
 /// How long one manifest lookup serves the Prepares of the same image.
 const MANIFEST_TTL: Duration = Duration::from_secs(60);
@@ -33,6 +33,7 @@ pub struct LayerPool {
     metrics: fs::FsMetrics,
     manifests: Mutex<HashMap<String, (Instant, Resolving)>>,
     opening: Mutex<HashMap<LayerKey, (Instant, Opening)>>,
+    zeroconf: crate::zeroconf::ZeroConfig,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -53,6 +54,7 @@ impl LayerPool {
             metrics,
             manifests: Mutex::default(),
             opening: Mutex::default(),
+            zeroconf: crate::zeroconf::ZeroConfig::default(),
         }
     }
 
@@ -66,10 +68,14 @@ impl LayerPool {
         let cfg = layer_config(&self.cfg, info);
         let mut size = None;
         let mut hint = None;
-        match self.manifest(&info.image_ref, &reference).await {
-            Ok(layers) => {
-                for d in layers.iter() {
+        // The image's eStargz layers being opened, bottom first (`None`: this one).
+        let mut image_layers: Vec<Option<Opening>> = Vec::new();
+        let manifest = self.manifest(&info.image_ref, &reference).await;
+        match &manifest {
+            Ok(manifest) => {
+                for d in manifest.layers.iter() {
                     if d.digest == digest {
+                        image_layers.push(None);
                         size = Some(d.size);
                         hint = prefetch_end_hint(d);
                         continue;
@@ -83,14 +89,14 @@ impl LayerPool {
                         .cloned();
                     if listed && toc.is_some() {
                         // Runs on its own; the pool keeps the handle for that layer's mount.
-                        drop(self.start(
+                        image_layers.push(Some(self.start(
                             &reference,
                             d.digest.clone(),
                             Some(d.size),
                             toc,
                             prefetch_end_hint(d),
                             &cfg,
-                        ));
+                        )));
                     }
                 }
             }
@@ -108,6 +114,20 @@ impl LayerPool {
             &cfg,
         );
         locked(&self.opening).remove(&key(&info.digest.to_string(), &info.toc_digest));
+        if let Ok(manifest) = &manifest {
+            let layers = image_layers
+                .into_iter()
+                .map(|o| o.unwrap_or_else(|| opening.clone()))
+                .collect();
+            self.zeroconf.start(
+                &cfg,
+                &self.client,
+                &reference,
+                &manifest.config,
+                layers,
+                &self.metrics,
+            );
+        }
         opening.await
     }
 
@@ -132,7 +152,7 @@ impl LayerPool {
         &self,
         image_ref: &str,
         reference: &Reference,
-    ) -> Result<Arc<Vec<registry::Descriptor>>, MountError> {
+    ) -> Result<Arc<registry::ImageManifest>, MountError> {
         let resolving = {
             let mut map = locked(&self.manifests);
             match map.get(image_ref) {
@@ -145,7 +165,7 @@ impl LayerPool {
                     let task = tokio::task::spawn_blocking(move || {
                         handle
                             .block_on(client.resolve_image(&reference, &registry::Platform::host()))
-                            .map(|img| Arc::new(img.manifest.layers))
+                            .map(|img| Arc::new(img.manifest))
                             .map_err(|e| classify::registry_error(&e))
                     });
                     let r = async move { task.await.map_err(joined)? }.boxed().shared();

@@ -1,0 +1,210 @@
+//! What an ELF program or library makes the dynamic loader open: its interpreter
+//! (`PT_INTERP`), the libraries it needs (`DT_NEEDED`) and where it says to look for
+//! them (`DT_RPATH`, `DT_RUNPATH`).
+//!
+//! Parsing uses the `object` crate (gimli-rs): its read API is written for untrusted
+//! input (every offset and count checked, no panics) and reads through
+//! [`object::ReadCache`] only the ranges it is asked for, so a large binary is never
+//! copied whole. The files come from images: this module reads at most
+//! [`MAX_PHDRS`] program headers, [`MAX_DYN`] dynamic entries, [`MAX_NEEDED`] names and
+//! strings of [`MAX_STR`] bytes.
+
+use object::elf;
+use object::read::elf::{Dyn, FileHeader, ProgramHeader};
+use object::read::{ReadCache, ReadCacheOps, ReadRef};
+use object::Endianness;
+
+const MAX_PHDRS: usize = 128;
+const MAX_DYN: usize = 4096;
+const MAX_NEEDED: usize = 256;
+const MAX_STR: u64 = 4096;
+
+/// The loader-facing part of an ELF file.
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct ElfDeps {
+    pub interp: Option<String>,
+    pub needed: Vec<String>,
+    /// `DT_RPATH` entries (searched before `LD_LIBRARY_PATH`, when there is no runpath).
+    pub rpath: Vec<String>,
+    /// `DT_RUNPATH` entries.
+    pub runpath: Vec<String>,
+}
+
+/// Whether `head` (a file's first bytes) starts like an ELF file.
+pub fn is_elf(head: &[u8]) -> bool {
+    head.starts_with(b"\x7fELF")
+}
+
+/// Parses the ELF file `r` reads; `None` when it is no ELF or is malformed.
+pub fn parse<R: ReadCacheOps>(r: R) -> Option<ElfDeps> {
+    let cache = ReadCache::new(r);
+    let data = &cache;
+    let ident = data.read_bytes_at(0, 16).ok()?;
+    if !is_elf(ident) {
+        return None;
+    }
+    // EI_CLASS
+    match *ident.get(4)? {
+        elf::ELFCLASS64 => deps::<elf::FileHeader64<Endianness>, _>(data),
+        elf::ELFCLASS32 => deps::<elf::FileHeader32<Endianness>, _>(data),
+        _ => None,
+    }
+}
+
+fn deps<'data, H, R>(data: R) -> Option<ElfDeps>
+where
+    H: FileHeader<Endian = Endianness>,
+    R: ReadRef<'data>,
+{
+    let header = H::parse(data).ok()?;
+    let endian = header.endian().ok()?;
+    let phdrs = header.program_headers(endian, data).ok()?;
+    let phdrs = &phdrs[..phdrs.len().min(MAX_PHDRS)];
+    let mut out = ElfDeps::default();
+    let mut dynamic = None;
+    // Only the first segment of each kind, and only of a sane size: each read is kept
+    // by the cache, so a hostile file must not make it read the same bytes over and over.
+    for ph in phdrs {
+        let filesz: u64 = ph.p_filesz(endian).into();
+        match ph.p_type(endian) {
+            elf::PT_INTERP if out.interp.is_none() && filesz <= MAX_STR => {
+                if let Ok(Some(interp)) = ph.interpreter(endian, data) {
+                    out.interp = Some(String::from_utf8_lossy(interp).into_owned());
+                }
+            }
+            elf::PT_DYNAMIC if dynamic.is_none() && filesz <= MAX_DYN as u64 * 16 => {
+                if let Ok(Some(d)) = ph.dynamic(endian, data) {
+                    dynamic = Some(d);
+                }
+            }
+            _ => {}
+        }
+    }
+    let Some(dynamic) = dynamic else {
+        return Some(out);
+    };
+    let dynamic = &dynamic[..dynamic.len().min(MAX_DYN)];
+    let mut strtab = None;
+    let mut strsz = None;
+    for d in dynamic {
+        let tag: u64 = d.d_tag(endian).into();
+        let val: u64 = d.d_val(endian).into();
+        match u32::try_from(tag) {
+            Ok(elf::DT_NULL) => break,
+            Ok(elf::DT_STRTAB) => strtab = Some(val),
+            Ok(elf::DT_STRSZ) => strsz = Some(val),
+            _ => {}
+        }
+    }
+    // The string table is named by address: find the loaded segment that holds it.
+    let (Some(addr), Some(size)) = (strtab, strsz) else {
+        return Some(out);
+    };
+    let Some(table) = phdrs.iter().find_map(|ph| {
+        if ph.p_type(endian) != elf::PT_LOAD {
+            return None;
+        }
+        let vaddr: u64 = ph.p_vaddr(endian).into();
+        let filesz: u64 = ph.p_filesz(endian).into();
+        let offset: u64 = ph.p_offset(endian).into();
+        let rel = addr.checked_sub(vaddr)?;
+        (rel < filesz).then(|| offset.checked_add(rel))?
+    }) else {
+        return Some(out);
+    };
+    let string = |at: u64| -> Option<String> {
+        if at >= size {
+            return None;
+        }
+        let start = table.checked_add(at)?;
+        let end = start.checked_add((size - at).min(MAX_STR))?;
+        let b = data.read_bytes_at_until(start..end, 0).ok()?;
+        let s = std::str::from_utf8(b).ok()?;
+        (!s.is_empty()).then(|| s.to_string())
+    };
+    for d in dynamic {
+        let tag: u64 = d.d_tag(endian).into();
+        let val: u64 = d.d_val(endian).into();
+        match u32::try_from(tag) {
+            Ok(elf::DT_NULL) => break,
+            Ok(elf::DT_NEEDED) if out.needed.len() < MAX_NEEDED => {
+                if let Some(s) = string(val) {
+                    out.needed.push(s);
+                }
+            }
+            Ok(elf::DT_RPATH) => {
+                if let Some(s) = string(val) {
+                    out.rpath.extend(s.split(':').map(str::to_string));
+                }
+            }
+            Ok(elf::DT_RUNPATH) => {
+                if let Some(s) = string(val) {
+                    out.runpath.extend(s.split(':').map(str::to_string));
+                }
+            }
+            _ => {}
+        }
+    }
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        reason = "test code: a panic is a failed assertion"
+    )]
+
+    use super::*;
+
+    fn host(path: &str) -> Option<ElfDeps> {
+        let f = match std::fs::File::open(path) {
+            Ok(f) => f,
+            Err(e) => {
+                assert!(std::env::var_os("CI").is_none(), "{path}: {e}");
+                return None;
+            }
+        };
+        Some(parse(f).expect("host binary parses"))
+    }
+
+    #[test]
+    fn host_ls_needs_libc_through_its_loader() {
+        let Some(d) = host("/bin/ls") else { return };
+        if std::env::consts::ARCH == "x86_64" {
+            assert_eq!(d.interp.as_deref(), Some("/lib64/ld-linux-x86-64.so.2"));
+        } else {
+            assert!(d.interp.is_some(), "{d:?}");
+        }
+        assert!(d.needed.iter().any(|n| n == "libc.so.6"), "{d:?}");
+    }
+
+    #[test]
+    fn host_libc_has_no_interp_and_needs_the_loader() {
+        if std::env::consts::ARCH != "x86_64" {
+            return;
+        }
+        let Some(d) = host("/lib/x86_64-linux-gnu/libc.so.6") else {
+            return;
+        };
+        assert!(d.needed.iter().any(|n| n.starts_with("ld-linux")), "{d:?}");
+    }
+
+    #[test]
+    fn garbage_is_no_elf() {
+        assert_eq!(parse(std::io::Cursor::new(b"#!/bin/sh\n".to_vec())), None);
+        assert_eq!(parse(std::io::Cursor::new(Vec::new())), None);
+        // A real header cut short, then bytes flipped all over it.
+        let ls = std::fs::read("/bin/ls").unwrap_or_default();
+        if ls.len() > 4096 {
+            // The program headers lie past the cut: nothing (and no panic).
+            assert_eq!(parse(std::io::Cursor::new(ls[..100].to_vec())), None);
+            let mut bad = ls.clone();
+            for i in (16..bad.len().min(8192)).step_by(7) {
+                bad[i] ^= 0xa5;
+            }
+            let _ = parse(std::io::Cursor::new(bad));
+        }
+    }
+}

@@ -1,0 +1,585 @@
+//! Working out, round by round, which files of an image its first process opens: the
+//! program its config names, a script's interpreter, an ELF's loader and libraries
+//! (transitively), the runtime files of [`super::runtime`].
+//!
+//! A round's files are fetched before they are parsed; [`Plan::advance`] looks at
+//! what arrived (through [`Files`]) and adds the next round's. Everything is bounded:
+//! [`MAX_LIBS`] libraries, [`MAX_DEPTH`] levels of `DT_NEEDED`, [`MAX_SCRIPTS`]
+//! interpreters of interpreters, [`MAX_FILES`] files in all.
+
+use std::collections::{HashMap, HashSet};
+
+use estargz::NodeKind;
+
+use super::elf::{self, ElfDeps};
+use super::image_config::Process;
+use super::ldcache::{self, LdCache};
+use super::runtime;
+use super::view::{Found, MergedView, Resolved};
+
+pub const MAX_LIBS: usize = 256;
+pub const MAX_DEPTH: u32 = 8;
+pub const MAX_SCRIPTS: u32 = 4;
+pub const MAX_FILES: usize = 1024;
+/// Bytes of a file looked at for `#!`.
+const SHEBANG_BYTES: u32 = 256;
+
+/// Bytes of the image's files that have been fetched.
+pub trait Files {
+    /// Bytes `0..len` of a file (less at its end), if they are local.
+    fn head(&self, f: Found, len: u32) -> Option<Vec<u8>>;
+    /// The whole file, if it is local and at most `max` bytes.
+    fn whole(&self, f: Found, max: u64) -> Option<Vec<u8>>;
+    /// The ELF facts of a local file.
+    fn elf(&self, f: Found) -> Option<ElfDeps>;
+}
+
+/// What a wanted file is parsed as once it arrived.
+#[derive(Debug, Clone, PartialEq, Eq)]
+enum Role {
+    /// Only fetched.
+    Data,
+    /// `/etc/ld.so.cache`.
+    LdCache,
+    /// A program (script or ELF) reached through `scripts` interpreters.
+    Program { scripts: u32 },
+    /// A shared object `depth` levels of `DT_NEEDED` below the program.
+    Library { depth: u32 },
+}
+
+/// The files wanted so far and what is left to parse.
+pub struct Plan<'v> {
+    view: &'v MergedView<'v>,
+    path: Vec<String>,
+    ld_library_path: Vec<String>,
+    cwd: String,
+    /// Every wanted file in the order found.
+    wanted: Vec<Found>,
+    seen: HashSet<Found>,
+    /// Arrived (or given up on) and not yet parsed.
+    pending: Vec<(Found, String, Role)>,
+    /// Added since the last [`Plan::take_round`].
+    fresh: Vec<(Found, String, Role)>,
+    ldcache: Option<LdCache>,
+    sonames: HashSet<String>,
+    python_done: bool,
+    /// Lookups of a soname done already (so a library every other one needs is
+    /// resolved once).
+    lib_lookups: HashMap<String, Option<Resolved>>,
+    process: Process,
+}
+
+impl<'v> Plan<'v> {
+    /// The first round: the program, its first argument if a Python script, and the
+    /// runtime files the image has.
+    pub fn new(view: &'v MergedView<'v>, process: Process) -> Plan<'v> {
+        let mut plan = Plan {
+            view,
+            path: split_path(process.path.as_deref().unwrap_or(runtime::DEFAULT_PATH)),
+            ld_library_path: split_path(process.ld_library_path.as_deref().unwrap_or("")),
+            cwd: process.cwd.clone(),
+            wanted: Vec::new(),
+            seen: HashSet::new(),
+            pending: Vec::new(),
+            fresh: Vec::new(),
+            ldcache: None,
+            sonames: HashSet::new(),
+            python_done: false,
+            lib_lookups: HashMap::new(),
+            process,
+        };
+        if let Some(argv0) = plan.process.argv.first().cloned() {
+            if let Some(r) = plan.find_program(&argv0) {
+                plan.want(r, Role::Program { scripts: 0 });
+            }
+        }
+        for (path, max) in runtime::COMMON_FILES {
+            if let Some(r) = view.resolve_file(path) {
+                if view.node(r.found).is_some_and(|n| n.size <= *max) {
+                    let role = if *path == "etc/ld.so.cache" {
+                        Role::LdCache
+                    } else {
+                        Role::Data
+                    };
+                    plan.want(r, role);
+                }
+            }
+        }
+        plan
+    }
+
+    /// Every file wanted so far, in the order found.
+    pub fn wanted(&self) -> &[Found] {
+        &self.wanted
+    }
+
+    /// The files added since the last call (to fetch now); they are parsed at the next
+    /// [`Plan::advance`].
+    pub fn take_round(&mut self) -> Vec<Found> {
+        let round: Vec<Found> = self.fresh.iter().map(|(f, _, _)| *f).collect();
+        self.pending.append(&mut self.fresh);
+        round
+    }
+
+    /// Parses the files of the last round that need it and adds what they name; the
+    /// cache of the loader first, since libraries are looked up in it.
+    pub fn advance(&mut self, files: &dyn Files) {
+        let mut pending = std::mem::take(&mut self.pending);
+        pending.sort_by_key(|(_, _, role)| *role != Role::LdCache);
+        for (found, path, role) in pending {
+            match role {
+                Role::Data => {}
+                Role::LdCache => {
+                    if let Some(data) = files.whole(found, ldcache::MAX_CACHE_BYTES) {
+                        self.ldcache = LdCache::parse(&data);
+                    }
+                }
+                Role::Program { scripts } => self.program(files, found, &path, scripts),
+                Role::Library { depth } => self.library(files, found, &path, depth),
+            }
+        }
+    }
+
+    fn want(&mut self, r: Resolved, role: Role) {
+        if self.seen.len() >= MAX_FILES || !self.seen.insert(r.found) {
+            return;
+        }
+        self.wanted.push(r.found);
+        self.fresh.push((r.found, r.path, role));
+    }
+
+    /// `name` as the runtime finds the program to exec: a path (from the working
+    /// directory when relative), else the first executable file in `PATH`.
+    fn find_program(&self, name: &str) -> Option<Resolved> {
+        if name.is_empty() {
+            return None;
+        }
+        if name.contains('/') {
+            let p = if name.starts_with('/') {
+                name.to_string()
+            } else {
+                format!("{}/{name}", self.cwd)
+            };
+            return self.view.resolve_file(&p);
+        }
+        self.path.iter().find_map(|dir| {
+            let r = self.view.resolve_file(&format!("{dir}/{name}"))?;
+            let exec = self.view.node(r.found)?.mode & 0o111 != 0;
+            exec.then_some(r)
+        })
+    }
+
+    fn program(&mut self, files: &dyn Files, found: Found, path: &str, scripts: u32) {
+        let Some(head) = files.head(found, SHEBANG_BYTES) else {
+            return;
+        };
+        if let Some((interp, arg)) = shebang(&head) {
+            if scripts >= MAX_SCRIPTS {
+                return;
+            }
+            // `#!/usr/bin/env python3` runs what PATH finds for python3.
+            let base = interp.rsplit('/').next().unwrap_or_default();
+            let target = if base == "env" {
+                let prog = arg
+                    .as_deref()
+                    .and_then(|a| a.split_whitespace().find(|w| !w.starts_with('-')));
+                let env = self.view.resolve_file(&interp);
+                if let Some(env) = env {
+                    self.want(
+                        env,
+                        Role::Program {
+                            scripts: scripts + 1,
+                        },
+                    );
+                }
+                prog.and_then(|p| self.find_program(p))
+            } else {
+                self.view.resolve_file(&interp)
+            };
+            if let Some(t) = target {
+                self.want(
+                    t,
+                    Role::Program {
+                        scripts: scripts + 1,
+                    },
+                );
+            }
+            return;
+        }
+        if elf::is_elf(&head) {
+            self.maybe_python(path);
+            self.library(files, found, path, 0);
+        }
+    }
+
+    fn library(&mut self, files: &dyn Files, found: Found, path: &str, depth: u32) {
+        let Some(deps) = files.elf(found) else {
+            return;
+        };
+        if let Some(interp) = &deps.interp {
+            if let Some(r) = self.view.resolve_file(interp) {
+                self.want(r, Role::Library { depth: depth + 1 });
+            }
+        }
+        if depth >= MAX_DEPTH {
+            return;
+        }
+        let origin = path.rsplit_once('/').map_or("", |(d, _)| d).to_string();
+        for name in &deps.needed {
+            if self.sonames.len() >= MAX_LIBS {
+                break;
+            }
+            if !self.sonames.insert(name.clone()) && !name.contains('/') {
+                continue;
+            }
+            if let Some(r) = self.find_library(name, &deps, &origin) {
+                self.want(r, Role::Library { depth: depth + 1 });
+            }
+        }
+    }
+
+    /// The loader's search: a name with a slash as is; else `DT_RPATH` (without a
+    /// runpath), `LD_LIBRARY_PATH`, `DT_RUNPATH`, the cache, the default directories.
+    fn find_library(&mut self, name: &str, deps: &ElfDeps, origin: &str) -> Option<Resolved> {
+        if name.contains('/') {
+            return self.view.resolve_file(name);
+        }
+        let expand = |dirs: &[String]| -> Vec<String> {
+            dirs.iter()
+                .take(64)
+                .filter_map(|d| {
+                    let d = d.replace("${ORIGIN}", &format!("/{origin}"));
+                    let d = d.replace("$ORIGIN", &format!("/{origin}"));
+                    (!d.contains('$') && !d.is_empty()).then_some(d)
+                })
+                .collect()
+        };
+        let mut dirs = Vec::new();
+        if deps.runpath.is_empty() {
+            dirs.extend(expand(&deps.rpath));
+        }
+        dirs.extend(self.ld_library_path.iter().take(64).cloned());
+        let runpath = expand(&deps.runpath);
+        let specific = !dirs.is_empty() || !runpath.is_empty();
+        dirs.extend(runpath);
+        for d in &dirs {
+            if let Some(r) = self.view.resolve_file(&format!("{d}/{name}")) {
+                return Some(r);
+            }
+        }
+        // The same soname found through the common path once is found so again.
+        if !specific {
+            if let Some(r) = self.lib_lookups.get(name) {
+                return r.clone();
+            }
+        }
+        let from_cache = self
+            .ldcache
+            .as_ref()
+            .and_then(|c| c.get(name))
+            .and_then(|p| self.view.resolve_file(p));
+        let r = from_cache.or_else(|| {
+            runtime::DEFAULT_LIB_DIRS
+                .iter()
+                .find_map(|d| self.view.resolve_file(&format!("{d}/{name}")))
+        });
+        self.lib_lookups.insert(name.to_string(), r.clone());
+        r
+    }
+
+    /// A Python 3 program: its start-up modules, and the script it is given.
+    fn maybe_python(&mut self, path: &str) {
+        if self.python_done {
+            return;
+        }
+        let base = path.rsplit('/').next().unwrap_or_default();
+        let Some(minor) = runtime::python_version(base) else {
+            return;
+        };
+        self.python_done = true;
+        let minors: Vec<u32> = match minor {
+            Some(m) => vec![m],
+            None => self.installed_pythons(),
+        };
+        for m in minors {
+            let ver = format!("python3.{m}");
+            let tag = format!("cpython-3{m}");
+            for base in runtime::PYTHON_LIB_DIRS
+                .iter()
+                .chain(runtime::PYTHON_SITE_DIRS)
+            {
+                let dir = base.replace("{}", &ver);
+                if self.view.resolve(&dir, true).is_none() {
+                    continue;
+                }
+                for module in runtime::PYTHON_STARTUP_MODULES {
+                    let (pkg, name) = module.rsplit_once('/').unwrap_or(("", module));
+                    let pkg_dir = if pkg.is_empty() {
+                        dir.clone()
+                    } else {
+                        format!("{dir}/{pkg}")
+                    };
+                    for p in [
+                        format!("{pkg_dir}/{name}.py"),
+                        format!("{pkg_dir}/__pycache__/{name}.{tag}.pyc"),
+                    ] {
+                        if let Some(r) = self.view.resolve_file(&p) {
+                            self.want(r, Role::Data);
+                        }
+                    }
+                }
+                if let Some(r) = self
+                    .view
+                    .resolve_file(&format!("{dir}/distutils-precedence.pth"))
+                {
+                    self.want(r, Role::Data);
+                }
+            }
+        }
+        // `python3 app.py`: the script is read at once.
+        if let Some(script) = self.process.argv.get(1).filter(|a| a.ends_with(".py")) {
+            let p = if script.starts_with('/') {
+                script.clone()
+            } else {
+                format!("{}/{script}", self.cwd)
+            };
+            if let Some(r) = self.view.resolve_file(&p) {
+                self.want(r, Role::Data);
+            }
+        }
+    }
+
+    /// Minor versions of the `python3.N` standard libraries the image has.
+    fn installed_pythons(&self) -> Vec<u32> {
+        let mut out = Vec::new();
+        for dir in ["usr/local/lib", "usr/lib"] {
+            for name in self.view.list_dir(dir) {
+                if let Some(Some(m)) = runtime::python_version(&name) {
+                    let is_dir = self
+                        .view
+                        .resolve(&format!("{dir}/{name}"), true)
+                        .and_then(|r| self.view.node(r.found))
+                        .is_some_and(|n| n.kind == NodeKind::Dir);
+                    if is_dir && !out.contains(&m) && out.len() < 4 {
+                        out.push(m);
+                    }
+                }
+            }
+        }
+        out
+    }
+}
+
+/// The interpreter and its optional argument from a `#!` line.
+pub fn shebang(head: &[u8]) -> Option<(String, Option<String>)> {
+    let rest = head.strip_prefix(b"#!")?;
+    let line = rest.split(|&b| b == b'\n').next()?;
+    // Without a newline in the bytes read, the line is longer than the kernel takes.
+    if line.len() == rest.len() && rest.len() >= SHEBANG_BYTES as usize - 2 {
+        return None;
+    }
+    let line = std::str::from_utf8(line).ok()?.trim();
+    let (interp, arg) = match line.split_once([' ', '\t']) {
+        Some((i, a)) => (i, Some(a.trim().to_string()).filter(|a| !a.is_empty())),
+        None => (line, None),
+    };
+    (!interp.is_empty()).then(|| (interp.to_string(), arg))
+}
+
+fn split_path(s: &str) -> Vec<String> {
+    s.split(':')
+        .filter(|d| !d.is_empty())
+        .take(64)
+        .map(|d| d.trim_start_matches('/').to_string())
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    #![allow(
+        clippy::unwrap_used,
+        clippy::expect_used,
+        reason = "test code: a panic is a failed assertion"
+    )]
+
+    use super::*;
+    use estargz::Index;
+
+    #[test]
+    fn shebang_lines() {
+        assert_eq!(shebang(b"#!/bin/sh\necho"), Some(("/bin/sh".into(), None)));
+        assert_eq!(
+            shebang(b"#! /usr/bin/env  python3 \n"),
+            Some(("/usr/bin/env".into(), Some("python3".into())))
+        );
+        assert_eq!(shebang(b"\x7fELF"), None);
+        assert_eq!(shebang(&[b'#', b'!', b'a'].repeat(200)), None);
+    }
+
+    /// Layer contents by path, to answer [`Files`] from.
+    struct Contents {
+        layers: Vec<(Index, HashMap<String, Vec<u8>>)>,
+    }
+
+    impl Contents {
+        fn bytes(&self, f: Found) -> Option<&Vec<u8>> {
+            let (ix, files) = self.layers.get(f.layer)?;
+            files.get(&ix.get(f.node)?.path)
+        }
+    }
+
+    impl Files for Contents {
+        fn head(&self, f: Found, len: u32) -> Option<Vec<u8>> {
+            let b = self.bytes(f)?;
+            Some(b[..b.len().min(len as usize)].to_vec())
+        }
+        fn whole(&self, f: Found, max: u64) -> Option<Vec<u8>> {
+            self.bytes(f).filter(|b| b.len() as u64 <= max).cloned()
+        }
+        fn elf(&self, f: Found) -> Option<ElfDeps> {
+            elf::parse(std::io::Cursor::new(self.bytes(f)?.clone()))
+        }
+    }
+
+    /// `(path, Some(bytes) | None for a directory, link target)`.
+    type Entry = (&'static str, Option<Vec<u8>>, Option<&'static str>);
+
+    fn layer(entries: Vec<Entry>) -> (Index, HashMap<String, Vec<u8>>) {
+        let mut b = tar::Builder::new(Vec::new());
+        let mut files = HashMap::new();
+        for (path, data, link) in entries {
+            let mut h = tar::Header::new_gnu();
+            h.set_mtime(1);
+            h.set_mode(0o755);
+            h.set_size(0);
+            if let Some(t) = link {
+                h.set_entry_type(tar::EntryType::Symlink);
+                b.append_link(&mut h, path, t).unwrap();
+            } else if let Some(d) = data {
+                h.set_size(d.len() as u64);
+                b.append_data(&mut h, path, &d[..]).unwrap();
+                files.insert(path.to_string(), d);
+            } else {
+                h.set_entry_type(tar::EntryType::Directory);
+                b.append_data(&mut h, path, &[][..]).unwrap();
+            }
+        }
+        let tar = b.into_inner().unwrap();
+        let mut blob = Vec::new();
+        estargz::build(&tar[..], &mut blob, &estargz::BuildOptions::default()).unwrap();
+        let ix = estargz::Reader::open(&blob, &estargz::OpenOptions::default())
+            .unwrap()
+            .index;
+        (ix, files)
+    }
+
+    fn host(path: &str) -> Option<Vec<u8>> {
+        std::fs::read(path).ok()
+    }
+
+    /// A script run through `env` on PATH, whose interpreter is the host's `ls`: the
+    /// rounds reach the script, `env`, `ls`, the loader behind a chain of links, and
+    /// every library of both, through a whiteout that hides a decoy on PATH.
+    #[test]
+    fn script_env_elf_and_libraries_in_rounds() {
+        let multiarch = "/lib/x86_64-linux-gnu";
+        let libs = [
+            "libc.so.6",
+            "libselinux.so.1",
+            "libpcre2-8.so.0",
+            "ld-linux-x86-64.so.2",
+        ];
+        let host_files: Option<Vec<Vec<u8>>> = ["/usr/bin/ls", "/usr/bin/env"]
+            .iter()
+            .map(|p| p.to_string())
+            .chain(libs.iter().map(|l| format!("{multiarch}/{l}")))
+            .map(|p| host(&p))
+            .collect();
+        let Some(mut host_files) = host_files.filter(|_| std::env::consts::ARCH == "x86_64") else {
+            assert!(
+                std::env::var_os("CI").is_none(),
+                "host lacks ls, env or their libraries"
+            );
+            return;
+        };
+        let ls = host_files.remove(0);
+        let env = host_files.remove(0);
+        let lib_paths = [
+            "usr/lib/x86_64-linux-gnu/libc.so.6",
+            "usr/lib/x86_64-linux-gnu/libselinux.so.1",
+            "usr/lib/x86_64-linux-gnu/libpcre2-8.so.0",
+            "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+        ];
+        let mut bottom: Vec<Entry> = vec![
+            ("usr/lib/x86_64-linux-gnu", None, None),
+            ("lib", None, Some("usr/lib")),
+            ("lib64", None, None),
+            (
+                "lib64/ld-linux-x86-64.so.2",
+                None,
+                Some("/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2"),
+            ),
+            ("usr/local/bin/ls", Some(b"decoy".to_vec()), None),
+            (
+                "usr/lib/x86_64-linux-gnu/unused.so",
+                Some(vec![0; 100]),
+                None,
+            ),
+        ];
+        for (p, d) in lib_paths.iter().zip(host_files) {
+            bottom.push((p, Some(d), None));
+        }
+        let top: Vec<Entry> = vec![
+            ("usr/local/bin/.wh.ls", Some(Vec::new()), None),
+            ("usr/bin/ls", Some(ls), None),
+            ("usr/bin/env", Some(env), None),
+            ("app/run", Some(b"#!/usr/bin/env ls\n".to_vec()), None),
+            (
+                "etc/passwd",
+                Some(b"root:x:0:0::/root:/bin/sh\n".to_vec()),
+                None,
+            ),
+        ];
+        let contents = Contents {
+            layers: vec![layer(bottom), layer(top)],
+        };
+        let view = MergedView::new(contents.layers.iter().map(|(ix, _)| ix).collect());
+        let process = Process {
+            argv: vec!["run".into()],
+            path: Some("/usr/local/bin:/usr/bin:/app".into()),
+            ld_library_path: None,
+            cwd: "/".into(),
+        };
+        let mut plan = Plan::new(&view, process);
+        let mut rounds = 0;
+        loop {
+            let round = plan.take_round();
+            if round.is_empty() {
+                break;
+            }
+            rounds += 1;
+            assert!(rounds <= 8, "rounds do not end");
+            plan.advance(&contents);
+        }
+        let paths: Vec<String> = plan
+            .wanted()
+            .iter()
+            .map(|f| view.node(*f).unwrap().path.clone())
+            .collect();
+        for want in ["app/run", "usr/bin/env", "usr/bin/ls", "etc/passwd"]
+            .iter()
+            .chain(&lib_paths)
+        {
+            assert!(paths.iter().any(|p| p == want), "{want} not in {paths:?}");
+        }
+        assert!(
+            !paths
+                .iter()
+                .any(|p| p.contains("unused") || p == "usr/local/bin/ls"),
+            "{paths:?}"
+        );
+        // Script, then env and ls, then their libraries and loader.
+        assert!((3..=5).contains(&rounds), "{rounds} rounds");
+        assert_eq!(paths[0], "app/run");
+    }
+}
