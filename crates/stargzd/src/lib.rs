@@ -9,7 +9,8 @@
 //! [`metrics`] scrapes this process or that client; [`cri`] forwards the CRI image
 //! service and records its credentials (no other module of this crate); `classify` sorts `fs` and
 //! `registry` errors into [`remote_layer::MountError`] kinds; `preopen` opens layers
-//! with them; [`remote`] mounts what `preopen` opened; [`fuse_manager`] and
+//! with them and hands them to [`learned`] (record and prefetch what workloads read
+//! first); [`remote`] mounts what `preopen` opened; [`fuse_manager`] and
 //! [`daemon`] put these together into the two processes.
 
 mod classify;
@@ -21,5 +22,6 @@ pub mod keys;
 pub mod logging;
 pub mod manager;
 pub mod metrics;
+pub mod learned;
 mod preopen;
 pub mod remote;

@@ -15,9 +15,17 @@ use remote_layer::{annotation, MountError, RemoteLayer};
 use tracing::{debug, info, warn};
 
 use crate::classify;
+use crate::learned::Learned;
 
 type Opening = Shared<BoxFuture<'static, Result<Arc<fs::Layer>, MountError>>>;
-type Resolving = Shared<BoxFuture<'static, Result<Arc<Vec<registry::Descriptor>>, MountError>>>;
+type Resolving = Shared<BoxFuture<'static, Result<Arc<Resolved>, MountError>>>;
+
+/// An image's manifest as resolved for this host: its digest (which names the image's
+/// learned-prefetch record) and its layers.
+struct Resolved {
+    digest: Digest,
+    layers: Vec<registry::Descriptor>,
+}
 
 /// How long one manifest lookup serves the Prepares of the same image.
 const MANIFEST_TTL: Duration = Duration::from_secs(60);
@@ -33,6 +41,7 @@ pub struct LayerPool {
     metrics: fs::FsMetrics,
     manifests: Mutex<HashMap<String, (Instant, Resolving)>>,
     opening: Mutex<HashMap<LayerKey, (Instant, Opening)>>,
+    learned: Option<Arc<Learned>>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -53,7 +62,22 @@ impl LayerPool {
             metrics,
             manifests: Mutex::default(),
             opening: Mutex::default(),
+            learned: None,
         }
+    }
+
+    /// Hands the layers of each image opened to `learned` for its prefetch.
+    pub fn with_learned(mut self, learned: Arc<Learned>) -> Self {
+        self.learned = Some(learned);
+        self
+    }
+
+    /// The manifest digest of the image `image_ref` names (the remembered look-up, or
+    /// a new one).
+    pub async fn image_digest(&self, image_ref: &str) -> Option<Digest> {
+        let reference = Reference::parse(image_ref).ok()?;
+        let resolved = self.manifest(image_ref, &reference).await.ok()?;
+        Some(resolved.digest.clone())
     }
 
     /// The layer `info` describes, opened and checked against the TOC digest of its
@@ -66,9 +90,12 @@ impl LayerPool {
         let cfg = layer_config(&self.cfg, info);
         let mut size = None;
         let mut hint = None;
+        let mut image = None;
+        let mut ahead = Vec::new();
         match self.manifest(&info.image_ref, &reference).await {
-            Ok(layers) => {
-                for d in layers.iter() {
+            Ok(resolved) => {
+                image = Some(resolved.digest.clone());
+                for d in resolved.layers.iter() {
                     if d.digest == digest {
                         size = Some(d.size);
                         hint = prefetch_end_hint(d);
@@ -83,14 +110,15 @@ impl LayerPool {
                         .cloned();
                     if listed && toc.is_some() {
                         // Runs on its own; the pool keeps the handle for that layer's mount.
-                        drop(self.start(
+                        let opening = self.start(
                             &reference,
                             d.digest.clone(),
                             Some(d.size),
                             toc,
                             prefetch_end_hint(d),
                             &cfg,
-                        ));
+                        );
+                        ahead.push((d.digest.to_string(), opening));
                     }
                 }
             }
@@ -108,6 +136,14 @@ impl LayerPool {
             &cfg,
         );
         locked(&self.opening).remove(&key(&info.digest.to_string(), &info.toc_digest));
+        if let (Some(learned), Some(image)) = (&self.learned, image) {
+            ahead.push((info.digest.to_string(), opening.clone()));
+            let layers = ahead
+                .into_iter()
+                .map(|(d, o)| (d, o.map(Result::ok).boxed()))
+                .collect();
+            learned.image_opening(self.client.clone(), reference.clone(), image, layers);
+        }
         opening.await
     }
 
@@ -132,7 +168,7 @@ impl LayerPool {
         &self,
         image_ref: &str,
         reference: &Reference,
-    ) -> Result<Arc<Vec<registry::Descriptor>>, MountError> {
+    ) -> Result<Arc<Resolved>, MountError> {
         let resolving = {
             let mut map = locked(&self.manifests);
             match map.get(image_ref) {
@@ -145,7 +181,12 @@ impl LayerPool {
                     let task = tokio::task::spawn_blocking(move || {
                         handle
                             .block_on(client.resolve_image(&reference, &registry::Platform::host()))
-                            .map(|img| Arc::new(img.manifest.layers))
+                            .map(|img| {
+                                Arc::new(Resolved {
+                                    digest: img.digest,
+                                    layers: img.manifest.layers,
+                                })
+                            })
                             .map_err(|e| classify::registry_error(&e))
                     });
                     let r = async move { task.await.map_err(joined)? }.boxed().shared();
