@@ -196,19 +196,31 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         self.ctr(args).unwrap_or_else(|e| panic!("{e}"))
     }
 
+    /// `ctr-remote image rpull`; retried while containerd's connection to a restarted
+    /// daemon is still backing off (its metadata answers listings without it).
     fn rpull(&self, img: &str) {
-        self.tool(
-            Path::new("/usr/bin/ctr-remote"),
-            &[
-                "image",
-                "rpull",
-                "--plain-http",
-                "--snapshotter",
-                "stargz",
-                img,
-            ],
-        )
-        .unwrap_or_else(|e| panic!("{e}"));
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let res = self.tool(
+                Path::new("/usr/bin/ctr-remote"),
+                &[
+                    "image",
+                    "rpull",
+                    "--plain-http",
+                    "--snapshotter",
+                    "stargz",
+                    img,
+                ],
+            );
+            match res {
+                Ok(_) => return,
+                Err(e) if e.contains("Unavailable") || e.contains("unavailable") => {
+                    assert!(Instant::now() < deadline, "{e}");
+                    std::thread::sleep(Duration::from_millis(500));
+                }
+                Err(e) => panic!("{e}"),
+            }
+        }
     }
 
     /// Runs `script` in a new container; returns its output.
