@@ -116,7 +116,11 @@ async fn push(a: PushArgs) -> Result<()> {
         )
     })?;
     if meta.len() > MAX_RECORD_BYTES {
-        bail!("{} is {} bytes, over {MAX_RECORD_BYTES}", path.display(), meta.len());
+        bail!(
+            "{} is {} bytes, over {MAX_RECORD_BYTES}",
+            path.display(),
+            meta.len()
+        );
     }
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let rec = Record::parse(&bytes, &img.digest)
@@ -204,7 +208,10 @@ async fn pull(a: PullArgs) -> Result<()> {
         .find(|l| l.media_type == prefetch_record::MEDIA_TYPE)
         .with_context(|| format!("{target} has no record layer"))?;
     if layer.size > MAX_RECORD_BYTES {
-        bail!("record of {target} is {} bytes, over {MAX_RECORD_BYTES}", layer.size);
+        bail!(
+            "record of {target} is {} bytes, over {MAX_RECORD_BYTES}",
+            layer.size
+        );
     }
     let bytes = client
         .blob_reader(&target, layer.digest.clone(), Some(layer.size))

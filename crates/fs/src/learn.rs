@@ -97,7 +97,10 @@ mod tests {
     fn window_starts_at_the_first_access_and_keeps_first_access_order() {
         let log = AccessLog::new(Duration::from_secs(10), 100);
         let t0 = Instant::now() + Duration::from_secs(1000);
-        assert!(!log.closed_at(t0), "no access yet: the window has not started");
+        assert!(
+            !log.closed_at(t0),
+            "no access yet: the window has not started"
+        );
         log.note_at(7, t0);
         log.note_at(3, t0 + Duration::from_secs(1));
         log.note_at(7, t0 + Duration::from_secs(2));

@@ -45,7 +45,7 @@ pub use error::{Error, Result};
 pub use fetcher::{Fetcher, FileFetcher, RegistryFetcher};
 pub use fusefs::STATE_DIR;
 pub use layer::{speculative_head, FilesPrefetched, Layer, LayerDesc};
-pub use metrics::FsMetrics;
 pub use learn::AccessLog;
+pub use metrics::FsMetrics;
 pub use mount::{mount, mount_recording, MountHandle, MountOptions};
 pub use pool::FetchPool;

@@ -208,9 +208,7 @@ impl Learned {
         paths: Vec<String>,
     ) -> std::io::Result<bool> {
         let _w = locked(&self.write);
-        let mut rec = self
-            .load_local(image)
-            .unwrap_or_else(|| Record::new(image));
+        let mut rec = self.load_local(image).unwrap_or_else(|| Record::new(image));
         if rec
             .layers
             .get(layer)
@@ -508,7 +506,9 @@ pub async fn fetch_remote(
         .await
         .map_err(|e| format!("record blob of {tag_ref}: {e}"))?;
     if Digest::sha256(&bytes) != layer.digest || bytes.len() as u64 != layer.size {
-        return Err(format!("record blob of {tag_ref} does not match its digest"));
+        return Err(format!(
+            "record blob of {tag_ref} does not match its digest"
+        ));
     }
     Record::parse(&bytes, image)
         .map(Some)
@@ -527,10 +527,16 @@ mod tests {
     #[test]
     fn keeps_the_longer_list_and_bounds_the_records() {
         let tmp = tempfile::tempdir().unwrap();
-        let l = Learned::new(LearnedConfig::default(), tmp.path(), LearnedMetrics::default());
+        let l = Learned::new(
+            LearnedConfig::default(),
+            tmp.path(),
+            LearnedMetrics::default(),
+        );
         let image = Digest::sha256(b"image");
         let layer = Digest::sha256(b"layer").to_string();
-        assert!(l.save_layer(&image, &layer, vec!["a".into(), "b".into()]).unwrap());
+        assert!(l
+            .save_layer(&image, &layer, vec!["a".into(), "b".into()])
+            .unwrap());
         assert!(!l.save_layer(&image, &layer, vec!["c".into()]).unwrap());
         assert!(l
             .save_layer(&image, &layer, vec!["c".into(), "a".into(), "b".into()])

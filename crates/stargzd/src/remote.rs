@@ -10,9 +10,9 @@ use remote_layer::{MountError, RemoteLayer};
 use snapshotter::RemoteFs;
 
 use crate::classify;
+use crate::learned::{Learned, LearnedConfig};
 use crate::manager::protocol::StateCounts;
 use crate::metrics::DaemonMetrics;
-use crate::learned::{Learned, LearnedConfig};
 use crate::preopen::LayerPool;
 
 /// Mounts eStargz layers lazily; one [`fs::MountHandle`] per mount point.

@@ -278,10 +278,9 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
     }
 
     fn record_path(&self, manifest_digest: &str) -> PathBuf {
-        self.root.join("learned").join(format!(
-            "{}.json",
-            manifest_digest.replacen(':', "-", 1)
-        ))
+        self.root
+            .join("learned")
+            .join(format!("{}.json", manifest_digest.replacen(':', "-", 1)))
     }
 
     /// Runs `f`, printing the logs when it panics.
@@ -444,30 +443,33 @@ fn image() -> Image {
     }
 }
 
-const WORKLOAD: &str = "cd /app && for f in a.dat b.dat c.txt; do sha256sum $f | cut -d' ' -f1; done";
+const WORKLOAD: &str =
+    "cd /app && for f in a.dat b.dat c.txt; do sha256sum $f | cut -d' ' -f1; done";
 
 /// Bytes of blob `digest` asked for by GETs in `log` (whole-blob GETs count its size).
 fn blob_bytes(log: &[testenv::Logged], digest: &str, size: u64) -> u64 {
     log.iter()
         .filter(|l| l.method == "GET" && l.path.ends_with(&format!("/blobs/{digest}")))
-        .map(|l| match l.range.as_deref().and_then(|r| r.strip_prefix("bytes=")) {
-            None => size,
-            Some(ranges) => ranges
-                .split(',')
-                .map(|r| {
-                    let r = r.trim();
-                    match r.strip_prefix('-') {
-                        Some(n) => n.parse::<u64>().unwrap_or(size),
-                        None => {
-                            let (a, b) = r.split_once('-').unwrap();
-                            let a: u64 = a.parse().unwrap();
-                            let b: u64 = b.parse().unwrap_or(size - 1);
-                            b.min(size - 1) + 1 - a
+        .map(
+            |l| match l.range.as_deref().and_then(|r| r.strip_prefix("bytes=")) {
+                None => size,
+                Some(ranges) => ranges
+                    .split(',')
+                    .map(|r| {
+                        let r = r.trim();
+                        match r.strip_prefix('-') {
+                            Some(n) => n.parse::<u64>().unwrap_or(size),
+                            None => {
+                                let (a, b) = r.split_once('-').unwrap();
+                                let a: u64 = a.parse().unwrap();
+                                let b: u64 = b.parse().unwrap_or(size - 1);
+                                b.min(size - 1) + 1 - a
+                            }
                         }
-                    }
-                })
-                .sum(),
-        })
+                    })
+                    .sum(),
+            },
+        )
         .sum()
 }
 
@@ -565,7 +567,10 @@ async fn learned_on_first_run_prefetched_on_next_pull_and_shared_through_the_reg
         env.rpull(&image_ref);
         // Before any container runs, each layer's recorded files come in one batch.
         let applied = env.wait_log(&["learned prefetch applied", &manifest_digest]);
-        eprintln!("second pull: {applied} ({:?} after the pull started)", pulled.elapsed());
+        eprintln!(
+            "second pull: {applied} ({:?} after the pull started)",
+            pulled.elapsed()
+        );
         for d in &digests {
             let batches = env
                 .log()
@@ -584,8 +589,13 @@ async fn learned_on_first_run_prefetched_on_next_pull_and_shared_through_the_reg
         let out = env.run(&image_ref, "c2", WORKLOAD);
         assert_eq!(out, img.read_sums, "workload output");
         let run_gets = blob_gets(&take_log(&front), &digests);
-        eprintln!("blob GETs while the workload ran: first {first_run_gets}, after learning {run_gets}");
-        assert!(run_gets <= 1, "{run_gets} blob GETs after the learned prefetch");
+        eprintln!(
+            "blob GETs while the workload ran: first {first_run_gets}, after learning {run_gets}"
+        );
+        assert!(
+            run_gets <= 1,
+            "{run_gets} blob GETs after the learned prefetch"
+        );
         assert!(first_run_gets > run_gets);
 
         // Publish the record as an OCI artifact in the image's repository.
@@ -606,10 +616,7 @@ async fn learned_on_first_run_prefetched_on_next_pull_and_shared_through_the_reg
     drop(env);
 
     // What the pushed artifact looks like.
-    let tag = format!(
-        "{}.sgz-prefetch",
-        manifest_digest.replacen(':', "-", 1)
-    );
+    let tag = format!("{}.sgz-prefetch", manifest_digest.replacen(':', "-", 1));
     let m: serde_json::Value = reqwest::Client::new()
         .get(format!("{}/v2/learn/img/manifests/{tag}", reg.base_url()))
         .header("accept", "application/vnd.oci.image.manifest.v1+json")
@@ -629,9 +636,15 @@ async fn learned_on_first_run_prefetched_on_next_pull_and_shared_through_the_reg
     env.checked(|env| {
         take_log(&front);
         env.rpull(&image_ref);
-        env.wait_log(&["learned-prefetch record taken from the registry", &manifest_digest]);
+        env.wait_log(&[
+            "learned-prefetch record taken from the registry",
+            &manifest_digest,
+        ]);
         env.wait_log(&["learned prefetch applied", &manifest_digest]);
-        assert!(env.record_path(&manifest_digest).exists(), "record not stored");
+        assert!(
+            env.record_path(&manifest_digest).exists(),
+            "record not stored"
+        );
         let log = take_log(&front);
         let lookups = log
             .iter()
@@ -641,7 +654,10 @@ async fn learned_on_first_run_prefetched_on_next_pull_and_shared_through_the_reg
         let out = env.run(&image_ref, "c3", WORKLOAD);
         assert_eq!(out, img.read_sums);
         let run_gets = blob_gets(&take_log(&front), &digests);
-        assert!(run_gets <= 1, "{run_gets} blob GETs after the learned prefetch");
+        assert!(
+            run_gets <= 1,
+            "{run_gets} blob GETs after the learned prefetch"
+        );
     });
 }
 
