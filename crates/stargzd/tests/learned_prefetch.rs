@@ -61,6 +61,20 @@ impl Drop for Env {
         if let Some(mut c) = self.daemon.take() {
             stop(&mut c, libc::SIGINT, Duration::from_secs(10));
         }
+        // A FUSE manager outlives its daemon by design.
+        let pid = std::fs::read_to_string(self.root.join("fuse-manager.pid"))
+            .ok()
+            .and_then(|t| t.trim().parse::<i32>().ok());
+        if let Some(pid) = pid {
+            let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+            let cmdline = String::from_utf8_lossy(&cmdline);
+            if cmdline.contains("stargz-fuse-manager")
+                && cmdline.contains(&*self.root.to_string_lossy())
+            {
+                // SAFETY: kill(2) on the manager this test's daemon started.
+                unsafe { libc::kill(pid, libc::SIGKILL) };
+            }
+        }
         detach_mounts(&self.dir);
     }
 }
@@ -68,16 +82,22 @@ impl Drop for Env {
 /// Recording for 3 s; no prefetch, background fetch or read-ahead, so what is fetched
 /// is what the workload read or the learned prefetch asked for.
 const CONFIG: &str = "noprefetch = true\nno_background_fetch = true\n\
-sequential_readahead_kib = 0\nlearn_window_sec = 3\n[fuse_manager]\nenable = false\n";
+sequential_readahead_kib = 0\nlearn_window_sec = 3\n";
 
 impl Env {
+    /// Layers mounted in the daemon's process.
     fn start() -> Env {
+        Env::start_with("[fuse_manager]\nenable = false\n")
+    }
+
+    /// With `extra` config.
+    fn start_with(extra: &str) -> Env {
         let tmp = tempfile::Builder::new()
             .prefix("stargzd-learn-")
             .tempdir()
             .unwrap();
         let dir = tmp.path().to_path_buf();
-        std::fs::write(dir.join("stargz.toml"), CONFIG).unwrap();
+        std::fs::write(dir.join("stargz.toml"), format!("{CONFIG}{extra}")).unwrap();
         let mut env = Env {
             snap_sock: dir.join("run/stargz.sock"),
             root: dir.join("stargz-root"),
@@ -253,8 +273,10 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
         }
     }
 
+    /// The daemon's log, then the FUSE manager's (which holds the layers when enabled).
     fn log(&self) -> String {
-        std::fs::read_to_string(self.dir.join("stargz.log")).unwrap_or_default()
+        let read = |p: PathBuf| std::fs::read_to_string(p).unwrap_or_default();
+        read(self.dir.join("stargz.log")) + &read(self.root.join("fuse-manager.log"))
     }
 
     /// Waits up to 30 s for a log line containing every one of `parts`; returns it.
@@ -621,6 +643,26 @@ async fn learned_on_first_run_prefetched_on_next_pull_and_shared_through_the_reg
             "prefetch-record push: {}",
             String::from_utf8_lossy(&out.stderr)
         );
+        // And back: `pull` stores the registry's copy under another root.
+        let other = env.dir.join("other-root");
+        let out = Command::new(&ours)
+            .args(["image", "prefetch-record", "pull", "--plain-http", "--root"])
+            .arg(&other)
+            .arg(&direct_ref)
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "prefetch-record pull: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        let name = path.file_name().unwrap();
+        let pulled: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(other.join("learned").join(name)).unwrap())
+                .unwrap();
+        let local: serde_json::Value =
+            serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(pulled, local);
     });
     drop(env);
 
@@ -640,8 +682,9 @@ async fn learned_on_first_run_prefetched_on_next_pull_and_shared_through_the_reg
     assert_eq!(m["subject"]["digest"], manifest_digest.as_str(), "{m}");
     assert_eq!(m["layers"][0]["mediaType"], mt, "{m}");
 
-    // Another node: an empty root finds the record in the registry and prefetches.
-    let mut env = Env::start();
+    // Another node, its layers in a FUSE manager: an empty root finds the record in the
+    // registry and prefetches.
+    let mut env = Env::start_with("");
     env.checked(|env| {
         take_log(&front);
         env.rpull(&image_ref);
