@@ -470,9 +470,9 @@ pub async fn fetch_remote(
         .map_err(|e| e.to_string())?;
     // Bounded (the client's manifest limit) and checked against the digest the
     // registry names.
-    let fetched = match client.get_manifest(&tag_ref).await {
-        Ok(m) => m,
-        Err(registry::Error::ManifestNotFound { .. }) => return Ok(None),
+    let fetched = match client.get_manifest_if_exists(&tag_ref).await {
+        Ok(Some(m)) => m,
+        Ok(None) => return Ok(None),
         Err(e) => return Err(format!("{tag_ref}: {e}")),
     };
     let registry::Manifest::Image(m) = fetched.parse().map_err(|e| e.to_string())? else {
