@@ -81,7 +81,8 @@ impl LayerPool {
     }
 
     /// The layer `info` describes, opened and checked against the TOC digest of its
-    /// labels. Starts opening the image's other eStargz layers on the way.
+    /// labels. Starts opening the image's other eStargz layers on the way, and hands
+    /// them all to learned prefetch (which never holds this call up).
     pub async fn open(&self, info: &RemoteLayer) -> Result<Arc<fs::Layer>, MountError> {
         self.expire();
         let reference = Reference::parse(&info.image_ref)
