@@ -124,6 +124,8 @@ pub struct Learned {
     /// several Prepares hand over is prefetched once.
     applied: Mutex<HashMap<(String, String), Weak<fs::Layer>>>,
     tmp_seq: AtomicU64,
+    /// Recordings whose record is not written yet.
+    watching: Arc<AtomicU64>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -140,6 +142,16 @@ impl Learned {
             lookups: Mutex::default(),
             applied: Mutex::default(),
             tmp_seq: AtomicU64::new(0),
+            watching: Arc::default(),
+        }
+    }
+
+    /// Waits up to `max` for the recordings of mounts that went away to be written:
+    /// called after unmounting everything, before the process exits.
+    pub async fn settle(&self, max: Duration) {
+        let deadline = Instant::now() + max;
+        while self.watching.load(Ordering::SeqCst) > 0 && Instant::now() < deadline {
+            tokio::time::sleep(Duration::from_millis(50)).await;
         }
     }
 
@@ -157,7 +169,16 @@ impl Learned {
     /// writes what it recorded for `layer` under `image`.
     pub fn watch(self: &Arc<Self>, image: Digest, layer: Arc<fs::Layer>, log: Arc<fs::AccessLog>) {
         let this = self.clone();
+        struct Watching(Arc<AtomicU64>);
+        impl Drop for Watching {
+            fn drop(&mut self) {
+                self.0.fetch_sub(1, Ordering::SeqCst);
+            }
+        }
+        self.watching.fetch_add(1, Ordering::SeqCst);
+        let watching = Watching(self.watching.clone());
         tokio::spawn(async move {
+            let _watching = watching;
             let mut tick = tokio::time::interval(WATCH_INTERVAL);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             // The mount holds the other reference to the log until it ends.

@@ -207,6 +207,9 @@ impl FuseRemote {
                 failed += 1;
             }
         }
+        // The records of what those mounts' workloads read are written before the
+        // process goes.
+        self.learned.settle(std::time::Duration::from_secs(2)).await;
         failed
     }
 }
