@@ -546,6 +546,31 @@ mod tests {
     use super::*;
 
     #[test]
+    fn config_keys_and_defaults() {
+        let d = LearnedConfig::parse("noprefetch = true\n[fuse]\npassthrough = false\n").unwrap();
+        assert_eq!(d, LearnedConfig::default());
+        assert_eq!(d.learn_window_sec, 10);
+        assert!(d.learned_prefetch && d.learned_prefetch_from_registry);
+        let c = LearnedConfig::parse(
+            "learn_window_sec = 0\nlearned_prefetch = false\nlearned_prefetch_max_mib = 8\n\
+             learned_prefetch_from_registry = false\n",
+        )
+        .unwrap();
+        assert_eq!(
+            c,
+            LearnedConfig {
+                learn_window_sec: 0,
+                learned_prefetch: false,
+                learned_prefetch_max_mib: 8,
+                learned_prefetch_from_registry: false,
+            }
+        );
+        let l = Learned::new(c, Path::new("/nonexistent"), LearnedMetrics::default());
+        assert!(l.recorder().is_none(), "a 0 s window records nothing");
+        assert!(LearnedConfig::parse("learn_window_sec = -1\n").is_err());
+    }
+
+    #[test]
     fn keeps_the_longer_list_and_bounds_the_records() {
         let tmp = tempfile::tempdir().unwrap();
         let l = Learned::new(
