@@ -29,6 +29,10 @@ pub enum ImageCommand {
     Rpull(RpullArgs),
     /// Run the image's workload, record the files it reads, and convert with them prioritized.
     Optimize(Box<crate::optimize::OptimizeArgs>),
+    /// Publish or fetch an image's learned-prefetch record (an OCI artifact tagged
+    /// after the image's manifest digest).
+    #[command(subcommand)]
+    PrefetchRecord(crate::prefetch_record::PrefetchRecordCommand),
 }
 
 #[derive(Debug, Args)]
@@ -178,6 +182,7 @@ pub fn run(cmd: ImageCommand, containerd: &Containerd) -> Result<()> {
             ImageCommand::Inspect(a) => inspect_cmd(a, containerd).await,
             ImageCommand::Rpull(a) => rpull_cmd(a, containerd).await,
             ImageCommand::Optimize(a) => crate::optimize::optimize_cmd(*a, containerd).await,
+            ImageCommand::PrefetchRecord(c) => crate::prefetch_record::run(c).await,
         }
     })
 }

@@ -8,6 +8,7 @@ pub mod image;
 pub mod mount;
 pub mod optimize;
 pub mod place;
+pub mod prefetch_record;
 
 use std::sync::Arc;
 

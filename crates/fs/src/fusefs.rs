@@ -21,6 +21,7 @@ use fuser::{
 use tracing::{debug, error, info, warn};
 
 use crate::layer::Layer;
+use crate::learn::AccessLog;
 use crate::metrics::{FuseOp, FuseOpMetrics, OpTimer};
 use crate::pool::FetchPool;
 
@@ -73,6 +74,8 @@ pub(crate) struct FuseLayer {
     next_fh: AtomicU64,
     passthrough_opens: Arc<AtomicU64>,
     ops: Option<FuseOpMetrics>,
+    /// Where the first files the workload opens or reads are noted, when recording.
+    learn: Option<Arc<AccessLog>>,
 }
 
 /// Linux's 32-bit device encoding, as FUSE carries it.
@@ -152,6 +155,18 @@ impl FuseLayer {
             next_fh: AtomicU64::new(1),
             passthrough_opens,
             ops,
+            learn: None,
+        }
+    }
+
+    /// Notes the regular files opened or read in `log` from now on.
+    pub(crate) fn record_into(&mut self, log: Option<Arc<AccessLog>>) {
+        self.learn = log;
+    }
+
+    fn note_access(&self, id: NodeId) {
+        if let Some(log) = &self.learn {
+            log.note(id);
         }
     }
 
@@ -548,6 +563,7 @@ impl Filesystem for FuseLayer {
         if self.layer.index().node(id).kind != NodeKind::Reg || self.whiteout[id as usize] {
             return reply.error(Errno::EACCES);
         }
+        self.note_access(id);
         // A panic in this layer's code ends this request (the dropped reply answers
         // EIO), not the FUSE thread.
         let res = catch_unwind(AssertUnwindSafe(|| {
@@ -580,6 +596,7 @@ impl Filesystem for FuseLayer {
         let Some(id) = self.node_of(ino) else {
             return reply.error(Errno::ENOENT);
         };
+        self.note_access(id);
         // Verified cached bytes are answered right here; a miss goes to the fetch pool,
         // whose thread fetches and answers. A panic in either place ends this request
         // with EIO (the dropped reply answers it) and nothing else.

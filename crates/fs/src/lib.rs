@@ -12,6 +12,9 @@
 //! `trusted.overlay.opaque=y` xattr of its directory. The hidden directory
 //! `/.stargz-snapshotter` holds `<layer digest>.json` with the fetch progress.
 //!
+//! With [`mount_recording`], the regular files a workload opens or reads during a window
+//! after the mount's first access are noted in an [`AccessLog`] (learned prefetch).
+//!
 //! Everything that may wait on the network (reads that miss, read-ahead, prefetch,
 //! background windows) runs on one [`FetchPool`] of plain threads per process, shared by
 //! all mounts; fs creates no runtime. [`FsMetrics`] collects Prometheus metrics of the
@@ -29,6 +32,7 @@ pub mod fetcher;
 mod fusefs;
 mod head;
 pub mod layer;
+pub mod learn;
 pub mod metrics;
 mod mount;
 pub mod pool;
@@ -41,6 +45,7 @@ pub use error::{Error, Result};
 pub use fetcher::{Fetcher, FileFetcher, RegistryFetcher};
 pub use fusefs::STATE_DIR;
 pub use layer::{speculative_head, FilesPrefetched, Layer, LayerDesc};
+pub use learn::AccessLog;
 pub use metrics::FsMetrics;
-pub use mount::{mount, MountHandle, MountOptions};
+pub use mount::{mount, mount_recording, MountHandle, MountOptions};
 pub use pool::FetchPool;

@@ -15,6 +15,7 @@ use crate::config::Config;
 use crate::error::{Error, Result};
 use crate::fusefs::{is_mounted, FuseLayer, FuseOpts};
 use crate::layer::Layer;
+use crate::learn::AccessLog;
 use crate::metrics::{FsMetrics, LayerGauges, Op, NO_LAYER};
 use crate::pool::FetchPool;
 
@@ -42,6 +43,17 @@ pub struct MountOptions<'a> {
 ///
 /// Blocking: call it from a plain thread or `spawn_blocking`.
 pub fn mount(layer: Arc<Layer>, mountpoint: &Path, opts: &MountOptions<'_>) -> Result<MountHandle> {
+    mount_recording(layer, mountpoint, opts, None)
+}
+
+/// [`mount`], noting in `log` (when given) the regular files the workload opens or
+/// reads first (see [`AccessLog`]).
+pub fn mount_recording(
+    layer: Arc<Layer>,
+    mountpoint: &Path,
+    opts: &MountOptions<'_>,
+    log: Option<Arc<AccessLog>>,
+) -> Result<MountHandle> {
     let cfg = opts.cfg;
     // mountinfo lists canonical paths; `check` compares against this one.
     let mountpoint = &std::fs::canonicalize(mountpoint).unwrap_or_else(|_| mountpoint.into());
@@ -55,13 +67,14 @@ pub fn mount(layer: Arc<Layer>, mountpoint: &Path, opts: &MountOptions<'_>) -> R
         passthrough: cfg.fuse.passthrough,
     };
     let passthrough_opens = Arc::new(AtomicU64::new(0));
-    let fs = FuseLayer::new(
+    let mut fs = FuseLayer::new(
         layer.clone(),
         fopts,
         opts.pool.clone(),
         passthrough_opens.clone(),
         opts.metrics.map(|m| m.fuse_ops(&layer.desc().digest)),
     );
+    fs.record_into(log);
     let mut fcfg = fuser::Config::default();
     fcfg.mount_options = vec![
         MountOption::RO,

@@ -286,6 +286,26 @@ impl Client {
     /// is verified; content fetched by tag is verified against the
     /// `Docker-Content-Digest` header when present.
     pub async fn get_manifest(&self, r: &Reference) -> Result<FetchedManifest> {
+        self.fetch_manifest(r, &[])
+            .await?
+            .ok_or_else(|| Error::ManifestNotFound {
+                reference: r.to_string(),
+            })
+    }
+
+    /// [`Client::get_manifest`] of a manifest that may well not exist (an optional
+    /// companion such as a tag named after another manifest's digest): a 404 is `None`,
+    /// an answer and not a failed request (it is not counted as a registry error), and
+    /// ends the look-up at the first endpoint that gives it.
+    pub async fn get_manifest_if_exists(&self, r: &Reference) -> Result<Option<FetchedManifest>> {
+        self.fetch_manifest(r, &[404]).await
+    }
+
+    async fn fetch_manifest(
+        &self,
+        r: &Reference,
+        pass: &'static [u16],
+    ) -> Result<Option<FetchedManifest>> {
         let scope = Scope::pull(r.repository());
         let mref = r.manifest_ref();
         self.with_endpoints(r.registry(), |ep| {
@@ -306,12 +326,15 @@ impl Client {
                     attempt_timeout: None,
                     deadline: self.deadline(),
                     redirect_cache: None,
-                    pass_status: &[],
+                    pass_status: pass,
                 };
                 let host = ep.host.clone();
                 let read = move |resp: reqwest::Response| {
                     let host = host.clone();
                     async move {
+                        if resp.status().as_u16() == 404 {
+                            return Ok(None);
+                        }
                         let mt = resp
                             .headers()
                             .get(CONTENT_TYPE)
@@ -335,11 +358,14 @@ impl Client {
                             "manifest",
                         )
                         .await?;
-                        Ok((bytes, mt, hdr_digest))
+                        Ok(Some((bytes, mt, hdr_digest)))
                     }
                     .boxed()
                 };
-                let (bytes, media_type, hdr_digest) = self.execute(&ep, &spec, &read).await?;
+                let Some((bytes, media_type, hdr_digest)) = self.execute(&ep, &spec, &read).await?
+                else {
+                    return Ok(None);
+                };
                 let digest = match (r.digest(), hdr_digest) {
                     (Some(d), _) => {
                         crate::digest::verify_digest(d, &format!("manifest {r}"), &bytes)?;
@@ -351,11 +377,11 @@ impl Client {
                     }
                     (None, None) => Digest::sha256(&bytes),
                 };
-                Ok(FetchedManifest {
+                Ok(Some(FetchedManifest {
                     bytes,
                     digest,
                     media_type,
-                })
+                }))
             }
         })
         .await

@@ -1005,3 +1005,35 @@ async fn streamed_range_arrives_in_pieces_and_survives_a_cut() {
         assert_eq!(FrontStats::get(&front.stats.dropped), cuts);
     }
 }
+
+/// A manifest that may not exist: a 404 is `None` and no counted error; one that exists
+/// comes back verified, as `get_manifest` gives it.
+#[tokio::test]
+async fn optional_manifest_lookup() {
+    init_logs();
+    let Some(reg) = Registry::start(RegistryOpts::default()) else {
+        return;
+    };
+    let metrics = registry::RegistryMetrics::default();
+    let c = Client::with_metrics(
+        RegistryConfig {
+            blob: fast_blob(),
+            ..Default::default()
+        },
+        Arc::new(Anonymous),
+        metrics.clone(),
+    )
+    .expect("client");
+    let r = reference(&reg.host(), "app/optional");
+    let (digest, _) = push_simple(&c, &r, b"layer").await;
+    let missing = r.at_tag("sha256-0000.sgz-prefetch").unwrap();
+    assert!(c.get_manifest_if_exists(&missing).await.unwrap().is_none());
+    assert_eq!(metrics.errors("manifest"), 0);
+    assert!(matches!(
+        c.get_manifest(&missing).await,
+        Err(Error::ManifestNotFound { .. })
+    ));
+    assert_eq!(metrics.errors("manifest"), 1);
+    let found = c.get_manifest_if_exists(&r).await.unwrap().expect("exists");
+    assert_eq!(found.digest, digest);
+}

@@ -8,12 +8,15 @@
 //! * [`RemoteLayer`]: the layer a Prepare asks for, parsed once from its labels.
 //! * [`MountError`]: why a remote mount failed, and through [`MountError::fallback`]
 //!   what the snapshotter does about it.
+//! * [`prefetch_record`]: the learned-prefetch record the daemon keeps per image and
+//!   `ctr-remote` publishes as an OCI artifact.
 //!
-//! Only `serde` (the FUSE manager's requests and answers carry these types) and
-//! `thiserror`.
+//! Only `serde`/`serde_json` (the FUSE manager's requests and answers carry these
+//! types; records are JSON) and `thiserror`.
 
 mod failure;
 mod layer;
+pub mod prefetch_record;
 
 pub use failure::{Fallback, MountError};
 pub use layer::{LabelError, RemoteLayer};

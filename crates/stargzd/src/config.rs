@@ -51,6 +51,9 @@ pub struct DaemonConfig {
     /// `[cri_keychain]` (the reference's keys): the daemon proxies the CRI image
     /// service and keeps each `PullImage`'s credentials.
     pub cri_keychain: registry::CriKeychainConfig,
+    /// Ours: learned prefetch (`learn_window_sec`, `learned_prefetch`,
+    /// `learned_prefetch_max_mib`, `learned_prefetch_from_registry`).
+    pub learned: crate::learned::LearnedConfig,
 }
 
 impl DaemonConfig {
@@ -111,6 +114,7 @@ impl DaemonConfig {
         };
         let metrics: MetricsKeys = toml::from_str(text)?;
         let snap: SnapshotterKeys = toml::from_str(text)?;
+        let learned = crate::learned::LearnedConfig::parse(text)?;
         Ok(DaemonConfig {
             fs,
             registry,
@@ -125,6 +129,7 @@ impl DaemonConfig {
             kubeconfig_keychain,
             credential_provider_keychain,
             cri_keychain,
+            learned,
         })
     }
 

@@ -159,6 +159,7 @@ pub async fn daemon_remote(
             keychain,
             &opts.root.join("stargz"),
             metrics,
+            (cfg.learned.clone(), &opts.root),
         )
     });
     match remote {

@@ -123,6 +123,7 @@ async fn run(args: &Options, cfg: DaemonConfig, digest: String) -> Result<()> {
             keychain,
             &args.root.join("stargz"),
             &metrics,
+            (cfg.learned.clone(), &args.root),
         )
     });
     let remote = match remote {

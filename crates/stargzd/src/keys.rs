@@ -191,6 +191,11 @@ const TOP: &[(&str, Key)] = &[
     ("zero_config_prefetch", Used),
     ("zero_config_prefetch_max_mib", Used),
     ("disable_remote_snapshots", Used),
+    // Ours: learned prefetch (docs/snapshotter.md, "Learned prefetch").
+    ("learn_window_sec", Used),
+    ("learned_prefetch", Used),
+    ("learned_prefetch_max_mib", Used),
+    ("learned_prefetch_from_registry", Used),
     // A containerd section pasted along; never ours to read.
     ("proxy_plugins", Opaque),
 ];

@@ -10,7 +10,8 @@
 //! service and records its credentials (no other module of this crate); `classify` sorts `fs` and
 //! `registry` errors into [`remote_layer::MountError`] kinds; `preopen` opens layers
 //! with them and hands an image's open layers to `zeroconf`, which fetches the
-//! files its container starts with; [`remote`] mounts what `preopen` opened; [`fuse_manager`] and
+//! files its container starts with, and to [`learned`] (record and prefetch what
+//! workloads read first); [`remote`] mounts what `preopen` opened; [`fuse_manager`] and
 //! [`daemon`] put these together into the two processes.
 
 mod classify;
@@ -19,6 +20,7 @@ pub mod cri;
 pub mod daemon;
 pub mod fuse_manager;
 pub mod keys;
+pub mod learned;
 pub mod logging;
 pub mod manager;
 pub mod metrics;

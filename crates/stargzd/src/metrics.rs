@@ -30,6 +30,8 @@ pub struct DaemonMetrics {
     pub registry: registry::RegistryMetrics,
     /// Counted where the snapshotter runs (the daemon), never in a FUSE manager.
     pub fallbacks: FallbackMetrics,
+    /// Learned prefetch, counted where layers are mounted.
+    pub learned: crate::learned::LearnedMetrics,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -119,6 +121,7 @@ impl DaemonMetrics {
         let mut reg = Registry::default();
         self.fs.register(&mut reg);
         self.registry.register(&mut reg);
+        self.learned.register(&mut reg);
         if fallbacks {
             self.fallbacks.register(&mut reg);
         }

@@ -15,9 +15,17 @@ use remote_layer::{annotation, MountError, RemoteLayer};
 use tracing::{debug, info, warn};
 
 use crate::classify;
+use crate::learned::Learned;
 
 type Opening = Shared<BoxFuture<'static, Result<Arc<fs::Layer>, MountError>>>;
-type Resolving = Shared<BoxFuture<'static, Result<Arc<registry::ImageManifest>, MountError>>>;
+type Resolving = Shared<BoxFuture<'static, Result<Arc<Resolved>, MountError>>>;
+
+/// An image's manifest as resolved for this host: its digest (which names the image's
+/// learned-prefetch record) and the manifest (config and layers).
+struct Resolved {
+    digest: Digest,
+    manifest: registry::ImageManifest,
+}
 
 /// How long one manifest lookup serves the Prepares of the same image.
 const MANIFEST_TTL: Duration = Duration::from_secs(60);
@@ -34,6 +42,7 @@ pub struct LayerPool {
     manifests: Mutex<HashMap<String, (Instant, Resolving)>>,
     opening: Mutex<HashMap<LayerKey, (Instant, Opening)>>,
     zeroconf: crate::zeroconf::ZeroConfig,
+    learned: Option<Arc<Learned>>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -55,11 +64,27 @@ impl LayerPool {
             manifests: Mutex::default(),
             opening: Mutex::default(),
             zeroconf: crate::zeroconf::ZeroConfig::default(),
+            learned: None,
         }
     }
 
+    /// Hands the layers of each image opened to `learned` for its prefetch.
+    pub fn with_learned(mut self, learned: Arc<Learned>) -> Self {
+        self.learned = Some(learned);
+        self
+    }
+
+    /// The manifest digest of the image `image_ref` names (the remembered look-up, or
+    /// a new one).
+    pub async fn image_digest(&self, image_ref: &str) -> Option<Digest> {
+        let reference = Reference::parse(image_ref).ok()?;
+        let resolved = self.manifest(image_ref, &reference).await.ok()?;
+        Some(resolved.digest.clone())
+    }
+
     /// The layer `info` describes, opened and checked against the TOC digest of its
-    /// labels. Starts opening the image's other eStargz layers on the way.
+    /// labels. Starts opening the image's other eStargz layers on the way, and hands
+    /// them all to learned prefetch (which never holds this call up).
     pub async fn open(&self, info: &RemoteLayer) -> Result<Arc<fs::Layer>, MountError> {
         self.expire();
         let reference = Reference::parse(&info.image_ref)
@@ -70,10 +95,11 @@ impl LayerPool {
         let mut hint = None;
         // The image's eStargz layers being opened, bottom first (`None`: this one).
         let mut image_layers: Vec<Option<Opening>> = Vec::new();
-        let manifest = self.manifest(&info.image_ref, &reference).await;
-        match &manifest {
-            Ok(manifest) => {
-                for d in manifest.layers.iter() {
+        let mut ahead = Vec::new();
+        let resolved = self.manifest(&info.image_ref, &reference).await;
+        match &resolved {
+            Ok(resolved) => {
+                for d in resolved.manifest.layers.iter() {
                     if d.digest == digest {
                         image_layers.push(None);
                         size = Some(d.size);
@@ -89,14 +115,16 @@ impl LayerPool {
                         .cloned();
                     if listed && toc.is_some() {
                         // Runs on its own; the pool keeps the handle for that layer's mount.
-                        image_layers.push(Some(self.start(
+                        let opening = self.start(
                             &reference,
                             d.digest.clone(),
                             Some(d.size),
                             toc,
                             prefetch_end_hint(d),
                             &cfg,
-                        )));
+                        );
+                        image_layers.push(Some(opening.clone()));
+                        ahead.push((d.digest.to_string(), opening));
                     }
                 }
             }
@@ -114,7 +142,7 @@ impl LayerPool {
             &cfg,
         );
         locked(&self.opening).remove(&key(&info.digest.to_string(), &info.toc_digest));
-        if let Ok(manifest) = &manifest {
+        if let Ok(resolved) = &resolved {
             let layers = image_layers
                 .into_iter()
                 .map(|o| o.unwrap_or_else(|| opening.clone()))
@@ -123,9 +151,22 @@ impl LayerPool {
                 &cfg,
                 &self.client,
                 &reference,
-                &manifest.config,
+                &resolved.manifest.config,
                 layers,
                 &self.metrics,
+            );
+        }
+        if let (Some(learned), Ok(resolved)) = (&self.learned, &resolved) {
+            ahead.push((info.digest.to_string(), opening.clone()));
+            let layers = ahead
+                .into_iter()
+                .map(|(d, o)| (d, o.map(Result::ok).boxed()))
+                .collect();
+            learned.image_opening(
+                self.client.clone(),
+                reference.clone(),
+                resolved.digest.clone(),
+                layers,
             );
         }
         opening.await
@@ -152,7 +193,7 @@ impl LayerPool {
         &self,
         image_ref: &str,
         reference: &Reference,
-    ) -> Result<Arc<registry::ImageManifest>, MountError> {
+    ) -> Result<Arc<Resolved>, MountError> {
         let resolving = {
             let mut map = locked(&self.manifests);
             match map.get(image_ref) {
@@ -165,7 +206,12 @@ impl LayerPool {
                     let task = tokio::task::spawn_blocking(move || {
                         handle
                             .block_on(client.resolve_image(&reference, &registry::Platform::host()))
-                            .map(|img| Arc::new(img.manifest))
+                            .map(|img| {
+                                Arc::new(Resolved {
+                                    digest: img.digest,
+                                    manifest: img.manifest,
+                                })
+                            })
                             .map_err(|e| classify::registry_error(&e))
                     });
                     let r = async move { task.await.map_err(joined)? }.boxed().shared();

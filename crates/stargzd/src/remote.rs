@@ -10,6 +10,7 @@ use remote_layer::{MountError, RemoteLayer};
 use snapshotter::RemoteFs;
 
 use crate::classify;
+use crate::learned::{Learned, LearnedConfig};
 use crate::manager::protocol::StateCounts;
 use crate::metrics::DaemonMetrics;
 use crate::preopen::LayerPool;
@@ -24,6 +25,7 @@ pub struct FuseRemote {
     /// mounts of one point never stack. Entries live while somebody holds or waits.
     busy: Mutex<HashMap<PathBuf, Arc<tokio::sync::Mutex<()>>>>,
     metrics: DaemonMetrics,
+    learned: Arc<Learned>,
 }
 
 /// Held while one mount point is mounted, checked or unmounted.
@@ -58,12 +60,17 @@ impl FuseRemote {
         keychain: Arc<dyn registry::Keychain>,
         cache_dir: &Path,
         metrics: &DaemonMetrics,
+        learned: (LearnedConfig, &Path),
     ) -> anyhow::Result<FuseRemote> {
         let client = registry::Client::with_metrics(reg, keychain, metrics.registry.clone())?;
         std::fs::create_dir_all(cache_dir)?;
         let cache = fs::ChunkCache::from_config(&cfg, cache_dir, Some(&metrics.fs))?;
+        let (learned_cfg, root) = learned;
+        let learned = Arc::new(Learned::new(learned_cfg, root, metrics.learned.clone()));
         Ok(FuseRemote {
-            layers: LayerPool::new(client, cfg.clone(), cache, metrics.fs.clone()),
+            layers: LayerPool::new(client, cfg.clone(), cache, metrics.fs.clone())
+                .with_learned(learned.clone()),
+            learned,
             cfg,
             mounts: Mutex::default(),
             busy: Mutex::default(),
@@ -122,10 +129,13 @@ impl RemoteFs for FuseRemote {
         }
         let started = std::time::Instant::now();
         let opened = self.layers.open(layer).await?;
-        let (cfg, mp, metrics) = (
+        let log = self.learned.recorder();
+        let (cfg, mp, metrics, log2, layer2) = (
             self.cfg.clone(),
             mountpoint.to_path_buf(),
             self.metrics.fs.clone(),
+            log.clone(),
+            opened.clone(),
         );
         let handle = tokio::task::spawn_blocking(move || {
             let pool = fs::FetchPool::shared()?;
@@ -134,7 +144,7 @@ impl RemoteFs for FuseRemote {
                 metrics: Some(&metrics),
                 pool: &pool,
             };
-            fs::mount(opened, &mp, &opts)
+            fs::mount_recording(layer2, &mp, &opts, log2)
         })
         .await
         .map_err(|e| MountError::Other(e.to_string()))?
@@ -145,6 +155,13 @@ impl RemoteFs for FuseRemote {
             .fs
             .observe_ms(fs::metrics::Op::Mount, &layer.digest.to_string(), took);
         self.handles().insert(mountpoint.to_path_buf(), handle);
+        if let Some(log) = log {
+            match self.layers.image_digest(&layer.image_ref).await {
+                Some(image) => self.learned.watch(image, opened, log),
+                None => tracing::debug!(image = %layer.image_ref,
+                    "image digest unknown; the files this mount reads are not recorded"),
+            }
+        }
         Ok(())
     }
 
@@ -190,6 +207,9 @@ impl FuseRemote {
                 failed += 1;
             }
         }
+        // The records of what those mounts' workloads read are written before the
+        // process goes.
+        self.learned.settle(std::time::Duration::from_secs(2)).await;
         failed
     }
 }

@@ -19,7 +19,7 @@ mod kubeapi;
 mod registry;
 mod tls;
 
-pub use front::{Front, FrontOpts, FrontStats};
+pub use front::{Front, FrontOpts, FrontStats, Logged};
 pub use issuer::{IssuerOpts, TokenIssuer};
 pub use kubeapi::{FakeKubeApi, DOCKERCONFIGJSON};
 pub use registry::{free_port, require_tool, Registry, RegistryOpts, TokenAuthConfig};
