@@ -28,12 +28,16 @@ struct SnapshotterSection {
 }
 
 /// Parsed daemon configuration.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DaemonConfig {
     pub fs: fs::Config,
     pub registry: registry::RegistryConfig,
     /// Not a reference key: serve every layer by download (no FUSE).
     pub disable_remote_snapshots: bool,
+    /// Not a reference key (default true): a layer that cannot be mounted lazily is
+    /// downloaded and unpacked by the daemon, in parallel with the image's other
+    /// layers, instead of by containerd's own pull.
+    pub full_pull: bool,
     /// `[fuse_manager]`: where layer mounts live.
     pub fuse_manager: FuseManagerConfig,
     /// `[snapshotter] allow_invalid_mounts_on_restart`: start even when some remote
@@ -51,6 +55,24 @@ pub struct DaemonConfig {
     /// `[cri_keychain]` (the reference's keys): the daemon proxies the CRI image
     /// service and keeps each `PullImage`'s credentials.
     pub cri_keychain: registry::CriKeychainConfig,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            fs: Default::default(),
+            registry: Default::default(),
+            disable_remote_snapshots: false,
+            full_pull: true,
+            fuse_manager: Default::default(),
+            allow_invalid_mounts_on_restart: false,
+            metrics_address: None,
+            no_prometheus: false,
+            kubeconfig_keychain: Default::default(),
+            credential_provider_keychain: Default::default(),
+            cri_keychain: Default::default(),
+        }
+    }
 }
 
 impl DaemonConfig {
@@ -109,12 +131,18 @@ impl DaemonConfig {
             Some(toml::Value::Boolean(b)) => *b,
             Some(_) => anyhow::bail!("disable_remote_snapshots: expected a boolean"),
         };
+        let full_pull = match table.get("full_pull") {
+            None => true,
+            Some(toml::Value::Boolean(b)) => *b,
+            Some(_) => anyhow::bail!("full_pull: expected a boolean"),
+        };
         let metrics: MetricsKeys = toml::from_str(text)?;
         let snap: SnapshotterKeys = toml::from_str(text)?;
         Ok(DaemonConfig {
             fs,
             registry,
             disable_remote_snapshots,
+            full_pull,
             fuse_manager: FuseManagerConfig::parse(text)?,
             allow_invalid_mounts_on_restart: snap
                 .snapshotter

@@ -188,6 +188,8 @@ const TOP: &[(&str, Key)] = &[
     ("sequential_readahead_kib", Used),
     ("speculative_head_kib", Used),
     ("disable_remote_snapshots", Used),
+    // Ours: layers that are not eStargz are downloaded and unpacked by the daemon.
+    ("full_pull", Used),
     // A containerd section pasted along; never ours to read.
     ("proxy_plugins", Opaque),
 ];

@@ -9,13 +9,15 @@
 //! [`metrics`] scrapes this process or that client; [`cri`] forwards the CRI image
 //! service and records its credentials (no other module of this crate); `classify` sorts `fs` and
 //! `registry` errors into [`remote_layer::MountError`] kinds; `preopen` opens layers
-//! with them; [`remote`] mounts what `preopen` opened; [`fuse_manager`] and
-//! [`daemon`] put these together into the two processes.
+//! with them; [`remote`] mounts what `preopen` opened; [`fullpull`] downloads and
+//! unpacks the layers that cannot be mounted lazily (needing nothing of this crate);
+//! [`fuse_manager`] and [`daemon`] put these together into the two processes.
 
 mod classify;
 pub mod config;
 pub mod cri;
 pub mod daemon;
+pub mod fullpull;
 pub mod fuse_manager;
 pub mod keys;
 pub mod logging;
