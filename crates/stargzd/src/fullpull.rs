@@ -96,6 +96,12 @@ pub struct FullPull {
     ranges: Arc<Semaphore>,
     pulls: Mutex<HashMap<String, (Instant, Pull)>>,
     manifests: Mutex<HashMap<String, (Instant, Resolving)>>,
+    /// Images whose layers were started ahead, and when: once per image, or the
+    /// layers already claimed would be pulled again by each later Prepare.
+    ahead: Mutex<HashMap<String, Instant>>,
+    /// Blobs a Prepare has claimed (or is pulling itself), and when: never started
+    /// ahead again while the image's Prepares go on.
+    claimed: Mutex<HashMap<String, Instant>>,
     seq: AtomicU64,
 }
 
@@ -140,6 +146,8 @@ impl FullPull {
             ranges: Arc::new(Semaphore::new(RANGES_TOTAL)),
             pulls: Mutex::default(),
             manifests: Mutex::default(),
+            ahead: Mutex::default(),
+            claimed: Mutex::default(),
             seq: AtomicU64::new(0),
         })
     }
@@ -153,6 +161,8 @@ impl FullPull {
         let now = Instant::now();
         locked(&self.pulls).retain(|_, (t, _)| now.duration_since(*t) < UNCLAIMED_TTL);
         locked(&self.manifests).retain(|_, (t, _)| now.duration_since(*t) < MANIFEST_TTL);
+        locked(&self.ahead).retain(|_, t| now.duration_since(*t) < UNCLAIMED_TTL);
+        locked(&self.claimed).retain(|_, t| now.duration_since(*t) < UNCLAIMED_TTL);
     }
 
     /// Starts the full pulls of the image's layers that `layer`'s labels list and that
@@ -164,6 +174,12 @@ impl FullPull {
         };
         if !self.verification.refuses_without_toc(layer) {
             // Layers without a TOC digest may be mounted lazily: only their Prepare tells.
+            return;
+        }
+        if locked(&self.ahead)
+            .insert(layer.image_ref.clone(), Instant::now())
+            .is_some()
+        {
             return;
         }
         let (this, layer) = (self.clone(), layer.clone());
@@ -182,7 +198,8 @@ impl FullPull {
                     .annotations
                     .as_ref()
                     .is_some_and(|a| a.contains_key(annotation::TOC_DIGEST));
-                if listed && !toc && unpackable(&d.media_type) {
+                let claimed = locked(&this.claimed).contains_key(&d.digest.to_string());
+                if listed && !toc && !claimed && unpackable(&d.media_type) {
                     drop(this.start(&reference, &d.digest, Some(d.size)));
                 }
             }
@@ -252,6 +269,7 @@ impl FullPull {
             Reference::parse(&layer.image_ref).map_err(|e| MountError::InvalidLabels(e.to_string()))?;
         let key = layer.digest.to_string();
         // Claimed: a later Prepare of the same blob pulls it again.
+        locked(&self.claimed).insert(key.clone(), Instant::now());
         let pull = locked(&self.pulls).remove(&key).map(|(_, p)| p);
         let pull = match pull {
             Some(p) => p,

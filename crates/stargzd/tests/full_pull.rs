@@ -318,6 +318,14 @@ impl Tar {
         self
     }
 
+    /// A hard link carrying its target's mode and owner, as tar writers record it
+    /// (the applier sets them on the shared inode again).
+    fn hardlink(&mut self, path: &str, target: &str, mode: u32, owner: (u64, u64)) -> &mut Self {
+        let mut h = Self::header(tar::EntryType::Link, mode, owner);
+        self.0.append_link(&mut h, path, target).unwrap();
+        self
+    }
+
     fn special(&mut self, kind: tar::EntryType, path: &str, dev: (u32, u32)) -> &mut Self {
         let mut h = Self::header(kind, 0o644, (0, 0));
         h.set_device_major(dev.0).unwrap();
@@ -428,7 +436,7 @@ fn rich_layers() -> Vec<Vec<u8>> {
         .dir("bin/", 0o755)
         .file("bin/su", b"#!/bin/sh\necho su\n", 0o4755, (0, 0))
         .file("bin/tool", b"tool\n", 0o2750, (1000, 1001))
-        .link(tar::EntryType::Link, "bin/tool-again", "bin/tool")
+        .hardlink("bin/tool-again", "bin/tool", 0o2750, (1000, 1001))
         .link(tar::EntryType::Symlink, "bin/sh", "/bin/busybox")
         .link(tar::EntryType::Symlink, "bin/rel", "../etc/passwd")
         .dir("dev/", 0o755)
@@ -545,7 +553,9 @@ fn walk(root: &Path) -> BTreeMap<String, Node> {
                 size: if kind == "dir" { 0 } else { md.size() },
                 nlink: if kind == "dir" { 0 } else { md.nlink() },
                 rdev: md.rdev(),
-                mtime: md.mtime(),
+                // The top layer's root is not in its archive: its time is that of
+                // the unpack, in either pull.
+                mtime: if p == root { 0 } else { md.mtime() },
                 content,
                 target,
                 xattrs: xattrs(&p),
