@@ -759,6 +759,132 @@ fn set_times(dir: RawFd, name: &CStr, atime: (i64, i64), mtime: (i64, i64)) -> s
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::os::unix::fs::{FileTypeExt, MetadataExt};
+
+    fn header(kind: tar::EntryType, size: u64) -> tar::Header {
+        let mut h = tar::Header::new_gnu();
+        h.set_entry_type(kind);
+        h.set_mode(0o644);
+        h.set_size(size);
+        h.set_uid(0);
+        h.set_gid(0);
+        h.set_mtime(0);
+        h
+    }
+
+    fn tar_of(build: impl FnOnce(&mut tar::Builder<Vec<u8>>)) -> Vec<u8> {
+        let mut b = tar::Builder::new(Vec::new());
+        build(&mut b);
+        b.into_inner().unwrap()
+    }
+
+    fn file(b: &mut tar::Builder<Vec<u8>>, path: &str, data: &[u8]) {
+        let mut h = header(tar::EntryType::Regular, data.len() as u64);
+        b.append_data(&mut h, path, data).unwrap();
+    }
+
+    #[test]
+    fn entry_count_is_bounded() {
+        let t = tar_of(|b| {
+            for i in 0..5 {
+                file(b, &format!("f{i}"), b"x");
+            }
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_entries: 3,
+            max_bytes: 1 << 20,
+        };
+        let e = unpack(&t[..], dir.path(), &limits).unwrap_err();
+        assert!(matches!(e, UnpackError::Limit(_)), "{e}");
+    }
+
+    #[test]
+    fn absurd_sizes_are_refused() {
+        // A header claiming 1 TiB followed by a few bytes: over the byte bound, or a
+        // stream that ends inside the file; never an allocation of that size.
+        let mut h = header(tar::EntryType::Regular, 1 << 40);
+        h.set_path("huge").unwrap();
+        h.set_cksum();
+        let mut t = h.as_bytes().to_vec();
+        t.extend_from_slice(&[7u8; 4096]);
+        let dir = tempfile::tempdir().unwrap();
+        let limits = Limits {
+            max_entries: 10,
+            max_bytes: 2048,
+        };
+        let e = unpack(&t[..], dir.path(), &limits).unwrap_err();
+        assert!(matches!(e, UnpackError::Read(_)), "{e}");
+        let e = unpack(&t[..], tempfile::tempdir().unwrap().path(), &Limits::default()).unwrap_err();
+        assert!(matches!(e, UnpackError::Malformed(_)), "{e}");
+        // A PAX header of 2 MiB is refused before it is read.
+        let mut h = header(tar::EntryType::XHeader, 2 << 20);
+        h.set_path("pax").unwrap();
+        h.set_cksum();
+        let mut t = h.as_bytes().to_vec();
+        t.extend_from_slice(&[b'1'; 1024]);
+        let e = unpack(&t[..], tempfile::tempdir().unwrap().path(), &Limits::default()).unwrap_err();
+        assert!(matches!(e, UnpackError::Limit(_)), "{e}");
+    }
+
+    #[test]
+    fn nothing_is_written_through_a_symlink() {
+        let outside = tempfile::tempdir().unwrap();
+        let target = outside.path().to_str().unwrap().to_string();
+        let t = tar_of(|b| {
+            let mut h = header(tar::EntryType::Symlink, 0);
+            b.append_link(&mut h, "x", &target).unwrap();
+            file(b, "x/evil", b"evil");
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let e = unpack(&t[..], dir.path(), &Limits::default()).unwrap_err();
+        assert!(matches!(e, UnpackError::Refused { .. }), "{e}");
+        assert!(!outside.path().join("evil").exists());
+        // A hard link through the same symlink is refused too.
+        let t = tar_of(|b| {
+            file(b, "victim", b"v");
+            let mut h = header(tar::EntryType::Symlink, 0);
+            b.append_link(&mut h, "x", &target).unwrap();
+            let mut h = header(tar::EntryType::Link, 0);
+            b.append_link(&mut h, "x/new-link", "victim").unwrap();
+        });
+        let e = unpack(&t[..], tempfile::tempdir().unwrap().path(), &Limits::default()).unwrap_err();
+        assert!(matches!(e, UnpackError::Refused { .. }), "{e}");
+        assert!(!outside.path().join("new-link").exists());
+    }
+
+    #[test]
+    fn whiteouts_become_overlay_markers() {
+        let t = tar_of(|b| {
+            let mut h = header(tar::EntryType::Directory, 0);
+            h.set_mode(0o755);
+            b.append_data(&mut h, "d/", &[][..]).unwrap();
+            file(b, "d/.wh..wh..opq", b"");
+            file(b, ".wh.gone", b"");
+            file(b, "d/kept", b"kept");
+        });
+        let dir = tempfile::tempdir().unwrap();
+        let stats = unpack(&t[..], dir.path(), &Limits::default()).unwrap();
+        assert_eq!(stats.entries, 4);
+        let md = std::fs::symlink_metadata(dir.path().join("gone")).unwrap();
+        assert!(md.file_type().is_char_device());
+        assert_eq!(md.rdev(), 0);
+        assert!(!dir.path().join(".wh.gone").exists());
+        let c = CString::new(dir.path().join("d").as_os_str().as_encoded_bytes()).unwrap();
+        let mut v = [0u8; 4];
+        // SAFETY: valid C strings and a buffer of the given length.
+        let n = unsafe {
+            libc::lgetxattr(
+                c.as_ptr(),
+                c"trusted.overlay.opaque".as_ptr(),
+                v.as_mut_ptr().cast(),
+                v.len(),
+            )
+        };
+        assert_eq!(n, 1, "{}", std::io::Error::last_os_error());
+        assert_eq!(v[0], b'y');
+        assert_eq!(std::fs::read(dir.path().join("d/kept")).unwrap(), b"kept");
+    }
 
     #[test]
     fn paths_outside_are_refused() {
