@@ -110,8 +110,14 @@ fn main() -> Result<()> {
                 a.samples = 1;
                 a.images = vec!["busybox".into()];
                 a.modes.retain(|m| {
-                    ["legacy", "legacy-stargz", "estargz-noopt", "estargz", "zstdchunked"]
-                        .contains(&m.as_str())
+                    [
+                        "legacy",
+                        "legacy-stargz",
+                        "estargz-noopt",
+                        "estargz",
+                        "zstdchunked",
+                    ]
+                    .contains(&m.as_str())
                 });
             }
             let ours_daemon = a.bin_dir.join("containerd-stargz-grpc");

@@ -355,20 +355,20 @@ impl<R: RemoteFs> Snapshotter<R> {
         let served = match self.remote.provide(&fs, layer).await {
             Ok(s) => s,
             Err(e) => {
-            cancel.armed = false;
-            // Either way containerd downloads this layer; the kind says whether a
-            // later Prepare of it may mount it remotely after all. One line per layer,
-            // loud: a full pull where a lazy one was expected is worth noticing.
-            match e.fallback() {
-                Fallback::Pull => tracing::warn!(key, layer = %layer.digest,
+                cancel.armed = false;
+                // Either way containerd downloads this layer; the kind says whether a
+                // later Prepare of it may mount it remotely after all. One line per layer,
+                // loud: a full pull where a lazy one was expected is worth noticing.
+                match e.fallback() {
+                    Fallback::Pull => tracing::warn!(key, layer = %layer.digest,
                     image = %layer.image_ref, kind = e.kind(), error = %e,
                     "remote mount failed; falling back to an ordinary pull"),
-                Fallback::Retry => tracing::warn!(key, layer = %layer.digest,
+                    Fallback::Retry => tracing::warn!(key, layer = %layer.digest,
                     image = %layer.image_ref, kind = e.kind(), error = %e,
                     "remote mount failed for a passing reason; falling back to an ordinary pull"),
-            }
-            self.remote.fell_back(&e);
-            return None;
+                }
+                self.remote.fell_back(&e);
+                return None;
             }
         };
         let store = self.store.clone();

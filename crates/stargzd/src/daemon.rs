@@ -106,7 +106,11 @@ pub struct Counted {
 impl RemoteFs for Counted {
     async fn provide(&self, dir: &Path, layer: &RemoteLayer) -> Result<Served, MountError> {
         let Some(full) = &self.full else {
-            return self.remote.mount(dir, layer).await.map(|()| Served::Mounted);
+            return self
+                .remote
+                .mount(dir, layer)
+                .await
+                .map(|()| Served::Mounted);
         };
         full.ahead(layer);
         // Refused lazily anyway (no TOC digest to check it against): no round trip to
@@ -210,9 +214,16 @@ fn full_pull(
         allow_none: cfg.fs.allow_no_verification,
     };
     let res = cfg.keychain(cri).and_then(|keychain| {
-        let client =
-            registry::Client::with_metrics(cfg.registry.clone(), keychain, metrics.registry.clone())?;
-        Ok(FullPull::new(client, &opts.root.join("fullpull"), verification)?)
+        let client = registry::Client::with_metrics(
+            cfg.registry.clone(),
+            keychain,
+            metrics.registry.clone(),
+        )?;
+        Ok(FullPull::new(
+            client,
+            &opts.root.join("fullpull"),
+            verification,
+        )?)
     });
     match res {
         Ok(f) => Some(Arc::new(f)),

@@ -63,7 +63,9 @@ impl Drop for Staged {
         match std::fs::remove_dir_all(&self.dir) {
             Ok(()) => {}
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => {}
-            Err(e) => warn!(path = %self.dir.display(), error = %e, "removing a staging directory failed"),
+            Err(e) => {
+                warn!(path = %self.dir.display(), error = %e, "removing a staging directory failed")
+            }
         }
     }
 }
@@ -265,8 +267,8 @@ impl FullPull {
     /// or one pulled now. On failure `dest` is left empty.
     pub async fn fill(&self, dest: &Path, layer: &RemoteLayer) -> Result<(), MountError> {
         let started = Instant::now();
-        let reference =
-            Reference::parse(&layer.image_ref).map_err(|e| MountError::InvalidLabels(e.to_string()))?;
+        let reference = Reference::parse(&layer.image_ref)
+            .map_err(|e| MountError::InvalidLabels(e.to_string()))?;
         let key = layer.digest.to_string();
         // Claimed: a later Prepare of the same blob pulls it again.
         locked(&self.claimed).insert(key.clone(), Instant::now());
@@ -283,9 +285,9 @@ impl FullPull {
                 p
             }
         };
-        let staged = tokio::time::timeout(WAIT, pull)
-            .await
-            .map_err(|_| MountError::FullPull(format!("layer {key}: not done within {WAIT:?}")))??;
+        let staged = tokio::time::timeout(WAIT, pull).await.map_err(|_| {
+            MountError::FullPull(format!("layer {key}: not done within {WAIT:?}"))
+        })??;
         let (from, to) = (staged.root(), dest.to_path_buf());
         // An empty directory is replaced by the rename; same filesystem (the daemon's root).
         tokio::task::spawn_blocking(move || std::fs::rename(&from, &to))
@@ -323,7 +325,9 @@ impl Job {
         let digest = self.digest.clone();
         let res = self.pull().await;
         match &res {
-            Ok(_) => info!(layer = %digest, took_ms = started.elapsed().as_millis() as u64, "full pull done"),
+            Ok(_) => {
+                info!(layer = %digest, took_ms = started.elapsed().as_millis() as u64, "full pull done")
+            }
             Err(e) => warn!(layer = %digest, error = %e, "full pull failed"),
         }
         res
@@ -331,10 +335,16 @@ impl Job {
 
     async fn pull(self) -> Result<Arc<Staged>, MountError> {
         if self.digest.algorithm() != registry::Algorithm::Sha256 {
-            return Err(failed(format!("{}: only sha256 blobs are pulled", self.digest)));
+            return Err(failed(format!(
+                "{}: only sha256 blobs are pulled",
+                self.digest
+            )));
         }
-        std::fs::create_dir(&self.dir).map_err(|e| failed(format!("{}: {e}", self.dir.display())))?;
-        let staged = Staged { dir: self.dir.clone() };
+        std::fs::create_dir(&self.dir)
+            .map_err(|e| failed(format!("{}: {e}", self.dir.display())))?;
+        let staged = Staged {
+            dir: self.dir.clone(),
+        };
         std::fs::create_dir(staged.root())
             .and_then(|()| {
                 use std::os::unix::fs::PermissionsExt;
@@ -345,7 +355,8 @@ impl Job {
         let root = staged.root();
         let unpacking = tokio::task::spawn_blocking(move || unpack_stream(Chan::new(rx), &root));
         let handle = tokio::runtime::Handle::current();
-        let (reader, digest, size, ranges) = (self.reader, self.digest.clone(), self.size, self.ranges);
+        let (reader, digest, size, ranges) =
+            (self.reader, self.digest.clone(), self.size, self.ranges);
         // The registry client's futures are not Send: driven on a thread of their own.
         let downloading = tokio::task::spawn_blocking(move || {
             handle.block_on(download(reader, digest, size, ranges, tx))
@@ -435,7 +446,9 @@ async fn download_inner(
     }
     let got = format!("{:x}", hash.finalize());
     if got != digest.hex() {
-        return Err(fail(format!("digest mismatch: the registry sent sha256:{got}")));
+        return Err(fail(format!(
+            "digest mismatch: the registry sent sha256:{got}"
+        )));
     }
     if tx.send(Msg::Verified).await.is_err() {
         return Err(Down::UnpackerGone);

@@ -126,9 +126,16 @@ fn padding(size: u64) -> u64 {
 }
 
 /// Reads a small record (long name, PAX header) of `size` bytes, at most `max`.
-fn read_record<R: Read>(r: &mut R, size: u64, max: u64, what: &str) -> Result<Vec<u8>, UnpackError> {
+fn read_record<R: Read>(
+    r: &mut R,
+    size: u64,
+    max: u64,
+    what: &str,
+) -> Result<Vec<u8>, UnpackError> {
     if size > max {
-        return Err(UnpackError::Limit(format!("{what} of {size} bytes (most {max})")));
+        return Err(UnpackError::Limit(format!(
+            "{what} of {size} bytes (most {max})"
+        )));
     }
     let mut v = vec![0u8; size as usize];
     r.read_exact(&mut v).map_err(|e| match e.kind() {
@@ -170,6 +177,9 @@ fn components(path: &[u8]) -> Result<Vec<CString>, String> {
 fn show(path: &[u8]) -> String {
     String::from_utf8_lossy(path).into_owned()
 }
+
+/// Seconds and nanoseconds since the epoch.
+type Time = (i64, i64);
 
 /// An entry's header, with its long names and PAX records applied.
 struct Entry {
@@ -241,7 +251,13 @@ pub fn unpack<R: Read>(r: R, root: &Path, limits: &Limits) -> Result<Stats, Unpa
         let sum: u32 = block
             .iter()
             .enumerate()
-            .map(|(i, &b)| if (148..156).contains(&i) { 32 } else { u32::from(b) })
+            .map(|(i, &b)| {
+                if (148..156).contains(&i) {
+                    32
+                } else {
+                    u32::from(b)
+                }
+            })
             .sum();
         if sum != stored {
             return Err(UnpackError::Malformed("header checksum mismatch".into()));
@@ -252,11 +268,21 @@ pub fn unpack<R: Read>(r: R, root: &Path, limits: &Limits) -> Result<Stats, Unpa
         let kind = h.entry_type();
         match kind {
             tar::EntryType::GNULongName => {
-                long_name = Some(trim_nul(read_record(&mut r, size, MAX_PATH as u64 + 1, "long name")?));
+                long_name = Some(trim_nul(read_record(
+                    &mut r,
+                    size,
+                    MAX_PATH as u64 + 1,
+                    "long name",
+                )?));
                 continue;
             }
             tar::EntryType::GNULongLink => {
-                long_link = Some(trim_nul(read_record(&mut r, size, MAX_PATH as u64 + 1, "long link name")?));
+                long_link = Some(trim_nul(read_record(
+                    &mut r,
+                    size,
+                    MAX_PATH as u64 + 1,
+                    "long link name",
+                )?));
                 continue;
             }
             tar::EntryType::XHeader => {
@@ -271,20 +297,33 @@ pub fn unpack<R: Read>(r: R, root: &Path, limits: &Limits) -> Result<Stats, Unpa
         }
         let mut e = Entry {
             kind,
-            path: long_name.take().unwrap_or_else(|| h.path_bytes().into_owned()),
+            path: long_name
+                .take()
+                .unwrap_or_else(|| h.path_bytes().into_owned()),
             link: long_link
                 .take()
                 .or_else(|| h.link_name_bytes().map(|l| l.into_owned()))
                 .unwrap_or_default(),
             size,
-            mode: h.mode().map_err(|e| UnpackError::Malformed(format!("mode: {e}")))?,
-            uid: u32::try_from(h.uid().map_err(|e| UnpackError::Malformed(format!("uid: {e}")))?)
-                .map_err(|_| UnpackError::Malformed("uid over 32 bits".into()))?,
-            gid: u32::try_from(h.gid().map_err(|e| UnpackError::Malformed(format!("gid: {e}")))?)
-                .map_err(|_| UnpackError::Malformed("gid over 32 bits".into()))?,
+            mode: h
+                .mode()
+                .map_err(|e| UnpackError::Malformed(format!("mode: {e}")))?,
+            uid: u32::try_from(
+                h.uid()
+                    .map_err(|e| UnpackError::Malformed(format!("uid: {e}")))?,
+            )
+            .map_err(|_| UnpackError::Malformed("uid over 32 bits".into()))?,
+            gid: u32::try_from(
+                h.gid()
+                    .map_err(|e| UnpackError::Malformed(format!("gid: {e}")))?,
+            )
+            .map_err(|_| UnpackError::Malformed("gid over 32 bits".into()))?,
             mtime: (
-                i64::try_from(h.mtime().map_err(|e| UnpackError::Malformed(format!("mtime: {e}")))?)
-                    .unwrap_or(i64::MAX),
+                i64::try_from(
+                    h.mtime()
+                        .map_err(|e| UnpackError::Malformed(format!("mtime: {e}")))?,
+                )
+                .unwrap_or(i64::MAX),
                 0,
             ),
             atime: None,
@@ -376,7 +415,7 @@ fn open_dir_at(dir: RawFd, name: &CStr) -> std::io::Result<OwnedFd> {
 struct Unpacker {
     root: OwnedFd,
     last: Option<(Vec<CString>, OwnedFd)>,
-    dir_times: Vec<(Vec<CString>, (i64, i64), (i64, i64))>,
+    dir_times: Vec<(Vec<CString>, Time, Time)>,
 }
 
 const DOT: &CStr = c".";
@@ -400,7 +439,12 @@ impl Unpacker {
     /// The directory `comps` names, walked from the root without following links;
     /// missing ones are created (0755, as containerd does) when `create`.
     /// The descriptor returned is the caller's own: later walks may drop the cached one.
-    fn dir(&mut self, comps: &[CString], create: bool, shown: &[u8]) -> Result<OwnedFd, UnpackError> {
+    fn dir(
+        &mut self,
+        comps: &[CString],
+        create: bool,
+        shown: &[u8],
+    ) -> Result<OwnedFd, UnpackError> {
         if comps.is_empty() {
             return self.dup(self.root.as_raw_fd(), shown);
         }
@@ -411,7 +455,9 @@ impl Unpacker {
         }
         let mut cur: Option<OwnedFd> = None;
         for comp in comps {
-            let at = cur.as_ref().map_or(self.root.as_raw_fd(), |f| f.as_raw_fd());
+            let at = cur
+                .as_ref()
+                .map_or(self.root.as_raw_fd(), |f| f.as_raw_fd());
             let next = match open_dir_at(at, comp) {
                 Ok(fd) => fd,
                 Err(e) if e.raw_os_error() == Some(libc::ENOENT) && create => {
@@ -424,9 +470,7 @@ impl Unpacker {
                         .map_err(|source| self.io("create directory", shown, source))?;
                     open_dir_at(at, comp).map_err(|source| self.io("open", shown, source))?
                 }
-                Err(e)
-                    if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) =>
-                {
+                Err(e) if matches!(e.raw_os_error(), Some(libc::ELOOP) | Some(libc::ENOTDIR)) => {
                     return Err(UnpackError::Refused {
                         path: show(shown),
                         why: "a parent is a symbolic link or not a directory".into(),
@@ -480,7 +524,8 @@ impl Unpacker {
             skip(r, data_size + padding(data_size))?;
             let root = self.root.as_raw_fd();
             self.meta(root, DOT, e, false)?;
-            self.dir_times.push((Vec::new(), e.atime_or_mtime(), e.mtime));
+            self.dir_times
+                .push((Vec::new(), e.atime_or_mtime(), e.mtime));
             return Ok(());
         };
         let parent_fd = self.dir(parents, true, &e.path)?;
@@ -518,7 +563,13 @@ impl Unpacker {
                 .map_err(|source| self.io("create whiteout", &e.path, source))?;
             // SAFETY: as above.
             cvt(unsafe {
-                libc::fchownat(parent, hidden.as_ptr(), e.uid, e.gid, libc::AT_SYMLINK_NOFOLLOW)
+                libc::fchownat(
+                    parent,
+                    hidden.as_ptr(),
+                    e.uid,
+                    e.gid,
+                    libc::AT_SYMLINK_NOFOLLOW,
+                )
             })
             .map_err(|source| self.io("chown", &e.path, source))?;
             return Ok(());
@@ -570,7 +621,13 @@ impl Unpacker {
                 // SAFETY: valid descriptors and C strings; 0 flags: a link to a symbolic
                 // link links the link itself.
                 cvt(unsafe {
-                    libc::linkat(tparent.as_raw_fd(), tname.as_ptr(), parent, name.as_ptr(), 0)
+                    libc::linkat(
+                        tparent.as_raw_fd(),
+                        tname.as_ptr(),
+                        parent,
+                        name.as_ptr(),
+                        0,
+                    )
                 })
                 .map_err(|source| self.io("create hard link", &e.path, source))?;
                 is_symlink = self.is_symlink(parent, name, &e.path)?;
@@ -599,7 +656,9 @@ impl Unpacker {
     }
 
     fn is_symlink(&self, dir: RawFd, name: &CStr, shown: &[u8]) -> Result<bool, UnpackError> {
-        let st = self.stat(dir, name).map_err(|source| self.io("stat", shown, source))?;
+        let st = self
+            .stat(dir, name)
+            .map_err(|source| self.io("stat", shown, source))?;
         Ok(st.st_mode & libc::S_IFMT == libc::S_IFLNK)
     }
 
@@ -613,7 +672,13 @@ impl Unpacker {
 
     /// Makes room for a new entry `name`: a later entry replaces an earlier one, except
     /// that a directory stays a directory. Returns whether a directory was kept.
-    fn clear(&mut self, dir: RawFd, name: &CStr, keep_dir: bool, shown: &[u8]) -> Result<bool, UnpackError> {
+    fn clear(
+        &mut self,
+        dir: RawFd,
+        name: &CStr,
+        keep_dir: bool,
+        shown: &[u8],
+    ) -> Result<bool, UnpackError> {
         let st = match self.stat(dir, name) {
             Ok(st) => st,
             Err(e) if e.raw_os_error() == Some(libc::ENOENT) => return Ok(false),
@@ -637,7 +702,13 @@ impl Unpacker {
         Ok(false)
     }
 
-    fn write_file<R: Read>(&self, r: &mut R, dir: RawFd, name: &CStr, e: &Entry) -> Result<(), UnpackError> {
+    fn write_file<R: Read>(
+        &self,
+        r: &mut R,
+        dir: RawFd,
+        name: &CStr,
+        e: &Entry,
+    ) -> Result<(), UnpackError> {
         // SAFETY: valid descriptor and C string; the result is checked.
         let fd = cvt(unsafe {
             libc::openat(
@@ -669,7 +740,13 @@ impl Unpacker {
 
     /// Owner, xattrs, mode (after the owner: chown clears setuid) and, for all but
     /// directories (set at the end, once their contents are in), times.
-    fn meta(&self, dir: RawFd, name: &CStr, e: &Entry, is_symlink: bool) -> Result<(), UnpackError> {
+    fn meta(
+        &self,
+        dir: RawFd,
+        name: &CStr,
+        e: &Entry,
+        is_symlink: bool,
+    ) -> Result<(), UnpackError> {
         // SAFETY: valid descriptor and C string.
         cvt(unsafe { libc::fchownat(dir, name.as_ptr(), e.uid, e.gid, libc::AT_SYMLINK_NOFOLLOW) })
             .map_err(|source| self.io("chown", &e.path, source))?;
@@ -752,7 +829,14 @@ fn set_times(dir: RawFd, name: &CStr, atime: (i64, i64), mtime: (i64, i64)) -> s
     };
     let times = [ts(atime), ts(mtime)];
     // SAFETY: valid descriptor, C string and a two-element array.
-    cvt(unsafe { libc::utimensat(dir, name.as_ptr(), times.as_ptr(), libc::AT_SYMLINK_NOFOLLOW) })?;
+    cvt(unsafe {
+        libc::utimensat(
+            dir,
+            name.as_ptr(),
+            times.as_ptr(),
+            libc::AT_SYMLINK_NOFOLLOW,
+        )
+    })?;
     Ok(())
 }
 
@@ -815,7 +899,12 @@ mod tests {
         };
         let e = unpack(&t[..], dir.path(), &limits).unwrap_err();
         assert!(matches!(e, UnpackError::Read(_)), "{e}");
-        let e = unpack(&t[..], tempfile::tempdir().unwrap().path(), &Limits::default()).unwrap_err();
+        let e = unpack(
+            &t[..],
+            tempfile::tempdir().unwrap().path(),
+            &Limits::default(),
+        )
+        .unwrap_err();
         assert!(matches!(e, UnpackError::Malformed(_)), "{e}");
         // A PAX header of 2 MiB is refused before it is read.
         let mut h = header(tar::EntryType::XHeader, 2 << 20);
@@ -823,7 +912,12 @@ mod tests {
         h.set_cksum();
         let mut t = h.as_bytes().to_vec();
         t.extend_from_slice(&[b'1'; 1024]);
-        let e = unpack(&t[..], tempfile::tempdir().unwrap().path(), &Limits::default()).unwrap_err();
+        let e = unpack(
+            &t[..],
+            tempfile::tempdir().unwrap().path(),
+            &Limits::default(),
+        )
+        .unwrap_err();
         assert!(matches!(e, UnpackError::Limit(_)), "{e}");
     }
 
@@ -848,7 +942,12 @@ mod tests {
             let mut h = header(tar::EntryType::Link, 0);
             b.append_link(&mut h, "x/new-link", "victim").unwrap();
         });
-        let e = unpack(&t[..], tempfile::tempdir().unwrap().path(), &Limits::default()).unwrap_err();
+        let e = unpack(
+            &t[..],
+            tempfile::tempdir().unwrap().path(),
+            &Limits::default(),
+        )
+        .unwrap_err();
         assert!(matches!(e, UnpackError::Refused { .. }), "{e}");
         assert!(!outside.path().join("new-link").exists());
     }
@@ -897,7 +996,10 @@ mod tests {
 
     #[test]
     fn pax_times() {
-        assert_eq!(pax_time(b"1700000000.5"), Some((1_700_000_000, 500_000_000)));
+        assert_eq!(
+            pax_time(b"1700000000.5"),
+            Some((1_700_000_000, 500_000_000))
+        );
         assert_eq!(pax_time(b"12"), Some((12, 0)));
         assert_eq!(pax_time(b"x"), None);
     }
