@@ -211,6 +211,16 @@ fn pax_time(v: &[u8]) -> Option<(i64, i64)> {
     Some((secs, if secs < 0 { -nanos } else { nanos }))
 }
 
+/// A numeric header field as Go's archive/tar (containerd's reader) takes it: a blank
+/// one (NULs or spaces) is 0.
+fn number(parsed: std::io::Result<u64>, raw: &[u8], what: &str) -> Result<u64, UnpackError> {
+    match parsed {
+        Ok(n) => Ok(n),
+        Err(_) if raw.iter().all(|&b| b == 0 || b == b' ') => Ok(0),
+        Err(e) => Err(UnpackError::Malformed(format!("{what}: {e}"))),
+    }
+}
+
 fn pax_number(v: &[u8]) -> Option<u64> {
     std::str::from_utf8(v).ok()?.trim().parse().ok()
 }
@@ -262,9 +272,8 @@ pub fn unpack<R: Read>(r: R, root: &Path, limits: &Limits) -> Result<Stats, Unpa
         if sum != stored {
             return Err(UnpackError::Malformed("header checksum mismatch".into()));
         }
-        let size = h
-            .entry_size()
-            .map_err(|e| UnpackError::Malformed(format!("entry size: {e}")))?;
+        let old = h.as_old();
+        let size = number(h.entry_size(), &old.size, "entry size")?;
         let kind = h.entry_type();
         match kind {
             tar::EntryType::GNULongName => {
@@ -305,25 +314,14 @@ pub fn unpack<R: Read>(r: R, root: &Path, limits: &Limits) -> Result<Stats, Unpa
                 .or_else(|| h.link_name_bytes().map(|l| l.into_owned()))
                 .unwrap_or_default(),
             size,
-            mode: h
-                .mode()
-                .map_err(|e| UnpackError::Malformed(format!("mode: {e}")))?,
-            uid: u32::try_from(
-                h.uid()
-                    .map_err(|e| UnpackError::Malformed(format!("uid: {e}")))?,
-            )
-            .map_err(|_| UnpackError::Malformed("uid over 32 bits".into()))?,
-            gid: u32::try_from(
-                h.gid()
-                    .map_err(|e| UnpackError::Malformed(format!("gid: {e}")))?,
-            )
-            .map_err(|_| UnpackError::Malformed("gid over 32 bits".into()))?,
+            mode: u32::try_from(number(h.mode().map(u64::from), &old.mode, "mode")?)
+                .map_err(|_| UnpackError::Malformed("mode over 32 bits".into()))?,
+            uid: u32::try_from(number(h.uid(), &old.uid, "uid")?)
+                .map_err(|_| UnpackError::Malformed("uid over 32 bits".into()))?,
+            gid: u32::try_from(number(h.gid(), &old.gid, "gid")?)
+                .map_err(|_| UnpackError::Malformed("gid over 32 bits".into()))?,
             mtime: (
-                i64::try_from(
-                    h.mtime()
-                        .map_err(|e| UnpackError::Malformed(format!("mtime: {e}")))?,
-                )
-                .unwrap_or(i64::MAX),
+                i64::try_from(number(h.mtime(), &old.mtime, "mtime")?).unwrap_or(i64::MAX),
                 0,
             ),
             atime: None,
