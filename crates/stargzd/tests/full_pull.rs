@@ -46,6 +46,7 @@ struct Env {
     daemon: Option<Child>,
     containerd: Option<Child>,
     snap_root: PathBuf,
+    snap_sock: PathBuf,
     sock: PathBuf,
     metrics: String,
     views: Vec<PathBuf>,
@@ -75,7 +76,39 @@ impl Drop for Env {
     }
 }
 
+/// Starts our daemon with `dir/stargz.toml`, logging (appended) to `dir/stargz.log`.
+fn spawn_daemon(dir: &Path, snap_sock: &Path, snap_root: &Path) -> Child {
+    let _ = std::fs::remove_file(snap_sock);
+    let log = std::fs::OpenOptions::new()
+        .create(true)
+        .append(true)
+        .open(dir.join("stargz.log"))
+        .unwrap();
+    let daemon = Command::new(env!("CARGO_BIN_EXE_containerd-stargz-grpc"))
+        .arg("--address")
+        .arg(snap_sock)
+        .arg("--root")
+        .arg(snap_root)
+        .arg("--config")
+        .arg(dir.join("stargz.toml"))
+        .args(["--log-level", "debug"])
+        .stdout(Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    wait_for(snap_sock, "containerd-stargz-grpc");
+    daemon
+}
+
 impl Env {
+    /// Stops the daemon (SIGTERM) and starts it again on the same root.
+    fn restart_daemon(&mut self) {
+        if let Some(mut c) = self.daemon.take() {
+            stop(&mut c, libc::SIGTERM, Duration::from_secs(10));
+        }
+        self.daemon = Some(spawn_daemon(&self.dir, &self.snap_sock, &self.snap_root));
+    }
+
     fn start(config: &str) -> Env {
         let tmp = tempfile::Builder::new()
             .prefix("stargzd-fullpull-")
@@ -90,20 +123,7 @@ impl Env {
         .unwrap();
         let snap_sock = dir.join("run/stargz.sock");
         let snap_root = dir.join("stargz-root");
-        let log = std::fs::File::create(dir.join("stargz.log")).unwrap();
-        let daemon = Command::new(env!("CARGO_BIN_EXE_containerd-stargz-grpc"))
-            .arg("--address")
-            .arg(&snap_sock)
-            .arg("--root")
-            .arg(&snap_root)
-            .arg("--config")
-            .arg(dir.join("stargz.toml"))
-            .args(["--log-level", "debug"])
-            .stdout(Stdio::null())
-            .stderr(log)
-            .spawn()
-            .unwrap();
-        wait_for(&snap_sock, "containerd-stargz-grpc");
+        let daemon = spawn_daemon(&dir, &snap_sock, &snap_root);
         let d = dir.display();
         std::fs::write(
             dir.join("containerd.toml"),
@@ -135,6 +155,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             .unwrap();
         let env = Env {
             sock: dir.join("containerd.sock"),
+            snap_sock,
             snap_root,
             dir,
             _tmp: tmp,
@@ -223,7 +244,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     /// Mounts a read-only view of snapshot `top` of `snapshotter` in `ns`; returns where.
     fn view(&mut self, ns: &str, snapshotter: &str, top: &str) -> PathBuf {
-        let key = format!("view-{ns}");
+        let key = format!("view-{ns}-{}", self.views.len());
         let out = self
             .ctr(
                 ns,
@@ -254,7 +275,7 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
             .iter()
             .map(|o| o.as_str().unwrap().to_string())
             .collect();
-        let target = self.dir.join(format!("view-{ns}"));
+        let target = self.dir.join(&key);
         std::fs::create_dir_all(&target).unwrap();
         let mut cmd = Command::new("mount");
         if kind != "bind" {
@@ -712,6 +733,34 @@ async fn plain_layers_are_pulled_in_full_like_containerd_unpacks_them() {
         Some(&b"layer-one"[..])
     );
     assert!(b["bin/ping"].xattrs.contains_key("security.capability"));
+    // Plain directories: a restart has nothing to mount again, and Mounts of the
+    // image's layers need nothing from the daemon's past.
+    env.restart_daemon();
+    let log = env.daemon_log();
+    assert!(
+        log.contains("remote snapshots restored restored=0"),
+        "{}",
+        env.logs()
+    );
+    // containerd dials the proxy again with a backoff.
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while env
+        .ctr(OURS_NS, &["snapshots", "--snapshotter", "stargz", "ls"])
+        .is_err()
+    {
+        assert!(
+            Instant::now() < deadline,
+            "containerd does not reach the daemon again"
+        );
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    let again = env.view(OURS_NS, "stargz", &top);
+    let d = diff(&a, &walk(&again));
+    assert!(
+        d.is_empty(),
+        "trees differ after a restart:\n{}",
+        d.join("\n")
+    );
     assert_eq!(b["dev/fifo"].kind, "fifo");
     assert_eq!(b["big/blob"].size, 20 << 20);
     assert!(b.keys().any(|k| k.len() > 250), "long names");
