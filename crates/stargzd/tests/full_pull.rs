@@ -665,7 +665,12 @@ async fn plain_layers_are_pulled_in_full_like_containerd_unpacks_them() {
     .unwrap_or_else(|e| panic!("{e}\n{}", env.logs()));
     front.stats.log.lock().unwrap().clear();
     let out = env.rpull(OURS_NS, &img);
-    assert!(out.contains("3 layer(s) remote, 0 unpacked"), "{out}");
+    assert!(
+        out.contains(
+            "0 layer(s) remote, 0 unpacked, 0 already present, 3 pulled in full by the snapshotter"
+        ),
+        "{out}"
+    );
     let log = env.daemon_log();
     assert_eq!(
         log.matches("layer filled by a full pull").count(),

@@ -710,7 +710,10 @@ async fn our_rpull_mounts_estargz_and_unpacks_plain() {
         check_run(&env.run(&lazy, "o1", SCRIPT), &big_digest);
 
         let out = env.rpull_ours(&plain);
-        assert!(out.contains("2 layer(s) remote, 0 unpacked"), "{out}");
+        assert!(
+            out.contains("0 layer(s) remote, 0 unpacked, 0 already present, 2 pulled in full"),
+            "{out}"
+        );
         let out = env.run(
             &plain,
             "o2",
