@@ -570,8 +570,9 @@ async fn check_pull(args: &DoctorArgs, image: &str, address: &str, namespace: &s
     match res {
         Err(e) => Finding::new(Status::Fail, C, format!("pulling {image} failed: {e:#}")),
         Ok(r) => {
-            let total = r.remote + r.unpacked + r.existing;
-            if r.unpacked == 0 && r.remote > 0 {
+            let total = r.remote + r.filled + r.unpacked + r.existing;
+            let full = r.filled + r.unpacked;
+            if full == 0 && r.remote > 0 {
                 Finding::new(
                     Status::Ok,
                     C,
@@ -590,7 +591,7 @@ async fn check_pull(args: &DoctorArgs, image: &str, address: &str, namespace: &s
                     C,
                     format!(
                         "{image}: {} of {total} layer(s) mounted lazily, {} downloaded in full (not eStargz, or they fell back: see the snapshotter's log)",
-                        r.remote, r.unpacked
+                        r.remote, full
                     ),
                 )
             }

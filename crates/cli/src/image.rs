@@ -498,8 +498,8 @@ async fn rpull_cmd(a: RpullArgs, containerd: &Containerd) -> Result<()> {
         .await
         .with_context(|| format!("pulling {} into containerd", a.reference))?;
     eprintln!(
-        "done: {} layer(s) remote, {} unpacked, {} already present; top snapshot {}",
-        r.remote, r.unpacked, r.existing, r.chain_id
+        "done: {} layer(s) remote, {} unpacked, {} already present, {} pulled in full by the snapshotter; top snapshot {}",
+        r.remote, r.unpacked, r.existing, r.filled, r.chain_id
     );
     println!("{}", r.manifest);
     Ok(())

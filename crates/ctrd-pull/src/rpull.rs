@@ -69,6 +69,9 @@ pub struct RpullReport {
     pub manifest: oci_digest::Digest,
     /// Layers the snapshotter mounts remotely.
     pub remote: usize,
+    /// Layers the snapshotter downloaded and unpacked itself (not eStargz, pulled in
+    /// full): local snapshots, no remote mount.
+    pub filled: usize,
     /// Layers fetched and unpacked here.
     pub unpacked: usize,
     /// Layers whose snapshot already existed.
@@ -204,6 +207,7 @@ async fn pull_leased(
             .parse()
             .map_err(|e: oci_digest::ParseDigestError| Error::bad("manifest", e.to_string()))?,
         remote: 0,
+        filled: 0,
         unpacked: 0,
         existing: 0,
         chain_id: top.clone(),
@@ -284,8 +288,28 @@ async fn pull_leased(
         let mounts = match prepared {
             // The remote snapshotter made the layer itself.
             Err(s) if s.code() == Code::AlreadyExists => {
-                report.remote += 1;
-                tracing::info!(layer = %layer.digest, chain = %chain, "mounted remotely");
+                // Mounted remotely (the snapshot says so), or unpacked by the
+                // snapshotter itself.
+                let info = snaps
+                    .stat(ctd.req(StatSnapshotRequest {
+                        snapshotter: opts.snapshotter.clone(),
+                        key: chain.clone(),
+                    }))
+                    .await;
+                let remote = match info {
+                    Ok(r) => r
+                        .into_inner()
+                        .info
+                        .is_none_or(|i| i.labels.contains_key(remote_layer::label::REMOTE)),
+                    Err(_) => true,
+                };
+                if remote {
+                    report.remote += 1;
+                    tracing::info!(layer = %layer.digest, chain = %chain, "mounted remotely");
+                } else {
+                    report.filled += 1;
+                    tracing::info!(layer = %layer.digest, chain = %chain, "pulled in full by the snapshotter");
+                }
                 continue;
             }
             Err(s) => return Err(rpc("snapshot prepare", s)),

@@ -56,7 +56,7 @@ struct RunArgs {
     #[arg(
         long,
         value_delimiter = ',',
-        default_value = "legacy,estargz-noopt,estargz,zstdchunked,ref-estargz-noopt,ref-estargz,reference-converted,ref-reference-converted"
+        default_value = "legacy,legacy-stargz,estargz-noopt,estargz,zstdchunked,ref-estargz-noopt,ref-estargz,reference-converted,ref-reference-converted"
     )]
     modes: Vec<String>,
     /// One busybox image, one sample, lan, the modes that need no reference daemon.
@@ -110,7 +110,14 @@ fn main() -> Result<()> {
                 a.samples = 1;
                 a.images = vec!["busybox".into()];
                 a.modes.retain(|m| {
-                    ["legacy", "estargz-noopt", "estargz", "zstdchunked"].contains(&m.as_str())
+                    [
+                        "legacy",
+                        "legacy-stargz",
+                        "estargz-noopt",
+                        "estargz",
+                        "zstdchunked",
+                    ]
+                    .contains(&m.as_str())
                 });
             }
             let ours_daemon = a.bin_dir.join("containerd-stargz-grpc");

@@ -66,6 +66,10 @@ pub enum MountError {
     /// Remote snapshots are turned off.
     #[error("remote snapshots are disabled")]
     Disabled,
+    /// A layer that cannot be mounted lazily could not be downloaded and unpacked by
+    /// the snapshotter itself (digest mismatch, hostile archive, fetch error...).
+    #[error("full pull failed: {0}")]
+    FullPull(String),
     /// Anything else (the FUSE mount itself, local I/O...).
     #[error("{0}")]
     Other(String),
@@ -87,6 +91,7 @@ impl MountError {
             MountError::Unavailable(_) => "unavailable",
             MountError::NotMounted(_) => "not_mounted",
             MountError::Disabled => "disabled",
+            MountError::FullPull(_) => "full_pull",
             MountError::Other(_) => "other",
         }
     }
@@ -112,6 +117,7 @@ impl MountError {
             | MountError::Timeout(d)
             | MountError::Unavailable(d)
             | MountError::NotMounted(d)
+            | MountError::FullPull(d)
             | MountError::Other(d) => Some(d),
             MountError::Disabled => None,
         }
@@ -134,6 +140,7 @@ impl MountError {
             | MountError::NoCredentials(_)
             | MountError::NotFound(_)
             | MountError::Disabled
+            | MountError::FullPull(_)
             | MountError::Other(_) => Fallback::Pull,
         }
     }
@@ -158,6 +165,7 @@ mod tests {
             MountError::Unavailable(s()),
             MountError::NotMounted(s()),
             MountError::Disabled,
+            MountError::FullPull(s()),
             MountError::Other(s()),
         ]
     }

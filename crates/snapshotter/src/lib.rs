@@ -47,7 +47,7 @@ pub mod proto {
 }
 
 pub use error::{Error, Result};
-pub use remote::{NoRemote, RemoteFs};
+pub use remote::{NoRemote, RemoteFs, Served};
 pub use service::{bind, serve, Service, NAMESPACE_HEADER};
 pub use snapshotter::{Info, Mount, Options, Snapshotter};
 pub use store::{Kind, Usage};

@@ -1,13 +1,35 @@
 //! The remote-layer hook: the [`RemoteFs`] trait a snapshotter mounts remote layers
-//! through, and [`NoRemote`], which mounts none.
+//! through (or has them unpacked by), [`Served`], and [`NoRemote`], which mounts none.
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
 
 use remote_layer::{MountError, RemoteLayer};
 
+/// How the layer of a Prepare was provided by [`RemoteFs::provide`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Served {
+    /// Mounted at the snapshot's directory and fetched lazily: a remote snapshot,
+    /// checked by Mounts and mounted again after a restart.
+    Mounted,
+    /// Downloaded and unpacked into the snapshot's directory: from then on an ordinary
+    /// local layer, with nothing mounted and nothing to restore.
+    Filled,
+}
+
 /// A filesystem that can serve a layer at a mount point without downloading it first.
 pub trait RemoteFs: Send + Sync + 'static {
+    /// Provides the layer of a Prepare in `dir` (an empty directory): mounted lazily,
+    /// or, when the filesystem can do better than a fallback to containerd's own pull,
+    /// filled with the unpacked layer. Only a Prepare calls this; a remote snapshot is
+    /// mounted again with [`RemoteFs::mount`]. By default, a mount.
+    fn provide(
+        &self,
+        dir: &Path,
+        layer: &RemoteLayer,
+    ) -> impl Future<Output = Result<Served, MountError>> + Send {
+        async move { self.mount(dir, layer).await.map(|()| Served::Mounted) }
+    }
     /// Mounts `layer` at `mountpoint` (an empty directory).
     fn mount(
         &self,
@@ -50,6 +72,13 @@ impl RemoteFs for NoRemote {
 
 /// Lets callers keep a handle on the filesystem they give the snapshotter.
 impl<T: RemoteFs> RemoteFs for std::sync::Arc<T> {
+    fn provide(
+        &self,
+        dir: &Path,
+        layer: &RemoteLayer,
+    ) -> impl Future<Output = Result<Served, MountError>> + Send {
+        (**self).provide(dir, layer)
+    }
     fn mount(
         &self,
         mountpoint: &Path,

@@ -12,7 +12,7 @@ use remote_layer::{label, Fallback, MountError, RemoteLayer};
 
 use crate::error::{Error, Result};
 use crate::filter::{Fields, Filter};
-use crate::remote::RemoteFs;
+use crate::remote::{RemoteFs, Served};
 use crate::store::{Kind, Record, Store, Usage};
 
 /// A mount containerd performs to get a snapshot's root filesystem.
@@ -352,39 +352,80 @@ impl<R: RemoteFs> Snapshotter<R> {
             fs: fs.clone(),
             armed: true,
         };
-        let mounted = self.remote.mount(&fs, layer).await;
-        if let Err(e) = mounted {
-            cancel.armed = false;
-            // Either way containerd downloads this layer; the kind says whether a
-            // later Prepare of it may mount it remotely after all. One line per layer,
-            // loud: a full pull where a lazy one was expected is worth noticing.
-            match e.fallback() {
-                Fallback::Pull => tracing::warn!(key, layer = %layer.digest,
+        let served = match self.remote.provide(&fs, layer).await {
+            Ok(s) => s,
+            Err(e) => {
+                cancel.armed = false;
+                // Either way containerd downloads this layer; the kind says whether a
+                // later Prepare of it may mount it remotely after all. One line per layer,
+                // loud: a full pull where a lazy one was expected is worth noticing.
+                match e.fallback() {
+                    Fallback::Pull => tracing::warn!(key, layer = %layer.digest,
                     image = %layer.image_ref, kind = e.kind(), error = %e,
                     "remote mount failed; falling back to an ordinary pull"),
-                Fallback::Retry => tracing::warn!(key, layer = %layer.digest,
+                    Fallback::Retry => tracing::warn!(key, layer = %layer.digest,
                     image = %layer.image_ref, kind = e.kind(), error = %e,
                     "remote mount failed for a passing reason; falling back to an ordinary pull"),
+                }
+                self.remote.fell_back(&e);
+                return None;
             }
-            self.remote.fell_back(&e);
-            return None;
-        }
-        labels.insert(label::REMOTE.to_string(), "remote snapshot".to_string());
+        };
         let store = self.store.clone();
         let (ns2, key2, target2) = (ns.to_string(), key.to_string(), target.to_string());
-        let res =
-            blocking(move || store.commit(&ns2, &key2, &target2, labels, Some(Usage::default())))
-                .await;
+        let res = match served {
+            // A remote snapshot: restored, checked and remounted by its label.
+            Served::Mounted => {
+                labels.insert(label::REMOTE.to_string(), "remote snapshot".to_string());
+                blocking(move || {
+                    store.commit(&ns2, &key2, &target2, labels, Some(Usage::default()))
+                })
+                .await
+            }
+            // An ordinary layer on disk: committed as containerd's own unpack would be.
+            Served::Filled => {
+                let dir = fs.clone();
+                blocking(move || {
+                    let usage = disk_usage(&dir)?;
+                    store.commit(&ns2, &key2, &target2, labels, Some(usage))
+                })
+                .await
+            }
+        };
         cancel.armed = false;
         match res {
             Ok(_) => {
-                tracing::info!(target, layer = %layer.digest, "remote snapshot committed");
+                match served {
+                    Served::Mounted => {
+                        tracing::info!(target, layer = %layer.digest, "remote snapshot committed")
+                    }
+                    Served::Filled => {
+                        tracing::info!(target, layer = %layer.digest, "unpacked layer committed")
+                    }
+                }
                 Some(Error::AlreadyExists(target.to_string()))
             }
             Err(e) => {
                 tracing::warn!(key, target, error = %e, "committing remote snapshot failed; falling back");
-                if let Err(e) = self.remote.unmount(&fs).await {
-                    tracing::warn!(path = %fs.display(), error = %e, "unmounting remote layer failed");
+                match served {
+                    Served::Mounted => {
+                        if let Err(e) = self.remote.unmount(&fs).await {
+                            tracing::warn!(path = %fs.display(), error = %e, "unmounting remote layer failed");
+                        }
+                    }
+                    // containerd unpacks into this directory next: it must be empty.
+                    Served::Filled => {
+                        let dir = fs.clone();
+                        let emptied = blocking(move || {
+                            std::fs::remove_dir_all(&dir)
+                                .and_then(|()| std::fs::create_dir(&dir))
+                                .map_err(|e| Error::io("empty directory", &dir, e))
+                        })
+                        .await;
+                        if let Err(e) = emptied {
+                            return Some(e);
+                        }
+                    }
                 }
                 None
             }

@@ -28,12 +28,16 @@ struct SnapshotterSection {
 }
 
 /// Parsed daemon configuration.
-#[derive(Debug, Default)]
+#[derive(Debug)]
 pub struct DaemonConfig {
     pub fs: fs::Config,
     pub registry: registry::RegistryConfig,
     /// Not a reference key: serve every layer by download (no FUSE).
     pub disable_remote_snapshots: bool,
+    /// Not a reference key (default true): a layer that cannot be mounted lazily is
+    /// downloaded and unpacked by the daemon, in parallel with the image's other
+    /// layers, instead of by containerd's own pull.
+    pub full_pull: bool,
     /// `[fuse_manager]`: where layer mounts live.
     pub fuse_manager: FuseManagerConfig,
     /// `[snapshotter] allow_invalid_mounts_on_restart`: start even when some remote
@@ -54,6 +58,25 @@ pub struct DaemonConfig {
     /// Ours: learned prefetch (`learn_window_sec`, `learned_prefetch`,
     /// `learned_prefetch_max_mib`, `learned_prefetch_from_registry`).
     pub learned: crate::learned::LearnedConfig,
+}
+
+impl Default for DaemonConfig {
+    fn default() -> Self {
+        DaemonConfig {
+            fs: Default::default(),
+            registry: Default::default(),
+            disable_remote_snapshots: false,
+            full_pull: true,
+            fuse_manager: Default::default(),
+            allow_invalid_mounts_on_restart: false,
+            metrics_address: None,
+            no_prometheus: false,
+            kubeconfig_keychain: Default::default(),
+            credential_provider_keychain: Default::default(),
+            cri_keychain: Default::default(),
+            learned: Default::default(),
+        }
+    }
 }
 
 impl DaemonConfig {
@@ -112,6 +135,11 @@ impl DaemonConfig {
             Some(toml::Value::Boolean(b)) => *b,
             Some(_) => anyhow::bail!("disable_remote_snapshots: expected a boolean"),
         };
+        let full_pull = match table.get("full_pull") {
+            None => true,
+            Some(toml::Value::Boolean(b)) => *b,
+            Some(_) => anyhow::bail!("full_pull: expected a boolean"),
+        };
         let metrics: MetricsKeys = toml::from_str(text)?;
         let snap: SnapshotterKeys = toml::from_str(text)?;
         let learned = crate::learned::LearnedConfig::parse(text)?;
@@ -119,6 +147,7 @@ impl DaemonConfig {
             fs,
             registry,
             disable_remote_snapshots,
+            full_pull,
             fuse_manager: FuseManagerConfig::parse(text)?,
             allow_invalid_mounts_on_restart: snap
                 .snapshotter

@@ -12,11 +12,12 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use remote_layer::{MountError, RemoteLayer};
-use snapshotter::{NoRemote, RemoteFs, Snapshotter};
+use snapshotter::{NoRemote, RemoteFs, Served, Snapshotter};
 use tokio::signal::unix::{signal, SignalKind};
 
 use crate::config::DaemonConfig;
 use crate::cri::CriProxy;
+use crate::fullpull::{FullPull, Verification};
 use crate::logging::LogFormat;
 use crate::manager::client::ManagerClient;
 use crate::manager::launch::Launch;
@@ -93,14 +94,40 @@ impl RemoteFs for DaemonRemote {
     }
 }
 
-/// The daemon's [`DaemonRemote`] with the layers that fall back to a full pull counted
-/// (`stargz_layer_fallbacks_total`).
+/// The daemon's [`DaemonRemote`] with the layers that fall back to containerd's pull
+/// counted (`stargz_layer_fallbacks_total`), and the layers that cannot be mounted
+/// lazily downloaded and unpacked here when `full_pull` is on.
 pub struct Counted {
     pub remote: DaemonRemote,
     pub fallbacks: metrics::FallbackMetrics,
+    pub full: Option<Arc<FullPull>>,
 }
 
 impl RemoteFs for Counted {
+    async fn provide(&self, dir: &Path, layer: &RemoteLayer) -> Result<Served, MountError> {
+        let Some(full) = &self.full else {
+            return self
+                .remote
+                .mount(dir, layer)
+                .await
+                .map(|()| Served::Mounted);
+        };
+        full.ahead(layer);
+        // Refused lazily anyway (no TOC digest to check it against): no round trip to
+        // the registry to learn so.
+        if layer.toc_digest.is_none() && full.verification().refuses_without_toc(layer) {
+            return full.fill(dir, layer).await.map(|()| Served::Filled);
+        }
+        match self.remote.mount(dir, layer).await {
+            Ok(()) => Ok(Served::Mounted),
+            Err(e @ (MountError::NotEstargz(_) | MountError::Unverifiable(_))) => {
+                tracing::info!(layer = %layer.digest, kind = e.kind(), error = %e,
+                    "layer cannot be mounted lazily; pulling it in full");
+                full.fill(dir, layer).await.map(|()| Served::Filled)
+            }
+            Err(e) => Err(e),
+        }
+    }
     async fn mount(&self, mp: &Path, layer: &RemoteLayer) -> Result<(), MountError> {
         self.remote.mount(mp, layer).await
     }
@@ -171,6 +198,43 @@ pub async fn daemon_remote(
     }
 }
 
+/// The daemon's full pulls, unless `full_pull = false` or remote snapshots are off
+/// (then containerd pulls every layer). They run in this process: it owns the
+/// snapshot directories the layers are moved into.
+fn full_pull(
+    cfg: &DaemonConfig,
+    opts: &Options,
+    metrics: &DaemonMetrics,
+    cri: Option<Arc<registry::CriKeychain>>,
+) -> Option<Arc<FullPull>> {
+    if !cfg.full_pull || cfg.disable_remote_snapshots {
+        return None;
+    }
+    let verification = Verification {
+        disabled: cfg.fs.disable_verification,
+        allow_none: cfg.fs.allow_no_verification,
+    };
+    let res = cfg.keychain(cri).and_then(|keychain| {
+        let client = registry::Client::with_metrics(
+            cfg.registry.clone(),
+            keychain,
+            metrics.registry.clone(),
+        )?;
+        Ok(FullPull::new(
+            client,
+            &opts.root.join("fullpull"),
+            verification,
+        )?)
+    });
+    match res {
+        Ok(f) => Some(Arc::new(f)),
+        Err(e) => {
+            tracing::warn!(error = %format!("{e:#}"), "full pulls unavailable; containerd pulls layers that are not eStargz");
+            None
+        }
+    }
+}
+
 /// Tells systemd we are ready when it asked (Type=notify).
 fn sd_notify_ready() {
     let Some(path) = std::env::var_os("NOTIFY_SOCKET") else {
@@ -218,6 +282,7 @@ async fn run(args: Options, cfg: DaemonConfig) -> Result<()> {
         .listen_path
         .clone()
         .filter(|p| !p.as_os_str().is_empty() && *p != args.address);
+    let full = full_pull(&cfg, &args, &metrics, cri_store.clone());
     let (remote, fuse_manager) = daemon_remote(cfg, &args, &metrics, cri_store).await;
     if let Some(addr) = &metrics_address {
         // With a FUSE manager the layers, their fetches and the cache live there.
@@ -232,6 +297,7 @@ async fn run(args: Options, cfg: DaemonConfig) -> Result<()> {
     let remote = Counted {
         remote,
         fallbacks: metrics.fallbacks.clone(),
+        full,
     };
     let sn = Arc::new(Snapshotter::open(sn_opts, remote)?);
     // As the reference: a remote snapshot that cannot be mounted again stops the start

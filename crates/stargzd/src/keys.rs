@@ -196,6 +196,8 @@ const TOP: &[(&str, Key)] = &[
     ("learned_prefetch", Used),
     ("learned_prefetch_max_mib", Used),
     ("learned_prefetch_from_registry", Used),
+    // Ours: layers that are not eStargz are downloaded and unpacked by the daemon.
+    ("full_pull", Used),
     // A containerd section pasted along; never ours to read.
     ("proxy_plugins", Opaque),
 ];

@@ -11,13 +11,15 @@
 //! `registry` errors into [`remote_layer::MountError`] kinds; `preopen` opens layers
 //! with them and hands an image's open layers to `zeroconf`, which fetches the
 //! files its container starts with, and to [`learned`] (record and prefetch what
-//! workloads read first); [`remote`] mounts what `preopen` opened; [`fuse_manager`] and
-//! [`daemon`] put these together into the two processes.
+//! workloads read first); [`remote`] mounts what `preopen` opened; [`fullpull`]
+//! downloads and unpacks the layers that cannot be mounted lazily (needing nothing of
+//! this crate); [`fuse_manager`] and [`daemon`] put these together into the two processes.
 
 mod classify;
 pub mod config;
 pub mod cri;
 pub mod daemon;
+pub mod fullpull;
 pub mod fuse_manager;
 pub mod keys;
 pub mod learned;

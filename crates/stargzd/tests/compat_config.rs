@@ -782,7 +782,8 @@ async fn request_timeouts_and_headers_at_mirrors() {
 
 /// A layer whose descriptor has no TOC digest mounts only with both
 /// `allow_no_verification` and the `stargz.skipverify` label, as in the reference;
-/// otherwise the snapshot is left for containerd to unpack.
+/// otherwise the snapshot is left for containerd to unpack (with `full_pull = false`;
+/// by default the daemon unpacks it itself).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn skipverify_needs_the_label_and_the_key() {
     if !prerequisites() {
@@ -804,7 +805,7 @@ async fn skipverify_needs_the_label_and_the_key() {
         let d = Daemon::start(
             &format!(
                 "allow_no_verification = {allow}\nno_background_fetch = true\n\
-                 [fuse_manager]\nenable = false\n"
+                 full_pull = false\n[fuse_manager]\nenable = false\n"
             ),
             &[],
         );

@@ -649,7 +649,8 @@ async fn plain_gzip_image_falls_back() {
     let (t1, t2) = image_tars();
     let img = push(&reg, "plain/img", &[gzip_layer(&t1), gzip_layer(&t2)]).await;
 
-    let mut env = Env::start("");
+    // Without the daemon's own full pull, containerd downloads the layers.
+    let mut env = Env::start("full_pull = false\n");
     env.checked(|env| {
         env.rpull(&img);
         let out = env.run(&img, "p1", "cat /etc/x; ls /deleted 2>&1 || true; ls /junk");
@@ -685,7 +686,8 @@ async fn plain_gzip_image_falls_back() {
 }
 
 /// Our own `ctr-remote image rpull`: eStargz layers become remote snapshots (only what
-/// the workload reads is fetched), plain gzip layers are downloaded and unpacked.
+/// the workload reads is fetched), plain gzip layers are downloaded and unpacked by the
+/// daemon (`full_pull`), so rpull itself unpacks nothing.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn our_rpull_mounts_estargz_and_unpacks_plain() {
     if !prerequisites() {
@@ -708,7 +710,10 @@ async fn our_rpull_mounts_estargz_and_unpacks_plain() {
         check_run(&env.run(&lazy, "o1", SCRIPT), &big_digest);
 
         let out = env.rpull_ours(&plain);
-        assert!(out.contains("0 layer(s) remote, 2 unpacked"), "{out}");
+        assert!(
+            out.contains("0 layer(s) remote, 0 unpacked, 0 already present, 2 pulled in full"),
+            "{out}"
+        );
         let out = env.run(
             &plain,
             "o2",

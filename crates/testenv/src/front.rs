@@ -59,6 +59,9 @@ pub struct FrontOpts {
     /// Answer multi-range GETs with a `multipart/byteranges` reply whose first part
     /// is followed by this many bytes of junk, chunked.
     pub multipart_flood_bytes: Option<usize>,
+    /// Flip the last byte of every single-range 206 blob body (a registry, or a proxy,
+    /// that alters data); whole-blob GETs pass untouched.
+    pub corrupt_ranged_blobs: bool,
     /// Hold every blob request this many milliseconds before answering it, as a slow
     /// link would, so that requests in flight at the same time can be seen in `log`.
     pub blob_delay_ms: u64,
@@ -432,6 +435,24 @@ async fn handle(st: &State, req: Request<hyper::body::Incoming>) -> Response<Bod
         }
         return r;
     }
+    let corrupt = is_blob
+        && method == Method::GET
+        && status == 206
+        && st.opts.corrupt_ranged_blobs
+        && !data.is_empty()
+        && !up_headers
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("multipart/"));
+    let data = if corrupt {
+        let mut v = data.to_vec();
+        if let Some(last) = v.last_mut() {
+            *last ^= 0x55;
+        }
+        Bytes::from(v)
+    } else {
+        data
+    };
     let body: Body = if cut {
         s.dropped.fetch_add(1, Ordering::SeqCst);
         let half = data.slice(..data.len() / 2);
