@@ -245,13 +245,21 @@ disabled_plugins = ["io.containerd.grpc.v1.cri"]
 
     /// Runs `script` in a new container; returns its output.
     fn run(&self, img: &str, id: &str, script: &str) -> String {
+        // runc keeps its state per namespace and id machine-wide, whichever containerd
+        // runs it: tests running side by side need ids of their own.
+        let unique = self
+            .dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        let id = format!("{id}-{unique}");
         self.ok(&[
             "run",
             "--rm",
             "--snapshotter",
             "stargz",
             img,
-            id,
+            &id,
             "/bin/busybox",
             "sh",
             "-c",
