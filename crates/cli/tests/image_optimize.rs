@@ -1153,3 +1153,31 @@ fn prefetch_list_prioritizes_paths_and_globs() {
     assert!(!out.status.success());
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot be used together"));
 }
+
+/// The workload has the capabilities containerd gives a container by default: a
+/// start-up script that changes owners as root (as postgres's does) runs through.
+#[test]
+fn workload_may_chown_as_root() {
+    let Some((reg, busybox)) = prerequisites() else {
+        return;
+    };
+    let rt = rt();
+    let host = reg.host();
+    let (src, _) = registry_image(&rt, &host, &busybox);
+    let dst = format!("docker://{host}/dst/app:chown");
+    let out = optimize(
+        &[
+            "--entrypoint",
+            r#"["/bin/sh","-c"]"#,
+            "--args",
+            r#"["mkdir -p /run/owned && chown 1:1 /run/owned && stat -c %u:%g /run/owned && cat /data/unused.txt"]"#,
+        ],
+        &src,
+        &dst,
+    );
+    let stdout = ok(&out);
+    assert!(
+        stdout.contains("1:1") && stdout.contains("never read"),
+        "{stdout}"
+    );
+}

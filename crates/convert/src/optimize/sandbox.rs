@@ -177,9 +177,9 @@ pub fn build_spec(
         .build()
         .map_err(spec_err)?;
     if let Some(d) = spec.process().as_ref() {
-        process.set_capabilities(d.capabilities().clone());
         process.set_rlimits(d.rlimits().clone());
     }
+    process.set_capabilities(Some(workload_capabilities()?));
     spec.set_process(Some(process));
     spec.set_hostname(Some("optimize".into()));
     spec.set_root(Some(
@@ -597,6 +597,37 @@ async fn pump(
             }
         }
     }
+}
+
+/// The capabilities containerd gives a container by default (what the workload has under
+/// `ctr run` and under the reference's optimizer). The OCI default spec keeps only three,
+/// and start-up scripts that `chown` or switch users then fail (postgres's does both).
+fn workload_capabilities() -> Result<oci_spec::runtime::LinuxCapabilities> {
+    use oci_spec::runtime::Capability as C;
+    let set: std::collections::HashSet<C> = [
+        C::Chown,
+        C::DacOverride,
+        C::Fsetid,
+        C::Fowner,
+        C::Mknod,
+        C::NetRaw,
+        C::Setgid,
+        C::Setuid,
+        C::Setfcap,
+        C::Setpcap,
+        C::NetBindService,
+        C::SysChroot,
+        C::Kill,
+        C::AuditWrite,
+    ]
+    .into_iter()
+    .collect();
+    oci_spec::runtime::LinuxCapabilitiesBuilder::default()
+        .bounding(set.clone())
+        .effective(set.clone())
+        .permitted(set)
+        .build()
+        .map_err(|e| Error::Sandbox(format!("runtime spec: {e}")))
 }
 
 #[cfg(test)]
