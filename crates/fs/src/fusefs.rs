@@ -74,7 +74,9 @@ pub(crate) struct FuseLayer {
     next_fh: AtomicU64,
     passthrough_opens: Arc<AtomicU64>,
     ops: Option<FuseOpMetrics>,
-    /// Where the first files the workload opens or reads are noted, when recording.
+    /// Where the first files the workload opens are noted, when recording. Every read
+    /// follows an open of its file through this filesystem (the kernel is not offered
+    /// FUSE_NO_OPEN_SUPPORT), so the read path does not note again.
     learn: Option<Arc<AccessLog>>,
 }
 
@@ -159,7 +161,7 @@ impl FuseLayer {
         }
     }
 
-    /// Notes the regular files opened or read in `log` from now on.
+    /// Notes the regular files opened in `log` from now on.
     pub(crate) fn record_into(&mut self, log: Option<Arc<AccessLog>>) {
         self.learn = log;
     }
@@ -596,7 +598,6 @@ impl Filesystem for FuseLayer {
         let Some(id) = self.node_of(ino) else {
             return reply.error(Errno::ENOENT);
         };
-        self.note_access(id);
         // Verified cached bytes are answered right here; a miss goes to the fetch pool,
         // whose thread fetches and answers. A panic in either place ends this request
         // with EIO (the dropped reply answers it) and nothing else.

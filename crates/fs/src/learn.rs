@@ -44,6 +44,10 @@ impl AccessLog {
 
     /// Notes an open or read of regular file `id` now.
     pub fn note(&self, id: NodeId) {
+        // Once closed, every open pays one load, not a clock read and a lock.
+        if self.closed.load(Ordering::Relaxed) {
+            return;
+        }
         self.note_at(id, Instant::now());
     }
 

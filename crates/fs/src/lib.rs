@@ -12,7 +12,7 @@
 //! `trusted.overlay.opaque=y` xattr of its directory. The hidden directory
 //! `/.stargz-snapshotter` holds `<layer digest>.json` with the fetch progress.
 //!
-//! With [`mount_recording`], the regular files a workload opens or reads during a window
+//! With [`mount_recording`], the regular files a workload opens during a window
 //! after the mount's first access are noted in an [`AccessLog`] (learned prefetch).
 //!
 //! Everything that may wait on the network (reads that miss, read-ahead, prefetch,
