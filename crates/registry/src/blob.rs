@@ -17,6 +17,7 @@ use url::Url;
 use crate::client::{Client, Endpoint, Scope, Spec, Subject};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
+use crate::multipart::{parse_multipart, MultipartStream};
 use crate::reference::Reference;
 
 /// Reads one blob of one repository. Cheap to share behind an `Arc`; all
@@ -56,6 +57,14 @@ enum Parts {
     Got(Vec<(u64, Bytes)>, RangeSupport),
     /// The server refused a multi-range request (400/416).
     Refused,
+}
+
+/// What a streamed multi-range request passes to the reader that hands its bytes on.
+enum Streamed {
+    /// Blob bytes at an offset.
+    Piece(u64, Bytes),
+    /// The request is over: `Ok(Some(why))` if the host mishandled it.
+    End(Result<Option<&'static str>>),
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
@@ -316,21 +325,199 @@ impl BlobReader {
             [one] => self.read_range_streaming(one.clone(), sink).await,
             _ => {
                 let ep = self.endpoint().await?.clone();
-                let fetched = self.fetch_groups(&ep, &groups, size).await?;
-                if fetched.len() != groups.len() {
-                    return Err(Error::protocol(&ep.host, "range bookkeeping"));
+                if !self.multi_range_ok(&ep) {
+                    return self.stream_singles(&ep, &groups, size, &sink).await;
                 }
-                for (g, data) in groups.iter().zip(fetched) {
-                    let len = usize::try_from(g.end - g.start)
-                        .map_err(|_| Error::protocol(&ep.host, "range too large"))?;
-                    if data.len() < len {
-                        return Err(Error::protocol(&ep.host, "short range data"));
-                    }
-                    sink(g.start, data.slice(..len));
-                }
-                Ok(())
+                self.stream_groups(&ep, &groups, size, &sink).await
             }
         }
+    }
+
+    /// Whether multi-range requests are worth sending to this host.
+    fn multi_range_ok(&self, ep: &Endpoint) -> bool {
+        !self.client.inner.blob.force_single_range_mode
+            && !self
+                .client
+                .inner
+                .no_multi_range
+                .lock()
+                .unwrap_or_else(|p| p.into_inner())
+                .contains(&ep.host)
+    }
+
+    /// Notes a host that mishandles multi-range requests: single ranges from now on.
+    fn degrade(&self, ep: &Endpoint, why: &str) {
+        tracing::warn!(host = %ep.host, why, "registry does not do multi-range; using concurrent single-range requests for it from now on");
+        self.client
+            .inner
+            .no_multi_range
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ep.host.clone());
+    }
+
+    /// How `groups` (more than one) are spread over multi-range requests: at most
+    /// `max_ranges_per_request` each, and one request per MiB up to
+    /// `multi_range_parallelism`.
+    fn batches<'g>(&self, groups: &'g [Range<u64>]) -> Vec<(usize, &'g [Range<u64>])> {
+        let blob = &self.client.inner.blob;
+        let total: u64 = groups.iter().map(|g| g.end - g.start).sum();
+        let by_count = groups.len().div_ceil(blob.max_ranges_per_request.max(1));
+        let by_bytes = ((total >> 20) as usize).min(blob.multi_range_parallelism);
+        let n = by_count.max(by_bytes).clamp(1, groups.len().max(1));
+        let per = groups.len().div_ceil(n).max(1);
+        groups
+            .chunks(per)
+            .enumerate()
+            .map(|(i, c)| (i * per, c))
+            .collect()
+    }
+
+    /// Streams `groups` through concurrent multi-range requests and hands their bytes
+    /// to `sink` in blob order: the first request's parts as they arrive, each later
+    /// one's as soon as every earlier one is done (held meanwhile). A request the host
+    /// mishandles is done again as single ranges, and the host is noted.
+    async fn stream_groups(
+        &self,
+        ep: &Endpoint,
+        groups: &[Range<u64>],
+        size: u64,
+        sink: &RangeSink,
+    ) -> Result<()> {
+        let batches = self.batches(groups);
+        let (txs, rxs): (Vec<_>, Vec<_>) = batches
+            .iter()
+            .map(|_| tokio::sync::mpsc::unbounded_channel::<Streamed>())
+            .unzip();
+        let producers =
+            futures::future::join_all(batches.iter().zip(txs).map(|((_, batch), tx)| async move {
+                let res = self.stream_batch(ep, batch, tx.clone()).await;
+                let _ = tx.send(Streamed::End(res));
+            }));
+        let consumer = async {
+            for ((_, batch), mut rx) in batches.iter().zip(rxs) {
+                loop {
+                    match rx.recv().await {
+                        Some(Streamed::Piece(off, bytes)) => sink(off, bytes),
+                        Some(Streamed::End(Ok(None))) => break,
+                        Some(Streamed::End(Ok(Some(why)))) => {
+                            self.degrade(ep, why);
+                            self.stream_singles(ep, batch, size, sink).await?;
+                            break;
+                        }
+                        Some(Streamed::End(Err(e))) => return Err(e),
+                        None => return Err(Error::protocol(&ep.host, "range bookkeeping")),
+                    }
+                }
+            }
+            Ok(())
+        };
+        futures::pin_mut!(producers, consumer);
+        match futures::future::select(producers, consumer).await {
+            futures::future::Either::Left((_, consumer)) => consumer.await,
+            futures::future::Either::Right((res, _)) => res,
+        }
+    }
+
+    /// One multi-range GET whose `multipart/byteranges` reply is parsed as it arrives,
+    /// each piece sent to `tx`. `Ok(Some(why))`: the host mishandled the request and
+    /// nothing was sent.
+    async fn stream_batch(
+        &self,
+        ep: &Endpoint,
+        batch: &[Range<u64>],
+        tx: tokio::sync::mpsc::UnboundedSender<Streamed>,
+    ) -> Result<Option<&'static str>> {
+        let spec_str = batch
+            .iter()
+            .map(|r| format!("{}-{}", r.start, r.end - 1))
+            .collect::<Vec<_>>()
+            .join(",");
+        let mut h = HeaderMap::new();
+        h.insert(
+            RANGE,
+            HeaderValue::from_str(&format!("bytes={spec_str}"))
+                .map_err(|e| Error::Config(e.to_string()))?,
+        );
+        let spec = self.spec(ep, Method::GET, h, &[400, 416])?;
+        let host = ep.host.clone();
+        let max = multipart_max(batch);
+        let span = batch.first().map_or(0, |r| r.start)..batch.last().map_or(0, |r| r.end);
+        let wanted = batch.to_vec();
+        let read = move |mut resp: Response| {
+            let (host, tx, span, wanted) = (host.clone(), tx.clone(), span.clone(), wanted.clone());
+            async move {
+                match resp.status().as_u16() {
+                    400 | 416 => return Ok(Some("refused multi-range request")),
+                    200 => return Ok(Some("ignored Range and sent the whole blob")),
+                    _ => {}
+                }
+                let ct = resp
+                    .headers()
+                    .get(CONTENT_TYPE)
+                    .and_then(|v| v.to_str().ok())
+                    .unwrap_or("")
+                    .to_ascii_lowercase();
+                if !ct.starts_with("multipart/byteranges") {
+                    return Ok(Some("answered a multi-range request with one range"));
+                }
+                let boundary = boundary_of(&ct)
+                    .ok_or_else(|| Error::protocol(&host, "multipart reply without boundary"))?;
+                let mut parser = MultipartStream::new(&boundary, span, true).expecting(&wanted);
+                let mut received = 0u64;
+                while let Some(c) = resp.chunk().await.map_err(|e| Error::Connection {
+                    host: host.to_string(),
+                    detail: crate::error::error_chain(&e),
+                })? {
+                    received = received.saturating_add(c.len() as u64);
+                    if received > max {
+                        return Err(Error::protocol(
+                            &host,
+                            format!("reply body is longer than the {max} bytes asked for"),
+                        ));
+                    }
+                    parser
+                        .feed(c, &mut |off, piece| {
+                            let _ = tx.send(Streamed::Piece(off, piece));
+                        })
+                        .map_err(|d| Error::protocol(&host, d))?;
+                }
+                parser.finish().map_err(|d| Error::protocol(&host, d))?;
+                Ok(None)
+            }
+            .boxed()
+        };
+        self.client.execute(ep, &spec, &read).await
+    }
+
+    /// Reads each of `groups` with its own GET, several at once, handing each to `sink`
+    /// whole, in blob order, as soon as it and every earlier one are in.
+    async fn stream_singles(
+        &self,
+        ep: &Endpoint,
+        groups: &[Range<u64>],
+        size: u64,
+        sink: &RangeSink,
+    ) -> Result<()> {
+        use futures::StreamExt;
+        let parallel = self
+            .client
+            .inner
+            .blob
+            .max_concurrent_requests_per_host
+            .max(1);
+        let mut replies = futures::stream::iter(groups.iter().cloned())
+            .map(|g| async move {
+                let got = self.fetch_singles(ep, std::slice::from_ref(&g), size).await;
+                (g, got)
+            })
+            .buffered(parallel);
+        while let Some((g, got)) = replies.next().await {
+            if let Some(bytes) = got?.pop() {
+                sink(g.start, bytes);
+            }
+        }
+        Ok(())
     }
 
     /// Reads one range and hands its bytes to `sink` as they arrive, each piece with its
@@ -427,30 +614,11 @@ impl BlobReader {
         groups: &[Range<u64>],
         size: u64,
     ) -> Result<Vec<Bytes>> {
-        let blob = &self.client.inner.blob;
-        let multi_ok = !blob.force_single_range_mode
-            && groups.len() > 1
-            && !self
-                .client
-                .inner
-                .no_multi_range
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .contains(&ep.host);
-        if !multi_ok {
+        if groups.len() < 2 || !self.multi_range_ok(ep) {
             return self.fetch_singles(ep, groups, size).await;
         }
         let mut results: Vec<Option<Bytes>> = vec![None; groups.len()];
-        let total: u64 = groups.iter().map(|g| g.end - g.start).sum();
-        let by_count = groups.len().div_ceil(blob.max_ranges_per_request);
-        let by_bytes = ((total >> 20) as usize).min(blob.multi_range_parallelism);
-        let n = by_count.max(by_bytes).clamp(1, groups.len());
-        let per = groups.len().div_ceil(n);
-        let batches: Vec<(usize, &[Range<u64>])> = groups
-            .chunks(per)
-            .enumerate()
-            .map(|(i, c)| (i * per, c))
-            .collect();
+        let batches = self.batches(groups);
         let replies = futures::future::try_join_all(
             batches.iter().map(|(_, b)| self.get_ranges(ep, b, size)),
         )
@@ -476,13 +644,7 @@ impl BlobReader {
             }
         }
         if let Some(why) = degraded {
-            tracing::warn!(host = %ep.host, why, "registry does not do multi-range; using concurrent single-range requests for it from now on");
-            self.client
-                .inner
-                .no_multi_range
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .insert(ep.host.clone());
+            self.degrade(ep, why);
         }
         let missing: Vec<usize> = (0..groups.len())
             .filter(|i| results[*i].is_none())
@@ -831,61 +993,6 @@ pub(crate) fn boundary_of(ct: &str) -> Option<String> {
     })
 }
 
-/// Parses a `multipart/byteranges` body. Part lengths come from each part's
-/// Content-Range, so blob bytes that happen to look like a boundary are harmless.
-pub(crate) fn parse_multipart(
-    body: &Bytes,
-    boundary: &str,
-    size: u64,
-) -> std::result::Result<Vec<(u64, Bytes)>, String> {
-    let delim = format!("--{boundary}");
-    let d = delim.as_bytes();
-    let mut parts = Vec::new();
-    let mut pos = find(body, d, 0).ok_or("no multipart boundary in body")?;
-    loop {
-        pos += d.len();
-        if body.get(pos..pos + 2) == Some(b"--") {
-            break;
-        }
-        let hdr_end = find(body, b"\r\n\r\n", pos).ok_or("unterminated part headers")?;
-        let headers =
-            std::str::from_utf8(&body[pos..hdr_end]).map_err(|_| "non-UTF-8 part headers")?;
-        let cr = headers
-            .split("\r\n")
-            .find_map(|l| {
-                l.split_once(':')
-                    .filter(|(k, _)| k.trim().eq_ignore_ascii_case("content-range"))
-                    .map(|(_, v)| v.trim())
-            })
-            .ok_or("part without Content-Range")?;
-        let (s, e, _) = parse_content_range(cr).ok_or("bad part Content-Range")?;
-        if e >= size {
-            return Err(format!("part range {s}-{e} beyond blob size {size}"));
-        }
-        let data_start = hdr_end + 4;
-        let data_end = usize::try_from(e - s + 1)
-            .ok()
-            .and_then(|n| data_start.checked_add(n))
-            .ok_or("multipart part too long")?;
-        if data_end > body.len() {
-            return Err("multipart part cut short".into());
-        }
-        parts.push((s, body.slice(data_start..data_end)));
-        pos = find(body, d, data_end).ok_or("missing closing boundary")?;
-    }
-    Ok(parts)
-}
-
-fn find(hay: &[u8], needle: &[u8], from: usize) -> Option<usize> {
-    if from > hay.len() {
-        return None;
-    }
-    hay[from..]
-        .windows(needle.len())
-        .position(|w| w == needle)
-        .map(|p| p + from)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -912,25 +1019,5 @@ mod tests {
         assert_eq!(parse_content_range("bytes 5-9/*"), Some((5, 9, None)));
         assert_eq!(parse_content_range("bytes 9-5/10"), None);
         assert_eq!(parse_content_range("items 0-1/2"), None);
-    }
-
-    #[test]
-    fn multipart() {
-        let body = Bytes::from_static(
-            b"\r\n--XyZ\r\nContent-Type: application/octet-stream\r\nContent-Range: bytes 0-3/20\r\n\r\n--Xy\r\n--XyZ\r\nContent-Range: bytes 10-11/20\r\n\r\nab\r\n--XyZ--\r\n",
-        );
-        let parts = parse_multipart(&body, "XyZ", 20).expect("parse");
-        assert_eq!(
-            parts,
-            vec![
-                (0, Bytes::from_static(b"--Xy")),
-                (10, Bytes::from_static(b"ab"))
-            ]
-        );
-        assert_eq!(
-            boundary_of("multipart/byteranges; boundary=\"XyZ\""),
-            Some("XyZ".into())
-        );
-        assert!(parse_multipart(&body, "XyZ", 5).is_err());
     }
 }

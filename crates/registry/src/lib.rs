@@ -32,6 +32,7 @@ mod keychain;
 mod kubeconfig;
 mod manifest;
 mod metrics;
+mod multipart;
 mod redact;
 mod reference;
 
@@ -87,7 +88,7 @@ pub mod fuzzing {
     }
     /// Parses a `multipart/byteranges` body for a blob of `size` bytes.
     pub fn parse_multipart(body: &[u8], boundary: &str, size: u64) -> usize {
-        crate::blob::parse_multipart(&bytes::Bytes::copy_from_slice(body), boundary, size)
+        crate::multipart::parse_multipart(&bytes::Bytes::copy_from_slice(body), boundary, size)
             .map(|p| p.len())
             .unwrap_or(0)
     }

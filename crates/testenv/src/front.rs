@@ -65,6 +65,10 @@ pub struct FrontOpts {
     /// Hold every blob request this many milliseconds before answering it, as a slow
     /// link would, so that requests in flight at the same time can be seen in `log`.
     pub blob_delay_ms: u64,
+    /// Send a `multipart/byteranges` reply's first part, then wait this many
+    /// milliseconds before the rest, so a client that reads parts as they arrive can be
+    /// told from one that waits for the whole reply.
+    pub multipart_pause_ms: u64,
 }
 
 /// One request the front answered, with when it came and when its answer was ready.
@@ -453,7 +457,32 @@ async fn handle(st: &State, req: Request<hyper::body::Incoming>) -> Response<Bod
     } else {
         data
     };
-    let body: Body = if cut {
+    let multipart_boundary = up_headers
+        .get("content-type")
+        .and_then(|v| v.to_str().ok())
+        .filter(|v| v.starts_with("multipart/"))
+        .and_then(|v| v.split("boundary=").nth(1))
+        .map(|b| format!("--{}", b.trim_matches('"')));
+    let pause_at = multipart_boundary
+        .filter(|_| st.opts.multipart_pause_ms > 0 && status == 206)
+        .and_then(|b| {
+            let b = b.as_bytes();
+            let first = data.windows(b.len()).position(|w| w == b)?;
+            data[first + b.len()..]
+                .windows(b.len())
+                .position(|w| w == b)
+                .map(|p| p + first + b.len())
+        });
+    let body: Body = if let Some(at) = pause_at {
+        let pause = std::time::Duration::from_millis(st.opts.multipart_pause_ms);
+        let (head, rest) = (data.slice(..at), data.slice(at..));
+        let first = futures::stream::iter([Ok::<_, BoxError>(Frame::data(head))]);
+        let later = futures::stream::once(async move {
+            tokio::time::sleep(pause).await;
+            Ok::<_, BoxError>(Frame::data(rest))
+        });
+        BodyExt::boxed(StreamBody::new(futures::StreamExt::chain(first, later)))
+    } else if cut {
         s.dropped.fetch_add(1, Ordering::SeqCst);
         let half = data.slice(..data.len() / 2);
         let chunks: Vec<Result<Frame<Bytes>, BoxError>> =
