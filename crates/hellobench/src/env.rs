@@ -275,7 +275,12 @@ impl Stack {
             .arg(dir.join("ours-root"))
             .arg("--config")
             .arg(dir.join("ours.toml"))
-            .env("RUST_LOG", "warn");
+            // HELLOBENCH_OURS_LOG: our daemon's log filter, to see where a sample's time
+            // goes (with HELLOBENCH_LOG_DIR keeping each sample's log).
+            .env(
+                "RUST_LOG",
+                std::env::var("HELLOBENCH_OURS_LOG").unwrap_or_else(|_| "warn".into()),
+            );
         let ours = Proc::spawn(
             "containerd-stargz-grpc (ours)",
             cmd,

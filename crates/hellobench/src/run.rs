@@ -533,6 +533,7 @@ fn teach(
         rss_ref_kib: None,
     };
     sample(&stack, spec, &mut scratch).context("the unmeasured first run")?;
+    let ran = std::time::Instant::now();
     let learned = dir.join("ours-root").join(env::LEARNED_DIR);
     let has_record = || {
         fs::read_dir(&learned).is_ok_and(|d| {
@@ -541,6 +542,13 @@ fn teach(
         })
     };
     env::wait_until("a learned record", Duration::from_secs(60), has_record)?;
+    // Each layer's list is written when its own window closes (the daemon's default
+    // `learn_window_sec`, 10 s after that layer's first read), so the first write may
+    // hold only the layers read first: wait until every window is over and written.
+    let all_written = Duration::from_secs(10 + 3);
+    if let Some(left) = all_written.checked_sub(ran.elapsed()) {
+        std::thread::sleep(left);
+    }
     let _ = fs::remove_dir_all(seed);
     fs::create_dir_all(seed)?;
     for e in fs::read_dir(&learned)? {
@@ -738,6 +746,15 @@ pub fn run(opts: &Options, command_line: &str) -> Result<Vec<Record>> {
                 if let Err(e) = r {
                     tracing::warn!(image = %img.name, mode = m.name, "sample failed: {e:#}");
                     rec.error = Some(format!("{e:#}\n{}", stack.logs()));
+                }
+                if let Some(logs) = std::env::var_os("HELLOBENCH_LOG_DIR") {
+                    let to = Path::new(&logs).join(format!("{}-{}-{}.log", img.name, m.name, rec.sample));
+                    let _ = fs::create_dir_all(&logs);
+                    let _ = fs::copy(dir.join("ours.log"), &to);
+                    let _ = fs::copy(
+                        dir.join("ours-root").join("fuse-manager.log"),
+                        to.with_extension("manager.log"),
+                    );
                 }
                 drop(stack);
                 tracing::info!(
