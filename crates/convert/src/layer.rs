@@ -123,9 +123,10 @@ pub struct Converted {
 }
 
 /// Annotations this crate owns and rewrites on every converted layer.
-pub const FORMAT_ANNOTATIONS: [&str; 5] = [
+pub const FORMAT_ANNOTATIONS: [&str; 6] = [
     estargz::TOC_DIGEST_ANNOTATION,
     estargz::PREFETCH_END_ANNOTATION,
+    estargz::TOC_TAIL_ANNOTATION,
     estargz::UNCOMPRESSED_SIZE_ANNOTATION,
     estargz::MANIFEST_CHECKSUM_ANNOTATION,
     estargz::MANIFEST_POSITION_ANNOTATION,
@@ -346,6 +347,10 @@ fn reuse(
         toc.prefetch_end_hint(reader.payload_end())
             .unwrap_or(0)
             .to_string(),
+    );
+    annotations.insert(
+        estargz::TOC_TAIL_ANNOTATION.to_string(),
+        (estargz::BlobSource::size(&blob) - raw.range.start).to_string(),
     );
     if wanted == Compression::Zstd {
         let compressed = estargz::BlobSource::read_at(

@@ -309,6 +309,10 @@ fn run(work: &Path, ns: &str, addr: &str, shape: &Shape, images: &[usize]) -> Re
                 digest: v["digest"].as_str().ok_or("digest")?.to_string(),
                 size: v["size"].as_u64().ok_or("size")?,
                 toc_digest: v["toc_digest"].as_str().map(str::to_string),
+                // As the daemon takes it from the descriptor.
+                toc_tail: v["annotations"][estargz::TOC_TAIL_ANNOTATION]
+                    .as_str()
+                    .and_then(|t| t.parse().ok()),
             },
             hint: v["annotations"][estargz::PREFETCH_END_ANNOTATION]
                 .as_str()
@@ -346,7 +350,7 @@ fn image(
     // plus one round trip to ask for them.
     let needed: u64 = layers
         .iter()
-        .map(|l| l.hint + fs::layer::TAIL_READ.min(l.desc.size))
+        .map(|l| l.hint + fs::tail_read(l.desc.toc_tail, l.desc.size))
         .sum();
     let floor = needed as f64 * 8.0 / (shape.rate_mbit as f64 * 1e6) + shape.rtt_ms as f64 / 1000.0;
     println!(
@@ -437,7 +441,7 @@ fn tile(range: std::ops::Range<u64>, k: u64) -> Vec<std::ops::Range<u64>> {
 
 fn split(ns: &str, addr: &str, shape: &Shape, sizes: &[u64]) -> Res<()> {
     const HEAD: u64 = 1 << 20;
-    const TAIL: u64 = 512 << 10;
+    const TAIL: u64 = fs::layer::TAIL_READ;
     let work = tempfile::tempdir_in("/var/tmp")?;
     let port = 5000;
     let _reg = start_registry(work.path(), ns, addr, port)?;
