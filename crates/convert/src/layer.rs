@@ -436,6 +436,14 @@ mod tests {
             let file = c.file.as_ref().expect("new blob");
             let (again, _) = file_digest(file.path()).expect("digest");
             assert_eq!(again, c.digest);
+            // The tail hint names exactly the TOC and footer.
+            let blob = FileBlob::open(file.path()).expect("blob");
+            let raw = estargz::read_toc(&blob, &OpenOptions::default()).expect("TOC");
+            assert_eq!(
+                c.annotations[estargz::TOC_TAIL_ANNOTATION],
+                (c.size - raw.range.start).to_string(),
+                "{target:?}"
+            );
 
             let reuse_opts = LayerOptions {
                 reuse: true,
