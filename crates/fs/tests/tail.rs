@@ -70,12 +70,10 @@ impl Env {
     /// Opens `blob` of `repo` with `desc` through a fresh front; the opened layer and
     /// the `Range` headers of the blob GETs the open made.
     fn open(&self, blob: &Blob, repo: &str, desc: fs::LayerDesc) -> (fs::Layer, Vec<String>) {
-        let front = self
-            .rt
-            .block_on(testenv::Front::start(testenv::FrontOpts {
-                upstream: self.reg.base_url(),
-                ..Default::default()
-            }));
+        let front = self.rt.block_on(testenv::Front::start(testenv::FrontOpts {
+            upstream: self.reg.base_url(),
+            ..Default::default()
+        }));
         let client = registry::Client::new(
             registry::RegistryConfig::default(),
             Arc::new(registry::Anonymous),
@@ -115,7 +113,12 @@ fn reads_right(layer: &fs::Layer, entries: &[Entry]) {
     for e in entries.iter().step_by(997) {
         if let Kind::Reg(data) = &e.kind {
             let id = layer.index().lookup(&e.path).expect("file");
-            assert_eq!(&layer.read(id, 0, 1 << 20).expect("read"), data, "{}", e.path);
+            assert_eq!(
+                &layer.read(id, 0, 1 << 20).expect("read"),
+                data,
+                "{}",
+                e.path
+            );
         }
     }
 }

@@ -151,7 +151,11 @@ mod tests {
             (ZSTD_CHUNKED_MANIFEST_POSITION, "x:1:1:1"),
             (ZSTD_CHUNKED_MANIFEST_POSITION, ""),
         ] {
-            assert_eq!(toc_tail(&annotations(&[(k, v)]), 10_000_000), None, "{k}={v}");
+            assert_eq!(
+                toc_tail(&annotations(&[(k, v)]), 10_000_000),
+                None,
+                "{k}={v}"
+            );
         }
         assert_eq!(toc_tail(&BTreeMap::new(), 10_000_000), None);
     }

@@ -1575,7 +1575,10 @@ async fn annotated_toc_comes_in_one_request() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(tail > (512 << 10) + (64 << 10) && tail < size, "{tail} of {size}");
+    assert!(
+        tail > (512 << 10) + (64 << 10) && tail < size,
+        "{tail} of {size}"
+    );
     let img = push(&reg, "tail/img", &[layer]).await;
     let front = testenv::Front::start(testenv::FrontOpts {
         upstream: reg.base_url(),
@@ -1592,7 +1595,10 @@ async fn annotated_toc_comes_in_one_request() {
             .iter()
             .filter(|l| l.method == "GET" && l.path.ends_with(&format!("/blobs/{digest}")))
             .filter_map(|l| {
-                let r = l.range.clone().unwrap_or_else(|| format!("bytes=0-{}", size - 1));
+                let r = l
+                    .range
+                    .clone()
+                    .unwrap_or_else(|| format!("bytes=0-{}", size - 1));
                 let end: u64 = r.rsplit('-').next()?.parse().ok()?;
                 (end >= size - tail).then_some(r)
             })

@@ -348,7 +348,10 @@ async fn converted_toc_comes_in_one_request() {
         .unwrap()
         .parse()
         .unwrap();
-    assert!(tail > (512 << 10) + (64 << 10) && tail < size, "{tail} of {size}");
+    assert!(
+        tail > (512 << 10) + (64 << 10) && tail < size,
+        "{tail} of {size}"
+    );
 
     let front = testenv::Front::start(testenv::FrontOpts {
         upstream: reg.base_url(),

@@ -31,8 +31,8 @@ use crate::readahead::Stream;
 
 use coverage::RangeSet;
 pub use files::{FilesPrefetched, MAX_BATCH_FILES};
-pub use tail::{tail_read, TailSizes, MAX_TAIL_READ, MIN_TAIL_READ, TAIL_READ};
 use fill::Slot;
+pub use tail::{tail_read, TailSizes, MAX_TAIL_READ, MIN_TAIL_READ, TAIL_READ};
 use windows::{plan_windows, Window, Work};
 
 /// Most bytes reserved up front for one answer or one fetch: sizes come from the TOC,
