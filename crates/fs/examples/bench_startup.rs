@@ -14,11 +14,15 @@
 //!   layers, then, for an image of the first LAYERS layers (each number given; all four
 //!   by default), ROUNDS times opens and prefetches all of them with a fresh registry client
 //!   (new connections) and an empty cache in each way below, taking turns:
-//!   - `before`: a HEAD per blob first, no speculative head (how it was done);
+//!   - `before`: a HEAD per blob first, no speculative head, a 512 KiB first read at
+//!     the blob's end (how it was done);
 //!   - `no HEAD`: the size from the manifest, no speculative head;
 //!   - no HEAD, a 1 MiB head for a layer without the `prefetch-end` annotation;
 //!   - no HEAD, the whole head the `prefetch-end` annotation names;
-//!   - no HEAD, that head up to `speculative_head_kib` (what the daemon does).
+//!   - no HEAD, that head up to `speculative_head_kib`, a 512 KiB first read at the end;
+//!   - no HEAD, that head up to `speculative_head_kib`, a first read at the end of the
+//!     `toc-tail` annotation's size (what the daemon does; every way but `before` and
+//!     the previous one reads the end so).
 //! - `split SERVER_NS SERVER_ADDR RATE_MBIT RTT_MS ROUNDS [MIB...]` (client namespace of
 //!   a shaped link): whether a large prefetch range comes in sooner as K parallel
 //!   ranged requests than as one. Pushes a blob, then for each prefetch range of MIB
@@ -219,14 +223,20 @@ enum Way {
     Fixed,
     Hinted,
     Capped,
+    /// Capped, with the default 512 KiB first read instead of the `toc-tail` one.
+    CappedUntailed,
 }
 
-const WAYS: [(Way, &str); 5] = [
-    (Way::Before, "before (HEAD, no head)"),
+const WAYS: [(Way, &str); 6] = [
+    (Way::Before, "before (HEAD, no head, 512 KiB tail)"),
     (Way::NoHead, "no HEAD, no head"),
     (Way::Fixed, "no HEAD, 1 MiB head without hint"),
     (Way::Hinted, "no HEAD, whole hinted head"),
-    (Way::Capped, "no HEAD, hinted head up to 1 MiB (default)"),
+    (
+        Way::CappedUntailed,
+        "no HEAD, hinted head up to 1 MiB, 512 KiB tail",
+    ),
+    (Way::Capped, "no HEAD, hinted head up to 1 MiB, toc-tail (default)"),
 ];
 
 /// Opens and prefetches every layer at once; returns when all are ready.
@@ -261,12 +271,16 @@ fn round(
                     Way::Before | Way::NoHead => 0,
                     Way::Fixed => 1 << 20,
                     Way::Hinted => l.hint,
-                    Way::Capped => fs::speculative_head(cfg, Some(l.hint)),
+                    Way::Capped | Way::CappedUntailed => fs::speculative_head(cfg, Some(l.hint)),
                 };
                 let cache = Arc::new(ChunkCache::memory(256 << 20));
+                let mut desc = l.desc.clone();
+                if matches!(way, Way::Before | Way::CappedUntailed) {
+                    desc.toc_tail = None;
+                }
                 let layer = Arc::new(Layer::open_with_head(
                     fetcher,
-                    l.desc.clone(),
+                    desc,
                     cfg,
                     cache,
                     head,
