@@ -236,7 +236,10 @@ const WAYS: [(Way, &str); 6] = [
         Way::CappedUntailed,
         "no HEAD, hinted head up to 1 MiB, 512 KiB tail",
     ),
-    (Way::Capped, "no HEAD, hinted head up to 1 MiB, toc-tail (default)"),
+    (
+        Way::Capped,
+        "no HEAD, hinted head up to 1 MiB, toc-tail (default)",
+    ),
 ];
 
 /// Opens and prefetches every layer at once; returns when all are ready.
@@ -278,13 +281,7 @@ fn round(
                 if matches!(way, Way::Before | Way::CappedUntailed) {
                     desc.toc_tail = None;
                 }
-                let layer = Arc::new(Layer::open_with_head(
-                    fetcher,
-                    desc,
-                    cfg,
-                    cache,
-                    head,
-                )?);
+                let layer = Arc::new(Layer::open_with_head(fetcher, desc, cfg, cache, head)?);
                 layer.start_prefetch(pool);
                 if !layer.wait_prefetch(Duration::from_secs(60)) {
                     return Err("prefetch did not finish".into());

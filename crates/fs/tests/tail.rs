@@ -67,9 +67,21 @@ impl Env {
         Some(Env { reg, rt })
     }
 
-    /// Opens `blob` of `repo` with `desc` through a fresh front; the opened layer and
-    /// the `Range` headers of the blob GETs the open made.
-    fn open(&self, blob: &Blob, repo: &str, desc: fs::LayerDesc) -> (fs::Layer, Vec<String>) {
+    /// Opens `blob` of `repo` with `desc` through a fresh front; the opened layer, the
+    /// `Range` headers of the blob GETs the open made, and the front (later reads of
+    /// the layer go through it).
+    fn open(&self, blob: &Blob, repo: &str, desc: fs::LayerDesc) -> Opened {
+        self.open_cached(blob, repo, desc, fs::ChunkCache::memory(64 << 20))
+    }
+
+    /// [`Env::open`] with `cache`.
+    fn open_cached(
+        &self,
+        blob: &Blob,
+        repo: &str,
+        desc: fs::LayerDesc,
+        cache: fs::ChunkCache,
+    ) -> Opened {
         let front = self.rt.block_on(testenv::Front::start(testenv::FrontOpts {
             upstream: self.reg.base_url(),
             ..Default::default()
@@ -96,17 +108,19 @@ impl Env {
             no_background_fetch: true,
             ..Config::default()
         };
-        let cache = Arc::new(fs::ChunkCache::memory(64 << 20));
-        let layer = fs::Layer::open(fetcher, desc, &cfg, cache).expect("open");
+        let layer = fs::Layer::open(fetcher, desc, &cfg, Arc::new(cache)).expect("open");
         let log = front.stats.log.lock().expect("log");
         let ranges = log
             .iter()
             .filter(|l| l.method == "GET" && l.path.contains("/blobs/sha256:"))
             .map(|l| l.range.clone().unwrap_or_else(|| "(whole blob)".into()))
             .collect();
-        (layer, ranges)
+        drop(log);
+        (layer, ranges, front)
     }
 }
+
+type Opened = (fs::Layer, Vec<String>, testenv::Front);
 
 /// The layer reads its files right (through chunks fetched after the open).
 fn reads_right(layer: &fs::Layer, entries: &[Entry]) {
@@ -148,13 +162,14 @@ fn the_annotated_tail_is_one_request_of_exactly_toc_and_footer() {
         "TOC and footer {tail} of {size}"
     );
 
-    let (layer, ranges) = env.open(&blob, "tail/annotated", with_tail(&blob, &blob.annotations));
+    let (layer, ranges, _front) =
+        env.open(&blob, "tail/annotated", with_tail(&blob, &blob.annotations));
     assert_eq!(ranges, vec![range(size - tail, size)]);
     assert_eq!(layer.toc_tail(), tail);
     reads_right(&layer, &entries);
 
     // Without the annotation: the default read, then the TOC.
-    let (_, ranges) = env.open(&blob, "tail/annotated", blob.desc.clone());
+    let (_, ranges, _) = env.open(&blob, "tail/annotated", blob.desc.clone());
     assert_eq!(ranges.len(), 2, "{ranges:?}");
     assert_eq!(ranges[0], range(size - fs::layer::TAIL_READ, size));
 }
@@ -183,7 +198,7 @@ fn wrong_tail_annotations_still_open() {
     for (value, first) in cases {
         let mut a = blob.annotations.clone();
         a.insert(TOC_TAIL.into(), value.into());
-        let (layer, ranges) = env.open(&blob, "tail/wrong", with_tail(&blob, &a));
+        let (layer, ranges, _front) = env.open(&blob, "tail/wrong", with_tail(&blob, &a));
         assert_eq!(ranges[0], first[0], "toc-tail {value}: {ranges:?}");
         let want = if first[0] == range(0, size) { 1 } else { 2 };
         assert_eq!(ranges.len(), want, "toc-tail {value}: {ranges:?}");
@@ -210,7 +225,7 @@ fn zstd_chunked_tail_comes_from_the_manifest_position() {
     // As another tool writes it: the manifest position and no `toc-tail`.
     let mut a = blob.annotations.clone();
     a.remove(TOC_TAIL);
-    let (layer, ranges) = env.open(&blob, "tail/zstd", with_tail(&blob, &a));
+    let (layer, ranges, _front) = env.open(&blob, "tail/zstd", with_tail(&blob, &a));
     assert_eq!(ranges, vec![range(offset, size)]);
     reads_right(&layer, &entries);
 }
@@ -230,7 +245,7 @@ fn a_repository_teaches_its_tail_to_its_next_layer() {
         toc_tail: tails.hint(&key, None),
         ..first.desc.clone()
     };
-    let (layer, ranges) = env.open(&first, repo, desc);
+    let (layer, ranges, _front) = env.open(&first, repo, desc);
     assert_eq!(ranges.len(), 2, "nothing known yet: {ranges:?}");
     tails.learn(&key, layer.toc_tail());
     assert_eq!(layer.toc_tail(), first.desc.size - toc_start(&first));
@@ -243,10 +258,39 @@ fn a_repository_teaches_its_tail_to_its_next_layer() {
         ..second.desc.clone()
     };
     let guess = desc.toc_tail.expect("a remembered size");
-    let (layer, ranges) = env.open(&second, repo, desc);
+    let (layer, ranges, _front) = env.open(&second, repo, desc);
     assert_eq!(ranges, vec![range(size - guess, size)]);
     assert!(size - guess <= size - tail);
     reads_right(&layer, &entries);
     // Another repository learns nothing from this one.
     assert_eq!(tails.hint(&format!("{}/other", env.reg.host()), None), None);
+}
+
+/// Footer and TOC kept in a directory cache serve a reopen whose first read is sized
+/// differently (the 512 KiB read of a version without the hint, the annotated size now,
+/// or a remembered size that changed): the reopen fetches nothing.
+#[test]
+fn a_reopen_with_another_tail_size_needs_no_network() {
+    let (blob, entries) = many_files(14000, 6, estargz::Codec::Gzip { level: 6 });
+    let Some(env) = Env::start(&[(&blob, "tail/reopen")]) else {
+        return;
+    };
+    let hinted = with_tail(&blob, &blob.annotations);
+    assert!(hinted.toc_tail.is_some());
+    let unhinted = blob.desc.clone();
+    for (first, then) in [(&unhinted, &hinted), (&hinted, &unhinted)] {
+        let dir = tempfile::tempdir().expect("tempdir");
+        let cache = || fs::ChunkCache::directory(dir.path(), 1 << 20).expect("cache");
+        let (_, ranges, _) = env.open_cached(&blob, "tail/reopen", first.clone(), cache());
+        assert!(!ranges.is_empty());
+        let (layer, ranges, _front) = env.open_cached(&blob, "tail/reopen", then.clone(), cache());
+        assert_eq!(
+            ranges,
+            Vec::<String>::new(),
+            "{:?} after {:?}",
+            then.toc_tail,
+            first.toc_tail
+        );
+        reads_right(&layer, &entries);
+    }
 }
