@@ -185,6 +185,8 @@ fn blob_source(path: &Path, toc_digest: Option<String>) -> Result<(Arc<dyn Fetch
         digest,
         size,
         toc_digest: Some(toc_digest),
+        // A local file: its first read costs no round trip.
+        toc_tail: None,
     };
     Ok((Arc::new(fetcher), desc))
 }
@@ -259,6 +261,10 @@ async fn image_source(
         digest: digest.to_string(),
         size: chosen.size,
         toc_digest,
+        toc_tail: chosen
+            .annotations
+            .as_ref()
+            .and_then(|a| remote_layer::annotation::toc_tail(a, chosen.size)),
     };
     Ok((Arc::new(fetcher), desc))
 }

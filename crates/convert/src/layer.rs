@@ -123,9 +123,10 @@ pub struct Converted {
 }
 
 /// Annotations this crate owns and rewrites on every converted layer.
-pub const FORMAT_ANNOTATIONS: [&str; 5] = [
+pub const FORMAT_ANNOTATIONS: [&str; 6] = [
     estargz::TOC_DIGEST_ANNOTATION,
     estargz::PREFETCH_END_ANNOTATION,
+    estargz::TOC_TAIL_ANNOTATION,
     estargz::UNCOMPRESSED_SIZE_ANNOTATION,
     estargz::MANIFEST_CHECKSUM_ANNOTATION,
     estargz::MANIFEST_POSITION_ANNOTATION,
@@ -347,6 +348,10 @@ fn reuse(
             .unwrap_or(0)
             .to_string(),
     );
+    annotations.insert(
+        estargz::TOC_TAIL_ANNOTATION.to_string(),
+        (estargz::BlobSource::size(&blob) - raw.range.start).to_string(),
+    );
     if wanted == Compression::Zstd {
         let compressed = estargz::BlobSource::read_at(
             &blob,
@@ -431,6 +436,14 @@ mod tests {
             let file = c.file.as_ref().expect("new blob");
             let (again, _) = file_digest(file.path()).expect("digest");
             assert_eq!(again, c.digest);
+            // The tail hint names exactly the TOC and footer.
+            let blob = FileBlob::open(file.path()).expect("blob");
+            let raw = estargz::read_toc(&blob, &OpenOptions::default()).expect("TOC");
+            assert_eq!(
+                c.annotations[estargz::TOC_TAIL_ANNOTATION],
+                (c.size - raw.range.start).to_string(),
+                "{target:?}"
+            );
 
             let reuse_opts = LayerOptions {
                 reuse: true,

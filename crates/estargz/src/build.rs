@@ -22,7 +22,7 @@ use crate::toc::{
 };
 use crate::{
     MANIFEST_CHECKSUM_ANNOTATION, MANIFEST_POSITION_ANNOTATION, PREFETCH_END_ANNOTATION,
-    TOC_DIGEST_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION,
+    TOC_DIGEST_ANNOTATION, TOC_TAIL_ANNOTATION, UNCOMPRESSED_SIZE_ANNOTATION,
 };
 
 /// Default size of a chunk of a regular file: 4 MiB, as the reference.
@@ -252,6 +252,9 @@ pub fn build_from_file(input: &File, out: impl Write, opts: &BuildOptions) -> Re
     let mut annotations = BTreeMap::new();
     let toc_start = writer.count;
     let mut external_toc = None;
+    // Where a reader's TOC read starts: the TOC's first byte, or the footer when the
+    // TOC is kept out of the blob.
+    let mut toc_read_start = toc_start;
     match opts.codec {
         Codec::Gzip { .. } if opts.external_toc => {
             // The TOC member as it would sit in the blob, kept apart: it is neither in
@@ -296,6 +299,7 @@ pub fn build_from_file(input: &File, out: impl Write, opts: &BuildOptions) -> Re
                 .write_all(&compressed)
                 .map_err(|e| Error::io_at("writing the TOC", e))?;
             let toc_offset = toc_start + 8;
+            toc_read_start = toc_offset;
             let footer = Footer::ZstdChunked {
                 toc_offset,
                 toc_compressed_size: compressed.len() as u64,
@@ -322,6 +326,10 @@ pub fn build_from_file(input: &File, out: impl Write, opts: &BuildOptions) -> Re
     annotations.insert(
         PREFETCH_END_ANNOTATION.to_string(),
         toc.prefetch_end_hint(toc_start).unwrap_or(0).to_string(),
+    );
+    annotations.insert(
+        TOC_TAIL_ANNOTATION.to_string(),
+        (writer.count - toc_read_start).to_string(),
     );
     annotations.insert(
         UNCOMPRESSED_SIZE_ANNOTATION.to_string(),

@@ -48,6 +48,8 @@ pub use tarfmt::synthetic_file_header;
 pub use remote_layer::annotation::PREFETCH_END as PREFETCH_END_ANNOTATION;
 /// Layer annotation holding the TOC digest.
 pub use remote_layer::annotation::TOC_DIGEST as TOC_DIGEST_ANNOTATION;
+/// Bytes at the end of the blob holding TOC and footer (not a reference annotation).
+pub use remote_layer::annotation::TOC_TAIL as TOC_TAIL_ANNOTATION;
 /// Layer annotation holding the size of the decompressed layer.
 pub use remote_layer::annotation::UNCOMPRESSED_SIZE as UNCOMPRESSED_SIZE_ANNOTATION;
 /// zstd:chunked: sha256 of the compressed TOC.

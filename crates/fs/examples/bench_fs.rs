@@ -93,6 +93,7 @@ fn read_desc(path: &Path) -> Res<LayerDesc> {
         digest: v["digest"].as_str().ok_or("digest")?.to_string(),
         size: v["size"].as_u64().ok_or("size")?,
         toc_digest: v["toc_digest"].as_str().map(str::to_string),
+        toc_tail: None,
     })
 }
 

@@ -322,6 +322,7 @@ fn serve(work: &Path, mnt: &Path, attr: u64, entry: u64, stop: &Path) -> Res<()>
         digest: v["digest"].as_str().ok_or("digest")?.to_string(),
         size: v["size"].as_u64().ok_or("size")?,
         toc_digest: v["toc_digest"].as_str().map(str::to_string),
+        toc_tail: None,
     };
     let mut cfg = Config::default();
     cfg.fuse.attr_timeout = i64::try_from(attr)?;

@@ -14,11 +14,15 @@
 //!   layers, then, for an image of the first LAYERS layers (each number given; all four
 //!   by default), ROUNDS times opens and prefetches all of them with a fresh registry client
 //!   (new connections) and an empty cache in each way below, taking turns:
-//!   - `before`: a HEAD per blob first, no speculative head (how it was done);
+//!   - `before`: a HEAD per blob first, no speculative head, a 512 KiB first read at
+//!     the blob's end (how it was done);
 //!   - `no HEAD`: the size from the manifest, no speculative head;
 //!   - no HEAD, a 1 MiB head for a layer without the `prefetch-end` annotation;
 //!   - no HEAD, the whole head the `prefetch-end` annotation names;
-//!   - no HEAD, that head up to `speculative_head_kib` (what the daemon does).
+//!   - no HEAD, that head up to `speculative_head_kib`, a 512 KiB first read at the end;
+//!   - no HEAD, that head up to `speculative_head_kib`, a first read at the end of the
+//!     `toc-tail` annotation's size (what the daemon does; every way but `before` and
+//!     the previous one reads the end so).
 //! - `split SERVER_NS SERVER_ADDR RATE_MBIT RTT_MS ROUNDS [MIB...]` (client namespace of
 //!   a shaped link): whether a large prefetch range comes in sooner as K parallel
 //!   ranged requests than as one. Pushes a blob, then for each prefetch range of MIB
@@ -219,14 +223,23 @@ enum Way {
     Fixed,
     Hinted,
     Capped,
+    /// Capped, with the default 512 KiB first read instead of the `toc-tail` one.
+    CappedUntailed,
 }
 
-const WAYS: [(Way, &str); 5] = [
-    (Way::Before, "before (HEAD, no head)"),
+const WAYS: [(Way, &str); 6] = [
+    (Way::Before, "before (HEAD, no head, 512 KiB tail)"),
     (Way::NoHead, "no HEAD, no head"),
     (Way::Fixed, "no HEAD, 1 MiB head without hint"),
     (Way::Hinted, "no HEAD, whole hinted head"),
-    (Way::Capped, "no HEAD, hinted head up to 1 MiB (default)"),
+    (
+        Way::CappedUntailed,
+        "no HEAD, hinted head up to 1 MiB, 512 KiB tail",
+    ),
+    (
+        Way::Capped,
+        "no HEAD, hinted head up to 1 MiB, toc-tail (default)",
+    ),
 ];
 
 /// Opens and prefetches every layer at once; returns when all are ready.
@@ -261,16 +274,14 @@ fn round(
                     Way::Before | Way::NoHead => 0,
                     Way::Fixed => 1 << 20,
                     Way::Hinted => l.hint,
-                    Way::Capped => fs::speculative_head(cfg, Some(l.hint)),
+                    Way::Capped | Way::CappedUntailed => fs::speculative_head(cfg, Some(l.hint)),
                 };
                 let cache = Arc::new(ChunkCache::memory(256 << 20));
-                let layer = Arc::new(Layer::open_with_head(
-                    fetcher,
-                    l.desc.clone(),
-                    cfg,
-                    cache,
-                    head,
-                )?);
+                let mut desc = l.desc.clone();
+                if matches!(way, Way::Before | Way::CappedUntailed) {
+                    desc.toc_tail = None;
+                }
+                let layer = Arc::new(Layer::open_with_head(fetcher, desc, cfg, cache, head)?);
                 layer.start_prefetch(pool);
                 if !layer.wait_prefetch(Duration::from_secs(60)) {
                     return Err("prefetch did not finish".into());
@@ -309,6 +320,10 @@ fn run(work: &Path, ns: &str, addr: &str, shape: &Shape, images: &[usize]) -> Re
                 digest: v["digest"].as_str().ok_or("digest")?.to_string(),
                 size: v["size"].as_u64().ok_or("size")?,
                 toc_digest: v["toc_digest"].as_str().map(str::to_string),
+                // As the daemon takes it from the descriptor.
+                toc_tail: v["annotations"][estargz::TOC_TAIL_ANNOTATION]
+                    .as_str()
+                    .and_then(|t| t.parse().ok()),
             },
             hint: v["annotations"][estargz::PREFETCH_END_ANNOTATION]
                 .as_str()
@@ -346,7 +361,7 @@ fn image(
     // plus one round trip to ask for them.
     let needed: u64 = layers
         .iter()
-        .map(|l| l.hint + fs::layer::TAIL_READ.min(l.desc.size))
+        .map(|l| l.hint + fs::tail_read(l.desc.toc_tail, l.desc.size))
         .sum();
     let floor = needed as f64 * 8.0 / (shape.rate_mbit as f64 * 1e6) + shape.rtt_ms as f64 / 1000.0;
     println!(
@@ -437,7 +452,7 @@ fn tile(range: std::ops::Range<u64>, k: u64) -> Vec<std::ops::Range<u64>> {
 
 fn split(ns: &str, addr: &str, shape: &Shape, sizes: &[u64]) -> Res<()> {
     const HEAD: u64 = 1 << 20;
-    const TAIL: u64 = 512 << 10;
+    const TAIL: u64 = fs::layer::TAIL_READ;
     let work = tempfile::tempdir_in("/var/tmp")?;
     let port = 5000;
     let _reg = start_registry(work.path(), ns, addr, port)?;

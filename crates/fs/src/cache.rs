@@ -745,9 +745,63 @@ impl ChunkCache {
 
     /// Raw blob bytes (footer and TOC) stored by [`ChunkCache::put_range`]. They are
     /// trusted only as far as the TOC digest check that follows them.
+    ///
+    /// Without a range stored for exactly these bytes, they are pieced together from
+    /// the blob's other stored ranges: the first read at a blob's end is sized from
+    /// hints that may differ from one open to the next (a 512 KiB read before, the
+    /// annotated TOC size now), and a reopen must not go to the network for that.
     pub fn get_range(&self, blob: &str, offset: u64, len: usize) -> Option<Vec<u8>> {
-        let data = fs::read(self.range_path(blob, offset, len)?).ok()?;
-        (data.len() == len).then_some(data)
+        if let Ok(data) = fs::read(self.range_path(blob, offset, len)?) {
+            if data.len() == len {
+                return Some(data);
+            }
+        }
+        self.pieced_range(blob, offset, len)
+    }
+
+    /// `offset..offset + len` of `blob` out of its stored ranges, if they cover it.
+    fn pieced_range(&self, blob: &str, offset: u64, len: usize) -> Option<Vec<u8>> {
+        let end = offset.checked_add(len as u64)?;
+        let dir = self.dir.as_ref()?.join("ranges");
+        let prefix = Self::range_prefix(blob);
+        // (start, end, file) of every stored range of the blob that touches the request.
+        let mut stored: Vec<(u64, u64, PathBuf)> = Vec::new();
+        for e in fs::read_dir(&dir).ok()?.flatten() {
+            let name = e.file_name();
+            let Some((o, l)) = name
+                .to_str()
+                .and_then(|n| n.strip_prefix(&prefix))
+                .and_then(|r| r.split_once('-'))
+            else {
+                continue;
+            };
+            let (Ok(o), Ok(l)) = (o.parse::<u64>(), l.parse::<u64>()) else {
+                continue;
+            };
+            let Some(e_end) = o.checked_add(l) else {
+                continue;
+            };
+            if o < end && e_end > offset {
+                stored.push((o, e_end, e.path()));
+            }
+        }
+        let mut out = Vec::with_capacity(len);
+        let mut at = offset;
+        while at < end {
+            // The stored range that holds `at` and reaches furthest.
+            let (start, stop, path) = stored
+                .iter()
+                .filter(|(s, e, _)| *s <= at && *e > at)
+                .max_by_key(|(_, e, _)| *e)?;
+            let data = fs::read(path).ok()?;
+            if data.len() as u64 != stop - start {
+                return None;
+            }
+            let upto = (*stop).min(end);
+            out.extend_from_slice(&data[(at - start) as usize..(upto - start) as usize]);
+            at = upto;
+        }
+        Some(out)
     }
 
     pub fn put_range(&self, blob: &str, offset: u64, data: &[u8]) -> Result<()> {

@@ -109,6 +109,7 @@ impl Env {
             digest,
             size: bytes.len() as u64,
             toc_digest: Some(toc_digest.to_string()),
+            toc_tail: None,
         };
         (fetcher, desc)
     }

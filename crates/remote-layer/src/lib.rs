@@ -37,6 +37,31 @@ pub mod annotation {
     /// its prefetch landmark), as a decimal number of bytes. Written by this project's
     /// converter so that a snapshotter can fetch them together with the TOC.
     pub const PREFETCH_END: &str = "io.github.stargz-rs.prefetch-end";
+    /// Not the reference's: how many bytes at the end of the blob hold its TOC and
+    /// footer (the blob size minus the TOC's offset), as a decimal number. Written by
+    /// this project's converter so that a snapshotter reads footer and TOC in one
+    /// request of the right size. A hint only: the TOC digest still checks what is read.
+    pub const TOC_TAIL: &str = "io.github.stargz-rs.toc-tail";
+
+    /// Bytes at the end of a blob of `blob_size` bytes that hold its TOC and footer, as
+    /// the descriptor's `annotations` tell: [`TOC_TAIL`], else the offset in
+    /// [`ZSTD_CHUNKED_MANIFEST_POSITION`]. Values that cannot be right (unparsable, 0,
+    /// an offset past the blob) count as absent; a tail larger than the blob is kept
+    /// as given, for the reader to bound.
+    pub fn toc_tail(
+        annotations: &std::collections::BTreeMap<String, String>,
+        blob_size: u64,
+    ) -> Option<u64> {
+        let annotated = annotations
+            .get(TOC_TAIL)
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|&n| n > 0);
+        annotated.or_else(|| {
+            let position = annotations.get(ZSTD_CHUNKED_MANIFEST_POSITION)?;
+            let offset = position.split(':').next()?.trim().parse::<u64>().ok()?;
+            blob_size.checked_sub(offset).filter(|&n| n > 0)
+        })
+    }
 }
 
 /// Appended to an image's tag to name its TOC image, which holds the TOCs of layers
@@ -75,4 +100,63 @@ pub mod label {
     pub const UNCOMPRESSED_SIZE: &str = super::annotation::UNCOMPRESSED_SIZE;
     /// Uncompressed digest of the layer (diff id), as stargz tooling sets it.
     pub const UNCOMPRESSED_DIGEST: &str = "containerd.io/snapshot/stargz/uncompressed.digest";
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use super::annotation::{toc_tail, TOC_TAIL, ZSTD_CHUNKED_MANIFEST_POSITION};
+
+    fn annotations(kv: &[(&str, &str)]) -> BTreeMap<String, String> {
+        kv.iter()
+            .map(|(k, v)| (k.to_string(), v.to_string()))
+            .collect()
+    }
+
+    #[test]
+    fn toc_tail_comes_from_the_annotation_first() {
+        let a = annotations(&[
+            (TOC_TAIL, " 700000 "),
+            (ZSTD_CHUNKED_MANIFEST_POSITION, "9000000:1000:5000:1"),
+        ]);
+        assert_eq!(toc_tail(&a, 10_000_000), Some(700_000));
+        // Larger than the blob: kept, the reader bounds it by the blob.
+        let a = annotations(&[(TOC_TAIL, "99999999999")]);
+        assert_eq!(toc_tail(&a, 1000), Some(99_999_999_999));
+    }
+
+    #[test]
+    fn toc_tail_from_the_zstd_chunked_manifest_position() {
+        let a = annotations(&[(ZSTD_CHUNKED_MANIFEST_POSITION, "9000000:1000:5000:1")]);
+        assert_eq!(toc_tail(&a, 10_000_000), Some(1_000_000));
+        // A bad `toc-tail` does not hide a good position.
+        let a = annotations(&[
+            (TOC_TAIL, "lots"),
+            (ZSTD_CHUNKED_MANIFEST_POSITION, "9000000:1000:5000:1"),
+        ]);
+        assert_eq!(toc_tail(&a, 10_000_000), Some(1_000_000));
+    }
+
+    #[test]
+    fn impossible_values_count_as_absent() {
+        for (k, v) in [
+            (TOC_TAIL, "0"),
+            (TOC_TAIL, "-5"),
+            (TOC_TAIL, "12kb"),
+            (TOC_TAIL, ""),
+            (TOC_TAIL, "340282366920938463463374607431768211456"),
+            (ZSTD_CHUNKED_MANIFEST_POSITION, "10000000:1:1:1"),
+            (ZSTD_CHUNKED_MANIFEST_POSITION, "20000000:1:1:1"),
+            (ZSTD_CHUNKED_MANIFEST_POSITION, "x:1:1:1"),
+            (ZSTD_CHUNKED_MANIFEST_POSITION, ""),
+        ] {
+            assert_eq!(
+                toc_tail(&annotations(&[(k, v)]), 10_000_000),
+                None,
+                "{k}={v}"
+            );
+        }
+        assert_eq!(toc_tail(&BTreeMap::new(), 10_000_000), None);
+    }
 }

@@ -43,6 +43,8 @@ pub struct LayerPool {
     opening: Mutex<HashMap<LayerKey, (Instant, Opening)>>,
     zeroconf: crate::zeroconf::ZeroConfig,
     learned: Option<Arc<Learned>>,
+    /// TOC sizes seen per repository, for layers whose descriptor tells none.
+    tails: Arc<fs::TailSizes>,
 }
 
 fn locked<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -65,6 +67,7 @@ impl LayerPool {
             opening: Mutex::default(),
             zeroconf: crate::zeroconf::ZeroConfig::default(),
             learned: None,
+            tails: Arc::default(),
         }
     }
 
@@ -93,6 +96,7 @@ impl LayerPool {
         let cfg = layer_config(&self.cfg, info);
         let mut size = None;
         let mut hint = None;
+        let mut tail = None;
         // The image's eStargz layers being opened, bottom first (`None`: this one).
         let mut image_layers: Vec<Option<Opening>> = Vec::new();
         let mut ahead = Vec::new();
@@ -104,6 +108,7 @@ impl LayerPool {
                         image_layers.push(None);
                         size = Some(d.size);
                         hint = prefetch_end_hint(d);
+                        tail = toc_tail_hint(d);
                         continue;
                     }
                     let listed = info.layers.is_empty()
@@ -120,7 +125,10 @@ impl LayerPool {
                             d.digest.clone(),
                             Some(d.size),
                             toc,
-                            prefetch_end_hint(d),
+                            Hints {
+                                head: prefetch_end_hint(d),
+                                toc_tail: toc_tail_hint(d),
+                            },
                             &cfg,
                         );
                         image_layers.push(Some(opening.clone()));
@@ -138,7 +146,10 @@ impl LayerPool {
             digest,
             size,
             info.toc_digest.clone(),
-            hint,
+            Hints {
+                head: hint,
+                toc_tail: tail,
+            },
             &cfg,
         );
         locked(&self.opening).remove(&key(&info.digest.to_string(), &info.toc_digest));
@@ -232,7 +243,7 @@ impl LayerPool {
         digest: Digest,
         size: Option<u64>,
         toc_digest: Option<String>,
-        head_hint: Option<u64>,
+        hints: Hints,
         cfg: &fs::Config,
     ) -> Opening {
         let k = key(&digest.to_string(), &toc_digest);
@@ -242,6 +253,8 @@ impl LayerPool {
         }
         let reader = self.client.blob_reader(reference, digest.clone(), size);
         let (cfg, cache, metrics) = (cfg.clone(), self.cache.clone(), self.metrics.clone());
+        let tails = self.tails.clone();
+        let repository = format!("{}/{}", reference.registry(), reference.repository());
         let handle = tokio::runtime::Handle::current();
         let toc_source = external_toc_source(
             self.client.clone(),
@@ -267,13 +280,15 @@ impl LayerPool {
                 digest: digest.to_string(),
                 size: fs::Fetcher::size(&fetcher),
                 toc_digest,
+                toc_tail: tails.hint(&repository, hints.toc_tail),
             };
             // The head (prioritized files) is asked for alongside the TOC: no round trip
             // of the link goes by idle between the two.
-            let head = fs::speculative_head(&cfg, head_hint);
+            let head = fs::speculative_head(&cfg, hints.head);
             let layer =
                 fs::Layer::open_with(Arc::new(fetcher), desc, &cfg, cache, Some(toc_source), head)
                     .map_err(|e| classify::fs_error(&e))?;
+            tails.learn(&repository, layer.toc_tail());
             let layer = Arc::new(layer);
             layer.observe_with(&metrics);
             if !cfg.noprefetch {
@@ -398,6 +413,21 @@ fn prefetch_end_hint(d: &registry::Descriptor) -> Option<u64> {
         .parse::<u64>()
         .ok()
         .filter(|&end| end <= d.size)
+}
+
+/// Bytes at the end of the blob holding TOC and footer, as the descriptor tells
+/// (`toc-tail`, or zstd:chunked's manifest position); the open bounds it.
+fn toc_tail_hint(d: &registry::Descriptor) -> Option<u64> {
+    annotation::toc_tail(d.annotations.as_ref()?, d.size)
+}
+
+/// What a layer's descriptor says about where to read first.
+#[derive(Debug, Clone, Copy)]
+struct Hints {
+    /// Bytes at the blob's start holding the prioritized files (`prefetch-end`).
+    head: Option<u64>,
+    /// Bytes at the blob's end holding TOC and footer.
+    toc_tail: Option<u64>,
 }
 
 /// A task that panicked or was cancelled.

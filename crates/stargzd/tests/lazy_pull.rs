@@ -1539,3 +1539,74 @@ async fn removal_stops_background_fetch() {
         }
     });
 }
+
+/// A layer whose TOC is bigger than the default first read (thousands of small files),
+/// converted by our builder: the daemon's first read at its end, sized by the layer's
+/// `toc-tail` annotation, is one request of exactly the TOC and footer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn annotated_toc_comes_in_one_request() {
+    if !prerequisites() {
+        return;
+    }
+    let Some(reg) = testenv::Registry::start(testenv::RegistryOpts::default()) else {
+        return;
+    };
+    let bodies: Vec<(String, Vec<u8>)> = (0..14_000u32)
+        .map(|i| {
+            let body = (0..60 + i % 200)
+                .map(|j| (j.wrapping_mul(2_654_435_761).wrapping_add(i) >> 9) as u8)
+                .collect();
+            (format!("d{:02}/f{i:05}", i % 16), body)
+        })
+        .collect();
+    let mut files: Vec<(&str, Option<&[u8]>, u32)> = Vec::new();
+    let dirs: Vec<String> = (0..16).map(|d| format!("d{d:02}")).collect();
+    for d in &dirs {
+        files.push((d, None, 0o755));
+    }
+    for (name, body) in &bodies {
+        files.push((name, Some(body), 0o644));
+    }
+    let layer = estargz_layer(&tar_of(&files));
+    let size = layer.blob.len() as u64;
+    let digest = sha(&layer.blob);
+    let tail: u64 = layer.annotations[remote_layer::annotation::TOC_TAIL]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        tail > (512 << 10) + (64 << 10) && tail < size,
+        "{tail} of {size}"
+    );
+    let img = push(&reg, "tail/img", &[layer]).await;
+    let front = testenv::Front::start(testenv::FrontOpts {
+        upstream: reg.base_url(),
+        ..Default::default()
+    })
+    .await;
+    let img = img.replace(&reg.host(), &front.host());
+    let mut env = Env::start("");
+    env.checked(|env| {
+        env.rpull(&img);
+        let log = front.stats.log.lock().unwrap();
+        // Reads of the layer's TOC or footer: those that end past the TOC's start.
+        let toc_reads: Vec<String> = log
+            .iter()
+            .filter(|l| l.method == "GET" && l.path.ends_with(&format!("/blobs/{digest}")))
+            .filter_map(|l| {
+                let r = l
+                    .range
+                    .clone()
+                    .unwrap_or_else(|| format!("bytes=0-{}", size - 1));
+                let end: u64 = r.rsplit('-').next()?.parse().ok()?;
+                (end >= size - tail).then_some(r)
+            })
+            .collect();
+        assert_eq!(
+            toc_reads,
+            vec![format!("bytes={}-{}", size - tail, size - 1)],
+            "TOC and footer in one request"
+        );
+    });
+}

@@ -295,6 +295,8 @@ pub struct LayerManager {
     layers: Mutex<HashMap<LayerKey, Arc<LayerEntry>>>,
     /// Set by [`LayerManager::shutdown`]: no new mounts.
     closed: AtomicBool,
+    /// TOC sizes seen per repository, for layers whose descriptor tells none.
+    tails: fs::TailSizes,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -330,6 +332,7 @@ impl LayerManager {
             images: Mutex::default(),
             layers: Mutex::default(),
             closed: AtomicBool::new(false),
+            tails: fs::TailSizes::new(),
         }))
     }
 
@@ -543,13 +546,24 @@ impl LayerManager {
             self.rt.clone(),
             d.size,
         ));
+        let repository = format!(
+            "{}/{}",
+            image.reference.registry(),
+            image.reference.repository()
+        );
+        let described = d
+            .annotations
+            .as_ref()
+            .and_then(|a| annotation::toc_tail(a, d.size));
         let desc = fs::LayerDesc {
             digest: d.digest.to_string(),
             size: d.size,
             toc_digest: toc,
+            toc_tail: self.tails.hint(&repository, described),
         };
         let layer = fs::Layer::open(fetcher.clone(), desc, &self.cfg, self.cache.clone())
             .map_err(|e| not_lazy(e.to_string()))?;
+        self.tails.learn(&repository, layer.toc_tail());
         let layer = Arc::new(layer);
         if !self.cfg.noprefetch {
             layer.start_prefetch(&self.pool);

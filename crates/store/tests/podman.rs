@@ -309,3 +309,78 @@ async fn store_restart_under_a_running_container() {
     assert_eq!(env.pool_mounts().len(), 2, "{}", env.store_log());
     lazy.ok(&["rm", "-f", "-t", "0", "long"]);
 }
+
+/// A layer our converter made with a TOC bigger than the default first read (thousands
+/// of small files): the store's first read at its end, sized by the layer's `toc-tail`
+/// annotation, is one request of exactly the TOC and footer.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn converted_toc_comes_in_one_request() {
+    if !podman_prerequisites() {
+        return;
+    }
+    let reg = testenv::Registry::start(Default::default()).unwrap();
+    let bodies: Vec<(String, Vec<u8>)> = (0..14_000u32)
+        .map(|i| {
+            let body = (0..60 + i % 200)
+                .map(|j| (j.wrapping_mul(2_654_435_761).wrapping_add(i) >> 9) as u8)
+                .collect();
+            (format!("d{:02}/f{i:05}", i % 16), body)
+        })
+        .collect();
+    let dirs: Vec<String> = (0..16).map(|d| format!("d{d:02}")).collect();
+    let mut entries: Vec<common::Entry<'_>> =
+        dirs.iter().map(|d| common::Entry::Dir(d, 0o755)).collect();
+    for (name, body) in &bodies {
+        entries.push(common::Entry::File(name, body, 0o644, 0));
+    }
+    let plain = push_gzip_image(&reg, "store/tail", "plain", &[common::tar_of(&entries)]).await;
+    convert_ours(
+        &plain,
+        &format!("{}/store/tail:esgz", reg.host()),
+        convert::Target::Estargz,
+    )
+    .await;
+    let layers = manifest_layers(&reg, "store/tail", "esgz").await;
+    let size = layers[0]["size"].as_u64().unwrap();
+    let digest = layers[0]["digest"].as_str().unwrap().to_string();
+    let tail: u64 = layers[0]["annotations"][remote_layer::annotation::TOC_TAIL]
+        .as_str()
+        .unwrap()
+        .parse()
+        .unwrap();
+    assert!(
+        tail > (512 << 10) + (64 << 10) && tail < size,
+        "{tail} of {size}"
+    );
+
+    let front = testenv::Front::start(testenv::FrontOpts {
+        upstream: reg.base_url(),
+        ..Default::default()
+    })
+    .await;
+    let img = format!("{}/store/tail:esgz", front.host());
+    let mut env = Env::new(&[front.host()], LAZY);
+    env.start_store();
+    let lazy = env.lazy();
+    lazy.ok(&["pull", "-q", &img]);
+    assert_eq!(lazy.additional_layers(), 1, "{}", env.store_log());
+    let log = front.stats.log.lock().unwrap();
+    // Reads of the layer's TOC or footer: those that end past the TOC's start.
+    let toc_reads: Vec<String> = log
+        .iter()
+        .filter(|l| l.method == "GET" && l.path.ends_with(&format!("/blobs/{digest}")))
+        .filter_map(|l| {
+            let r = l
+                .range
+                .clone()
+                .unwrap_or_else(|| format!("bytes=0-{}", size - 1));
+            let end: u64 = r.rsplit('-').next()?.parse().ok()?;
+            (end >= size - tail).then_some(r)
+        })
+        .collect();
+    assert_eq!(
+        toc_reads,
+        vec![format!("bytes={}-{}", size - tail, size - 1)],
+        "TOC and footer in one request"
+    );
+}

@@ -1,13 +1,14 @@
 //! One opened layer: its verified TOC and index and the mapping from file reads to
 //! chunks. The work behind a read lives in the submodules: in-flight fills and chunk
 //! decoding (`fill`), named start-up files fetched in one batch (`files`), prefetch, read-ahead and background windows (`windows`), the set of
-//! fetched blob bytes behind the state file (`coverage`), and whole-file copies for
-//! passthrough (`materialize`).
+//! fetched blob bytes behind the state file (`coverage`), whole-file copies for
+//! passthrough (`materialize`), and the size of the first read at the blob's end (`tail`).
 
 mod coverage;
 mod files;
 mod fill;
 mod materialize;
+mod tail;
 mod windows;
 
 use std::collections::HashMap;
@@ -31,10 +32,9 @@ use crate::readahead::Stream;
 use coverage::RangeSet;
 pub use files::{FilesPrefetched, MAX_BATCH_FILES};
 use fill::Slot;
+pub use tail::{tail_read, TailSizes, MAX_TAIL_READ, MIN_TAIL_READ, TAIL_READ};
 use windows::{plan_windows, Window, Work};
 
-/// First read at the end of the blob: big enough that most TOCs come with the footer.
-pub const TAIL_READ: u64 = 512 << 10;
 /// Most bytes reserved up front for one answer or one fetch: sizes come from the TOC,
 /// the kernel or the fetcher, so memory beyond this grows only with bytes that arrived.
 const PREALLOC_CAP: u64 = 8 << 20;
@@ -48,6 +48,11 @@ pub struct LayerDesc {
     pub size: u64,
     /// The `containerd.io/snapshot/stargz/toc.digest` annotation.
     pub toc_digest: Option<String>,
+    /// Bytes at the end of the blob thought to hold its TOC and footer (the
+    /// descriptor's `toc-tail` or zstd:chunked manifest position, or a size remembered
+    /// from the repository's other layers; see [`TailSizes`]); `None`: unknown. Sizes
+    /// the first read, bounded by [`tail_read`]; a wrong value costs a second read.
+    pub toc_tail: Option<u64>,
 }
 
 /// A chunk of a file: (node, index in its chunk list).
@@ -70,6 +75,8 @@ pub struct Layer {
     readahead: Stream,
     /// End of the file data in the blob (TOC and footer follow).
     payload_end: u64,
+    /// Where the TOC starts in the blob (the footer, for a TOC kept outside the blob).
+    toc_start: u64,
     /// Prefetch covers blob bytes `0..prefetch_end`: up to the prefetch landmark, or
     /// without one `prefetch_size` bytes; none with the no-prefetch landmark.
     prefetch_end: Option<u64>,
@@ -161,9 +168,10 @@ impl Layer {
         external_toc: Option<estargz::ExternalTocFn>,
         head: u64,
     ) -> Result<Layer> {
+        let tail = tail_read(desc.toc_tail, fetcher.size());
         let head = head
             .min(MAX_SPECULATIVE_HEAD)
-            .min(fetcher.size().saturating_sub(TAIL_READ));
+            .min(fetcher.size().saturating_sub(tail));
         let (fetcher, head) = if head > 0 {
             let h = Head::new(head);
             let f: Arc<dyn Fetcher> = Arc::new(HeadFetcher::new(fetcher, h.clone()));
@@ -171,7 +179,7 @@ impl Layer {
         } else {
             (fetcher, None)
         };
-        let res = Layer::open_inner(fetcher, desc, cfg, cache, external_toc, head.clone());
+        let res = Layer::open_inner(fetcher, desc, cfg, cache, external_toc, head.clone(), tail);
         if let Some(h) = &head {
             match &res {
                 Ok(_) => h.drop_if_unstarted(),
@@ -188,6 +196,7 @@ impl Layer {
         cache: Arc<ChunkCache>,
         external_toc: Option<estargz::ExternalTocFn>,
         head: Option<Arc<Head>>,
+        tail: u64,
     ) -> Result<Layer> {
         let _busy = cache.priority().busy();
         let expected = if cfg.disable_verification {
@@ -205,7 +214,7 @@ impl Layer {
                 "blob size differs from the descriptor; using the fetched size");
         }
         let opts = OpenOptions {
-            tail_size: TAIL_READ,
+            tail_size: tail,
             expected_toc_digest: expected.clone(),
             external_toc,
             ..OpenOptions::default()
@@ -279,6 +288,7 @@ impl Layer {
             windows,
             readahead: Stream::new(cfg.sequential_readahead_kib.saturating_mul(1024)),
             payload_end,
+            toc_start: reader.toc_range.start,
             prefetch_end,
             complete: AtomicBool::new(false),
             stop: AtomicBool::new(false),
@@ -314,6 +324,13 @@ impl Layer {
 
     pub fn index(&self) -> &Index {
         &self.index
+    }
+
+    /// Bytes at the end of the blob holding its TOC and footer (just the footer for a
+    /// TOC kept outside the blob): what the first read of a like layer should take
+    /// (see [`TailSizes::learn`]).
+    pub fn toc_tail(&self) -> u64 {
+        self.blob_size.saturating_sub(self.toc_start)
     }
 
     /// The blob range `0..end` prefetch fetches, if any: the prefetch landmark's

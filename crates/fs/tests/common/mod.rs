@@ -156,7 +156,10 @@ pub fn make_tar(entries: &[Entry]) -> Vec<u8> {
 
 pub struct Blob {
     pub path: PathBuf,
+    /// The descriptor without a tail hint (the first read is the default one).
     pub desc: fs::LayerDesc,
+    /// The descriptor annotations the builder wrote.
+    pub annotations: std::collections::BTreeMap<String, String>,
     pub _dir: tempfile::TempDir,
 }
 
@@ -184,7 +187,9 @@ pub fn make_blob_with(entries: &[Entry], opts: estargz::BuildOptions) -> Blob {
             digest: built.blob_digest,
             size: built.blob_size,
             toc_digest: Some(built.toc_digest),
+            toc_tail: None,
         },
+        annotations: built.annotations,
         _dir: dir,
     }
 }
