@@ -225,7 +225,7 @@ mod tests {
         assert_eq!(
             got,
             vec![
-                (1, Some(vec![0..10])),
+                (1, Some(std::iter::once(0..10).collect())),
                 (2, Some(vec![0..60, 100..300, 1000..1100]))
             ]
         );

@@ -92,12 +92,17 @@ impl Env {
 
     /// With `extra` config.
     fn start_with(extra: &str) -> Env {
+        Env::start_config(&format!("{CONFIG}{extra}"))
+    }
+
+    /// With the whole config `config`.
+    fn start_config(config: &str) -> Env {
         let tmp = tempfile::Builder::new()
             .prefix("stargzd-learn-")
             .tempdir()
             .unwrap();
         let dir = tmp.path().to_path_buf();
-        std::fs::write(dir.join("stargz.toml"), format!("{CONFIG}{extra}")).unwrap();
+        std::fs::write(dir.join("stargz.toml"), config).unwrap();
         let mut env = Env {
             snap_sock: dir.join("run/stargz.sock"),
             root: dir.join("stargz-root"),
@@ -644,8 +649,6 @@ async fn learned_on_first_run_prefetched_on_next_pull_and_shared_through_the_reg
         env.rpull(&image_ref);
         // Before any container runs, each layer's recorded files come in one batch.
         let applied = env.wait_log(&["learned prefetch applied", &manifest_digest]);
-        // The record stands in for zero-config prefetch's guesses.
-        env.wait_log(&["learned-prefetch record found; no zero-config prefetch"]);
         eprintln!(
             "second pull: {applied} ({:?} after the pull started)",
             pulled.elapsed()
@@ -741,9 +744,9 @@ async fn learned_on_first_run_prefetched_on_next_pull_and_shared_through_the_reg
     assert_eq!(m["subject"]["digest"], manifest_digest.as_str(), "{m}");
     assert_eq!(m["layers"][0]["mediaType"], mt, "{m}");
 
-    // Another node, its layers in a FUSE manager: an empty root finds the record in the
-    // registry and prefetches.
-    let mut env = Env::start_with("");
+    // Another node, its layers in a FUSE manager and prefetch on (zero-config prefetch
+    // with it): an empty root finds the record in the registry and prefetches.
+    let mut env = Env::start_config(&CONFIG.replace("noprefetch = true\n", ""));
     env.checked(|env| {
         take_log(&front);
         env.rpull(&image_ref);
@@ -752,6 +755,13 @@ async fn learned_on_first_run_prefetched_on_next_pull_and_shared_through_the_reg
             &manifest_digest,
         ]);
         env.wait_log(&["learned prefetch applied", &manifest_digest]);
+        // The record stands in for zero-config prefetch's guesses.
+        env.wait_log(&["learned-prefetch record found; no zero-config prefetch"]);
+        assert!(
+            !env.log()
+                .contains("zero-config prefetch: start-up files fetched"),
+            "zero-config prefetch ran beside the record"
+        );
         assert!(
             env.record_path(&manifest_digest).exists(),
             "record not stored"
