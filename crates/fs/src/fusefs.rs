@@ -598,6 +598,11 @@ impl Filesystem for FuseLayer {
         let Some(id) = self.node_of(ino) else {
             return reply.error(Errno::ENOENT);
         };
+        if let Some(log) = &self.learn {
+            if self.layer.index().node(id).size >= crate::learn::RANGED_FILE_MIN {
+                log.note_read(id, offset, u64::from(size));
+            }
+        }
         // Verified cached bytes are answered right here; a miss goes to the fetch pool,
         // whose thread fetches and answers. A panic in either place ends this request
         // with EIO (the dropped reply answers it) and nothing else.

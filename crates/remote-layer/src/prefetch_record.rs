@@ -1,5 +1,7 @@
 //! The learned-prefetch record: per layer of one image (named by its manifest digest),
-//! the regular files a workload read first after the mount, in order of first access.
+//! the regular files a workload read first after the mount, in order of first access,
+//! and for large files the byte ranges it read (a workload that maps a big file and
+//! touches a few pages of it needs those pages, not the file).
 //! The daemon keeps one per image under `<root>/learned/`, and the same JSON travels
 //! between nodes as the one layer of an OCI artifact tagged after the image's digest.
 //!
@@ -28,6 +30,8 @@ pub const MAX_LAYERS: usize = 1024;
 pub const MAX_FILES_PER_LAYER: usize = 16_384;
 /// Longest path accepted.
 pub const MAX_PATH_BYTES: usize = 4096;
+/// Most read ranges recorded for one file.
+pub const MAX_RANGES_PER_FILE: usize = 1024;
 
 /// One image's record.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
@@ -41,6 +45,12 @@ pub struct Record {
     pub created: u64,
     /// Per layer blob digest: TOC paths (no leading `/`) in order of first access.
     pub layers: BTreeMap<String, Vec<String>>,
+    /// Per layer blob digest and path (one of that layer's `layers` paths): the
+    /// `[start, end)` byte ranges of the file that were read, sorted and disjoint. A
+    /// file listed without ranges was needed whole. Absent in records written before
+    /// ranges were kept.
+    #[serde(default, skip_serializing_if = "BTreeMap::is_empty")]
+    pub ranges: BTreeMap<String, BTreeMap<String, Vec<[u64; 2]>>>,
 }
 
 /// Why a record was refused.
@@ -62,6 +72,12 @@ pub enum RecordError {
     Path(String),
     #[error("record is for image {found}, not {want}")]
     WrongImage { found: String, want: String },
+    #[error("record has bad read ranges for {path:?} of layer {layer}: {why}")]
+    Ranges {
+        layer: String,
+        path: String,
+        why: &'static str,
+    },
 }
 
 /// The tag a record for `image` (a manifest digest) is pushed under:
@@ -93,6 +109,7 @@ impl Record {
             image: image.to_string(),
             created: now_secs(),
             layers: BTreeMap::new(),
+            ranges: BTreeMap::new(),
         }
     }
 
@@ -135,7 +152,43 @@ impl Record {
                 return Err(RecordError::Path(p.chars().take(200).collect()));
             }
         }
+        for (layer, per_file) in &self.ranges {
+            let bad = |path: &str, why| RecordError::Ranges {
+                layer: layer.chars().take(200).collect(),
+                path: path.chars().take(200).collect(),
+                why,
+            };
+            let Some(files) = self.layers.get(layer) else {
+                return Err(bad("", "layer has no file list"));
+            };
+            if per_file.len() > files.len() {
+                return Err(bad("", "more ranged files than files"));
+            }
+            for (path, ranges) in per_file {
+                if !files.contains(path) {
+                    return Err(bad(path, "file not in the layer's list"));
+                }
+                if ranges.is_empty() || ranges.len() > MAX_RANGES_PER_FILE {
+                    return Err(bad(path, "empty or too many ranges"));
+                }
+                let mut last_end = 0u64;
+                for (i, [start, end]) in ranges.iter().enumerate() {
+                    if start >= end || (i > 0 && *start <= last_end) {
+                        return Err(bad(path, "ranges not sorted, disjoint and non-empty"));
+                    }
+                    last_end = *end;
+                }
+            }
+        }
         Ok(())
+    }
+
+    /// The read ranges kept for `path` of `layer` (`None`: the whole file).
+    pub fn ranges_of(&self, layer: &str, path: &str) -> Option<&[[u64; 2]]> {
+        self.ranges
+            .get(layer)
+            .and_then(|m| m.get(path))
+            .map(Vec::as_slice)
     }
 
     /// The record as JSON (what [`Record::parse`] reads).
@@ -177,10 +230,60 @@ mod tests {
             .insert(layer(), vec!["bin/sh".into(), "etc/x".into()]);
         let back = Record::parse(&r.to_json(), &image()).unwrap();
         assert_eq!(back, r);
+        assert!(
+            !String::from_utf8_lossy(&r.to_json()).contains("ranges"),
+            "a record without ranges reads as before"
+        );
+        r.ranges
+            .entry(layer())
+            .or_default()
+            .insert("etc/x".into(), vec![[0, 4096], [1 << 20, (1 << 20) + 8192]]);
+        let back = Record::parse(&r.to_json(), &image()).unwrap();
+        assert_eq!(back.ranges_of(&layer(), "etc/x").map(<[_]>::len), Some(2));
+        assert_eq!(back.ranges_of(&layer(), "bin/sh"), None);
         let tag = tag_for(&image());
         assert!(tag.starts_with("sha256-") && tag.ends_with(".sgz-prefetch"));
         assert_eq!(tag.len(), 7 + 64 + TAG_SUFFIX.len());
         assert!(tag.len() <= 128, "tags are at most 128 characters");
+    }
+
+    #[test]
+    fn refuses_hostile_ranges() {
+        let mut r = Record::new(&image());
+        r.layers.insert(layer(), vec!["f".into()]);
+        for bad in [
+            vec![],
+            vec![[5, 5]],
+            vec![[10, 5]],
+            vec![[0, 10], [5, 20]],
+            vec![[0, 10], [10, 20]],
+            vec![[20, 30], [0, 10]],
+            (0..MAX_RANGES_PER_FILE as u64 + 1)
+                .map(|i| [i * 10, i * 10 + 1])
+                .collect(),
+        ] {
+            r.ranges
+                .insert(layer(), BTreeMap::from([("f".into(), bad)]));
+            assert!(
+                matches!(
+                    Record::parse(&r.to_json(), &image()),
+                    Err(RecordError::Ranges { .. })
+                ),
+                "{:?}",
+                r.ranges
+            );
+        }
+        r.ranges.insert(
+            layer(),
+            BTreeMap::from([("not-listed".into(), vec![[0, 1]])]),
+        );
+        assert!(Record::parse(&r.to_json(), &image()).is_err());
+        r.ranges.clear();
+        r.ranges.insert(
+            Digest::sha256(b"other").to_string(),
+            BTreeMap::from([("f".into(), vec![[0, 1]])]),
+        );
+        assert!(Record::parse(&r.to_json(), &image()).is_err());
     }
 
     #[test]

@@ -78,6 +78,9 @@ impl LearnedConfig {
     }
 }
 
+/// Per path of one layer, the `[start, end)` ranges read from it (large files only).
+pub type FileRanges = std::collections::BTreeMap<String, Vec<[u64; 2]>>;
+
 /// `stargz_learned_prefetch_files_total` and `_bytes_total`.
 #[derive(Clone, Default)]
 pub struct LearnedMetrics {
@@ -186,11 +189,20 @@ impl Learned {
                 tick.tick().await;
             }
             let index = layer.index();
-            let paths: Vec<String> = log
-                .files()
-                .into_iter()
-                .filter_map(|id| index.get(id).map(|n| n.path.clone()))
-                .collect();
+            let mut paths: Vec<String> = Vec::new();
+            let mut ranges = FileRanges::new();
+            for (id, read) in log.files_with_ranges() {
+                let Some(node) = index.get(id) else {
+                    continue;
+                };
+                if let Some(read) = read {
+                    ranges.insert(
+                        node.path.clone(),
+                        read.iter().map(|r| [r.start, r.end]).collect(),
+                    );
+                }
+                paths.push(node.path.clone());
+            }
             if paths.is_empty() {
                 return;
             }
@@ -198,7 +210,7 @@ impl Learned {
             drop(layer);
             let res = tokio::task::spawn_blocking(move || {
                 let n = paths.len();
-                this.save_layer(&image, &digest, paths)
+                this.save_layer(&image, &digest, paths, ranges)
                     .map(|kept| (kept, n, image, digest))
             })
             .await;
@@ -220,13 +232,15 @@ impl Learned {
         self.dir.join(prefetch_record::file_name_for(image))
     }
 
-    /// Merges `paths` for `layer` into `image`'s record: written when the record has
-    /// no list for the layer or a shorter one. Returns whether it wrote.
+    /// Merges `paths` (and the read ranges of its large files) for `layer` into
+    /// `image`'s record: written when the record has no list for the layer or a shorter
+    /// one. Returns whether it wrote.
     pub fn save_layer(
         &self,
         image: &Digest,
         layer: &str,
         paths: Vec<String>,
+        ranges: FileRanges,
     ) -> std::io::Result<bool> {
         let _w = locked(&self.write);
         let mut rec = self.load_local(image).unwrap_or_else(|| Record::new(image));
@@ -238,6 +252,11 @@ impl Learned {
             return Ok(false);
         }
         rec.layers.insert(layer.to_string(), paths);
+        if ranges.is_empty() {
+            rec.ranges.remove(layer);
+        } else {
+            rec.ranges.insert(layer.to_string(), ranges);
+        }
         rec.created = prefetch_record::now_secs();
         if rec.check(image).is_err() {
             return Ok(false);
@@ -348,13 +367,16 @@ impl Learned {
                 let Some(paths) = rec.layers.get(&digest).cloned() else {
                     continue;
                 };
+                let ranges = rec.ranges.get(&digest).cloned().unwrap_or_default();
                 let (this, image) = (this.clone(), image.clone());
                 tasks.push(tokio::spawn(async move {
                     let layer = opening.await?;
-                    tokio::task::spawn_blocking(move || this.apply_layer(&image, &layer, &paths))
-                        .await
-                        .ok()
-                        .flatten()
+                    tokio::task::spawn_blocking(move || {
+                        this.apply_layer(&image, &layer, &paths, &ranges)
+                    })
+                    .await
+                    .ok()
+                    .flatten()
                 }));
             }
             let (mut layers, mut files, mut bytes) = (0, 0, 0);
@@ -377,6 +399,7 @@ impl Learned {
         image: &Digest,
         layer: &Arc<fs::Layer>,
         paths: &[String],
+        ranges: &FileRanges,
     ) -> Option<fs::FilesPrefetched> {
         let digest = layer.desc().digest.clone();
         if layer.index().prefetch_end.is_some() {
@@ -397,17 +420,23 @@ impl Learned {
             applied.insert(key, Arc::downgrade(layer));
         }
         let index = layer.index();
-        let ids: Vec<estargz::NodeId> = paths
+        let files: Vec<(estargz::NodeId, Option<Vec<std::ops::Range<u64>>>)> = paths
             .iter()
-            .filter_map(|p| index.lookup(p))
-            .filter(|&id| index.node(id).kind == estargz::NodeKind::Reg)
+            .filter_map(|p| index.lookup(p).map(|id| (id, p)))
+            .filter(|&(id, _)| index.node(id).kind == estargz::NodeKind::Reg)
+            .map(|(id, p)| {
+                let read = ranges
+                    .get(p)
+                    .map(|rs| rs.iter().map(|&[a, b]| a..b).collect());
+                (id, read)
+            })
             .collect();
-        let unknown = paths.len() - ids.len();
+        let unknown = paths.len() - files.len();
         if unknown > 0 {
             debug!(layer = %digest, unknown, "recorded paths not regular files of the layer; ignored");
         }
         let max = self.cfg.learned_prefetch_max_mib.saturating_mul(1 << 20);
-        match layer.prefetch_files(&ids, max) {
+        match layer.prefetch_file_ranges(&files, max) {
             Ok(done) => {
                 self.metrics.files.inc_by(done.files as u64);
                 self.metrics.bytes.inc_by(done.bytes_fetched);
@@ -418,6 +447,21 @@ impl Learned {
                 None
             }
         }
+    }
+
+    /// Whether `image` has a record to prefetch from (on disk, else in its registry
+    /// when that is allowed); shares the look-up [`Learned::image_opening`] makes.
+    pub fn has_record(
+        self: &Arc<Self>,
+        client: registry::Client,
+        reference: Reference,
+        image: Digest,
+    ) -> BoxFuture<'static, bool> {
+        if !self.cfg.learned_prefetch {
+            return futures::future::ready(false).boxed();
+        }
+        let this = self.clone();
+        async move { this.record(client, reference, &image).await.is_some() }.boxed()
     }
 
     /// `image`'s record: on disk, else (when allowed) from the registry, stored on
@@ -581,11 +625,23 @@ mod tests {
         let image = Digest::sha256(b"image");
         let layer = Digest::sha256(b"layer").to_string();
         assert!(l
-            .save_layer(&image, &layer, vec!["a".into(), "b".into()])
+            .save_layer(
+                &image,
+                &layer,
+                vec!["a".into(), "b".into()],
+                FileRanges::new()
+            )
             .unwrap());
-        assert!(!l.save_layer(&image, &layer, vec!["c".into()]).unwrap());
+        assert!(!l
+            .save_layer(&image, &layer, vec!["c".into()], FileRanges::new())
+            .unwrap());
         assert!(l
-            .save_layer(&image, &layer, vec!["c".into(), "a".into(), "b".into()])
+            .save_layer(
+                &image,
+                &layer,
+                vec!["c".into(), "a".into(), "b".into()],
+                FileRanges::new()
+            )
             .unwrap());
         let rec = l.load_local(&image).unwrap();
         assert_eq!(rec.layers[&layer], vec!["c", "a", "b"]);
@@ -596,11 +652,14 @@ mod tests {
         // A broken record reads as none and is replaced by the next write.
         std::fs::write(l.path_of(&image), b"{broken").unwrap();
         assert!(l.load_local(&image).is_none());
-        assert!(l.save_layer(&image, &layer, vec!["x".into()]).unwrap());
+        assert!(l
+            .save_layer(&image, &layer, vec!["x".into()], FileRanges::new())
+            .unwrap());
 
         for i in 0..(MAX_RECORDS + 5) {
             let img = Digest::sha256(format!("img{i}").as_bytes());
-            l.save_layer(&img, &layer, vec!["f".into()]).unwrap();
+            l.save_layer(&img, &layer, vec!["f".into()], FileRanges::new())
+                .unwrap();
         }
         let n = std::fs::read_dir(&dir).unwrap().count();
         assert_eq!(n, MAX_RECORDS);

@@ -158,12 +158,23 @@ impl LayerPool {
                 .into_iter()
                 .map(|o| o.unwrap_or_else(|| opening.clone()))
                 .collect();
+            // What a learned record names is what the workload read; zero-config's
+            // guesses would only add parsing and bytes beside it.
+            let learned_instead = match &self.learned {
+                Some(l) => l.has_record(
+                    self.client.clone(),
+                    reference.clone(),
+                    resolved.digest.clone(),
+                ),
+                None => futures::future::ready(false).boxed(),
+            };
             self.zeroconf.start(
                 &cfg,
                 &self.client,
                 &reference,
                 &resolved.manifest.config,
                 layers,
+                learned_instead,
                 &self.metrics,
             );
         }

@@ -92,12 +92,17 @@ impl Env {
 
     /// With `extra` config.
     fn start_with(extra: &str) -> Env {
+        Env::start_config(&format!("{CONFIG}{extra}"))
+    }
+
+    /// With the whole config `config`.
+    fn start_config(config: &str) -> Env {
         let tmp = tempfile::Builder::new()
             .prefix("stargzd-learn-")
             .tempdir()
             .unwrap();
         let dir = tmp.path().to_path_buf();
-        std::fs::write(dir.join("stargz.toml"), format!("{CONFIG}{extra}")).unwrap();
+        std::fs::write(dir.join("stargz.toml"), config).unwrap();
         let mut env = Env {
             snap_sock: dir.join("run/stargz.sock"),
             root: dir.join("stargz-root"),
@@ -371,6 +376,7 @@ fn estargz_layer(tar: &[u8]) -> Layer {
         &mut blob,
         &estargz::BuildOptions {
             codec: estargz::Codec::Gzip { level: 1 },
+            chunk_size: CHUNK,
             threads: 2,
             ..Default::default()
         },
@@ -432,10 +438,19 @@ async fn put_manifest(base: &str, repo: &str, tag: &str, manifest: &[u8]) {
     assert_eq!(st.as_u16(), 201, "push manifest {repo}:{tag}");
 }
 
+/// Chunk size of the test layers.
+const CHUNK: u64 = 256 << 10;
+/// Size of the large file the workload reads two small pieces of.
+const BIG: usize = 8 << 20;
+/// Where those pieces are (16 KiB each).
+const BIG_PIECES: [u64; 2] = [2 << 20, 6 << 20];
+
 /// The files the workload reads, and padding it never reads, over two layers.
 struct Image {
     layers: Vec<Layer>,
     read_sums: String,
+    /// Bytes of the first layer's files the workload needs whole.
+    whole_bytes: u64,
 }
 
 fn image() -> Image {
@@ -443,6 +458,7 @@ fn image() -> Image {
     let a = testenv::random_bytes(300 << 10, 1);
     let b = testenv::random_bytes(200 << 10, 2);
     let c = b"config of the app\n".to_vec();
+    let big = testenv::random_bytes(BIG, 3);
     let pads: Vec<Vec<u8>> = (0..8)
         .map(|i| testenv::random_bytes(1 << 20, 10 + i))
         .collect();
@@ -452,6 +468,7 @@ fn image() -> Image {
         ("bin/busybox", Some(&busybox), 0o755),
         ("app", None, 0o755),
         ("app/a.dat", Some(&a), 0o644),
+        ("app/big.dat", Some(&big), 0o644),
         ("pad", None, 0o755),
     ];
     for (n, d) in pad_names.iter().zip(&pads).take(6) {
@@ -469,12 +486,20 @@ fn image() -> Image {
     let hex = |d: &[u8]| sha(d).trim_start_matches("sha256:").to_string();
     Image {
         layers: vec![estargz_layer(&tar_of(&f1)), estargz_layer(&tar_of(&f2))],
-        read_sums: format!("{}\n{}\n{}\n", hex(&a), hex(&b), hex(&c)),
+        read_sums: format!(
+            "{}\n{}\n{}\n{}\n{}\n",
+            hex(&a),
+            hex(&b),
+            hex(&c),
+            hex(&big[BIG_PIECES[0] as usize..BIG_PIECES[0] as usize + (16 << 10)]),
+            hex(&big[BIG_PIECES[1] as usize..BIG_PIECES[1] as usize + (16 << 10)]),
+        ),
+        whole_bytes: (busybox.len() + a.len()) as u64,
     }
 }
 
-const WORKLOAD: &str =
-    "cd /app && for f in a.dat b.dat c.txt; do sha256sum $f | cut -d' ' -f1; done";
+const WORKLOAD: &str = "cd /app && for f in a.dat b.dat c.txt; do sha256sum $f | cut -d' ' -f1; done; \
+     for s in 512 1536; do dd if=big.dat bs=4096 skip=$s count=4 2>/dev/null | sha256sum | cut -d' ' -f1; done";
 
 /// Bytes of blob `digest` asked for by GETs in `log` (whole-blob GETs count its size).
 fn blob_bytes(log: &[testenv::Logged], digest: &str, size: u64) -> u64 {
@@ -592,6 +617,27 @@ async fn learned_on_first_run_prefetched_on_next_pull_and_shared_through_the_reg
             l1.iter().chain(&l2).all(|p| !p.starts_with("pad/")),
             "padding recorded: {rec}"
         );
+        // Of the large file, only the ranges read: around the two pieces, nowhere else.
+        let big_ranges: Vec<(u64, u64)> = rec["ranges"][&digests[0]]["app/big.dat"]
+            .as_array()
+            .unwrap_or_else(|| panic!("no read ranges for app/big.dat: {rec}"))
+            .iter()
+            .map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap()))
+            .collect();
+        for piece in BIG_PIECES {
+            assert!(
+                big_ranges
+                    .iter()
+                    .any(|&(s, e)| s <= piece && piece + (16 << 10) <= e),
+                "piece at {piece} not in {big_ranges:?}"
+            );
+        }
+        let ranged: u64 = big_ranges.iter().map(|(s, e)| e - s).sum();
+        assert!(ranged < 2 << 20, "{ranged} bytes of app/big.dat recorded");
+        assert!(
+            rec["ranges"][&digests[0]].get("app/a.dat").is_none(),
+            "a small file is recorded whole: {rec}"
+        );
 
         // Remove everything, drop the chunk cache (keeping learned/), pull again.
         env.remove_image_and_wait_empty(&image_ref);
@@ -621,6 +667,14 @@ async fn learned_on_first_run_prefetched_on_next_pull_and_shared_through_the_reg
             eprintln!("layer {d}: {got} of {size} bytes fetched by the second pull");
             assert!(got < size / 2, "padding fetched: {got} of {size}");
         }
+        // Of the large file only the chunks around its two pieces came: at most the
+        // whole files, the footer and TOC read, and a few chunks.
+        let first = blob_bytes(&log, &digests[0], sizes[0]);
+        let bound = img.whole_bytes + fs::layer::TAIL_READ + 8 * CHUNK;
+        assert!(
+            first < bound,
+            "{first} bytes of the first layer fetched (more than {bound}): the large file came whole"
+        );
         // The container then runs without fetching (almost) anything.
         let started = Instant::now();
         let out = env.run(&image_ref, "c2", WORKLOAD);
@@ -690,9 +744,9 @@ async fn learned_on_first_run_prefetched_on_next_pull_and_shared_through_the_reg
     assert_eq!(m["subject"]["digest"], manifest_digest.as_str(), "{m}");
     assert_eq!(m["layers"][0]["mediaType"], mt, "{m}");
 
-    // Another node, its layers in a FUSE manager: an empty root finds the record in the
-    // registry and prefetches.
-    let mut env = Env::start_with("");
+    // Another node, its layers in a FUSE manager and prefetch on (zero-config prefetch
+    // with it): an empty root finds the record in the registry and prefetches.
+    let mut env = Env::start_config(&CONFIG.replace("noprefetch = true\n", ""));
     env.checked(|env| {
         take_log(&front);
         env.rpull(&image_ref);
@@ -701,6 +755,13 @@ async fn learned_on_first_run_prefetched_on_next_pull_and_shared_through_the_reg
             &manifest_digest,
         ]);
         env.wait_log(&["learned prefetch applied", &manifest_digest]);
+        // The record stands in for zero-config prefetch's guesses.
+        env.wait_log(&["learned-prefetch record found; no zero-config prefetch"]);
+        assert!(
+            !env.log()
+                .contains("zero-config prefetch: start-up files fetched"),
+            "zero-config prefetch ran beside the record"
+        );
         assert!(
             env.record_path(&manifest_digest).exists(),
             "record not stored"

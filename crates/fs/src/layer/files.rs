@@ -1,7 +1,9 @@
-//! Prefetch of a named set of files: whole files fetched together in one batch, for
-//! start-up lists worked out from an image (its entrypoint and what that loads) or
-//! learned from earlier runs, rather than recorded into the blob's order by a converter.
+//! Prefetch of a named set of files: whole files (or the chunks holding given byte
+//! ranges of them) fetched together in one batch, for start-up lists worked out from
+//! an image (its entrypoint and what that loads) or learned from earlier runs, rather
+//! than recorded into the blob's order by a converter.
 
+use std::ops::Range;
 use std::sync::atomic::Ordering;
 use std::time::Instant;
 
@@ -37,13 +39,26 @@ impl Layer {
     /// would pass `max_bytes` of the blob; the rest is left to on-demand reads. Runs on
     /// the calling thread as prioritized work (background fetch stays quiet meanwhile).
     pub fn prefetch_files(&self, ids: &[NodeId], max_bytes: u64) -> Result<FilesPrefetched> {
+        let whole: Vec<(NodeId, Option<Vec<Range<u64>>>)> =
+            ids.iter().map(|&id| (id, None)).collect();
+        self.prefetch_file_ranges(&whole, max_bytes)
+    }
+
+    /// [`Layer::prefetch_files`], where a file given with byte ranges (sorted) has only
+    /// the chunks that hold some of those bytes fetched.
+    pub fn prefetch_file_ranges(
+        &self,
+        files: &[(NodeId, Option<Vec<Range<u64>>>)],
+        max_bytes: u64,
+    ) -> Result<FilesPrefetched> {
         let _busy = self.cache.priority().busy();
         let started = Instant::now();
         let mut done = FilesPrefetched::default();
         let mut seen = std::collections::HashSet::new();
         let mut refs: Vec<ChunkRef> = Vec::new();
         let mut budget = max_bytes;
-        for &id in ids {
+        for (id, ranges) in files {
+            let id = *id;
             let Some(node) = self.index.get(id) else {
                 continue;
             };
@@ -54,7 +69,17 @@ impl Layer {
                 done.skipped += 1;
                 continue;
             }
+            let wanted = |c: &estargz::Chunk| {
+                ranges.as_deref().is_none_or(|rs| {
+                    let end = c.file_offset.saturating_add(c.size);
+                    // The first range ending after the chunk's start must begin before
+                    // its end.
+                    let i = rs.partition_point(|r| r.end <= c.file_offset);
+                    rs.get(i).is_some_and(|r| r.start < end)
+                })
+            };
             let missing: Vec<ChunkRef> = (0..node.chunks.len())
+                .filter(|&i| wanted(&node.chunks[i]))
                 .map(|i| (id, i))
                 .filter(|&r| !self.is_cached(r))
                 .collect();

@@ -62,7 +62,9 @@ pub struct Summary {
 impl ZeroConfig {
     /// Starts the prefetch of `image` unless it is turned off, done lately, or its
     /// config is too large. `layers` are the image's eStargz layers being opened,
-    /// bottom first. Returns at once.
+    /// bottom first; `learned_instead` settles whether a learned-prefetch record will
+    /// fetch the image's start-up files instead (then nothing is done here). Returns at
+    /// once.
     #[allow(
         clippy::too_many_arguments,
         reason = "one call site passing what preopen has"
@@ -74,6 +76,7 @@ impl ZeroConfig {
         reference: &Reference,
         config: &registry::Descriptor,
         layers: Vec<F>,
+        learned_instead: futures::future::BoxFuture<'static, bool>,
         metrics: &fs::FsMetrics,
     ) where
         F: Future<Output = Result<Arc<fs::Layer>, MountError>> + Send + 'static,
@@ -109,6 +112,11 @@ impl ZeroConfig {
                 futures::join!(reader.read_all(), futures::future::join_all(layers))
             });
             let layers: Vec<Arc<fs::Layer>> = opened.into_iter().filter_map(Result::ok).collect();
+            // Settled by now: the record look-up runs beside the layers' opening.
+            if handle.block_on(learned_instead) {
+                debug!(image = %reference, "learned-prefetch record found; no zero-config prefetch");
+                return;
+            }
             if layers.iter().any(|l| l.index().prefetch_end.is_some()) {
                 debug!(image = %reference, "image has prioritized files; no zero-config prefetch");
                 return;
