@@ -748,7 +748,8 @@ pub fn run(opts: &Options, command_line: &str) -> Result<Vec<Record>> {
                     rec.error = Some(format!("{e:#}\n{}", stack.logs()));
                 }
                 if let Some(logs) = std::env::var_os("HELLOBENCH_LOG_DIR") {
-                    let to = Path::new(&logs).join(format!("{}-{}-{}.log", img.name, m.name, rec.sample));
+                    let to = Path::new(&logs)
+                        .join(format!("{}-{}-{}.log", img.name, m.name, rec.sample));
                     let _ = fs::create_dir_all(&logs);
                     let _ = fs::copy(dir.join("ours.log"), &to);
                     let _ = fs::copy(
