@@ -17,7 +17,7 @@ use url::Url;
 use crate::client::{Client, Endpoint, Scope, Spec, Subject};
 use crate::digest::Digest;
 use crate::error::{Error, Result};
-use crate::multipart::{parse_multipart, MultipartStream};
+use crate::multipart::{boundary_of, parse_content_range, parse_multipart, MultipartStream};
 use crate::reference::Reference;
 
 /// Reads one blob of one repository. Cheap to share behind an `Arc`; all
@@ -965,32 +965,6 @@ pub fn coalesce(ranges: &[Range<u64>], gap: u64) -> Vec<Range<u64>> {
         }
     }
     out
-}
-
-/// Parses `bytes START-END/TOTAL` (TOTAL may be `*`).
-pub(crate) fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
-    let rest = v.trim().strip_prefix("bytes")?.trim_start();
-    let (range, total) = rest.split_once('/')?;
-    let (s, e) = range.split_once('-')?;
-    let (s, e) = (s.trim().parse().ok()?, e.trim().parse().ok()?);
-    if e < s {
-        return None;
-    }
-    let total = if total.trim() == "*" {
-        None
-    } else {
-        Some(total.trim().parse().ok()?)
-    };
-    Some((s, e, total))
-}
-
-pub(crate) fn boundary_of(ct: &str) -> Option<String> {
-    ct.split(';').skip(1).find_map(|p| {
-        let (k, v) = p.trim().split_once('=')?;
-        k.trim()
-            .eq_ignore_ascii_case("boundary")
-            .then(|| v.trim().trim_matches('"').to_string())
-    })
 }
 
 #[cfg(test)]

@@ -94,11 +94,11 @@ pub mod fuzzing {
     }
     /// Parses a `Content-Range` value.
     pub fn parse_content_range(v: &str) -> bool {
-        crate::blob::parse_content_range(v).is_some()
+        crate::multipart::parse_content_range(v).is_some()
     }
     /// Parses a `Content-Type` boundary parameter.
     pub fn boundary_of(ct: &str) -> Option<String> {
-        crate::blob::boundary_of(ct)
+        crate::multipart::boundary_of(ct)
     }
     /// Parses a `Retry-After` value.
     pub fn parse_retry_after(v: &str) -> Option<std::time::Duration> {

@@ -1,3 +1,4 @@
+//! Range replies: `Content-Range` values, `multipart/byteranges` boundaries, and
 //! `multipart/byteranges` replies read as they arrive: each part's bytes are handed on
 //! with their blob offset while the rest of the reply is still on the wire, so a reader
 //! of many ranges can use the first before the last has come.
@@ -5,8 +6,6 @@
 use std::ops::Range;
 
 use bytes::{Buf, Bytes, BytesMut};
-
-use crate::blob::parse_content_range;
 
 /// Longest header block accepted for one part (a Content-Type and a Content-Range
 /// need well under 200 bytes).
@@ -253,6 +252,32 @@ pub(crate) fn parse_multipart(
     p.feed(body.clone(), &mut |off, b| parts.push((off, b)))?;
     p.finish()?;
     Ok(parts)
+}
+
+/// Parses `bytes START-END/TOTAL` (TOTAL may be `*`).
+pub(crate) fn parse_content_range(v: &str) -> Option<(u64, u64, Option<u64>)> {
+    let rest = v.trim().strip_prefix("bytes")?.trim_start();
+    let (range, total) = rest.split_once('/')?;
+    let (s, e) = range.split_once('-')?;
+    let (s, e) = (s.trim().parse().ok()?, e.trim().parse().ok()?);
+    if e < s {
+        return None;
+    }
+    let total = if total.trim() == "*" {
+        None
+    } else {
+        Some(total.trim().parse().ok()?)
+    };
+    Some((s, e, total))
+}
+
+pub(crate) fn boundary_of(ct: &str) -> Option<String> {
+    ct.split(';').skip(1).find_map(|p| {
+        let (k, v) = p.trim().split_once('=')?;
+        k.trim()
+            .eq_ignore_ascii_case("boundary")
+            .then(|| v.trim().trim_matches('"').to_string())
+    })
 }
 
 #[cfg(test)]
