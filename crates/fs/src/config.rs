@@ -185,7 +185,9 @@ impl Default for Config {
             filesystem_cache_type: CacheType::Directory,
             prefetch_timeout_sec: DEFAULT_PREFETCH_TIMEOUT_SEC as i64,
             prefetch_size: 0,
-            prefetch_async_size: 0,
+            // Ours: no prefetch holds up a mount (its chunks are claimed at once, so the
+            // container's reads wait for its bytes rather than fetch them again).
+            prefetch_async_size: 1,
             resolve_result_entry_ttl_sec: 0,
             noprefetch: false,
             no_background_fetch: false,

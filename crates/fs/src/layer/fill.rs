@@ -140,9 +140,13 @@ impl Layer {
 
         let mut got: Got = HashMap::new();
         if !mine.is_empty() {
+            // A window is one contiguous request; when another fetch (a prefetch still
+            // streaming in) holds some of its chunks, only this fetch's own chunks are
+            // asked for, so those bytes do not cross the link twice.
+            let shared = states.iter().any(|s| matches!(s, St::Wait(..)));
             let ranges = match window {
-                Some(w) => vec![w],
-                None => chunk_ranges(mine.iter().map(|&(r, _)| self.chunk(r).blob_range())),
+                Some(w) if !shared => vec![w],
+                _ => chunk_ranges(mine.iter().map(|&(r, _)| self.chunk(r).blob_range())),
             };
             self.fetch_and_decode(&ranges, &mine, &mut claims, &mut got, on_demand);
         }
