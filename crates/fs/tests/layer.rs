@@ -324,6 +324,63 @@ fn front_of_a_window_is_readable_before_the_window_completes() {
     assert!(&layer.read(id, 0, last.len() as u32).expect("read") == last);
 }
 
+/// Reads that walk the prefetched files while the prefetch still streams them in are
+/// not misses to read ahead of: no read-ahead range comes back until the prefetch ends.
+#[test]
+fn no_read_ahead_while_the_prefetch_streams_in() {
+    init_tracing();
+    let e: Vec<Entry> = (0..20u64)
+        .map(|i| {
+            Entry::new(
+                &format!("p{i:02}"),
+                Kind::Reg(pseudo_random(50_000, 90 + i)),
+            )
+        })
+        .collect();
+    let names: Vec<String> = e.iter().map(|e| e.path.clone()).collect();
+    let prioritized: Vec<&str> = names.iter().map(String::as_str).collect();
+    let blob = make_blob(&e, 64 << 10, &prioritized[..10]);
+    let fetcher = Arc::new(HalvesFetcher {
+        inner: fs::FileFetcher::open(&blob.path).expect("blob"),
+        release: std::sync::Mutex::new(false),
+        cv: std::sync::Condvar::new(),
+        first_half_sent: std::sync::atomic::AtomicBool::new(false),
+    });
+    let layer = shared_layer(fetcher.clone(), &blob, ChunkCache::memory(64 << 20));
+    let walk = |layer: &Layer| -> usize {
+        (0..20)
+            .map(|i| {
+                let id = layer.index().lookup(&format!("p{i:02}")).expect("file");
+                layer.note_access(id, 0, 50_000, Some(false)).len()
+            })
+            .sum()
+    };
+    let pool = pool();
+    layer.start_prefetch(&pool);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !fetcher
+        .first_half_sent
+        .load(std::sync::atomic::Ordering::SeqCst)
+    {
+        assert!(Instant::now() < deadline, "prefetch never started");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    assert_eq!(walk(&layer), 0, "read ahead while the prefetch streams in");
+    *fetcher.release.lock().expect("lock") = true;
+    fetcher.cv.notify_all();
+    assert!(
+        layer.wait_prefetch(Duration::from_secs(20)),
+        "prefetch ended"
+    );
+    // The same walk on a fresh layer with no prefetch running does read ahead.
+    let idle = shared_layer(
+        Arc::new(fs::FileFetcher::open(&blob.path).expect("blob")),
+        &blob,
+        ChunkCache::memory(64 << 20),
+    );
+    assert!(walk(&idle) > 0, "a walk in blob order reads ahead");
+}
+
 /// However many callers start the prefetch (a mount, the daemon opening the layer
 /// ahead of it), it runs once; `wait_prefetch` sees it end.
 #[test]

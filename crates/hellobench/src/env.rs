@@ -269,6 +269,10 @@ impl Stack {
             format!("{}\n{resolver}", bins.ours_extra_config),
         )?;
         let mut cmd = in_netns(netns, &bins.ours_daemon.display().to_string());
+        // HELLOBENCH_OURS_LOG_LEVEL: our daemon's (and so its FUSE manager's) level.
+        if let Ok(level) = std::env::var("HELLOBENCH_OURS_LOG_LEVEL") {
+            cmd.args(["--log-level", &level]);
+        }
         cmd.arg("--address")
             .arg(dir.join("ours.sock"))
             .arg("--root")

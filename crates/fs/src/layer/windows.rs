@@ -69,6 +69,12 @@ impl Layer {
         if self.is_complete() {
             return Vec::new();
         }
+        // While the prefetch streams the blob in, reads that wait for its chunks are not
+        // misses to read ahead of: a read-ahead then fetched megabytes past the
+        // prioritized files that the workload never asked for.
+        if self.work().prefetch == Phase::Running {
+            return Vec::new();
+        }
         let Some(node) = self.index.get(id).filter(|n| n.kind == NodeKind::Reg) else {
             return Vec::new();
         };
