@@ -917,8 +917,10 @@ fn prefetch_timeout_bounds_mount() {
     fetcher
         .stall_head_ms
         .store(3000, std::sync::atomic::Ordering::SeqCst);
+    // The reference's waiting mount (ours does not wait by default).
     let cfg = Config {
         prefetch_timeout_sec: 1,
+        prefetch_async_size: 0,
         no_background_fetch: true,
         ..Config::default()
     };
@@ -1172,8 +1174,10 @@ fn prefetched_files_read_in_order_fetch_nothing_more() {
     let prioritized: Vec<&str> = names.iter().map(String::as_str).collect();
     let blob = make_blob(&entries, 64 << 10, &prioritized);
     let fetcher = TestFetcher::open(&blob.path);
+    // The mount waits for the prefetch, so the requests after it are the reads' own.
     let cfg = Config {
         noprefetch: false,
+        prefetch_async_size: 0,
         ..test_config()
     };
     let m = mount_with(fetcher.clone(), &blob, &cfg);

@@ -851,7 +851,7 @@ async fn prefetch_label_and_prefetch_size() {
         let d = Daemon::start(
             &format!(
                 "{config}metrics_address = \"{addr}\"\nno_background_fetch = true\n\
-                 [fuse_manager]\nenable = false\n"
+                 prefetch_async_size = 0\n[fuse_manager]\nenable = false\n"
             ),
             &[],
         );
