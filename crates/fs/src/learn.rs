@@ -83,6 +83,17 @@ impl AccessLog {
         if self.closed.load(Ordering::Relaxed) {
             return;
         }
+        let Some(mut inner) = self.open_window(now) else {
+            return;
+        };
+        if inner.order.len() < self.max && inner.seen.insert(id) {
+            inner.order.push(id);
+        }
+    }
+
+    /// The log, locked, if its window is still open at `now` (the first access opens
+    /// it); `None` once it closed.
+    fn open_window(&self, now: Instant) -> Option<std::sync::MutexGuard<'_, Inner>> {
         let mut inner = match self.inner.lock() {
             Ok(g) => g,
             Err(p) => p.into_inner(),
@@ -90,11 +101,9 @@ impl AccessLog {
         let started = *inner.started.get_or_insert(now);
         if now.saturating_duration_since(started) >= self.window {
             self.closed.store(true, Ordering::Relaxed);
-            return;
+            return None;
         }
-        if inner.order.len() < self.max && inner.seen.insert(id) {
-            inner.order.push(id);
-        }
+        Some(inner)
     }
 
     /// Notes a read of `len` bytes at `offset` of regular file `id` (a large one: see
@@ -111,15 +120,9 @@ impl AccessLog {
         if self.closed.load(Ordering::Relaxed) || range.is_empty() {
             return;
         }
-        let mut inner = match self.inner.lock() {
-            Ok(g) => g,
-            Err(p) => p.into_inner(),
-        };
-        let started = *inner.started.get_or_insert(now);
-        if now.saturating_duration_since(started) >= self.window {
-            self.closed.store(true, Ordering::Relaxed);
+        let Some(mut inner) = self.open_window(now) else {
             return;
-        }
+        };
         if !inner.seen.contains(&id) {
             if inner.order.len() >= self.max {
                 return;

@@ -428,17 +428,7 @@ impl BlobReader {
         batch: &[Range<u64>],
         tx: tokio::sync::mpsc::UnboundedSender<Streamed>,
     ) -> Result<Option<&'static str>> {
-        let spec_str = batch
-            .iter()
-            .map(|r| format!("{}-{}", r.start, r.end - 1))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut h = HeaderMap::new();
-        h.insert(
-            RANGE,
-            HeaderValue::from_str(&format!("bytes={spec_str}"))
-                .map_err(|e| Error::Config(e.to_string()))?,
-        );
+        let h = range_header(batch)?;
         let spec = self.spec(ep, Method::GET, h, &[400, 416])?;
         let host = ep.host.clone();
         let max = multipart_max(batch);
@@ -684,17 +674,7 @@ impl BlobReader {
 
     /// One GET with one or more ranges.
     async fn get_ranges(&self, ep: &Endpoint, ranges: &[Range<u64>], size: u64) -> Result<Parts> {
-        let spec_str = ranges
-            .iter()
-            .map(|r| format!("{}-{}", r.start, r.end - 1))
-            .collect::<Vec<_>>()
-            .join(",");
-        let mut h = HeaderMap::new();
-        h.insert(
-            RANGE,
-            HeaderValue::from_str(&format!("bytes={spec_str}"))
-                .map_err(|e| Error::Config(e.to_string()))?,
-        );
+        let h = range_header(ranges)?;
         let multi = ranges.len() > 1;
         let spec = self.spec(ep, Method::GET, h, if multi { &[400, 416] } else { &[] })?;
         let host = ep.host.clone();
@@ -939,6 +919,22 @@ async fn read_body(
         }
     }
     Ok(buf.freeze())
+}
+
+/// A `Range: bytes=a-b,c-d` header for `ranges` (each non-empty).
+fn range_header(ranges: &[Range<u64>]) -> Result<HeaderMap> {
+    let spec = ranges
+        .iter()
+        .map(|r| format!("{}-{}", r.start, r.end - 1))
+        .collect::<Vec<_>>()
+        .join(",");
+    let mut h = HeaderMap::new();
+    h.insert(
+        RANGE,
+        HeaderValue::from_str(&format!("bytes={spec}"))
+            .map_err(|e| Error::Config(e.to_string()))?,
+    );
+    Ok(h)
 }
 
 /// Receives the bytes of a streamed range: `(blob offset, bytes)`.
