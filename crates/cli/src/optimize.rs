@@ -45,6 +45,14 @@ pub struct OptimizeArgs {
     /// Write the accessed files as JSON lines to this file.
     #[arg(long, value_name = "FILE")]
     pub record_out: Option<PathBuf>,
+    /// Do not push the learned-prefetch record (the files and byte ranges the workload
+    /// read) beside an optimized image in a registry.
+    #[arg(long)]
+    pub no_prefetch_record: bool,
+    /// Write the learned-prefetch record (JSON, as daemons keep them under learned/)
+    /// to this file.
+    #[arg(long, value_name = "FILE")]
+    pub prefetch_record_out: Option<PathBuf>,
     #[command(flatten)]
     pub format: FormatArgs,
     /// Use zstd:chunked instead of eStargz (needs --oci).
@@ -255,6 +263,43 @@ pub async fn optimize_cmd(a: OptimizeArgs, containerd: &Containerd) -> Result<()
         &dst,
         &report.convert,
         &format!(", {} file(s) prioritized", report.record.len()),
+    );
+    if let Some(rec) = &report.prefetch_record {
+        if let Some(out) = &a.prefetch_record_out {
+            std::fs::write(out, rec.to_json())
+                .with_context(|| format!("writing --prefetch-record-out {}", out.display()))?;
+        }
+        if !a.no_prefetch_record {
+            publish_record(&dst, rec).await?;
+        }
+    }
+    Ok(())
+}
+
+/// Pushes the optimization's learned-prefetch record beside the image it wrote, when
+/// that image is in a registry (daemons look it up there on their first pull).
+async fn publish_record(dst: &Store, rec: &remote_layer::prefetch_record::Record) -> Result<()> {
+    let Some((client, reference)) = dst.as_registry() else {
+        return Ok(());
+    };
+    let img = client
+        .resolve_image(reference, &registry::Platform::host())
+        .await
+        .with_context(|| format!("resolving {reference} to publish its prefetch record"))?;
+    if img.digest.to_string() != rec.image {
+        bail!(
+            "{reference} resolves to {}, not the optimized image {}; prefetch record not pushed",
+            img.digest,
+            rec.image
+        );
+    }
+    let (target, _) = crate::prefetch_record::publish(client, reference, &img, rec.to_json())
+        .await
+        .context("pushing the prefetch record")?;
+    eprintln!(
+        "pushed the prefetch record ({} files, {} with byte ranges) as {target}",
+        rec.file_count(),
+        rec.ranges.values().map(|r| r.len()).sum::<usize>()
     );
     Ok(())
 }

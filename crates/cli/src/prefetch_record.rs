@@ -125,6 +125,27 @@ async fn push(a: PushArgs) -> Result<()> {
     let bytes = std::fs::read(&path).with_context(|| format!("reading {}", path.display()))?;
     let rec = Record::parse(&bytes, &img.digest)
         .with_context(|| format!("checking {}", path.display()))?;
+    let (target, digest) = publish(&client, &reference, &img, bytes).await?;
+    eprintln!(
+        "pushed the learned-prefetch record of {} ({} layers, {} files) as {target}",
+        img.digest,
+        rec.layers.len(),
+        rec.file_count()
+    );
+    println!("{digest}");
+    Ok(())
+}
+
+/// Pushes `record` (a record's JSON, checked by the caller) as the artifact about
+/// `img` in `reference`'s repository, tagged after `img`'s digest; returns the tag's
+/// reference and the artifact manifest's digest.
+pub async fn publish(
+    client: &registry::Client,
+    reference: &Reference,
+    img: &registry::ResolvedImage,
+    record: Vec<u8>,
+) -> Result<(Reference, Digest)> {
+    let bytes = record;
     let opts = PushBlobOptions::default();
     client
         .push_blob(&reference, Bytes::from_static(EMPTY), &opts)
@@ -159,14 +180,7 @@ async fn push(a: PushArgs) -> Result<()> {
         .push_manifest_json(&target, registry::OCI_MANIFEST, &manifest)
         .await
         .with_context(|| format!("pushing {target}"))?;
-    eprintln!(
-        "pushed the learned-prefetch record of {} ({} layers, {} files) as {target}",
-        img.digest,
-        rec.layers.len(),
-        rec.file_count()
-    );
-    println!("{digest}");
-    Ok(())
+    Ok((target, digest))
 }
 
 async fn pull(a: PullArgs) -> Result<()> {

@@ -235,6 +235,14 @@ impl Store {
         }
     }
 
+    /// The registry client and repository reference of a registry store.
+    pub fn as_registry(&self) -> Option<(&Client, &Reference)> {
+        match &*self.kind {
+            Kind::Registry { client, reference } => Some((client, reference)),
+            _ => None,
+        }
+    }
+
     /// For messages.
     pub fn describe(&self) -> String {
         match &*self.kind {

@@ -44,7 +44,9 @@ pub use config::{CacheType, Config, DirectoryCacheConfig, FuseConfig};
 pub use error::{Error, Result};
 pub use fetcher::{Fetcher, FileFetcher, RegistryFetcher};
 pub use fusefs::STATE_DIR;
-pub use layer::{speculative_head, tail_read, FilesPrefetched, Layer, LayerDesc, TailSizes};
+pub use layer::{
+    speculative_head, tail_read, FilesPrefetched, Layer, LayerDesc, PlannedFile, TailSizes,
+};
 pub use learn::AccessLog;
 pub use metrics::FsMetrics;
 pub use mount::{mount, mount_recording, MountHandle, MountOptions};

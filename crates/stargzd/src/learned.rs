@@ -13,8 +13,11 @@
 //!   record is read (from disk, else once from the registry's
 //!   `sha256-<hex>.sgz-prefetch` tag) and each layer's recorded files are fetched in
 //!   one batch ([`fs::Layer::prefetch_files`]), all layers in parallel, off the
-//!   Prepare path. Layers with converter-prioritized files (a prefetch landmark) keep
-//!   their own prefetch.
+//!   Prepare path. For a layer with converter-prioritized files (a prefetch landmark)
+//!   the record's files and ranges replace the prioritized region as what the layer's
+//!   own prefetch fetches ([`Learned::plan_layer`], applied as the layer opens): the
+//!   record holds what a workload read, the region the whole files an optimizer saw
+//!   opened (`ctr-remote image optimize` publishes such a record beside the image).
 //!
 //! A record is untrusted input: its bounds are checked as it is parsed, and paths not
 //! in the layer's TOC (or not regular files) are ignored.
@@ -393,6 +396,44 @@ impl Learned {
         });
     }
 
+    /// The shared look-up of `image`'s record (disk, else registry), for layers that
+    /// must know it before their prefetch starts; `None` when learned prefetch is off.
+    pub fn lookup(
+        self: &Arc<Self>,
+        client: registry::Client,
+        reference: Reference,
+        image: Digest,
+    ) -> Option<BoxFuture<'static, Option<Arc<Record>>>> {
+        if !self.cfg.learned_prefetch {
+            return None;
+        }
+        let this = self.clone();
+        Some(async move { this.record(client, reference, &image).await }.boxed())
+    }
+
+    /// Makes `layer`'s own prefetch fetch what `rec` names for it instead of its
+    /// prioritized region, when the layer has one and the record lists the layer;
+    /// returns whether it did. Call before the layer's prefetch starts.
+    pub fn plan_layer(&self, rec: &Record, layer: &fs::Layer) -> bool {
+        let digest = layer.desc().digest.clone();
+        if layer.index().prefetch_end.is_none() {
+            return false;
+        }
+        let Some(paths) = rec.layers.get(&digest) else {
+            return false;
+        };
+        let ranges = rec.ranges.get(&digest).cloned().unwrap_or_default();
+        let files = planned_files(layer, paths, &ranges);
+        let count = files.len();
+        let max = self.cfg.learned_prefetch_max_mib.saturating_mul(1 << 20);
+        let planned = layer.plan_prefetch(files, max);
+        if planned {
+            info!(layer = %digest, files = count, ranged = ranges.len(),
+                "prefetch follows the learned record instead of the prioritized region");
+        }
+        planned
+    }
+
     /// Fetches `layer`'s recorded files in one batch, once per opened layer.
     fn apply_layer(
         &self,
@@ -403,7 +444,8 @@ impl Learned {
     ) -> Option<fs::FilesPrefetched> {
         let digest = layer.desc().digest.clone();
         if layer.index().prefetch_end.is_some() {
-            debug!(layer = %digest, "layer has prioritized files; learned prefetch left out");
+            // Its own prefetch carries the record (see `plan_layer`) or the region.
+            debug!(layer = %digest, "layer has prioritized files; left to its own prefetch");
             return None;
         }
         {
@@ -419,22 +461,7 @@ impl Learned {
             }
             applied.insert(key, Arc::downgrade(layer));
         }
-        let index = layer.index();
-        let files: Vec<(estargz::NodeId, Option<Vec<std::ops::Range<u64>>>)> = paths
-            .iter()
-            .filter_map(|p| index.lookup(p).map(|id| (id, p)))
-            .filter(|&(id, _)| index.node(id).kind == estargz::NodeKind::Reg)
-            .map(|(id, p)| {
-                let read = ranges
-                    .get(p)
-                    .map(|rs| rs.iter().map(|&[a, b]| a..b).collect());
-                (id, read)
-            })
-            .collect();
-        let unknown = paths.len() - files.len();
-        if unknown > 0 {
-            debug!(layer = %digest, unknown, "recorded paths not regular files of the layer; ignored");
-        }
+        let files = planned_files(layer, paths, ranges);
         let max = self.cfg.learned_prefetch_max_mib.saturating_mul(1 << 20);
         match layer.prefetch_file_ranges(&files, max) {
             Ok(done) => {
@@ -521,6 +548,29 @@ impl Learned {
         };
         lookup.await
     }
+}
+
+/// The regular files of `layer` among the recorded `paths`, each with its recorded
+/// ranges (none: read whole); other paths are skipped with a debug line.
+fn planned_files(layer: &fs::Layer, paths: &[String], ranges: &FileRanges) -> Vec<fs::PlannedFile> {
+    let index = layer.index();
+    let files: Vec<fs::PlannedFile> = paths
+        .iter()
+        .filter_map(|p| index.lookup(p).map(|id| (id, p)))
+        .filter(|&(id, _)| index.node(id).kind == estargz::NodeKind::Reg)
+        .map(|(id, p)| {
+            let read = ranges
+                .get(p)
+                .map(|rs| rs.iter().map(|&[a, b]| a..b).collect());
+            (id, read)
+        })
+        .collect();
+    let unknown = paths.len() - files.len();
+    if unknown > 0 {
+        debug!(layer = %layer.desc().digest, unknown,
+            "recorded paths not regular files of the layer; ignored");
+    }
+    files
 }
 
 /// The record pushed for `image` under its `sha256-<hex>.sgz-prefetch` tag in the

@@ -101,6 +101,19 @@ impl LayerPool {
         let mut image_layers: Vec<Option<Opening>> = Vec::new();
         let mut ahead = Vec::new();
         let resolved = self.manifest(&info.image_ref, &reference).await;
+        let record = match (&self.learned, &resolved) {
+            (Some(learned), Ok(resolved)) => learned
+                .lookup(
+                    self.client.clone(),
+                    reference.clone(),
+                    resolved.digest.clone(),
+                )
+                .map(|f| RecordLookup {
+                    learned: learned.clone(),
+                    record: f.shared(),
+                }),
+            _ => None,
+        };
         match &resolved {
             Ok(resolved) => {
                 for d in resolved.manifest.layers.iter() {
@@ -128,6 +141,7 @@ impl LayerPool {
                             Hints {
                                 head: prefetch_end_hint(d),
                                 toc_tail: toc_tail_hint(d),
+                                record: record.clone(),
                             },
                             &cfg,
                         );
@@ -149,6 +163,7 @@ impl LayerPool {
             Hints {
                 head: hint,
                 toc_tail: tail,
+                record,
             },
             &cfg,
         );
@@ -303,6 +318,9 @@ impl LayerPool {
             let layer = Arc::new(layer);
             layer.observe_with(&metrics);
             if !cfg.noprefetch {
+                if let Some(lookup) = &hints.record {
+                    lookup.plan(&handle, &layer);
+                }
                 // The mount starts it too; it runs once either way.
                 match fs::FetchPool::shared() {
                     Ok(pool) => layer.start_prefetch(&pool),
@@ -433,12 +451,45 @@ fn toc_tail_hint(d: &registry::Descriptor) -> Option<u64> {
 }
 
 /// What a layer's descriptor says about where to read first.
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 struct Hints {
     /// Bytes at the blob's start holding the prioritized files (`prefetch-end`).
     head: Option<u64>,
     /// Bytes at the blob's end holding TOC and footer.
     toc_tail: Option<u64>,
+    /// The image's learned-prefetch record, waited for (briefly) before a layer with
+    /// prioritized files starts its prefetch.
+    record: Option<RecordLookup>,
+}
+
+/// One image's learned-prefetch record on its way, shared by its layers' openings.
+#[derive(Clone)]
+struct RecordLookup {
+    learned: Arc<Learned>,
+    record: Shared<BoxFuture<'static, Option<Arc<remote_layer::prefetch_record::Record>>>>,
+}
+
+/// Longest a layer's prefetch waits for the image's record: the look-up runs beside the
+/// TOC's fetch, so it is normally in by then; a registry slow to say it has none must
+/// not hold the prioritized files back for long.
+const RECORD_WAIT: Duration = Duration::from_millis(500);
+
+impl RecordLookup {
+    /// Plans `layer`'s prefetch from the record when the layer has prioritized files.
+    fn plan(&self, handle: &tokio::runtime::Handle, layer: &fs::Layer) {
+        if layer.index().prefetch_end.is_none() {
+            return;
+        }
+        let waited = handle.block_on(tokio::time::timeout(RECORD_WAIT, self.record.clone()));
+        match waited {
+            Ok(Some(rec)) => {
+                self.learned.plan_layer(&rec, layer);
+            }
+            Ok(None) => {}
+            Err(_) => debug!(layer = %layer.desc().digest,
+                "learned-prefetch record not in yet; prefetching the prioritized region"),
+        }
+    }
 }
 
 /// A task that panicked or was cancelled.

@@ -851,3 +851,196 @@ async fn broken_records_are_ignored_and_the_pull_works() {
         }
     });
 }
+
+/// The optimized image's layer digests (bottom first) and manifest digest, as the
+/// registry serves `repo:tag`.
+async fn manifest_of(reg: &testenv::Registry, repo: &str, tag: &str) -> (Vec<String>, String) {
+    let bytes = reqwest::Client::new()
+        .get(format!("{}/v2/{repo}/manifests/{tag}", reg.base_url()))
+        .header(
+            "accept",
+            "application/vnd.oci.image.manifest.v1+json, application/vnd.docker.distribution.manifest.v2+json",
+        )
+        .send()
+        .await
+        .unwrap()
+        .bytes()
+        .await
+        .unwrap();
+    let m: serde_json::Value = serde_json::from_slice(&bytes).unwrap();
+    let layers = m["layers"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no layers: {m}"))
+        .iter()
+        .map(|l| l["digest"].as_str().unwrap().to_string())
+        .collect();
+    (layers, sha(&bytes))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_optimized_image_prefetches_the_ranges_its_optimization_published() {
+    if !prerequisites() || !require(&["/usr/sbin/runc"], "runc") {
+        return;
+    }
+    let Some(reg) = testenv::Registry::start(testenv::RegistryOpts::default()) else {
+        return;
+    };
+    let img = image();
+    let (src_ref, _) = push(&reg, "opt/src", &img.layers).await;
+    let scratch = tempfile::Builder::new()
+        .prefix("stargzd-optrec-")
+        .tempdir()
+        .unwrap();
+    // Optimize with the workload that reads two 16 KiB pieces of the 8 MiB file: the
+    // converter prioritizes the whole file, the published record names the pieces.
+    let dst_ref = format!("{}/opt/img:v1", reg.host());
+    let ours = Path::new(env!("CARGO_BIN_EXE_containerd-stargz-grpc")).with_file_name("ctr-remote");
+    let args = serde_json::to_string(&["-c", WORKLOAD]).unwrap();
+    let out = Command::new(&ours)
+        .args(["image", "optimize", "--oci", "--plain-http", "--workdir"])
+        .arg(scratch.path())
+        .args([
+            "--estargz-chunk-size",
+            &CHUNK.to_string(),
+            "--entrypoint",
+            r#"["/bin/busybox","sh"]"#,
+            "--args",
+            &args,
+            &format!("docker://{src_ref}"),
+            &format!("docker://{dst_ref}"),
+        ])
+        .output()
+        .unwrap();
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "optimize: {stderr}");
+    assert!(stderr.contains("pushed the prefetch record"), "{stderr}");
+    let (digests, manifest_digest) = manifest_of(&reg, "opt/img", "v1").await;
+    assert_eq!(digests.len(), 2);
+
+    // The record in the registry: what the workload read, the large file by its pieces.
+    let tag = format!("{}.sgz-prefetch", manifest_digest.replacen(':', "-", 1));
+    let artifact: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/v2/opt/img/manifests/{tag}", reg.base_url()))
+        .header("accept", "application/vnd.oci.image.manifest.v1+json")
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    assert_eq!(artifact["subject"]["digest"], manifest_digest.as_str());
+    let rec_digest = artifact["layers"][0]["digest"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    let rec: serde_json::Value = reqwest::Client::new()
+        .get(format!("{}/v2/opt/img/blobs/{rec_digest}", reg.base_url()))
+        .send()
+        .await
+        .unwrap()
+        .json()
+        .await
+        .unwrap();
+    eprintln!("published record: {rec}");
+    let listed = |i: usize| -> Vec<String> {
+        rec["layers"][&digests[i]]
+            .as_array()
+            .unwrap_or_else(|| panic!("no list for layer {i}: {rec}"))
+            .iter()
+            .map(|v| v.as_str().unwrap().to_string())
+            .collect()
+    };
+    assert!(listed(0).contains(&"app/big.dat".to_string()), "{rec}");
+    assert!(listed(1).contains(&"app/b.dat".to_string()), "{rec}");
+    let big: Vec<(u64, u64)> = rec["ranges"][&digests[0]]["app/big.dat"]
+        .as_array()
+        .unwrap_or_else(|| panic!("no ranges for app/big.dat: {rec}"))
+        .iter()
+        .map(|r| (r[0].as_u64().unwrap(), r[1].as_u64().unwrap()))
+        .collect();
+    for piece in BIG_PIECES {
+        assert!(
+            big.iter()
+                .any(|&(s, e)| s <= piece && piece + (16 << 10) <= e),
+            "piece at {piece} not in {big:?}"
+        );
+    }
+    assert!(
+        big.iter().map(|(s, e)| e - s).sum::<u64>() < 2 << 20,
+        "{big:?}"
+    );
+
+    let front = testenv::Front::start(testenv::FrontOpts {
+        upstream: reg.base_url(),
+        ..Default::default()
+    })
+    .await;
+    let image_ref = dst_ref.replace(&reg.host(), &front.host());
+    let sizes = {
+        let log_sizes = |d: &str| async move {
+            reqwest::Client::new()
+                .head(format!("{}/v2/opt/img/blobs/{d}", reg.base_url()))
+                .send()
+                .await
+                .unwrap()
+                .content_length()
+                .unwrap()
+        };
+        vec![log_sizes(&digests[0]).await, log_sizes(&digests[1]).await]
+    };
+    // Prefetch on (the layers' own), nothing else fetching ahead.
+    let config = CONFIG.replace("noprefetch = true\n", "");
+
+    // A node whose daemon ignores records fetches the whole prioritized region.
+    let whole_region;
+    {
+        let mut env = Env::start_config(&format!(
+            "{config}learned_prefetch = false\n[fuse_manager]\nenable = false\n"
+        ));
+        let mut fetched = 0;
+        env.checked(|env| {
+            take_log(&front);
+            env.rpull(&image_ref);
+            env.wait_log(&["prefetch done", &digests[0]]);
+            fetched = blob_bytes(&take_log(&front), &digests[0], sizes[0]);
+            assert!(
+                !env.log().contains("prefetch follows the learned record"),
+                "record used with learned_prefetch = false"
+            );
+        });
+        whole_region = fetched;
+    }
+    eprintln!("prioritized region prefetch: {whole_region} bytes of layer 0");
+    assert!(whole_region > BIG as u64, "{whole_region}");
+
+    // A node with an empty root finds the record and prefetches the pieces instead.
+    let mut env = Env::start_config(&format!("{config}[fuse_manager]\nenable = false\n"));
+    env.checked(|env| {
+        take_log(&front);
+        env.rpull(&image_ref);
+        env.wait_log(&[
+            "learned-prefetch record taken from the registry",
+            &manifest_digest,
+        ]);
+        for d in &digests {
+            env.wait_log(&["prefetch follows the learned record", d.as_str()]);
+        }
+        env.wait_log(&["start-up files prefetched", &digests[0]]);
+        let log = take_log(&front);
+        let fetched = blob_bytes(&log, &digests[0], sizes[0]);
+        eprintln!("record-planned prefetch: {fetched} bytes of layer 0");
+        let bound = img.whole_bytes + fs::layer::TAIL_READ + (1 << 20) + 8 * CHUNK;
+        assert!(
+            fetched < bound && fetched + (4 << 20) < whole_region,
+            "{fetched} bytes of layer 0 fetched (bound {bound}, whole region {whole_region})"
+        );
+        // The workload then needs (almost) nothing more.
+        let out = env.run(&image_ref, "c1", WORKLOAD);
+        assert_eq!(out, img.read_sums, "workload output");
+        let run_gets = blob_gets(&take_log(&front), &digests);
+        assert!(
+            run_gets <= 1,
+            "{run_gets} blob GETs after the planned prefetch"
+        );
+    });
+}

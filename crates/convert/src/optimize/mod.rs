@@ -12,6 +12,7 @@
 mod cdi;
 mod cni;
 mod prefetch_list;
+mod published;
 mod record;
 mod recorder;
 mod rootfs;
@@ -30,6 +31,7 @@ pub use cni::{
     DEFAULT_PLUGIN_DIR as DEFAULT_CNI_PLUGIN_DIR,
 };
 pub use prefetch_list::{glob_match, read_prefetch_list};
+pub use published::{prefetch_record, ReadRanges};
 pub use record::{read_record, write_record, RecordEntry};
 pub use rootfs::unpack_layer;
 pub use sandbox::{MountSpec, StopWhen, Workload};
@@ -67,6 +69,9 @@ pub struct OptimizeReport {
     pub convert: ConvertReport,
     /// Accessed files, in first-access order (empty without a run).
     pub record: Vec<RecordEntry>,
+    /// What the workload read, for the daemons' learned prefetch of the image written
+    /// (see [`prefetch_record`]); `None` without a run.
+    pub prefetch_record: Option<remote_layer::prefetch_record::Record>,
 }
 
 /// Runs the workload of `src`'s image for this host, then converts `src` into
@@ -81,6 +86,7 @@ pub async fn optimize(src: &Store, dst: &Store, opts: &OptimizeOptions) -> Resul
         tracing::warn!(%host, "the selected platforms exclude this host's; converting without optimization");
     }
     let mut record = Vec::new();
+    let mut read: Option<(Vec<Digest>, HashMap<Digest, ReadRanges>)> = None;
     let mut convert_opts = opts.convert.clone();
     if let Some(list) = &opts.prefetch_list {
         if !opts.optimize {
@@ -111,11 +117,15 @@ pub async fn optimize(src: &Store, dst: &Store, opts: &OptimizeOptions) -> Resul
         tracing::info!(manifest = %manifest_digest, files = entries.len(), layers = per_layer.len(), "workload recorded");
         convert_opts.layer_prioritized = Some(Arc::new(per_layer));
         record = entries;
+        read = Some((layer_digests, HashMap::new()));
     }
     let report = convert(src, dst, &convert_opts).await?;
+    let prefetch_record =
+        read.and_then(|(layers, ranges)| prefetch_record(&report, &layers, &record, &ranges));
     Ok(OptimizeReport {
         convert: report,
         record,
+        prefetch_record,
     })
 }
 

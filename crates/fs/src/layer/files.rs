@@ -16,6 +16,16 @@ use crate::error::Result;
 /// Most files one batch takes; lists come from image configs and records on disk.
 pub const MAX_BATCH_FILES: usize = 16_384;
 
+/// A regular file to prefetch, with the byte ranges of it wanted (sorted; `None`: all).
+pub type PlannedFile = (NodeId, Option<Vec<Range<u64>>>);
+
+/// What a layer's prefetch fetches instead of its prioritized region, when known before
+/// the prefetch starts (see [`Layer::plan_prefetch`]).
+pub(super) struct PrefetchPlan {
+    pub(super) files: Vec<PlannedFile>,
+    pub(super) max_bytes: u64,
+}
+
 /// What [`Layer::prefetch_files`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FilesPrefetched {
@@ -44,11 +54,33 @@ impl Layer {
         self.prefetch_file_ranges(&whole, max_bytes)
     }
 
+    /// Makes the layer's prefetch (started later by [`Layer::start_prefetch`]) fetch
+    /// `files` as [`Layer::prefetch_file_ranges`] does, instead of the blob's prioritized
+    /// region: a record of what a workload read names fewer bytes than the whole files a
+    /// converter put first. The rest of the region is left to reads and the background
+    /// fetch. Returns `false`, changing nothing, once the prefetch has started or a plan
+    /// was given before.
+    pub fn plan_prefetch(&self, files: Vec<PlannedFile>, max_bytes: u64) -> bool {
+        // Held so a prefetch cannot start between the check and the set.
+        let work = self.work();
+        if work.prefetch_started() {
+            return false;
+        }
+        self.prefetch_plan
+            .set(PrefetchPlan { files, max_bytes })
+            .is_ok()
+    }
+
+    /// Whether a plan replaces the prioritized region as what the prefetch fetches.
+    pub fn has_prefetch_plan(&self) -> bool {
+        self.prefetch_plan.get().is_some()
+    }
+
     /// [`Layer::prefetch_files`], where a file given with byte ranges (sorted) has only
     /// the chunks that hold some of those bytes fetched.
     pub fn prefetch_file_ranges(
         &self,
-        files: &[(NodeId, Option<Vec<Range<u64>>>)],
+        files: &[PlannedFile],
         max_bytes: u64,
     ) -> Result<FilesPrefetched> {
         let _busy = self.cache.priority().busy();

@@ -30,7 +30,8 @@ use crate::metrics::{FsMetrics, LayerGauges, LayerOps, Op};
 use crate::readahead::Stream;
 
 use coverage::RangeSet;
-pub use files::{FilesPrefetched, MAX_BATCH_FILES};
+use files::PrefetchPlan;
+pub use files::{FilesPrefetched, PlannedFile, MAX_BATCH_FILES};
 use fill::Slot;
 pub use tail::{tail_read, TailSizes, MAX_TAIL_READ, MIN_TAIL_READ, TAIL_READ};
 use windows::{plan_windows, Window, Work};
@@ -80,6 +81,9 @@ pub struct Layer {
     /// Prefetch covers blob bytes `0..prefetch_end`: up to the prefetch landmark, or
     /// without one `prefetch_size` bytes; none with the no-prefetch landmark.
     prefetch_end: Option<u64>,
+    /// Set before the prefetch starts: fetch these files (or byte ranges of them)
+    /// instead of `0..prefetch_end`.
+    prefetch_plan: OnceLock<PrefetchPlan>,
     complete: AtomicBool,
     stop: AtomicBool,
     prefetched: AtomicU64,
@@ -290,6 +294,7 @@ impl Layer {
             payload_end,
             toc_start: reader.toc_range.start,
             prefetch_end,
+            prefetch_plan: OnceLock::new(),
             complete: AtomicBool::new(false),
             stop: AtomicBool::new(false),
             prefetched: AtomicU64::new(0),

@@ -42,6 +42,13 @@ pub(super) struct Work {
     background: Phase,
 }
 
+impl Work {
+    /// Whether the prefetch was started (running or done).
+    pub(super) fn prefetch_started(&self) -> bool {
+        self.prefetch != Phase::Idle
+    }
+}
+
 /// One background run: the next window to take and the workers still taking them.
 struct BackgroundRun {
     next: AtomicUsize,
@@ -50,7 +57,7 @@ struct BackgroundRun {
 }
 
 impl Layer {
-    fn work(&self) -> MutexGuard<'_, Work> {
+    pub(super) fn work(&self) -> MutexGuard<'_, Work> {
         self.work.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -128,7 +135,9 @@ impl Layer {
     /// Whether the layer has anything to prefetch: prioritized files, or a speculative
     /// head that was fetched (see [`Layer::open_with_head`]).
     pub fn has_prefetch(&self) -> bool {
-        self.prefetch_end.is_some() || self.head.as_ref().is_some_and(|h| h.in_use())
+        self.prefetch_end.is_some()
+            || self.prefetch_plan.get().is_some()
+            || self.head.as_ref().is_some_and(|h| h.in_use())
     }
 
     /// Fetches the prioritized files (blob range `0..prefetch_end`) in one request and
@@ -144,7 +153,16 @@ impl Layer {
     }
 
     fn prefetch_inner(&self) -> Result<()> {
-        let end = self.prefetch_end.unwrap_or(0);
+        let planned = self.prefetch_plan.get();
+        if let Some(plan) = planned {
+            self.prefetch_file_ranges(&plan.files, plan.max_bytes)?;
+        }
+        // A plan stands in for the prioritized region; the head's chunks are taken all
+        // the same, their bytes being here already.
+        let end = match planned {
+            Some(_) => 0,
+            None => self.prefetch_end.unwrap_or(0),
+        };
         let head = self
             .head
             .as_ref()
@@ -172,8 +190,10 @@ impl Layer {
         for res in self.fill(&refs, Some(0..wend), false, true) {
             res?;
         }
-        self.prefetched
-            .store(wend.min(self.blob_size), Ordering::Relaxed);
+        if planned.is_none() {
+            self.prefetched
+                .store(wend.min(self.blob_size), Ordering::Relaxed);
+        }
         info!(layer = %self.desc.digest, bytes = wend, chunks = refs.len(), head,
             elapsed_ms = started.elapsed().as_millis() as u64, "prefetch done");
         Ok(())
