@@ -537,3 +537,72 @@ fn named_files_are_fetched_in_one_batch() {
     assert_eq!((small.files, small.skipped), (0, wanted.len()));
     assert_eq!(fetcher2.requests(), before);
 }
+
+/// A plan given before the prefetch starts replaces the prioritized region: the layer's
+/// prefetch fetches the planned files (of a file given with ranges, the chunks holding
+/// them) and not the rest of the region; a plan after the start is refused.
+#[test]
+fn a_plan_replaces_the_prioritized_region() {
+    init_tracing();
+    let e = entries();
+    // f4 70,000 bytes, f5 and f11 200,000 bytes, f10 70,000: all prioritized.
+    let blob = make_blob(&e, 64 << 10, &["d/f4", "d/f5", "d/f10", "d/f11"]);
+    let data = |p: &str| -> Vec<u8> {
+        match &e.iter().find(|x| x.path == p).expect("entry").kind {
+            Kind::Reg(d) => d.clone(),
+            _ => unreachable!(),
+        }
+    };
+    let fetcher = TestFetcher::open(&blob.path);
+    let layer = shared_layer(fetcher.clone(), &blob, ChunkCache::memory(64 << 20));
+    let id = |p: &str| layer.index().lookup(p).expect("in index");
+    assert!(layer.plan_prefetch(
+        vec![
+            (id("d/f4"), None),
+            (id("d/f5"), Some(vec![130_000..131_000]))
+        ],
+        u64::MAX
+    ));
+    assert!(layer.has_prefetch_plan());
+    assert!(
+        !layer.plan_prefetch(vec![(id("d/f10"), None)], u64::MAX),
+        "one plan per layer"
+    );
+    layer.start_prefetch(&pool());
+    assert!(layer.wait_prefetch(Duration::from_secs(20)));
+    assert!(
+        !layer.plan_prefetch(vec![(id("d/f10"), None)], u64::MAX),
+        "a plan after the start is refused"
+    );
+    let after_prefetch = fetcher.requests();
+    // Planned bytes are here.
+    assert_eq!(
+        layer.read(id("d/f4"), 0, 1 << 20).expect("read"),
+        data("d/f4")
+    );
+    let f5 = data("d/f5");
+    assert_eq!(
+        layer.read(id("d/f5"), 130_000, 1000).expect("read"),
+        f5[130_000..131_000]
+    );
+    assert_eq!(
+        fetcher.requests(),
+        after_prefetch,
+        "planned bytes fetched again"
+    );
+    // The rest of the region is not: the unplanned file and f5's other chunks fetch.
+    assert_eq!(
+        layer.read(id("d/f10"), 0, 1 << 20).expect("read"),
+        data("d/f10")
+    );
+    assert!(
+        fetcher.requests() > after_prefetch,
+        "unplanned file was prefetched"
+    );
+    let before = fetcher.requests();
+    assert_eq!(layer.read(id("d/f5"), 0, 1000).expect("read"), f5[..1000]);
+    assert!(
+        fetcher.requests() > before,
+        "f5's first chunk was prefetched"
+    );
+}
