@@ -350,6 +350,7 @@ async fn run(
         }),
         gpus,
         prefetch_list,
+        record_ranges: true,
     };
     // Ctrl-C drops the work in progress, whose guards delete the container,
     // unmount the rootfs and remove temporary files. With --wait-on-signal the

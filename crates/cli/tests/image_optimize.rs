@@ -1181,3 +1181,120 @@ fn workload_may_chown_as_root() {
         "{stdout}"
     );
 }
+
+/// Busybox (with `dd`) in one layer and a 4 MiB file `/big` in another.
+fn big_file_tars(busybox: &[u8], big: &[u8]) -> Vec<Vec<u8>> {
+    vec![
+        tar_of(&[
+            Entry::Dir("bin"),
+            Entry::File("bin/busybox", busybox.to_vec(), 0o755),
+            Entry::Link("bin/sh", "busybox"),
+            Entry::Link("bin/dd", "busybox"),
+        ]),
+        tar_of(&[Entry::File("big", big.to_vec(), 0o644)]),
+    ]
+}
+
+#[test]
+fn ranges_of_a_partly_read_file_are_recorded_per_layer() {
+    use convert::optimize::{OptimizeOptions, StopWhen, Workload};
+    use convert::{ConvertOptions, Location, Store};
+
+    let Some((_reg, busybox)) = prerequisites() else {
+        return;
+    };
+    if !Path::new("/dev/fuse").exists() {
+        let _: Option<()> = missing("/dev/fuse (reads are traced through FUSE)");
+        return;
+    }
+    const MIB: u64 = 1024 * 1024;
+    let big: Vec<u8> = (0..4 * MIB)
+        .map(|i| (i.wrapping_mul(2_654_435_761) >> 11) as u8)
+        .collect();
+    let img = image(&big_file_tars(&busybox, &big));
+    let manifest: Value = serde_json::from_slice(&img.manifest).expect("manifest");
+    let layer_digests: Vec<String> = manifest["layers"]
+        .as_array()
+        .expect("layers")
+        .iter()
+        .map(|l| l["digest"].as_str().expect("digest").to_string())
+        .collect();
+    let scratch = tempfile::tempdir().expect("tempdir");
+    let src_dir = scratch.path().join("src");
+    write_layout(&src_dir, "v1", &img);
+    let wd = scratch.path().join("work");
+    std::fs::create_dir_all(&wd).expect("workdir");
+    let client = Client::anonymous();
+    let open = |s: String| Store::open(&Location::parse(&s).expect("location"), &client);
+    let src = open(format!("oci:{}:v1", src_dir.display()));
+    let dst = open(format!("oci:{}:opt", scratch.path().join("dst").display()));
+    let opts = OptimizeOptions {
+        convert: ConvertOptions {
+            oci: true,
+            workdir: Some(wd.clone()),
+            ..Default::default()
+        },
+        workload: Workload {
+            // The 513th 4 KiB block of /big, and nothing else of it.
+            entrypoint: Some(s(&[
+                "/bin/sh",
+                "-c",
+                "dd if=/big of=/dev/null bs=4096 skip=512 count=1",
+            ])),
+            ..Default::default()
+        },
+        stop: StopWhen::Period(std::time::Duration::from_secs(20)),
+        optimize: true,
+        cni: None,
+        gpus: Vec::new(),
+        prefetch_list: None,
+        record_ranges: true,
+    };
+    let report = rt()
+        .block_on(convert::optimize::optimize(&src, &dst, &opts))
+        .expect("optimize");
+
+    let layers: Vec<String> = report.ranges.iter().map(|l| l.layer.to_string()).collect();
+    assert_eq!(
+        layers, layer_digests,
+        "one entry per source layer, bottom first"
+    );
+    let files = &report.ranges[1].files;
+    let paths: Vec<&str> = files.iter().map(|(p, _)| p.as_str()).collect();
+    assert_eq!(paths, ["big"], "{files:?}");
+    let r = &files[0].1;
+    let at = 512 * 4096;
+    assert!(
+        r.iter().any(|r| r.start <= at && at + 4096 <= r.end),
+        "the block dd read is in {r:?}"
+    );
+    let bytes: u64 = r.iter().map(|r| r.end - r.start).sum();
+    assert!(bytes < 4 * MIB / 2, "far less than the whole file: {r:?}");
+    assert!(r.iter().all(|r| r.end <= 4 * MIB), "{r:?}");
+    eprintln!("/big read as {r:?} ({bytes} bytes)");
+    // Busybox ran from the other layer: executing it reads (maps) it.
+    let bottom = &report.ranges[0].files;
+    let busybox_read = bottom
+        .iter()
+        .find(|(p, _)| p == "bin/busybox")
+        .unwrap_or_else(|| panic!("bin/busybox not read: {bottom:?}"));
+    let bb: u64 = busybox_read.1.iter().map(|r| r.end - r.start).sum();
+    eprintln!(
+        "bin/busybox ({} bytes) read as {} range(s), {bb} bytes",
+        busybox.len(),
+        busybox_read.1.len()
+    );
+    assert!(bb > 0 && bb <= busybox.len() as u64);
+    // fanotify's record is unchanged: the file is listed as accessed.
+    assert!(
+        report.record.iter().any(|e| e.path == "big"),
+        "{:?}",
+        report.record
+    );
+
+    // Nothing is left mounted or behind.
+    let mounts = std::fs::read_to_string("/proc/self/mountinfo").expect("mountinfo");
+    assert!(!mounts.contains(&wd.display().to_string()), "{mounts}");
+    let left: Vec<_> = std::fs::read_dir(&wd).expect("workdir").collect();
+    assert!(left.is_empty(), "temporary files left behind: {left:?}");
+}

@@ -5,6 +5,8 @@
 //! - `rootfs` unpacks layers and mounts the overlay.
 //! - `sandbox` generates the runtime bundle and runs runc.
 //! - `recorder` watches file accesses.
+//! - `tracefs` serves each layer to the overlay through FUSE, noting the byte ranges
+//!   read of every file (`record_ranges`).
 //! - `record` reads and writes the access record (JSON lines).
 //! - `cni` attaches the workload to a CNI network (`--cni`).
 //! - `cdi` exposes GPUs described by CDI specs (`--gpus`).
@@ -17,8 +19,10 @@ mod record;
 mod recorder;
 mod rootfs;
 mod sandbox;
+mod tracefs;
 
 use std::collections::HashMap;
+use std::ops::Range;
 use std::path::PathBuf;
 use std::sync::Arc;
 
@@ -35,6 +39,7 @@ pub use published::{prefetch_record, ReadRanges};
 pub use record::{read_record, write_record, RecordEntry};
 pub use rootfs::unpack_layer;
 pub use sandbox::{MountSpec, StopWhen, Workload};
+pub use tracefs::{TraceMount, MAX_RANGES_PER_FILE, MAX_READAHEAD};
 
 /// How to optimize an image.
 #[derive(Clone, Debug)]
@@ -53,6 +58,9 @@ pub struct OptimizeOptions {
     /// Prioritize these paths and glob patterns instead of running the workload
     /// (`--prefetch-list`).
     pub prefetch_list: Option<Vec<String>>,
+    /// Serve each layer to the workload through a FUSE mount that notes the byte
+    /// ranges read of every file ([`OptimizeReport::ranges`]).
+    pub record_ranges: bool,
 }
 
 /// Where the CNI network configuration and plugins are.
@@ -72,6 +80,29 @@ pub struct OptimizeReport {
     /// What the workload read, for the daemons' learned prefetch of the image written
     /// (see [`prefetch_record`]); `None` without a run.
     pub prefetch_record: Option<remote_layer::prefetch_record::Record>,
+    /// Per layer of the image run, bottom first: the byte ranges read of its files
+    /// (empty without a run, without `record_ranges`, or without /dev/fuse).
+    pub ranges: Vec<LayerRanges>,
+}
+
+/// The files read through one source layer, in first-read order, each with the byte
+/// ranges the kernel read: sorted, disjoint, merged, kernel readahead included, at
+/// most [`MAX_RANGES_PER_FILE`] per file. A file is listed under the layer whose copy
+/// was read, which is the topmost layer that has it.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct LayerRanges {
+    /// The source layer's digest.
+    pub layer: Digest,
+    /// Paths relative to the layer's root, without a leading '/'.
+    pub files: Vec<(String, Vec<Range<u64>>)>,
+}
+
+/// What a run of the workload found.
+struct Analysis {
+    manifest_digest: Digest,
+    layer_digests: Vec<Digest>,
+    entries: Vec<RecordEntry>,
+    ranges: Vec<LayerRanges>,
 }
 
 /// Runs the workload of `src`'s image for this host, then converts `src` into
@@ -86,7 +117,8 @@ pub async fn optimize(src: &Store, dst: &Store, opts: &OptimizeOptions) -> Resul
         tracing::warn!(%host, "the selected platforms exclude this host's; converting without optimization");
     }
     let mut record = Vec::new();
-    let mut read: Option<(Vec<Digest>, HashMap<Digest, ReadRanges>)> = None;
+    let mut ranges = Vec::new();
+    let mut layer_digests = Vec::new();
     let mut convert_opts = opts.convert.clone();
     if let Some(list) = &opts.prefetch_list {
         if !opts.optimize {
@@ -111,20 +143,40 @@ pub async fn optimize(src: &Store, dst: &Store, opts: &OptimizeOptions) -> Resul
         } else {
             Some(cdi::resolve(cdi::GPU_KIND, &opts.gpus, &cdi::spec_dirs())?)
         };
-        let (manifest_digest, layer_digests, entries) =
-            analyze(src, opts, gpu_edits.as_ref()).await?;
-        let per_layer = per_layer(&layer_digests, &entries);
-        tracing::info!(manifest = %manifest_digest, files = entries.len(), layers = per_layer.len(), "workload recorded");
+        let a = analyze(src, opts, gpu_edits.as_ref()).await?;
+        let per_layer = per_layer(&a.layer_digests, &a.entries);
+        tracing::info!(manifest = %a.manifest_digest, files = a.entries.len(), layers = per_layer.len(), "workload recorded");
+        if opts.record_ranges {
+            let files: usize = a.ranges.iter().map(|l| l.files.len()).sum();
+            let bytes: u64 = a
+                .ranges
+                .iter()
+                .flat_map(|l| &l.files)
+                .flat_map(|(_, r)| r)
+                .map(|r| r.end - r.start)
+                .sum();
+            tracing::info!(files, bytes, "read ranges recorded");
+        }
         convert_opts.layer_prioritized = Some(Arc::new(per_layer));
-        record = entries;
-        read = Some((layer_digests, HashMap::new()));
+        record = a.entries;
+        ranges = a.ranges;
+        layer_digests = a.layer_digests;
     }
     let report = convert(src, dst, &convert_opts).await?;
-    let prefetch_record =
-        read.and_then(|(layers, ranges)| prefetch_record(&report, &layers, &record, &ranges));
+    // Only a run of the workload says what was read (a prefetch list names files).
+    let prefetch_record = (!layer_digests.is_empty())
+        .then(|| {
+            let read: HashMap<Digest, ReadRanges> = ranges
+                .iter()
+                .map(|l: &LayerRanges| (l.layer.clone(), l.files.clone()))
+                .collect();
+            prefetch_record(&report, &layer_digests, &record, &read)
+        })
+        .flatten();
     Ok(OptimizeReport {
         convert: report,
         record,
+        ranges,
         prefetch_record,
     })
 }
@@ -163,13 +215,12 @@ fn check_prerequisites(opts: &OptimizeOptions) -> Result<()> {
     Ok(())
 }
 
-/// Runs the workload and returns the manifest digest, its layers' digests and
-/// the record.
+/// Runs the workload and returns what it read.
 async fn analyze(
     src: &Store,
     opts: &OptimizeOptions,
     gpu_edits: Option<&cdi::ContainerEdits>,
-) -> Result<(Digest, Vec<Digest>, Vec<RecordEntry>)> {
+) -> Result<Analysis> {
     let runc = sandbox::find_runc()?;
     let root = src.root().await?;
     let fetched = match root.parse()? {
@@ -232,8 +283,33 @@ async fn analyze(
     let etc_dir = base.join("etc");
     std::fs::create_dir_all(&etc_dir)
         .map_err(|e| Error::io(format!("creating {}", etc_dir.display()), e))?;
-    let overlay =
-        rootfs::Overlay::mount(&layer_dirs, &base.join("u"), &base.join("w"), &rootfs_dir)?;
+    // Declared before the overlay, so that on every path out of here the overlay
+    // stacked on them is unmounted (dropped) first.
+    let mut traces: Vec<tracefs::TraceMount> = Vec::new();
+    // Without FUSE the run still records which files are read, as it did before
+    // ranges were recorded.
+    let record_ranges = opts.record_ranges && {
+        let fuse = std::path::Path::new("/dev/fuse").exists();
+        if !fuse {
+            tracing::warn!("/dev/fuse is missing: recording which files are read, not which bytes");
+        }
+        fuse
+    };
+    let lowers = if record_ranges {
+        let mut lowers = Vec::new();
+        for (i, dir) in layer_dirs.iter().enumerate() {
+            let (d, m) = (dir.clone(), base.join("t").join(i.to_string()));
+            let t = tokio::task::spawn_blocking(move || tracefs::TraceMount::mount(&d, &m))
+                .await
+                .map_err(|e| Error::Task(e.to_string()))??;
+            lowers.push(t.path().to_path_buf());
+            traces.push(t);
+        }
+        lowers
+    } else {
+        layer_dirs.clone()
+    };
+    let overlay = rootfs::Overlay::mount(&lowers, &base.join("u"), &base.join("w"), &rootfs_dir)?;
     sandbox::write_etc(&opts.workload, &etc_dir)?;
     let mut spec = sandbox::build_spec(&image, &opts.workload, overlay.path(), &etc_dir)?;
     if let Some(edits) = gpu_edits {
@@ -286,6 +362,19 @@ async fn analyze(
         }
     }
     overlay.unmount()?;
+    // Each waits for its FUSE session to end: all at once.
+    let finishing: Vec<_> = traces
+        .into_iter()
+        .map(|t| tokio::task::spawn_blocking(move || t.finish()))
+        .collect();
+    let mut ranges = Vec::new();
+    for (f, layer) in finishing.into_iter().zip(&layer_digests) {
+        let files = f.await.map_err(|e| Error::Task(e.to_string()))??;
+        ranges.push(LayerRanges {
+            layer: layer.clone(),
+            files,
+        });
+    }
     match ended? {
         sandbox::Ended::Exited(status) if !status.success() => {
             return Err(Error::WorkloadFailed {
@@ -307,5 +396,10 @@ async fn analyze(
             })
         })
         .collect();
-    Ok((fetched.digest.clone(), layer_digests, entries))
+    Ok(Analysis {
+        manifest_digest: fetched.digest.clone(),
+        layer_digests,
+        entries,
+        ranges,
+    })
 }
