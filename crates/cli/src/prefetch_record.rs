@@ -148,11 +148,11 @@ pub async fn publish(
     let bytes = record;
     let opts = PushBlobOptions::default();
     client
-        .push_blob(&reference, Bytes::from_static(EMPTY), &opts)
+        .push_blob(reference, Bytes::from_static(EMPTY), &opts)
         .await
         .context("pushing the empty config")?;
     let (layer_digest, _) = client
-        .push_blob(&reference, Bytes::from(bytes.clone()), &opts)
+        .push_blob(reference, Bytes::from(bytes.clone()), &opts)
         .await
         .context("pushing the record")?;
     let subject = Descriptor {

@@ -4,6 +4,10 @@
     clippy::expect_used,
     reason = "test code: a panic is a failed assertion"
 )]
+#![allow(
+    clippy::single_range_in_vec_init,
+    reason = "one-range lists of byte ranges are what is being tested"
+)]
 
 mod common;
 
@@ -559,7 +563,7 @@ fn a_plan_replaces_the_prioritized_region() {
     assert!(layer.plan_prefetch(
         vec![
             (id("d/f4"), None),
-            (id("d/f5"), Some(vec![130_000..131_000]))
+            (id("d/f5"), Some([130_000..131_000].to_vec()))
         ],
         u64::MAX
     ));

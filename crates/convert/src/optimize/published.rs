@@ -116,6 +116,10 @@ fn host_manifest(report: &ConvertReport) -> Option<Digest> {
 }
 
 #[cfg(test)]
+#[allow(
+    clippy::single_range_in_vec_init,
+    reason = "one-range lists of byte ranges are what is being tested"
+)]
 mod tests {
     use super::*;
 
@@ -185,8 +189,8 @@ mod tests {
                     "big.dat".to_string(),
                     vec![8192..12288, 0..4096, 4096..6000],
                 ),
-                ("bin/app".to_string(), vec![0..100]),
-                ("etc/traced-only".to_string(), vec![0..10]),
+                ("bin/app".to_string(), [0..100].to_vec()),
+                ("etc/traced-only".to_string(), [0..10].to_vec()),
             ],
         );
         let rec = prefetch_record(&rep, &[s0, s1], &entries, &ranges).unwrap();
@@ -198,7 +202,7 @@ mod tests {
         );
         let big = rec.ranges_of(&d1.to_string(), "big.dat").unwrap();
         assert_eq!(big, [[0, 6000], [8192, 12288]]);
-        assert!(rec.ranges.get(&d0.to_string()).is_none());
+        assert!(!rec.ranges.contains_key(&d0.to_string()));
         // What a daemon accepts.
         Record::parse(&rec.to_json(), &m).unwrap();
     }
