@@ -89,8 +89,11 @@ pub fn registry_client_with<'a>(
 /// a log file are noise.
 pub fn init_logging(level: &str) {
     use std::io::IsTerminal;
-    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
-        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
+    // fuser logs a reply that finds its FUSE connection gone (optimize's trace mounts
+    // at unmount) as an error, though nothing is lost: kept out of the default output.
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env().unwrap_or_else(|_| {
+        tracing_subscriber::EnvFilter::new(format!("{level},fuser::reply=off"))
+    });
     let colour = std::io::stderr().is_terminal()
         && std::env::var_os("NO_COLOR").is_none_or(|v| v.is_empty());
     let _ = tracing_subscriber::fmt()
