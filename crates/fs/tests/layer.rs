@@ -609,4 +609,35 @@ fn a_plan_replaces_the_prioritized_region() {
         fetcher.requests() > before,
         "f5's first chunk was prefetched"
     );
+
+    // A plan spanning most of the region is declined: the region comes in one request.
+    let fetcher = TestFetcher::open(&blob.path);
+    let layer = shared_layer(fetcher.clone(), &blob, ChunkCache::memory(64 << 20));
+    let id = |p: &str| layer.index().lookup(p).expect("in index");
+    let most: Vec<fs::PlannedFile> = ["d/f4", "d/f5", "d/f11"]
+        .iter()
+        .map(|p| (id(p), None))
+        .collect();
+    assert!(
+        !layer.plan_prefetch(most, u64::MAX),
+        "plan over most of the region"
+    );
+    assert!(!layer.has_prefetch_plan());
+    let after_open = fetcher.requests();
+    layer.start_prefetch(&pool());
+    assert!(layer.wait_prefetch(Duration::from_secs(20)));
+    assert_eq!(
+        fetcher.requests(),
+        after_open + 1,
+        "the region in one request"
+    );
+    assert_eq!(
+        layer.read(id("d/f10"), 0, 1 << 20).expect("read"),
+        data("d/f10")
+    );
+    assert_eq!(
+        fetcher.requests(),
+        after_open + 1,
+        "the whole region prefetched"
+    );
 }

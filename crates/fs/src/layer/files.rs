@@ -26,6 +26,20 @@ pub(super) struct PrefetchPlan {
     pub(super) max_bytes: u64,
 }
 
+/// A plan whose chunks span this many tenths of the prioritized region (or more) is
+/// declined: the region then comes in one request.
+const PLAN_MOST_TENTHS: u64 = 8;
+
+/// Whether chunk `c` holds some of `ranges` (sorted) of its file; every chunk without.
+fn chunk_wanted(c: &estargz::Chunk, ranges: Option<&[Range<u64>]>) -> bool {
+    ranges.is_none_or(|rs| {
+        let end = c.file_offset.saturating_add(c.size);
+        // The first range ending after the chunk's start must begin before its end.
+        let i = rs.partition_point(|r| r.end <= c.file_offset);
+        rs.get(i).is_some_and(|r| r.start < end)
+    })
+}
+
 /// What [`Layer::prefetch_files`] did.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
 pub struct FilesPrefetched {
@@ -58,9 +72,17 @@ impl Layer {
     /// `files` as [`Layer::prefetch_file_ranges`] does, instead of the blob's prioritized
     /// region: a record of what a workload read names fewer bytes than the whole files a
     /// converter put first. The rest of the region is left to reads and the background
-    /// fetch. Returns `false`, changing nothing, once the prefetch has started or a plan
-    /// was given before.
+    /// fetch. Returns `false`, changing nothing, once the prefetch has started, when a
+    /// plan was given before, or when the plan's chunks span most of the region (one
+    /// contiguous request for it then costs no more than the scattered ranges).
     pub fn plan_prefetch(&self, files: Vec<PlannedFile>, max_bytes: u64) -> bool {
+        let region = self.prefetch_end.unwrap_or(0);
+        let planned = self.planned_bytes(&files);
+        if region > 0 && planned.saturating_mul(10) >= region.saturating_mul(PLAN_MOST_TENTHS) {
+            debug!(layer = %self.desc.digest, planned, region,
+                "the plan covers most of the prioritized region; prefetching the region");
+            return false;
+        }
         // Held so a prefetch cannot start between the check and the set.
         let work = self.work();
         if work.prefetch_started() {
@@ -69,6 +91,26 @@ impl Layer {
         self.prefetch_plan
             .set(PrefetchPlan { files, max_bytes })
             .is_ok()
+    }
+
+    /// Compressed bytes of the chunks `files` names (cached or not).
+    fn planned_bytes(&self, files: &[PlannedFile]) -> u64 {
+        let mut seen = std::collections::HashSet::new();
+        let mut total = 0u64;
+        for (id, ranges) in files.iter().take(MAX_BATCH_FILES) {
+            let Some(node) = self.index.get(*id) else {
+                continue;
+            };
+            if node.kind != NodeKind::Reg || !seen.insert(*id) {
+                continue;
+            }
+            for c in node.chunks.iter() {
+                if chunk_wanted(c, ranges.as_deref()) {
+                    total = total.saturating_add(c.blob_end.saturating_sub(c.blob_offset));
+                }
+            }
+        }
+        total
     }
 
     /// Whether a plan replaces the prioritized region as what the prefetch fetches.
@@ -101,17 +143,8 @@ impl Layer {
                 done.skipped += 1;
                 continue;
             }
-            let wanted = |c: &estargz::Chunk| {
-                ranges.as_deref().is_none_or(|rs| {
-                    let end = c.file_offset.saturating_add(c.size);
-                    // The first range ending after the chunk's start must begin before
-                    // its end.
-                    let i = rs.partition_point(|r| r.end <= c.file_offset);
-                    rs.get(i).is_some_and(|r| r.start < end)
-                })
-            };
             let missing: Vec<ChunkRef> = (0..node.chunks.len())
-                .filter(|&i| wanted(&node.chunks[i]))
+                .filter(|&i| chunk_wanted(&node.chunks[i], ranges.as_deref()))
                 .map(|i| (id, i))
                 .filter(|&r| !self.is_cached(r))
                 .collect();
