@@ -641,3 +641,29 @@ fn a_plan_replaces_the_prioritized_region() {
         "the whole region prefetched"
     );
 }
+
+/// A held prefetch does not start until released (a start asked for meanwhile runs
+/// then), and waiting for the prefetch waits for the release too.
+#[test]
+fn a_held_prefetch_starts_at_its_release() {
+    let e = entries();
+    let blob = make_blob(&e, 64 << 10, &["d/f4", "d/f5"]);
+    let fetcher = TestFetcher::open(&blob.path);
+    let layer = shared_layer(fetcher.clone(), &blob, ChunkCache::memory(64 << 20));
+    let after_open = fetcher.requests();
+    assert!(layer.hold_prefetch());
+    layer.start_prefetch(&pool());
+    assert!(
+        !layer.wait_prefetch(Duration::from_millis(300)),
+        "a held prefetch counts as pending"
+    );
+    assert_eq!(fetcher.requests(), after_open, "a held prefetch fetched");
+    layer.release_prefetch();
+    assert!(layer.wait_prefetch(Duration::from_secs(20)));
+    assert_eq!(
+        fetcher.requests(),
+        after_open + 1,
+        "the start asked for ran"
+    );
+    assert!(!layer.hold_prefetch(), "held after the start");
+}

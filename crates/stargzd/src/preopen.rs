@@ -318,13 +318,11 @@ impl LayerPool {
             let layer = Arc::new(layer);
             layer.observe_with(&metrics);
             if !cfg.noprefetch {
-                if let Some(lookup) = &hints.record {
-                    lookup.plan(&handle, &layer);
-                }
                 // The mount starts it too; it runs once either way.
-                match fs::FetchPool::shared() {
-                    Ok(pool) => layer.start_prefetch(&pool),
-                    Err(e) => warn!(error = %e, "cannot start prefetch; the mount will do it"),
+                match (fs::FetchPool::shared(), &hints.record) {
+                    (Ok(pool), Some(lookup)) => lookup.start_prefetch(&handle, &layer, pool),
+                    (Ok(pool), None) => layer.start_prefetch(&pool),
+                    (Err(e), _) => warn!(error = %e, "cannot start prefetch; the mount will do it"),
                 }
             }
             info!(layer = %digest, "layer opened ahead of its mount");
@@ -475,20 +473,40 @@ struct RecordLookup {
 const RECORD_WAIT: Duration = Duration::from_millis(500);
 
 impl RecordLookup {
-    /// Plans `layer`'s prefetch from the record when the layer has prioritized files.
-    fn plan(&self, handle: &tokio::runtime::Handle, layer: &fs::Layer) {
-        if layer.index().prefetch_end.is_none() {
+    /// Starts `layer`'s prefetch on `pool`: for a layer with prioritized files, once the
+    /// record (if any) has planned it. The layer's opening (and so its Prepare) does not
+    /// wait for the record: the prefetch is held meanwhile, a mount's start with it.
+    fn start_prefetch(
+        &self,
+        handle: &tokio::runtime::Handle,
+        layer: &Arc<fs::Layer>,
+        pool: fs::FetchPool,
+    ) {
+        if layer.index().prefetch_end.is_none() || !layer.hold_prefetch() {
+            layer.start_prefetch(&pool);
             return;
         }
-        let waited = handle.block_on(tokio::time::timeout(RECORD_WAIT, self.record.clone()));
-        match waited {
-            Ok(Some(rec)) => {
-                self.learned.plan_layer(&rec, layer);
+        /// Releases the held prefetch on every way out, a dropped task included.
+        struct Release(Arc<fs::Layer>);
+        impl Drop for Release {
+            fn drop(&mut self) {
+                self.0.release_prefetch();
             }
-            Ok(None) => {}
-            Err(_) => debug!(layer = %layer.desc().digest,
-                "learned-prefetch record not in yet; prefetching the prioritized region"),
         }
+        let (this, layer) = (self.clone(), layer.clone());
+        handle.spawn(async move {
+            let release = Release(layer.clone());
+            match tokio::time::timeout(RECORD_WAIT, this.record.clone()).await {
+                Ok(Some(rec)) => {
+                    this.learned.plan_layer(&rec, &layer);
+                }
+                Ok(None) => {}
+                Err(_) => debug!(layer = %layer.desc().digest,
+                    "learned-prefetch record not in yet; prefetching the prioritized region"),
+            }
+            drop(release);
+            layer.start_prefetch(&pool);
+        });
     }
 }
 

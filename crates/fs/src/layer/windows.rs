@@ -37,6 +37,10 @@ enum Phase {
 #[derive(Default)]
 pub(super) struct Work {
     prefetch: Phase,
+    /// Held by [`Layer::hold_prefetch`]: a start waits (in `start_wanted`) until
+    /// [`Layer::release_prefetch`].
+    held: bool,
+    start_wanted: Option<FetchPool>,
     /// Background workers asked for while prefetch still runs; started after it.
     background_pending: Option<usize>,
     background: Phase,
@@ -208,6 +212,10 @@ impl Layer {
             if w.prefetch != Phase::Idle {
                 return;
             }
+            if w.held {
+                w.start_wanted = Some(pool.clone());
+                return;
+            }
             if !self.has_prefetch() {
                 w.prefetch = Phase::Done;
                 return;
@@ -243,15 +251,43 @@ impl Layer {
         }
     }
 
-    /// Waits up to `timeout` for a prefetch started by [`Layer::start_prefetch`];
-    /// returns whether none is running any more (finished, failed, or never started).
+    /// Waits up to `timeout` for a prefetch started by [`Layer::start_prefetch`] (or
+    /// held back to be planned); returns whether none is running or held any more
+    /// (finished, failed, or never started).
     pub fn wait_prefetch(&self, timeout: Duration) -> bool {
         let w = self.work();
-        let (w, _) = self
+        let busy = |w: &mut Work| w.prefetch == Phase::Running || w.held;
+        let (mut w, _) = self
             .work_changed
-            .wait_timeout_while(w, timeout, |w| w.prefetch == Phase::Running)
+            .wait_timeout_while(w, timeout, busy)
             .unwrap_or_else(|p| p.into_inner());
-        w.prefetch != Phase::Running
+        !busy(&mut w)
+    }
+
+    /// Holds the prefetch back while what it fetches is still being decided (a record
+    /// on its way, see [`Layer::plan_prefetch`]): starts asked for meanwhile wait for
+    /// [`Layer::release_prefetch`]. Returns `false` once the prefetch has started.
+    pub fn hold_prefetch(&self) -> bool {
+        let mut w = self.work();
+        if w.prefetch != Phase::Idle {
+            return false;
+        }
+        w.held = true;
+        true
+    }
+
+    /// Ends [`Layer::hold_prefetch`], starting the prefetch if a start was asked for
+    /// meanwhile.
+    pub fn release_prefetch(self: &Arc<Self>) {
+        let wanted = {
+            let mut w = self.work();
+            w.held = false;
+            w.start_wanted.take()
+        };
+        self.work_changed.notify_all();
+        if let Some(pool) = wanted {
+            self.start_prefetch(&pool);
+        }
     }
 
     /// Starts fetching the rest of the layer on `pool` in large windows, at most
