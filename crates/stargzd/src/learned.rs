@@ -484,11 +484,10 @@ impl Learned {
         reference: Reference,
         image: Digest,
     ) -> BoxFuture<'static, bool> {
-        if !self.cfg.learned_prefetch {
-            return futures::future::ready(false).boxed();
+        match self.lookup(client, reference, image) {
+            Some(record) => record.map(|r| r.is_some()).boxed(),
+            None => futures::future::ready(false).boxed(),
         }
-        let this = self.clone();
-        async move { this.record(client, reference, &image).await.is_some() }.boxed()
     }
 
     /// `image`'s record: on disk, else (when allowed) from the registry, stored on
