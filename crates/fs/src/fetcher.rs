@@ -121,6 +121,20 @@ impl RegistryFetcher {
         })
     }
 
+    /// Wraps a reader shared with others (one whose endpoint look-up may already be on
+    /// its way) of a blob of `size` bytes.
+    pub fn shared(
+        reader: Arc<registry::BlobReader>,
+        handle: tokio::runtime::Handle,
+        size: u64,
+    ) -> RegistryFetcher {
+        RegistryFetcher {
+            reader,
+            handle,
+            size,
+        }
+    }
+
     /// Wraps `reader` whose size is already known (from the layer descriptor).
     pub fn with_size(
         reader: registry::BlobReader,

@@ -8,7 +8,9 @@ use std::time::Instant;
 
 use bytes::{Bytes, BytesMut};
 use futures::FutureExt;
-use reqwest::header::{HeaderMap, HeaderValue, CONTENT_RANGE, CONTENT_TYPE, RANGE};
+use reqwest::header::{
+    HeaderMap, HeaderValue, CONTENT_LENGTH, CONTENT_RANGE, CONTENT_TYPE, RANGE,
+};
 use reqwest::{Method, Response};
 use tokio::io::{AsyncWrite, AsyncWriteExt};
 use tokio::sync::OnceCell;
@@ -96,14 +98,28 @@ impl BlobReader {
                     }
                 }
                 for (i, ep) in eps.into_iter().enumerate() {
-                    match self.head_size(&ep).await {
-                        Ok(s) => {
-                            let _ = self.size.set(s);
-                            // A mirror that ignores Range would turn every small read into a
-                            // whole-blob download: skip it; the registry itself is used as is.
-                            if i + 1 < n && s > 0 && !self.mirror_honours_range(&ep, s).await {
-                                continue;
+                    let mirror = i + 1 < n;
+                    if mirror && self.mirror_range_support(&ep) == Some(false) {
+                        continue;
+                    }
+                    // A mirror is asked with a one-byte ranged GET: one round trip tells
+                    // whether it has the blob, its size, and whether it honours Range
+                    // (a 200 would turn every small read into a whole-blob download).
+                    // The registry itself is used as it is, so a HEAD will do.
+                    let found = if mirror {
+                        self.range_probe(&ep).await
+                    } else {
+                        self.head_size(&ep).await.map(|s| (s, true))
+                    };
+                    match found {
+                        Ok((s, honours_range)) => {
+                            if mirror && s > 0 {
+                                self.note_mirror_range_support(&ep, honours_range);
+                                if !honours_range {
+                                    continue;
+                                }
                             }
+                            let _ = self.size.set(s);
                             return Ok(ep);
                         }
                         Err(e) => {
@@ -117,40 +133,28 @@ impl BlobReader {
             .await
     }
 
-    /// Probes a mirror once per client with a one-byte ranged GET.
-    async fn mirror_honours_range(&self, ep: &Endpoint, size: u64) -> bool {
-        let known = self
-            .client
-            .inner
-            .mirror_ranges
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .get(&ep.host)
-            .copied();
-        if let Some(k) = known {
-            return k;
-        }
-        let ok = match self
-            .get_ranges(ep, std::slice::from_ref(&(0..1)), size)
-            .await
-        {
-            Ok(Parts::Got(_, RangeSupport::Ignored)) => false,
-            Ok(_) => true,
-            Err(e) => {
-                tracing::debug!(mirror = %ep.host, error = %e, "range probe failed");
-                return false;
-            }
-        };
-        if !ok {
-            tracing::warn!(mirror = %ep.host, "mirror ignores Range (answered a ranged GET with 200); skipping it for blob reads");
-        }
+    /// Whether the mirror `ep` honoured Range when this client last asked it.
+    fn mirror_range_support(&self, ep: &Endpoint) -> Option<bool> {
         self.client
             .inner
             .mirror_ranges
             .lock()
             .unwrap_or_else(|p| p.into_inner())
-            .insert(ep.host.clone(), ok);
-        ok
+            .get(&ep.host)
+            .copied()
+    }
+
+    fn note_mirror_range_support(&self, ep: &Endpoint, honours: bool) {
+        let before = self
+            .client
+            .inner
+            .mirror_ranges
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .insert(ep.host.clone(), honours);
+        if !honours && before != Some(false) {
+            tracing::warn!(mirror = %ep.host, "mirror ignores Range (answered a ranged GET with 200); skipping it for blob reads");
+        }
     }
 
     fn url(&self, ep: &Endpoint) -> Result<Url> {
@@ -207,8 +211,13 @@ impl BlobReader {
         spec.attempt_timeout = None;
         let read = |resp: Response| {
             async move {
+                // The header itself: the body of a HEAD reply is empty, so the length
+                // the HTTP client reports for it is 0.
                 Ok(if resp.status().is_success() {
-                    resp.content_length()
+                    resp.headers()
+                        .get(CONTENT_LENGTH)
+                        .and_then(|v| v.to_str().ok())
+                        .and_then(|v| v.trim().parse::<u64>().ok())
                 } else {
                     None
                 })
@@ -223,6 +232,12 @@ impl BlobReader {
             return Ok(l);
         }
         tracing::debug!(endpoint = %ep.host, "HEAD gave no size; asking with a one-byte range");
+        self.range_probe(ep).await.map(|(size, _)| size)
+    }
+
+    /// `GET Range: bytes=0-0`: the blob's size, and whether `ep` honoured the range (a
+    /// 206) or sent the whole blob (a 200, whose body is not read).
+    async fn range_probe(&self, ep: &Endpoint) -> Result<(u64, bool)> {
         let mut h = HeaderMap::new();
         h.insert(RANGE, HeaderValue::from_static("bytes=0-0"));
         let mut spec = self.spec(ep, Method::GET, h, &[])?;
@@ -238,7 +253,7 @@ impl BlobReader {
                         .and_then(|v| v.to_str().ok())
                         .and_then(parse_content_range);
                     match cr {
-                        Some((_, _, Some(total))) => Ok(total),
+                        Some((_, _, Some(total))) => Ok((total, true)),
                         _ => Err(Error::protocol(
                             &host,
                             "206 without a usable Content-Range total",
@@ -246,6 +261,7 @@ impl BlobReader {
                     }
                 } else {
                     resp.content_length()
+                        .map(|l| (l, false))
                         .ok_or_else(|| Error::protocol(&host, "no Content-Length on blob"))
                 }
             }

@@ -356,9 +356,15 @@ impl Client {
         let mut denied = false;
         let mut last_refused: Option<Credential> = None;
         let kind = spec.kind();
+        let began = Instant::now();
         loop {
             self.inner.metrics.request(kind);
             let outcome = self.attempt(ep, spec, read).await;
+            // Where a start-up's time goes, request by request (target `registry::timing`).
+            tracing::debug!(target: "registry::timing", method = %spec.method,
+                path = spec.url.path(), range = ?spec.headers.get(reqwest::header::RANGE),
+                ok = outcome.is_ok(), attempt, ms = began.elapsed().as_millis() as u64,
+                "request");
             if matches!(outcome, Err(Failure::Fatal(_)) | Err(Failure::Retry(..))) {
                 self.inner.metrics.error(kind);
             }

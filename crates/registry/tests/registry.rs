@@ -689,6 +689,109 @@ async fn head_refused_falls_back_to_range_probe() {
     );
 }
 
+/// Blob requests (method, range) a front answered, in order.
+fn blob_requests(front: &Front) -> Vec<(String, Option<String>)> {
+    front
+        .stats
+        .log
+        .lock()
+        .expect("log")
+        .iter()
+        .filter(|l| l.path.contains("/blobs/sha256:"))
+        .map(|l| (l.method.clone(), l.range.clone()))
+        .collect()
+}
+
+/// Finding where a blob is and its size takes one request: a HEAD at the registry
+/// itself (its Content-Length is the size), a one-byte ranged GET at a mirror (which
+/// also tells whether the mirror honours Range). A mirror that ignores Range is not
+/// asked again.
+#[tokio::test]
+async fn a_blob_is_located_in_one_request() {
+    init_logs();
+    let Some(reg) = Registry::start(RegistryOpts::default()) else {
+        return;
+    };
+    let data = random_bytes(300_000, 41);
+    let repo = "locate/x";
+    let pushed =
+        testenv::push_image(&reg.base_url(), repo, "v1", std::slice::from_ref(&data)).await;
+    let digest = Digest::parse(&pushed.layer_digests[0]).expect("digest");
+    let front = |opts: FrontOpts| {
+        Front::start(FrontOpts {
+            upstream: reg.base_url(),
+            ..opts
+        })
+    };
+
+    // The registry alone.
+    let own = front(FrontOpts::default()).await;
+    let c = client_with(
+        RegistryConfig {
+            blob: fast_blob(),
+            ..Default::default()
+        },
+        Arc::new(Anonymous),
+    );
+    let r = reference(&own.host(), repo);
+    let reader = c.blob_reader(&r, digest.clone(), None);
+    assert_eq!(reader.size().await.expect("size"), data.len() as u64);
+    assert_eq!(blob_requests(&own), vec![("HEAD".to_string(), None)]);
+
+    // A mirror in front of it, honouring Range, then one that ignores it.
+    for (ignore_range, seed) in [(false, 42u64), (true, 43)] {
+        let mirror = front(FrontOpts {
+            ignore_range,
+            ..Default::default()
+        })
+        .await;
+        let own = front(FrontOpts::default()).await;
+        let mut cfg = RegistryConfig {
+            blob: fast_blob(),
+            ..Default::default()
+        };
+        cfg.resolver.host.insert(
+            own.host(),
+            registry::HostConfig {
+                mirrors: vec![MirrorConfig {
+                    host: mirror.host(),
+                    insecure: Some(true),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            },
+        );
+        let c = client_with(cfg, Arc::new(Anonymous));
+        let r = reference(&own.host(), repo);
+        for _ in 0..2 {
+            let reader = c.blob_reader(&r, digest.clone(), None);
+            assert_eq!(reader.size().await.expect("size"), data.len() as u64);
+            let at = (seed * 1000) as usize;
+            assert_eq!(
+                &reader.read_at(at as u64, 100).await.expect("read")[..],
+                &data[at..at + 100]
+            );
+        }
+        let probe = ("GET".to_string(), Some("bytes=0-0".to_string()));
+        if ignore_range {
+            assert_eq!(blob_requests(&mirror), vec![probe], "asked once, then skipped");
+            let at_registry = blob_requests(&own);
+            assert_eq!(
+                at_registry.iter().filter(|(m, _)| m == "HEAD").count(),
+                2,
+                "{at_registry:?}"
+            );
+            assert_eq!(at_registry.len(), 4, "a HEAD and a read each: {at_registry:?}");
+        } else {
+            let at_mirror = blob_requests(&mirror);
+            assert_eq!(at_mirror.len(), 4, "a probe and a read each: {at_mirror:?}");
+            assert_eq!(at_mirror[0], probe);
+            assert_eq!(at_mirror[2], probe);
+            assert!(blob_requests(&own).is_empty());
+        }
+    }
+}
+
 #[tokio::test]
 async fn multi_range_rejected_falls_back_to_single_ranges() {
     init_logs();

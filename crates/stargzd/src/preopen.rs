@@ -27,6 +27,10 @@ struct Resolved {
     manifest: registry::ImageManifest,
 }
 
+/// Most layers besides the requested one whose endpoint look-up starts before the
+/// manifest is in: the labels' list is outside input.
+const MAX_EARLY_PROBES: usize = 32;
+
 /// How long one manifest lookup serves the Prepares of the same image.
 const MANIFEST_TTL: Duration = Duration::from_secs(60);
 
@@ -100,6 +104,19 @@ impl LayerPool {
         // The image's eStargz layers being opened, bottom first (`None`: this one).
         let mut image_layers: Vec<Option<Opening>> = Vec::new();
         let mut ahead = Vec::new();
+        // The endpoint look-ups (which endpoint has the blob, and its size) of this
+        // layer and of the others its labels list go out beside the manifest's instead
+        // of after it: one round trip less before each TOC.
+        let mut early: HashMap<String, Arc<registry::BlobReader>> = std::iter::once(digest.clone())
+            .chain(
+                info.layers
+                    .iter()
+                    .filter_map(|l| Digest::parse(l).ok())
+                    .filter(|d| *d != digest)
+                    .take(MAX_EARLY_PROBES),
+            )
+            .filter_map(|d| Some((d.to_string(), self.probe_early(&reference, &d)?)))
+            .collect();
         let resolved = self.manifest(&info.image_ref, &reference).await;
         let record = match (&self.learned, &resolved) {
             (Some(learned), Ok(resolved)) => learned
@@ -136,6 +153,7 @@ impl LayerPool {
                         let opening = self.start(
                             &reference,
                             d.digest.clone(),
+                            early.remove(&d.digest.to_string()),
                             Some(d.size),
                             toc,
                             Hints {
@@ -157,7 +175,8 @@ impl LayerPool {
         // the manifest carries now (the tag may have moved since the pull).
         let opening = self.start(
             &reference,
-            digest,
+            digest.clone(),
+            early.remove(&digest.to_string()),
             size,
             info.toc_digest.clone(),
             Hints {
@@ -263,10 +282,33 @@ impl LayerPool {
     /// Starts opening a layer unless it is already on its way; prefetch follows the open
     /// on the fetch pool, so a mount that comes later finds the prioritized files cached
     /// or arriving.
+    /// A reader for `digest` whose endpoint look-up has started, unless the layer is
+    /// already opening (its reader has done that).
+    fn probe_early(
+        &self,
+        reference: &Reference,
+        digest: &Digest,
+    ) -> Option<Arc<registry::BlobReader>> {
+        let d = digest.to_string();
+        if locked(&self.opening).keys().any(|(opening, _)| *opening == d) {
+            return None;
+        }
+        let reader = Arc::new(self.client.blob_reader(reference, digest.clone(), None));
+        let probing = reader.clone();
+        let handle = tokio::runtime::Handle::current();
+        // The registry client's futures are not Send: driven on a blocking thread. A
+        // failure is met again, and reported, by the opening's first read.
+        tokio::task::spawn_blocking(move || {
+            let _ = handle.block_on(probing.size());
+        });
+        Some(reader)
+    }
+
     fn start(
         &self,
         reference: &Reference,
         digest: Digest,
+        early: Option<Arc<registry::BlobReader>>,
         size: Option<u64>,
         toc_digest: Option<String>,
         hints: Hints,
@@ -277,7 +319,8 @@ impl LayerPool {
         if let Some((_, o)) = map.get(&k) {
             return o.clone();
         }
-        let reader = self.client.blob_reader(reference, digest.clone(), size);
+        let reader = early
+            .unwrap_or_else(|| Arc::new(self.client.blob_reader(reference, digest.clone(), size)));
         let (cfg, cache, metrics) = (cfg.clone(), self.cache.clone(), self.metrics.clone());
         let tails = self.tails.clone();
         let repository = format!("{}/{}", reference.registry(), reference.repository());
@@ -289,16 +332,17 @@ impl LayerPool {
             handle.clone(),
         );
         let task = tokio::task::spawn_blocking(move || {
-            let fetcher = match size {
-                Some(s) => fs::RegistryFetcher::with_size(reader, handle.clone(), s),
+            let size = match size {
+                Some(s) => s,
                 None => {
                     let started = Instant::now();
-                    let f = handle.block_on(fs::RegistryFetcher::new(reader, handle.clone()));
+                    let s = handle.block_on(reader.size());
                     let layer = digest.to_string();
                     metrics.observe_ms(fs::metrics::Op::HeaderGet, &layer, started.elapsed());
-                    f.map_err(|e| classify::io_error(&e).context(format!("blob {digest}")))?
+                    s.map_err(|e| classify::registry_error(&e).context(format!("blob {digest}")))?
                 }
             };
+            let fetcher = fs::RegistryFetcher::shared(reader, handle.clone(), size);
             if toc_digest.is_none() && !cfg.disable_verification && !cfg.allow_no_verification {
                 return Err(without_toc_digest(&fetcher, &digest));
             }
