@@ -774,14 +774,22 @@ async fn a_blob_is_located_in_one_request() {
         }
         let probe = ("GET".to_string(), Some("bytes=0-0".to_string()));
         if ignore_range {
-            assert_eq!(blob_requests(&mirror), vec![probe], "asked once, then skipped");
+            assert_eq!(
+                blob_requests(&mirror),
+                vec![probe],
+                "asked once, then skipped"
+            );
             let at_registry = blob_requests(&own);
             assert_eq!(
                 at_registry.iter().filter(|(m, _)| m == "HEAD").count(),
                 2,
                 "{at_registry:?}"
             );
-            assert_eq!(at_registry.len(), 4, "a HEAD and a read each: {at_registry:?}");
+            assert_eq!(
+                at_registry.len(),
+                4,
+                "a HEAD and a read each: {at_registry:?}"
+            );
         } else {
             let at_mirror = blob_requests(&mirror);
             assert_eq!(at_mirror.len(), 4, "a probe and a read each: {at_mirror:?}");

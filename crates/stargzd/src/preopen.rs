@@ -290,7 +290,10 @@ impl LayerPool {
         digest: &Digest,
     ) -> Option<Arc<registry::BlobReader>> {
         let d = digest.to_string();
-        if locked(&self.opening).keys().any(|(opening, _)| *opening == d) {
+        if locked(&self.opening)
+            .keys()
+            .any(|(opening, _)| *opening == d)
+        {
             return None;
         }
         let reader = Arc::new(self.client.blob_reader(reference, digest.clone(), None));
@@ -561,4 +564,74 @@ fn joined(e: tokio::task::JoinError) -> MountError {
 
 fn key(digest: &str, toc_digest: &Option<String>) -> LayerKey {
     (digest.to_string(), toc_digest.clone().unwrap_or_default())
+}
+
+#[cfg(test)]
+#[allow(
+    clippy::unwrap_used,
+    clippy::expect_used,
+    reason = "test code: a panic is a failed assertion"
+)]
+mod tests {
+    use super::*;
+
+    /// At the first Prepare, every listed layer's endpoint look-up is on the wire while
+    /// the manifest is still on its way: the TOC reads that follow the manifest find
+    /// their endpoint and size known.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_endpoint_look_ups_go_out_beside_the_manifest() {
+        let Some(reg) = testenv::Registry::start(testenv::RegistryOpts::default()) else {
+            return;
+        };
+        let layers = [
+            testenv::random_bytes(50_000, 1),
+            testenv::random_bytes(60_000, 2),
+        ];
+        let pushed = testenv::push_image(&reg.base_url(), "early/probe", "v1", &layers).await;
+        let front = testenv::Front::start(testenv::FrontOpts {
+            upstream: reg.base_url(),
+            manifest_delay_ms: 400,
+            ..Default::default()
+        })
+        .await;
+        let client = registry::Client::new(
+            registry::RegistryConfig::default(),
+            Arc::new(registry::Anonymous),
+        )
+        .expect("client");
+        let pool = LayerPool::new(
+            client,
+            fs::Config::default(),
+            Arc::new(fs::ChunkCache::memory(8 << 20)),
+            fs::FsMetrics::default(),
+        );
+        let info = RemoteLayer {
+            image_ref: format!("{}/early/probe:v1", front.host()),
+            digest: Digest::parse(&pushed.layer_digests[0]).expect("digest"),
+            layers: pushed.layer_digests.clone(),
+            toc_digest: Some(format!("sha256:{}", "0".repeat(64))),
+            uncompressed_digest: None,
+            uncompressed_size: None,
+            skip_verify: false,
+            prefetch_size: None,
+        };
+        // The blobs are no eStargz: the opening fails, after the look-ups this is about.
+        let opened = pool.open(&info).await;
+        assert!(opened.is_err());
+        let log = front.stats.log.lock().expect("log").clone();
+        let manifest = log
+            .iter()
+            .find(|l| l.path.contains("/manifests/"))
+            .expect("manifest request");
+        for d in &pushed.layer_digests {
+            let first = log
+                .iter()
+                .find(|l| l.path.ends_with(d.as_str()))
+                .unwrap_or_else(|| panic!("no request for {d}: {log:?}"));
+            assert!(
+                first.received < manifest.answered,
+                "layer {d} was first asked for after the manifest came: {log:?}"
+            );
+        }
+    }
 }

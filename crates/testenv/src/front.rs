@@ -65,6 +65,8 @@ pub struct FrontOpts {
     /// Hold every blob request this many milliseconds before answering it, as a slow
     /// link would, so that requests in flight at the same time can be seen in `log`.
     pub blob_delay_ms: u64,
+    /// Hold every manifest request this many milliseconds before answering it.
+    pub manifest_delay_ms: u64,
     /// Send a `multipart/byteranges` reply's first part, then wait this many
     /// milliseconds before the rest, so a client that reads parts as they arrive can be
     /// told from one that waits for the whole reply.
@@ -167,6 +169,10 @@ impl Front {
                 let received = std::time::Instant::now();
                 if st.opts.blob_delay_ms > 0 && path.contains("/blobs/sha256:") {
                     tokio::time::sleep(std::time::Duration::from_millis(st.opts.blob_delay_ms))
+                        .await;
+                }
+                if st.opts.manifest_delay_ms > 0 && path.contains("/manifests/") {
+                    tokio::time::sleep(std::time::Duration::from_millis(st.opts.manifest_delay_ms))
                         .await;
                 }
                 let r = handle(&st, req).await;
