@@ -535,10 +535,10 @@ async fn hosts_dir_mirror_serves_blobs_and_range_ignoring_mirror_is_skipped() {
             Bytes::copy_from_slice(&layer[200_000..200_777]),
             "round {round}"
         );
-        // The front in front of the mirror answers HEAD without a size, so each reader asks
-        // it once with `bytes=0-0` for the size; the first also probes Range support.
-        // No data read goes there.
-        let expected = if round == 0 { 2 } else { 1 };
+        // The first reader asks the mirror once, with `bytes=0-0` (presence, size and
+        // Range support in one reply); once it is known to ignore Range, later readers
+        // do not ask it at all. No data read goes there.
+        let expected = if round == 0 { 1 } else { 0 };
         assert_eq!(
             gets(&bad) - bad_before,
             expected,
@@ -546,8 +546,8 @@ async fn hosts_dir_mirror_serves_blobs_and_range_ignoring_mirror_is_skipped() {
             logs.text()
         );
         assert!(
-            gets(&upstream) >= up_before + 2,
-            "round {round}: size and reads went to the registry"
+            gets(&upstream) > up_before,
+            "round {round}: the reads went to the registry"
         );
     }
     let text = logs.text();
