@@ -115,8 +115,9 @@ impl LayerPool {
                     .filter(|d| *d != digest)
                     .take(MAX_EARLY_PROBES),
             )
-            .filter_map(|d| Some((d.to_string(), self.probe_early(&reference, &d)?)))
+            .filter_map(|d| Some((d.to_string(), self.early_reader(&reference, &d)?)))
             .collect();
+        probe(early.values().cloned().collect());
         let resolved = self.manifest(&info.image_ref, &reference).await;
         let record = match (&self.learned, &resolved) {
             (Some(learned), Ok(resolved)) => learned
@@ -152,9 +153,11 @@ impl LayerPool {
                         // Runs on its own; the pool keeps the handle for that layer's mount.
                         let opening = self.start(
                             &reference,
-                            d.digest.clone(),
-                            early.remove(&d.digest.to_string()),
-                            Some(d.size),
+                            Blob {
+                                reader: early.remove(&d.digest.to_string()),
+                                digest: d.digest.clone(),
+                                size: Some(d.size),
+                            },
                             toc,
                             Hints {
                                 head: prefetch_end_hint(d),
@@ -175,9 +178,11 @@ impl LayerPool {
         // the manifest carries now (the tag may have moved since the pull).
         let opening = self.start(
             &reference,
-            digest.clone(),
-            early.remove(&digest.to_string()),
-            size,
+            Blob {
+                reader: early.remove(&digest.to_string()),
+                digest: digest.clone(),
+                size,
+            },
             info.toc_digest.clone(),
             Hints {
                 head: hint,
@@ -282,9 +287,9 @@ impl LayerPool {
     /// Starts opening a layer unless it is already on its way; prefetch follows the open
     /// on the fetch pool, so a mount that comes later finds the prioritized files cached
     /// or arriving.
-    /// A reader for `digest` whose endpoint look-up has started, unless the layer is
-    /// already opening (its reader has done that).
-    fn probe_early(
+    /// A new reader for `digest`, unless the layer is already opening (its reader has
+    /// looked its endpoint up).
+    fn early_reader(
         &self,
         reference: &Reference,
         digest: &Digest,
@@ -296,27 +301,26 @@ impl LayerPool {
         {
             return None;
         }
-        let reader = Arc::new(self.client.blob_reader(reference, digest.clone(), None));
-        let probing = reader.clone();
-        let handle = tokio::runtime::Handle::current();
-        // The registry client's futures are not Send: driven on a blocking thread. A
-        // failure is met again, and reported, by the opening's first read.
-        tokio::task::spawn_blocking(move || {
-            let _ = handle.block_on(probing.size());
-        });
-        Some(reader)
+        Some(Arc::new(self.client.blob_reader(
+            reference,
+            digest.clone(),
+            None,
+        )))
     }
 
     fn start(
         &self,
         reference: &Reference,
-        digest: Digest,
-        early: Option<Arc<registry::BlobReader>>,
-        size: Option<u64>,
+        blob: Blob,
         toc_digest: Option<String>,
         hints: Hints,
         cfg: &fs::Config,
     ) -> Opening {
+        let Blob {
+            digest,
+            size,
+            reader: early,
+        } = blob;
         let k = key(&digest.to_string(), &toc_digest);
         let mut map = locked(&self.opening);
         if let Some((_, o)) = map.get(&k) {
@@ -379,6 +383,27 @@ impl LayerPool {
         map.insert(k, (Instant::now(), opening.clone()));
         opening
     }
+}
+
+/// The blob of a layer to open: its digest, its size when the manifest told it, and a
+/// reader whose endpoint look-up went out early, if one did.
+struct Blob {
+    digest: Digest,
+    size: Option<u64>,
+    reader: Option<Arc<registry::BlobReader>>,
+}
+
+/// Starts the endpoint look-ups of `readers`, all on one blocking thread (the registry
+/// client's futures are not Send). A failure is met again, and reported, by the
+/// opening's first read.
+fn probe(readers: Vec<Arc<registry::BlobReader>>) {
+    if readers.is_empty() {
+        return;
+    }
+    let handle = tokio::runtime::Handle::current();
+    tokio::task::spawn_blocking(move || {
+        handle.block_on(futures::future::join_all(readers.iter().map(|r| r.size())));
+    });
 }
 
 /// Why a layer without a TOC digest is not served: it is no eStargz at all (a plain
