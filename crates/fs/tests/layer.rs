@@ -426,7 +426,7 @@ fn speculative_head_follows_the_hint_within_bounds() {
     assert_eq!(fs::speculative_head(&cfg, None), 0);
     assert_eq!(fs::speculative_head(&cfg, Some(0)), 0);
     assert_eq!(fs::speculative_head(&cfg, Some(300_000)), 300_000);
-    assert_eq!(fs::speculative_head(&cfg, Some(50 << 20)), 1 << 20);
+    assert_eq!(fs::speculative_head(&cfg, Some(50 << 20)), 4 << 20);
     let off = Config {
         speculative_head_kib: 0,
         ..Config::default()
