@@ -108,19 +108,6 @@ pub struct RegistryFetcher {
 }
 
 impl RegistryFetcher {
-    /// Wraps `reader`, asking the registry for the blob size when it is not known yet.
-    pub async fn new(
-        reader: registry::BlobReader,
-        handle: tokio::runtime::Handle,
-    ) -> io::Result<RegistryFetcher> {
-        let size = reader.size().await.map_err(io::Error::other)?;
-        Ok(RegistryFetcher {
-            reader: Arc::new(reader),
-            handle,
-            size,
-        })
-    }
-
     /// Wraps a reader shared with others (one whose endpoint look-up may already be on
     /// its way) of a blob of `size` bytes.
     pub fn shared(
@@ -141,11 +128,7 @@ impl RegistryFetcher {
         handle: tokio::runtime::Handle,
         size: u64,
     ) -> RegistryFetcher {
-        RegistryFetcher {
-            reader: Arc::new(reader),
-            handle,
-            size,
-        }
+        Self::shared(Arc::new(reader), handle, size)
     }
 }
 

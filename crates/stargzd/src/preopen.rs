@@ -284,9 +284,6 @@ impl LayerPool {
         resolving.await
     }
 
-    /// Starts opening a layer unless it is already on its way; prefetch follows the open
-    /// on the fetch pool, so a mount that comes later finds the prioritized files cached
-    /// or arriving.
     /// A new reader for `digest`, unless the layer is already opening (its reader has
     /// looked its endpoint up).
     fn early_reader(
@@ -308,6 +305,9 @@ impl LayerPool {
         )))
     }
 
+    /// Starts opening a layer unless it is already on its way; prefetch follows the open
+    /// on the fetch pool, so a mount that comes later finds the prioritized files cached
+    /// or arriving.
     fn start(
         &self,
         reference: &Reference,
