@@ -17,6 +17,7 @@ mod image_config;
 mod ldcache;
 mod plan;
 mod runtime;
+mod shell;
 mod view;
 
 use std::collections::HashMap;

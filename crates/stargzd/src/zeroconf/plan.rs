@@ -15,12 +15,15 @@ use super::elf::{self, ElfDeps};
 use super::image_config::Process;
 use super::ldcache::{self, LdCache};
 use super::runtime;
+use super::shell;
 use super::view::{Found, MergedView, Resolved};
 
 pub const MAX_LIBS: usize = 256;
 pub const MAX_DEPTH: u32 = 8;
 pub const MAX_SCRIPTS: u32 = 4;
 pub const MAX_FILES: usize = 1024;
+/// Most commands of shell scripts (`sh -c`, `su -c`, nested) resolved in all.
+pub const MAX_COMMANDS: usize = 64;
 /// Bytes of a file looked at for `#!`.
 const SHEBANG_BYTES: u32 = 256;
 
@@ -63,6 +66,8 @@ pub struct Plan<'v> {
     ldcache: Option<LdCache>,
     sonames: HashSet<String>,
     python_done: bool,
+    /// Commands of shell scripts looked at so far (bounded by [`MAX_COMMANDS`]).
+    commands: usize,
     /// Lookups of a soname done already (so a library every other one needs is
     /// resolved once).
     lib_lookups: HashMap<String, Option<Resolved>>,
@@ -85,14 +90,12 @@ impl<'v> Plan<'v> {
             ldcache: None,
             sonames: HashSet::new(),
             python_done: false,
+            commands: 0,
             lib_lookups: HashMap::new(),
             process,
         };
-        if let Some(argv0) = plan.process.argv.first().cloned() {
-            if let Some(r) = plan.find_program(&argv0) {
-                plan.want(r, Role::Program { scripts: 0 });
-            }
-        }
+        let argv = plan.process.argv.clone();
+        plan.want_command(&argv, 0);
         for (path, max) in runtime::COMMON_FILES {
             if let Some(r) = view.resolve_file(path) {
                 if view.node(r.found).is_some_and(|n| n.size <= *max) {
@@ -146,6 +149,38 @@ impl<'v> Plan<'v> {
         }
         self.wanted.push(r.found);
         self.fresh.push((r.found, r.path, role));
+    }
+
+    /// The program of `argv` and, when it is a shell given a script (`sh -c`) or `su`
+    /// given a command, the programs the script runs, `depth` scripts deep.
+    fn want_command(&mut self, argv: &[String], depth: u32) {
+        let Some(argv0) = argv.first() else {
+            return;
+        };
+        if let Some(r) = self.find_program(argv0) {
+            self.want(r, Role::Program { scripts: 0 });
+        }
+        if depth >= MAX_SCRIPTS {
+            return;
+        }
+        let base = argv0.rsplit('/').next().unwrap_or_default();
+        let args = &argv[1..];
+        let script = if shell::is_shell(base) {
+            shell::script_arg(args)
+        } else if matches!(base, "su" | "runuser") {
+            shell::su_command(args)
+        } else {
+            None
+        };
+        if let Some(script) = script {
+            for command in shell::commands(script) {
+                if self.commands >= MAX_COMMANDS {
+                    break;
+                }
+                self.commands += 1;
+                self.want_command(&command, depth + 1);
+            }
+        }
     }
 
     /// `name` as the runtime finds the program to exec: a path (from the working
@@ -581,5 +616,58 @@ mod tests {
         // Script, then env and ls, then their libraries and loader.
         assert!((3..=5).contains(&rounds), "{rounds} rounds");
         assert_eq!(paths[0], "app/run");
+    }
+
+    /// `sh -c` running `su -c` running a server: the shell, every program the scripts
+    /// run (nested, through `exec`, assignments and quotes) are wanted; builtins,
+    /// programs the image lacks and words that need expanding are not.
+    #[test]
+    fn programs_of_shell_scripts_are_wanted() {
+        let prog = |s: &str| Some(format!("#!prog {s}\n").into_bytes());
+        let entries: Vec<Entry> = vec![
+            ("bin/sh", prog("sh"), None),
+            ("bin/su", prog("su"), None),
+            ("bin/mkdir", prog("mkdir"), None),
+            ("bin/chown", prog("chown"), None),
+            ("bin/printf", prog("printf"), None),
+            ("usr/lib/pg/bin/postgres", prog("postgres"), None),
+            ("usr/bin/go", prog("go"), None),
+            ("usr/bin/unused", prog("unused"), None),
+        ];
+        let contents = Contents {
+            layers: vec![layer(entries)],
+        };
+        let view = MergedView::new(contents.layers.iter().map(|(ix, _)| ix).collect());
+        let script = "mkdir -p /run/pg && chown pg:pg /run/pg && printf x > /tmp/f && \
+            HOME=/tmp go run h.go && $UNSET x && \
+            exec su pg -s /bin/sh -c 'exec /usr/lib/pg/bin/postgres -D /var/lib/pg'";
+        let process = Process {
+            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            path: Some("/usr/bin:/bin".into()),
+            ld_library_path: None,
+            cwd: "/".into(),
+        };
+        let mut plan = Plan::new(&view, process);
+        let round = plan.take_round();
+        let paths: Vec<String> = round
+            .iter()
+            .map(|f| view.node(*f).unwrap().path.clone())
+            .collect();
+        for want in [
+            "bin/sh",
+            "bin/mkdir",
+            "bin/chown",
+            "usr/bin/go",
+            "bin/su",
+            "usr/lib/pg/bin/postgres",
+        ] {
+            assert!(paths.iter().any(|p| p == want), "{want} not in {paths:?}");
+        }
+        assert!(
+            !paths
+                .iter()
+                .any(|p| p == "bin/printf" || p == "usr/bin/unused"),
+            "{paths:?}"
+        );
     }
 }
