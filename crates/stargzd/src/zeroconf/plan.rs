@@ -66,6 +66,7 @@ pub struct Plan<'v> {
     ldcache: Option<LdCache>,
     sonames: HashSet<String>,
     python_done: bool,
+    gcc_done: bool,
     /// Commands of shell scripts looked at so far (bounded by [`MAX_COMMANDS`]).
     commands: usize,
     /// Lookups of a soname done already (so a library every other one needs is
@@ -90,6 +91,7 @@ impl<'v> Plan<'v> {
             ldcache: None,
             sonames: HashSet::new(),
             python_done: false,
+            gcc_done: false,
             commands: 0,
             lib_lookups: HashMap::new(),
             process,
@@ -243,6 +245,7 @@ impl<'v> Plan<'v> {
         }
         if elf::is_elf(&head) {
             self.maybe_python(path);
+            self.maybe_runtime(path);
             self.library(files, found, path, 0);
         }
     }
@@ -320,6 +323,69 @@ impl<'v> Plan<'v> {
         });
         self.lib_lookups.insert(name.to_string(), r.clone());
         r
+    }
+
+    /// A JVM launcher or a C compiler driver: what it loads or runs at once.
+    fn maybe_runtime(&mut self, path: &str) {
+        if let Some(home) = runtime::java_home(path) {
+            let home = home.to_string();
+            for (rel, kind) in runtime::JAVA_FILES {
+                self.want_path(&format!("{home}/{rel}"), *kind);
+            }
+        }
+        let base = path.rsplit('/').next().unwrap_or_default();
+        let Some(cxx) = runtime::gcc_driver(base) else {
+            return;
+        };
+        if std::mem::replace(&mut self.gcc_done, true) {
+            return;
+        }
+        // `gcc-12` runs the compiler of version 12; a bare `gcc` the one installed.
+        let version = base
+            .rsplit_once('-')
+            .map(|(_, v)| v)
+            .filter(|v| !v.is_empty() && v.chars().all(|c| c.is_ascii_digit() || c == '.'));
+        let compiler = if cxx { "cc1plus" } else { "cc1" };
+        for triple in self.view.list_dir("usr/lib/gcc").into_iter().take(4) {
+            let triple_dir = format!("usr/lib/gcc/{triple}");
+            let versions: Vec<String> = self
+                .view
+                .list_dir(&triple_dir)
+                .into_iter()
+                .filter(|v| version.is_none_or(|want| v == want))
+                .take(2)
+                .collect();
+            if versions.is_empty() {
+                continue;
+            }
+            for v in versions {
+                let dir = format!("{triple_dir}/{v}");
+                self.want_path(&format!("{dir}/{compiler}"), runtime::Kind::Program);
+                for (rel, kind) in runtime::GCC_FILES {
+                    self.want_path(&format!("{dir}/{rel}"), *kind);
+                }
+            }
+            for f in runtime::GCC_LIBC_FILES {
+                self.want_path(&format!("usr/lib/{triple}/{f}"), runtime::Kind::Data);
+            }
+        }
+        for tool in runtime::GCC_TOOLS {
+            if let Some(r) = self.find_program(tool) {
+                self.want(r, Role::Program { scripts: 0 });
+            }
+        }
+    }
+
+    /// The file at `path`, if the image has it, as what `kind` says.
+    fn want_path(&mut self, path: &str, kind: runtime::Kind) {
+        if let Some(r) = self.view.resolve_file(path) {
+            let role = match kind {
+                runtime::Kind::Data => Role::Data,
+                runtime::Kind::Library => Role::Library { depth: 1 },
+                runtime::Kind::Program => Role::Program { scripts: 0 },
+            };
+            self.want(r, role);
+        }
     }
 
     /// A Python 3 program: its start-up modules, and the script it is given.
@@ -668,6 +734,144 @@ mod tests {
                 .iter()
                 .any(|p| p == "bin/printf" || p == "usr/bin/unused"),
             "{paths:?}"
+        );
+    }
+
+    /// Every wanted path once the rounds end.
+    fn plan_paths(contents: &Contents, view: &MergedView, process: Process) -> Vec<String> {
+        let mut plan = Plan::new(view, process);
+        for _ in 0..8 {
+            if plan.take_round().is_empty() {
+                break;
+            }
+            plan.advance(contents);
+        }
+        plan.wanted()
+            .iter()
+            .map(|f| view.node(*f).unwrap().path.clone())
+            .collect()
+    }
+
+    /// A JVM launcher reached through links brings its VM and class-data archive; a
+    /// versioned GCC driver its compiler proper (of its version only), the linker's
+    /// wrapper, the start files and the assembler and linker from PATH.
+    #[test]
+    fn a_jvm_and_a_c_compiler_bring_what_they_load_and_run() {
+        let Some(elf) = host("/usr/bin/ls") else {
+            assert!(std::env::var_os("CI").is_none(), "host lacks /usr/bin/ls");
+            return;
+        };
+        let jdk = "usr/lib/jvm/java-17-openjdk-amd64";
+        let gcc = "usr/lib/gcc/x86_64-linux-gnu";
+        let entries: Vec<Entry> = vec![
+            ("usr/bin/java", None, Some("/etc/alternatives/java")),
+            (
+                "etc/alternatives/java",
+                None,
+                Some("/usr/lib/jvm/java-17-openjdk-amd64/bin/java"),
+            ),
+            (
+                "usr/lib/jvm/java-17-openjdk-amd64/bin/java",
+                Some(elf.clone()),
+                None,
+            ),
+            (
+                "usr/lib/jvm/java-17-openjdk-amd64/lib/jvm.cfg",
+                Some(b"-server KNOWN".to_vec()),
+                None,
+            ),
+            (
+                "usr/lib/jvm/java-17-openjdk-amd64/lib/server/libjvm.so",
+                Some(elf.clone()),
+                None,
+            ),
+            (
+                "usr/lib/jvm/java-17-openjdk-amd64/lib/server/classes.jsa",
+                Some(vec![1; 64]),
+                None,
+            ),
+            (
+                "usr/lib/jvm/java-17-openjdk-amd64/lib/libawt.so",
+                Some(elf.clone()),
+                None,
+            ),
+            ("usr/bin/gcc", None, Some("gcc-12")),
+            ("usr/bin/gcc-12", None, Some("x86_64-linux-gnu-gcc-12")),
+            ("usr/bin/x86_64-linux-gnu-gcc-12", Some(elf.clone()), None),
+            ("usr/bin/as", Some(elf.clone()), None),
+            ("usr/bin/ld", Some(elf.clone()), None),
+            (
+                "usr/lib/gcc/x86_64-linux-gnu/12/cc1",
+                Some(elf.clone()),
+                None,
+            ),
+            (
+                "usr/lib/gcc/x86_64-linux-gnu/12/collect2",
+                Some(elf.clone()),
+                None,
+            ),
+            (
+                "usr/lib/gcc/x86_64-linux-gnu/12/crtbeginS.o",
+                Some(vec![2; 64]),
+                None,
+            ),
+            (
+                "usr/lib/gcc/x86_64-linux-gnu/11/cc1",
+                Some(elf.clone()),
+                None,
+            ),
+            ("usr/lib/x86_64-linux-gnu/crt1.o", Some(vec![3; 64]), None),
+            (
+                "usr/lib/x86_64-linux-gnu/libc.so",
+                Some(b"GROUP ( x )".to_vec()),
+                None,
+            ),
+        ];
+        let contents = Contents {
+            layers: vec![layer(entries)],
+        };
+        let view = MergedView::new(contents.layers.iter().map(|(ix, _)| ix).collect());
+        let process = |argv: &[&str]| Process {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            path: Some("/usr/bin".into()),
+            ld_library_path: None,
+            cwd: "/".into(),
+        };
+        let java = plan_paths(&contents, &view, process(&["java", "-version"]));
+        for want in [
+            "bin/java",
+            "lib/jvm.cfg",
+            "lib/server/libjvm.so",
+            "lib/server/classes.jsa",
+        ] {
+            let want = format!("{jdk}/{want}");
+            assert!(java.contains(&want), "{want} not in {java:?}");
+        }
+        assert!(
+            !java
+                .iter()
+                .any(|p| p.contains("libawt") || p.contains("gcc")),
+            "{java:?}"
+        );
+        let cc = plan_paths(
+            &contents,
+            &view,
+            process(&["/bin/sh", "-c", "gcc -o /tmp/h /tmp/h.c && /tmp/h"]),
+        );
+        for want in [
+            format!("{gcc}/12/cc1"),
+            format!("{gcc}/12/collect2"),
+            format!("{gcc}/12/crtbeginS.o"),
+            "usr/lib/x86_64-linux-gnu/crt1.o".to_string(),
+            "usr/lib/x86_64-linux-gnu/libc.so".to_string(),
+            "usr/bin/as".to_string(),
+            "usr/bin/ld".to_string(),
+        ] {
+            assert!(cc.contains(&want), "{want} not in {cc:?}");
+        }
+        assert!(
+            !cc.iter().any(|p| p.contains("/11/") || p.contains("jvm")),
+            "{cc:?}"
         );
     }
 }

@@ -1,6 +1,7 @@
-//! The files a container's first process opens whatever it is, and those a Python
-//! interpreter imports before running anything: small tables, so what is prefetched
-//! for an image without a recorded list is easy to read and to change.
+//! The files a container's first process opens whatever it is, and those a runtime
+//! opens or runs at start beyond its own libraries (a Python interpreter's start-up
+//! modules, a JVM, a C compiler's toolchain): small tables, so what is prefetched for
+//! an image without a recorded list is easy to read and to change.
 
 /// Files a dynamically linked program (glibc's loader, its NSS and locale set-up) or a
 /// common runtime opens at start, when the image has them, with the most bytes of each
@@ -17,6 +18,22 @@ pub const COMMON_FILES: &[(&str, u64)] = &[
     // (C.UTF-8 and a few) is worth it.
     ("usr/lib/locale/locale-archive", 4 << 20),
     ("usr/lib/locale/C.utf8/LC_CTYPE", 1 << 20),
+    // `setlocale(LC_ALL, "")` with the C.UTF-8 locale opens every category.
+    ("usr/lib/locale/C.utf8/LC_ADDRESS", 64 << 10),
+    ("usr/lib/locale/C.utf8/LC_COLLATE", 1 << 20),
+    ("usr/lib/locale/C.utf8/LC_IDENTIFICATION", 64 << 10),
+    ("usr/lib/locale/C.utf8/LC_MEASUREMENT", 64 << 10),
+    (
+        "usr/lib/locale/C.utf8/LC_MESSAGES/SYS_LC_MESSAGES",
+        64 << 10,
+    ),
+    ("usr/lib/locale/C.utf8/LC_MONETARY", 64 << 10),
+    ("usr/lib/locale/C.utf8/LC_NAME", 64 << 10),
+    ("usr/lib/locale/C.utf8/LC_NUMERIC", 64 << 10),
+    ("usr/lib/locale/C.utf8/LC_PAPER", 64 << 10),
+    ("usr/lib/locale/C.utf8/LC_TELEPHONE", 64 << 10),
+    ("usr/lib/locale/C.utf8/LC_TIME", 64 << 10),
+    ("usr/share/locale/locale.alias", 64 << 10),
     (
         "usr/lib/x86_64-linux-gnu/gconv/gconv-modules.cache",
         256 << 10,
@@ -77,6 +94,88 @@ pub const PYTHON_SITE_DIRS: &[&str] = &[
     "usr/lib/python3/dist-packages",
 ];
 
+/// What a file of a runtime's installation is to the prefetch.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// Read or mapped as data.
+    Data,
+    /// A shared object the runtime loads itself (`dlopen`): its libraries come too.
+    Library,
+    /// A program the runtime runs: its loader and libraries come too.
+    Program,
+}
+
+/// Files an OpenJDK launcher (`JAVA_HOME/bin/java`) opens before any class runs,
+/// relative to `JAVA_HOME`: the VM it `dlopen`s, its class-data archive and the
+/// libraries the VM loads at start (`strace -f java -version` lists them).
+pub const JAVA_FILES: &[(&str, Kind)] = &[
+    ("lib/jvm.cfg", Kind::Data),
+    ("lib/server/libjvm.so", Kind::Library),
+    ("lib/server/classes.jsa", Kind::Data),
+    ("lib/libjava.so", Kind::Library),
+    ("lib/libjimage.so", Kind::Library),
+    ("lib/libjsvml.so", Kind::Library),
+];
+
+/// Files a C compiler driver (`gcc`, `cc`) opens or runs for any compile and link,
+/// relative to its `lib/gcc/TRIPLE/VERSION` directory: the compiler proper, the
+/// linker's wrapper and plug-in, the start and end objects, the support library.
+pub const GCC_FILES: &[(&str, Kind)] = &[
+    ("collect2", Kind::Program),
+    ("liblto_plugin.so", Kind::Library),
+    ("crtbeginS.o", Kind::Data),
+    ("crtendS.o", Kind::Data),
+    ("crtbegin.o", Kind::Data),
+    ("crtend.o", Kind::Data),
+    ("libgcc.a", Kind::Data),
+    ("libgcc_s.so", Kind::Data),
+    ("include/stddef.h", Kind::Data),
+    ("include/stdarg.h", Kind::Data),
+];
+
+/// Files of the C library's development files a link opens, relative to the
+/// multiarch library directory (`usr/lib/TRIPLE`).
+pub const GCC_LIBC_FILES: &[&str] = &[
+    "Scrt1.o",
+    "crt1.o",
+    "crti.o",
+    "crtn.o",
+    "libc.so",
+    "libc_nonshared.a",
+];
+
+/// Programs a C compiler driver runs from `PATH`: the assembler and the linker.
+pub const GCC_TOOLS: &[&str] = &["as", "ld"];
+
+/// Whether a program's file name is a GCC driver, and for which language: `Some(true)`
+/// for C++ (`g++`, `c++`, `x86_64-linux-gnu-g++-12`), `Some(false)` for C (`gcc`,
+/// `cc`, `c99`, `gcc-12`).
+pub fn gcc_driver(name: &str) -> Option<bool> {
+    // `x86_64-linux-gnu-gcc-12`: drop a target triple in front and a version behind.
+    let base = name.rsplit_once("-g").map_or(name, |(_, rest)| {
+        if rest.starts_with("cc") || rest.starts_with("++") {
+            &name[name.len() - rest.len() - 1..]
+        } else {
+            name
+        }
+    });
+    let base = match base.rsplit_once('-') {
+        Some((b, v)) if !v.is_empty() && v.chars().all(|c| c.is_ascii_digit() || c == '.') => b,
+        _ => base,
+    };
+    match base {
+        "gcc" | "cc" | "c89" | "c99" => Some(false),
+        "g++" | "c++" => Some(true),
+        _ => None,
+    }
+}
+
+/// `JAVA_HOME` of a program at `path` if it is an OpenJDK launcher (`.../bin/java`).
+pub fn java_home(path: &str) -> Option<&str> {
+    let home = path.strip_suffix("/bin/java")?;
+    (!home.is_empty()).then_some(home)
+}
+
 /// Whether a program's file name is a Python 3 interpreter (`python3`, `python3.12`).
 pub fn python_version(name: &str) -> Option<Option<u32>> {
     let rest = name.strip_prefix("python3")?;
@@ -91,6 +190,32 @@ pub fn python_version(name: &str) -> Option<Option<u32>> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn gcc_and_java_names() {
+        for c in [
+            "gcc",
+            "cc",
+            "c99",
+            "gcc-12",
+            "x86_64-linux-gnu-gcc-12",
+            "x86_64-linux-gnu-gcc",
+        ] {
+            assert_eq!(gcc_driver(c), Some(false), "{c}");
+        }
+        for cxx in ["g++", "c++", "g++-12", "aarch64-linux-gnu-g++-13"] {
+            assert_eq!(gcc_driver(cxx), Some(true), "{cxx}");
+        }
+        for other in ["gcc-ar", "gccgo", "ld", "x86_64-linux-gnu-gcc-nm-12", "cc1"] {
+            assert_eq!(gcc_driver(other), None, "{other}");
+        }
+        assert_eq!(
+            java_home("usr/lib/jvm/java-17-openjdk-amd64/bin/java"),
+            Some("usr/lib/jvm/java-17-openjdk-amd64")
+        );
+        assert_eq!(java_home("usr/bin/javac"), None);
+        assert_eq!(java_home("/bin/java"), None);
+    }
 
     #[test]
     fn python_names() {
