@@ -9,6 +9,8 @@
 //! [`MAX_PHDRS`] program headers, [`MAX_DYN`] dynamic entries, [`MAX_NEEDED`] names and
 //! strings of [`MAX_STR`] bytes.
 
+use std::ops::Range;
+
 use object::elf;
 use object::read::elf::{Dyn, FileHeader, ProgramHeader};
 use object::read::{ReadCache, ReadCacheOps, ReadRef};
@@ -148,6 +150,123 @@ where
     Some(out)
 }
 
+/// Files larger than this are fetched head first, so that their program headers can
+/// say which parts the loader and the program need.
+pub const LARGE_FILE: u64 = 16 << 20;
+/// Bytes of a file's start fetched to read its ELF and program headers.
+pub const HEAD_BYTES: u64 = 64 << 10;
+
+/// The byte ranges of a large ELF file worth fetching before it runs, sorted: every
+/// loaded segment but read-only data that follows the code and outweighs it (the
+/// data of a library such as ICU's `libicudata`, 30 MiB of which a program reads a
+/// little), the headers and the dynamic section. `None` when the file is no ELF, is
+/// malformed, or nothing would be left out (then it is fetched whole).
+pub fn load_ranges<R: ReadCacheOps>(r: R, size: u64) -> Option<Vec<Range<u64>>> {
+    let cache = ReadCache::new(r);
+    let data = &cache;
+    let ident = data.read_bytes_at(0, 16).ok()?;
+    if !is_elf(ident) {
+        return None;
+    }
+    match *ident.get(4)? {
+        elf::ELFCLASS64 => segments::<elf::FileHeader64<Endianness>, _>(data, size),
+        elf::ELFCLASS32 => segments::<elf::FileHeader32<Endianness>, _>(data, size),
+        _ => None,
+    }
+}
+
+fn segments<'data, H, R>(data: R, size: u64) -> Option<Vec<Range<u64>>>
+where
+    H: FileHeader<Endian = Endianness>,
+    R: ReadRef<'data>,
+{
+    let header = H::parse(data).ok()?;
+    let endian = header.endian().ok()?;
+    let phdrs = header.program_headers(endian, data).ok()?;
+    let phdrs = &phdrs[..phdrs.len().min(MAX_PHDRS)];
+    let span = |ph: &H::ProgramHeader| -> Option<Range<u64>> {
+        let offset: u64 = ph.p_offset(endian).into();
+        let filesz: u64 = ph.p_filesz(endian).into();
+        let end = offset.checked_add(filesz)?.min(size);
+        (offset < end).then_some(offset..end)
+    };
+    let code: u64 = phdrs
+        .iter()
+        .filter(|ph| ph.p_type(endian) == elf::PT_LOAD && ph.p_flags(endian) & elf::PF_X != 0)
+        .filter_map(|ph| span(ph))
+        .map(|r| r.end - r.start)
+        .fold(0, u64::saturating_add);
+    let mut keep = vec![0..HEAD_BYTES.min(size)];
+    let mut left_out = false;
+    let mut after_code = false;
+    for ph in phdrs {
+        let Some(r) = span(ph) else { continue };
+        match ph.p_type(endian) {
+            elf::PT_DYNAMIC => keep.push(r),
+            elf::PT_LOAD => {
+                let flags = ph.p_flags(endian);
+                let data_only = flags & (elf::PF_X | elf::PF_W) == 0;
+                if data_only && after_code && r.end - r.start > code {
+                    left_out = true;
+                } else {
+                    keep.push(r);
+                }
+                after_code |= flags & elf::PF_X != 0;
+            }
+            _ => {}
+        }
+    }
+    if !left_out {
+        return None;
+    }
+    keep.sort_by_key(|r| r.start);
+    let mut merged: Vec<Range<u64>> = Vec::with_capacity(keep.len());
+    for r in keep {
+        match merged.last_mut() {
+            Some(last) if r.start <= last.end => last.end = last.end.max(r.end),
+            _ => merged.push(r),
+        }
+    }
+    Some(merged)
+}
+
+/// `elf` (a 64-bit little-endian ELF file) with `extra` bytes appended and its first
+/// read-only segment after the code stretched over them; with that segment's offset
+/// and its former end.
+#[cfg(test)]
+pub(super) fn with_large_data(elf: &[u8], extra: u64) -> Option<(Vec<u8>, u64, u64)> {
+    let header = elf::FileHeader64::<Endianness>::parse(elf).ok()?;
+    let endian = header.endian().ok()?;
+    let phoff = usize::try_from(header.e_phoff.get(endian)).ok()?;
+    let phnum = usize::from(header.e_phnum.get(endian));
+    let field = |b: &[u8], at: usize| -> Option<u64> {
+        Some(u64::from_le_bytes(b.get(at..at + 8)?.try_into().ok()?))
+    };
+    let word = |b: &[u8], at: usize| -> Option<u32> {
+        Some(u32::from_le_bytes(b.get(at..at + 4)?.try_into().ok()?))
+    };
+    let mut after_code = false;
+    let mut target = None;
+    for i in 0..phnum {
+        let at = phoff + i * 56;
+        if word(elf, at)? == elf::PT_LOAD {
+            let flags = word(elf, at + 4)?;
+            if after_code && flags & (elf::PF_X | elf::PF_W) == 0 && target.is_none() {
+                target = Some(at);
+            }
+            after_code |= flags & elf::PF_X != 0;
+        }
+    }
+    let at = target?;
+    let offset = field(elf, at + 8)?;
+    let old_end = offset + field(elf, at + 32)?;
+    let mut grown = elf.to_vec();
+    let new_size = grown.len() as u64 + extra;
+    grown.resize(usize::try_from(new_size).ok()?, 0);
+    grown[at + 32..at + 40].copy_from_slice(&(new_size - offset).to_le_bytes());
+    Some((grown, offset, old_end))
+}
+
 #[cfg(test)]
 mod tests {
     #![allow(
@@ -206,5 +325,53 @@ mod tests {
             }
             let _ = parse(std::io::Cursor::new(bad));
         }
+    }
+
+    /// A library that is mostly read-only data after its code (as ICU's data library
+    /// is) keeps its headers, code, writable data and dynamic section; the host's libc,
+    /// mostly code, is left whole.
+    #[test]
+    fn a_data_library_leaves_out_its_data() {
+        let Ok(libc) = std::fs::read("/lib/x86_64-linux-gnu/libc.so.6") else {
+            assert!(std::env::var_os("CI").is_none(), "host lacks libc");
+            return;
+        };
+        let size = libc.len() as u64;
+        assert_eq!(load_ranges(std::io::Cursor::new(libc.clone()), size), None);
+        // The same file with its first read-only segment after the code made larger
+        // than the code: that segment alone is left out.
+        let (grown, offset, old_end) = with_large_data(&libc, 8 << 20).unwrap();
+        let new_size = grown.len() as u64;
+        let ranges = load_ranges(std::io::Cursor::new(grown), new_size).expect("data left out");
+        assert_eq!(ranges[0].start, 0);
+        assert!(
+            ranges.windows(2).all(|w| w[0].end < w[1].start),
+            "{ranges:?}"
+        );
+        // Nothing of the segment's own bytes but what other segments share with it.
+        let kept_inside: u64 = ranges
+            .iter()
+            .map(|r| r.end.min(old_end).saturating_sub(r.start.max(offset)))
+            .sum();
+        assert!(kept_inside < 64 << 10, "{ranges:?}");
+        assert!(
+            ranges
+                .iter()
+                .all(|r| r.end <= new_size - (8 << 20) || r.start >= new_size),
+            "{ranges:?}"
+        );
+        assert!(
+            ranges.iter().any(|r| r.end > 1 << 16),
+            "code kept: {ranges:?}"
+        );
+        // Garbage and cut files fall back to a whole fetch.
+        assert_eq!(
+            load_ranges(std::io::Cursor::new(b"#!/bin/sh".to_vec()), 9),
+            None
+        );
+        assert_eq!(
+            load_ranges(std::io::Cursor::new(libc[..100].to_vec()), size),
+            None
+        );
     }
 }

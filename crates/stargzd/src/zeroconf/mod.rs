@@ -23,6 +23,7 @@ mod view;
 use std::collections::HashMap;
 use std::future::Future;
 use std::io::{Read, Seek, SeekFrom};
+use std::ops::Range;
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
@@ -35,7 +36,7 @@ use plan::{Files, Plan};
 use view::{Found, MergedView};
 
 /// Most rounds of fetch-then-parse (program, libraries, their libraries, ...).
-pub const MAX_ROUNDS: usize = 6;
+pub const MAX_ROUNDS: usize = 8;
 /// How long an image is remembered as done, so the Prepares of its other layers and
 /// its next containers do not work it out again.
 const DONE_TTL: Duration = Duration::from_secs(600);
@@ -156,17 +157,18 @@ pub fn run(layers: &[Arc<fs::Layer>], process: image_config::Process, max_bytes:
             break;
         }
         summary.rounds += 1;
-        let mut ids: Vec<Vec<NodeId>> = vec![Vec::new(); layers.len()];
+        let mut ids: Vec<Vec<fs::PlannedFile>> = vec![Vec::new(); layers.len()];
         let mut bounds = vec![0u64; layers.len()];
         for f in round {
-            let cost = view.node(f).map_or(0, blob_bytes);
+            let ranges = plan.ranges(f).map(<[_]>::to_vec);
+            let cost = view.node(f).map_or(0, |n| blob_bytes(n, ranges.as_deref()));
             if cost > budget {
                 summary.skipped += 1;
                 continue;
             }
             budget -= cost;
             if let (Some(i), Some(b)) = (ids.get_mut(f.layer), bounds.get_mut(f.layer)) {
-                i.push(f.node);
+                i.push((f.node, ranges));
                 *b += cost;
             }
         }
@@ -180,7 +182,7 @@ pub fn run(layers: &[Arc<fs::Layer>], process: image_config::Process, max_bytes:
                     s.spawn(move || {
                         (
                             layer.desc().digest.clone(),
-                            layer.prefetch_files(ids, bound),
+                            layer.prefetch_file_ranges(ids, bound),
                         )
                     })
                 })
@@ -211,10 +213,15 @@ pub fn run(layers: &[Arc<fs::Layer>], process: image_config::Process, max_bytes:
     summary
 }
 
-/// Compressed bytes of the blob a file's chunks span.
-fn blob_bytes(node: &estargz::Node) -> u64 {
+/// Compressed bytes of the blob a file's chunks span (those holding some of `ranges`,
+/// sorted file byte ranges, when given).
+fn blob_bytes(node: &estargz::Node, ranges: Option<&[Range<u64>]>) -> u64 {
     node.chunks
         .iter()
+        .filter(|c| {
+            let end = c.file_offset.saturating_add(c.size);
+            ranges.is_none_or(|rs| rs.iter().any(|r| r.start < end && c.file_offset < r.end))
+        })
         .map(|c| c.blob_end.saturating_sub(c.blob_offset))
         .fold(0u64, u64::saturating_add)
 }
@@ -236,6 +243,18 @@ impl Files for LayerFiles<'_> {
             return None;
         }
         layer.read_cached(f.node, 0, u32::try_from(size).ok()?)
+    }
+
+    fn load_ranges(&self, f: Found) -> Option<Vec<Range<u64>>> {
+        let layer = self.layers.get(f.layer)?;
+        let size = layer.index().get(f.node)?.size;
+        let file = LayerFile {
+            layer,
+            id: f.node,
+            pos: 0,
+            size,
+        };
+        elf::load_ranges(file, size)
     }
 
     fn elf(&self, f: Found) -> Option<elf::ElfDeps> {

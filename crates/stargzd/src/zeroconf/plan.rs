@@ -8,6 +8,7 @@
 //! interpreters of interpreters, [`MAX_FILES`] files in all.
 
 use std::collections::{HashMap, HashSet};
+use std::ops::Range;
 
 use estargz::NodeKind;
 
@@ -35,6 +36,9 @@ pub trait Files {
     fn whole(&self, f: Found, max: u64) -> Option<Vec<u8>>;
     /// The ELF facts of a local file.
     fn elf(&self, f: Found) -> Option<ElfDeps>;
+    /// The ranges of a large ELF file worth fetching (see [`elf::load_ranges`]), from
+    /// its local head; `None` to fetch it whole.
+    fn load_ranges(&self, f: Found) -> Option<Vec<Range<u64>>>;
 }
 
 /// What a wanted file is parsed as once it arrived.
@@ -67,6 +71,10 @@ pub struct Plan<'v> {
     sonames: HashSet<String>,
     python_done: bool,
     gcc_done: bool,
+    /// Files to fetch only in part: byte ranges, sorted.
+    ranges: HashMap<Found, Vec<Range<u64>>>,
+    /// Large ELF files whose head only is being fetched, to read their program headers.
+    heads: HashSet<Found>,
     /// Commands of shell scripts looked at so far (bounded by [`MAX_COMMANDS`]).
     commands: usize,
     /// Lookups of a soname done already (so a library every other one needs is
@@ -93,6 +101,8 @@ impl<'v> Plan<'v> {
             python_done: false,
             gcc_done: false,
             commands: 0,
+            ranges: HashMap::new(),
+            heads: HashSet::new(),
             lib_lookups: HashMap::new(),
             process,
         };
@@ -118,6 +128,11 @@ impl<'v> Plan<'v> {
         &self.wanted
     }
 
+    /// The byte ranges of `f` to fetch, when not all of it.
+    pub fn ranges(&self, f: Found) -> Option<&[Range<u64>]> {
+        self.ranges.get(&f).map(Vec::as_slice)
+    }
+
     /// The files added since the last call (to fetch now); they are parsed at the next
     /// [`Plan::advance`].
     pub fn take_round(&mut self) -> Vec<Found> {
@@ -132,6 +147,16 @@ impl<'v> Plan<'v> {
         let mut pending = std::mem::take(&mut self.pending);
         pending.sort_by_key(|(_, _, role)| *role != Role::LdCache);
         for (found, path, role) in pending {
+            if self.heads.remove(&found) {
+                // Its program headers are here: fetch what they say is worth it, then
+                // parse it as planned.
+                match files.load_ranges(found) {
+                    Some(r) => self.ranges.insert(found, r),
+                    None => self.ranges.remove(&found),
+                };
+                self.fresh.push((found, path, role));
+                continue;
+            }
             match role {
                 Role::Data => {}
                 Role::LdCache => {
@@ -148,6 +173,16 @@ impl<'v> Plan<'v> {
     fn want(&mut self, r: Resolved, role: Role) {
         if self.seen.len() >= MAX_FILES || !self.seen.insert(r.found) {
             return;
+        }
+        let code = matches!(role, Role::Program { .. } | Role::Library { .. });
+        if code
+            && self
+                .view
+                .node(r.found)
+                .is_some_and(|n| n.size > elf::LARGE_FILE)
+        {
+            self.ranges.insert(r.found, vec![0..elf::HEAD_BYTES]);
+            self.heads.insert(r.found);
         }
         self.wanted.push(r.found);
         self.fresh.push((r.found, r.path, role));
@@ -540,6 +575,10 @@ mod tests {
         fn elf(&self, f: Found) -> Option<ElfDeps> {
             elf::parse(std::io::Cursor::new(self.bytes(f)?.clone()))
         }
+        fn load_ranges(&self, f: Found) -> Option<Vec<Range<u64>>> {
+            let b = self.bytes(f)?;
+            elf::load_ranges(std::io::Cursor::new(b.clone()), b.len() as u64)
+        }
     }
 
     /// `(path, Some(bytes) | None for a directory, link target)`.
@@ -872,6 +911,83 @@ mod tests {
         assert!(
             !cc.iter().any(|p| p.contains("/11/") || p.contains("jvm")),
             "{cc:?}"
+        );
+    }
+
+    /// A library above the large-file size comes head first; its program headers then
+    /// leave its read-only data out of the next round, and its own libraries follow.
+    #[test]
+    fn a_large_data_library_is_fetched_in_part() {
+        let (Some(ls), Some(libc)) = (host("/usr/bin/ls"), host("/lib/x86_64-linux-gnu/libc.so.6"))
+        else {
+            assert!(std::env::var_os("CI").is_none(), "host lacks ls or libc");
+            return;
+        };
+        if std::env::consts::ARCH != "x86_64" {
+            return;
+        }
+        let (big, data_at, _) = elf::with_large_data(&libc, elf::LARGE_FILE).unwrap();
+        let big_len = big.len() as u64;
+        let entries: Vec<Entry> = vec![
+            ("usr/bin/ls", Some(ls), None),
+            ("usr/lib/x86_64-linux-gnu/libc.so.6", Some(big), None),
+            (
+                "usr/lib/x86_64-linux-gnu/ld-linux-x86-64.so.2",
+                Some(b"\x7fELF".to_vec()),
+                None,
+            ),
+        ];
+        let contents = Contents {
+            layers: vec![layer(entries)],
+        };
+        let view = MergedView::new(contents.layers.iter().map(|(ix, _)| ix).collect());
+        let process = Process {
+            argv: vec!["ls".into()],
+            path: Some("/usr/bin".into()),
+            ld_library_path: None,
+            cwd: "/".into(),
+        };
+        let libc_found = view
+            .resolve_file("usr/lib/x86_64-linux-gnu/libc.so.6")
+            .unwrap()
+            .found;
+        let mut plan = Plan::new(&view, process);
+        let mut asked = Vec::new();
+        for _ in 0..8 {
+            let round = plan.take_round();
+            if round.is_empty() {
+                break;
+            }
+            if round.contains(&libc_found) {
+                asked.push(plan.ranges(libc_found).map(<[_]>::to_vec));
+            }
+            plan.advance(&contents);
+        }
+        assert_eq!(asked.len(), 2, "{asked:?}");
+        assert_eq!(asked[0], Some(vec![0..elf::HEAD_BYTES]));
+        let parts = asked[1].clone().expect("fetched in part");
+        let kept: u64 = parts.iter().map(|r| r.end - r.start).sum();
+        assert!(kept < big_len / 4, "{parts:?}");
+        // Nothing of the stretched data: neither its appended bytes nor, but for what
+        // other segments share of its pages, its former ones.
+        assert!(
+            parts.iter().all(|r| r.end <= big_len - elf::LARGE_FILE),
+            "{parts:?}"
+        );
+        assert!(
+            !parts
+                .iter()
+                .any(|r| r.start <= data_at + (64 << 10) && r.end > data_at + (64 << 10)),
+            "{parts:?}"
+        );
+        let paths: Vec<String> = plan
+            .wanted()
+            .iter()
+            .map(|f| view.node(*f).unwrap().path.clone())
+            .collect();
+        assert!(
+            paths.iter().any(|p| p.ends_with("ld-linux-x86-64.so.2")),
+            "libc's own libraries follow: {paths:?}"
         );
     }
 }
