@@ -181,6 +181,20 @@ impl Layer {
         Ok(done)
     }
 
+    /// Whether every chunk of file `id` holding some of `ranges` (sorted file byte
+    /// ranges; `None`: the whole file) is cached, so that reading those bytes needs no
+    /// network.
+    pub fn file_cached(&self, id: NodeId, ranges: Option<&[Range<u64>]>) -> bool {
+        let Some(node) = self.index.get(id) else {
+            return false;
+        };
+        node.chunks
+            .iter()
+            .enumerate()
+            .filter(|(_, c)| chunk_wanted(c, ranges))
+            .all(|(i, _)| self.is_cached((id, i)))
+    }
+
     /// Whether a chunk is in the memory or disk cache (not verified here: the read
     /// that serves it verifies).
     fn is_cached(&self, r: ChunkRef) -> bool {

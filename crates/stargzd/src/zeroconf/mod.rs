@@ -35,8 +35,11 @@ use tracing::{debug, info, warn};
 use plan::{Files, Plan};
 use view::{Found, MergedView};
 
-/// Most rounds of fetch-then-parse (program, libraries, their libraries, ...).
-pub const MAX_ROUNDS: usize = 8;
+/// Most batches of fetches (program, libraries, their libraries, ...), each one
+/// request per layer.
+pub const MAX_ROUNDS: usize = 32;
+/// How often the files of running batches are looked at for what has arrived.
+const POLL: Duration = Duration::from_millis(10);
 /// How long an image is remembered as done, so the Prepares of its other layers and
 /// its next containers do not work it out again.
 const DONE_TTL: Duration = Duration::from_secs(600);
@@ -145,64 +148,85 @@ impl ZeroConfig {
 
 /// Works out and fetches the start-up files of `process` in `layers` (bottom first),
 /// at most `max_bytes` of compressed blob data.
+///
+/// Fetching and parsing overlap: each batch (one request per layer) runs on a thread
+/// of its own, and every [`POLL`] the files that are in by then are parsed and what
+/// they name goes out as the next batch, so a program's libraries are on the link
+/// while the rest of its batch still arrives.
 pub fn run(layers: &[Arc<fs::Layer>], process: image_config::Process, max_bytes: u64) -> Summary {
     let view = MergedView::new(layers.iter().map(|l| l.index()).collect());
     let mut plan = Plan::new(&view, process);
     let files = LayerFiles { layers };
     let mut budget = max_bytes;
     let mut summary = Summary::default();
-    for _ in 0..MAX_ROUNDS {
-        let round = plan.take_round();
-        if round.is_empty() {
-            break;
-        }
-        summary.rounds += 1;
-        let mut ids: Vec<Vec<fs::PlannedFile>> = vec![Vec::new(); layers.len()];
-        let mut bounds = vec![0u64; layers.len()];
-        for f in round {
-            let ranges = plan.ranges(f).map(<[_]>::to_vec);
-            let cost = view.node(f).map_or(0, |n| blob_bytes(n, ranges.as_deref()));
-            if cost > budget {
-                summary.skipped += 1;
+    let (done_tx, done_rx) =
+        std::sync::mpsc::channel::<(String, fs::Result<fs::FilesPrefetched>)>();
+    std::thread::scope(|s| {
+        let mut running = 0usize;
+        loop {
+            let round = plan.take_round();
+            if !round.is_empty() && summary.rounds < MAX_ROUNDS {
+                summary.rounds += 1;
+                let mut batches: Vec<Vec<fs::PlannedFile>> = vec![Vec::new(); layers.len()];
+                let mut bounds = vec![0u64; layers.len()];
+                for f in round {
+                    let ranges = plan.ranges(f).map(<[_]>::to_vec);
+                    let cost = view.node(f).map_or(0, |n| blob_bytes(n, ranges.as_deref()));
+                    if cost > budget {
+                        summary.skipped += 1;
+                        continue;
+                    }
+                    budget -= cost;
+                    if let (Some(b), Some(bound)) =
+                        (batches.get_mut(f.layer), bounds.get_mut(f.layer))
+                    {
+                        b.push((f.node, ranges));
+                        *bound += cost;
+                    }
+                }
+                for ((layer, batch), bound) in layers.iter().zip(batches).zip(bounds) {
+                    if batch.is_empty() {
+                        continue;
+                    }
+                    let tx = done_tx.clone();
+                    running += 1;
+                    s.spawn(move || {
+                        let r = layer.prefetch_file_ranges(&batch, bound);
+                        // The receiver outlives every sender thread (same scope).
+                        let _ = tx.send((layer.desc().digest.clone(), r));
+                    });
+                }
+            }
+            if running == 0 {
+                // Everything asked for is in (or failed): parse what is left; done when
+                // that names nothing new.
+                plan.advance(&files);
+                if plan.settled() || summary.rounds >= MAX_ROUNDS {
+                    break;
+                }
                 continue;
             }
-            budget -= cost;
-            if let (Some(i), Some(b)) = (ids.get_mut(f.layer), bounds.get_mut(f.layer)) {
-                i.push((f.node, ranges));
-                *b += cost;
-            }
-        }
-        std::thread::scope(|s| {
-            let running: Vec<_> = layers
-                .iter()
-                .zip(&ids)
-                .zip(&bounds)
-                .filter(|((_, ids), _)| !ids.is_empty())
-                .map(|((layer, ids), &bound)| {
-                    s.spawn(move || {
-                        (
-                            layer.desc().digest.clone(),
-                            layer.prefetch_file_ranges(ids, bound),
-                        )
-                    })
-                })
-                .collect();
-            for r in running {
-                match r.join() {
-                    Ok((_, Ok(done))) => {
+            let mut finished = match done_rx.recv_timeout(POLL) {
+                Ok(d) => vec![d],
+                Err(_) => Vec::new(),
+            };
+            finished.extend(done_rx.try_iter());
+            for (layer, result) in finished {
+                running -= 1;
+                match result {
+                    Ok(done) => {
                         summary.files += done.files;
                         summary.bytes += done.bytes_fetched;
                         summary.skipped += done.skipped;
                     }
-                    Ok((layer, Err(e))) => {
+                    Err(e) => {
                         warn!(layer = %layer, error = %e, "zero-config prefetch of a layer failed")
                     }
-                    Err(_) => warn!("zero-config prefetch thread panicked"),
                 }
             }
-        });
-        plan.advance(&files);
-    }
+            plan.advance_ready(&files);
+        }
+    });
     let paths: Vec<&str> = plan
         .wanted()
         .iter()
@@ -243,6 +267,12 @@ impl Files for LayerFiles<'_> {
             return None;
         }
         layer.read_cached(f.node, 0, u32::try_from(size).ok()?)
+    }
+
+    fn ready(&self, f: Found, ranges: Option<&[Range<u64>]>) -> bool {
+        self.layers
+            .get(f.layer)
+            .is_some_and(|l| l.file_cached(f.node, ranges))
     }
 
     fn load_ranges(&self, f: Found) -> Option<Vec<Range<u64>>> {

@@ -39,6 +39,8 @@ pub trait Files {
     /// The ranges of a large ELF file worth fetching (see [`elf::load_ranges`]), from
     /// its local head; `None` to fetch it whole.
     fn load_ranges(&self, f: Found) -> Option<Vec<Range<u64>>>;
+    /// Whether `ranges` of a file (`None`: all of it) are local.
+    fn ready(&self, f: Found, ranges: Option<&[Range<u64>]>) -> bool;
 }
 
 /// What a wanted file is parsed as once it arrived.
@@ -144,9 +146,33 @@ impl<'v> Plan<'v> {
     /// Parses the files of the last round that need it and adds what they name; the
     /// cache of the loader first, since libraries are looked up in it.
     pub fn advance(&mut self, files: &dyn Files) {
+        self.advance_where(files, false);
+    }
+
+    /// [`Plan::advance`] for the files fetched so far only (the others stay pending),
+    /// so a file's libraries are asked for as soon as it is in, not once its whole
+    /// batch is. Nothing is parsed while the loader's cache is awaited.
+    pub fn advance_ready(&mut self, files: &dyn Files) {
+        self.advance_where(files, true);
+    }
+
+    /// Whether nothing is left to parse.
+    pub fn settled(&self) -> bool {
+        self.pending.is_empty() && self.fresh.is_empty()
+    }
+
+    fn advance_where(&mut self, files: &dyn Files, only_ready: bool) {
         let mut pending = std::mem::take(&mut self.pending);
         pending.sort_by_key(|(_, _, role)| *role != Role::LdCache);
+        let mut awaiting_cache = false;
         for (found, path, role) in pending {
+            let ready =
+                !only_ready || files.ready(found, self.ranges.get(&found).map(Vec::as_slice));
+            if !ready || awaiting_cache {
+                awaiting_cache |= role == Role::LdCache;
+                self.pending.push((found, path, role));
+                continue;
+            }
             if self.heads.remove(&found) {
                 // Its program headers are here: fetch what they say is worth it, then
                 // parse it as planned.
@@ -574,6 +600,9 @@ mod tests {
         }
         fn elf(&self, f: Found) -> Option<ElfDeps> {
             elf::parse(std::io::Cursor::new(self.bytes(f)?.clone()))
+        }
+        fn ready(&self, _: Found, _: Option<&[Range<u64>]>) -> bool {
+            true
         }
         fn load_ranges(&self, f: Found) -> Option<Vec<Range<u64>>> {
             let b = self.bytes(f)?;

@@ -335,7 +335,9 @@ fn tokens(script: &str) -> Vec<Token> {
             }
         }
     }
-    end_word!();
+    if in_word {
+        out.push(Token::Word { text: word, plain });
+    }
     out
 }
 
