@@ -4,12 +4,8 @@
 //! link busy instead of paying a round trip for every file.
 //!
 //! The kernel already reads ahead inside a file; what it cannot see is that the next
-//! file in a directory walk is the next member of the blob. A first miss in a
-//! directory also fetches the directory's next files (up to [`DIR_BURST`]) in one
-//! request, for readers that take a directory's files out of order or too few of them
-//! for a stream to be noticed.
+//! file in a directory walk is the next member of the blob.
 
-use std::collections::HashSet;
 use std::ops::Range;
 use std::sync::Mutex;
 
@@ -25,17 +21,10 @@ const GAP: u64 = 256 << 10;
 /// neighbouring files read by chance cost nothing extra.
 const CONFIRM: u32 = 2;
 
-/// Most compressed bytes of a directory's files fetched after a first miss in it.
-pub const DIR_BURST: u64 = 256 << 10;
-/// Directories remembered as burst already (the set starts over when full).
-const MAX_BURST_DIRS: usize = 4096;
-
 /// The read-ahead state of one layer.
 pub struct Stream {
     max_window: u64,
     state: Mutex<State>,
-    /// Directories whose files after a first miss were fetched in one burst.
-    bursts: Mutex<HashSet<u64>>,
 }
 
 #[derive(Default, Debug)]
@@ -56,24 +45,7 @@ impl Stream {
         Stream {
             max_window,
             state: Mutex::new(State::default()),
-            bursts: Mutex::new(HashSet::new()),
         }
-    }
-
-    /// Whether a miss in directory `dir` should fetch the directory's next files in one
-    /// burst: once per directory, and never with read-ahead off. Readers of one file of
-    /// a directory (a package's sources, a module directory, headers, locale
-    /// categories) tend to read its neighbours next, each a round trip of its own when
-    /// they are not in blob order or too few for the stream to notice.
-    pub fn first_burst(&self, dir: u64) -> bool {
-        if self.max_window == 0 {
-            return false;
-        }
-        let mut b = self.bursts.lock().unwrap_or_else(|p| p.into_inner());
-        if b.len() >= MAX_BURST_DIRS {
-            b.clear();
-        }
-        b.insert(dir)
     }
 
     /// Records an access to blob bytes `range` and returns the blob ranges to fetch
@@ -173,16 +145,6 @@ mod tests {
         assert!(got.last().map_or(0, |r| r.end) >= 200 * (64 << 10));
         assert_eq!(got[0].end - got[0].start, MIN_WINDOW);
         assert_eq!(got[1].start, got[0].end);
-    }
-
-    #[test]
-    fn a_directory_bursts_once_and_never_with_read_ahead_off() {
-        let s = Stream::new(8 * MIB);
-        assert!(s.first_burst(7));
-        assert!(!s.first_burst(7));
-        assert!(s.first_burst(8));
-        let off = Stream::new(0);
-        assert!(!off.first_burst(7));
     }
 
     #[test]

@@ -97,38 +97,8 @@ impl Layer {
         let last = first + chunks.len() - 1;
         let local =
             || cached.unwrap_or_else(|| self.has_local((id, first)) && self.has_local((id, last)));
-        let ahead = self
-            .readahead
-            .access(a.blob_offset..b.blob_end, self.payload_end, local);
-        if !ahead.is_empty() || local() {
-            return ahead;
-        }
-        self.dir_burst(id, node.parent, b.blob_end)
-            .into_iter()
-            .collect()
-    }
-
-    /// The blob range of the files of directory `dir` stored after blob offset `from`
-    /// (at most [`crate::readahead::DIR_BURST`] past it), the first time a file `id` of
-    /// the directory misses.
-    fn dir_burst(&self, id: NodeId, dir: NodeId, from: u64) -> Option<Range<u64>> {
-        if dir == id || !self.readahead.first_burst(dir as u64) {
-            return None;
-        }
-        let cap = from.saturating_add(crate::readahead::DIR_BURST);
-        let end = self
-            .index
-            .get(dir)?
-            .children
-            .values()
-            .filter_map(|&c| self.index.get(c))
-            .filter(|n| n.kind == NodeKind::Reg)
-            .filter_map(|n| Some((n.chunks.first()?.blob_offset, n.chunks.last()?.blob_end)))
-            .filter(|&(start, _)| start >= from && start < cap)
-            .map(|(_, end)| end)
-            .max()?
-            .min(self.payload_end);
-        (end > from).then_some(from..end)
+        self.readahead
+            .access(a.blob_offset..b.blob_end, self.payload_end, local)
     }
 
     /// Fetches the chunks starting in blob range `range` that are neither cached nor
