@@ -386,12 +386,22 @@ impl<'v> Plan<'v> {
         r
     }
 
-    /// A JVM launcher or a C compiler driver: what it loads or runs at once.
+    /// A JVM launcher, a C compiler driver or the Go command: what it loads or runs at
+    /// once.
     fn maybe_runtime(&mut self, path: &str) {
         if let Some(home) = runtime::java_home(path) {
             let home = home.to_string();
             for (rel, kind) in runtime::JAVA_FILES {
                 self.want_path(&format!("{home}/{rel}"), *kind);
+            }
+        }
+        if let (Some(root), Some(tools)) = (runtime::go_root(path), runtime::go_host_tools()) {
+            let root = root.to_string();
+            for tool in runtime::GO_TOOLS {
+                self.want_path(
+                    &format!("{root}/pkg/tool/{tools}/{tool}"),
+                    runtime::Kind::Program,
+                );
             }
         }
         let base = path.rsplit('/').next().unwrap_or_default();
@@ -822,7 +832,8 @@ mod tests {
 
     /// A JVM launcher reached through links brings its VM and class-data archive; a
     /// versioned GCC driver its compiler proper (of its version only), the linker's
-    /// wrapper, the start files and the assembler and linker from PATH.
+    /// wrapper, the start files and the assembler and linker from PATH; the go
+    /// command its compiler and linker (not its other tools).
     #[test]
     fn a_jvm_and_a_c_compiler_bring_what_they_load_and_run() {
         let Some(elf) = host("/usr/bin/ls") else {
@@ -894,6 +905,23 @@ mod tests {
                 Some(b"GROUP ( x )".to_vec()),
                 None,
             ),
+            ("usr/bin/go", None, Some("../lib/go-1.19/bin/go")),
+            ("usr/lib/go-1.19/bin/go", Some(elf.clone()), None),
+            (
+                "usr/lib/go-1.19/pkg/tool/linux_amd64/compile",
+                Some(elf.clone()),
+                None,
+            ),
+            (
+                "usr/lib/go-1.19/pkg/tool/linux_amd64/link",
+                Some(elf.clone()),
+                None,
+            ),
+            (
+                "usr/lib/go-1.19/pkg/tool/linux_amd64/vet",
+                Some(elf.clone()),
+                None,
+            ),
         ];
         let contents = Contents {
             layers: vec![layer(entries)],
@@ -941,6 +969,21 @@ mod tests {
             !cc.iter().any(|p| p.contains("/11/") || p.contains("jvm")),
             "{cc:?}"
         );
+        if runtime::go_host_tools() == Some("linux_amd64") {
+            let go = plan_paths(
+                &contents,
+                &view,
+                process(&["/bin/sh", "-c", "cd /tmp && HOME=/tmp go run h.go"]),
+            );
+            for want in ["compile", "link"] {
+                let want = format!("usr/lib/go-1.19/pkg/tool/linux_amd64/{want}");
+                assert!(go.contains(&want), "{want} not in {go:?}");
+            }
+            assert!(
+                !go.iter().any(|p| p.ends_with("/vet") || p.contains("gcc")),
+                "{go:?}"
+            );
+        }
     }
 
     /// A library above the large-file size comes head first; its program headers then

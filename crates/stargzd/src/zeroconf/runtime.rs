@@ -1,6 +1,6 @@
 //! The files a container's first process opens whatever it is, and those a runtime
 //! opens or runs at start beyond its own libraries (a Python interpreter's start-up
-//! modules, a JVM, a C compiler's toolchain): small tables, so what is prefetched for
+//! modules, a JVM, a C compiler's toolchain, the Go command's): small tables, so what is prefetched for
 //! an image without a recorded list is easy to read and to change.
 
 /// Files a dynamically linked program (glibc's loader, its NSS and locale set-up) or a
@@ -170,6 +170,25 @@ pub fn gcc_driver(name: &str) -> Option<bool> {
     }
 }
 
+/// Programs the `go` command runs from `GOROOT/pkg/tool/GOOS_GOARCH` to build any
+/// package (`go build`, `go run`, `go test`): the compiler, the linker, the assembler.
+pub const GO_TOOLS: &[&str] = &["compile", "link", "asm"];
+
+/// `GOROOT` of a program at `path` if it is the `go` command (`GOROOT/bin/go`).
+pub fn go_root(path: &str) -> Option<&str> {
+    let root = path.strip_suffix("/bin/go")?;
+    (!root.is_empty()).then_some(root)
+}
+
+/// The `GOOS_GOARCH` tool directory of this host, whose images run here.
+pub fn go_host_tools() -> Option<&'static str> {
+    match (std::env::consts::OS, std::env::consts::ARCH) {
+        ("linux", "x86_64") => Some("linux_amd64"),
+        ("linux", "aarch64") => Some("linux_arm64"),
+        _ => None,
+    }
+}
+
 /// `JAVA_HOME` of a program at `path` if it is an OpenJDK launcher (`.../bin/java`).
 pub fn java_home(path: &str) -> Option<&str> {
     let home = path.strip_suffix("/bin/java")?;
@@ -214,6 +233,8 @@ mod tests {
             Some("usr/lib/jvm/java-17-openjdk-amd64")
         );
         assert_eq!(java_home("usr/bin/javac"), None);
+        assert_eq!(go_root("usr/lib/go-1.19/bin/go"), Some("usr/lib/go-1.19"));
+        assert_eq!(go_root("usr/bin/gofmt"), None);
         assert_eq!(java_home("/bin/java"), None);
     }
 
