@@ -37,6 +37,10 @@ struct State {
     window: u64,
     /// End of what was already asked for.
     scheduled_end: u64,
+    /// The directory of the stream's first access, and whether a later one was in
+    /// another.
+    dir: u64,
+    crossed: bool,
 }
 
 impl Stream {
@@ -59,11 +63,20 @@ impl Stream {
     ///
     /// Two windows are kept in flight: while the reader decodes and reads one, the next
     /// is on the link, so the link never idles between requests.
+    ///
+    /// While every access of a stream is in one directory (`dir`), windows end where
+    /// that directory's files end (`dir_end()`): a reader that takes the files of one
+    /// directory in order (the Go tool reading the head of every source file of a
+    /// package, then another package elsewhere) would otherwise have megabytes past
+    /// them fetched. Once the reader walks on into another directory, windows are not
+    /// bounded so.
     pub fn access(
         &self,
         range: Range<u64>,
         limit: u64,
         cached: impl FnOnce() -> bool,
+        dir: u64,
+        dir_end: impl FnOnce() -> u64,
     ) -> Vec<Range<u64>> {
         if self.max_window == 0 || range.start >= range.end {
             return Vec::new();
@@ -79,6 +92,7 @@ impl Stream {
                 s.last_start = range.start;
             }
             s.end = s.end.max(range.end);
+            s.crossed |= s.dir != dir;
         } else if s.end > 0
             && range.start < s.last_start
             && range.start + s.window.max(MIN_WINDOW) >= s.last_start
@@ -90,6 +104,7 @@ impl Stream {
             *s = State {
                 last_start: range.start,
                 end: range.end,
+                dir,
                 ..State::default()
             };
             return Vec::new();
@@ -99,7 +114,10 @@ impl Stream {
         }
         s.window = (s.window * 2).clamp(MIN_WINDOW, self.max_window.max(MIN_WINDOW));
         let from = s.scheduled_end.max(s.end);
-        let to = (s.end + 2 * s.window).min(limit);
+        let mut to = (s.end + 2 * s.window).min(limit);
+        if !s.crossed {
+            to = to.min(dir_end());
+        }
         if to <= from {
             return Vec::new();
         }
@@ -119,10 +137,38 @@ mod tests {
 
     const MIB: u64 = 1 << 20;
 
+    fn no_end() -> u64 {
+        u64::MAX
+    }
+
+    #[test]
+    fn windows_end_with_the_directory_until_the_walk_leaves_it() {
+        let s = Stream::new(8 * MIB);
+        let len = 16 << 10;
+        // Ten files of directory 1 ending at 10 * len, then directory 2.
+        let dir_end = 10 * len;
+        let mut got = Vec::new();
+        for i in 0..3u64 {
+            got.extend(s.access(i * len..(i + 1) * len, u64::MAX, || false, 1, || dir_end));
+        }
+        assert_eq!(got.first().map(|r| r.end), Some(dir_end), "{got:?}");
+        // More of the directory: still nothing past its end.
+        for i in 3..10u64 {
+            got.extend(s.access(i * len..(i + 1) * len, u64::MAX, || false, 1, || dir_end));
+        }
+        assert!(got.iter().all(|r| r.end <= dir_end), "{got:?}");
+        // The walk goes on into the next directory: windows reach past it.
+        let mut later = Vec::new();
+        for i in 10..40u64 {
+            later.extend(s.access(i * len..(i + 1) * len, u64::MAX, || false, 2, || 11 * len));
+        }
+        assert!(later.iter().any(|r| r.end > 2 * MIB), "{later:?}");
+    }
+
     /// Files of `len` bytes stored back to back, read in storage order.
     fn walk(stream: &Stream, files: u64, len: u64, limit: u64) -> Vec<Range<u64>> {
         (0..files)
-            .flat_map(|i| stream.access(i * len..(i + 1) * len, limit, || false))
+            .flat_map(|i| stream.access(i * len..(i + 1) * len, limit, || false, 0, no_end))
             .collect()
     }
 
@@ -151,7 +197,9 @@ mod tests {
     fn reads_inside_one_chunk_do_not_advance_the_stream() {
         let s = Stream::new(8 * MIB);
         for _ in 0..10 {
-            assert!(s.access(0..4 * MIB, u64::MAX, || false).is_empty());
+            assert!(s
+                .access(0..4 * MIB, u64::MAX, || false, 0, no_end)
+                .is_empty());
         }
     }
 
@@ -164,7 +212,9 @@ mod tests {
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             let start = (x >> 20) % (1 << 30);
-            assert!(s.access(start..start + 4096, u64::MAX, || false).is_empty());
+            assert!(s
+                .access(start..start + 4096, u64::MAX, || false, 0, no_end)
+                .is_empty());
         }
     }
 
@@ -183,8 +233,8 @@ mod tests {
         let mut got = Vec::new();
         // Two readers taking files from one queue: each access slightly out of order.
         for i in (0..200u64).step_by(2) {
-            got.extend(s.access((i + 1) * len..(i + 2) * len, u64::MAX, || false));
-            got.extend(s.access(i * len..(i + 1) * len, u64::MAX, || false));
+            got.extend(s.access((i + 1) * len..(i + 2) * len, u64::MAX, || false, 0, no_end));
+            got.extend(s.access(i * len..(i + 1) * len, u64::MAX, || false, 0, no_end));
         }
         assert!(got.last().map_or(0, |r| r.end) >= 200 * len, "{got:?}");
     }
@@ -196,20 +246,20 @@ mod tests {
         // Prefetched files read in storage order: all local, nothing to read ahead.
         for i in 0..100u64 {
             assert!(s
-                .access(i * len..(i + 1) * len, u64::MAX, || true)
+                .access(i * len..(i + 1) * len, u64::MAX, || true, 0, no_end)
                 .is_empty());
         }
         // Misses start a stream...
         let mut got = Vec::new();
         for i in 100..103u64 {
-            got.extend(s.access(i * len..(i + 1) * len, u64::MAX, || false));
+            got.extend(s.access(i * len..(i + 1) * len, u64::MAX, || false, 0, no_end));
         }
         assert!(!got.is_empty());
         // ...and reading what it fetched (local by then) keeps it going.
         let end = got.last().map_or(0, |r| r.end);
         let mut more = Vec::new();
         for i in 103..(end / len + 1) {
-            more.extend(s.access(i * len..(i + 1) * len, u64::MAX, || true));
+            more.extend(s.access(i * len..(i + 1) * len, u64::MAX, || true, 0, no_end));
         }
         assert!(more.first().is_some_and(|r| r.start == end), "{more:?}");
     }

@@ -1154,6 +1154,63 @@ fn sequential_walk_reads_ahead_in_blob_order() {
     assert_eq!(random, n as u64, "out-of-order reads fetched ahead");
 }
 
+/// A reader taking one directory's files in order has the rest of that directory
+/// fetched ahead, not the next directory's files: reading one of those afterwards is
+/// a request of its own (a walk that goes on into the next directory is read ahead
+/// across directories, `sequential_walk_reads_ahead_in_blob_order`).
+#[test]
+fn read_ahead_in_one_directory_ends_with_it() {
+    if !fuse_ready("read_ahead_in_one_directory_ends_with_it") {
+        return;
+    }
+    init_tracing();
+    let mut entries = vec![Entry::new("a", Kind::Dir), Entry::new("b", Kind::Dir)];
+    for dir in ["a", "b"] {
+        for i in 0..20u64 {
+            let seed = 7_000 + i + u64::from(dir == "b") * 100;
+            entries.push(Entry::new(
+                &format!("{dir}/f{i:02}"),
+                Kind::Reg(pseudo_random(8_000, seed)),
+            ));
+        }
+    }
+    let blob = make_blob(&entries, 64 << 10, &[]);
+    let fetcher = TestFetcher::open(&blob.path);
+    let cfg = Config {
+        sequential_readahead_kib: 8 << 10,
+        ..test_config()
+    };
+    let m = mount_with(fetcher.clone(), &blob, &cfg);
+    let before = fetcher.requests();
+    let read = |path: &str| {
+        let e = entries.iter().find(|e| e.path == path).expect("entry");
+        let Kind::Reg(want) = &e.kind else {
+            panic!("not a file")
+        };
+        assert!(
+            &std::fs::read(m.path(path)).expect("read") == want,
+            "{path} differs"
+        );
+    };
+    for i in 0..20 {
+        read(&format!("a/f{i:02}"));
+    }
+    // Let read-ahead still on the way land.
+    std::thread::sleep(Duration::from_millis(300));
+    let after_a = fetcher.requests();
+    assert!(
+        after_a - before < 10,
+        "{} requests for a/ read in order",
+        after_a - before
+    );
+    read("b/f05");
+    assert_eq!(
+        fetcher.requests(),
+        after_a + 1,
+        "b/f05 was fetched ahead with a/"
+    );
+}
+
 /// Reading prefetched files in storage order needs nothing from the network, so it
 /// must not read ahead into the files after them.
 #[test]

@@ -97,8 +97,26 @@ impl Layer {
         let last = first + chunks.len() - 1;
         let local =
             || cached.unwrap_or_else(|| self.has_local((id, first)) && self.has_local((id, last)));
-        self.readahead
-            .access(a.blob_offset..b.blob_end, self.payload_end, local)
+        let dir_end = || self.dir_end(node.parent).unwrap_or(u64::MAX);
+        self.readahead.access(
+            a.blob_offset..b.blob_end,
+            self.payload_end,
+            local,
+            node.parent as u64,
+            dir_end,
+        )
+    }
+
+    /// Where the file data of directory `dir`'s own files ends in the blob.
+    fn dir_end(&self, dir: NodeId) -> Option<u64> {
+        self.index
+            .get(dir)?
+            .children
+            .values()
+            .filter_map(|&c| self.index.get(c))
+            .filter(|n| n.kind == NodeKind::Reg)
+            .filter_map(|n| n.chunks.last().map(|c| c.blob_end))
+            .max()
     }
 
     /// Fetches the chunks starting in blob range `range` that are neither cached nor
