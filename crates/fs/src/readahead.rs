@@ -112,17 +112,19 @@ impl Stream {
         if s.hits < CONFIRM || s.scheduled_end >= s.end + s.window {
             return Vec::new();
         }
-        s.window = (s.window * 2).clamp(MIN_WINDOW, self.max_window.max(MIN_WINDOW));
+        let window = (s.window * 2).clamp(MIN_WINDOW, self.max_window.max(MIN_WINDOW));
         let from = s.scheduled_end.max(s.end);
-        let mut to = (s.end + 2 * s.window).min(limit);
+        let mut to = (s.end + 2 * window).min(limit);
         if !s.crossed {
             to = to.min(dir_end());
         }
+        // Nothing left in the directory: the window grows only with what is asked for,
+        // or a walk that moves on would start with a huge one.
         if to <= from {
             return Vec::new();
         }
+        s.window = window;
         s.scheduled_end = to;
-        let window = s.window;
         (0..)
             .map(|i| from + i * window)
             .take_while(|&start| start < to)
@@ -157,12 +159,16 @@ mod tests {
             got.extend(s.access(i * len..(i + 1) * len, u64::MAX, || false, 1, || dir_end));
         }
         assert!(got.iter().all(|r| r.end <= dir_end), "{got:?}");
+        // Accesses that found nothing to ask for did not grow the window: the first
+        // one past the directory is of the size the next step calls for.
+        assert!(got.iter().all(|r| r.end - r.start <= MIN_WINDOW), "{got:?}");
         // The walk goes on into the next directory: windows reach past it.
         let mut later = Vec::new();
         for i in 10..40u64 {
             later.extend(s.access(i * len..(i + 1) * len, u64::MAX, || false, 2, || 11 * len));
         }
         assert!(later.iter().any(|r| r.end > 2 * MIB), "{later:?}");
+        assert!(later[0].end - later[0].start <= 2 * MIB, "{later:?}");
     }
 
     /// Files of `len` bytes stored back to back, read in storage order.
