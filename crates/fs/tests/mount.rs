@@ -1203,10 +1203,11 @@ fn read_ahead_in_one_directory_ends_with_it() {
         "{} requests for a/ read in order",
         after_a - before
     );
+    // b/f05 must be fetched now (its read, and maybe a window after it, as the walk
+    // went on into b/), not have come with a/.
     read("b/f05");
-    assert_eq!(
-        fetcher.requests(),
-        after_a + 1,
+    assert!(
+        fetcher.requests() > after_a,
         "b/f05 was fetched ahead with a/"
     );
 }
