@@ -193,10 +193,11 @@ where
     let code: u64 = phdrs
         .iter()
         .filter(|ph| ph.p_type(endian) == elf::PT_LOAD && ph.p_flags(endian) & elf::PF_X != 0)
-        .filter_map(|ph| span(ph))
+        .filter_map(&span)
         .map(|r| r.end - r.start)
         .fold(0, u64::saturating_add);
-    let mut keep = vec![0..HEAD_BYTES.min(size)];
+    let mut keep: Vec<Range<u64>> = Vec::with_capacity(phdrs.len() + 1);
+    keep.push(0..HEAD_BYTES.min(size));
     let mut left_out = false;
     let mut after_code = false;
     for ph in phdrs {

@@ -207,7 +207,8 @@ impl<'v> Plan<'v> {
                 .node(r.found)
                 .is_some_and(|n| n.size > elf::LARGE_FILE)
         {
-            self.ranges.insert(r.found, vec![0..elf::HEAD_BYTES]);
+            self.ranges
+                .insert(r.found, std::iter::once(0..elf::HEAD_BYTES).collect());
             self.heads.insert(r.found);
         }
         self.wanted.push(r.found);
@@ -1036,7 +1037,10 @@ mod tests {
             plan.advance(&contents);
         }
         assert_eq!(asked.len(), 2, "{asked:?}");
-        assert_eq!(asked[0], Some(vec![0..elf::HEAD_BYTES]));
+        assert_eq!(
+            asked[0],
+            Some(std::iter::once(0..elf::HEAD_BYTES).collect())
+        );
         let parts = asked[1].clone().expect("fetched in part");
         let kept: u64 = parts.iter().map(|r| r.end - r.start).sum();
         assert!(kept < big_len / 4, "{parts:?}");
