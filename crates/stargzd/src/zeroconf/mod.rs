@@ -160,7 +160,7 @@ pub fn run(layers: &[Arc<fs::Layer>], process: image_config::Process, max_bytes:
     let mut budget = max_bytes;
     let mut summary = Summary::default();
     let (done_tx, done_rx) =
-        std::sync::mpsc::channel::<(String, fs::Result<fs::FilesPrefetched>)>();
+        std::sync::mpsc::channel::<(String, Result<fs::FilesPrefetched, String>)>();
     std::thread::scope(|s| {
         let mut running = 0usize;
         loop {
@@ -191,7 +191,13 @@ pub fn run(layers: &[Arc<fs::Layer>], process: image_config::Process, max_bytes:
                     let tx = done_tx.clone();
                     running += 1;
                     s.spawn(move || {
-                        let r = layer.prefetch_file_ranges(&batch, bound);
+                        // A batch that panicked still reports, or the loop would
+                        // wait for it for ever.
+                        let r = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+                            layer.prefetch_file_ranges(&batch, bound)
+                        }))
+                        .map_err(|_| "panicked".to_string())
+                        .and_then(|r| r.map_err(|e| e.to_string()));
                         // The receiver outlives every sender thread (same scope).
                         let _ = tx.send((layer.desc().digest.clone(), r));
                     });
