@@ -9,6 +9,8 @@
 use std::ops::Range;
 use std::sync::Mutex;
 
+use estargz::NodeId;
+
 /// First read-ahead window; each further one doubles up to the configured maximum.
 pub const MIN_WINDOW: u64 = 1 << 20;
 /// Default largest window (compressed bytes), the `sequential_readahead_kib` default.
@@ -37,9 +39,11 @@ struct State {
     window: u64,
     /// End of what was already asked for.
     scheduled_end: u64,
-    /// The directory of the stream's first access, and whether a later one was in
-    /// another.
-    dir: u64,
+    /// The directory of the stream's first access, where its files end in the blob
+    /// (looked up once, when a window first needs it), and whether a later access was
+    /// in another directory.
+    dir: NodeId,
+    dir_end: Option<u64>,
     crossed: bool,
 }
 
@@ -75,7 +79,7 @@ impl Stream {
         range: Range<u64>,
         limit: u64,
         cached: impl FnOnce() -> bool,
-        dir: u64,
+        dir: NodeId,
         dir_end: impl FnOnce() -> u64,
     ) -> Vec<Range<u64>> {
         if self.max_window == 0 || range.start >= range.end {
@@ -116,7 +120,7 @@ impl Stream {
         let from = s.scheduled_end.max(s.end);
         let mut to = (s.end + 2 * window).min(limit);
         if !s.crossed {
-            to = to.min(dir_end());
+            to = to.min(*s.dir_end.get_or_insert_with(dir_end));
         }
         // Nothing left in the directory: the window grows only with what is asked for,
         // or a walk that moves on would start with a huge one.

@@ -94,7 +94,7 @@ impl Layer {
     }
 
     /// Compressed bytes of the chunks `files` names (cached or not).
-    fn planned_bytes(&self, files: &[PlannedFile]) -> u64 {
+    pub fn planned_bytes(&self, files: &[PlannedFile]) -> u64 {
         let mut seen = std::collections::HashSet::new();
         let mut total = 0u64;
         for (id, ranges) in files.iter().take(MAX_BATCH_FILES) {

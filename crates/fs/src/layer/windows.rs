@@ -102,7 +102,7 @@ impl Layer {
             a.blob_offset..b.blob_end,
             self.payload_end,
             local,
-            node.parent as u64,
+            node.parent,
             dir_end,
         )
     }

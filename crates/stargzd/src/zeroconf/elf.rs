@@ -41,16 +41,20 @@ pub fn is_elf(head: &[u8]) -> bool {
 pub fn parse<R: ReadCacheOps>(r: R) -> Option<ElfDeps> {
     let cache = ReadCache::new(r);
     let data = &cache;
-    let ident = data.read_bytes_at(0, 16).ok()?;
-    if !is_elf(ident) {
-        return None;
-    }
-    // EI_CLASS
-    match *ident.get(4)? {
+    match class(data)? {
         elf::ELFCLASS64 => deps::<elf::FileHeader64<Endianness>, _>(data),
         elf::ELFCLASS32 => deps::<elf::FileHeader32<Endianness>, _>(data),
         _ => None,
     }
+}
+
+/// `EI_CLASS` of an ELF file (32 or 64 bits); `None` when it is no ELF.
+fn class<'data, R: ReadRef<'data>>(data: R) -> Option<u8> {
+    let ident = data.read_bytes_at(0, 16).ok()?;
+    if !is_elf(ident) {
+        return None;
+    }
+    ident.get(4).copied()
 }
 
 fn deps<'data, H, R>(data: R) -> Option<ElfDeps>
@@ -164,11 +168,7 @@ pub const HEAD_BYTES: u64 = 64 << 10;
 pub fn load_ranges<R: ReadCacheOps>(r: R, size: u64) -> Option<Vec<Range<u64>>> {
     let cache = ReadCache::new(r);
     let data = &cache;
-    let ident = data.read_bytes_at(0, 16).ok()?;
-    if !is_elf(ident) {
-        return None;
-    }
-    match *ident.get(4)? {
+    match class(data)? {
         elf::ELFCLASS64 => segments::<elf::FileHeader64<Endianness>, _>(data, size),
         elf::ELFCLASS32 => segments::<elf::FileHeader32<Endianness>, _>(data, size),
         _ => None,

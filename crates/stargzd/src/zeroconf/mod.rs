@@ -170,19 +170,22 @@ pub fn run(layers: &[Arc<fs::Layer>], process: image_config::Process, max_bytes:
                 let mut batches: Vec<Vec<fs::PlannedFile>> = vec![Vec::new(); layers.len()];
                 let mut bounds = vec![0u64; layers.len()];
                 for f in round {
-                    let ranges = plan.ranges(f).map(<[_]>::to_vec);
-                    let cost = view.node(f).map_or(0, |n| blob_bytes(n, ranges.as_deref()));
+                    let (Some(layer), Some(b), Some(bound)) = (
+                        layers.get(f.layer),
+                        batches.get_mut(f.layer),
+                        bounds.get_mut(f.layer),
+                    ) else {
+                        continue;
+                    };
+                    let planned = (f.node, plan.ranges(f).map(<[_]>::to_vec));
+                    let cost = layer.planned_bytes(std::slice::from_ref(&planned));
                     if cost > budget {
                         summary.skipped += 1;
                         continue;
                     }
                     budget -= cost;
-                    if let (Some(b), Some(bound)) =
-                        (batches.get_mut(f.layer), bounds.get_mut(f.layer))
-                    {
-                        b.push((f.node, ranges));
-                        *bound += cost;
-                    }
+                    b.push(planned);
+                    *bound += cost;
                 }
                 for ((layer, batch), bound) in layers.iter().zip(batches).zip(bounds) {
                     if batch.is_empty() {
@@ -241,19 +244,6 @@ pub fn run(layers: &[Arc<fs::Layer>], process: image_config::Process, max_bytes:
         .collect();
     debug!(files = ?paths, "zero-config prefetch: files found");
     summary
-}
-
-/// Compressed bytes of the blob a file's chunks span (those holding some of `ranges`,
-/// sorted file byte ranges, when given).
-fn blob_bytes(node: &estargz::Node, ranges: Option<&[Range<u64>]>) -> u64 {
-    node.chunks
-        .iter()
-        .filter(|c| {
-            let end = c.file_offset.saturating_add(c.size);
-            ranges.is_none_or(|rs| rs.iter().any(|r| r.start < end && c.file_offset < r.end))
-        })
-        .map(|c| c.blob_end.saturating_sub(c.blob_offset))
-        .fold(0u64, u64::saturating_add)
 }
 
 /// The files of opened layers, read only from what is cached: parsing never fetches.
