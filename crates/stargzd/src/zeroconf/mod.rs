@@ -8,10 +8,12 @@
 //! in one batch per layer ([`fs::Layer::prefetch_files`], the layers in parallel), what
 //! arrived is parsed for the next round's files ([`plan`]): a script's interpreter, an
 //! ELF's loader and `DT_NEEDED` libraries found as glibc's loader finds them
-//! ([`ldcache`], [`elf`]), the runtime files of [`runtime`]. Images with a recorded
+//! ([`ldcache`], [`elf`]), the runtime files of [`runtime`], the headers of a C
+//! compile ([`cinclude`]). Images with a recorded
 //! list (an optimized image's landmark) are left to it. All of it runs on a blocking
 //! thread after the Prepare that opened the layers: no mount waits for it.
 
+mod cinclude;
 mod elf;
 mod image_config;
 mod ldcache;

@@ -1,6 +1,7 @@
 //! Working out, round by round, which files of an image its first process opens: the
 //! program its config names, a script's interpreter, an ELF's loader and libraries
-//! (transitively), the runtime files of [`super::runtime`].
+//! (transitively), the runtime files of [`super::runtime`], a C compile's headers
+//! ([`super::cinclude`]).
 //!
 //! A round's files are fetched before they are parsed; [`Plan::advance`] looks at
 //! what arrived (through [`Files`]) and adds the next round's. Everything is bounded:
@@ -12,6 +13,7 @@ use std::ops::Range;
 
 use estargz::NodeKind;
 
+use super::cinclude::{self, Include};
 use super::elf::{self, ElfDeps};
 use super::image_config::Process;
 use super::ldcache::{self, LdCache};
@@ -25,6 +27,8 @@ pub const MAX_SCRIPTS: u32 = 4;
 pub const MAX_FILES: usize = 1024;
 /// Most commands of shell scripts (`sh -c`, `su -c`, nested) resolved in all.
 pub const MAX_COMMANDS: usize = 64;
+/// Most C sources and script-written includes taken as a compile's starting points.
+const MAX_C_SOURCES: usize = 32;
 /// Bytes of a file looked at for `#!`.
 const SHEBANG_BYTES: u32 = 256;
 
@@ -54,6 +58,8 @@ enum Role {
     Program { scripts: u32 },
     /// A shared object `depth` levels of `DT_NEEDED` below the program.
     Library { depth: u32 },
+    /// A C or C++ source or header `depth` includes below what a compile was given.
+    Header { depth: u32 },
 }
 
 /// The files wanted so far and what is left to parse.
@@ -82,6 +88,14 @@ pub struct Plan<'v> {
     /// Lookups of a soname done already (so a library every other one needs is
     /// resolved once).
     lib_lookups: HashMap<String, Option<Resolved>>,
+    /// Includes of C source that shell scripts write themselves.
+    script_includes: Vec<Include>,
+    /// Sources (as given, maybe relative) that compiler drivers are given.
+    c_sources: Vec<String>,
+    /// Where `#include <...>` is searched, once a C compiler driver was found.
+    include_dirs: Vec<String>,
+    /// Headers and sources wanted so far (bounded by [`cinclude::MAX_HEADERS`]).
+    headers: usize,
     process: Process,
 }
 
@@ -106,6 +120,10 @@ impl<'v> Plan<'v> {
             ranges: HashMap::new(),
             heads: HashSet::new(),
             lib_lookups: HashMap::new(),
+            script_includes: Vec::new(),
+            c_sources: Vec::new(),
+            include_dirs: Vec::new(),
+            headers: 0,
             process,
         };
         let argv = plan.process.argv.clone();
@@ -192,13 +210,15 @@ impl<'v> Plan<'v> {
                 }
                 Role::Program { scripts } => self.program(files, found, &path, scripts),
                 Role::Library { depth } => self.library(files, found, &path, depth),
+                Role::Header { depth } => self.header(files, found, &path, depth),
             }
         }
     }
 
-    fn want(&mut self, r: Resolved, role: Role) {
+    /// Adds `r` to the next round unless it is wanted already; whether it was added.
+    fn want(&mut self, r: Resolved, role: Role) -> bool {
         if self.seen.len() >= MAX_FILES || !self.seen.insert(r.found) {
-            return;
+            return false;
         }
         let code = matches!(role, Role::Program { .. } | Role::Library { .. });
         if code
@@ -213,6 +233,7 @@ impl<'v> Plan<'v> {
         }
         self.wanted.push(r.found);
         self.fresh.push((r.found, r.path, role));
+        true
     }
 
     /// The program of `argv` and, when it is a shell given a script (`sh -c`) or `su`
@@ -224,11 +245,18 @@ impl<'v> Plan<'v> {
         if let Some(r) = self.find_program(argv0) {
             self.want(r, Role::Program { scripts: 0 });
         }
+        let base = argv0.rsplit('/').next().unwrap_or_default();
+        let args = &argv[1..];
+        if runtime::gcc_driver(base).is_some() {
+            for src in args.iter().filter(|a| cinclude::is_source(a)) {
+                if self.c_sources.len() < MAX_C_SOURCES && !self.c_sources.contains(src) {
+                    self.c_sources.push(src.clone());
+                }
+            }
+        }
         if depth >= MAX_SCRIPTS {
             return;
         }
-        let base = argv0.rsplit('/').next().unwrap_or_default();
-        let args = &argv[1..];
         let script = if shell::is_shell(base) {
             shell::script_arg(args)
         } else if matches!(base, "su" | "runuser") {
@@ -237,6 +265,13 @@ impl<'v> Plan<'v> {
             None
         };
         if let Some(script) = script {
+            for inc in cinclude::in_script(script) {
+                if self.script_includes.len() < MAX_C_SOURCES
+                    && !self.script_includes.contains(&inc)
+                {
+                    self.script_includes.push(inc);
+                }
+            }
             for command in shell::commands(script) {
                 if self.commands >= MAX_COMMANDS {
                     break;
@@ -432,6 +467,9 @@ impl<'v> Plan<'v> {
             }
             for v in versions {
                 let dir = format!("{triple_dir}/{v}");
+                if self.include_dirs.is_empty() {
+                    self.include_dirs = cinclude::search_dirs(&dir, &triple, &v, cxx);
+                }
                 self.want_path(&format!("{dir}/{compiler}"), runtime::Kind::Program);
                 for (rel, kind) in runtime::GCC_FILES {
                     self.want_path(&format!("{dir}/{rel}"), *kind);
@@ -445,6 +483,92 @@ impl<'v> Plan<'v> {
             if let Some(r) = self.find_program(tool) {
                 self.want(r, Role::Program { scripts: 0 });
             }
+        }
+        self.want_compile_inputs();
+    }
+
+    /// What a compile reads first: the preincluded header, the headers that sources a
+    /// script writes include, and the sources the driver is given (parsed in turn).
+    fn want_compile_inputs(&mut self) {
+        if self.include_dirs.is_empty() {
+            return;
+        }
+        let preincluded = Include {
+            name: cinclude::PREINCLUDED.to_string(),
+            quoted: false,
+            next: false,
+        };
+        let roots: Vec<Include> = std::iter::once(preincluded)
+            .chain(std::mem::take(&mut self.script_includes))
+            .collect();
+        for inc in &roots {
+            self.want_include(inc, None, 1);
+        }
+        for src in std::mem::take(&mut self.c_sources) {
+            let p = if src.starts_with('/') {
+                src
+            } else {
+                format!("{}/{src}", self.cwd)
+            };
+            if let Some(r) = self.view.resolve_file(&p) {
+                if self.headers < cinclude::MAX_HEADERS && self.want(r, Role::Header { depth: 0 }) {
+                    self.headers += 1;
+                }
+            }
+        }
+    }
+
+    /// The includes of a source or header that arrived.
+    fn header(&mut self, files: &dyn Files, found: Found, path: &str, depth: u32) {
+        if depth >= cinclude::MAX_INCLUDE_DEPTH {
+            return;
+        }
+        let Some(text) = files.whole(found, cinclude::MAX_HEADER_BYTES) else {
+            return;
+        };
+        for inc in cinclude::directives(&text) {
+            self.want_include(&inc, Some(path), depth + 1);
+        }
+    }
+
+    /// The file an include directive in `from` (`None`: the command line) names, as
+    /// GCC searches for it: a quoted name beside `from` first, then the search list;
+    /// `#include_next` past the directory `from` was found in.
+    fn want_include(&mut self, inc: &Include, from: Option<&str>, depth: u32) {
+        if self.headers >= cinclude::MAX_HEADERS {
+            return;
+        }
+        let mut candidates = Vec::new();
+        if inc.quoted {
+            if let Some(dir) = from.map(|f| f.rsplit_once('/').map_or("", |(d, _)| d)) {
+                candidates.push(format!("{dir}/{}", inc.name));
+            }
+        }
+        let skip = match (inc.next, from) {
+            (true, Some(f)) => self
+                .include_dirs
+                .iter()
+                .position(|d| f.starts_with(&format!("{d}/")))
+                .map_or(0, |i| i + 1),
+            _ => 0,
+        };
+        candidates.extend(
+            self.include_dirs
+                .iter()
+                .skip(skip)
+                .map(|d| format!("{d}/{}", inc.name)),
+        );
+        for c in candidates {
+            let Some(r) = self.view.resolve_file(&c) else {
+                continue;
+            };
+            if from == Some(r.path.as_str()) {
+                continue;
+            }
+            if self.want(r, Role::Header { depth }) {
+                self.headers += 1;
+            }
+            return;
         }
     }
 
@@ -983,6 +1107,111 @@ mod tests {
             assert!(
                 !go.iter().any(|p| p.ends_with("/vet") || p.contains("gcc")),
                 "{go:?}"
+            );
+        }
+    }
+
+    /// A C compile brings the headers its sources include, a level of includes per
+    /// round, as GCC finds them: the compiler's own before the system's, a quoted name
+    /// beside its includer, `#include_next` past the includer's directory; an include
+    /// loop ends, and headers nothing includes stay out.
+    #[test]
+    fn a_compile_brings_its_headers_a_level_at_a_time() {
+        let Some(elf) = host("/usr/bin/ls") else {
+            assert!(std::env::var_os("CI").is_none(), "host lacks /usr/bin/ls");
+            return;
+        };
+        let h = |s: &str| Some(s.as_bytes().to_vec());
+        let entries: Vec<Entry> = vec![
+            ("usr/bin/gcc", Some(elf.clone()), None),
+            ("usr/lib/gcc/x86_64-linux-gnu/12/cc1", Some(elf.clone()), None),
+            ("usr/lib/gcc/x86_64-linux-gnu/12/include/stddef.h", h("/* gcc */"), None),
+            (
+                "usr/lib/gcc/x86_64-linux-gnu/12/include-fixed/limits.h",
+                h("#include_next <limits.h>\n"),
+                None,
+            ),
+            ("usr/include/stdc-predef.h", h("#define __STDC_IEC_559__ 1\n"), None),
+            (
+                "usr/include/stdio.h",
+                h("#include <bits/libc-header-start.h>\n#define __need_size_t\n#include <stddef.h>\n#ifdef __USE_GNU\n# include \"stdio_ext.h\"\n#endif\n"),
+                None,
+            ),
+            ("usr/include/stdio_ext.h", h("/* beside stdio.h */"), None),
+            ("usr/include/stddef.h", h("/* a decoy gcc never reaches */"), None),
+            ("usr/include/limits.h", h("#include <features.h>\n"), None),
+            (
+                "usr/include/x86_64-linux-gnu/bits/libc-header-start.h",
+                h("#include <features.h>\n"),
+                None,
+            ),
+            (
+                "usr/include/features.h",
+                h("#ifndef _FEATURES_H\n#include <features.h>\n#include <sys/cdefs.h>\n#endif\n"),
+                None,
+            ),
+            ("usr/include/x86_64-linux-gnu/sys/cdefs.h", h("/* leaf */"), None),
+            ("usr/include/unused.h", h("/* nobody includes this */"), None),
+            ("src/app.c", h("#include \"app.h\"\nint f(void);\n"), None),
+            ("src/app.h", h("#include <stdio.h>\n"), None),
+        ];
+        let contents = Contents {
+            layers: vec![layer(entries)],
+        };
+        let view = MergedView::new(contents.layers.iter().map(|(ix, _)| ix).collect());
+        let script = r"printf '#include <limits.h>\nint main(void){return 0;}\n' > /tmp/h.c && gcc -o /tmp/h /tmp/h.c /src/app.c";
+        let mut plan = Plan::new(
+            &view,
+            Process {
+                argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                path: Some("/usr/bin".into()),
+                ld_library_path: None,
+                cwd: "/".into(),
+            },
+        );
+        // The round in which each file was first wanted.
+        let mut round_of: HashMap<String, usize> = HashMap::new();
+        for round in 0..16 {
+            let files = plan.take_round();
+            if files.is_empty() {
+                break;
+            }
+            for f in files {
+                round_of.insert(view.node(f).unwrap().path.clone(), round);
+            }
+            plan.advance(&contents);
+        }
+        let round = |p: &str| {
+            *round_of
+                .get(p)
+                .unwrap_or_else(|| panic!("{p} not wanted: {round_of:?}"))
+        };
+        let gcc_round = round("usr/bin/gcc");
+        let predef = round("usr/include/stdc-predef.h");
+        assert_eq!(predef, gcc_round + 1);
+        assert_eq!(
+            round("usr/lib/gcc/x86_64-linux-gnu/12/include-fixed/limits.h"),
+            predef
+        );
+        assert_eq!(round("src/app.c"), predef);
+        assert_eq!(round("usr/include/limits.h"), predef + 1);
+        assert_eq!(round("src/app.h"), predef + 1);
+        assert_eq!(round("usr/include/stdio.h"), predef + 2);
+        assert_eq!(round("usr/include/stdio_ext.h"), predef + 3);
+        round("usr/lib/gcc/x86_64-linux-gnu/12/include/stddef.h");
+        assert_eq!(round("usr/include/features.h"), predef + 2);
+        assert_eq!(
+            round("usr/include/x86_64-linux-gnu/bits/libc-header-start.h"),
+            predef + 3
+        );
+        assert_eq!(
+            round("usr/include/x86_64-linux-gnu/sys/cdefs.h"),
+            predef + 3
+        );
+        for never in ["usr/include/stddef.h", "usr/include/unused.h"] {
+            assert!(
+                !round_of.contains_key(never),
+                "{never} wanted: {round_of:?}"
             );
         }
     }
