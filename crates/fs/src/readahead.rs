@@ -22,6 +22,8 @@ const GAP: u64 = 256 << 10;
 /// Forward steps the stream must take before anything is read ahead, so that two
 /// neighbouring files read by chance cost nothing extra.
 const CONFIRM: u32 = 2;
+/// Unread files an access may jump over and still continue the stream.
+pub const MAX_SKIPPED_FILES: usize = 1;
 
 /// The read-ahead state of one layer.
 pub struct Stream {
@@ -74,6 +76,13 @@ impl Stream {
     /// package, then another package elsewhere) would otherwise have megabytes past
     /// them fetched. Once the reader walks on into another directory, windows are not
     /// bounded so.
+    ///
+    /// An access that jumps over more than [`MAX_SKIPPED_FILES`] files whose data the
+    /// reader never read and that are not local (`unread_files(gap)` counts them)
+    /// starts a new stream: a walk reads every file in turn (two readers sharing it
+    /// skip one another's), while a program picking some files of a directory in name
+    /// order (PAM's configuration and modules, a server's data directory) reads a few
+    /// KiB here and there, and windows grown on it fetched megabytes nobody read.
     pub fn access(
         &self,
         range: Range<u64>,
@@ -81,6 +90,7 @@ impl Stream {
         cached: impl FnOnce() -> bool,
         dir: NodeId,
         dir_end: impl FnOnce() -> u64,
+        unread_files: impl FnOnce(Range<u64>) -> usize,
     ) -> Vec<Range<u64>> {
         if self.max_window == 0 || range.start >= range.end {
             return Vec::new();
@@ -89,7 +99,15 @@ impl Stream {
         if range.start >= s.scheduled_end && cached() {
             return Vec::new();
         }
-        let in_stream = s.end > 0 && range.start >= s.last_start && range.start <= s.end + GAP;
+        let mut in_stream = s.end > 0 && range.start >= s.last_start && range.start <= s.end + GAP;
+        // What read-ahead asked for counts as read: it is local or on its way.
+        let read_up_to = s.end.max(s.scheduled_end);
+        if in_stream
+            && range.start > read_up_to
+            && unread_files(read_up_to..range.start) > MAX_SKIPPED_FILES
+        {
+            in_stream = false;
+        }
         if in_stream {
             if range.start > s.last_start {
                 s.hits += 1;
@@ -147,6 +165,15 @@ mod tests {
         u64::MAX
     }
 
+    fn none_unread(_: Range<u64>) -> usize {
+        0
+    }
+
+    /// Files of `len` bytes stored back to back, none read or local yet.
+    fn unread_of(len: u64) -> impl Fn(Range<u64>) -> usize {
+        move |gap| ((gap.end - gap.start) / len) as usize
+    }
+
     #[test]
     fn windows_end_with_the_directory_until_the_walk_leaves_it() {
         let s = Stream::new(8 * MIB);
@@ -155,12 +182,26 @@ mod tests {
         let dir_end = 10 * len;
         let mut got = Vec::new();
         for i in 0..3u64 {
-            got.extend(s.access(i * len..(i + 1) * len, u64::MAX, || false, 1, || dir_end));
+            got.extend(s.access(
+                i * len..(i + 1) * len,
+                u64::MAX,
+                || false,
+                1,
+                || dir_end,
+                none_unread,
+            ));
         }
         assert_eq!(got.first().map(|r| r.end), Some(dir_end), "{got:?}");
         // More of the directory: still nothing past its end.
         for i in 3..10u64 {
-            got.extend(s.access(i * len..(i + 1) * len, u64::MAX, || false, 1, || dir_end));
+            got.extend(s.access(
+                i * len..(i + 1) * len,
+                u64::MAX,
+                || false,
+                1,
+                || dir_end,
+                none_unread,
+            ));
         }
         assert!(got.iter().all(|r| r.end <= dir_end), "{got:?}");
         // Accesses that found nothing to ask for did not grow the window: the first
@@ -169,7 +210,14 @@ mod tests {
         // The walk goes on into the next directory: windows reach past it.
         let mut later = Vec::new();
         for i in 10..40u64 {
-            later.extend(s.access(i * len..(i + 1) * len, u64::MAX, || false, 2, || 11 * len));
+            later.extend(s.access(
+                i * len..(i + 1) * len,
+                u64::MAX,
+                || false,
+                2,
+                || 11 * len,
+                none_unread,
+            ));
         }
         assert!(later.iter().any(|r| r.end > 2 * MIB), "{later:?}");
         assert!(later[0].end - later[0].start <= 2 * MIB, "{later:?}");
@@ -178,7 +226,16 @@ mod tests {
     /// Files of `len` bytes stored back to back, read in storage order.
     fn walk(stream: &Stream, files: u64, len: u64, limit: u64) -> Vec<Range<u64>> {
         (0..files)
-            .flat_map(|i| stream.access(i * len..(i + 1) * len, limit, || false, 0, no_end))
+            .flat_map(|i| {
+                stream.access(
+                    i * len..(i + 1) * len,
+                    limit,
+                    || false,
+                    0,
+                    no_end,
+                    none_unread,
+                )
+            })
             .collect()
     }
 
@@ -208,7 +265,7 @@ mod tests {
         let s = Stream::new(8 * MIB);
         for _ in 0..10 {
             assert!(s
-                .access(0..4 * MIB, u64::MAX, || false, 0, no_end)
+                .access(0..4 * MIB, u64::MAX, || false, 0, no_end, none_unread)
                 .is_empty());
         }
     }
@@ -223,7 +280,14 @@ mod tests {
                 .wrapping_add(1442695040888963407);
             let start = (x >> 20) % (1 << 30);
             assert!(s
-                .access(start..start + 4096, u64::MAX, || false, 0, no_end)
+                .access(
+                    start..start + 4096,
+                    u64::MAX,
+                    || false,
+                    0,
+                    no_end,
+                    none_unread
+                )
                 .is_empty());
         }
     }
@@ -243,10 +307,64 @@ mod tests {
         let mut got = Vec::new();
         // Two readers taking files from one queue: each access slightly out of order.
         for i in (0..200u64).step_by(2) {
-            got.extend(s.access((i + 1) * len..(i + 2) * len, u64::MAX, || false, 0, no_end));
-            got.extend(s.access(i * len..(i + 1) * len, u64::MAX, || false, 0, no_end));
+            let unread = unread_of(len);
+            got.extend(s.access(
+                (i + 1) * len..(i + 2) * len,
+                u64::MAX,
+                || false,
+                0,
+                no_end,
+                &unread,
+            ));
+            got.extend(s.access(
+                i * len..(i + 1) * len,
+                u64::MAX,
+                || false,
+                0,
+                no_end,
+                &unread,
+            ));
         }
         assert!(got.last().map_or(0, |r| r.end) >= 200 * len, "{got:?}");
+    }
+
+    /// A program reading every third file of a directory in name order (PAM's modules,
+    /// a server's data files) is no walk: nothing is read ahead of it.
+    #[test]
+    fn picking_files_here_and_there_reads_nothing_ahead() {
+        let s = Stream::new(8 * MIB);
+        let len = 4 << 10;
+        let unread = unread_of(len);
+        let got: Vec<Range<u64>> = (0..300u64)
+            .step_by(3)
+            .flat_map(|i| {
+                s.access(
+                    i * len..(i + 1) * len,
+                    u64::MAX,
+                    || false,
+                    0,
+                    no_end,
+                    &unread,
+                )
+            })
+            .collect();
+        assert!(got.is_empty(), "{got:?}");
+        // The same accesses with the files in between local (prefetched): a walk.
+        let s = Stream::new(8 * MIB);
+        let got: Vec<Range<u64>> = (0..300u64)
+            .step_by(3)
+            .flat_map(|i| {
+                s.access(
+                    i * len..(i + 1) * len,
+                    u64::MAX,
+                    || false,
+                    0,
+                    no_end,
+                    none_unread,
+                )
+            })
+            .collect();
+        assert!(!got.is_empty());
     }
 
     #[test]
@@ -256,20 +374,41 @@ mod tests {
         // Prefetched files read in storage order: all local, nothing to read ahead.
         for i in 0..100u64 {
             assert!(s
-                .access(i * len..(i + 1) * len, u64::MAX, || true, 0, no_end)
+                .access(
+                    i * len..(i + 1) * len,
+                    u64::MAX,
+                    || true,
+                    0,
+                    no_end,
+                    none_unread
+                )
                 .is_empty());
         }
         // Misses start a stream...
         let mut got = Vec::new();
         for i in 100..103u64 {
-            got.extend(s.access(i * len..(i + 1) * len, u64::MAX, || false, 0, no_end));
+            got.extend(s.access(
+                i * len..(i + 1) * len,
+                u64::MAX,
+                || false,
+                0,
+                no_end,
+                none_unread,
+            ));
         }
         assert!(!got.is_empty());
         // ...and reading what it fetched (local by then) keeps it going.
         let end = got.last().map_or(0, |r| r.end);
         let mut more = Vec::new();
         for i in 103..(end / len + 1) {
-            more.extend(s.access(i * len..(i + 1) * len, u64::MAX, || true, 0, no_end));
+            more.extend(s.access(
+                i * len..(i + 1) * len,
+                u64::MAX,
+                || true,
+                0,
+                no_end,
+                none_unread,
+            ));
         }
         assert!(more.first().is_some_and(|r| r.start == end), "{more:?}");
     }

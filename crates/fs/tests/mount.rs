@@ -1154,6 +1154,37 @@ fn sequential_walk_reads_ahead_in_blob_order() {
     assert_eq!(random, n as u64, "out-of-order reads fetched ahead");
 }
 
+/// A program picking every third file in storage order (PAM's modules, a server's
+/// data files) is no walk: each file it reads is a request of its own and nothing is
+/// fetched ahead of it; reading every file in the same order is read ahead.
+#[test]
+fn picking_files_in_order_reads_nothing_ahead() {
+    if !fuse_ready("picking_files_in_order_reads_nothing_ahead") {
+        return;
+    }
+    init_tracing();
+    let n = 300;
+    let entries: Vec<Entry> = (0..n)
+        .map(|i| {
+            Entry::new(
+                &format!("f{i:03}"),
+                Kind::Reg(pseudo_random(4_000, 1_700 + i as u64)),
+            )
+        })
+        .collect();
+    let blob = make_blob(&entries, 64 << 10, &[]);
+    let every_third: Vec<usize> = (0..n).step_by(3).collect();
+    let picked = requests_for_reads(&blob, &entries, &every_third, 8 << 10);
+    assert_eq!(
+        picked,
+        every_third.len() as u64,
+        "files picked here and there were fetched ahead"
+    );
+    let in_order: Vec<usize> = (0..n).collect();
+    let walked = requests_for_reads(&blob, &entries, &in_order, 8 << 10);
+    assert!(walked < n as u64 / 10, "{walked} requests for a walk");
+}
+
 /// A reader taking one directory's files in order has the rest of that directory
 /// fetched ahead, not the next directory's files: reading one of those afterwards is
 /// a request of its own (a walk that goes on into the next directory is read ahead

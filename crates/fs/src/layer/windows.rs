@@ -104,7 +104,33 @@ impl Layer {
             local,
             node.parent,
             dir_end,
+            |gap| self.unread_files(gap),
         )
+    }
+
+    /// How many files have data starting in blob range `gap` that is neither local
+    /// nor being fetched, counted up to one more than read-ahead tolerates.
+    fn unread_files(&self, gap: Range<u64>) -> usize {
+        /// Chunks looked at: the gap is at most read-ahead's, but tiny files are many.
+        const MAX_SCANNED: usize = 512;
+        let blob_offset = |r: &ChunkRef| self.chunk(*r).blob_offset;
+        let from = self.order.partition_point(|r| blob_offset(r) < gap.start);
+        let inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
+        let mut files: Vec<NodeId> = Vec::new();
+        for &r in self.order[from..]
+            .iter()
+            .take_while(|r| blob_offset(r) < gap.end)
+            .take(MAX_SCANNED)
+        {
+            if files.contains(&r.0) || self.has_local(r) || inflight.contains_key(&self.key_of(r)) {
+                continue;
+            }
+            files.push(r.0);
+            if files.len() > crate::readahead::MAX_SKIPPED_FILES {
+                break;
+            }
+        }
+        files.len()
     }
 
     /// Where the file data of directory `dir`'s own files ends in the blob.
