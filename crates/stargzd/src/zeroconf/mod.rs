@@ -17,6 +17,7 @@ mod cinclude;
 mod elf;
 mod image_config;
 mod ldcache;
+mod named;
 mod plan;
 mod runtime;
 mod shell;

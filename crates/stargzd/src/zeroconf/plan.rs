@@ -17,6 +17,7 @@ use super::cinclude::{self, Include};
 use super::elf::{self, ElfDeps};
 use super::image_config::Process;
 use super::ldcache::{self, LdCache};
+use super::named;
 use super::runtime;
 use super::shell;
 use super::view::{Found, MergedView, Resolved};
@@ -60,6 +61,9 @@ enum Role {
     Library { depth: u32 },
     /// A C or C++ source or header `depth` includes below what a compile was given.
     Header { depth: u32 },
+    /// A file a command's arguments name, looked at for the absolute paths it names
+    /// in turn (a server's configuration naming its other files).
+    Config,
 }
 
 /// The files wanted so far and what is left to parse.
@@ -96,6 +100,8 @@ pub struct Plan<'v> {
     include_dirs: Vec<String>,
     /// Headers and sources wanted so far (bounded by [`cinclude::MAX_HEADERS`]).
     headers: usize,
+    /// Paths that commands' arguments name, taken so far.
+    named: usize,
     process: Process,
 }
 
@@ -124,6 +130,7 @@ impl<'v> Plan<'v> {
             c_sources: Vec::new(),
             include_dirs: Vec::new(),
             headers: 0,
+            named: 0,
             process,
         };
         let argv = plan.process.argv.clone();
@@ -211,6 +218,7 @@ impl<'v> Plan<'v> {
                 Role::Program { scripts } => self.program(files, found, &path, scripts),
                 Role::Library { depth } => self.library(files, found, &path, depth),
                 Role::Header { depth } => self.header(files, found, &path, depth),
+                Role::Config => self.config(files, found),
             }
         }
     }
@@ -242,12 +250,20 @@ impl<'v> Plan<'v> {
         let Some(argv0) = argv.first() else {
             return;
         };
-        if let Some(r) = self.find_program(argv0) {
-            self.want(r, Role::Program { scripts: 0 });
-        }
         let base = argv0.rsplit('/').next().unwrap_or_default();
         let args = &argv[1..];
-        if runtime::gcc_driver(base).is_some() {
+        let compiler = runtime::gcc_driver(base).is_some();
+        if let Some(r) = self.find_program(argv0) {
+            self.want(r, Role::Program { scripts: 0 });
+            // A compiler's sources are followed through their includes instead.
+            let named: Vec<String> = args
+                .iter()
+                .filter(|a| !(compiler && cinclude::is_source(a)))
+                .cloned()
+                .collect();
+            self.want_named_paths(&named);
+        }
+        if compiler {
             for src in args.iter().filter(|a| cinclude::is_source(a)) {
                 if self.c_sources.len() < MAX_C_SOURCES && !self.c_sources.contains(src) {
                     self.c_sources.push(src.clone());
@@ -278,6 +294,108 @@ impl<'v> Plan<'v> {
                 }
                 self.commands += 1;
                 self.want_command(&command, depth + 1);
+            }
+        }
+    }
+
+    /// What a program's arguments name by absolute path (`/app/main.py`, `-D
+    /// /var/lib/db`, `config_file=/etc/db.conf`): it opens them at start. An
+    /// executable comes as a program; another file whole (and is looked at for the
+    /// paths it names); a directory brings its small files two levels down, unless it
+    /// is a system directory.
+    fn want_named_paths(&mut self, args: &[String]) {
+        for arg in args.iter().take(named::MAX_ARGS) {
+            let path = match arg.split_once('=') {
+                Some((_, v)) if !arg.starts_with('/') => v,
+                _ => arg.as_str(),
+            };
+            if !path.starts_with('/') || path.split('/').any(|c| c == "..") {
+                continue;
+            }
+            if self.named >= named::MAX_PATHS {
+                return;
+            }
+            let Some(r) = self.view.resolve(path, true) else {
+                continue;
+            };
+            let Some(node) = self.view.node(r.found) else {
+                continue;
+            };
+            match node.kind {
+                // A program given a program (`tini -- /app/server`, `su -s /bin/sh`)
+                // may run it: its libraries come too.
+                NodeKind::Reg if node.mode & 0o111 != 0 => {
+                    self.named += 1;
+                    self.want(r, Role::Program { scripts: 0 });
+                }
+                NodeKind::Reg if node.size <= named::MAX_FILE => {
+                    self.named += 1;
+                    let role = if node.size <= named::MAX_CONFIG {
+                        Role::Config
+                    } else {
+                        Role::Data
+                    };
+                    self.want(r, role);
+                }
+                NodeKind::Dir if !named::is_system_dir(&r.path) => {
+                    self.named += 1;
+                    self.want_small_files_under(&r.path);
+                }
+                _ => {}
+            }
+        }
+    }
+
+    /// The small regular files of directory `dir` and of its subdirectories, the
+    /// shallower first, each directory's in name order, within [`named`]'s bounds.
+    fn want_small_files_under(&mut self, dir: &str) {
+        let (mut files, mut bytes) = (0usize, 0u64);
+        let mut level = vec![dir.to_string()];
+        for _ in 0..named::DIR_DEPTH {
+            let mut next = Vec::new();
+            for d in &level {
+                for name in self.view.list_dir(d) {
+                    let p = format!("{d}/{name}");
+                    let Some(r) = self.view.resolve(&p, false) else {
+                        continue;
+                    };
+                    let Some(node) = self.view.node(r.found) else {
+                        continue;
+                    };
+                    match node.kind {
+                        NodeKind::Dir if next.len() < named::DIR_SUBDIRS => next.push(p),
+                        NodeKind::Reg if node.size <= named::DIR_FILE_MAX => {
+                            if files >= named::DIR_FILES || bytes + node.size > named::DIR_BYTES {
+                                return;
+                            }
+                            if self.want(r, Role::Data) {
+                                files += 1;
+                                bytes += node.size;
+                            }
+                        }
+                        _ => {}
+                    }
+                }
+            }
+            level = next;
+        }
+    }
+
+    /// The absolute paths a small configuration file names (`hba_file =
+    /// '/etc/db/hba.conf'`): the regular files among them come too.
+    fn config(&mut self, files: &dyn Files, found: Found) {
+        let Some(text) = files.whole(found, named::MAX_CONFIG) else {
+            return;
+        };
+        for path in named::paths_in(&text) {
+            if let Some(r) = self.view.resolve_file(&path) {
+                if self
+                    .view
+                    .node(r.found)
+                    .is_some_and(|n| n.size <= named::MAX_FILE)
+                {
+                    self.want(r, Role::Data);
+                }
             }
         }
     }
@@ -760,6 +878,10 @@ mod tests {
                 h.set_entry_type(tar::EntryType::Symlink);
                 b.append_link(&mut h, path, t).unwrap();
             } else if let Some(d) = data {
+                // Programs (ELF files and scripts) are executable, other files not.
+                if !(d.starts_with(b"\x7fELF") || d.starts_with(b"#!")) {
+                    h.set_mode(0o644);
+                }
                 h.set_size(d.len() as u64);
                 b.append_data(&mut h, path, &d[..]).unwrap();
                 files.insert(path.to_string(), d);
@@ -1213,6 +1335,87 @@ mod tests {
                 !round_of.contains_key(never),
                 "{never} wanted: {round_of:?}"
             );
+        }
+    }
+
+    /// A server given its data directory and its configuration by absolute path gets
+    /// the small files of the directory two levels down (not deeper, not large ones)
+    /// and the configuration with the files it names (not those in comments); a
+    /// system directory a command names brings nothing.
+    #[test]
+    fn paths_a_command_names_come_with_it() {
+        let Some(elf) = host("/usr/bin/ls") else {
+            assert!(std::env::var_os("CI").is_none(), "host lacks /usr/bin/ls");
+            return;
+        };
+        let small = |n: usize| Some(vec![7u8; n]);
+        let data = "var/lib/postgresql/15/main";
+        let conf = "etc/postgresql/15/main";
+        let entries: Vec<Entry> = vec![
+            ("bin/sh", Some(elf.clone()), None),
+            ("bin/su", Some(elf.clone()), None),
+            ("bin/chown", Some(elf.clone()), None),
+            (
+                "usr/lib/postgresql/15/bin/postgres",
+                Some(elf.clone()),
+                None,
+            ),
+            ("var/lib/postgresql/15/main/PG_VERSION", small(3), None),
+            (
+                "var/lib/postgresql/15/main/global/pg_control",
+                small(8192),
+                None,
+            ),
+            ("var/lib/postgresql/15/main/base/1/1259", small(8192), None),
+            (
+                "var/lib/postgresql/15/main/pg_wal/000000010000000000000001",
+                small(200 << 10),
+                None,
+            ),
+            (
+                "etc/postgresql/15/main/postgresql.conf",
+                Some(
+                    b"data_directory = '/var/lib/postgresql/15/main'\n\
+                      hba_file = '/etc/postgresql/15/main/pg_hba.conf'\n\
+                      #ident_file = '/etc/postgresql/15/main/pg_ident.conf'\n"
+                        .to_vec(),
+                ),
+                None,
+            ),
+            ("etc/postgresql/15/main/pg_hba.conf", small(100), None),
+            ("etc/postgresql/15/main/pg_ident.conf", small(100), None),
+            ("var/lib/dpkg/status", small(100), None),
+        ];
+        let contents = Contents {
+            layers: vec![layer(entries)],
+        };
+        let view = MergedView::new(contents.layers.iter().map(|(ix, _)| ix).collect());
+        let script = "chown -R postgres /var/lib && exec su postgres -s /bin/sh -c 'exec /usr/lib/postgresql/15/bin/postgres -D /var/lib/postgresql/15/main -c config_file=/etc/postgresql/15/main/postgresql.conf'";
+        let paths = plan_paths(
+            &contents,
+            &view,
+            Process {
+                argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                path: Some("/bin".into()),
+                ld_library_path: None,
+                cwd: "/".into(),
+            },
+        );
+        for want in [
+            format!("{data}/PG_VERSION"),
+            format!("{data}/global/pg_control"),
+            format!("{conf}/postgresql.conf"),
+            format!("{conf}/pg_hba.conf"),
+        ] {
+            assert!(paths.contains(&want), "{want} not in {paths:?}");
+        }
+        for never in [
+            format!("{data}/base/1/1259"),
+            format!("{data}/pg_wal/000000010000000000000001"),
+            format!("{conf}/pg_ident.conf"),
+            "var/lib/dpkg/status".to_string(),
+        ] {
+            assert!(!paths.contains(&never), "{never} in {paths:?}");
         }
     }
 
