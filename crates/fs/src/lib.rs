@@ -46,6 +46,7 @@ pub use fetcher::{Fetcher, FileFetcher, RegistryFetcher};
 pub use fusefs::STATE_DIR;
 pub use layer::{
     speculative_head, tail_read, FilesPrefetched, Layer, LayerDesc, PlannedFile, TailSizes,
+    MAX_TAIL_READ, MIN_TAIL_READ, TAIL_READ,
 };
 pub use learn::AccessLog;
 pub use metrics::FsMetrics;

@@ -87,13 +87,18 @@ impl BlobReader {
                 let mut last = None;
                 let mut eps = self.client.endpoints(self.reference.registry())?;
                 let n = eps.len();
-                // With no mirror to choose from and the size known (from the manifest), a
-                // HEAD would only cost a round trip before the first read: the read itself
-                // tells whether the registry has the blob.
-                if n == 1 && self.size.get().is_some() {
-                    if let Some(ep) = eps.pop() {
-                        return Ok(ep);
-                    }
+                // With no mirror to choose from, a HEAD would only cost a round trip
+                // before the first read: the read itself tells whether the registry has
+                // the blob, and [`BlobReader::size`] asks for the size when it is needed
+                // and not known (from the manifest, or a suffix read's reply).
+                // A "mirror" with the registry's own host is the registry itself: the way
+                // a plain-HTTP registry is configured (a mirror of itself with `insecure =
+                // true`). It is asked as the registry is, with no probe.
+                let own_first = eps
+                    .first()
+                    .is_some_and(|ep| ep.host == self.reference.registry());
+                if (n == 1 || own_first) && !eps.is_empty() {
+                    return Ok(eps.swap_remove(0));
                 }
                 for (i, ep) in eps.into_iter().enumerate() {
                     let mirror = i + 1 < n;
@@ -196,11 +201,78 @@ impl BlobReader {
         if let Some(s) = self.size.get() {
             return Ok(*s);
         }
-        self.endpoint().await?;
-        self.size
-            .get()
-            .copied()
-            .ok_or_else(|| Error::protocol(self.reference.registry(), "size unknown"))
+        let ep = self.endpoint().await?;
+        if let Some(s) = self.size.get() {
+            return Ok(*s);
+        }
+        let size = self.head_size(ep).await?;
+        Ok(*self.size.get_or_init(|| async { size }).await)
+    }
+
+    /// The last `len` bytes of the blob (all of it when it is shorter) and the blob's
+    /// size, in one `Range: bytes=-LEN` request: nothing has to be known first, so the
+    /// tail holding a layer's TOC can be the first request for it. The size the reply
+    /// gives is kept (a different one than already known is an error).
+    pub async fn read_suffix(&self, len: u64) -> Result<(u64, Bytes)> {
+        let ep = self.endpoint().await?.clone();
+        let len = len.max(1);
+        let mut h = HeaderMap::new();
+        h.insert(
+            RANGE,
+            HeaderValue::from_str(&format!("bytes=-{len}"))
+                .map_err(|e| Error::Config(e.to_string()))?,
+        );
+        let spec = self.spec(&ep, Method::GET, h, &[])?;
+        let host = ep.host.clone();
+        let read = move |resp: Response| {
+            let host = host.clone();
+            async move {
+                match resp.status().as_u16() {
+                    206 => {
+                        let (start, end, total) = resp
+                            .headers()
+                            .get(CONTENT_RANGE)
+                            .and_then(|v| v.to_str().ok())
+                            .and_then(parse_content_range)
+                            .ok_or_else(|| Error::protocol(&host, "206 without Content-Range"))?;
+                        let total = total.ok_or_else(|| {
+                            Error::protocol(&host, "suffix reply without the blob's size")
+                        })?;
+                        let want = len.min(total);
+                        if end.checked_add(1) != Some(total) || end + 1 - start != want {
+                            return Err(Error::protocol(
+                                &host,
+                                format!("reply {start}-{end}/{total} is not the last {want} bytes"),
+                            ));
+                        }
+                        let body = read_body(resp, &host, Some(want), false, want).await?;
+                        Ok((total, body))
+                    }
+                    // The whole blob: taken only when it is no longer than asked for
+                    // (a registry that ignores Range would send all of a large one).
+                    _ => match resp.content_length() {
+                        Some(total) if total <= len => {
+                            let body = read_body(resp, &host, Some(total), false, total).await?;
+                            Ok((total, body))
+                        }
+                        _ => Err(Error::protocol(
+                            &host,
+                            "a suffix range was answered with the whole blob",
+                        )),
+                    },
+                }
+            }
+            .boxed()
+        };
+        let (total, body) = self.client.execute(&ep, &spec, &read).await?;
+        let known = *self.size.get_or_init(|| async { total }).await;
+        if known != total {
+            return Err(Error::protocol(
+                &ep.host,
+                format!("blob size {total} differs from the {known} known"),
+            ));
+        }
+        Ok((total, body))
     }
 
     async fn head_size(&self, ep: &Endpoint) -> Result<u64> {

@@ -1269,3 +1269,122 @@ async fn optional_manifest_lookup() {
     let found = c.get_manifest_if_exists(&r).await.unwrap().expect("exists");
     assert_eq!(found.digest, digest);
 }
+
+/// A suffix read (`Range: bytes=-N`) is a blob's first and only request: the reply
+/// carries the tail and tells the size, which later reads use without a HEAD. Asked
+/// for more than the blob holds, it gives the whole blob; a registry that ignores
+/// Range gives a clear error for a large blob (its body is not read) and the whole
+/// blob for a small one.
+#[tokio::test]
+async fn a_suffix_read_needs_no_size_and_tells_it() {
+    init_logs();
+    let Some(reg) = Registry::start(RegistryOpts::default()) else {
+        return;
+    };
+    let data = random_bytes(300_000, 51);
+    let small = random_bytes(2_000, 52);
+    let repo = "suffix/x";
+    let pushed =
+        testenv::push_image(&reg.base_url(), repo, "v1", &[data.clone(), small.clone()]).await;
+    let digest = Digest::parse(&pushed.layer_digests[0]).expect("digest");
+    let small_digest = Digest::parse(&pushed.layer_digests[1]).expect("digest");
+    let client = || {
+        client_with(
+            RegistryConfig {
+                blob: fast_blob(),
+                ..Default::default()
+            },
+            Arc::new(Anonymous),
+        )
+    };
+
+    let front = Front::start(FrontOpts {
+        upstream: reg.base_url(),
+        ..Default::default()
+    })
+    .await;
+    let c = client();
+    let r = reference(&front.host(), repo);
+    let reader = c.blob_reader(&r, digest.clone(), None);
+    let (size, tail) = reader.read_suffix(1_000).await.expect("suffix");
+    assert_eq!(size, data.len() as u64);
+    assert_eq!(&tail[..], &data[data.len() - 1_000..]);
+    assert_eq!(reader.size().await.expect("size"), data.len() as u64);
+    assert_eq!(
+        &reader.read_at(10, 20).await.expect("read")[..],
+        &data[10..30]
+    );
+    assert_eq!(
+        blob_requests(&front),
+        vec![
+            ("GET".to_string(), Some("bytes=-1000".to_string())),
+            ("GET".to_string(), Some("bytes=10-29".to_string())),
+        ],
+        "no HEAD: the suffix reply told the size"
+    );
+    let (size, all) = c
+        .blob_reader(&r, small_digest.clone(), None)
+        .read_suffix(1 << 20)
+        .await
+        .expect("suffix longer than the blob");
+    assert_eq!((size, &all[..]), (small.len() as u64, &small[..]));
+    // A size known beforehand that the reply contradicts is an error.
+    let wrong = c.blob_reader(&r, digest.clone(), Some(data.len() as u64 + 1));
+    assert!(wrong.read_suffix(1_000).await.is_err());
+
+    // The registry configured as a mirror of itself (how a plain-HTTP registry is
+    // set up) is asked as the registry: no one-byte probe first.
+    let own = Front::start(FrontOpts {
+        upstream: reg.base_url(),
+        ..Default::default()
+    })
+    .await;
+    let mut cfg = RegistryConfig {
+        blob: fast_blob(),
+        ..Default::default()
+    };
+    cfg.resolver.host.insert(
+        own.host(),
+        registry::HostConfig {
+            mirrors: vec![MirrorConfig {
+                host: own.host(),
+                insecure: Some(true),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    );
+    let c = client_with(cfg, Arc::new(Anonymous));
+    let r = reference(&own.host(), repo);
+    let (size, _) = c
+        .blob_reader(&r, digest.clone(), None)
+        .read_suffix(1_000)
+        .await
+        .expect("suffix at the registry as its own mirror");
+    assert_eq!(size, data.len() as u64);
+    assert_eq!(
+        blob_requests(&own),
+        vec![("GET".to_string(), Some("bytes=-1000".to_string()))]
+    );
+
+    let ignoring = Front::start(FrontOpts {
+        upstream: reg.base_url(),
+        ignore_range: true,
+        ..Default::default()
+    })
+    .await;
+    let c = client();
+    let r = reference(&ignoring.host(), repo);
+    let err = c
+        .blob_reader(&r, digest.clone(), None)
+        .read_suffix(1_000)
+        .await
+        .expect_err("a whole large blob is no tail");
+    assert!(err.to_string().contains("whole blob"), "{err}");
+    let (size, all) = c
+        .blob_reader(&r, small_digest, None)
+        .read_suffix(1 << 20)
+        .await
+        .expect("a small blob sent whole");
+    assert_eq!((size, &all[..]), (small.len() as u64, &small[..]));
+}

@@ -19,6 +19,7 @@ mod classify;
 pub mod config;
 pub mod cri;
 pub mod daemon;
+pub(crate) mod early_tail;
 pub mod fullpull;
 pub mod fuse_manager;
 pub mod keys;

@@ -15,6 +15,7 @@ use remote_layer::{annotation, MountError, RemoteLayer};
 use tracing::{debug, info, warn};
 
 use crate::classify;
+use crate::early_tail::{EarlyTail, TailFilled};
 use crate::learned::Learned;
 
 type Opening = Shared<BoxFuture<'static, Result<Arc<fs::Layer>, MountError>>>;
@@ -117,7 +118,25 @@ impl LayerPool {
             )
             .filter_map(|d| Some((d.to_string(), self.early_reader(&reference, &d)?)))
             .collect();
-        probe(early.values().cloned().collect());
+        // This layer's tail goes out now, as a suffix read that needs no size, instead
+        // of after the manifest: the layer's TOC (which its mount waits for) arrives a
+        // round trip sooner. It tells the blob's size too, so it needs no probe.
+        let repository = format!("{}/{}", reference.registry(), reference.repository());
+        let early_tail = early.get(&digest.to_string()).map(|reader| {
+            let len = self
+                .tails
+                .hint(&repository, None)
+                .unwrap_or(fs::TAIL_READ)
+                .clamp(fs::MIN_TAIL_READ, fs::MAX_TAIL_READ);
+            EarlyTail::start(reader.clone(), len)
+        });
+        probe(
+            early
+                .iter()
+                .filter(|(d, _)| early_tail.is_none() || **d != digest.to_string())
+                .map(|(_, r)| r.clone())
+                .collect(),
+        );
         let resolved = self.manifest(&info.image_ref, &reference).await;
         let record = match (&self.learned, &resolved) {
             (Some(learned), Ok(resolved)) => learned
@@ -157,6 +176,7 @@ impl LayerPool {
                                 reader: early.remove(&d.digest.to_string()),
                                 digest: d.digest.clone(),
                                 size: Some(d.size),
+                                tail: None,
                             },
                             toc,
                             Hints {
@@ -182,6 +202,7 @@ impl LayerPool {
                 reader: early.remove(&digest.to_string()),
                 digest: digest.clone(),
                 size,
+                tail: early_tail,
             },
             info.toc_digest.clone(),
             Hints {
@@ -320,6 +341,7 @@ impl LayerPool {
             digest,
             size,
             reader: early,
+            tail: early_tail,
         } = blob;
         let k = key(&digest.to_string(), &toc_digest);
         let mut map = locked(&self.opening);
@@ -339,7 +361,8 @@ impl LayerPool {
             handle.clone(),
         );
         let task = tokio::task::spawn_blocking(move || {
-            let size = match size {
+            // Without the manifest's size, the early tail's reply tells it.
+            let size = match size.or_else(|| early_tail.as_ref()?.wait(&handle).map(|(s, _)| s)) {
                 Some(s) => s,
                 None => {
                     let started = Instant::now();
@@ -362,9 +385,18 @@ impl LayerPool {
             // The head (prioritized files) is asked for alongside the TOC: no round trip
             // of the link goes by idle between the two.
             let head = fs::speculative_head(&cfg, hints.head);
-            let layer =
-                fs::Layer::open_with(Arc::new(fetcher), desc, &cfg, cache, Some(toc_source), head)
-                    .map_err(|e| classify::fs_error(&e))?;
+            let (fetcher, filled): (Arc<dyn fs::Fetcher>, _) = match early_tail {
+                Some(t) => {
+                    let f = Arc::new(TailFilled::new(fetcher, t, handle.clone()));
+                    (f.clone(), Some(f))
+                }
+                None => (Arc::new(fetcher), None),
+            };
+            let opened = fs::Layer::open_with(fetcher, desc, &cfg, cache, Some(toc_source), head);
+            if let Some(f) = filled {
+                f.release();
+            }
+            let layer = opened.map_err(|e| classify::fs_error(&e))?;
             tails.learn(&repository, layer.toc_tail());
             let layer = Arc::new(layer);
             layer.observe_with(&metrics);
@@ -391,6 +423,8 @@ struct Blob {
     digest: Digest,
     size: Option<u64>,
     reader: Option<Arc<registry::BlobReader>>,
+    /// Its tail, asked for before the manifest came (see [`EarlyTail`]).
+    tail: Option<EarlyTail>,
 }
 
 /// Starts the endpoint look-ups of `readers`, all on one blocking thread (the registry
@@ -599,6 +633,92 @@ fn key(digest: &str, toc_digest: &Option<String>) -> LayerKey {
 )]
 mod tests {
     use super::*;
+
+    /// The requested layer's tail is asked for with a suffix range while the manifest
+    /// is still on its way, and the open takes its TOC from that reply: the layer
+    /// opens with no other request for the blob's end, and with no HEAD for its size.
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn the_tail_goes_out_before_the_manifest_comes() {
+        let Some(reg) = testenv::Registry::start(testenv::RegistryOpts::default()) else {
+            return;
+        };
+        let mut tar = tar::Builder::new(Vec::new());
+        for i in 0..40u64 {
+            let data = testenv::random_bytes(20_000, 100 + i);
+            let mut h = tar::Header::new_gnu();
+            h.set_size(data.len() as u64);
+            h.set_mode(0o644);
+            tar.append_data(&mut h, format!("f{i:02}"), &data[..])
+                .unwrap();
+        }
+        let tar = tar.into_inner().unwrap();
+        let mut blob = Vec::new();
+        let built =
+            estargz::build(&tar[..], &mut blob, &estargz::BuildOptions::default()).expect("build");
+        let pushed = testenv::push_image(
+            &reg.base_url(),
+            "early/tail",
+            "v1",
+            std::slice::from_ref(&blob),
+        )
+        .await;
+        let front = testenv::Front::start(testenv::FrontOpts {
+            upstream: reg.base_url(),
+            manifest_delay_ms: 400,
+            ..Default::default()
+        })
+        .await;
+        let client = registry::Client::new(
+            registry::RegistryConfig::default(),
+            Arc::new(registry::Anonymous),
+        )
+        .expect("client");
+        let pool = LayerPool::new(
+            client,
+            fs::Config {
+                noprefetch: true,
+                ..fs::Config::default()
+            },
+            Arc::new(fs::ChunkCache::memory(8 << 20)),
+            fs::FsMetrics::default(),
+        );
+        let digest = pushed.layer_digests[0].clone();
+        let info = RemoteLayer {
+            image_ref: format!("{}/early/tail:v1", front.host()),
+            digest: Digest::parse(&digest).expect("digest"),
+            layers: pushed.layer_digests.clone(),
+            toc_digest: Some(built.toc_digest.clone()),
+            uncompressed_digest: None,
+            uncompressed_size: None,
+            skip_verify: false,
+            prefetch_size: None,
+        };
+        let layer = pool.open(&info).await.expect("open");
+        assert!(layer.index().len() > 40);
+        let log = front.stats.log.lock().expect("log").clone();
+        let manifest = log
+            .iter()
+            .find(|l| l.path.contains("/manifests/"))
+            .expect("manifest request");
+        let for_blob: Vec<_> = log.iter().filter(|l| l.path.ends_with(&digest)).collect();
+        let first = for_blob.first().expect("a request for the blob");
+        assert!(
+            first
+                .range
+                .as_deref()
+                .is_some_and(|r| r.starts_with("bytes=-")),
+            "the first request is no suffix read: {for_blob:?}"
+        );
+        assert!(
+            first.received < manifest.answered,
+            "the tail was asked for after the manifest came: {log:?}"
+        );
+        assert_eq!(
+            for_blob.len(),
+            1,
+            "more requests for the blob: {for_blob:?}"
+        );
+    }
 
     /// At the first Prepare, every listed layer's endpoint look-up is on the wire while
     /// the manifest is still on its way: the TOC reads that follow the manifest find
