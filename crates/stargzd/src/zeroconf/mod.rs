@@ -15,6 +15,7 @@
 
 mod cinclude;
 mod elf;
+mod goimport;
 mod image_config;
 mod ldcache;
 mod named;

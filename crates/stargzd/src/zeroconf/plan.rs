@@ -15,6 +15,7 @@ use estargz::NodeKind;
 
 use super::cinclude::{self, Include};
 use super::elf::{self, ElfDeps};
+use super::goimport;
 use super::image_config::Process;
 use super::ldcache::{self, LdCache};
 use super::named;
@@ -25,7 +26,7 @@ use super::view::{Found, MergedView, Resolved};
 pub const MAX_LIBS: usize = 256;
 pub const MAX_DEPTH: u32 = 8;
 pub const MAX_SCRIPTS: u32 = 4;
-pub const MAX_FILES: usize = 1024;
+pub const MAX_FILES: usize = 4096;
 /// Most commands of shell scripts (`sh -c`, `su -c`, nested) resolved in all.
 pub const MAX_COMMANDS: usize = 64;
 /// Most C sources and script-written includes taken as a compile's starting points.
@@ -64,6 +65,8 @@ enum Role {
     /// A file a command's arguments name, looked at for the absolute paths it names
     /// in turn (a server's configuration naming its other files).
     Config,
+    /// A Go source file whose imports a build follows.
+    GoSource,
 }
 
 /// The files wanted so far and what is left to parse.
@@ -102,6 +105,14 @@ pub struct Plan<'v> {
     headers: usize,
     /// Paths that commands' arguments name, taken so far.
     named: usize,
+    /// Imports of Go source that shell scripts write themselves.
+    script_go_imports: Vec<String>,
+    /// Go sources (as given) that `go` commands are given.
+    go_sources: Vec<String>,
+    /// `GOROOT` once the go command was found.
+    go_root: Option<String>,
+    /// Packages followed so far (bounded by [`goimport::MAX_PACKAGES`]).
+    go_packages: HashSet<String>,
     process: Process,
 }
 
@@ -131,6 +142,10 @@ impl<'v> Plan<'v> {
             include_dirs: Vec::new(),
             headers: 0,
             named: 0,
+            script_go_imports: Vec::new(),
+            go_sources: Vec::new(),
+            go_root: None,
+            go_packages: HashSet::new(),
             process,
         };
         let argv = plan.process.argv.clone();
@@ -219,6 +234,7 @@ impl<'v> Plan<'v> {
                 Role::Library { depth } => self.library(files, found, &path, depth),
                 Role::Header { depth } => self.header(files, found, &path, depth),
                 Role::Config => self.config(files, found),
+                Role::GoSource => self.go_source(files, found),
             }
         }
     }
@@ -263,6 +279,13 @@ impl<'v> Plan<'v> {
                 .collect();
             self.want_named_paths(&named);
         }
+        if base == "go" {
+            for src in args.iter().filter(|a| a.ends_with(".go") && a.len() > 3) {
+                if self.go_sources.len() < MAX_C_SOURCES && !self.go_sources.contains(src) {
+                    self.go_sources.push(src.clone());
+                }
+            }
+        }
         if compiler {
             for src in args.iter().filter(|a| cinclude::is_source(a)) {
                 if self.c_sources.len() < MAX_C_SOURCES && !self.c_sources.contains(src) {
@@ -281,6 +304,13 @@ impl<'v> Plan<'v> {
             None
         };
         if let Some(script) = script {
+            for import in goimport::in_script(script) {
+                if self.script_go_imports.len() < MAX_C_SOURCES
+                    && !self.script_go_imports.contains(&import)
+                {
+                    self.script_go_imports.push(import);
+                }
+            }
             for inc in cinclude::in_script(script) {
                 if self.script_includes.len() < MAX_C_SOURCES
                     && !self.script_includes.contains(&inc)
@@ -557,6 +587,10 @@ impl<'v> Plan<'v> {
                     runtime::Kind::Program,
                 );
             }
+            if self.go_root.is_none() {
+                self.go_root = Some(root);
+                self.want_go_inputs();
+            }
         }
         let base = path.rsplit('/').next().unwrap_or_default();
         let Some(cxx) = runtime::gcc_driver(base) else {
@@ -634,6 +668,94 @@ impl<'v> Plan<'v> {
                 }
             }
         }
+    }
+
+    /// What a Go build reads first: the packages that Go source a script writes
+    /// imports, and the sources the go command is given (parsed in turn).
+    fn want_go_inputs(&mut self) {
+        for import in std::mem::take(&mut self.script_go_imports) {
+            self.want_go_package(&import);
+        }
+        for src in std::mem::take(&mut self.go_sources) {
+            let p = if src.starts_with('/') {
+                src
+            } else {
+                format!("{}/{src}", self.cwd)
+            };
+            if let Some(r) = self.view.resolve_file(&p) {
+                self.want(r, Role::GoSource);
+            }
+        }
+    }
+
+    /// The imports of a Go source that arrived.
+    fn go_source(&mut self, files: &dyn Files, found: Found) {
+        let Some(text) = files.whole(found, goimport::MAX_SOURCE_BYTES) else {
+            return;
+        };
+        for import in goimport::imports(&text) {
+            self.want_go_package(&import);
+        }
+    }
+
+    /// Every file of package `import` in `GOROOT/src` (or the standard library's
+    /// vendor directory), as the go command opens them all, with the package's
+    /// compiled archive; the sources built on this host are parsed for their imports.
+    fn want_go_package(&mut self, import: &str) {
+        let (Some(root), Some((goos, goarch)), Some(tools)) = (
+            self.go_root.clone(),
+            goimport::host(),
+            runtime::go_host_tools(),
+        ) else {
+            return;
+        };
+        if !goimport::sane(import)
+            || self.go_packages.len() >= goimport::MAX_PACKAGES
+            || !self.go_packages.insert(import.to_string())
+        {
+            return;
+        }
+        let dir = [
+            format!("{root}/src/{import}"),
+            format!("{root}/src/vendor/{import}"),
+        ]
+        .into_iter()
+        .find(|d| {
+            self.view
+                .resolve(d, true)
+                .and_then(|r| self.view.node(r.found))
+                .is_some_and(|n| n.kind == NodeKind::Dir)
+        });
+        let Some(dir) = dir else {
+            return;
+        };
+        for name in self
+            .view
+            .list_dir(&dir)
+            .into_iter()
+            .take(goimport::MAX_PACKAGE_FILES)
+        {
+            let Some(r) = self.view.resolve(&format!("{dir}/{name}"), false) else {
+                continue;
+            };
+            let fits = self
+                .view
+                .node(r.found)
+                .is_some_and(|n| n.kind == NodeKind::Reg && n.size <= goimport::MAX_PACKAGE_FILE);
+            if !fits {
+                continue;
+            }
+            let role = if goimport::builds_here(&name, goos, goarch) {
+                Role::GoSource
+            } else {
+                Role::Data
+            };
+            self.want(r, role);
+        }
+        self.want_path(
+            &format!("{root}/pkg/{tools}/{import}.a"),
+            runtime::Kind::Data,
+        );
     }
 
     /// The includes of a source or header that arrived.
@@ -1416,6 +1538,162 @@ mod tests {
             "var/lib/dpkg/status".to_string(),
         ] {
             assert!(!paths.contains(&never), "{never} in {paths:?}");
+        }
+    }
+
+    /// `go run` of a file a script writes brings the packages it imports, and theirs,
+    /// through `GOROOT/src` behind a link and the standard library's vendor directory:
+    /// every file of each package (as the go command opens them all) and its archive;
+    /// what only a test file or another system's file imports stays out.
+    #[test]
+    fn a_go_build_brings_its_packages_a_level_at_a_time() {
+        let Some(elf) = host("/usr/bin/ls") else {
+            assert!(std::env::var_os("CI").is_none(), "host lacks /usr/bin/ls");
+            return;
+        };
+        if goimport::host() != Some(("linux", "amd64")) {
+            return;
+        }
+        let src = |s: &str| Some(s.as_bytes().to_vec());
+        let go = "usr/share/go-1.19/src";
+        let entries: Vec<Entry> = vec![
+            ("usr/bin/go", None, Some("../lib/go-1.19/bin/go")),
+            ("usr/lib/go-1.19/bin/go", Some(elf.clone()), None),
+            ("usr/lib/go-1.19/src", None, Some("../../share/go-1.19/src")),
+            (
+                "usr/share/go-1.19/src/fmt/print.go",
+                src("package fmt\nimport (\n\"errors\"\n\"internal/fmtsort\"\n\"os\"\n)\n"),
+                None,
+            ),
+            (
+                "usr/share/go-1.19/src/fmt/print_test.go",
+                src("package fmt\nimport \"testing\"\n"),
+                None,
+            ),
+            (
+                "usr/share/go-1.19/src/fmt/format_windows.go",
+                src("package fmt\nimport \"internal/syscall/windows\"\n"),
+                None,
+            ),
+            (
+                "usr/share/go-1.19/src/fmt/asm_amd64.s",
+                src("TEXT x(SB)\n"),
+                None,
+            ),
+            (
+                "usr/share/go-1.19/src/errors/errors.go",
+                src("package errors\n"),
+                None,
+            ),
+            (
+                "usr/share/go-1.19/src/internal/fmtsort/sort.go",
+                src("package fmtsort\nimport \"reflect\"\n"),
+                None,
+            ),
+            (
+                "usr/share/go-1.19/src/reflect/value.go",
+                src("package reflect\n"),
+                None,
+            ),
+            (
+                "usr/share/go-1.19/src/os/file.go",
+                src("package os\nimport \"golang.org/x/net/dns\"\n"),
+                None,
+            ),
+            (
+                "usr/share/go-1.19/src/vendor/golang.org/x/net/dns/dns.go",
+                src("package dns\n"),
+                None,
+            ),
+            (
+                "usr/share/go-1.19/src/testing/testing.go",
+                src("package testing\n"),
+                None,
+            ),
+            (
+                "usr/share/go-1.19/src/internal/syscall/windows/w.go",
+                src("package windows\n"),
+                None,
+            ),
+            (
+                "usr/share/go-1.19/src/unused/u.go",
+                src("package unused\n"),
+                None,
+            ),
+            (
+                "usr/lib/go-1.19/pkg/linux_amd64/fmt.a",
+                src("!<arch>\n"),
+                None,
+            ),
+            (
+                "usr/lib/go-1.19/pkg/linux_amd64/reflect.a",
+                src("!<arch>\n"),
+                None,
+            ),
+            (
+                "usr/lib/go-1.19/pkg/linux_amd64/testing.a",
+                src("!<arch>\n"),
+                None,
+            ),
+        ];
+        let contents = Contents {
+            layers: vec![layer(entries)],
+        };
+        let view = MergedView::new(contents.layers.iter().map(|(ix, _)| ix).collect());
+        let script = r#"mkdir -p /tmp/h && cd /tmp/h && printf 'package main\nimport "fmt"\nfunc main() { fmt.Println("hello") }\n' > h.go && GO111MODULE=off go run h.go"#;
+        let mut plan = Plan::new(
+            &view,
+            Process {
+                argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+                path: Some("/usr/bin".into()),
+                ld_library_path: None,
+                cwd: "/".into(),
+            },
+        );
+        let mut round_of: HashMap<String, usize> = HashMap::new();
+        for round in 0..16 {
+            let files = plan.take_round();
+            if files.is_empty() {
+                break;
+            }
+            for f in files {
+                round_of.insert(view.node(f).unwrap().path.clone(), round);
+            }
+            plan.advance(&contents);
+        }
+        let round = |p: &str| {
+            *round_of
+                .get(p)
+                .unwrap_or_else(|| panic!("{p} not wanted: {round_of:?}"))
+        };
+        let fmt = round(&format!("{go}/fmt/print.go"));
+        assert_eq!(fmt, round("usr/lib/go-1.19/bin/go") + 1);
+        for same in [
+            "fmt/print_test.go",
+            "fmt/format_windows.go",
+            "fmt/asm_amd64.s",
+        ] {
+            assert_eq!(round(&format!("{go}/{same}")), fmt, "{same}");
+        }
+        assert_eq!(round("usr/lib/go-1.19/pkg/linux_amd64/fmt.a"), fmt);
+        assert_eq!(round(&format!("{go}/errors/errors.go")), fmt + 1);
+        assert_eq!(round(&format!("{go}/os/file.go")), fmt + 1);
+        assert_eq!(round(&format!("{go}/reflect/value.go")), fmt + 2);
+        assert_eq!(round("usr/lib/go-1.19/pkg/linux_amd64/reflect.a"), fmt + 2);
+        assert_eq!(
+            round(&format!("{go}/vendor/golang.org/x/net/dns/dns.go")),
+            fmt + 2
+        );
+        for never in [
+            format!("{go}/testing/testing.go"),
+            format!("{go}/internal/syscall/windows/w.go"),
+            format!("{go}/unused/u.go"),
+            "usr/lib/go-1.19/pkg/linux_amd64/testing.a".to_string(),
+        ] {
+            assert!(
+                !round_of.contains_key(&never),
+                "{never} wanted: {round_of:?}"
+            );
         }
     }
 
