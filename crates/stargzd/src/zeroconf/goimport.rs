@@ -3,9 +3,11 @@
 //! fetch what `go run` / `go build` opens (every file of every package it builds, and
 //! the packages' compiled archives) in a few batches instead of a round trip a file.
 //!
-//! Build constraints inside files are not evaluated: a file whose name says another
-//! system (`_windows.go`) is fetched, as the go command opens it too, but its imports
-//! are not followed. Getting it wrong costs a few useless or missing fetches.
+//! Every file of a package is fetched, as the go command opens them all; the imports
+//! of a file are followed only when it is built here: its name (`_windows.go`, `_test.go`)
+//! and its `//go:build` line (`ignore`, `!linux`, `cgo`) are checked against this
+//! host, with cgo taken as off. Getting it wrong costs a few useless or missing
+//! fetches.
 
 /// Most packages followed per image.
 pub const MAX_PACKAGES: usize = 256;
@@ -135,6 +137,130 @@ pub fn builds_here(name: &str, goos: &str, goarch: &str) -> bool {
         }
     }
     true
+}
+
+/// Whether the `//go:build` line of a Go source (before its package clause) allows it
+/// on `goos`/`goarch`: tags true are the system, the architecture, `unix` on Unix
+/// systems, `gc` and every `go1.N` release; `cgo`, `ignore` and any other are false.
+/// A file without the line, or with one that does not parse, is built.
+pub fn constraint_allows(src: &[u8], goos: &str, goarch: &str) -> bool {
+    for line in src.split(|&b| b == b'\n').take(MAX_HEADER_LINES) {
+        let line = String::from_utf8_lossy(line);
+        let line = line.trim();
+        if line.starts_with("package ") {
+            break;
+        }
+        let Some(expr) = line.strip_prefix("//go:build ") else {
+            continue;
+        };
+        let tokens = tokenize(expr);
+        let tag = |t: &str| {
+            t == goos
+                || t == goarch
+                || t == "gc"
+                || t.starts_with("go1.")
+                || (t == "unix" && UNIX.contains(&goos))
+        };
+        let mut at = 0;
+        return match or_expr(&tokens, &mut at, &tag, 0) {
+            Some(v) if at == tokens.len() => v,
+            _ => true,
+        };
+    }
+    true
+}
+
+/// Lines before the package clause looked at for a `//go:build` line.
+const MAX_HEADER_LINES: usize = 256;
+/// Deepest nesting of a build expression evaluated.
+const MAX_EXPR_DEPTH: u32 = 32;
+const UNIX: &[&str] = &[
+    "aix",
+    "android",
+    "darwin",
+    "dragonfly",
+    "freebsd",
+    "hurd",
+    "illumos",
+    "ios",
+    "linux",
+    "netbsd",
+    "openbsd",
+    "solaris",
+];
+
+fn tokenize(expr: &str) -> Vec<String> {
+    let mut out = Vec::new();
+    let b = expr.as_bytes();
+    let mut i = 0;
+    while i < b.len() && out.len() < 256 {
+        match b[i] {
+            b' ' | b'\t' => i += 1,
+            b'(' | b')' | b'!' => {
+                out.push((b[i] as char).to_string());
+                i += 1;
+            }
+            b'&' | b'|' if b.get(i + 1) == Some(&b[i]) => {
+                out.push(expr[i..i + 2].to_string());
+                i += 2;
+            }
+            c if c.is_ascii_alphanumeric() || c == b'_' || c == b'.' => {
+                let start = i;
+                while i < b.len() && (b[i].is_ascii_alphanumeric() || b[i] == b'_' || b[i] == b'.')
+                {
+                    i += 1;
+                }
+                out.push(expr[start..i].to_string());
+            }
+            _ => {
+                // Not a build expression: a parse failure, so the file counts as built.
+                out.push(String::from("?"));
+                i += 1;
+            }
+        }
+    }
+    out
+}
+
+fn or_expr(t: &[String], at: &mut usize, tag: &dyn Fn(&str) -> bool, depth: u32) -> Option<bool> {
+    let mut v = and_expr(t, at, tag, depth)?;
+    while t.get(*at).is_some_and(|s| s == "||") {
+        *at += 1;
+        v |= and_expr(t, at, tag, depth)?;
+    }
+    Some(v)
+}
+
+fn and_expr(t: &[String], at: &mut usize, tag: &dyn Fn(&str) -> bool, depth: u32) -> Option<bool> {
+    let mut v = not_expr(t, at, tag, depth)?;
+    while t.get(*at).is_some_and(|s| s == "&&") {
+        *at += 1;
+        v &= not_expr(t, at, tag, depth)?;
+    }
+    Some(v)
+}
+
+fn not_expr(t: &[String], at: &mut usize, tag: &dyn Fn(&str) -> bool, depth: u32) -> Option<bool> {
+    if depth >= MAX_EXPR_DEPTH {
+        return None;
+    }
+    let tok = t.get(*at)?;
+    *at += 1;
+    match tok.as_str() {
+        "!" => not_expr(t, at, tag, depth + 1).map(|v| !v),
+        "(" => {
+            let v = or_expr(t, at, tag, depth + 1)?;
+            (t.get(*at)? == ")").then(|| *at += 1)?;
+            Some(v)
+        }
+        s if s
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '_' || c == '.') =>
+        {
+            Some(tag(s))
+        }
+        _ => None,
+    }
 }
 
 /// This host's `GOOS` and `GOARCH`, whose images run here.
@@ -355,6 +481,30 @@ func main() { import_ := "not an import" }
         ] {
             assert!(!ok(no), "{no}");
         }
+    }
+
+    #[test]
+    fn build_lines() {
+        let here = |src: &str| constraint_allows(src.as_bytes(), "linux", "amd64");
+        assert!(here("package x\n"));
+        assert!(here(
+            "// Copyright\n\n//go:build linux && amd64\n\npackage x\n"
+        ));
+        assert!(here("//go:build unix || windows\npackage x\n"));
+        assert!(here("//go:build !cgo && go1.18\npackage x\n"));
+        assert!(here(
+            "//go:build (linux || darwin) && !(arm64 || 386)\npackage x\n"
+        ));
+        assert!(!here("//go:build ignore\n\npackage main\n"));
+        assert!(!here("//go:build windows\npackage x\n"));
+        assert!(!here("//go:build cgo\npackage x\n"));
+        assert!(!here("//go:build linux && !amd64\npackage x\n"));
+        // After the package clause it is no constraint; a broken one builds.
+        assert!(here("package x\n//go:build ignore\n"));
+        assert!(here("//go:build linux &&\npackage x\n"));
+        assert!(here("//go:build (((linux\npackage x\n"));
+        let deep = format!("//go:build {}linux\npackage x\n", "!".repeat(1000));
+        assert!(here(&deep));
     }
 
     #[test]

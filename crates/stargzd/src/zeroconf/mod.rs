@@ -41,7 +41,7 @@ use view::{Found, MergedView};
 
 /// Most batches of fetches (program, libraries, their libraries, ...), each one
 /// request per layer.
-pub const MAX_ROUNDS: usize = 32;
+pub const MAX_ROUNDS: usize = 64;
 /// How often the files of running batches are looked at for what has arrived.
 const POLL: Duration = Duration::from_millis(10);
 /// How long an image is remembered as done, so the Prepares of its other layers and

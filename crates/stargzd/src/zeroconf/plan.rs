@@ -693,6 +693,11 @@ impl<'v> Plan<'v> {
         let Some(text) = files.whole(found, goimport::MAX_SOURCE_BYTES) else {
             return;
         };
+        let built = goimport::host()
+            .is_some_and(|(goos, goarch)| goimport::constraint_allows(&text, goos, goarch));
+        if !built {
+            return;
+        }
         for import in goimport::imports(&text) {
             self.want_go_package(&import);
         }
@@ -1544,7 +1549,8 @@ mod tests {
     /// `go run` of a file a script writes brings the packages it imports, and theirs,
     /// through `GOROOT/src` behind a link and the standard library's vendor directory:
     /// every file of each package (as the go command opens them all) and its archive;
-    /// what only a test file or another system's file imports stays out.
+    /// what only a test file, another system's file or an ignored generator imports
+    /// stays out.
     #[test]
     fn a_go_build_brings_its_packages_a_level_at_a_time() {
         let Some(elf) = host("/usr/bin/ls") else {
@@ -1578,6 +1584,11 @@ mod tests {
             (
                 "usr/share/go-1.19/src/fmt/asm_amd64.s",
                 src("TEXT x(SB)\n"),
+                None,
+            ),
+            (
+                "usr/share/go-1.19/src/fmt/gen.go",
+                src("//go:build ignore\n\npackage main\nimport \"unused\"\n"),
                 None,
             ),
             (
@@ -1672,6 +1683,7 @@ mod tests {
             "fmt/print_test.go",
             "fmt/format_windows.go",
             "fmt/asm_amd64.s",
+            "fmt/gen.go",
         ] {
             assert_eq!(round(&format!("{go}/{same}")), fmt, "{same}");
         }
