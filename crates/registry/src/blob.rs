@@ -202,11 +202,18 @@ impl BlobReader {
             return Ok(*s);
         }
         let ep = self.endpoint().await?;
-        if let Some(s) = self.size.get() {
-            return Ok(*s);
-        }
-        let size = self.head_size(ep).await?;
-        Ok(*self.size.get_or_init(|| async { size }).await)
+        // One look-up however many callers ask at once (an early probe and the first
+        // read of a layer, say).
+        self.size
+            .get_or_try_init(|| self.head_size(ep))
+            .await
+            .copied()
+    }
+
+    /// Tells the reader the blob's size (from the manifest), unless it knows it
+    /// already: reads then need no look-up of their own.
+    pub fn know_size(&self, size: u64) {
+        let _ = self.size.set(size);
     }
 
     /// The last `len` bytes of the blob (all of it when it is shorter) and the blob's

@@ -1388,3 +1388,46 @@ async fn a_suffix_read_needs_no_size_and_tells_it() {
         .expect("a small blob sent whole");
     assert_eq!((size, &all[..]), (small.len() as u64, &small[..]));
 }
+
+/// Callers that need a blob's size at once (an early probe and a layer's first read)
+/// share one `HEAD`; a size told beforehand (from the manifest) needs none.
+#[tokio::test]
+async fn concurrent_size_lookups_share_one_head() {
+    init_logs();
+    let Some(reg) = Registry::start(RegistryOpts::default()) else {
+        return;
+    };
+    let data = random_bytes(50_000, 61);
+    let pushed =
+        testenv::push_image(&reg.base_url(), "size/x", "v1", std::slice::from_ref(&data)).await;
+    let digest = Digest::parse(&pushed.layer_digests[0]).expect("digest");
+    let front = Front::start(FrontOpts {
+        upstream: reg.base_url(),
+        ..Default::default()
+    })
+    .await;
+    let c = client_with(
+        RegistryConfig {
+            blob: fast_blob(),
+            ..Default::default()
+        },
+        Arc::new(Anonymous),
+    );
+    let r = reference(&front.host(), "size/x");
+    let reader = c.blob_reader(&r, digest.clone(), None);
+    let (a, b, read) = tokio::join!(reader.size(), reader.size(), reader.read_at(0, 10));
+    assert_eq!(a.expect("size"), data.len() as u64);
+    assert_eq!(b.expect("size"), data.len() as u64);
+    assert_eq!(&read.expect("read")[..], &data[..10]);
+    let told = c.blob_reader(&r, digest, None);
+    told.know_size(data.len() as u64);
+    assert_eq!(&told.read_at(5, 5).await.expect("read")[..], &data[5..10]);
+    assert_eq!(
+        blob_requests(&front),
+        vec![
+            ("HEAD".to_string(), None),
+            ("GET".to_string(), Some("bytes=0-9".to_string())),
+            ("GET".to_string(), Some("bytes=5-9".to_string())),
+        ]
+    );
+}

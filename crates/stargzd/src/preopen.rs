@@ -350,6 +350,9 @@ impl LayerPool {
         }
         let reader = early
             .unwrap_or_else(|| Arc::new(self.client.blob_reader(reference, digest.clone(), size)));
+        if let Some(s) = size {
+            reader.know_size(s);
+        }
         let (cfg, cache, metrics) = (cfg.clone(), self.cache.clone(), self.metrics.clone());
         let tails = self.tails.clone();
         let repository = format!("{}/{}", reference.registry(), reference.repository());
