@@ -120,16 +120,21 @@ impl LayerPool {
             .collect();
         // This layer's tail goes out now, as a suffix read that needs no size, instead
         // of after the manifest: the layer's TOC (which its mount waits for) arrives a
-        // round trip sooner. It tells the blob's size too, so it needs no probe.
+        // round trip sooner. It tells the blob's size too, so it needs no probe. Only a
+        // layer with a TOC digest in its labels is eStargz for sure; a plain layer's
+        // tail would be read for nothing.
         let repository = format!("{}/{}", reference.registry(), reference.repository());
-        let early_tail = early.get(&digest.to_string()).map(|reader| {
-            let len = self
-                .tails
-                .hint(&repository, None)
-                .unwrap_or(fs::TAIL_READ)
-                .clamp(fs::MIN_TAIL_READ, fs::MAX_TAIL_READ);
-            EarlyTail::start(reader.clone(), len)
-        });
+        let early_tail = early
+            .get(&digest.to_string())
+            .filter(|_| info.toc_digest.is_some())
+            .map(|reader| {
+                let len = self
+                    .tails
+                    .hint(&repository, None)
+                    .unwrap_or(fs::TAIL_READ)
+                    .clamp(fs::MIN_TAIL_READ, fs::MAX_TAIL_READ);
+                EarlyTail::start(reader.clone(), len)
+            });
         probe(
             early
                 .iter()
@@ -720,6 +725,55 @@ mod tests {
             for_blob.len(),
             1,
             "more requests for the blob: {for_blob:?}"
+        );
+    }
+
+    /// A layer without a TOC digest in its labels may be no eStargz at all: its tail is
+    /// not read ahead (the refusal reads only the footer's bytes).
+    #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+    async fn a_layer_without_toc_digest_gets_no_early_tail() {
+        let Some(reg) = testenv::Registry::start(testenv::RegistryOpts::default()) else {
+            return;
+        };
+        let layers = [testenv::random_bytes(700_000, 7)];
+        let pushed = testenv::push_image(&reg.base_url(), "early/plain", "v1", &layers).await;
+        let front = testenv::Front::start(testenv::FrontOpts {
+            upstream: reg.base_url(),
+            ..Default::default()
+        })
+        .await;
+        let client = registry::Client::new(
+            registry::RegistryConfig::default(),
+            Arc::new(registry::Anonymous),
+        )
+        .expect("client");
+        let pool = LayerPool::new(
+            client,
+            fs::Config::default(),
+            Arc::new(fs::ChunkCache::memory(8 << 20)),
+            fs::FsMetrics::default(),
+        );
+        let info = RemoteLayer {
+            image_ref: format!("{}/early/plain:v1", front.host()),
+            digest: Digest::parse(&pushed.layer_digests[0]).expect("digest"),
+            layers: pushed.layer_digests.clone(),
+            toc_digest: None,
+            uncompressed_digest: None,
+            uncompressed_size: None,
+            skip_verify: false,
+            prefetch_size: None,
+        };
+        assert!(pool.open(&info).await.is_err());
+        let log = front.stats.log.lock().expect("log").clone();
+        let blob: Vec<_> = log
+            .iter()
+            .filter(|l| l.path.ends_with(pushed.layer_digests[0].as_str()))
+            .collect();
+        assert!(!blob.is_empty(), "{log:?}");
+        assert!(
+            blob.iter()
+                .all(|l| !l.range.as_deref().is_some_and(|r| r.starts_with("bytes=-"))),
+            "a plain layer's tail was read ahead: {blob:?}"
         );
     }
 
