@@ -1,6 +1,7 @@
 //! Command-line and logging conventions the two binaries share with the reference:
 //! Go-style single-dash long flags, its log level names, its version line, and logs as
-//! JSON lines (the reference's logrus keys `time`, `level`, `msg`) or as text.
+//! JSON lines (the reference's logrus keys `time`, `level`, `msg`) or as text; and
+//! the one library error line that is no error (see [`InterruptedReplies`]).
 
 use std::ffi::OsString;
 
@@ -81,8 +82,10 @@ pub fn level_filter(level: &str) -> Result<tracing_subscriber::EnvFilter> {
 }
 
 /// Installs the process's logger: to stderr, in `format`, colours only on a terminal
-/// (and never in JSON).
+/// (and never in JSON), without [`InterruptedReplies`].
 pub fn init(level: &str, format: LogFormat) -> Result<()> {
+    use tracing_subscriber::layer::SubscriberExt;
+    use tracing_subscriber::util::SubscriberInitExt;
     let filter = level_filter(level)?;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
@@ -90,10 +93,67 @@ pub fn init(level: &str, format: LogFormat) -> Result<()> {
     match format {
         LogFormat::Text => builder
             .with_ansi(std::io::IsTerminal::is_terminal(&std::io::stderr()))
-            .init(),
-        LogFormat::Json => builder.with_ansi(false).event_format(JsonLines).init(),
+            .finish()
+            .with(InterruptedReplies)
+            .try_init()?,
+        LogFormat::Json => builder
+            .with_ansi(false)
+            .event_format(JsonLines)
+            .finish()
+            .with(InterruptedReplies)
+            .try_init()?,
     }
     Ok(())
+}
+
+/// Leaves out `fuser`'s `Failed to send FUSE reply: No such file or directory`: the
+/// kernel answers a reply with ENOENT when it no longer waits for the request (the
+/// process that read was interrupted, as happens while a container starts), so
+/// nothing went wrong, yet fuser logs it as an error, often a dozen at once. Any
+/// other failed reply is still logged.
+pub struct InterruptedReplies;
+
+impl<S: tracing::Subscriber> tracing_subscriber::Layer<S> for InterruptedReplies {
+    fn event_enabled(
+        &self,
+        event: &tracing::Event<'_>,
+        _: tracing_subscriber::layer::Context<'_, S>,
+    ) -> bool {
+        let meta = event.metadata();
+        // Events of the `log` crate (which fuser uses) come with target `log` and the
+        // real one in a field.
+        if meta.target() != "fuser::reply" && meta.target() != "log" {
+            return true;
+        }
+        let mut seen = ReplyFields::default();
+        event.record(&mut seen);
+        let from_fuser = meta.target() == "fuser::reply" || seen.log_target == "fuser::reply";
+        !(from_fuser
+            && seen.message.starts_with("Failed to send FUSE reply")
+            && seen.message.contains("No such file or directory"))
+    }
+}
+
+#[derive(Default)]
+struct ReplyFields {
+    message: String,
+    log_target: String,
+}
+
+impl Visit for ReplyFields {
+    fn record_str(&mut self, field: &Field, value: &str) {
+        match field.name() {
+            "message" => self.message = value.to_string(),
+            "log.target" => self.log_target = value.to_string(),
+            _ => {}
+        }
+    }
+
+    fn record_debug(&mut self, field: &Field, value: &dyn std::fmt::Debug) {
+        if field.name() == "message" {
+            self.message = format!("{value:?}");
+        }
+    }
 }
 
 /// One JSON object per event: `time` (RFC 3339, UTC, nanoseconds), `level` (logrus'
@@ -232,6 +292,75 @@ fn civil_from_days(days: u64) -> (u64, u64, u64) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// A writer into a shared buffer, for a subscriber's output.
+    #[derive(Clone, Default)]
+    struct Captured(std::sync::Arc<std::sync::Mutex<Vec<u8>>>);
+
+    impl std::io::Write for Captured {
+        fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+            self.0.lock().unwrap().extend_from_slice(b);
+            Ok(b.len())
+        }
+        fn flush(&mut self) -> std::io::Result<()> {
+            Ok(())
+        }
+    }
+
+    /// The same through the `log` crate, which fuser logs with, as the processes
+    /// bridge it (the log.target field names fuser).
+    #[test]
+    fn interrupted_replies_through_the_log_crate_are_not_logged() {
+        use tracing_subscriber::layer::SubscriberExt;
+        use tracing_subscriber::util::SubscriberInitExt;
+        // Installs the log-to-tracing bridge, as `init` does.
+        let _ = tracing_subscriber::registry().try_init();
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish()
+            .with(InterruptedReplies);
+        tracing::subscriber::with_default(subscriber, || {
+            let enoent = std::io::Error::from_raw_os_error(2);
+            let einval = std::io::Error::from_raw_os_error(22);
+            log::error!(target: "fuser::reply", "Failed to send FUSE reply: {enoent}");
+            log::error!(target: "fuser::reply", "Failed to send FUSE reply: {einval}");
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert!(!text.contains("(os error 2)"), "{text}");
+        assert!(text.contains("(os error 22)"), "{text}");
+    }
+
+    /// fuser's failed reply to a request the kernel dropped is left out; its other
+    /// failed replies, and the same words from anywhere else, are kept.
+    #[test]
+    fn interrupted_replies_are_not_logged() {
+        use tracing_subscriber::layer::SubscriberExt;
+        let out = Captured::default();
+        let writer = out.clone();
+        let subscriber = tracing_subscriber::fmt()
+            .with_writer(move || writer.clone())
+            .with_ansi(false)
+            .finish()
+            .with(InterruptedReplies);
+        tracing::subscriber::with_default(subscriber, || {
+            tracing::error!(
+                target: "fuser::reply",
+                "Failed to send FUSE reply: No such file or directory (os error 2)"
+            );
+            tracing::error!(
+                target: "fuser::reply",
+                "Failed to send FUSE reply: Invalid argument (os error 22)"
+            );
+            tracing::error!(target: "stargzd::other", "No such file or directory");
+        });
+        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
+        assert!(!text.contains("(os error 2)"), "{text}");
+        assert!(text.contains("Invalid argument"), "{text}");
+        assert!(text.contains("stargzd::other"), "{text}");
+    }
 
     fn args(v: &[&str]) -> Vec<String> {
         go_style_args(
