@@ -332,39 +332,27 @@ mod tests {
     /// a server's data files) is no walk: nothing is read ahead of it.
     #[test]
     fn picking_files_here_and_there_reads_nothing_ahead() {
-        let s = Stream::new(8 * MIB);
         let len = 4 << 10;
-        let unread = unread_of(len);
-        let got: Vec<Range<u64>> = (0..300u64)
-            .step_by(3)
-            .flat_map(|i| {
-                s.access(
-                    i * len..(i + 1) * len,
-                    u64::MAX,
-                    || false,
-                    0,
-                    no_end,
-                    &unread,
-                )
-            })
-            .collect();
+        let every_third = |unread: &dyn Fn(Range<u64>) -> usize| -> Vec<Range<u64>> {
+            let s = Stream::new(8 * MIB);
+            (0..300u64)
+                .step_by(3)
+                .flat_map(|i| {
+                    s.access(
+                        i * len..(i + 1) * len,
+                        u64::MAX,
+                        || false,
+                        0,
+                        no_end,
+                        unread,
+                    )
+                })
+                .collect()
+        };
+        let got = every_third(&unread_of(len));
         assert!(got.is_empty(), "{got:?}");
         // The same accesses with the files in between local (prefetched): a walk.
-        let s = Stream::new(8 * MIB);
-        let got: Vec<Range<u64>> = (0..300u64)
-            .step_by(3)
-            .flat_map(|i| {
-                s.access(
-                    i * len..(i + 1) * len,
-                    u64::MAX,
-                    || false,
-                    0,
-                    no_end,
-                    none_unread,
-                )
-            })
-            .collect();
-        assert!(!got.is_empty());
+        assert!(!every_third(&none_unread).is_empty());
     }
 
     #[test]

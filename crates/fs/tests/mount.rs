@@ -1099,6 +1099,18 @@ fn check_notices_an_external_unmount() {
     }
 }
 
+/// Files `f000`, `f001`, ... of `len` pseudo-random bytes each (seeds from `seed`).
+fn numbered_files(n: usize, len: usize, seed: u64) -> Vec<Entry> {
+    (0..n)
+        .map(|i| {
+            Entry::new(
+                &format!("f{i:03}"),
+                Kind::Reg(pseudo_random(len, seed + i as u64)),
+            )
+        })
+        .collect()
+}
+
 /// Requests a mount with `readahead_kib` makes while its files are read in `order`.
 fn requests_for_reads(blob: &Blob, entries: &[Entry], order: &[usize], readahead_kib: u64) -> u64 {
     let fetcher = TestFetcher::open(&blob.path);
@@ -1129,14 +1141,7 @@ fn sequential_walk_reads_ahead_in_blob_order() {
     }
     init_tracing();
     let n = 300;
-    let entries: Vec<Entry> = (0..n)
-        .map(|i| {
-            Entry::new(
-                &format!("f{i:03}"),
-                Kind::Reg(pseudo_random(20_000, 500 + i as u64)),
-            )
-        })
-        .collect();
+    let entries = numbered_files(n, 20_000, 500);
     let blob = make_blob(&entries, 64 << 10, &[]);
     let in_order: Vec<usize> = (0..n).collect();
     // Jumps of about 2 MB through the blob: never a sequential stream.
@@ -1164,14 +1169,7 @@ fn picking_files_in_order_reads_nothing_ahead() {
     }
     init_tracing();
     let n = 300;
-    let entries: Vec<Entry> = (0..n)
-        .map(|i| {
-            Entry::new(
-                &format!("f{i:03}"),
-                Kind::Reg(pseudo_random(4_000, 1_700 + i as u64)),
-            )
-        })
-        .collect();
+    let entries = numbered_files(n, 4_000, 1_700);
     let blob = make_blob(&entries, 64 << 10, &[]);
     let every_third: Vec<usize> = (0..n).step_by(3).collect();
     let picked = requests_for_reads(&blob, &entries, &every_third, 8 << 10);

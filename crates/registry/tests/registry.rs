@@ -50,6 +50,26 @@ fn anon() -> Client {
     )
 }
 
+/// An anonymous client that asks `mirror` (plain HTTP) before `registry` itself.
+fn with_mirror(registry: &str, mirror: &str) -> Client {
+    let mut cfg = RegistryConfig {
+        blob: fast_blob(),
+        ..Default::default()
+    };
+    cfg.resolver.host.insert(
+        registry.to_string(),
+        registry::HostConfig {
+            mirrors: vec![MirrorConfig {
+                host: mirror.to_string(),
+                insecure: Some(true),
+                ..Default::default()
+            }],
+            ..Default::default()
+        },
+    );
+    client_with(cfg, Arc::new(Anonymous))
+}
+
 fn reference(host: &str, repo: &str) -> Reference {
     Reference::parse(&format!("{host}/{repo}:latest")).expect("reference")
 }
@@ -746,22 +766,7 @@ async fn a_blob_is_located_in_one_request() {
         })
         .await;
         let own = front(FrontOpts::default()).await;
-        let mut cfg = RegistryConfig {
-            blob: fast_blob(),
-            ..Default::default()
-        };
-        cfg.resolver.host.insert(
-            own.host(),
-            registry::HostConfig {
-                mirrors: vec![MirrorConfig {
-                    host: mirror.host(),
-                    insecure: Some(true),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            },
-        );
-        let c = client_with(cfg, Arc::new(Anonymous));
+        let c = with_mirror(&own.host(), &mirror.host());
         let r = reference(&own.host(), repo);
         for _ in 0..2 {
             let reader = c.blob_reader(&r, digest.clone(), None);
@@ -1288,22 +1293,12 @@ async fn a_suffix_read_needs_no_size_and_tells_it() {
         testenv::push_image(&reg.base_url(), repo, "v1", &[data.clone(), small.clone()]).await;
     let digest = Digest::parse(&pushed.layer_digests[0]).expect("digest");
     let small_digest = Digest::parse(&pushed.layer_digests[1]).expect("digest");
-    let client = || {
-        client_with(
-            RegistryConfig {
-                blob: fast_blob(),
-                ..Default::default()
-            },
-            Arc::new(Anonymous),
-        )
-    };
-
     let front = Front::start(FrontOpts {
         upstream: reg.base_url(),
         ..Default::default()
     })
     .await;
-    let c = client();
+    let c = anon();
     let r = reference(&front.host(), repo);
     let reader = c.blob_reader(&r, digest.clone(), None);
     let (size, tail) = reader.read_suffix(1_000).await.expect("suffix");
@@ -1339,22 +1334,7 @@ async fn a_suffix_read_needs_no_size_and_tells_it() {
         ..Default::default()
     })
     .await;
-    let mut cfg = RegistryConfig {
-        blob: fast_blob(),
-        ..Default::default()
-    };
-    cfg.resolver.host.insert(
-        own.host(),
-        registry::HostConfig {
-            mirrors: vec![MirrorConfig {
-                host: own.host(),
-                insecure: Some(true),
-                ..Default::default()
-            }],
-            ..Default::default()
-        },
-    );
-    let c = client_with(cfg, Arc::new(Anonymous));
+    let c = with_mirror(&own.host(), &own.host());
     let r = reference(&own.host(), repo);
     let (size, _) = c
         .blob_reader(&r, digest.clone(), None)
@@ -1373,7 +1353,7 @@ async fn a_suffix_read_needs_no_size_and_tells_it() {
         ..Default::default()
     })
     .await;
-    let c = client();
+    let c = anon();
     let r = reference(&ignoring.host(), repo);
     let err = c
         .blob_reader(&r, digest.clone(), None)
@@ -1406,13 +1386,7 @@ async fn concurrent_size_lookups_share_one_head() {
         ..Default::default()
     })
     .await;
-    let c = client_with(
-        RegistryConfig {
-            blob: fast_blob(),
-            ..Default::default()
-        },
-        Arc::new(Anonymous),
-    );
+    let c = anon();
     let r = reference(&front.host(), "size/x");
     let reader = c.blob_reader(&r, digest.clone(), None);
     let (a, b, read) = tokio::join!(reader.size(), reader.size(), reader.read_at(0, 10));

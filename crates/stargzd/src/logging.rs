@@ -307,14 +307,9 @@ mod tests {
         }
     }
 
-    /// The same through the `log` crate, which fuser logs with, as the processes
-    /// bridge it (the log.target field names fuser).
-    #[test]
-    fn interrupted_replies_through_the_log_crate_are_not_logged() {
+    /// What `emit` logs through a text logger with [`InterruptedReplies`].
+    fn logged_without_interrupted_replies(emit: impl FnOnce()) -> String {
         use tracing_subscriber::layer::SubscriberExt;
-        use tracing_subscriber::util::SubscriberInitExt;
-        // Installs the log-to-tracing bridge, as `init` does.
-        let _ = tracing_subscriber::registry().try_init();
         let out = Captured::default();
         let writer = out.clone();
         let subscriber = tracing_subscriber::fmt()
@@ -322,13 +317,24 @@ mod tests {
             .with_ansi(false)
             .finish()
             .with(InterruptedReplies);
-        tracing::subscriber::with_default(subscriber, || {
+        tracing::subscriber::with_default(subscriber, emit);
+        let text = out.0.lock().unwrap().clone();
+        String::from_utf8(text).unwrap()
+    }
+
+    /// The same through the `log` crate, which fuser logs with, as the processes
+    /// bridge it (the log.target field names fuser).
+    #[test]
+    fn interrupted_replies_through_the_log_crate_are_not_logged() {
+        use tracing_subscriber::util::SubscriberInitExt;
+        // Installs the log-to-tracing bridge, as `init` does.
+        let _ = tracing_subscriber::registry().try_init();
+        let text = logged_without_interrupted_replies(|| {
             let enoent = std::io::Error::from_raw_os_error(2);
             let einval = std::io::Error::from_raw_os_error(22);
             log::error!(target: "fuser::reply", "Failed to send FUSE reply: {enoent}");
             log::error!(target: "fuser::reply", "Failed to send FUSE reply: {einval}");
         });
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         assert!(!text.contains("(os error 2)"), "{text}");
         assert!(text.contains("(os error 22)"), "{text}");
     }
@@ -337,15 +343,7 @@ mod tests {
     /// failed replies, and the same words from anywhere else, are kept.
     #[test]
     fn interrupted_replies_are_not_logged() {
-        use tracing_subscriber::layer::SubscriberExt;
-        let out = Captured::default();
-        let writer = out.clone();
-        let subscriber = tracing_subscriber::fmt()
-            .with_writer(move || writer.clone())
-            .with_ansi(false)
-            .finish()
-            .with(InterruptedReplies);
-        tracing::subscriber::with_default(subscriber, || {
+        let text = logged_without_interrupted_replies(|| {
             tracing::error!(
                 target: "fuser::reply",
                 "Failed to send FUSE reply: No such file or directory (os error 2)"
@@ -356,7 +354,6 @@ mod tests {
             );
             tracing::error!(target: "stargzd::other", "No such file or directory");
         });
-        let text = String::from_utf8(out.0.lock().unwrap().clone()).unwrap();
         assert!(!text.contains("(os error 2)"), "{text}");
         assert!(text.contains("Invalid argument"), "{text}");
         assert!(text.contains("stargzd::other"), "{text}");

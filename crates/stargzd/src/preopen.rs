@@ -123,7 +123,7 @@ impl LayerPool {
         // round trip sooner. It tells the blob's size too, so it needs no probe. Only a
         // layer with a TOC digest in its labels is eStargz for sure; a plain layer's
         // tail would be read for nothing.
-        let repository = format!("{}/{}", reference.registry(), reference.repository());
+        let repository = repository_key(&reference);
         let early_tail = early
             .get(&digest.to_string())
             .filter(|_| info.toc_digest.is_some())
@@ -360,7 +360,7 @@ impl LayerPool {
         }
         let (cfg, cache, metrics) = (cfg.clone(), self.cache.clone(), self.metrics.clone());
         let tails = self.tails.clone();
-        let repository = format!("{}/{}", reference.registry(), reference.repository());
+        let repository = repository_key(reference);
         let handle = tokio::runtime::Handle::current();
         let toc_source = external_toc_source(
             self.client.clone(),
@@ -562,6 +562,11 @@ fn toc_tail_hint(d: &registry::Descriptor) -> Option<u64> {
     annotation::toc_tail(d.annotations.as_ref()?, d.size)
 }
 
+/// The key [`fs::TailSizes`] remembers a repository's tails by.
+fn repository_key(reference: &Reference) -> String {
+    format!("{}/{}", reference.registry(), reference.repository())
+}
+
 /// What a layer's descriptor says about where to read first.
 #[derive(Clone)]
 struct Hints {
@@ -642,6 +647,39 @@ fn key(digest: &str, toc_digest: &Option<String>) -> LayerKey {
 mod tests {
     use super::*;
 
+    fn anonymous_pool(cfg: fs::Config) -> LayerPool {
+        let client = registry::Client::new(
+            registry::RegistryConfig::default(),
+            Arc::new(registry::Anonymous),
+        )
+        .expect("client");
+        LayerPool::new(
+            client,
+            cfg,
+            Arc::new(fs::ChunkCache::memory(8 << 20)),
+            fs::FsMetrics::default(),
+        )
+    }
+
+    /// The labels of the Prepare for layer `digest` of the image at `image_ref`.
+    fn image_layer(
+        image_ref: String,
+        digest: Digest,
+        layers: &[String],
+        toc_digest: Option<String>,
+    ) -> RemoteLayer {
+        RemoteLayer {
+            image_ref,
+            digest,
+            layers: layers.to_vec(),
+            toc_digest,
+            uncompressed_digest: None,
+            uncompressed_size: None,
+            skip_verify: false,
+            prefetch_size: None,
+        }
+    }
+
     /// The requested layer's tail is asked for with a suffix range while the manifest
     /// is still on its way, and the open takes its TOC from that reply: the layer
     /// opens with no other request for the blob's end, and with no HEAD for its size.
@@ -676,31 +714,17 @@ mod tests {
             ..Default::default()
         })
         .await;
-        let client = registry::Client::new(
-            registry::RegistryConfig::default(),
-            Arc::new(registry::Anonymous),
-        )
-        .expect("client");
-        let pool = LayerPool::new(
-            client,
-            fs::Config {
-                noprefetch: true,
-                ..fs::Config::default()
-            },
-            Arc::new(fs::ChunkCache::memory(8 << 20)),
-            fs::FsMetrics::default(),
-        );
+        let pool = anonymous_pool(fs::Config {
+            noprefetch: true,
+            ..fs::Config::default()
+        });
         let digest = pushed.layer_digests[0].clone();
-        let info = RemoteLayer {
-            image_ref: format!("{}/early/tail:v1", front.host()),
-            digest: Digest::parse(&digest).expect("digest"),
-            layers: pushed.layer_digests.clone(),
-            toc_digest: Some(built.toc_digest.clone()),
-            uncompressed_digest: None,
-            uncompressed_size: None,
-            skip_verify: false,
-            prefetch_size: None,
-        };
+        let info = image_layer(
+            format!("{}/early/tail:v1", front.host()),
+            Digest::parse(&digest).expect("digest"),
+            &pushed.layer_digests,
+            Some(built.toc_digest.clone()),
+        );
         let layer = pool.open(&info).await.expect("open");
         assert!(layer.index().len() > 40);
         let log = front.stats.log.lock().expect("log").clone();
@@ -742,27 +766,13 @@ mod tests {
             ..Default::default()
         })
         .await;
-        let client = registry::Client::new(
-            registry::RegistryConfig::default(),
-            Arc::new(registry::Anonymous),
-        )
-        .expect("client");
-        let pool = LayerPool::new(
-            client,
-            fs::Config::default(),
-            Arc::new(fs::ChunkCache::memory(8 << 20)),
-            fs::FsMetrics::default(),
+        let pool = anonymous_pool(fs::Config::default());
+        let info = image_layer(
+            format!("{}/early/plain:v1", front.host()),
+            Digest::parse(&pushed.layer_digests[0]).expect("digest"),
+            &pushed.layer_digests,
+            None,
         );
-        let info = RemoteLayer {
-            image_ref: format!("{}/early/plain:v1", front.host()),
-            digest: Digest::parse(&pushed.layer_digests[0]).expect("digest"),
-            layers: pushed.layer_digests.clone(),
-            toc_digest: None,
-            uncompressed_digest: None,
-            uncompressed_size: None,
-            skip_verify: false,
-            prefetch_size: None,
-        };
         assert!(pool.open(&info).await.is_err());
         let log = front.stats.log.lock().expect("log").clone();
         let blob: Vec<_> = log
@@ -796,27 +806,13 @@ mod tests {
             ..Default::default()
         })
         .await;
-        let client = registry::Client::new(
-            registry::RegistryConfig::default(),
-            Arc::new(registry::Anonymous),
-        )
-        .expect("client");
-        let pool = LayerPool::new(
-            client,
-            fs::Config::default(),
-            Arc::new(fs::ChunkCache::memory(8 << 20)),
-            fs::FsMetrics::default(),
+        let pool = anonymous_pool(fs::Config::default());
+        let info = image_layer(
+            format!("{}/early/probe:v1", front.host()),
+            Digest::parse(&pushed.layer_digests[0]).expect("digest"),
+            &pushed.layer_digests,
+            Some(format!("sha256:{}", "0".repeat(64))),
         );
-        let info = RemoteLayer {
-            image_ref: format!("{}/early/probe:v1", front.host()),
-            digest: Digest::parse(&pushed.layer_digests[0]).expect("digest"),
-            layers: pushed.layer_digests.clone(),
-            toc_digest: Some(format!("sha256:{}", "0".repeat(64))),
-            uncompressed_digest: None,
-            uncompressed_size: None,
-            skip_verify: false,
-            prefetch_size: None,
-        };
         // The blobs are no eStargz: the opening fails, after the look-ups this is about.
         let opened = pool.open(&info).await;
         assert!(opened.is_err());

@@ -108,20 +108,24 @@ impl Layer {
         )
     }
 
+    /// The chunks whose data starts in blob range `range`, in blob order.
+    fn chunks_starting_in(&self, range: Range<u64>) -> impl Iterator<Item = ChunkRef> + '_ {
+        let blob_offset = |r: &ChunkRef| self.chunk(*r).blob_offset;
+        let from = self.order.partition_point(|r| blob_offset(r) < range.start);
+        self.order[from..]
+            .iter()
+            .take_while(move |r| blob_offset(r) < range.end)
+            .copied()
+    }
+
     /// How many files have data starting in blob range `gap` that is neither local
     /// nor being fetched, counted up to one more than read-ahead tolerates.
     fn unread_files(&self, gap: Range<u64>) -> usize {
         /// Chunks looked at: the gap is at most read-ahead's, but tiny files are many.
         const MAX_SCANNED: usize = 512;
-        let blob_offset = |r: &ChunkRef| self.chunk(*r).blob_offset;
-        let from = self.order.partition_point(|r| blob_offset(r) < gap.start);
         let inflight = self.inflight.lock().unwrap_or_else(|p| p.into_inner());
         let mut files: Vec<NodeId> = Vec::new();
-        for &r in self.order[from..]
-            .iter()
-            .take_while(|r| blob_offset(r) < gap.end)
-            .take(MAX_SCANNED)
-        {
+        for r in self.chunks_starting_in(gap).take(MAX_SCANNED) {
             if files.contains(&r.0) || self.has_local(r) || inflight.contains_key(&self.key_of(r)) {
                 continue;
             }
@@ -153,13 +157,9 @@ impl Layer {
             return;
         }
         let _busy = self.cache.priority().busy();
-        let blob_offset = |r: &ChunkRef| self.chunk(*r).blob_offset;
-        let from = self.order.partition_point(|r| blob_offset(r) < range.start);
-        let mut refs: Vec<ChunkRef> = self.order[from..]
-            .iter()
-            .take_while(|r| blob_offset(r) < range.end)
-            .filter(|&&r| !self.has_local(r))
-            .copied()
+        let mut refs: Vec<ChunkRef> = self
+            .chunks_starting_in(range.clone())
+            .filter(|&r| !self.has_local(r))
             .collect();
         if let Ok(map) = self.inflight.lock() {
             refs.retain(|&r| !map.contains_key(&self.key_of(r)));

@@ -53,15 +53,11 @@ pub fn directives(text: &[u8]) -> Vec<Include> {
 /// <stdio.h>\n...' > h.c`, a here-document): `#include` anywhere in its text.
 pub fn in_script(script: &str) -> Vec<Include> {
     let mut out: Vec<Include> = Vec::new();
-    let bytes = script.as_bytes();
-    let mut at = 0;
-    while out.len() < MAX_PER_FILE {
-        let Some(pos) = find(&bytes[at..], b"#include") else {
+    for (start, _) in script.match_indices("#include") {
+        if out.len() >= MAX_PER_FILE {
             break;
-        };
-        let start = at + pos;
-        at = start + 1;
-        if let Some(inc) = directive(&bytes[start + 1..]) {
+        }
+        if let Some(inc) = directive(&script.as_bytes()[start + 1..]) {
             if !out.contains(&inc) {
                 out.push(inc);
             }
@@ -128,10 +124,6 @@ pub fn is_source(arg: &str) -> bool {
 fn trim_start(s: &[u8]) -> &[u8] {
     let n = s.iter().take_while(|b| matches!(b, b' ' | b'\t')).count();
     &s[n..]
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 #[cfg(test)]

@@ -94,10 +94,7 @@ pub fn in_script(script: &str) -> Vec<String> {
         .replace("\\\"", "\"");
     let bytes = text.as_bytes();
     let mut out: Vec<String> = Vec::new();
-    let mut at = 0;
-    while let Some(pos) = find(&bytes[at..], b"import") {
-        let start = at + pos;
-        at = start + 1;
+    for (start, _) in text.match_indices("import") {
         let boundary =
             start == 0 || matches!(bytes[start - 1], b' ' | b'\t' | b'\n' | b';' | b'\'');
         if !boundary {
@@ -396,10 +393,6 @@ impl Parser<'_> {
             }
         }
     }
-}
-
-fn find(hay: &[u8], needle: &[u8]) -> Option<usize> {
-    hay.windows(needle.len()).position(|w| w == needle)
 }
 
 #[cfg(test)]

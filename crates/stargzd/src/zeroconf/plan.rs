@@ -29,7 +29,8 @@ pub const MAX_SCRIPTS: u32 = 4;
 pub const MAX_FILES: usize = 4096;
 /// Most commands of shell scripts (`sh -c`, `su -c`, nested) resolved in all.
 pub const MAX_COMMANDS: usize = 64;
-/// Most C sources and script-written includes taken as a compile's starting points.
+/// Most sources, and script-written includes or imports, taken as a compile's or a
+/// Go build's starting points (each kind on its own).
 const MAX_C_SOURCES: usize = 32;
 /// Bytes of a file looked at for `#!`.
 const SHEBANG_BYTES: u32 = 256;
@@ -280,18 +281,12 @@ impl<'v> Plan<'v> {
             self.want_named_paths(&named);
         }
         if base == "go" {
-            for src in args.iter().filter(|a| a.ends_with(".go") && a.len() > 3) {
-                if self.go_sources.len() < MAX_C_SOURCES && !self.go_sources.contains(src) {
-                    self.go_sources.push(src.clone());
-                }
-            }
+            let sources = args.iter().filter(|a| a.ends_with(".go") && a.len() > 3);
+            add_bounded(&mut self.go_sources, sources.cloned());
         }
         if compiler {
-            for src in args.iter().filter(|a| cinclude::is_source(a)) {
-                if self.c_sources.len() < MAX_C_SOURCES && !self.c_sources.contains(src) {
-                    self.c_sources.push(src.clone());
-                }
-            }
+            let sources = args.iter().filter(|a| cinclude::is_source(a));
+            add_bounded(&mut self.c_sources, sources.cloned());
         }
         if depth >= MAX_SCRIPTS {
             return;
@@ -304,20 +299,8 @@ impl<'v> Plan<'v> {
             None
         };
         if let Some(script) = script {
-            for import in goimport::in_script(script) {
-                if self.script_go_imports.len() < MAX_C_SOURCES
-                    && !self.script_go_imports.contains(&import)
-                {
-                    self.script_go_imports.push(import);
-                }
-            }
-            for inc in cinclude::in_script(script) {
-                if self.script_includes.len() < MAX_C_SOURCES
-                    && !self.script_includes.contains(&inc)
-                {
-                    self.script_includes.push(inc);
-                }
-            }
+            add_bounded(&mut self.script_go_imports, goimport::in_script(script));
+            add_bounded(&mut self.script_includes, cinclude::in_script(script));
             for command in shell::commands(script) {
                 if self.commands >= MAX_COMMANDS {
                     break;
@@ -430,6 +413,15 @@ impl<'v> Plan<'v> {
         }
     }
 
+    /// The regular file at `path`, taken from the working directory when relative.
+    fn resolve_from_cwd(&self, path: &str) -> Option<Resolved> {
+        if path.starts_with('/') {
+            self.view.resolve_file(path)
+        } else {
+            self.view.resolve_file(&format!("{}/{path}", self.cwd))
+        }
+    }
+
     /// `name` as the runtime finds the program to exec: a path (from the working
     /// directory when relative), else the first executable file in `PATH`.
     fn find_program(&self, name: &str) -> Option<Resolved> {
@@ -437,12 +429,7 @@ impl<'v> Plan<'v> {
             return None;
         }
         if name.contains('/') {
-            let p = if name.starts_with('/') {
-                name.to_string()
-            } else {
-                format!("{}/{name}", self.cwd)
-            };
-            return self.view.resolve_file(&p);
+            return self.resolve_from_cwd(name);
         }
         self.path.iter().find_map(|dir| {
             let r = self.view.resolve_file(&format!("{dir}/{name}"))?;
@@ -657,12 +644,7 @@ impl<'v> Plan<'v> {
             self.want_include(inc, None, 1);
         }
         for src in std::mem::take(&mut self.c_sources) {
-            let p = if src.starts_with('/') {
-                src
-            } else {
-                format!("{}/{src}", self.cwd)
-            };
-            if let Some(r) = self.view.resolve_file(&p) {
+            if let Some(r) = self.resolve_from_cwd(&src) {
                 if self.headers < cinclude::MAX_HEADERS && self.want(r, Role::Header { depth: 0 }) {
                     self.headers += 1;
                 }
@@ -677,12 +659,7 @@ impl<'v> Plan<'v> {
             self.want_go_package(&import);
         }
         for src in std::mem::take(&mut self.go_sources) {
-            let p = if src.starts_with('/') {
-                src
-            } else {
-                format!("{}/{src}", self.cwd)
-            };
-            if let Some(r) = self.view.resolve_file(&p) {
+            if let Some(r) = self.resolve_from_cwd(&src) {
                 self.want(r, Role::GoSource);
             }
         }
@@ -725,12 +702,7 @@ impl<'v> Plan<'v> {
             format!("{root}/src/vendor/{import}"),
         ]
         .into_iter()
-        .find(|d| {
-            self.view
-                .resolve(d, true)
-                .and_then(|r| self.view.node(r.found))
-                .is_some_and(|n| n.kind == NodeKind::Dir)
-        });
+        .find(|d| self.view.is_dir(d));
         let Some(dir) = dir else {
             return;
         };
@@ -879,15 +851,9 @@ impl<'v> Plan<'v> {
             }
         }
         // `python3 app.py`: the script is read at once.
-        if let Some(script) = self.process.argv.get(1).filter(|a| a.ends_with(".py")) {
-            let p = if script.starts_with('/') {
-                script.clone()
-            } else {
-                format!("{}/{script}", self.cwd)
-            };
-            if let Some(r) = self.view.resolve_file(&p) {
-                self.want(r, Role::Data);
-            }
+        let script = self.process.argv.get(1).filter(|a| a.ends_with(".py"));
+        if let Some(r) = script.and_then(|s| self.resolve_from_cwd(s)) {
+            self.want(r, Role::Data);
         }
     }
 
@@ -897,18 +863,28 @@ impl<'v> Plan<'v> {
         for dir in ["usr/local/lib", "usr/lib"] {
             for name in self.view.list_dir(dir) {
                 if let Some(Some(m)) = runtime::python_version(&name) {
-                    let is_dir = self
-                        .view
-                        .resolve(&format!("{dir}/{name}"), true)
-                        .and_then(|r| self.view.node(r.found))
-                        .is_some_and(|n| n.kind == NodeKind::Dir);
-                    if is_dir && !out.contains(&m) && out.len() < 4 {
+                    if self.view.is_dir(&format!("{dir}/{name}"))
+                        && !out.contains(&m)
+                        && out.len() < 4
+                    {
                         out.push(m);
                     }
                 }
             }
         }
         out
+    }
+}
+
+/// Adds the `items` not in `list` yet, while it holds fewer than [`MAX_C_SOURCES`].
+fn add_bounded<T: PartialEq>(list: &mut Vec<T>, items: impl IntoIterator<Item = T>) {
+    for item in items {
+        if list.len() >= MAX_C_SOURCES {
+            return;
+        }
+        if !list.contains(&item) {
+            list.push(item);
+        }
     }
 }
 
@@ -1159,13 +1135,7 @@ mod tests {
         let script = "mkdir -p /run/pg && chown pg:pg /run/pg && printf x > /tmp/f && \
             HOME=/tmp go run h.go && $UNSET x && \
             exec su pg -s /bin/sh -c 'exec /usr/lib/pg/bin/postgres -D /var/lib/pg'";
-        let process = Process {
-            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-            path: Some("/usr/bin:/bin".into()),
-            ld_library_path: None,
-            cwd: "/".into(),
-        };
-        let mut plan = Plan::new(&view, process);
+        let mut plan = Plan::new(&view, sh_c(script, "/usr/bin:/bin"));
         let round = plan.take_round();
         let paths: Vec<String> = round
             .iter()
@@ -1187,6 +1157,43 @@ mod tests {
                 .any(|p| p == "bin/printf" || p == "usr/bin/unused"),
             "{paths:?}"
         );
+    }
+
+    /// `sh -c SCRIPT` run from `/` with `path` as `PATH`.
+    fn sh_c(script: &str, path: &str) -> Process {
+        Process {
+            argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
+            path: Some(path.into()),
+            ld_library_path: None,
+            cwd: "/".into(),
+        }
+    }
+
+    /// The round in which each wanted path was first wanted.
+    fn rounds_of(
+        contents: &Contents,
+        view: &MergedView,
+        process: Process,
+    ) -> HashMap<String, usize> {
+        let mut plan = Plan::new(view, process);
+        let mut round_of = HashMap::new();
+        for round in 0..16 {
+            let files = plan.take_round();
+            if files.is_empty() {
+                break;
+            }
+            for f in files {
+                round_of.insert(view.node(f).unwrap().path.clone(), round);
+            }
+            plan.advance(contents);
+        }
+        round_of
+    }
+
+    fn round_in(round_of: &HashMap<String, usize>, path: &str) -> usize {
+        *round_of
+            .get(path)
+            .unwrap_or_else(|| panic!("{path} not wanted: {round_of:?}"))
     }
 
     /// Every wanted path once the rounds end.
@@ -1409,32 +1416,8 @@ mod tests {
         };
         let view = MergedView::new(contents.layers.iter().map(|(ix, _)| ix).collect());
         let script = r"printf '#include <limits.h>\nint main(void){return 0;}\n' > /tmp/h.c && gcc -o /tmp/h /tmp/h.c /src/app.c";
-        let mut plan = Plan::new(
-            &view,
-            Process {
-                argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-                path: Some("/usr/bin".into()),
-                ld_library_path: None,
-                cwd: "/".into(),
-            },
-        );
-        // The round in which each file was first wanted.
-        let mut round_of: HashMap<String, usize> = HashMap::new();
-        for round in 0..16 {
-            let files = plan.take_round();
-            if files.is_empty() {
-                break;
-            }
-            for f in files {
-                round_of.insert(view.node(f).unwrap().path.clone(), round);
-            }
-            plan.advance(&contents);
-        }
-        let round = |p: &str| {
-            *round_of
-                .get(p)
-                .unwrap_or_else(|| panic!("{p} not wanted: {round_of:?}"))
-        };
+        let round_of = rounds_of(&contents, &view, sh_c(script, "/usr/bin"));
+        let round = |p: &str| round_in(&round_of, p);
         let gcc_round = round("usr/bin/gcc");
         let predef = round("usr/include/stdc-predef.h");
         assert_eq!(predef, gcc_round + 1);
@@ -1518,16 +1501,7 @@ mod tests {
         };
         let view = MergedView::new(contents.layers.iter().map(|(ix, _)| ix).collect());
         let script = "chown -R postgres /var/lib && exec su postgres -s /bin/sh -c 'exec /usr/lib/postgresql/15/bin/postgres -D /var/lib/postgresql/15/main -c config_file=/etc/postgresql/15/main/postgresql.conf'";
-        let paths = plan_paths(
-            &contents,
-            &view,
-            Process {
-                argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-                path: Some("/bin".into()),
-                ld_library_path: None,
-                cwd: "/".into(),
-            },
-        );
+        let paths = plan_paths(&contents, &view, sh_c(script, "/bin"));
         for want in [
             format!("{data}/PG_VERSION"),
             format!("{data}/global/pg_control"),
@@ -1652,31 +1626,8 @@ mod tests {
         };
         let view = MergedView::new(contents.layers.iter().map(|(ix, _)| ix).collect());
         let script = r#"mkdir -p /tmp/h && cd /tmp/h && printf 'package main\nimport "fmt"\nfunc main() { fmt.Println("hello") }\n' > h.go && GO111MODULE=off go run h.go"#;
-        let mut plan = Plan::new(
-            &view,
-            Process {
-                argv: vec!["/bin/sh".into(), "-c".into(), script.into()],
-                path: Some("/usr/bin".into()),
-                ld_library_path: None,
-                cwd: "/".into(),
-            },
-        );
-        let mut round_of: HashMap<String, usize> = HashMap::new();
-        for round in 0..16 {
-            let files = plan.take_round();
-            if files.is_empty() {
-                break;
-            }
-            for f in files {
-                round_of.insert(view.node(f).unwrap().path.clone(), round);
-            }
-            plan.advance(&contents);
-        }
-        let round = |p: &str| {
-            *round_of
-                .get(p)
-                .unwrap_or_else(|| panic!("{p} not wanted: {round_of:?}"))
-        };
+        let round_of = rounds_of(&contents, &view, sh_c(script, "/usr/bin"));
+        let round = |p: &str| round_in(&round_of, p);
         let fmt = round(&format!("{go}/fmt/print.go"));
         assert_eq!(fmt, round("usr/lib/go-1.19/bin/go") + 1);
         for same in [

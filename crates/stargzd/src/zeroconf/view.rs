@@ -78,6 +78,13 @@ impl<'a> MergedView<'a> {
         (self.node(r.found)?.kind == NodeKind::Reg).then_some(r)
     }
 
+    /// Whether `path`, symlinks followed, is a directory.
+    pub fn is_dir(&self, path: &str) -> bool {
+        self.resolve(path, true)
+            .and_then(|r| self.node(r.found))
+            .is_some_and(|n| n.kind == NodeKind::Dir)
+    }
+
     /// Follows `path` through symlinks; the last component's too when `follow_last`.
     /// Relative link targets are taken from the link's directory, absolute ones from
     /// the image root; `..` never climbs above the root. `None` when a component is
