@@ -159,11 +159,16 @@ where
 pub const LARGE_FILE: u64 = 16 << 20;
 /// Bytes of a file's start fetched to read its ELF and program headers.
 pub const HEAD_BYTES: u64 = 64 << 10;
+/// Bytes after the last loaded segment (symbol tables, debug sections) from which on
+/// they are left out: the loader never reads them, and a program seldom does.
+pub const UNLOADED_TAIL: u64 = 1 << 20;
 
 /// The byte ranges of a large ELF file worth fetching before it runs, sorted: every
 /// loaded segment but read-only data that follows the code and outweighs it (the
 /// data of a library such as ICU's `libicudata`, 30 MiB of which a program reads a
-/// little), the headers and the dynamic section. `None` when the file is no ELF, is
+/// little), the headers and the dynamic section. What follows the last loaded
+/// segment (`.symtab`, `.strtab`, debug sections: 5 MB of OpenJDK's `libjvm.so`) is
+/// left out too once it reaches [`UNLOADED_TAIL`]. `None` when the file is no ELF, is
 /// malformed, or nothing would be left out (then it is fetched whole).
 pub fn load_ranges<R: ReadCacheOps>(r: R, size: u64) -> Option<Vec<Range<u64>>> {
     let cache = ReadCache::new(r);
@@ -198,7 +203,13 @@ where
         .fold(0, u64::saturating_add);
     let mut keep: Vec<Range<u64>> = Vec::with_capacity(phdrs.len() + 1);
     keep.push(0..HEAD_BYTES.min(size));
-    let mut left_out = false;
+    let loaded_end = phdrs
+        .iter()
+        .filter(|ph| ph.p_type(endian) == elf::PT_LOAD)
+        .filter_map(&span)
+        .map(|r| r.end)
+        .max()?;
+    let mut left_out = size.saturating_sub(loaded_end) >= UNLOADED_TAIL;
     let mut after_code = false;
     for ph in phdrs {
         let Some(r) = span(ph) else { continue };
@@ -326,6 +337,33 @@ mod tests {
             }
             let _ = parse(std::io::Cursor::new(bad));
         }
+    }
+
+    /// Symbol tables and debug sections after the last loaded segment are left out
+    /// once they reach [`UNLOADED_TAIL`]; the loaded part stays whole.
+    #[test]
+    fn an_unloaded_tail_is_left_out() {
+        let Ok(libc) = std::fs::read("/lib/x86_64-linux-gnu/libc.so.6") else {
+            assert!(std::env::var_os("CI").is_none(), "host lacks libc");
+            return;
+        };
+        let with_tail = |extra: u64| {
+            let mut f = libc.clone();
+            f.resize(libc.len() + extra as usize, 0x5a);
+            let size = f.len() as u64;
+            (load_ranges(std::io::Cursor::new(f), size), size)
+        };
+        let (small, _) = with_tail(UNLOADED_TAIL / 2);
+        assert_eq!(small, None, "a small tail is fetched with the rest");
+        let (ranges, size) = with_tail(4 << 20);
+        let ranges = ranges.expect("tail left out");
+        let end = ranges.last().expect("ranges").end;
+        assert!(end <= libc.len() as u64, "{ranges:?}");
+        assert!(size - end >= 4 << 20, "{ranges:?}");
+        // Everything before the tail is kept: loaded segments only leave gaps of
+        // their alignment.
+        let kept: u64 = ranges.iter().map(|r| r.end - r.start).sum();
+        assert!(kept + (64 << 10) >= end, "{ranges:?}");
     }
 
     /// A library that is mostly read-only data after its code (as ICU's data library

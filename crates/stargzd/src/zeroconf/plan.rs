@@ -566,6 +566,11 @@ impl<'v> Plan<'v> {
                 self.want_path(&format!("{home}/{rel}"), *kind);
             }
         }
+        if runtime::is_node(path.rsplit('/').next().unwrap_or_default()) {
+            for f in runtime::NODE_FILES {
+                self.want_path(f, runtime::Kind::Data);
+            }
+        }
         if let (Some(root), Some(tools)) = (runtime::go_root(path), runtime::go_host_tools()) {
             let root = root.to_string();
             for tool in runtime::GO_TOOLS {
@@ -793,11 +798,19 @@ impl<'v> Plan<'v> {
     fn want_path(&mut self, path: &str, kind: runtime::Kind) {
         if let Some(r) = self.view.resolve_file(path) {
             let role = match kind {
-                runtime::Kind::Data => Role::Data,
+                runtime::Kind::Data | runtime::Kind::Start(_) => Role::Data,
                 runtime::Kind::Library => Role::Library { depth: 1 },
                 runtime::Kind::Program => Role::Program { scripts: 0 },
             };
-            self.want(r, role);
+            let found = r.found;
+            let size = self.view.node(found).map_or(0, |n| n.size);
+            if self.want(r, role) {
+                if let runtime::Kind::Start(n) = kind {
+                    if size > n {
+                        self.ranges.insert(found, vec![0..n]);
+                    }
+                }
+            }
         }
     }
 
@@ -1209,6 +1222,81 @@ mod tests {
             .iter()
             .map(|f| view.node(*f).unwrap().path.clone())
             .collect()
+    }
+
+    /// A JVM brings the start of its module image (the index every class lookup
+    /// reads), not the whole image; a small image comes whole. Node.js brings the
+    /// scripts Debian's build reads at every start, when the image has them, and
+    /// nothing else of `/usr/share/nodejs`.
+    #[test]
+    fn a_jvm_brings_its_module_index_and_node_its_shared_scripts() {
+        let Some(elf) = host("/usr/bin/ls") else {
+            assert!(std::env::var_os("CI").is_none(), "host lacks /usr/bin/ls");
+            return;
+        };
+        let big_modules = vec![7u8; (2 << 20) + 4096];
+        let entries: Vec<Entry> = vec![
+            ("usr/bin/java", None, Some("/opt/jdk/bin/java")),
+            ("opt/jdk/bin/java", Some(elf.clone()), None),
+            ("opt/jdk/lib/modules", Some(big_modules.clone()), None),
+            ("opt/small/bin/java", Some(elf.clone()), None),
+            ("opt/small/lib/modules", Some(vec![8u8; 4096]), None),
+            ("usr/bin/node", Some(elf.clone()), None),
+            ("usr/bin/nodejs", None, Some("node")),
+            ("usr/share/nodejs/acorn/dist/acorn.js", Some(b"1".to_vec()), None),
+            (
+                "usr/share/nodejs/undici/undici-fetch.js",
+                Some(b"2".to_vec()),
+                None,
+            ),
+            ("usr/share/nodejs/lodash/index.js", Some(b"3".to_vec()), None),
+        ];
+        let contents = Contents {
+            layers: vec![layer(entries)],
+        };
+        let view = MergedView::new(contents.layers.iter().map(|(ix, _)| ix).collect());
+        let process = |argv: &[&str]| Process {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            path: Some("/usr/bin".into()),
+            ld_library_path: None,
+            cwd: "/".into(),
+        };
+        let ranges_of = |argv: &[&str], path: &str| {
+            let mut plan = Plan::new(&view, process(argv));
+            for _ in 0..8 {
+                if plan.take_round().is_empty() {
+                    break;
+                }
+                plan.advance(&contents);
+            }
+            let found = *plan
+                .wanted()
+                .iter()
+                .find(|f| view.node(**f).unwrap().path == path)
+                .unwrap_or_else(|| panic!("{path} not wanted"));
+            plan.ranges(found).map(<[_]>::to_vec)
+        };
+        assert_eq!(
+            ranges_of(&["java", "-version"], "opt/jdk/lib/modules"),
+            Some(vec![0..2 << 20])
+        );
+        assert_eq!(
+            ranges_of(&["/opt/small/bin/java"], "opt/small/lib/modules"),
+            None,
+            "a module image under the start's size comes whole"
+        );
+        for argv in [&["node", "-e", "1"][..], &["nodejs", "x.js"][..]] {
+            let node = plan_paths(&contents, &view, process(argv));
+            for want in [
+                "usr/share/nodejs/acorn/dist/acorn.js",
+                "usr/share/nodejs/undici/undici-fetch.js",
+            ] {
+                assert!(node.contains(&want.to_string()), "{want} not in {node:?}");
+            }
+            assert!(!node.iter().any(|p| p.contains("lodash")), "{node:?}");
+        }
+        let java = plan_paths(&contents, &view, process(&["java", "-version"]));
+        assert!(!java.iter().any(|p| p.contains("nodejs")), "{java:?}");
     }
 
     /// A JVM launcher reached through links brings its VM and class-data archive; a
