@@ -96,6 +96,27 @@ fn chain_ids(diff_ids: &[String]) -> Vec<String> {
 }
 
 /// Digests of this layer and the ones after it, cut to fit in label `key`.
+/// As containerd's own unpacker does: a layer's annotations under
+/// `containerd.io/snapshot/` (the TOC digest, our converter's hints), which go to the
+/// snapshotter as labels of the layer's Prepare. Those that only the puller sets (the
+/// reference, skipping verification, the CRI's) never come from the image, and one
+/// that containerd would refuse as too large is left out.
+fn inherited_labels(layer: &Descriptor) -> Vec<(String, String)> {
+    layer
+        .annotations
+        .iter()
+        .flatten()
+        .filter(|(k, v)| {
+            let client_only = k.starts_with(remote_layer::label::REMOTE)
+                || k.starts_with("containerd.io/snapshot/cri.");
+            k.starts_with(remote_layer::annotation::INHERITED_PREFIX)
+                && !client_only
+                && k.len() + v.len() <= MAX_LABEL_SIZE
+        })
+        .map(|(k, v)| (k.clone(), v.clone()))
+        .collect()
+}
+
 fn layers_label(key: &str, layers: &[Descriptor]) -> String {
     let mut s = String::new();
     for l in layers {
@@ -260,12 +281,8 @@ async fn pull_leased(
                 opts.prefetch_size.to_string(),
             );
         }
-        if let Some(toc) = layer
-            .annotations
-            .as_ref()
-            .and_then(|a| a.get(estargz::TOC_DIGEST_ANNOTATION))
-        {
-            labels.insert(estargz::TOC_DIGEST_ANNOTATION.to_string(), toc.clone());
+        for (k, v) in inherited_labels(layer) {
+            labels.entry(k).or_insert(v);
         }
         if opts.skip_content_verify {
             labels.insert(STARGZ_SKIP_VERIFY_LABEL.to_string(), "true".into());
@@ -389,6 +406,43 @@ async fn pull_leased(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The TOC digest and our converter's hints pass; the puller's own labels, other
+    /// namespaces and oversized values do not.
+    #[test]
+    fn inherited_labels_are_the_layer_hints_only() {
+        let mut layer =
+            Descriptor::for_bytes("application/vnd.oci.image.layer.v1.tar+gzip", b"layer");
+        layer.annotations = Some(
+            [
+                (estargz::TOC_DIGEST_ANNOTATION, "sha256:toc".to_string()),
+                (remote_layer::annotation::TOC_TAIL, "4096".to_string()),
+                (STARGZ_SKIP_VERIFY_LABEL, "true".to_string()),
+                (STARGZ_REFERENCE_LABEL, "evil/img".to_string()),
+                (CRI_IMAGE_REF_LABEL, "evil/img".to_string()),
+                ("org.opencontainers.image.title", "x".to_string()),
+                ("containerd.io/snapshot/big", "x".repeat(MAX_LABEL_SIZE)),
+            ]
+            .into_iter()
+            .map(|(k, v)| (k.to_string(), v))
+            .collect(),
+        );
+        let mut got = inherited_labels(&layer);
+        got.sort();
+        assert_eq!(
+            got,
+            vec![
+                (
+                    remote_layer::annotation::TOC_TAIL.to_string(),
+                    "4096".to_string()
+                ),
+                (
+                    estargz::TOC_DIGEST_ANNOTATION.to_string(),
+                    "sha256:toc".to_string()
+                ),
+            ]
+        );
+    }
 
     #[test]
     fn chain_ids_follow_the_spec() {

@@ -193,6 +193,46 @@ impl Client {
             .unwrap_or_else(|_| unreachable!("default config is valid"))
     }
 
+    /// Builds, on a thread of its own, the HTTP clients that the endpoints of every
+    /// configured registry and of an unconfigured one use: building one loads the
+    /// system's CA roots (some milliseconds), which the first pull after a start
+    /// would otherwise wait for.
+    pub fn warm_up(&self) {
+        let client = self.clone();
+        let spawned = std::thread::Builder::new()
+            .name("registry-warm-up".into())
+            .spawn(move || {
+                let configured = client
+                    .inner
+                    .config
+                    .resolver
+                    .host
+                    .keys()
+                    .filter(|h| *h != crate::config::DEFAULT_HOST_KEY)
+                    .cloned();
+                // An unconfigured public host and a loopback one: the `_default`
+                // settings over HTTPS and over plain HTTP.
+                let unconfigured = ["registry.invalid", "localhost"].map(String::from);
+                for host in configured.chain(unconfigured) {
+                    if let Err(e) = client.endpoints(&host) {
+                        tracing::debug!(host, error = %e, "HTTP client not built ahead");
+                    }
+                }
+            });
+        if let Err(e) = spawned {
+            tracing::debug!(error = %e, "no thread to build HTTP clients ahead");
+        }
+    }
+
+    /// How many HTTP clients (one per TLS setting) have been built.
+    pub fn http_clients_built(&self) -> usize {
+        self.inner
+            .http
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .len()
+    }
+
     /// The effective blob settings (defaults filled in).
     pub fn blob_config(&self) -> &BlobConfig {
         &self.inner.blob
@@ -1049,6 +1089,23 @@ pub(crate) async fn body_snippet(resp: Response) -> String {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// `warm_up` builds the clients of HTTPS and plain-HTTP endpoints in the
+    /// background, and the endpoints a pull asks for later reuse them.
+    #[test]
+    fn warm_up_builds_the_http_clients_ahead() {
+        let client = Client::anonymous();
+        assert_eq!(client.http_clients_built(), 0);
+        client.warm_up();
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while client.http_clients_built() < 2 && Instant::now() < deadline {
+            std::thread::sleep(Duration::from_millis(5));
+        }
+        assert_eq!(client.http_clients_built(), 2, "HTTPS and plain HTTP");
+        client.endpoints("ghcr.io").expect("endpoints");
+        client.endpoints("127.0.0.1:5000").expect("endpoints");
+        assert_eq!(client.http_clients_built(), 2, "nothing new built");
+    }
 
     #[test]
     fn retry_after() {

@@ -52,6 +52,11 @@ pub struct RemoteLayer {
     /// Bytes of the layer the client asked to prefetch.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub prefetch_size: Option<u64>,
+    /// Bytes at the blob's end holding TOC and footer, from the layer's
+    /// [`crate::annotation::TOC_TAIL`] annotation (which containerd passes on as a
+    /// label): the first read of the layer can be exactly that.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub toc_tail: Option<u64>,
 }
 
 impl RemoteLayer {
@@ -119,6 +124,7 @@ impl RemoteLayer {
                 .get(label::STARGZ_SKIP_VERIFY)
                 .is_some_and(|v| !v.trim().eq_ignore_ascii_case("false")),
             prefetch_size: number(label::STARGZ_PREFETCH),
+            toc_tail: number(crate::annotation::TOC_TAIL).filter(|&n| n > 0),
         })
     }
 }
@@ -159,6 +165,7 @@ mod tests {
                 uncompressed_size: None,
                 skip_verify: false,
                 prefetch_size: None,
+                toc_tail: None,
             }
         );
     }
@@ -177,8 +184,10 @@ mod tests {
             (label::UNCOMPRESSED_SIZE, "4096"),
             (label::STARGZ_SKIP_VERIFY, "true"),
             (label::STARGZ_PREFETCH, " 1024 "),
+            (crate::annotation::TOC_TAIL, "300000"),
         ]))
         .unwrap();
+        assert_eq!(l.toc_tail, Some(300_000));
         assert_eq!(l.image_ref, "stargz/img:1");
         assert_eq!(
             l.digest.to_string(),
@@ -239,9 +248,11 @@ mod tests {
             (label::STARGZ_PREFETCH, "lots"),
             (label::UNCOMPRESSED_SIZE, "-1"),
             (label::STARGZ_SKIP_VERIFY, "false"),
+            (crate::annotation::TOC_TAIL, "0"),
         ]))
         .unwrap();
         assert_eq!((l.prefetch_size, l.uncompressed_size), (None, None));
+        assert_eq!(l.toc_tail, None);
         assert!(!l.skip_verify);
         assert!(l.layers.is_empty());
         // A layer digest that is not a digest names its label.

@@ -36,12 +36,42 @@ pub mod annotation {
     /// Not the reference's: where the prioritized files end in the blob (the offset of
     /// its prefetch landmark), as a decimal number of bytes. Written by this project's
     /// converter so that a snapshotter can fetch them together with the TOC.
-    pub const PREFETCH_END: &str = "io.github.stargz-rs.prefetch-end";
+    ///
+    /// This project's annotations are named under `containerd.io/snapshot/`: containerd
+    /// hands a layer's annotations with that prefix to the snapshotter as labels of its
+    /// Prepare, so they are known before the manifest is fetched again.
+    pub const PREFETCH_END: &str = "containerd.io/snapshot/stargz-rs.prefetch-end";
     /// Not the reference's: how many bytes at the end of the blob hold its TOC and
     /// footer (the blob size minus the TOC's offset), as a decimal number. Written by
     /// this project's converter so that a snapshotter reads footer and TOC in one
     /// request of the right size. A hint only: the TOC digest still checks what is read.
-    pub const TOC_TAIL: &str = "io.github.stargz-rs.toc-tail";
+    pub const TOC_TAIL: &str = "containerd.io/snapshot/stargz-rs.toc-tail";
+    /// [`PREFETCH_END`] as images converted by earlier versions name it (still read).
+    pub const LEGACY_PREFETCH_END: &str = "io.github.stargz-rs.prefetch-end";
+    /// [`TOC_TAIL`] as images converted by earlier versions name it (still read).
+    pub const LEGACY_TOC_TAIL: &str = "io.github.stargz-rs.toc-tail";
+    /// The prefix of annotations that containerd passes to a snapshotter as labels.
+    pub const INHERITED_PREFIX: &str = "containerd.io/snapshot/";
+
+    /// A positive decimal number of bytes from the first of `keys` present.
+    fn bytes(
+        annotations: &std::collections::BTreeMap<String, String>,
+        keys: &[&str],
+    ) -> Option<u64> {
+        keys.iter()
+            .find_map(|k| annotations.get(*k))
+            .and_then(|v| v.trim().parse::<u64>().ok())
+            .filter(|&n| n > 0)
+    }
+
+    /// Where the prioritized files end ([`PREFETCH_END`], or its legacy name), if the
+    /// value could be right for a blob of `blob_size` bytes.
+    pub fn prefetch_end(
+        annotations: &std::collections::BTreeMap<String, String>,
+        blob_size: u64,
+    ) -> Option<u64> {
+        bytes(annotations, &[PREFETCH_END, LEGACY_PREFETCH_END]).filter(|&end| end <= blob_size)
+    }
 
     /// Bytes at the end of a blob of `blob_size` bytes that hold its TOC and footer, as
     /// the descriptor's `annotations` tell: [`TOC_TAIL`], else the offset in
@@ -52,10 +82,7 @@ pub mod annotation {
         annotations: &std::collections::BTreeMap<String, String>,
         blob_size: u64,
     ) -> Option<u64> {
-        let annotated = annotations
-            .get(TOC_TAIL)
-            .and_then(|v| v.trim().parse::<u64>().ok())
-            .filter(|&n| n > 0);
+        let annotated = bytes(annotations, &[TOC_TAIL, LEGACY_TOC_TAIL]);
         annotated.or_else(|| {
             let position = annotations.get(ZSTD_CHUNKED_MANIFEST_POSITION)?;
             let offset = position.split(':').next()?.trim().parse::<u64>().ok()?;
@@ -124,6 +151,28 @@ mod tests {
         // Larger than the blob: kept, the reader bounds it by the blob.
         let a = annotations(&[(TOC_TAIL, "99999999999")]);
         assert_eq!(toc_tail(&a, 1000), Some(99_999_999_999));
+    }
+
+    /// Images converted before the annotations moved under `containerd.io/snapshot/`
+    /// keep their hints; the current name wins when both are there.
+    #[test]
+    fn legacy_names_are_still_read() {
+        use super::annotation::{prefetch_end, LEGACY_PREFETCH_END, LEGACY_TOC_TAIL, PREFETCH_END};
+        let a = annotations(&[(LEGACY_TOC_TAIL, "4096"), (LEGACY_PREFETCH_END, "777")]);
+        assert_eq!(toc_tail(&a, 10_000), Some(4096));
+        assert_eq!(prefetch_end(&a, 10_000), Some(777));
+        let a = annotations(&[
+            (LEGACY_TOC_TAIL, "4096"),
+            (TOC_TAIL, "5000"),
+            (PREFETCH_END, "800"),
+            (LEGACY_PREFETCH_END, "777"),
+        ]);
+        assert_eq!(toc_tail(&a, 10_000), Some(5000));
+        assert_eq!(prefetch_end(&a, 10_000), Some(800));
+        // A prioritized region past the blob's end cannot be right.
+        assert_eq!(prefetch_end(&a, 700), None);
+        assert!(TOC_TAIL.starts_with(super::annotation::INHERITED_PREFIX));
+        assert!(PREFETCH_END.starts_with(super::annotation::INHERITED_PREFIX));
     }
 
     #[test]

@@ -220,6 +220,7 @@ fn full_pull(
             keychain,
             metrics.registry.clone(),
         )?;
+        client.warm_up();
         Ok(FullPull::new(
             client,
             &opts.root.join("fullpull"),

@@ -128,9 +128,11 @@ impl LayerPool {
             .get(&digest.to_string())
             .filter(|_| info.toc_digest.is_some())
             .map(|reader| {
+                // Sized by the layer's own `toc-tail` label when containerd passed it
+                // on, else by what this repository's layers needed before.
                 let len = self
                     .tails
-                    .hint(&repository, None)
+                    .hint(&repository, info.toc_tail)
                     .unwrap_or(fs::TAIL_READ)
                     .clamp(fs::MIN_TAIL_READ, fs::MAX_TAIL_READ);
                 EarlyTail::start(reader.clone(), len)
@@ -547,13 +549,7 @@ async fn fetch_external_toc(
 /// The `prefetch-end` annotation this project's converter writes (bytes at the start of
 /// the blob holding the prioritized files; 0 for none), if the descriptor has a valid one.
 fn prefetch_end_hint(d: &registry::Descriptor) -> Option<u64> {
-    d.annotations
-        .as_ref()?
-        .get(annotation::PREFETCH_END)?
-        .trim()
-        .parse::<u64>()
-        .ok()
-        .filter(|&end| end <= d.size)
+    annotation::prefetch_end(d.annotations.as_ref()?, d.size)
 }
 
 /// Bytes at the end of the blob holding TOC and footer, as the descriptor tells
@@ -677,6 +673,7 @@ mod tests {
             uncompressed_size: None,
             skip_verify: false,
             prefetch_size: None,
+            toc_tail: None,
         }
     }
 

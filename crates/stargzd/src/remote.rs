@@ -63,6 +63,7 @@ impl FuseRemote {
         learned: (LearnedConfig, &Path),
     ) -> anyhow::Result<FuseRemote> {
         let client = registry::Client::with_metrics(reg, keychain, metrics.registry.clone())?;
+        client.warm_up();
         std::fs::create_dir_all(cache_dir)?;
         let cache = fs::ChunkCache::from_config(&cfg, cache_dir, Some(&metrics.fs))?;
         let (learned_cfg, root) = learned;

@@ -255,6 +255,20 @@ state = "{d}/state"
     // CRI sets no stargz.* labels: the FUSE mount above means the cri.* ones were understood.
     let log = std::fs::read_to_string(dir.join("stargz.log")).unwrap();
     assert!(log.contains("remote snapshot committed"), "{}", logs());
+    // containerd handed the layer's `toc-tail` annotation to the Prepare as a label:
+    // the first read of the layer is a suffix read of exactly TOC and footer.
+    let tail = annotations[remote_layer::annotation::TOC_TAIL]
+        .as_str()
+        .and_then(|t| t.parse::<u64>().ok())
+        .expect("toc-tail annotation");
+    // Layers are read by the FUSE manager, which logs beside its root.
+    let manager_log =
+        std::fs::read_to_string(snap_root.join("fuse-manager.log")).unwrap_or_default();
+    assert!(
+        manager_log.contains(&format!("range=Some(\"bytes=-{tail}\")")),
+        "no suffix read of the annotated tail ({tail} bytes)\n{}",
+        logs()
+    );
 
     // containerd's own records of the remote snapshot are complete: it lists it in the
     // CRI namespace, and a container of the pulled image runs on it.

@@ -807,7 +807,7 @@ impl<'v> Plan<'v> {
             if self.want(r, role) {
                 if let runtime::Kind::Start(n) = kind {
                     if size > n {
-                        self.ranges.insert(found, vec![0..n]);
+                        self.ranges.insert(found, std::iter::once(0..n).collect());
                     }
                 }
             }
@@ -1243,13 +1243,21 @@ mod tests {
             ("opt/small/lib/modules", Some(vec![8u8; 4096]), None),
             ("usr/bin/node", Some(elf.clone()), None),
             ("usr/bin/nodejs", None, Some("node")),
-            ("usr/share/nodejs/acorn/dist/acorn.js", Some(b"1".to_vec()), None),
+            (
+                "usr/share/nodejs/acorn/dist/acorn.js",
+                Some(b"1".to_vec()),
+                None,
+            ),
             (
                 "usr/share/nodejs/undici/undici-fetch.js",
                 Some(b"2".to_vec()),
                 None,
             ),
-            ("usr/share/nodejs/lodash/index.js", Some(b"3".to_vec()), None),
+            (
+                "usr/share/nodejs/lodash/index.js",
+                Some(b"3".to_vec()),
+                None,
+            ),
         ];
         let contents = Contents {
             layers: vec![layer(entries)],
@@ -1278,7 +1286,7 @@ mod tests {
         };
         assert_eq!(
             ranges_of(&["java", "-version"], "opt/jdk/lib/modules"),
-            Some(vec![0..2 << 20])
+            Some(std::iter::once(0..2 << 20).collect())
         );
         assert_eq!(
             ranges_of(&["/opt/small/bin/java"], "opt/small/lib/modules"),
