@@ -225,7 +225,8 @@ impl Client {
     }
 
     /// How many HTTP clients (one per TLS setting) have been built.
-    pub fn http_clients_built(&self) -> usize {
+    #[cfg(test)]
+    fn http_clients_built(&self) -> usize {
         self.inner
             .http
             .lock()

@@ -203,19 +203,15 @@ where
         .fold(0, u64::saturating_add);
     let mut keep: Vec<Range<u64>> = Vec::with_capacity(phdrs.len() + 1);
     keep.push(0..HEAD_BYTES.min(size));
-    let loaded_end = phdrs
-        .iter()
-        .filter(|ph| ph.p_type(endian) == elf::PT_LOAD)
-        .filter_map(&span)
-        .map(|r| r.end)
-        .max()?;
-    let mut left_out = size.saturating_sub(loaded_end) >= UNLOADED_TAIL;
+    let mut loaded_end = 0;
+    let mut left_out = false;
     let mut after_code = false;
     for ph in phdrs {
         let Some(r) = span(ph) else { continue };
         match ph.p_type(endian) {
             elf::PT_DYNAMIC => keep.push(r),
             elf::PT_LOAD => {
+                loaded_end = loaded_end.max(r.end);
                 let flags = ph.p_flags(endian);
                 let data_only = flags & (elf::PF_X | elf::PF_W) == 0;
                 if data_only && after_code && r.end - r.start > code {
@@ -228,6 +224,7 @@ where
             _ => {}
         }
     }
+    left_out |= loaded_end > 0 && size - loaded_end >= UNLOADED_TAIL;
     if !left_out {
         return None;
     }

@@ -803,12 +803,12 @@ impl<'v> Plan<'v> {
                 runtime::Kind::Program => Role::Program { scripts: 0 },
             };
             let found = r.found;
-            let size = self.view.node(found).map_or(0, |n| n.size);
-            if self.want(r, role) {
-                if let runtime::Kind::Start(n) = kind {
-                    if size > n {
-                        self.ranges.insert(found, std::iter::once(0..n).collect());
-                    }
+            if !self.want(r, role) {
+                return;
+            }
+            if let runtime::Kind::Start(n) = kind {
+                if self.view.node(found).is_some_and(|node| node.size > n) {
+                    self.ranges.insert(found, std::iter::once(0..n).collect());
                 }
             }
         }
@@ -1210,7 +1210,18 @@ mod tests {
     }
 
     /// Every wanted path once the rounds end.
-    fn plan_paths(contents: &Contents, view: &MergedView, process: Process) -> Vec<String> {
+    /// `argv` run from `/` with `/usr/bin` as `PATH`.
+    fn usr_bin(argv: &[&str]) -> Process {
+        Process {
+            argv: argv.iter().map(|a| a.to_string()).collect(),
+            path: Some("/usr/bin".into()),
+            ld_library_path: None,
+            cwd: "/".into(),
+        }
+    }
+
+    /// The plan of `process` after its rounds (at most 8) have all arrived.
+    fn settled_plan<'v>(contents: &Contents, view: &'v MergedView, process: Process) -> Plan<'v> {
         let mut plan = Plan::new(view, process);
         for _ in 0..8 {
             if plan.take_round().is_empty() {
@@ -1218,7 +1229,12 @@ mod tests {
             }
             plan.advance(contents);
         }
-        plan.wanted()
+        plan
+    }
+
+    fn plan_paths(contents: &Contents, view: &MergedView, process: Process) -> Vec<String> {
+        settled_plan(contents, view, process)
+            .wanted()
             .iter()
             .map(|f| view.node(*f).unwrap().path.clone())
             .collect()
@@ -1263,20 +1279,8 @@ mod tests {
             layers: vec![layer(entries)],
         };
         let view = MergedView::new(contents.layers.iter().map(|(ix, _)| ix).collect());
-        let process = |argv: &[&str]| Process {
-            argv: argv.iter().map(|a| a.to_string()).collect(),
-            path: Some("/usr/bin".into()),
-            ld_library_path: None,
-            cwd: "/".into(),
-        };
         let ranges_of = |argv: &[&str], path: &str| {
-            let mut plan = Plan::new(&view, process(argv));
-            for _ in 0..8 {
-                if plan.take_round().is_empty() {
-                    break;
-                }
-                plan.advance(&contents);
-            }
+            let plan = settled_plan(&contents, &view, usr_bin(argv));
             let found = *plan
                 .wanted()
                 .iter()
@@ -1294,7 +1298,7 @@ mod tests {
             "a module image under the start's size comes whole"
         );
         for argv in [&["node", "-e", "1"][..], &["nodejs", "x.js"][..]] {
-            let node = plan_paths(&contents, &view, process(argv));
+            let node = plan_paths(&contents, &view, usr_bin(argv));
             for want in [
                 "usr/share/nodejs/acorn/dist/acorn.js",
                 "usr/share/nodejs/undici/undici-fetch.js",
@@ -1303,7 +1307,7 @@ mod tests {
             }
             assert!(!node.iter().any(|p| p.contains("lodash")), "{node:?}");
         }
-        let java = plan_paths(&contents, &view, process(&["java", "-version"]));
+        let java = plan_paths(&contents, &view, usr_bin(&["java", "-version"]));
         assert!(!java.iter().any(|p| p.contains("nodejs")), "{java:?}");
     }
 
@@ -1404,13 +1408,7 @@ mod tests {
             layers: vec![layer(entries)],
         };
         let view = MergedView::new(contents.layers.iter().map(|(ix, _)| ix).collect());
-        let process = |argv: &[&str]| Process {
-            argv: argv.iter().map(|a| a.to_string()).collect(),
-            path: Some("/usr/bin".into()),
-            ld_library_path: None,
-            cwd: "/".into(),
-        };
-        let java = plan_paths(&contents, &view, process(&["java", "-version"]));
+        let java = plan_paths(&contents, &view, usr_bin(&["java", "-version"]));
         for want in [
             "bin/java",
             "lib/jvm.cfg",
@@ -1429,7 +1427,7 @@ mod tests {
         let cc = plan_paths(
             &contents,
             &view,
-            process(&["/bin/sh", "-c", "gcc -o /tmp/h /tmp/h.c && /tmp/h"]),
+            usr_bin(&["/bin/sh", "-c", "gcc -o /tmp/h /tmp/h.c && /tmp/h"]),
         );
         for want in [
             format!("{gcc}/12/cc1"),
@@ -1450,7 +1448,7 @@ mod tests {
             let go = plan_paths(
                 &contents,
                 &view,
-                process(&["/bin/sh", "-c", "cd /tmp && HOME=/tmp go run h.go"]),
+                usr_bin(&["/bin/sh", "-c", "cd /tmp && HOME=/tmp go run h.go"]),
             );
             for want in ["compile", "link"] {
                 let want = format!("usr/lib/go-1.19/pkg/tool/linux_amd64/{want}");
